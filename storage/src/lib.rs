@@ -1,0 +1,21 @@
+//! Wharf storage: the partition log and its record format.
+//!
+//! Sans-IO: no glommio, no `std::fs`, no clock, no unseeded randomness. All I/O goes through the
+//! [`disk::Disk`] trait (glommio DMA files in `wharf`, [`mem_disk::MemDisk`] in tests); time
+//! enters as `now_ms` arguments. See `storage/README.md` for the on-disk format and the
+//! durability contract of each write API.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod disk;
+pub mod ids;
+pub mod index;
+pub mod log;
+#[cfg(feature = "mem-disk")]
+pub mod mem_disk;
+pub mod policy;
+pub mod recovery;
+
+pub use ids::{Epoch, Offset, ProducerId};
+pub use log::{AppendMode, Appended, LogConfig, PartitionLog};
+pub use recovery::{OpenError, RecoveryReport};

@@ -1,0 +1,1113 @@
+//! `PartitionLog`: one partition's append-only log of record batches.
+//!
+//! Request flow:
+//! 1. [`PartitionLog::append`] checks the batch (header + CRCs), stamps base offset and leader
+//!    epoch into its header, and copies it into page-aligned staging buffers that come from the
+//!    disk (so they are written without another copy). It returns the assigned offsets at once.
+//!    Nothing is durable yet.
+//! 2. [`PartitionLog::begin_flush`] takes every staged buffer and returns a [`FlushJob`]: the
+//!    writes (several in flight), segment creations, index writes of sealed segments, the
+//!    checkpoint, and one fdatasync per touched file. Appends may continue while the job runs:
+//!    they are staged for the next flush. This is group commit: every append staged before
+//!    `begin_flush` shares the job's fdatasync.
+//! 3. [`FlushJob::run`] does the I/O without borrowing the log; [`PartitionLog::complete_flush`]
+//!    records the outcome. Only then does [`PartitionLog::durable_offset`] advance. Any I/O error
+//!    poisons the log: every later append and flush fails (retrying fsync is not safe).
+//! 4. [`PartitionLog::read`] serves whole batches: durable data from disk (checked by CRC on the
+//!    way out), staged data from memory.
+//!
+//! The last partial page of the active segment is kept in memory after a flush and rewritten
+//! (with the new bytes behind it) by the next one, so every write is page-aligned.
+
+use std::cell::OnceCell;
+use std::collections::VecDeque;
+use std::io;
+use std::rc::Rc;
+
+use rkyv::util::AlignedVec;
+
+use crate::batch::{self, BatchError, BATCH_ALIGNMENT_BYTES, BATCH_BYTES_MAX};
+use crate::checkpoint::{Checkpoint, CheckpointState, CHECKPOINT_FILE_NAME};
+use crate::disk::{page_ceil, page_floor, Disk, DiskFile, IoBuffer, PAGE_BYTES};
+use crate::ids::{Epoch, Offset};
+use crate::index::{SegmentSummary, SparseIndex};
+use crate::policy::{self, RetentionLimits, RollDecision, RollLimits, SegmentFacts};
+
+/// Tunables of one partition log. Limits are named and checked by [`LogConfig::validate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A segment is rolled before an append would take it past this size.
+    pub segment_bytes_max: u64,
+    /// A segment is rolled once it is this old.
+    pub segment_age_ms_max: u64,
+    /// One sparse-index entry per this many bytes of log.
+    pub index_interval_bytes: u32,
+    pub retention: RetentionLimits,
+    /// Size of each staging buffer, and so of each write in flight.
+    pub write_chunk_bytes: usize,
+    /// Appends beyond this many unflushed bytes are refused with `Backpressure`.
+    pub staged_bytes_max: usize,
+    /// Read size of recovery scans.
+    pub scan_chunk_bytes: usize,
+    /// Preallocate each new segment to `segment_bytes_max` (writing inside a file is about twice
+    /// as fast as extending it with O_DIRECT).
+    pub preallocate: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes_max: 1 << 30,
+            segment_age_ms_max: 7 * 24 * 3600 * 1000,
+            index_interval_bytes: 4096,
+            retention: RetentionLimits::default(),
+            write_chunk_bytes: 256 * 1024,
+            staged_bytes_max: 64 * 1024 * 1024,
+            scan_chunk_bytes: 1024 * 1024,
+            preallocate: true,
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let page = PAGE_BYTES as u64;
+        if self.segment_bytes_max < page || self.segment_bytes_max % page != 0 {
+            return Err(format!("segment_bytes_max {} must be a positive multiple of {page}", self.segment_bytes_max));
+        }
+        // Index positions are u32; a segment may exceed its limit by at most one batch.
+        if self.segment_bytes_max + BATCH_BYTES_MAX as u64 > u64::from(u32::MAX) {
+            return Err(format!("segment_bytes_max {} is too large (index positions are 32-bit)", self.segment_bytes_max));
+        }
+        if self.write_chunk_bytes < PAGE_BYTES || self.write_chunk_bytes % PAGE_BYTES != 0 {
+            return Err(format!("write_chunk_bytes {} must be a positive multiple of {PAGE_BYTES}", self.write_chunk_bytes));
+        }
+        if self.scan_chunk_bytes < PAGE_BYTES || self.scan_chunk_bytes % PAGE_BYTES != 0 {
+            return Err(format!("scan_chunk_bytes {} must be a positive multiple of {PAGE_BYTES}", self.scan_chunk_bytes));
+        }
+        if self.staged_bytes_max < BATCH_BYTES_MAX + self.write_chunk_bytes {
+            return Err(format!(
+                "staged_bytes_max {} must hold at least one largest batch ({BATCH_BYTES_MAX}) plus one write chunk",
+                self.staged_bytes_max
+            ));
+        }
+        if self.index_interval_bytes == 0 {
+            return Err("index_interval_bytes must be positive".to_string());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn roll_limits(&self) -> RollLimits {
+        RollLimits { segment_bytes_max: self.segment_bytes_max, segment_age_ms_max: self.segment_age_ms_max }
+    }
+}
+
+/// An I/O error with the operation and file it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {file}: {source}")]
+pub struct LogIoError {
+    pub op: &'static str,
+    pub file: String,
+    #[source]
+    pub source: io::Error,
+}
+
+pub(crate) fn io_context<'a>(op: &'static str, file: &'a str) -> impl FnOnce(io::Error) -> LogIoError + 'a {
+    move |source| LogIoError { op, file: file.to_string(), source }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("log is poisoned after an earlier I/O error ({0}); restart to recover")]
+    Poisoned(String),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(#[from] BatchError),
+    #[error("replicated batch starts at offset {found}, the log ends at {expected}")]
+    OffsetMismatch { expected: Offset, found: Offset },
+    #[error("{staged_bytes} bytes await flush (limit {limit_bytes}); flush before appending")]
+    Backpressure { staged_bytes: usize, limit_bytes: usize },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("log is poisoned after an earlier I/O error ({0}); restart to recover")]
+    Poisoned(String),
+    #[error(transparent)]
+    Io(#[from] LogIoError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("offset {requested} is outside the log [{log_start}, {end_offset}]")]
+    OutOfRange { requested: Offset, log_start: Offset, end_offset: Offset },
+    #[error("offsets [{from}, {to}) are corrupt on this replica: {detail}")]
+    Corrupt { from: Offset, to: Offset, detail: String },
+    #[error(transparent)]
+    Io(#[from] LogIoError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TruncateError {
+    #[error("log is poisoned after an earlier I/O error ({0}); restart to recover")]
+    Poisoned(String),
+    #[error("offset {offset} is not the start of a batch")]
+    NotBatchBoundary { offset: Offset },
+    #[error("offset {offset} is below the log start {log_start}")]
+    BelowLogStart { offset: Offset, log_start: Offset },
+    #[error(transparent)]
+    Io(#[from] LogIoError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+/// How an append assigns offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendMode {
+    /// Leader: assign the next offsets and this epoch (the producer's header values are ignored).
+    Leader { leader_epoch: Epoch },
+    /// Follower: keep the leader's offsets and epoch; the batch must start at the log end.
+    Replica,
+}
+
+/// What an append did. Not durable until `durable_offset() > last_offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub base_offset: Offset,
+    pub last_offset: Offset,
+    pub leader_epoch: Epoch,
+}
+
+/// A range of offsets this replica cannot serve because its bytes failed validation inside the
+/// durable prefix. Replication repairs it from another replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CorruptRange {
+    pub from: Offset,
+    pub to: Offset,
+}
+
+/// A point in the log: a segment, a byte position in it, and the offset that starts there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LogPoint {
+    pub segment_base: Offset,
+    pub position: u64,
+    pub next_offset: Offset,
+}
+
+pub(crate) type FileCell<F> = Rc<OnceCell<Rc<F>>>;
+
+pub(crate) struct Segment<F> {
+    pub base_offset: Offset,
+    /// Empty until the first flush that writes to this segment creates the file.
+    pub file: FileCell<F>,
+    pub next_offset: Offset,
+    pub data_bytes: u64,
+    pub index: SparseIndex,
+    pub max_timestamp_ms: i64,
+    pub created_ms: u64,
+    pub sealed: bool,
+    /// For sealed segments: the index file is durable (else the next flush writes it).
+    pub index_durable: bool,
+}
+
+impl<F> Segment<F> {
+    pub fn new(base_offset: Offset, interval_bytes: u32, now_ms: u64) -> Self {
+        Segment {
+            base_offset,
+            file: Rc::new(OnceCell::new()),
+            next_offset: base_offset,
+            data_bytes: 0,
+            index: SparseIndex::new(interval_bytes),
+            max_timestamp_ms: i64::MIN,
+            created_ms: now_ms,
+            sealed: false,
+            index_durable: false,
+        }
+    }
+
+    fn facts(&self) -> SegmentFacts {
+        SegmentFacts {
+            data_bytes: self.data_bytes,
+            created_ms: self.created_ms,
+            max_timestamp_ms: self.max_timestamp_ms,
+        }
+    }
+
+    pub fn summary(&self) -> SegmentSummary {
+        SegmentSummary {
+            base_offset: self.base_offset,
+            next_offset: self.next_offset,
+            data_bytes: self.data_bytes,
+            max_timestamp_ms: self.max_timestamp_ms,
+        }
+    }
+}
+
+pub fn segment_file_name(base_offset: Offset) -> String {
+    format!("{:020}.log", base_offset.0)
+}
+
+pub fn index_file_name(base_offset: Offset) -> String {
+    format!("{:020}.index", base_offset.0)
+}
+
+/// A page-aligned staging buffer: bytes destined for `position` of one segment.
+struct StagedChunk<D: Disk> {
+    segment_base: Offset,
+    file: FileCell<D::File>,
+    position: u64,
+    buffer: D::Buffer,
+    filled: usize,
+}
+
+/// A batch appended but not yet durable, and where its bytes sit.
+#[derive(Clone, Copy, Debug)]
+struct StagedBatch {
+    base_offset: Offset,
+    next_offset: Offset,
+    segment_base: Offset,
+    position: u64,
+    batch_bytes: usize,
+}
+
+/// The partial last page of the active segment, rewritten by the next flush.
+struct TailPage {
+    position: u64,
+    bytes: Vec<u8>,
+}
+
+/// Bytes returned by a read: whole batches, starting with the one that holds the requested
+/// offset. Empty when there is nothing (yet) to read at that offset.
+pub struct LogRead<R> {
+    data: ReadData<R>,
+    /// The offset after the last returned batch (the next offset to ask for).
+    pub next_offset: Offset,
+}
+
+enum ReadData<R> {
+    Empty,
+    Disk { buffer: R, start: usize, end: usize },
+    Memory(AlignedVec<BATCH_ALIGNMENT_BYTES>),
+}
+
+impl<R: std::ops::Deref<Target = [u8]>> LogRead<R> {
+    /// Whole batches, laid end to end, 16-byte aligned.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            ReadData::Empty => &[],
+            ReadData::Disk { buffer, start, end } => &buffer[*start..*end],
+            ReadData::Memory(bytes) => bytes,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes().is_empty()
+    }
+}
+
+/// The I/O of one flush, detached from the log so that appends can go on while it runs.
+pub struct FlushJob<D: Disk> {
+    disk: Rc<D>,
+    creates: Vec<(String, FileCell<D::File>, u64)>,
+    writes: Vec<(String, FileCell<D::File>, u64, D::Buffer)>,
+    index_writes: Vec<(Offset, Vec<u8>)>,
+    trims: Vec<(String, FileCell<D::File>, u64)>,
+    syncs: Vec<(String, FileCell<D::File>)>,
+    checkpoint: Option<(Checkpoint, FileCell<D::File>)>,
+    target: LogPoint,
+}
+
+/// What a finished [`FlushJob`] reports back to [`PartitionLog::complete_flush`].
+pub struct FlushOutcome {
+    target: LogPoint,
+    indexed: Vec<Offset>,
+    checkpoint: Option<Checkpoint>,
+    result: Result<(), LogIoError>,
+}
+
+impl<D: Disk> FlushJob<D> {
+    /// Runs the flush: create new segment files, write everything (all writes in flight at
+    /// once), trim sealed segments, then fdatasync every touched file. Returns when the target
+    /// is durable or an error occurred.
+    pub async fn run(self) -> FlushOutcome {
+        let FlushJob { disk, creates, writes, index_writes, trims, syncs, checkpoint, target } = self;
+        let indexed: Vec<Offset> = index_writes.iter().map(|(base, _)| *base).collect();
+        let checkpoint_written = checkpoint.as_ref().map(|(c, _)| *c);
+        let result = async {
+            for (name, cell, preallocate_bytes) in &creates {
+                let file = disk.create(name).await.map_err(io_context("create", name))?;
+                if *preallocate_bytes > 0 {
+                    file.allocate(*preallocate_bytes).await.map_err(io_context("fallocate", name))?;
+                }
+                assert!(cell.set(Rc::new(file)).is_ok(), "segment file created twice");
+            }
+            let mut pending = Vec::new();
+            for (name, cell, position, buffer) in writes {
+                let file = Rc::clone(cell.get().expect("created above or earlier"));
+                pending.push(Box::pin(async move {
+                    let bytes = buffer.as_ref().len();
+                    let written = file.write_at(buffer, position).await.map_err(io_context("write", &name))?;
+                    if written != bytes {
+                        return Err(LogIoError {
+                            op: "write",
+                            file: name.clone(),
+                            source: io::Error::new(io::ErrorKind::WriteZero, format!("short write {written} of {bytes}")),
+                        });
+                    }
+                    Ok(())
+                }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), LogIoError>>>>);
+            }
+            if let Some((checkpoint, cell)) = &checkpoint {
+                let file = Rc::clone(cell.get().expect("checkpoint file opened at open"));
+                let mut buffer = disk.alloc_buffer(PAGE_BYTES);
+                buffer.as_mut().copy_from_slice(&checkpoint.encode());
+                let position = (checkpoint.slot() * PAGE_BYTES) as u64;
+                pending.push(Box::pin(async move {
+                    file.write_at(buffer, position).await.map_err(io_context("write", CHECKPOINT_FILE_NAME))?;
+                    Ok(())
+                }));
+            }
+            for result in futures_util::future::join_all(pending).await {
+                result?;
+            }
+            for (name, cell, bytes) in &trims {
+                let file = cell.get().expect("sealed segment has a file");
+                file.set_len(*bytes).await.map_err(io_context("ftruncate", name))?;
+            }
+            let mut sync_all = Vec::new();
+            for (name, cell) in &syncs {
+                let file = Rc::clone(cell.get().expect("synced file exists"));
+                let name = name.clone();
+                sync_all.push(Box::pin(async move { file.sync().await.map_err(io_context("fdatasync", &name)) })
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), LogIoError>>>>);
+            }
+            if let Some((_, cell)) = &checkpoint {
+                let file = Rc::clone(cell.get().expect("checkpoint file"));
+                sync_all.push(Box::pin(async move {
+                    file.sync().await.map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))
+                }));
+            }
+            for result in futures_util::future::join_all(sync_all).await {
+                result?;
+            }
+            // Index files of sealed segments are written only once their data is synced, so a
+            // valid index file proves its segment is durable (recovery trusts it).
+            let mut index_all = Vec::new();
+            for (base, bytes) in index_writes {
+                let disk = Rc::clone(&disk);
+                index_all.push(Box::pin(async move {
+                    let name = index_file_name(base);
+                    let file = disk.create(&name).await.map_err(io_context("create", &name))?;
+                    let mut buffer = disk.alloc_buffer(bytes.len());
+                    buffer.as_mut().copy_from_slice(&bytes);
+                    file.write_at(buffer, 0).await.map_err(io_context("write", &name))?;
+                    file.sync().await.map_err(io_context("fdatasync", &name))
+                }));
+            }
+            for result in futures_util::future::join_all(index_all).await {
+                result?;
+            }
+            if !creates.is_empty() || !indexed.is_empty() {
+                disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+            }
+            Ok(())
+        }
+        .await;
+        FlushOutcome { target, indexed, checkpoint: checkpoint_written, result }
+    }
+}
+
+/// One partition's log. Owned by one shard; not shared across threads.
+pub struct PartitionLog<D: Disk> {
+    pub(crate) disk: Rc<D>,
+    pub(crate) config: LogConfig,
+    /// Oldest first; the last one is the active segment. Never empty.
+    pub(crate) segments: Vec<Segment<D::File>>,
+    pub(crate) log_start: Offset,
+    pub(crate) durable: LogPoint,
+    staged: VecDeque<StagedChunk<D>>,
+    staged_bytes: usize,
+    staged_batches: VecDeque<StagedBatch>,
+    tail_page: Option<TailPage>,
+    flush_target: Option<LogPoint>,
+    pub(crate) checkpoint_file: FileCell<D::File>,
+    pub(crate) checkpoint_durable: Option<Checkpoint>,
+    pub(crate) corrupt: Vec<CorruptRange>,
+    poisoned: Option<String>,
+}
+
+impl<D: Disk> PartitionLog<D> {
+    /// A log over recovered state; see `recovery.rs` for `open`.
+    pub(crate) fn assemble(
+        disk: Rc<D>,
+        config: LogConfig,
+        segments: Vec<Segment<D::File>>,
+        durable: LogPoint,
+        tail_page_bytes: Vec<u8>,
+        checkpoint_file: FileCell<D::File>,
+        checkpoint_durable: Option<Checkpoint>,
+        corrupt: Vec<CorruptRange>,
+    ) -> Self {
+        let active = segments.last().expect("at least one segment");
+        assert_eq!(durable.segment_base, active.base_offset);
+        assert_eq!(durable.position, active.data_bytes);
+        assert_eq!(durable.next_offset, active.next_offset);
+        assert_eq!(tail_page_bytes.len() as u64, active.data_bytes - page_floor(active.data_bytes));
+        let tail_page = (!tail_page_bytes.is_empty())
+            .then(|| TailPage { position: page_floor(active.data_bytes), bytes: tail_page_bytes });
+        let log_start = segments.first().expect("non-empty").base_offset;
+        PartitionLog {
+            disk,
+            config,
+            segments,
+            log_start,
+            durable,
+            staged: VecDeque::new(),
+            staged_bytes: 0,
+            staged_batches: VecDeque::new(),
+            tail_page,
+            flush_target: None,
+            checkpoint_file,
+            checkpoint_durable,
+            corrupt,
+            poisoned: None,
+        }
+    }
+
+    /// The offset the next appended record gets.
+    pub fn end_offset(&self) -> Offset {
+        self.active().next_offset
+    }
+
+    /// Every record below this offset is durable (fsynced).
+    pub fn durable_offset(&self) -> Offset {
+        self.durable.next_offset
+    }
+
+    /// The first offset still in the log (moves forward with retention).
+    pub fn log_start_offset(&self) -> Offset {
+        self.log_start
+    }
+
+    /// Bytes appended and not yet handed to a flush.
+    pub fn staged_bytes(&self) -> usize {
+        self.staged_bytes
+    }
+
+    pub fn flush_in_flight(&self) -> bool {
+        self.flush_target.is_some()
+    }
+
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    pub fn corrupt_ranges(&self) -> &[CorruptRange] {
+        &self.corrupt
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Base offsets of all segments, oldest first.
+    pub fn segment_bases(&self) -> Vec<Offset> {
+        self.segments.iter().map(|s| s.base_offset).collect()
+    }
+
+    pub(crate) fn active(&self) -> &Segment<D::File> {
+        self.segments.last().expect("never empty")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment<D::File> {
+        self.segments.last_mut().expect("never empty")
+    }
+
+    /// Appends one batch (see the module docs). Returns the assigned offsets; the batch is in
+    /// memory only until a flush that began after this call completes. `batch` is stamped in
+    /// place in `Leader` mode.
+    pub fn append(&mut self, batch: &mut [u8], mode: AppendMode, now_ms: u64) -> Result<Appended, AppendError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(AppendError::Poisoned(reason.clone()));
+        }
+        let header = batch::check_batch(batch)?.header;
+        let batch_bytes = header.batch_bytes();
+        if batch.len() != batch_bytes {
+            return Err(AppendError::InvalidBatch(BatchError::BadHeader {
+                field: "body_bytes",
+                detail: format!("batch is {batch_bytes} bytes but {} were given", batch.len()),
+            }));
+        }
+        if self.staged_bytes + batch_bytes > self.config.staged_bytes_max {
+            return Err(AppendError::Backpressure {
+                staged_bytes: self.staged_bytes,
+                limit_bytes: self.config.staged_bytes_max,
+            });
+        }
+        let end = self.end_offset();
+        let leader_epoch = match mode {
+            AppendMode::Leader { leader_epoch } => {
+                batch::stamp(batch, end, leader_epoch);
+                leader_epoch
+            }
+            AppendMode::Replica => {
+                if header.base_offset != end {
+                    return Err(AppendError::OffsetMismatch { expected: end, found: header.base_offset });
+                }
+                header.leader_epoch
+            }
+        };
+        let next_offset = header.next_offset().0 - header.base_offset.0 + end.0;
+        let next_offset = Offset(next_offset);
+
+        if let RollDecision::Roll(_) =
+            policy::decide_roll(&self.active().facts(), batch_bytes as u64, now_ms, &self.config.roll_limits())
+        {
+            self.roll(now_ms);
+        }
+        let interval = self.config.index_interval_bytes;
+        let active = self.active_mut();
+        let position = active.data_bytes;
+        let relative = u32::try_from(end.0 - active.base_offset.0).expect("segment holds < 2^32 records");
+        active.index.observe(relative, u32::try_from(position).expect("validated segment size"));
+        debug_assert_eq!(active.index.entries().last().map_or(interval, |_| interval), interval);
+        if active.data_bytes == 0 {
+            active.created_ms = now_ms;
+        }
+        active.data_bytes += batch_bytes as u64;
+        active.next_offset = next_offset;
+        active.max_timestamp_ms = active.max_timestamp_ms.max(header.max_timestamp_ms);
+        let segment_base = active.base_offset;
+        self.stage(segment_base, position, batch);
+        self.staged_batches.push_back(StagedBatch {
+            base_offset: end,
+            next_offset,
+            segment_base,
+            position,
+            batch_bytes,
+        });
+        Ok(Appended { base_offset: end, last_offset: Offset(next_offset.0 - 1), leader_epoch })
+    }
+
+    fn roll(&mut self, now_ms: u64) {
+        let next = self.end_offset();
+        let interval = self.config.index_interval_bytes;
+        let active = self.active_mut();
+        assert!(active.data_bytes > 0, "never roll an empty segment");
+        active.sealed = true;
+        active.index_durable = false;
+        self.tail_page = None;
+        self.segments.push(Segment::new(next, interval, now_ms));
+    }
+
+    /// Copies `bytes` to `position` of segment `segment_base` in the staging buffers.
+    fn stage(&mut self, segment_base: Offset, position: u64, mut bytes: &[u8]) {
+        let chunk_bytes = self.config.write_chunk_bytes;
+        let mut position = position;
+        while !bytes.is_empty() {
+            let needs_chunk = match self.staged.back() {
+                Some(chunk) => chunk.segment_base != segment_base || chunk.filled == chunk_bytes,
+                None => true,
+            };
+            if needs_chunk {
+                let file = Rc::clone(&self.active().file);
+                let chunk_position = page_floor(position);
+                let mut chunk = StagedChunk::<D> {
+                    segment_base,
+                    file,
+                    position: chunk_position,
+                    buffer: self.disk.alloc_buffer(chunk_bytes),
+                    filled: (position - chunk_position) as usize,
+                };
+                // Carry the partial page that the previous flush left, so it is rewritten whole.
+                if let Some(tail) = self.tail_page.take() {
+                    assert_eq!(tail.position, chunk_position);
+                    assert_eq!(tail.bytes.len(), chunk.filled);
+                    chunk.buffer.as_mut()[..tail.bytes.len()].copy_from_slice(&tail.bytes);
+                }
+                assert_eq!(chunk.filled, (position % PAGE_BYTES as u64) as usize, "chunk starts mid-page without its tail");
+                self.staged.push_back(chunk);
+            }
+            let chunk = self.staged.back_mut().expect("pushed above");
+            assert_eq!(chunk.position + chunk.filled as u64, position, "staging is contiguous");
+            let take = bytes.len().min(chunk_bytes - chunk.filled);
+            chunk.buffer.as_mut()[chunk.filled..chunk.filled + take].copy_from_slice(&bytes[..take]);
+            chunk.filled += take;
+            self.staged_bytes += take;
+            position += take as u64;
+            bytes = &bytes[take..];
+        }
+    }
+
+    /// Takes everything staged into a [`FlushJob`]. `None` if there is nothing to do. At most one
+    /// flush may be in flight.
+    pub fn begin_flush(&mut self) -> Result<Option<FlushJob<D>>, FlushError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(FlushError::Poisoned(reason.clone()));
+        }
+        assert!(self.flush_target.is_none(), "one flush at a time");
+        let checkpoint = self.checkpoint_due();
+        let sealed_unindexed = self.segments.iter().any(|s| s.sealed && !s.index_durable);
+        if self.staged.is_empty() && checkpoint.is_none() && !sealed_unindexed {
+            return Ok(None);
+        }
+        let preallocate_bytes = if self.config.preallocate { self.config.segment_bytes_max } else { 0 };
+        let mut job = FlushJob {
+            disk: Rc::clone(&self.disk),
+            creates: Vec::new(),
+            writes: Vec::new(),
+            index_writes: Vec::new(),
+            trims: Vec::new(),
+            syncs: Vec::new(),
+            checkpoint: checkpoint.map(|c| (c, Rc::clone(&self.checkpoint_file))),
+            target: LogPoint {
+                segment_base: self.active().base_offset,
+                position: self.active().data_bytes,
+                next_offset: self.end_offset(),
+            },
+        };
+        let active_base = self.active().base_offset;
+        while let Some(mut chunk) = self.staged.pop_front() {
+            let name = segment_file_name(chunk.segment_base);
+            if chunk.file.get().is_none() && !job.creates.iter().any(|(n, _, _)| *n == name) {
+                job.creates.push((name.clone(), Rc::clone(&chunk.file), preallocate_bytes));
+            }
+            if !job.syncs.iter().any(|(n, _)| *n == name) {
+                job.syncs.push((name.clone(), Rc::clone(&chunk.file)));
+            }
+            let write_bytes = page_ceil(chunk.filled as u64) as usize;
+            chunk.buffer.as_mut()[chunk.filled..write_bytes].fill(0);
+            let is_last_of_active = chunk.segment_base == active_base && self.staged.is_empty();
+            let partial = chunk.filled % PAGE_BYTES;
+            if is_last_of_active && partial != 0 {
+                let page_start = chunk.filled - partial;
+                self.tail_page = Some(TailPage {
+                    position: chunk.position + page_start as u64,
+                    bytes: chunk.buffer.as_ref()[page_start..chunk.filled].to_vec(),
+                });
+            }
+            chunk.buffer.truncate(write_bytes);
+            job.writes.push((name, chunk.file, chunk.position, chunk.buffer));
+        }
+        self.staged_bytes = 0;
+        for segment in self.segments.iter().filter(|s| s.sealed && !s.index_durable) {
+            job.index_writes.push((segment.base_offset, segment.index.encode(&segment.summary())));
+            let name = segment_file_name(segment.base_offset);
+            if segment.file.get().is_some() || job.creates.iter().any(|(n, _, _)| *n == name) {
+                // Give back the preallocated space beyond the data.
+                job.trims.push((name.clone(), Rc::clone(&segment.file), page_ceil(segment.data_bytes)));
+                if !job.syncs.iter().any(|(n, _)| *n == name) {
+                    job.syncs.push((name, Rc::clone(&segment.file)));
+                }
+            }
+        }
+        self.flush_target = Some(job.target);
+        Ok(Some(job))
+    }
+
+    /// The checkpoint a flush starting now should write: the last completed flush's durable
+    /// point, if the file does not say so already.
+    fn checkpoint_due(&self) -> Option<Checkpoint> {
+        let durable = self.durable;
+        match self.checkpoint_durable {
+            Some(c)
+                if c.state == CheckpointState::Normal
+                    && c.segment_base == durable.segment_base
+                    && c.position == durable.position =>
+            {
+                None
+            }
+            _ if durable.position == 0 && durable.segment_base == self.log_start && self.checkpoint_durable.is_none() => None,
+            _ => Some(Checkpoint {
+                sequence: self.checkpoint_durable.map_or(1, |c| c.sequence + 1),
+                state: CheckpointState::Normal,
+                segment_base: durable.segment_base,
+                position: durable.position,
+                next_offset: durable.next_offset,
+            }),
+        }
+    }
+
+    /// Records the outcome of the in-flight flush. On success the durable offset advances to the
+    /// end of the log as of `begin_flush`; on error the log is poisoned.
+    pub fn complete_flush(&mut self, outcome: FlushOutcome) -> Result<Offset, FlushError> {
+        let target = self.flush_target.take().expect("a flush was in flight");
+        assert_eq!(target, outcome.target, "outcome of another flush");
+        if let Err(error) = outcome.result {
+            self.poisoned = Some(error.to_string());
+            return Err(FlushError::Io(error));
+        }
+        assert!(target.next_offset >= self.durable.next_offset, "durable offset never moves back");
+        self.durable = target;
+        if let Some(checkpoint) = outcome.checkpoint {
+            self.checkpoint_durable = Some(checkpoint);
+        }
+        for base in outcome.indexed {
+            if let Some(segment) = self.segments.iter_mut().find(|s| s.base_offset == base) {
+                segment.index_durable = true;
+            }
+        }
+        while self.staged_batches.front().is_some_and(|b| b.next_offset <= target.next_offset) {
+            self.staged_batches.pop_front();
+        }
+        Ok(self.durable.next_offset)
+    }
+
+    /// Flushes everything appended so far and waits until it is durable. A convenience over
+    /// `begin_flush` / `run` / `complete_flush` for callers that need not append meanwhile.
+    pub async fn flush(&mut self) -> Result<Offset, FlushError> {
+        match self.begin_flush()? {
+            Some(job) => {
+                let outcome = job.run().await;
+                self.complete_flush(outcome)
+            }
+            None => Ok(self.durable_offset()),
+        }
+    }
+
+    /// Flushes everything and brings the durable checkpoint up to date, so that a later open
+    /// knows the whole log is acknowledged data. Call on clean shutdown.
+    pub async fn close(mut self) -> Result<Offset, FlushError> {
+        assert!(self.flush_target.is_none(), "close with a flush in flight");
+        self.flush().await?;
+        // The first flush wrote the previous checkpoint; this one writes the current one.
+        self.flush().await
+    }
+
+    /// Reads whole batches starting with the one holding `from`, up to about `max_bytes` (at
+    /// least one batch, so a consumer always progresses). Durable data comes from disk and is
+    /// checked by CRC; staged data comes from memory; data in an in-flight flush is not readable
+    /// until it completes (the result is empty). Reads stop at segment boundaries.
+    pub async fn read(&self, from: Offset, max_bytes: usize) -> Result<LogRead<<D::File as DiskFile>::ReadBuffer>, ReadError> {
+        let end_offset = self.end_offset();
+        if from < self.log_start || from > end_offset {
+            return Err(ReadError::OutOfRange { requested: from, log_start: self.log_start, end_offset });
+        }
+        let empty = LogRead { data: ReadData::Empty, next_offset: from };
+        if from == end_offset {
+            return Ok(empty);
+        }
+        if let Some(range) = self.corrupt.iter().find(|r| r.from <= from && from < r.to) {
+            return Err(ReadError::Corrupt {
+                from: range.from,
+                to: range.to,
+                detail: "found corrupt by recovery".to_string(),
+            });
+        }
+        if from >= self.durable.next_offset {
+            return Ok(self.read_staged(from, max_bytes).unwrap_or(empty));
+        }
+        let at = self.segments.partition_point(|s| s.base_offset <= from);
+        let segment = &self.segments[at.checked_sub(1).expect("from >= log_start")];
+        let limit_bytes = if segment.base_offset == self.durable.segment_base {
+            self.durable.position
+        } else {
+            segment.data_bytes
+        };
+        let Some(file) = segment.file.get() else { return Ok(empty) };
+        let relative = u32::try_from(from.0 - segment.base_offset.0).expect("segment offsets fit u32");
+        let start = u64::from(segment.index.lookup(relative));
+        let name = segment_file_name(segment.base_offset);
+        read_batches(&**file, &name, start, limit_bytes, from, max_bytes, self.config.scan_chunk_bytes).await
+    }
+
+    /// Copies staged (not in-flight) batches from `from` into an aligned buffer.
+    fn read_staged(&self, from: Offset, max_bytes: usize) -> Option<LogRead<<D::File as DiskFile>::ReadBuffer>> {
+        let first = self.staged_batches.iter().position(|b| b.next_offset > from)?;
+        let mut out = AlignedVec::<BATCH_ALIGNMENT_BYTES>::new();
+        let mut next_offset = from;
+        let segment_base = self.staged_batches[first].segment_base;
+        for batch in self.staged_batches.iter().skip(first) {
+            // Reads never cross a segment boundary, and return at least one batch.
+            if batch.segment_base != segment_base || (!out.is_empty() && out.len() + batch.batch_bytes > max_bytes) {
+                break;
+            }
+            assert!(batch.base_offset >= next_offset || out.is_empty(), "staged batches are contiguous");
+            let before = out.len();
+            let mut position = batch.position;
+            let end = batch.position + batch.batch_bytes as u64;
+            while position < end {
+                let chunk = self.staged.iter().find(|c| {
+                    c.segment_base == batch.segment_base
+                        && c.position <= position
+                        && position < c.position + c.filled as u64
+                });
+                let Some(chunk) = chunk else {
+                    // Part of this batch is in the in-flight flush.
+                    out.resize(before, 0);
+                    return (!out.is_empty()).then_some(LogRead { data: ReadData::Memory(out), next_offset });
+                };
+                let from_in_chunk = (position - chunk.position) as usize;
+                let take = (chunk.filled - from_in_chunk).min((end - position) as usize);
+                out.extend_from_slice(&chunk.buffer.as_ref()[from_in_chunk..from_in_chunk + take]);
+                position += take as u64;
+            }
+            next_offset = batch.next_offset;
+        }
+        (!out.is_empty()).then_some(LogRead { data: ReadData::Memory(out), next_offset })
+    }
+
+    /// Removes every record at or after `to` (which must start a batch), durably, so that a
+    /// crash at any point either keeps the old suffix or completes the truncation. Used by
+    /// followers to drop a divergent suffix. Flushes staged data first.
+    pub async fn truncate_suffix(&mut self, to: Offset) -> Result<(), TruncateError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(TruncateError::Poisoned(reason.clone()));
+        }
+        if to >= self.end_offset() {
+            return Ok(());
+        }
+        if to < self.log_start {
+            return Err(TruncateError::BelowLogStart { offset: to, log_start: self.log_start });
+        }
+        self.flush().await.map_err(|e| match e {
+            FlushError::Poisoned(reason) => TruncateError::Poisoned(reason),
+            FlushError::Io(io) => TruncateError::Io(io),
+        })?;
+        let at = self.segments.partition_point(|s| s.base_offset <= to) - 1;
+        let position = self.position_of_batch(at, to).await?;
+        let result = self.truncate_at(at, position, to).await;
+        if let Err(error) = &result {
+            self.poisoned = Some(error.to_string());
+        }
+        result.map_err(TruncateError::Io)
+    }
+
+    /// Finds the file position of the batch starting at `offset` in segment `at`.
+    async fn position_of_batch(&self, at: usize, offset: Offset) -> Result<u64, TruncateError> {
+        let segment = &self.segments[at];
+        if offset == segment.base_offset {
+            return Ok(0);
+        }
+        let read = self.read(offset, 1).await?;
+        let first = batch::check_batch(read.bytes()).map_err(|e| ReadError::Corrupt {
+            from: offset,
+            to: offset.plus(1),
+            detail: e.to_string(),
+        })?;
+        if first.header.base_offset != offset {
+            return Err(TruncateError::NotBatchBoundary { offset });
+        }
+        // Walk from the indexed position to find where this batch starts.
+        let relative = u32::try_from(offset.0 - segment.base_offset.0).expect("fits");
+        let mut position = u64::from(segment.index.lookup(relative));
+        let file = segment.file.get().expect("durable segment has a file");
+        let name = segment_file_name(segment.base_offset);
+        loop {
+            let page = file.read_at(page_floor(position), PAGE_BYTES * 2).await.map_err(io_context("read", &name))?;
+            let in_page = (position - page_floor(position)) as usize;
+            let header = batch::decode_header(&page[in_page..]).map_err(|e| ReadError::Corrupt {
+                from: offset,
+                to: offset.plus(1),
+                detail: e.to_string(),
+            })?;
+            if header.base_offset == offset {
+                return Ok(position);
+            }
+            if header.base_offset > offset {
+                return Err(TruncateError::NotBatchBoundary { offset });
+            }
+            position += header.batch_bytes() as u64;
+        }
+    }
+
+    /// The truncation protocol (see `checkpoint.rs`): checkpoint `Truncating`, drop later
+    /// segments, cut the segment, checkpoint `Normal`.
+    async fn truncate_at(&mut self, at: usize, position: u64, to: Offset) -> Result<(), LogIoError> {
+        let base = self.segments[at].base_offset;
+        let sequence = self.checkpoint_durable.map_or(1, |c| c.sequence + 1);
+        let mut checkpoint = Checkpoint {
+            sequence,
+            state: CheckpointState::Truncating,
+            segment_base: base,
+            position,
+            next_offset: to,
+        };
+        write_checkpoint(&*self.disk, &self.checkpoint_file, &checkpoint).await?;
+        self.checkpoint_durable = Some(checkpoint);
+        for segment in self.segments.drain(at + 1..) {
+            remove_segment_files(&*self.disk, segment.base_offset).await?;
+        }
+        remove_if_exists(&*self.disk, &index_file_name(base)).await?;
+        self.disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+        let tail = cut_segment_file(&*self.disk, &self.segments[at], position, &self.config).await?;
+        let interval = self.config.index_interval_bytes;
+        let segment = &mut self.segments[at];
+        segment.sealed = false;
+        segment.index_durable = false;
+        segment.data_bytes = position;
+        segment.next_offset = to;
+        segment.index.truncate_from(u32::try_from(to.0 - base.0).expect("fits"));
+        debug_assert!(interval > 0);
+        self.durable = LogPoint { segment_base: base, position, next_offset: to };
+        self.tail_page = (!tail.is_empty()).then(|| TailPage { position: page_floor(position), bytes: tail });
+        self.staged_batches.clear();
+        checkpoint.sequence += 1;
+        checkpoint.state = CheckpointState::Normal;
+        write_checkpoint(&*self.disk, &self.checkpoint_file, &checkpoint).await?;
+        self.checkpoint_durable = Some(checkpoint);
+        Ok(())
+    }
+
+    /// Applies the retention policy: deletes the oldest sealed segments it selects and moves the
+    /// log start. Returns how many segments were deleted.
+    pub async fn apply_retention(&mut self, now_ms: u64) -> Result<usize, LogIoError> {
+        let sealed: Vec<SegmentFacts> = self
+            .segments
+            .iter()
+            .take(self.segments.len() - 1)
+            .take_while(|s| s.index_durable)
+            .map(Segment::facts)
+            .collect();
+        let delete = policy::decide_retention(&sealed, self.active().data_bytes, now_ms, &self.config.retention);
+        for _ in 0..delete {
+            let segment = self.segments.remove(0);
+            remove_segment_files(&*self.disk, segment.base_offset).await?;
+            self.log_start = self.segments[0].base_offset;
+            self.corrupt.retain(|r| r.to > segment.next_offset);
+            futures_lite::future::yield_now().await;
+        }
+        if delete > 0 {
+            self.disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+        }
+        Ok(delete)
+    }
+}
+
+/// Writes and syncs one checkpoint slot.
+pub(crate) async fn write_checkpoint<D: Disk>(disk: &D, cell: &FileCell<D::File>, checkpoint: &Checkpoint) -> Result<(), LogIoError> {
+    let file = cell.get().expect("checkpoint file is opened at open");
+    let mut buffer = disk.alloc_buffer(PAGE_BYTES);
+    buffer.as_mut().copy_from_slice(&checkpoint.encode());
+    file.write_at(buffer, (checkpoint.slot() * PAGE_BYTES) as u64)
+        .await
+        .map_err(io_context("write", CHECKPOINT_FILE_NAME))?;
+    file.sync().await.map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))
+}
+
+pub(crate) async fn remove_if_exists<D: Disk>(disk: &D, name: &str) -> Result<(), LogIoError> {
+    match disk.remove(name).await {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(io_context("remove", name)(error)),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) async fn remove_segment_files<D: Disk>(disk: &D, base: Offset) -> Result<(), LogIoError> {
+    remove_if_exists(disk, &segment_file_name(base)).await?;
+    remove_if_exists(disk, &index_file_name(base)).await
+}
+
+/// Cuts a segment file at `position` so nothing after it can ever be read back as a batch:
+/// rewrites the page holding `position` with zeros after it (its valid prefix rewritten with the
+/// same bytes, so a torn write cannot damage it), truncates the file to that page, preallocates
+/// again, and syncs. Returns the valid bytes of that last partial page.
+pub(crate) async fn cut_segment_file<D: Disk>(
+    disk: &D,
+    segment: &Segment<D::File>,
+    position: u64,
+    config: &LogConfig,
+) -> Result<Vec<u8>, LogIoError> {
+    let name = segment_file_name(segment.base_offset);
+    let Some(file) = segment.file.get() else { return Ok(Vec::new()) };
+    let page_start = page_floor(position);
+    let partial = (position - page_start) as usize;
+    let mut tail = Vec::new();
+    if partial > 0 {
+        let page = file.read_at(page_start, PAGE_BYTES).await.map_err(io_context("read", &name))?;
+        let mut buffer = disk.alloc_buffer(PAGE_BYTES);
+        buffer.as_mut().fill(0);
+        let have = page.len().min(partial);
+        buffer.as_mut()[..have].copy_from_slice(&page[..have]);
+        tail = buffer.as_ref()[..partial].to_vec();
+        file.write_at(buffer, page_start).await.map_err(io_context("write", &name))?;
+    }
+    file.set_len(page_ceil(position)).await.map_err(io_context("ftruncate", &name))?;
+    if config.preallocate {
+        file.allocate(config.segment_bytes_max).await.map_err(io_context("fallocate", &name))?;
+    }
+    file.sync().await.map_err(io_context("fdatasync", &name))?;
+    Ok(tail)
+}
+
+/// Reads whole batches from `file` between `start` and `limit_bytes`, beginning with the batch
+/// that holds `from`, up to about `max_bytes`. Every returned batch passed its CRC check.
+async fn read_batches<F: DiskFile>(
+    file: &F,
+    name: &str,
+    start: u64,
+    limit_bytes: u64,
+    from: Offset,
+    max_bytes: usize,
+    chunk_bytes: usize,
+) -> Result<LogRead<F::ReadBuffer>, ReadError> {
+    let corrupt = |detail: String| ReadError::Corrupt { from, to: from.plus(1), detail: format!("{name}: {detail}") };
+    let mut position = start;
+    // Skip batches below `from`, a chunk at a time (at most one index interval plus one batch).
+    loop {
+        let want = (max_bytes.max(batch::BATCH_HEADER_BYTES)).clamp(PAGE_BYTES, chunk_bytes.max(PAGE_BYTES));
+        let read_start = page_floor(position);
+        let read_end = page_ceil((position + want as u64).min(limit_bytes));
+        if position >= limit_bytes {
+            return Ok(LogRead { data: ReadData::Empty, next_offset: from });
+        }
+        let buffer = file
+            .read_at(read_start, (read_end - read_start) as usize)
+            .await
+            .map_err(io_context("read", name))?;
+        let valid_end = ((limit_bytes - read_start) as usize).min(buffer.len());
+        let mut cursor = (position - read_start) as usize;
+        let mut first = None;
+        let mut next_offset = from;
+        while cursor < valid_end {
+            let header = match batch::decode_header(&buffer[cursor..valid_end]) {
+                Ok(header) => header,
+                Err(BatchError::Truncated { .. }) => break,
+                Err(error) => return Err(corrupt(format!("at position {}: {error}", read_start + cursor as u64))),
+            };
+            if header.next_offset() <= from && first.is_none() {
+                cursor += header.batch_bytes();
+                position = read_start + cursor as u64;
+                continue;
+            }
+            if cursor + header.batch_bytes() > valid_end {
+                break;
+            }
+            if first.is_some_and(|f| cursor - f + header.batch_bytes() > max_bytes) {
+                break;
+            }
+            batch::check_batch(&buffer[cursor..valid_end])
+                .map_err(|error| corrupt(format!("at position {}: {error}", read_start + cursor as u64)))?;
+            first.get_or_insert(cursor);
+            next_offset = header.next_offset();
+            cursor += header.batch_bytes();
+        }
+        if let Some(first) = first {
+            return Ok(LogRead { data: ReadData::Disk { buffer, start: first, end: cursor }, next_offset });
+        }
+        if position >= limit_bytes {
+            return Ok(LogRead { data: ReadData::Empty, next_offset: from });
+        }
+        // The batch at `position` did not fit in this read: read exactly that batch.
+        let page = file.read_at(page_floor(position), PAGE_BYTES * 2).await.map_err(io_context("read", name))?;
+        let in_page = (position - page_floor(position)) as usize;
+        let header = batch::decode_header(&page[in_page..])
+            .map_err(|error| corrupt(format!("at position {position}: {error}")))?;
+        if header.next_offset() <= from {
+            position += header.batch_bytes() as u64;
+            continue;
+        }
+        let read_start = page_floor(position);
+        let read_end = page_ceil(position + header.batch_bytes() as u64);
+        if position + header.batch_bytes() as u64 > limit_bytes {
+            return Err(corrupt(format!("batch at {position} runs past the end of the segment data")));
+        }
+        let buffer = file
+            .read_at(read_start, (read_end - read_start) as usize)
+            .await
+            .map_err(io_context("read", name))?;
+        let cursor = (position - read_start) as usize;
+        let end = cursor + header.batch_bytes();
+        batch::check_batch(&buffer[cursor..end.min(buffer.len())])
+            .map_err(|error| corrupt(format!("at position {position}: {error}")))?;
+        return Ok(LogRead { data: ReadData::Disk { buffer, start: cursor, end }, next_offset: header.next_offset() });
+    }
+}

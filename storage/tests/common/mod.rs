@@ -1,0 +1,73 @@
+//! Helpers shared by the storage integration tests.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::rc::Rc;
+
+use futures_lite::future::block_on;
+use rand::rngs::StdRng;
+use rand::Rng;
+use rkyv::util::AlignedVec;
+use wharf_storage::batch::{self, BatchBuilder, ProducerStamp};
+use wharf_storage::disk::Disk;
+use wharf_storage::log::{AppendMode, LogConfig, PartitionLog};
+use wharf_storage::mem_disk::MemDisk;
+use wharf_storage::{Epoch, Offset};
+
+pub const EPOCH: AppendMode = AppendMode::Leader { leader_epoch: Epoch(1) };
+
+/// A small log configuration that exercises rolls and multi-chunk flushes quickly.
+pub fn small_config() -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 64 * 1024,
+        index_interval_bytes: 1024,
+        write_chunk_bytes: 8 * 1024,
+        scan_chunk_bytes: 16 * 1024,
+        staged_bytes_max: 16 * 1024 * 1024,
+        ..LogConfig::default()
+    }
+}
+
+pub fn make_batch(records: usize, value_bytes: usize, tag: u64, timestamp_ms: i64) -> AlignedVec<16> {
+    let mut builder = BatchBuilder::new(ProducerStamp::default());
+    for i in 0..records {
+        let mut value = vec![(tag % 251) as u8; value_bytes];
+        value[..8.min(value_bytes)].copy_from_slice(&tag.to_le_bytes()[..8.min(value_bytes)]);
+        builder.push(timestamp_ms + i as i64, Some(&tag.to_le_bytes()), &value, &[]).expect("push");
+    }
+    builder.finish().expect("finish")
+}
+
+pub fn random_batch(rng: &mut StdRng, tag: u64, timestamp_ms: i64) -> AlignedVec<16> {
+    let records = rng.random_range(1..6);
+    let value_bytes = rng.random_range(0..3000);
+    make_batch(records, value_bytes, tag, timestamp_ms)
+}
+
+pub fn open(disk: &MemDisk, config: LogConfig) -> (PartitionLog<MemDisk>, wharf_storage::RecoveryReport) {
+    block_on(PartitionLog::open(Rc::new(disk.clone()), config, 0)).expect("open")
+}
+
+/// Reads every batch from the log start to the end offset, checking CRCs and offsets.
+pub fn read_all<D: Disk>(log: &PartitionLog<D>) -> Vec<(Offset, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut next = log.log_start_offset();
+    let mut reads = 0;
+    while next < log.end_offset() {
+        reads += 1;
+        assert!(reads < 1_000_000, "read loop bound");
+        let read = block_on(log.read(next, 64 * 1024)).expect("read");
+        assert!(!read.is_empty(), "empty read at {next} below end {}", log.end_offset());
+        for checked in batch::batches(read.bytes()) {
+            let checked = checked.expect("valid batch");
+            checked.records().expect("rkyv-valid body");
+            if checked.header.next_offset() <= next {
+                continue;
+            }
+            assert_eq!(checked.header.base_offset, next, "offsets are dense");
+            out.push((next, checked.bytes.to_vec()));
+            next = checked.header.next_offset();
+        }
+        assert_eq!(read.next_offset, next);
+    }
+    out
+}
