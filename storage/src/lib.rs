@@ -11,7 +11,9 @@ pub mod disk;
 pub mod ids;
 pub mod index;
 pub mod log;
-#[cfg(feature = "mem-disk")]
+#[cfg(feature = "testing")]
+pub mod conformance;
+#[cfg(feature = "testing")]
 pub mod mem_disk;
 pub mod policy;
 pub mod recovery;

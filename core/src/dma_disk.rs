@@ -1,0 +1,205 @@
+//! `DmaDisk`: the storage [`Disk`] on glommio DMA files (O_DIRECT through io_uring).
+//!
+//! One `DmaDisk` per partition directory, used only from the executor that opened it.
+//!
+//! glommio 0.9.0 on virtio disks: if the first DMA file an executor opens on a device is empty,
+//! its IOPOLL probe misfires and later reads fail with EOPNOTSUPP (upstream #605/#670). So
+//! [`DmaDisk::open`] first opens a small non-empty probe file in the directory and reads it back as
+//! a self-test, before any segment is touched. The probe stays open: its handle also allocates the
+//! DMA buffers the log stages writes in.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
+use wharf_storage::disk::{Disk, DiskFile, IoBuffer, PAGE_BYTES};
+
+/// Name of the self-test file written in every data directory.
+pub const PROBE_FILE_NAME: &str = ".wharf-dma-probe";
+const PROBE_PATTERN: &[u8; 16] = b"wharf-dma-probe\n";
+
+fn with_path<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(glommio::GlommioError<()>) -> io::Error + 'a {
+    move |error| {
+        let error = io::Error::from(error);
+        io::Error::new(error.kind(), format!("{op} {}: {error}", path.display()))
+    }
+}
+
+/// A page-aligned DMA buffer (from the executor's registered `io_memory` when it has room).
+pub struct DmaBuf(DmaBuffer);
+
+impl AsRef<[u8]> for DmaBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl AsMut<[u8]> for DmaBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.0.as_bytes_mut()
+    }
+}
+
+impl IoBuffer for DmaBuf {
+    fn truncate(&mut self, bytes: usize) {
+        assert_eq!(bytes % PAGE_BYTES, 0, "direct writes are page-aligned");
+        self.0.trim_to_size(bytes);
+    }
+}
+
+pub struct DmaDisk {
+    dir: PathBuf,
+    directory: Directory,
+    probe: DmaFile,
+}
+
+impl DmaDisk {
+    /// Opens (creating if needed) the directory `dir` and runs the DMA self-test. Must run on the
+    /// glommio executor that will use it, before that executor opens any other DMA file on the
+    /// same device.
+    pub async fn open(dir: impl AsRef<Path>) -> io::Result<DmaDisk> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("create directory {}: {e}", dir.display())))?;
+        let probe_path = dir.join(PROBE_FILE_NAME);
+        let mut page = vec![0u8; PAGE_BYTES];
+        for chunk in page.chunks_mut(PROBE_PATTERN.len()) {
+            chunk.copy_from_slice(PROBE_PATTERN);
+        }
+        // Written with buffered I/O: the probe must exist, non-empty, before the first DMA open.
+        let current = std::fs::read(&probe_path).ok();
+        if current.as_deref() != Some(&page[..]) {
+            std::fs::write(&probe_path, &page)
+                .map_err(|e| io::Error::new(e.kind(), format!("write {}: {e}", probe_path.display())))?;
+        }
+        let probe = DmaFile::open(&probe_path).await.map_err(with_path("open", &probe_path))?;
+        let read = probe.read_at_aligned(0, PAGE_BYTES).await.map_err(with_path("read", &probe_path))?;
+        if *read != page[..] {
+            return Err(io::Error::other(format!(
+                "DMA self-test failed: {} read back {} bytes that differ from what was written",
+                probe_path.display(),
+                read.len()
+            )));
+        }
+        if !is_direct(&probe) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{} does not support O_DIRECT (tmpfs?); Wharf needs direct I/O for its durability and latency model",
+                    dir.display()
+                ),
+            ));
+        }
+        let directory = Directory::open(&dir).await.map_err(with_path("open directory", &dir))?;
+        Ok(DmaDisk { dir, directory, probe })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        assert!(!name.contains('/') && !name.is_empty(), "plain file names only: {name:?}");
+        self.dir.join(name)
+    }
+}
+
+/// glommio silently reopens a file without O_DIRECT when the filesystem refuses it; check.
+fn is_direct(file: &DmaFile) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL only reads the flags of a file descriptor that `file` keeps open.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_DIRECT != 0
+}
+
+impl Disk for DmaDisk {
+    type File = DmaDiskFile;
+    type Buffer = DmaBuf;
+
+    fn alloc_buffer(&self, bytes: usize) -> DmaBuf {
+        assert_eq!(bytes % PAGE_BYTES, 0, "buffer size {bytes} not page-aligned");
+        DmaBuf(self.probe.alloc_dma_buffer(bytes))
+    }
+
+    async fn create(&self, name: &str) -> io::Result<DmaDiskFile> {
+        let path = self.path(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(&path)
+            .await
+            .map_err(with_path("create", &path))?;
+        Ok(DmaDiskFile { file, path })
+    }
+
+    async fn open(&self, name: &str) -> io::Result<DmaDiskFile> {
+        let path = self.path(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&path)
+            .await
+            .map_err(with_path("open", &path))?;
+        Ok(DmaDiskFile { file, path })
+    }
+
+    async fn list(&self) -> io::Result<Vec<String>> {
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("list {}: {e}", self.dir.display())))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                if name != PROBE_FILE_NAME {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    async fn remove(&self, name: &str) -> io::Result<()> {
+        let path = self.path(name);
+        glommio::io::remove(&path).await.map_err(with_path("remove", &path))
+    }
+
+    async fn sync_dir(&self) -> io::Result<()> {
+        self.directory.sync().await.map_err(with_path("fsync", &self.dir))
+    }
+}
+
+pub struct DmaDiskFile {
+    file: DmaFile,
+    path: PathBuf,
+}
+
+impl DiskFile for DmaDiskFile {
+    type Buffer = DmaBuf;
+    type ReadBuffer = ReadResult;
+
+    async fn read_at(&self, position: u64, bytes: usize) -> io::Result<ReadResult> {
+        self.file.read_at_aligned(position, bytes).await.map_err(with_path("read", &self.path))
+    }
+
+    async fn write_at(&self, buffer: DmaBuf, position: u64) -> io::Result<usize> {
+        self.file.write_at(buffer.0, position).await.map_err(with_path("write", &self.path))
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        self.file.fdatasync().await.map_err(with_path("fdatasync", &self.path))
+    }
+
+    async fn len(&self) -> io::Result<u64> {
+        self.file.file_size().await.map_err(with_path("stat", &self.path))
+    }
+
+    async fn set_len(&self, bytes: u64) -> io::Result<()> {
+        self.file.truncate(bytes).await.map_err(with_path("ftruncate", &self.path))
+    }
+
+    async fn allocate(&self, bytes: u64) -> io::Result<()> {
+        self.file.pre_allocate(bytes, false).await.map_err(with_path("fallocate", &self.path))
+    }
+}
