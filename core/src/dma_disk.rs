@@ -61,6 +61,9 @@ impl DmaDisk {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir)
             .map_err(|e| io::Error::new(e.kind(), format!("create directory {}: {e}", dir.display())))?;
+        // glommio opens paths with openat(-1, ..), which fails with EBADF for relative paths.
+        let dir = std::fs::canonicalize(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("resolve directory {}: {e}", dir.display())))?;
         let probe_path = dir.join(PROBE_FILE_NAME);
         let mut page = vec![0u8; PAGE_BYTES];
         for chunk in page.chunks_mut(PROBE_PATTERN.len()) {
@@ -158,6 +161,11 @@ impl Disk for DmaDisk {
             }
         }
         Ok(names)
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let (from, to) = (self.path(from), self.path(to));
+        glommio::io::rename(&from, &to).await.map_err(with_path("rename", &from))
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {

@@ -52,3 +52,18 @@ fn dma_self_test_writes_a_probe_and_reads_it_back() {
     .expect("this test needs io_uring (glommio)");
     assert!(names.is_empty(), "the probe is not listed as a log file: {names:?}");
 }
+
+#[test]
+fn relative_data_directories_work() {
+    let root = tempfile::tempdir_in(".").expect("tempdir in the working directory");
+    let relative = root.path().file_name().expect("name").to_owned();
+    let relative = std::path::PathBuf::from(relative).join("data");
+    wharf::runtime::run_local("dma-relative-test", async move {
+        use wharf_storage::disk::{Disk, DiskFile};
+        let disk = DmaDisk::open(&relative).await.expect("relative path opens");
+        let file = disk.create("x.log").await.expect("create");
+        file.allocate(1 << 20).await.expect("fallocate");
+        assert_eq!(file.len().await.expect("len"), 1 << 20);
+    })
+    .expect("this test needs io_uring (glommio)");
+}

@@ -41,6 +41,8 @@ pub trait Disk {
     async fn open(&self, name: &str) -> io::Result<Self::File>;
     /// The names of the files in the directory, in no particular order.
     async fn list(&self) -> io::Result<Vec<String>>;
+    /// Renames `from` to `to`, replacing `to`. Durable once [`Disk::sync_dir`] returns.
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// Removes `name`. Durable once [`Disk::sync_dir`] returns.
     async fn remove(&self, name: &str) -> io::Result<()>;
     /// Makes creations and removals durable (fsync on the directory).

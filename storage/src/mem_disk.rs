@@ -267,6 +267,16 @@ impl Disk for MemDisk {
         Ok(self.file_names())
     }
 
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut state = self.state.borrow_mut();
+        let file = state
+            .files
+            .remove(from)
+            .ok_or_else(|| error(io::ErrorKind::NotFound, format!("{from}: no such file")))?;
+        state.files.insert(to.to_string(), file);
+        Ok(())
+    }
+
     async fn remove(&self, name: &str) -> io::Result<()> {
         match self.state.borrow_mut().files.remove(name) {
             Some(_) => Ok(()),

@@ -27,7 +27,7 @@ use crate::ids::Offset;
 use crate::index::SparseIndex;
 use crate::log::{
     cut_segment_file, index_file_name, io_context, remove_segment_files, segment_file_name, write_checkpoint,
-    CorruptRange, FileCell, LogConfig, LogIoError, LogPoint, PartitionLog, Segment,
+    CorruptRange, FileCell, LogConfig, LogIoError, LogPoint, PartitionLog, Segment, RECYCLED_FILE_PREFIX,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +73,6 @@ struct ScanResult {
     index: SparseIndex,
     max_timestamp_ms: i64,
     corrupt: Vec<CorruptRange>,
-    /// The scan stopped at invalid bytes beyond the durable boundary.
-    stopped_early: bool,
     torn: bool,
 }
 
@@ -154,7 +152,6 @@ async fn scan_segment<F: DiskFile>(
         index: SparseIndex::new(config.index_interval_bytes),
         max_timestamp_ms: i64::MIN,
         corrupt: Vec::new(),
-        stopped_early: false,
         torn: false,
     };
     let durable_position = match durability {
@@ -164,6 +161,13 @@ async fn scan_segment<F: DiskFile>(
     };
     let mut position = 0u64;
     loop {
+        if let Durability::Whole { next_offset } = durability {
+            // A sealed segment is complete once it reaches the next segment's first offset; what
+            // follows is preallocated space not yet given back.
+            if result.next_offset == next_offset {
+                return Ok(result);
+            }
+        }
         if let Some(header) = batch_at(&mut window, position, Some(result.next_offset)).await? {
             let relative = u32::try_from(header.base_offset.0 - base.0).expect("segment offsets fit u32");
             result.index.observe(relative, u32::try_from(position).expect("segment fits u32"));
@@ -178,7 +182,6 @@ async fn scan_segment<F: DiskFile>(
             if let Some(head) = window.get(position, BATCH_HEADER_BYTES.min((file_bytes - position.min(file_bytes)) as usize)).await? {
                 result.torn = head.iter().any(|&b| b != 0);
             }
-            result.stopped_early = position < file_bytes;
             return Ok(result);
         }
         // Invalid bytes inside the durable prefix: corruption. Resynchronise at the next valid
@@ -197,11 +200,16 @@ async fn scan_segment<F: DiskFile>(
         }
         match (found, durability) {
             (Some((at, header)), _) => {
+                assert!(result.next_offset < header.base_offset);
                 result.corrupt.push(CorruptRange { from: result.next_offset, to: header.base_offset });
                 result.next_offset = header.base_offset;
                 position = at;
             }
             (None, Durability::Upto { position: end, next_offset }) => {
+                if next_offset <= result.next_offset {
+                    // The checkpoint's point was reached: nothing is missing, the rest is tail.
+                    return Ok(result);
+                }
                 result.corrupt.push(CorruptRange { from: result.next_offset, to: next_offset });
                 result.next_offset = next_offset;
                 position = end;
@@ -211,6 +219,7 @@ async fn scan_segment<F: DiskFile>(
                 }
             }
             (None, Durability::Whole { next_offset }) => {
+                assert!(result.next_offset < next_offset, "complete segments return above");
                 result.corrupt.push(CorruptRange { from: result.next_offset, to: next_offset });
                 result.next_offset = next_offset;
                 result.data_bytes = position;
@@ -344,9 +353,10 @@ impl<D: Disk> PartitionLog<D> {
             segment.next_offset = scan.next_offset;
             segment.data_bytes = scan.data_bytes;
             segment.max_timestamp_ms = scan.max_timestamp_ms;
-            let ends_here = scan.stopped_early && matches!(durability, Durability::Unknown | Durability::Upto { .. });
+            // A sealed segment is complete exactly when its batches run up to the next segment's
+            // base offset (its file may still hold preallocated zeros after them).
             let continuous = next_base.is_none_or(|n| n == scan.next_offset);
-            if next_base.is_some() && (ends_here || !continuous || scan.data_bytes == 0) {
+            if next_base.is_some() && (!continuous || scan.data_bytes == 0) {
                 // Everything after an unacknowledged tear is unacknowledged too: drop it.
                 for later in bases.iter().skip(i + 1) {
                     remove_segment_files(&*disk, *later).await?;
@@ -387,6 +397,14 @@ impl<D: Disk> PartitionLog<D> {
             position: active.data_bytes,
             next_offset: active.next_offset,
         };
+        // Recycled segment files: keep up to the configured number for reuse, remove the rest.
+        let mut recycled: Vec<String> =
+            names.iter().filter(|n| n.starts_with(RECYCLED_FILE_PREFIX) && n.ends_with(".log")).cloned().collect();
+        recycled.sort();
+        while recycled.len() > config.recycled_segments_max {
+            let extra = recycled.remove(0);
+            crate::log::remove_if_exists(&*disk, &extra).await?;
+        }
         report.segments = segments.len();
         report.corrupt = corrupt.clone();
         let mut log = PartitionLog::assemble(
@@ -410,7 +428,9 @@ impl<D: Disk> PartitionLog<D> {
             };
             write_checkpoint(&*disk, &checkpoint_file, &fresh).await?;
             log.checkpoint_durable = Some(fresh);
+            log.checkpoint_planned = Some(fresh);
         }
+        log.recycled = recycled;
         // Writes index files of sealed segments that were scanned.
         log.flush().await?;
         Ok((log, report))

@@ -38,6 +38,9 @@ fn random_config(rng: &mut StdRng) -> LogConfig {
         segment_bytes_max: [16 * 1024, 64 * 1024, 256 * 1024][rng.random_range(0..3)],
         write_chunk_bytes: [4096, 8192, 64 * 1024][rng.random_range(0..3)],
         preallocate: rng.random_bool(0.7),
+        checkpoint_interval_bytes: [4096, 32 * 1024, 64 * 1024 * 1024][rng.random_range(0..3)],
+        recycled_segments_max: rng.random_range(0..3),
+        retention: wharf_storage::policy::RetentionLimits { retention_bytes_max: Some(48 * 1024), retention_ms_max: None },
         ..small_config()
     }
 }
@@ -61,7 +64,7 @@ fn run_seed(seed: u64) {
                     model.acknowledged = log.durable_offset();
                 }
             }
-            75..85 => {
+            75..82 => {
                 // Group commit with appends arriving while the flush is in flight.
                 let Ok(job) = log.begin_flush() else { break };
                 for _ in 0..rng.random_range(0..4) {
@@ -73,7 +76,39 @@ fn run_seed(seed: u64) {
                     }
                 }
             }
-            85..90 if !model.batches.is_empty() => {
+            82..85 => {
+                // Two flushes in flight: the second writes while the first syncs. Outcomes are
+                // completed in order; a crash may come between them.
+                let Ok(Some(first)) = log.begin_flush() else { continue };
+                append(&mut log, &mut model, &mut rng, &mut tag);
+                let second = match log.begin_flush() {
+                    Ok(job) => job,
+                    Err(_) => None,
+                };
+                if rng.random_bool(0.3) {
+                    disk.fail_syncs_after(Some(rng.random_range(1..4)));
+                }
+                // Run the second job's future first: it must wait for the first one's writes.
+                let (second_outcome, first_outcome) = block_on(futures_lite::future::zip(
+                    async {
+                        match second {
+                            Some(job) => Some(job.run().await),
+                            None => None,
+                        }
+                    },
+                    first.run(),
+                ));
+                disk.fail_syncs_after(None);
+                if log.complete_flush(first_outcome).is_ok() {
+                    model.acknowledged = log.durable_offset();
+                }
+                if let Some(outcome) = second_outcome {
+                    if log.complete_flush(outcome).is_ok() {
+                        model.acknowledged = log.durable_offset();
+                    }
+                }
+            }
+            85..88 if !model.batches.is_empty() => {
                 let cut = rng.random_range(0..model.batches.len());
                 let to = model.batches[cut].0;
                 // Truncation deliberately removes records (replication decides so).
@@ -81,6 +116,15 @@ fn run_seed(seed: u64) {
                 if block_on(log.truncate_suffix(to)).is_ok() {
                     model.batches.truncate(cut);
                     model.acknowledged = log.durable_offset();
+                }
+            }
+            88..90 => {
+                // Retention deletes (or recycles) the oldest segments; the model drops them too.
+                if let Ok(deleted) = block_on(log.apply_retention(u64::MAX / 2)) {
+                    if deleted > 0 {
+                        let start = log.log_start_offset();
+                        model.batches.retain(|(offset, _)| *offset >= start);
+                    }
                 }
             }
             90..100 => {

@@ -71,3 +71,12 @@ pub fn read_all<D: Disk>(log: &PartitionLog<D>) -> Vec<(Offset, Vec<u8>)> {
     }
     out
 }
+
+/// Asserts two batch lists are equal, naming the first difference instead of dumping bytes.
+pub fn assert_same_batches(got: &[(Offset, Vec<u8>)], expected: &[(Offset, Vec<u8>)]) {
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert_eq!(g.0, e.0, "batch {i}: offset");
+        assert!(g.1 == e.1, "batch {i} at offset {}: bytes differ ({} vs {} bytes)", g.0, g.1.len(), e.1.len());
+    }
+    assert_eq!(got.len(), expected.len(), "batch count");
+}

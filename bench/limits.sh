@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Measures this machine's limits that Wharf's figures are quoted against (medians of 3 runs):
+#   - O_DIRECT sequential write, 1 MiB blocks, queue depth 1, into a preallocated file (fio)
+#   - fdatasync latency after a small append (fio)
+#   - loopback TCP bandwidth, one stream (iperf3)
+# Installs fio and iperf3 if missing. Prints a table and writes JSON to $LIMITS_JSON
+# (default target/limits.json). Scratch files go to $LIMITS_DIR (default target/limits-scratch),
+# which must be on the disk Wharf uses (not tmpfs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LIMITS_DIR=${LIMITS_DIR:-target/limits-scratch}
+LIMITS_JSON=${LIMITS_JSON:-target/limits.json}
+FIO_SIZE=${FIO_SIZE:-4g}
+RUNS=${RUNS:-3}
+
+need() {
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "limits.sh: installing $2" >&2
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$2" >/dev/null
+  fi
+}
+need fio fio
+need iperf3 iperf3
+need python3 python3
+need ss iproute2
+
+mkdir -p "$LIMITS_DIR" "$(dirname "$LIMITS_JSON")"
+trap 'rm -f "$LIMITS_DIR"/fio-*; kill "${IPERF_PID:-0}" 2>/dev/null || true' EXIT
+
+median() { python3 -c 'import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+
+write_bw=()
+for i in $(seq "$RUNS"); do
+  rm -f "$LIMITS_DIR/fio-write"
+  out=$(timeout 300 fio --name=seqwrite --filename="$LIMITS_DIR/fio-write" --ioengine=io_uring --direct=1 \
+    --rw=write --bs=1m --iodepth=1 --fallocate=native --size="$FIO_SIZE" --output-format=json)
+  write_bw+=("$(python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"])' <<<"$out")")
+done
+
+sync_us=()
+for i in $(seq "$RUNS"); do
+  rm -f "$LIMITS_DIR/fio-sync"
+  out=$(timeout 300 fio --name=fdatasync --filename="$LIMITS_DIR/fio-sync" --ioengine=sync --rw=write --bs=4k \
+    --size=16m --fdatasync=1 --output-format=json)
+  sync_us+=("$(python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["sync"]["lat_ns"]; print(j["percentile"]["50.000000"]/1000)' <<<"$out")")
+done
+
+tcp_bps=()
+PORT=${IPERF_PORT:-15201}
+timeout 120 iperf3 -s -B 127.0.0.1 -p "$PORT" >/dev/null 2>&1 &
+IPERF_PID=$!
+for _ in $(seq 100); do
+  ss -ltnH "sport = :$PORT" 2>/dev/null | grep -q . && break
+  sleep 0.1
+done
+for i in $(seq "$RUNS"); do
+  out=$(timeout 30 iperf3 -c 127.0.0.1 -p "$PORT" -t 3 -J)
+  tcp_bps+=("$(python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])' <<<"$out")")
+done
+
+W=$(median "${write_bw[@]}"); S=$(median "${sync_us[@]}"); T=$(median "${tcp_bps[@]}")
+cat >"$LIMITS_JSON" <<JSON
+{"odirect_seq_write_1m_qd1_prealloc_bytes_per_s": $W, "fdatasync_p50_us": $S, "loopback_tcp_bits_per_s": $T, "runs": $RUNS}
+JSON
+python3 - "$W" "$S" "$T" <<'PY'
+import sys
+w, s, t = map(float, sys.argv[1:])
+print("machine limits (median of runs)")
+print(f"  O_DIRECT seq write 1 MiB qd1 prealloc : {w/1e9:8.2f} GB/s")
+print(f"  fdatasync after 4 KiB append, p50     : {s:8.1f} us")
+print(f"  loopback TCP, one stream              : {t/1e9:8.2f} Gbit/s")
+PY
+echo "  (written to $LIMITS_JSON)"
