@@ -30,6 +30,10 @@ pub struct AppendWorkload {
     pub flush_bytes: usize,
     pub write_chunk_bytes: usize,
     pub segment_bytes_max: u64,
+    /// Reuse segment files deleted by retention (the default for logs).
+    pub recycle: bool,
+    /// Retention keeps this many segments' worth of bytes (`None`: keep everything).
+    pub retain_segments: Option<u64>,
 }
 
 impl Default for AppendWorkload {
@@ -38,8 +42,10 @@ impl Default for AppendWorkload {
             record_bytes: 1024,
             batch_bytes: 64 * 1024,
             flush_bytes: 1024 * 1024,
-            write_chunk_bytes: 256 * 1024,
-            segment_bytes_max: 1 << 30,
+            write_chunk_bytes: 1024 * 1024,
+            segment_bytes_max: 256 << 20,
+            recycle: true,
+            retain_segments: Some(2),
         }
     }
 }
@@ -59,7 +65,11 @@ impl DmaAppender {
             segment_bytes_max: workload.segment_bytes_max,
             write_chunk_bytes: workload.write_chunk_bytes,
             // Keep the bench's disk footprint bounded: two segments.
-            retention: RetentionLimits { retention_bytes_max: Some(2 * workload.segment_bytes_max), retention_ms_max: None },
+            retention: RetentionLimits {
+                retention_bytes_max: workload.retain_segments.map(|n| n * workload.segment_bytes_max),
+                retention_ms_max: None,
+            },
+            recycled_segments_max: if workload.recycle { 2 } else { 0 },
             ..LogConfig::default()
         };
         let (log, _) = PartitionLog::open(Rc::new(disk), config, 0).await.expect("open log");
@@ -100,7 +110,7 @@ impl DmaAppender {
         if let Some(handle) = self.in_flight.pop_front() {
             let outcome = handle.await.expect("flush task");
             self.log.complete_flush(outcome).expect("flush");
-            if self.log.segment_count() > 2 && self.in_flight.is_empty() {
+            if self.log.segment_count() > 2 {
                 self.log.apply_retention(0).await.expect("retention");
             }
         }

@@ -69,7 +69,7 @@ impl Default for LogConfig {
             segment_age_ms_max: 7 * 24 * 3600 * 1000,
             index_interval_bytes: 4096,
             retention: RetentionLimits::default(),
-            write_chunk_bytes: 256 * 1024,
+            write_chunk_bytes: 1024 * 1024,
             staged_bytes_max: 64 * 1024 * 1024,
             scan_chunk_bytes: 1024 * 1024,
             checkpoint_interval_bytes: 64 * 1024 * 1024,

@@ -24,8 +24,10 @@ fn main() {
         record_bytes: number("--record-bytes", 1024) as usize,
         batch_bytes: number("--batch-bytes", 64 * 1024) as usize,
         flush_bytes: number("--flush-bytes", 1 << 20) as usize,
-        write_chunk_bytes: number("--chunk-bytes", 256 * 1024) as usize,
-        ..AppendWorkload::default()
+        write_chunk_bytes: number("--chunk-bytes", 1024 * 1024) as usize,
+        segment_bytes_max: number("--segment-mib", 256) << 20,
+        recycle: !args.iter().any(|a| a == "--fresh"),
+        retain_segments: (!args.iter().any(|a| a == "--keep-all")).then_some(2),
     };
     let _ = std::fs::remove_dir_all(&dir);
     let report = wharf::runtime::run_local("log-append", {
@@ -49,8 +51,13 @@ fn main() {
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
     println!(
-        "log-append: {} B records in {} B batches, fdatasync per {} B, {} B write chunks, fsync mode always",
-        workload.record_bytes, batch_bytes, workload.flush_bytes, workload.write_chunk_bytes
+        "log-append: {} B records in {} B batches, fdatasync per {} B, {} B write chunks, {} MiB segments, {}, fsync mode always",
+        workload.record_bytes,
+        batch_bytes,
+        workload.flush_bytes,
+        workload.write_chunk_bytes,
+        workload.segment_bytes_max >> 20,
+        if workload.recycle { "segment recycling on" } else { "fresh segments only (--fresh)" }
     );
     println!(
         "  runs: {:?} GB/s",
