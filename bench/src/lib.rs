@@ -16,7 +16,9 @@ pub fn make_batch(records: usize, record_bytes: usize) -> AlignedVec<16> {
     let mut builder = BatchBuilder::new(ProducerStamp::default());
     let value = vec![0x5Au8; record_bytes];
     for i in 0..records {
-        builder.push(1_700_000_000_000 + i as i64, None, &value, &[]).expect("push");
+        builder
+            .push(1_700_000_000_000 + i as i64, None, &value, &[])
+            .expect("push");
     }
     builder.finish().expect("finish")
 }
@@ -55,7 +57,8 @@ pub struct DmaAppender {
     log: PartitionLog<DmaDisk>,
     batch: AlignedVec<16>,
     workload: AppendWorkload,
-    in_flight: std::collections::VecDeque<glommio::task::JoinHandle<wharf_storage::log::FlushOutcome>>,
+    in_flight:
+        std::collections::VecDeque<glommio::task::JoinHandle<wharf_storage::log::FlushOutcome>>,
 }
 
 impl DmaAppender {
@@ -66,16 +69,25 @@ impl DmaAppender {
             write_chunk_bytes: workload.write_chunk_bytes,
             // Keep the bench's disk footprint bounded: two segments.
             retention: RetentionLimits {
-                retention_bytes_max: workload.retain_segments.map(|n| n * workload.segment_bytes_max),
+                retention_bytes_max: workload
+                    .retain_segments
+                    .map(|n| n * workload.segment_bytes_max),
                 retention_ms_max: None,
             },
             recycled_segments_max: if workload.recycle { 2 } else { 0 },
             ..LogConfig::default()
         };
-        let (log, _) = PartitionLog::open(Rc::new(disk), config, 0).await.expect("open log");
+        let (log, _) = PartitionLog::open(Rc::new(disk), config, 0)
+            .await
+            .expect("open log");
         let records = (workload.batch_bytes / (workload.record_bytes + 64)).max(1);
         let batch = make_batch(records, workload.record_bytes);
-        DmaAppender { log, batch, workload, in_flight: std::collections::VecDeque::new() }
+        DmaAppender {
+            log,
+            batch,
+            workload,
+            in_flight: std::collections::VecDeque::new(),
+        }
     }
 
     pub fn batch_bytes(&self) -> usize {
@@ -89,7 +101,15 @@ impl DmaAppender {
         let mut since_flush = 0usize;
         let mut batch = self.batch.clone();
         while appended < bytes {
-            self.log.append(&mut batch, AppendMode::Leader { leader_epoch: Epoch(1) }, 0).expect("append");
+            self.log
+                .append(
+                    &mut batch,
+                    AppendMode::Leader {
+                        leader_epoch: Epoch(1),
+                    },
+                    0,
+                )
+                .expect("append");
             appended += batch.len() as u64;
             since_flush += batch.len();
             if since_flush >= self.workload.flush_bytes {
@@ -99,7 +119,8 @@ impl DmaAppender {
                     self.finish_oldest().await;
                 }
                 if let Some(job) = self.log.begin_flush().expect("begin flush") {
-                    self.in_flight.push_back(glommio::spawn_local(job.run()).detach());
+                    self.in_flight
+                        .push_back(glommio::spawn_local(job.run()).detach());
                 }
             }
         }

@@ -18,7 +18,10 @@ use wharf_storage::disk::{Disk, DiskFile, IoBuffer, PAGE_BYTES};
 pub const PROBE_FILE_NAME: &str = ".wharf-dma-probe";
 const PROBE_PATTERN: &[u8; 16] = b"wharf-dma-probe\n";
 
-fn with_path<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(glommio::GlommioError<()>) -> io::Error + 'a {
+fn with_path<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(glommio::GlommioError<()>) -> io::Error + 'a {
     move |error| {
         let error = io::Error::from(error);
         io::Error::new(error.kind(), format!("{op} {}: {error}", path.display()))
@@ -59,11 +62,16 @@ impl DmaDisk {
     /// same device.
     pub async fn open(dir: impl AsRef<Path>) -> io::Result<DmaDisk> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("create directory {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            io::Error::new(e.kind(), format!("create directory {}: {e}", dir.display()))
+        })?;
         // glommio opens paths with openat(-1, ..), which fails with EBADF for relative paths.
-        let dir = std::fs::canonicalize(&dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("resolve directory {}: {e}", dir.display())))?;
+        let dir = std::fs::canonicalize(&dir).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("resolve directory {}: {e}", dir.display()),
+            )
+        })?;
         let probe_path = dir.join(PROBE_FILE_NAME);
         let mut page = vec![0u8; PAGE_BYTES];
         for chunk in page.chunks_mut(PROBE_PATTERN.len()) {
@@ -72,11 +80,17 @@ impl DmaDisk {
         // Written with buffered I/O: the probe must exist, non-empty, before the first DMA open.
         let current = std::fs::read(&probe_path).ok();
         if current.as_deref() != Some(&page[..]) {
-            std::fs::write(&probe_path, &page)
-                .map_err(|e| io::Error::new(e.kind(), format!("write {}: {e}", probe_path.display())))?;
+            std::fs::write(&probe_path, &page).map_err(|e| {
+                io::Error::new(e.kind(), format!("write {}: {e}", probe_path.display()))
+            })?;
         }
-        let probe = DmaFile::open(&probe_path).await.map_err(with_path("open", &probe_path))?;
-        let read = probe.read_at_aligned(0, PAGE_BYTES).await.map_err(with_path("read", &probe_path))?;
+        let probe = DmaFile::open(&probe_path)
+            .await
+            .map_err(with_path("open", &probe_path))?;
+        let read = probe
+            .read_at_aligned(0, PAGE_BYTES)
+            .await
+            .map_err(with_path("read", &probe_path))?;
         if *read != page[..] {
             return Err(io::Error::other(format!(
                 "DMA self-test failed: {} read back {} bytes that differ from what was written",
@@ -93,8 +107,14 @@ impl DmaDisk {
                 ),
             ));
         }
-        let directory = Directory::open(&dir).await.map_err(with_path("open directory", &dir))?;
-        Ok(DmaDisk { dir, directory, probe })
+        let directory = Directory::open(&dir)
+            .await
+            .map_err(with_path("open directory", &dir))?;
+        Ok(DmaDisk {
+            dir,
+            directory,
+            probe,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -102,7 +122,10 @@ impl DmaDisk {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        assert!(!name.contains('/') && !name.is_empty(), "plain file names only: {name:?}");
+        assert!(
+            !name.contains('/') && !name.is_empty(),
+            "plain file names only: {name:?}"
+        );
         self.dir.join(name)
     }
 }
@@ -120,7 +143,11 @@ impl Disk for DmaDisk {
     type Buffer = DmaBuf;
 
     fn alloc_buffer(&self, bytes: usize) -> DmaBuf {
-        assert_eq!(bytes % PAGE_BYTES, 0, "buffer size {bytes} not page-aligned");
+        assert_eq!(
+            bytes % PAGE_BYTES,
+            0,
+            "buffer size {bytes} not page-aligned"
+        );
         DmaBuf(self.probe.alloc_dma_buffer(bytes))
     }
 
@@ -165,16 +192,23 @@ impl Disk for DmaDisk {
 
     async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let (from, to) = (self.path(from), self.path(to));
-        glommio::io::rename(&from, &to).await.map_err(with_path("rename", &from))
+        glommio::io::rename(&from, &to)
+            .await
+            .map_err(with_path("rename", &from))
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
         let path = self.path(name);
-        glommio::io::remove(&path).await.map_err(with_path("remove", &path))
+        glommio::io::remove(&path)
+            .await
+            .map_err(with_path("remove", &path))
     }
 
     async fn sync_dir(&self) -> io::Result<()> {
-        self.directory.sync().await.map_err(with_path("fsync", &self.dir))
+        self.directory
+            .sync()
+            .await
+            .map_err(with_path("fsync", &self.dir))
     }
 }
 
@@ -188,26 +222,44 @@ impl DiskFile for DmaDiskFile {
     type ReadBuffer = ReadResult;
 
     async fn read_at(&self, position: u64, bytes: usize) -> io::Result<ReadResult> {
-        self.file.read_at_aligned(position, bytes).await.map_err(with_path("read", &self.path))
+        self.file
+            .read_at_aligned(position, bytes)
+            .await
+            .map_err(with_path("read", &self.path))
     }
 
     async fn write_at(&self, buffer: DmaBuf, position: u64) -> io::Result<usize> {
-        self.file.write_at(buffer.0, position).await.map_err(with_path("write", &self.path))
+        self.file
+            .write_at(buffer.0, position)
+            .await
+            .map_err(with_path("write", &self.path))
     }
 
     async fn sync(&self) -> io::Result<()> {
-        self.file.fdatasync().await.map_err(with_path("fdatasync", &self.path))
+        self.file
+            .fdatasync()
+            .await
+            .map_err(with_path("fdatasync", &self.path))
     }
 
-    async fn len(&self) -> io::Result<u64> {
-        self.file.file_size().await.map_err(with_path("stat", &self.path))
+    async fn file_bytes(&self) -> io::Result<u64> {
+        self.file
+            .file_size()
+            .await
+            .map_err(with_path("stat", &self.path))
     }
 
     async fn set_len(&self, bytes: u64) -> io::Result<()> {
-        self.file.truncate(bytes).await.map_err(with_path("ftruncate", &self.path))
+        self.file
+            .truncate(bytes)
+            .await
+            .map_err(with_path("ftruncate", &self.path))
     }
 
     async fn allocate(&self, bytes: u64) -> io::Result<()> {
-        self.file.pre_allocate(bytes, false).await.map_err(with_path("fallocate", &self.path))
+        self.file
+            .pre_allocate(bytes, false)
+            .await
+            .map_err(with_path("fallocate", &self.path))
     }
 }

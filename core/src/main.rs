@@ -9,8 +9,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("selftest") => {
-            let dir = args.get(2).cloned().unwrap_or_else(|| "./wharf-data".to_string());
-            match wharf::runtime::run_local("wharf-selftest", async move { DmaDisk::open(&dir).await.map(|_| dir) }) {
+            let dir = args
+                .get(2)
+                .cloned()
+                .unwrap_or_else(|| "./wharf-data".to_string());
+            match wharf::runtime::run_local("wharf-selftest", async move {
+                DmaDisk::open(&dir).await.map(|_| dir)
+            }) {
                 Ok(Ok(dir)) => {
                     println!("DMA self-test passed in {dir}");
                     ExitCode::SUCCESS

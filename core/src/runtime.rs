@@ -9,12 +9,17 @@ pub const IO_MEMORY_BYTES_DEFAULT: usize = 4 * 1024 * 1024;
 pub const RING_DEPTH_DEFAULT: usize = 128;
 
 /// Runs `future` to completion on a fresh glommio executor on the current thread.
-pub fn run_local<T>(name: &str, future: impl std::future::Future<Output = T>) -> std::io::Result<T> {
+pub fn run_local<T>(
+    name: &str,
+    future: impl std::future::Future<Output = T>,
+) -> std::io::Result<T> {
     let executor = LocalExecutorBuilder::default()
         .name(name)
         .io_memory(IO_MEMORY_BYTES_DEFAULT)
         .ring_depth(RING_DEPTH_DEFAULT)
         .make()
-        .map_err(|e| std::io::Error::other(format!("cannot start a glommio executor (io_uring): {e}")))?;
+        .map_err(|e| {
+            std::io::Error::other(format!("cannot start a glommio executor (io_uring): {e}"))
+        })?;
     Ok(executor.run(future))
 }

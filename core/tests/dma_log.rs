@@ -15,12 +15,18 @@ impl Harness for DmaHarness {
     type D = DmaDisk;
 
     async fn disk(&self, dir: &str) -> DmaDisk {
-        DmaDisk::open(self.root.join(dir)).await.expect("open DmaDisk")
+        DmaDisk::open(self.root.join(dir))
+            .await
+            .expect("open DmaDisk")
     }
 
     fn flip_bit(&self, dir: &str, file: &str, position: u64) {
         let path = self.root.join(dir).join(file);
-        let mut handle = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open for damage");
+        let mut handle = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open for damage");
         let mut byte = [0u8; 1];
         handle.seek(SeekFrom::Start(position)).expect("seek");
         handle.read_exact(&mut byte).expect("read");
@@ -34,7 +40,9 @@ impl Harness for DmaHarness {
 #[test]
 fn log_suite_on_dma_disk() {
     let root = tempfile::tempdir().expect("tempdir");
-    let harness = DmaHarness { root: root.path().to_path_buf() };
+    let harness = DmaHarness {
+        root: root.path().to_path_buf(),
+    };
     wharf::runtime::run_local("dma-log-test", async move { run_all(&harness).await })
         .expect("this test needs io_uring (glommio); the kernel or sandbox refused it");
 }
@@ -50,7 +58,10 @@ fn dma_self_test_writes_a_probe_and_reads_it_back() {
         disk.list().await.expect("list")
     })
     .expect("this test needs io_uring (glommio)");
-    assert!(names.is_empty(), "the probe is not listed as a log file: {names:?}");
+    assert!(
+        names.is_empty(),
+        "the probe is not listed as a log file: {names:?}"
+    );
 }
 
 #[test]
@@ -63,7 +74,7 @@ fn relative_data_directories_work() {
         let disk = DmaDisk::open(&relative).await.expect("relative path opens");
         let file = disk.create("x.log").await.expect("create");
         file.allocate(1 << 20).await.expect("fallocate");
-        assert_eq!(file.len().await.expect("len"), 1 << 20);
+        assert_eq!(file.file_bytes().await.expect("len"), 1 << 20);
     })
     .expect("this test needs io_uring (glommio)");
 }

@@ -44,8 +44,8 @@ pub const BATCH_RECORDS_MAX: usize = 1 << 20;
 /// `base_sequence` of a producer that does not use idempotence.
 pub const SEQUENCE_NONE: u32 = u32::MAX;
 
-const _: () = assert!(BATCH_HEADER_BYTES % BATCH_ALIGNMENT_BYTES == 0);
-const _: () = assert!(BATCH_BYTES_MAX % BATCH_ALIGNMENT_BYTES == 0);
+const _: () = assert!(BATCH_HEADER_BYTES.is_multiple_of(BATCH_ALIGNMENT_BYTES));
+const _: () = assert!(BATCH_BYTES_MAX.is_multiple_of(BATCH_ALIGNMENT_BYTES));
 const _: () = assert!(BATCH_BYTES_MAX <= u32::MAX as usize);
 // The body is only accessed in place if its archived types need no more than the batch alignment.
 const _: () = assert!(std::mem::align_of::<ArchivedBatchBody>() <= BATCH_ALIGNMENT_BYTES);
@@ -102,7 +102,10 @@ pub struct BatchBody {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BatchError {
     #[error("batch truncated: need {needed_bytes} bytes, have {available_bytes}")]
-    Truncated { needed_bytes: usize, available_bytes: usize },
+    Truncated {
+        needed_bytes: usize,
+        available_bytes: usize,
+    },
     #[error("bad batch magic {found:#010x}")]
     BadMagic { found: u32 },
     #[error("unsupported batch format version {found}")]
@@ -112,7 +115,10 @@ pub enum BatchError {
     #[error("batch body CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     BodyCrc { stored: u32, computed: u32 },
     #[error("batch of {batch_bytes} bytes exceeds the limit of {limit_bytes}")]
-    TooLarge { batch_bytes: usize, limit_bytes: usize },
+    TooLarge {
+        batch_bytes: usize,
+        limit_bytes: usize,
+    },
     #[error("batch header field {field} is invalid: {detail}")]
     BadHeader { field: &'static str, detail: String },
     #[error("batch body is not 16-byte aligned in memory; copy it into an aligned buffer")]
@@ -225,7 +231,10 @@ pub fn decode_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
     };
     let bad = |field: &'static str, detail: String| Err(BatchError::BadHeader { field, detail });
     if header.attributes != 0 {
-        return bad("attributes", format!("{} (no attributes are defined)", header.attributes));
+        return bad(
+            "attributes",
+            format!("{} (no attributes are defined)", header.attributes),
+        );
     }
     if u16_at(bytes, AT_RESERVED_A) != 0 || u64_at(bytes, AT_RESERVED_B) != 0 {
         return bad("reserved", "must be zero".to_string());
@@ -234,20 +243,34 @@ pub fn decode_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
         return Err(BatchError::Empty);
     }
     if header.record_count as usize > BATCH_RECORDS_MAX {
-        return bad("record_count", format!("{} > {BATCH_RECORDS_MAX}", header.record_count));
+        return bad(
+            "record_count",
+            format!("{} > {BATCH_RECORDS_MAX}", header.record_count),
+        );
     }
     if header.last_offset_delta != header.record_count - 1 {
         return bad(
             "last_offset_delta",
-            format!("{} with {} records", header.last_offset_delta, header.record_count),
+            format!(
+                "{} with {} records",
+                header.last_offset_delta, header.record_count
+            ),
         );
     }
-    if header.base_offset.0.checked_add(u64::from(header.record_count)).is_none() {
+    if header
+        .base_offset
+        .0
+        .checked_add(u64::from(header.record_count))
+        .is_none()
+    {
         return bad("base_offset", format!("{} overflows", header.base_offset));
     }
     let batch_bytes = header.batch_bytes();
     if batch_bytes > BATCH_BYTES_MAX {
-        return Err(BatchError::TooLarge { batch_bytes, limit_bytes: BATCH_BYTES_MAX });
+        return Err(BatchError::TooLarge {
+            batch_bytes,
+            limit_bytes: BATCH_BYTES_MAX,
+        });
     }
     if header.max_timestamp_ms < header.first_timestamp_ms {
         return bad("max_timestamp_ms", "below first_timestamp_ms".to_string());
@@ -270,24 +293,37 @@ pub fn check_batch(bytes: &[u8]) -> Result<CheckedBatch<'_>, BatchError> {
     let header = decode_header(bytes)?;
     let batch_bytes = header.batch_bytes();
     if bytes.len() < batch_bytes {
-        return Err(BatchError::Truncated { needed_bytes: batch_bytes, available_bytes: bytes.len() });
+        return Err(BatchError::Truncated {
+            needed_bytes: batch_bytes,
+            available_bytes: bytes.len(),
+        });
     }
     let body_end = BATCH_HEADER_BYTES + header.body_bytes as usize;
     let computed = crc32c::crc32c(&bytes[BATCH_HEADER_BYTES..body_end]);
     if computed != header.body_crc {
-        return Err(BatchError::BodyCrc { stored: header.body_crc, computed });
+        return Err(BatchError::BodyCrc {
+            stored: header.body_crc,
+            computed,
+        });
     }
     if bytes[body_end..batch_bytes].iter().any(|&b| b != 0) {
-        return Err(BatchError::BadHeader { field: "padding", detail: "must be zero".to_string() });
+        return Err(BatchError::BadHeader {
+            field: "padding",
+            detail: "must be zero".to_string(),
+        });
     }
-    Ok(CheckedBatch { header, bytes: &bytes[..batch_bytes] })
+    Ok(CheckedBatch {
+        header,
+        bytes: &bytes[..batch_bytes],
+    })
 }
 
 impl<'a> CheckedBatch<'a> {
     /// The body, accessed in place through rkyv's validated access (bytecheck), without
     /// deserializing. Fails with [`BatchError::Misaligned`] when the bytes are not 16-aligned.
     pub fn records(&self) -> Result<&'a rkyv::vec::ArchivedVec<ArchivedRecord>, BatchError> {
-        let body = &self.bytes[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + self.header.body_bytes as usize];
+        let body =
+            &self.bytes[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + self.header.body_bytes as usize];
         if body.as_ptr().align_offset(BATCH_ALIGNMENT_BYTES) != 0 {
             return Err(BatchError::Misaligned);
         }
@@ -317,10 +353,20 @@ pub fn validate_batch(bytes: &[u8]) -> Result<CheckedBatch<'_>, BatchError> {
 /// Sets base offset and leader epoch of an encoded batch and recomputes the header CRC. The body
 /// and its CRC are untouched: this is how the leader assigns offsets without re-encoding.
 pub fn stamp(batch: &mut [u8], base_offset: Offset, leader_epoch: Epoch) {
-    assert!(batch.len() >= BATCH_HEADER_BYTES, "stamp on a truncated batch");
-    assert_eq!(u32_at(batch, AT_MAGIC), BATCH_MAGIC, "stamp on bytes that are not a batch");
+    assert!(
+        batch.len() >= BATCH_HEADER_BYTES,
+        "stamp on a truncated batch"
+    );
+    assert_eq!(
+        u32_at(batch, AT_MAGIC),
+        BATCH_MAGIC,
+        "stamp on bytes that are not a batch"
+    );
     let record_count = u32_at(batch, AT_RECORD_COUNT);
-    assert!(base_offset.0.checked_add(u64::from(record_count)).is_some(), "offset overflow");
+    assert!(
+        base_offset.0.checked_add(u64::from(record_count)).is_some(),
+        "offset overflow"
+    );
     put_u64(batch, AT_BASE_OFFSET, base_offset.0);
     put_u32(batch, AT_LEADER_EPOCH, leader_epoch.0);
     let crc = header_crc_of(batch);
@@ -337,7 +383,11 @@ pub struct ProducerStamp {
 
 impl Default for ProducerStamp {
     fn default() -> Self {
-        ProducerStamp { producer_id: ProducerId::NONE, producer_epoch: 0, base_sequence: SEQUENCE_NONE }
+        ProducerStamp {
+            producer_id: ProducerId::NONE,
+            producer_epoch: 0,
+            base_sequence: SEQUENCE_NONE,
+        }
     }
 }
 
@@ -400,10 +450,16 @@ impl BatchBuilder {
         let record_bytes = RECORD_OVERHEAD_BYTES_ESTIMATE
             + key.map_or(0, <[u8]>::len)
             + value.len()
-            + headers.iter().map(|(k, v)| k.len() + v.len() + 24).sum::<usize>();
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 24)
+                .sum::<usize>();
         let batch_bytes = padded_batch_bytes(self.payload_bytes + record_bytes + 16) + 16;
         if batch_bytes > BATCH_BYTES_MAX {
-            return Err(BatchError::TooLarge { batch_bytes, limit_bytes: BATCH_BYTES_MAX });
+            return Err(BatchError::TooLarge {
+                batch_bytes,
+                limit_bytes: BATCH_BYTES_MAX,
+            });
         }
         if self.records.len() >= BATCH_RECORDS_MAX {
             return Err(BatchError::BadHeader {
@@ -423,7 +479,10 @@ impl BatchBuilder {
             value: value.to_vec(),
             headers: headers
                 .iter()
-                .map(|(k, v)| RecordHeader { key: (*k).to_string(), value: v.to_vec() })
+                .map(|(k, v)| RecordHeader {
+                    key: (*k).to_string(),
+                    value: v.to_vec(),
+                })
                 .collect(),
         });
         Ok(())
@@ -439,13 +498,18 @@ impl BatchBuilder {
             self.estimated_batch_bytes().min(BATCH_BYTES_MAX),
         );
         buffer.extend_from_slice(&[0u8; BATCH_HEADER_BYTES]);
-        let body = BatchBody { records: self.records };
+        let body = BatchBody {
+            records: self.records,
+        };
         let mut buffer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&body, buffer)
             .map_err(|error| BatchError::BadBody(error.to_string()))?;
         let body_bytes = buffer.len() - BATCH_HEADER_BYTES;
         let batch_bytes = padded_batch_bytes(body_bytes);
         if batch_bytes > BATCH_BYTES_MAX {
-            return Err(BatchError::TooLarge { batch_bytes, limit_bytes: BATCH_BYTES_MAX });
+            return Err(BatchError::TooLarge {
+                batch_bytes,
+                limit_bytes: BATCH_BYTES_MAX,
+            });
         }
         buffer.resize(batch_bytes, 0);
         let body_crc = crc32c::crc32c(&buffer[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + body_bytes]);
@@ -459,7 +523,11 @@ impl BatchBuilder {
             .copy_from_slice(&self.producer.producer_epoch.to_le_bytes());
         put_u64(header, AT_PRODUCER_ID, self.producer.producer_id.0);
         put_u32(header, AT_BASE_SEQUENCE, self.producer.base_sequence);
-        put_u32(header, AT_BODY_BYTES, u32::try_from(body_bytes).expect("bounded by BATCH_BYTES_MAX"));
+        put_u32(
+            header,
+            AT_BODY_BYTES,
+            u32::try_from(body_bytes).expect("bounded by BATCH_BYTES_MAX"),
+        );
         put_u64(header, AT_FIRST_TIMESTAMP, self.first_timestamp_ms as u64);
         put_u64(header, AT_MAX_TIMESTAMP, self.max_timestamp_ms as u64);
         stamp(&mut buffer, Offset::ZERO, Epoch(0));
@@ -471,7 +539,10 @@ impl BatchBuilder {
 /// Iterates over the batches laid end to end in `bytes`, checking each (header and CRCs).
 /// Stops at the first error, which it yields once.
 pub fn batches(bytes: &[u8]) -> BatchIter<'_> {
-    BatchIter { bytes, failed: false }
+    BatchIter {
+        bytes,
+        failed: false,
+    }
 }
 
 pub struct BatchIter<'a> {
@@ -509,7 +580,12 @@ mod tests {
         for (i, value) in values.iter().enumerate() {
             let key = format!("k{i}");
             builder
-                .push(first_ms + i as i64, Some(key.as_bytes()), value, &[("h", b"v")])
+                .push(
+                    first_ms + i as i64,
+                    Some(key.as_bytes()),
+                    value,
+                    &[("h", b"v")],
+                )
                 .expect("push");
         }
         builder.finish().expect("finish")
@@ -545,7 +621,10 @@ mod tests {
             let mut copy = AlignedVec::<16>::new();
             copy.extend_from_slice(&batch);
             copy[bit / 8] ^= 1 << (bit % 8);
-            assert!(validate_batch(&copy).is_err(), "flip of bit {bit} went unnoticed");
+            assert!(
+                validate_batch(&copy).is_err(),
+                "flip of bit {bit} went unnoticed"
+            );
         }
     }
 
@@ -554,7 +633,10 @@ mod tests {
         let batch = build(&[vec![9u8; 100]], 1);
         for len in 0..batch.len() {
             assert!(
-                matches!(check_batch(&batch[..len]), Err(BatchError::Truncated { .. })),
+                matches!(
+                    check_batch(&batch[..len]),
+                    Err(BatchError::Truncated { .. })
+                ),
                 "length {len}"
             );
         }
@@ -572,14 +654,20 @@ mod tests {
 
     #[test]
     fn empty_builder_refuses_to_finish() {
-        assert_eq!(BatchBuilder::new(ProducerStamp::default()).finish().err(), Some(BatchError::Empty));
+        assert_eq!(
+            BatchBuilder::new(ProducerStamp::default()).finish().err(),
+            Some(BatchError::Empty)
+        );
     }
 
     #[test]
     fn oversized_record_is_refused() {
         let mut builder = BatchBuilder::new(ProducerStamp::default());
         let huge = vec![0u8; BATCH_BYTES_MAX];
-        assert!(matches!(builder.push(0, None, &huge, &[]), Err(BatchError::TooLarge { .. })));
+        assert!(matches!(
+            builder.push(0, None, &huge, &[]),
+            Err(BatchError::TooLarge { .. })
+        ));
         assert!(builder.is_empty());
     }
 

@@ -85,7 +85,10 @@ impl Checkpoint {
         let magic = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
         let version = u16::from_le_bytes([page[4], page[5]]);
         let crc = u32::from_le_bytes([page[8], page[9], page[10], page[11]]);
-        if magic != CHECKPOINT_MAGIC || version != CHECKPOINT_FORMAT_VERSION || crc != checksum(page) {
+        if magic != CHECKPOINT_MAGIC
+            || version != CHECKPOINT_FORMAT_VERSION
+            || crc != checksum(page)
+        {
             return None;
         }
         let state = match u16::from_le_bytes([page[6], page[7]]) {

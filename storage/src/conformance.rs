@@ -21,7 +21,9 @@ pub trait Harness {
     fn flip_bit(&self, dir: &str, file: &str, position: u64);
 }
 
-const LEADER: AppendMode = AppendMode::Leader { leader_epoch: Epoch(1) };
+const LEADER: AppendMode = AppendMode::Leader {
+    leader_epoch: Epoch(1),
+};
 
 pub fn config() -> LogConfig {
     LogConfig {
@@ -38,13 +40,21 @@ fn make_batch(records: usize, value_bytes: usize, tag: u64) -> AlignedVec<16> {
     let mut builder = BatchBuilder::new(ProducerStamp::default());
     for i in 0..records {
         let value = vec![(tag as u8).wrapping_add(i as u8); value_bytes];
-        builder.push(tag as i64, Some(&tag.to_le_bytes()), &value, &[]).expect("push");
+        builder
+            .push(tag as i64, Some(&tag.to_le_bytes()), &value, &[])
+            .expect("push");
     }
     builder.finish().expect("finish")
 }
 
-async fn open<H: Harness>(harness: &H, dir: &str, config: LogConfig) -> (PartitionLog<H::D>, crate::RecoveryReport) {
-    PartitionLog::open(Rc::new(harness.disk(dir).await), config, 0).await.expect("open")
+async fn open<H: Harness>(
+    harness: &H,
+    dir: &str,
+    config: LogConfig,
+) -> (PartitionLog<H::D>, crate::RecoveryReport) {
+    PartitionLog::open(Rc::new(harness.disk(dir).await), config, 0)
+        .await
+        .expect("open")
 }
 
 /// Every batch from log start to end, checked (CRC, rkyv, dense offsets).
@@ -56,7 +66,11 @@ pub async fn read_all<D: Disk>(log: &PartitionLog<D>) -> Vec<(Offset, Vec<u8>)> 
             return out;
         }
         let read = log.read(next, 64 * 1024).await.expect("read");
-        assert!(!read.is_empty(), "empty read at {next} below end {}", log.end_offset());
+        assert!(
+            !read.is_empty(),
+            "empty read at {next} below end {}",
+            log.end_offset()
+        );
         for checked in batch::batches(read.bytes()) {
             let checked = checked.expect("valid batch");
             checked.records().expect("rkyv-valid body");
@@ -75,7 +89,13 @@ pub async fn read_all<D: Disk>(log: &PartitionLog<D>) -> Vec<(Offset, Vec<u8>)> 
 pub fn assert_same_batches(got: &[(Offset, Vec<u8>)], expected: &[(Offset, Vec<u8>)]) {
     for (i, (g, e)) in got.iter().zip(expected).enumerate() {
         assert_eq!(g.0, e.0, "batch {i}: offset");
-        assert!(g.1 == e.1, "batch {i} at offset {}: bytes differ ({} vs {} bytes)", g.0, g.1.len(), e.1.len());
+        assert!(
+            g.1 == e.1,
+            "batch {i} at offset {}: bytes differ ({} vs {} bytes)",
+            g.0,
+            g.1.len(),
+            e.1.len()
+        );
     }
     assert_eq!(got.len(), expected.len(), "batch count");
 }
@@ -94,7 +114,11 @@ pub async fn round_trip_and_restart<H: Harness>(harness: &H) {
     let (mut log, _) = open(harness, "round-trip", config()).await;
     let mut expected = Vec::new();
     for tag in 0..300u64 {
-        let mut batch = make_batch(1 + (tag % 4) as usize, 300 + (tag as usize * 37) % 2000, tag);
+        let mut batch = make_batch(
+            1 + (tag % 4) as usize,
+            300 + (tag as usize * 37) % 2000,
+            tag,
+        );
         let appended = log.append(&mut batch, LEADER, 0).expect("append");
         expected.push((appended.base_offset, batch.to_vec()));
         if tag % 11 == 0 {
@@ -113,7 +137,10 @@ pub async fn round_trip_and_restart<H: Harness>(harness: &H) {
     assert_same_batches(&read_all(&log).await, &expected);
     log.close().await.expect("close");
     let (log, report) = open(harness, "round-trip", config()).await;
-    assert_eq!(report.scanned_segments, 1, "only the active segment is scanned after a clean close");
+    assert_eq!(
+        report.scanned_segments, 1,
+        "only the active segment is scanned after a clean close"
+    );
     assert_same_batches(&read_all(&log).await, &expected);
 }
 
@@ -137,13 +164,18 @@ pub async fn large_batches_span_write_chunks<H: Harness>(harness: &H) {
 pub async fn appends_during_flush<H: Harness>(harness: &H) {
     let (mut log, _) = open(harness, "in-flight", config()).await;
     for tag in 0..10 {
-        log.append(&mut make_batch(2, 1000, tag), LEADER, 0).expect("append");
+        log.append(&mut make_batch(2, 1000, tag), LEADER, 0)
+            .expect("append");
     }
     let job = log.begin_flush().expect("begin").expect("job");
     for tag in 10..20 {
-        log.append(&mut make_batch(2, 1000, tag), LEADER, 0).expect("append");
+        log.append(&mut make_batch(2, 1000, tag), LEADER, 0)
+            .expect("append");
     }
-    assert_eq!(log.complete_flush(job.run().await).expect("complete"), Offset(20));
+    assert_eq!(
+        log.complete_flush(job.run().await).expect("complete"),
+        Offset(20)
+    );
     assert_eq!(log.flush().await.expect("flush"), Offset(40));
     let all = read_all(&log).await;
     drop(log);
@@ -155,13 +187,18 @@ pub async fn truncate_and_restart<H: Harness>(harness: &H) {
     let (mut log, _) = open(harness, "truncate", config()).await;
     let mut bases = Vec::new();
     for tag in 0..200 {
-        bases.push(log.append(&mut make_batch(1, 3000, tag), LEADER, 0).expect("append").base_offset);
+        bases.push(
+            log.append(&mut make_batch(1, 3000, tag), LEADER, 0)
+                .expect("append")
+                .base_offset,
+        );
     }
     log.flush().await.expect("flush");
     log.truncate_suffix(bases[50]).await.expect("truncate");
     assert_eq!(log.end_offset(), bases[50]);
     for tag in 500..510 {
-        log.append(&mut make_batch(1, 100, tag), LEADER, 0).expect("append");
+        log.append(&mut make_batch(1, 100, tag), LEADER, 0)
+            .expect("append");
     }
     log.flush().await.expect("flush");
     let expected = read_all(&log).await;
@@ -174,19 +211,26 @@ pub async fn truncate_and_restart<H: Harness>(harness: &H) {
 
 pub async fn retention<H: Harness>(harness: &H) {
     let config = LogConfig {
-        retention: RetentionLimits { retention_bytes_max: Some(600 * 1024), retention_ms_max: None },
+        retention: RetentionLimits {
+            retention_bytes_max: Some(600 * 1024),
+            retention_ms_max: None,
+        },
         ..config()
     };
     let (mut log, _) = open(harness, "retention", config.clone()).await;
     for tag in 0..1000 {
-        log.append(&mut make_batch(1, 2000, tag), LEADER, 0).expect("append");
+        log.append(&mut make_batch(1, 2000, tag), LEADER, 0)
+            .expect("append");
     }
     log.flush().await.expect("flush");
     let deleted = log.apply_retention(0).await.expect("retention");
     assert!(deleted > 0);
     let start = log.log_start_offset();
     assert!(start > Offset(0));
-    assert!(matches!(log.read(Offset(0), 1).await, Err(ReadError::OutOfRange { .. })));
+    assert!(matches!(
+        log.read(Offset(0), 1).await,
+        Err(ReadError::OutOfRange { .. })
+    ));
     drop(log);
     let (log, _) = open(harness, "retention", config).await;
     assert_eq!(log.log_start_offset(), start);
@@ -206,10 +250,17 @@ pub async fn bit_flip_is_reported<H: Harness>(harness: &H) {
         log.append(&mut batch, LEADER, 0).expect("append");
     }
     log.close().await.expect("close");
-    harness.flip_bit("bit-flip", &segment_file_name(Offset(0)), target + BATCH_HEADER_BYTES as u64 + 10);
+    harness.flip_bit(
+        "bit-flip",
+        &segment_file_name(Offset(0)),
+        target + BATCH_HEADER_BYTES as u64 + 10,
+    );
     let (log, report) = open(harness, "bit-flip", config()).await;
     assert_eq!(report.corrupt.len(), 1, "{report:?}");
     assert_eq!(log.end_offset(), Offset(40), "nothing truncated");
-    assert!(matches!(log.read(Offset(20), 10).await, Err(ReadError::Corrupt { .. })));
+    assert!(matches!(
+        log.read(Offset(20), 10).await,
+        Err(ReadError::Corrupt { .. })
+    ));
     assert!(log.read(Offset(21), 10).await.is_ok());
 }

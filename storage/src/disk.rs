@@ -27,7 +27,10 @@ pub fn page_ceil(position: u64) -> u64 {
 }
 
 /// A directory of files accessed with direct I/O. Names are plain file names (no `/`).
-#[expect(async_fn_in_trait, reason = "single-threaded executors; futures need not be Send")]
+#[expect(
+    async_fn_in_trait,
+    reason = "single-threaded executors; futures need not be Send"
+)]
 pub trait Disk {
     type File: DiskFile<Buffer = Self::Buffer>;
     /// A writable buffer aligned for direct I/O.
@@ -50,7 +53,10 @@ pub trait Disk {
 }
 
 /// One open file. See the module docs for what each return means for durability.
-#[expect(async_fn_in_trait, reason = "single-threaded executors; futures need not be Send")]
+#[expect(
+    async_fn_in_trait,
+    reason = "single-threaded executors; futures need not be Send"
+)]
 pub trait DiskFile {
     type Buffer: IoBuffer;
     /// Bytes read; may be shorter than asked at end of file. Aligned to at least 16 bytes.
@@ -61,7 +67,7 @@ pub trait DiskFile {
     async fn write_at(&self, buffer: Self::Buffer, position: u64) -> io::Result<usize>;
     /// fdatasync: every write and size change that returned before this call is durable.
     async fn sync(&self) -> io::Result<()>;
-    async fn len(&self) -> io::Result<u64>;
+    async fn file_bytes(&self) -> io::Result<u64>;
     /// Truncates or extends (with zeros) to `bytes`.
     async fn set_len(&self, bytes: u64) -> io::Result<()>;
     /// Preallocates the file to `bytes` (fallocate; the size grows, contents read as zeros), so

@@ -63,7 +63,10 @@ pub enum IndexDecodeError {
 impl SparseIndex {
     pub fn new(interval_bytes: u32) -> Self {
         assert!(interval_bytes > 0);
-        SparseIndex { entries: Vec::new(), interval_bytes }
+        SparseIndex {
+            entries: Vec::new(),
+            interval_bytes,
+        }
     }
 
     pub fn entries(&self) -> &[IndexEntry] {
@@ -82,13 +85,18 @@ impl SparseIndex {
         };
         // Position 0 is implicit: lookups below the first entry start at the segment start.
         if position >= last_position + self.interval_bytes {
-            self.entries.push(IndexEntry { relative_offset, position });
+            self.entries.push(IndexEntry {
+                relative_offset,
+                position,
+            });
         }
     }
 
     /// The position of the latest indexed batch starting at or before `relative_offset`.
     pub fn lookup(&self, relative_offset: u32) -> u32 {
-        let at = self.entries.partition_point(|e| e.relative_offset <= relative_offset);
+        let at = self
+            .entries
+            .partition_point(|e| e.relative_offset <= relative_offset);
         if at == 0 {
             0
         } else {
@@ -98,7 +106,9 @@ impl SparseIndex {
 
     /// Drops entries at or after `relative_offset` (suffix truncation).
     pub fn truncate_from(&mut self, relative_offset: u32) {
-        let keep = self.entries.partition_point(|e| e.relative_offset < relative_offset);
+        let keep = self
+            .entries
+            .partition_point(|e| e.relative_offset < relative_offset);
         self.entries.truncate(keep);
     }
 
@@ -125,17 +135,24 @@ impl SparseIndex {
     }
 
     /// Decodes and checks an index file.
-    pub fn decode(bytes: &[u8], interval_bytes: u32) -> Result<(SparseIndex, SegmentSummary), IndexDecodeError> {
+    pub fn decode(
+        bytes: &[u8],
+        interval_bytes: u32,
+    ) -> Result<(SparseIndex, SegmentSummary), IndexDecodeError> {
         if bytes.len() < INDEX_HEADER_BYTES {
             return Err(IndexDecodeError::Truncated);
         }
-        let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
         let u64_at = |at: usize| {
             let mut raw = [0u8; 8];
             raw.copy_from_slice(&bytes[at..at + 8]);
             u64::from_le_bytes(raw)
         };
-        if u32_at(0) != INDEX_MAGIC || u16::from_le_bytes([bytes[4], bytes[5]]) != INDEX_FORMAT_VERSION {
+        if u32_at(0) != INDEX_MAGIC
+            || u16::from_le_bytes([bytes[4], bytes[5]]) != INDEX_FORMAT_VERSION
+        {
             return Err(IndexDecodeError::BadMagic);
         }
         let count = u32_at(8) as usize;
@@ -161,11 +178,13 @@ impl SparseIndex {
         let mut index = SparseIndex::new(interval_bytes);
         for i in 0..count {
             let at = INDEX_HEADER_BYTES + i * INDEX_ENTRY_BYTES;
-            let entry = IndexEntry { relative_offset: u32_at(at), position: u32_at(at + 4) };
-            let in_order = index
-                .entries
-                .last()
-                .is_none_or(|last| entry.relative_offset > last.relative_offset && entry.position > last.position);
+            let entry = IndexEntry {
+                relative_offset: u32_at(at),
+                position: u32_at(at + 4),
+            };
+            let in_order = index.entries.last().is_none_or(|last| {
+                entry.relative_offset > last.relative_offset && entry.position > last.position
+            });
             let in_segment = u64::from(entry.position) < summary.data_bytes
                 && summary.base_offset.0 + u64::from(entry.relative_offset) < summary.next_offset.0;
             if !in_order || !in_segment {
@@ -250,7 +269,10 @@ mod tests {
         };
         let mut bytes = index.encode(&summary);
         bytes[INDEX_HEADER_BYTES] ^= 1;
-        assert_eq!(SparseIndex::decode(&bytes, 10).err(), Some(IndexDecodeError::Crc));
+        assert_eq!(
+            SparseIndex::decode(&bytes, 10).err(),
+            Some(IndexDecodeError::Crc)
+        );
     }
 
     #[test]

@@ -7,12 +7,12 @@
 
 pub mod batch;
 pub mod checkpoint;
+#[cfg(feature = "testing")]
+pub mod conformance;
 pub mod disk;
 pub mod ids;
 pub mod index;
 pub mod log;
-#[cfg(feature = "testing")]
-pub mod conformance;
 #[cfg(feature = "testing")]
 pub mod mem_disk;
 pub mod policy;

@@ -82,18 +82,31 @@ impl Default for LogConfig {
 impl LogConfig {
     pub fn validate(&self) -> Result<(), String> {
         let page = PAGE_BYTES as u64;
-        if self.segment_bytes_max < page || self.segment_bytes_max % page != 0 {
-            return Err(format!("segment_bytes_max {} must be a positive multiple of {page}", self.segment_bytes_max));
+        if self.segment_bytes_max < page || !self.segment_bytes_max.is_multiple_of(page) {
+            return Err(format!(
+                "segment_bytes_max {} must be a positive multiple of {page}",
+                self.segment_bytes_max
+            ));
         }
         // Index positions are u32; a segment may exceed its limit by at most one batch.
         if self.segment_bytes_max + BATCH_BYTES_MAX as u64 > u64::from(u32::MAX) {
-            return Err(format!("segment_bytes_max {} is too large (index positions are 32-bit)", self.segment_bytes_max));
+            return Err(format!(
+                "segment_bytes_max {} is too large (index positions are 32-bit)",
+                self.segment_bytes_max
+            ));
         }
-        if self.write_chunk_bytes < PAGE_BYTES || self.write_chunk_bytes % PAGE_BYTES != 0 {
-            return Err(format!("write_chunk_bytes {} must be a positive multiple of {PAGE_BYTES}", self.write_chunk_bytes));
+        if self.write_chunk_bytes < PAGE_BYTES || !self.write_chunk_bytes.is_multiple_of(PAGE_BYTES)
+        {
+            return Err(format!(
+                "write_chunk_bytes {} must be a positive multiple of {PAGE_BYTES}",
+                self.write_chunk_bytes
+            ));
         }
-        if self.scan_chunk_bytes < PAGE_BYTES || self.scan_chunk_bytes % PAGE_BYTES != 0 {
-            return Err(format!("scan_chunk_bytes {} must be a positive multiple of {PAGE_BYTES}", self.scan_chunk_bytes));
+        if self.scan_chunk_bytes < PAGE_BYTES || !self.scan_chunk_bytes.is_multiple_of(PAGE_BYTES) {
+            return Err(format!(
+                "scan_chunk_bytes {} must be a positive multiple of {PAGE_BYTES}",
+                self.scan_chunk_bytes
+            ));
         }
         if self.staged_bytes_max < BATCH_BYTES_MAX + self.write_chunk_bytes {
             return Err(format!(
@@ -108,7 +121,10 @@ impl LogConfig {
     }
 
     pub(crate) fn roll_limits(&self) -> RollLimits {
-        RollLimits { segment_bytes_max: self.segment_bytes_max, segment_age_ms_max: self.segment_age_ms_max }
+        RollLimits {
+            segment_bytes_max: self.segment_bytes_max,
+            segment_age_ms_max: self.segment_age_ms_max,
+        }
     }
 }
 
@@ -122,8 +138,15 @@ pub struct LogIoError {
     pub source: io::Error,
 }
 
-pub(crate) fn io_context<'a>(op: &'static str, file: &'a str) -> impl FnOnce(io::Error) -> LogIoError + 'a {
-    move |source| LogIoError { op, file: file.to_string(), source }
+pub(crate) fn io_context<'a>(
+    op: &'static str,
+    file: &'a str,
+) -> impl FnOnce(io::Error) -> LogIoError + 'a {
+    move |source| LogIoError {
+        op,
+        file: file.to_string(),
+        source,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +158,10 @@ pub enum AppendError {
     #[error("replicated batch starts at offset {found}, the log ends at {expected}")]
     OffsetMismatch { expected: Offset, found: Offset },
     #[error("{staged_bytes} bytes await flush (limit {limit_bytes}); flush before appending")]
-    Backpressure { staged_bytes: usize, limit_bytes: usize },
+    Backpressure {
+        staged_bytes: usize,
+        limit_bytes: usize,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,9 +175,17 @@ pub enum FlushError {
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("offset {requested} is outside the log [{log_start}, {end_offset}]")]
-    OutOfRange { requested: Offset, log_start: Offset, end_offset: Offset },
+    OutOfRange {
+        requested: Offset,
+        log_start: Offset,
+        end_offset: Offset,
+    },
     #[error("offsets [{from}, {to}) are corrupt on this replica: {detail}")]
-    Corrupt { from: Offset, to: Offset, detail: String },
+    Corrupt {
+        from: Offset,
+        to: Offset,
+        detail: String,
+    },
     #[error(transparent)]
     Io(#[from] LogIoError),
 }
@@ -330,15 +364,30 @@ impl<R: std::ops::Deref<Target = [u8]>> LogRead<R> {
     }
 }
 
+/// A segment file a flush creates (or takes over from a recycled file) before writing to it.
+struct SegmentCreate<F> {
+    name: String,
+    file: FileCell<F>,
+    preallocate_bytes: u64,
+    recycled: Option<String>,
+}
+
+/// One page-aligned write of a flush.
+struct SegmentWrite<F, B> {
+    name: String,
+    file: FileCell<F>,
+    position: u64,
+    buffer: B,
+}
+
 /// The I/O of one flush, detached from the log so that appends can go on while it runs.
 pub struct FlushJob<D: Disk> {
     disk: Rc<D>,
     /// The previous flush's writes must finish before ours start (shared tail page).
     wait_for_writes: Option<futures_channel::oneshot::Receiver<()>>,
     writes_done: futures_channel::oneshot::Sender<()>,
-    /// New segment files: name, cell to fill, preallocation, and a recycled file to reuse.
-    creates: Vec<(String, FileCell<D::File>, u64, Option<String>)>,
-    writes: Vec<(String, FileCell<D::File>, u64, D::Buffer)>,
+    creates: Vec<SegmentCreate<D::File>>,
+    writes: Vec<SegmentWrite<D::File, D::Buffer>>,
     index_writes: Vec<(Offset, Vec<u8>)>,
     trims: Vec<(String, FileCell<D::File>, u64)>,
     syncs: Vec<(String, FileCell<D::File>)>,
@@ -379,40 +428,73 @@ impl<D: Disk> FlushJob<D> {
                     return Err(LogIoError {
                         op: "flush",
                         file: String::new(),
-                        source: io::Error::other("an earlier flush failed before finishing its writes"),
+                        source: io::Error::other(
+                            "an earlier flush failed before finishing its writes",
+                        ),
                     });
                 }
             }
-            for (name, cell, preallocate_bytes, recycled) in &creates {
+            for SegmentCreate {
+                name,
+                file: cell,
+                preallocate_bytes,
+                recycled,
+            } in &creates
+            {
                 let file = match recycled {
                     Some(recycled) => {
                         // Its stale batches have offsets below this segment's base, so recovery's
                         // offset-continuity check never takes them for ours.
-                        disk.rename(recycled, name).await.map_err(io_context("rename", recycled))?;
+                        disk.rename(recycled, name)
+                            .await
+                            .map_err(io_context("rename", recycled))?;
                         disk.open(name).await.map_err(io_context("open", name))?
                     }
-                    None => disk.create(name).await.map_err(io_context("create", name))?,
+                    None => disk
+                        .create(name)
+                        .await
+                        .map_err(io_context("create", name))?,
                 };
                 if *preallocate_bytes > 0 {
-                    file.allocate(*preallocate_bytes).await.map_err(io_context("fallocate", name))?;
+                    file.allocate(*preallocate_bytes)
+                        .await
+                        .map_err(io_context("fallocate", name))?;
                 }
-                assert!(cell.set(Rc::new(file)).is_ok(), "segment file created twice");
+                assert!(
+                    cell.set(Rc::new(file)).is_ok(),
+                    "segment file created twice"
+                );
             }
             let mut pending = Vec::new();
-            for (name, cell, position, buffer) in writes {
+            for SegmentWrite {
+                name,
+                file: cell,
+                position,
+                buffer,
+            } in writes
+            {
                 let file = Rc::clone(cell.get().expect("created above or earlier"));
                 pending.push(Box::pin(async move {
                     let bytes = buffer.as_ref().len();
-                    let written = file.write_at(buffer, position).await.map_err(io_context("write", &name))?;
+                    let written = file
+                        .write_at(buffer, position)
+                        .await
+                        .map_err(io_context("write", &name))?;
                     if written != bytes {
                         return Err(LogIoError {
                             op: "write",
                             file: name.clone(),
-                            source: io::Error::new(io::ErrorKind::WriteZero, format!("short write {written} of {bytes}")),
+                            source: io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                format!("short write {written} of {bytes}"),
+                            ),
                         });
                     }
                     Ok(())
-                }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), LogIoError>>>>);
+                })
+                    as std::pin::Pin<
+                        Box<dyn std::future::Future<Output = Result<(), LogIoError>>>,
+                    >);
             }
             if let Some((checkpoint, cell)) = &checkpoint {
                 let file = Rc::clone(cell.get().expect("checkpoint file opened at open"));
@@ -420,7 +502,9 @@ impl<D: Disk> FlushJob<D> {
                 buffer.as_mut().copy_from_slice(&checkpoint.encode());
                 let position = (checkpoint.slot() * PAGE_BYTES) as u64;
                 pending.push(Box::pin(async move {
-                    file.write_at(buffer, position).await.map_err(io_context("write", CHECKPOINT_FILE_NAME))?;
+                    file.write_at(buffer, position)
+                        .await
+                        .map_err(io_context("write", CHECKPOINT_FILE_NAME))?;
                     Ok(())
                 }));
             }
@@ -432,19 +516,27 @@ impl<D: Disk> FlushJob<D> {
             let _ = writes_done.send(());
             for (name, cell, bytes) in &trims {
                 let file = cell.get().expect("sealed segment has a file");
-                file.set_len(*bytes).await.map_err(io_context("ftruncate", name))?;
+                file.set_len(*bytes)
+                    .await
+                    .map_err(io_context("ftruncate", name))?;
             }
             let mut sync_all = Vec::new();
             for (name, cell) in &syncs {
                 let file = Rc::clone(cell.get().expect("synced file exists"));
                 let name = name.clone();
-                sync_all.push(Box::pin(async move { file.sync().await.map_err(io_context("fdatasync", &name)) })
-                    as std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), LogIoError>>>>);
+                sync_all.push(Box::pin(async move {
+                    file.sync().await.map_err(io_context("fdatasync", &name))
+                })
+                    as std::pin::Pin<
+                        Box<dyn std::future::Future<Output = Result<(), LogIoError>>>,
+                    >);
             }
             if let Some((_, cell)) = &checkpoint {
                 let file = Rc::clone(cell.get().expect("checkpoint file"));
                 sync_all.push(Box::pin(async move {
-                    file.sync().await.map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))
+                    file.sync()
+                        .await
+                        .map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))
                 }));
             }
             for result in futures_util::future::join_all(sync_all).await {
@@ -457,10 +549,15 @@ impl<D: Disk> FlushJob<D> {
                 let disk = Rc::clone(&disk);
                 index_all.push(Box::pin(async move {
                     let name = index_file_name(base);
-                    let file = disk.create(&name).await.map_err(io_context("create", &name))?;
+                    let file = disk
+                        .create(&name)
+                        .await
+                        .map_err(io_context("create", &name))?;
                     let mut buffer = disk.alloc_buffer(bytes.len());
                     buffer.as_mut().copy_from_slice(&bytes);
-                    file.write_at(buffer, 0).await.map_err(io_context("write", &name))?;
+                    file.write_at(buffer, 0)
+                        .await
+                        .map_err(io_context("write", &name))?;
                     file.sync().await.map_err(io_context("fdatasync", &name))
                 }));
             }
@@ -468,13 +565,30 @@ impl<D: Disk> FlushJob<D> {
                 result?;
             }
             if !creates.is_empty() || !indexed.is_empty() {
-                disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+                disk.sync_dir()
+                    .await
+                    .map_err(io_context("fsync directory", "."))?;
             }
             Ok(())
         }
         .await;
-        FlushOutcome { target, indexed, checkpoint: checkpoint_written, result }
+        FlushOutcome {
+            target,
+            indexed,
+            checkpoint: checkpoint_written,
+            result,
+        }
     }
+}
+
+/// What recovery hands to [`PartitionLog::assemble`].
+pub(crate) struct Recovered<F> {
+    pub segments: Vec<Segment<F>>,
+    pub durable: LogPoint,
+    pub tail_page_bytes: Vec<u8>,
+    pub checkpoint_file: FileCell<F>,
+    pub checkpoint_durable: Option<Checkpoint>,
+    pub corrupt: Vec<CorruptRange>,
 }
 
 /// One partition's log. Owned by one shard; not shared across threads.
@@ -508,23 +622,27 @@ pub struct PartitionLog<D: Disk> {
 
 impl<D: Disk> PartitionLog<D> {
     /// A log over recovered state; see `recovery.rs` for `open`.
-    pub(crate) fn assemble(
-        disk: Rc<D>,
-        config: LogConfig,
-        segments: Vec<Segment<D::File>>,
-        durable: LogPoint,
-        tail_page_bytes: Vec<u8>,
-        checkpoint_file: FileCell<D::File>,
-        checkpoint_durable: Option<Checkpoint>,
-        corrupt: Vec<CorruptRange>,
-    ) -> Self {
+    pub(crate) fn assemble(disk: Rc<D>, config: LogConfig, recovered: Recovered<D::File>) -> Self {
+        let Recovered {
+            segments,
+            durable,
+            tail_page_bytes,
+            checkpoint_file,
+            checkpoint_durable,
+            corrupt,
+        } = recovered;
         let active = segments.last().expect("at least one segment");
         assert_eq!(durable.segment_base, active.base_offset);
         assert_eq!(durable.position, active.data_bytes);
         assert_eq!(durable.next_offset, active.next_offset);
-        assert_eq!(tail_page_bytes.len() as u64, active.data_bytes - page_floor(active.data_bytes));
-        let tail_page = (!tail_page_bytes.is_empty())
-            .then(|| TailPage { position: page_floor(active.data_bytes), bytes: tail_page_bytes });
+        assert_eq!(
+            tail_page_bytes.len() as u64,
+            active.data_bytes - page_floor(active.data_bytes)
+        );
+        let tail_page = (!tail_page_bytes.is_empty()).then(|| TailPage {
+            position: page_floor(active.data_bytes),
+            bytes: tail_page_bytes,
+        });
         let log_start = segments.first().expect("non-empty").base_offset;
         PartitionLog {
             disk,
@@ -605,7 +723,12 @@ impl<D: Disk> PartitionLog<D> {
     /// Appends one batch (see the module docs). Returns the assigned offsets; the batch is in
     /// memory only until a flush that began after this call completes. `batch` is stamped in
     /// place in `Leader` mode.
-    pub fn append(&mut self, batch: &mut [u8], mode: AppendMode, now_ms: u64) -> Result<Appended, AppendError> {
+    pub fn append(
+        &mut self,
+        batch: &mut [u8],
+        mode: AppendMode,
+        now_ms: u64,
+    ) -> Result<Appended, AppendError> {
         if let Some(reason) = &self.poisoned {
             return Err(AppendError::Poisoned(reason.clone()));
         }
@@ -614,7 +737,10 @@ impl<D: Disk> PartitionLog<D> {
         if batch.len() != batch_bytes {
             return Err(AppendError::InvalidBatch(BatchError::BadHeader {
                 field: "body_bytes",
-                detail: format!("batch is {batch_bytes} bytes but {} were given", batch.len()),
+                detail: format!(
+                    "batch is {batch_bytes} bytes but {} were given",
+                    batch.len()
+                ),
             }));
         }
         if self.staged_bytes + batch_bytes > self.config.staged_bytes_max {
@@ -631,7 +757,10 @@ impl<D: Disk> PartitionLog<D> {
             }
             AppendMode::Replica => {
                 if header.base_offset != end {
-                    return Err(AppendError::OffsetMismatch { expected: end, found: header.base_offset });
+                    return Err(AppendError::OffsetMismatch {
+                        expected: end,
+                        found: header.base_offset,
+                    });
                 }
                 header.leader_epoch
             }
@@ -639,17 +768,27 @@ impl<D: Disk> PartitionLog<D> {
         let next_offset = header.next_offset().0 - header.base_offset.0 + end.0;
         let next_offset = Offset(next_offset);
 
-        if let RollDecision::Roll(_) =
-            policy::decide_roll(&self.active().facts(), batch_bytes as u64, now_ms, &self.config.roll_limits())
-        {
+        if let RollDecision::Roll(_) = policy::decide_roll(
+            &self.active().facts(),
+            batch_bytes as u64,
+            now_ms,
+            &self.config.roll_limits(),
+        ) {
             self.roll(now_ms);
         }
         let interval = self.config.index_interval_bytes;
         let active = self.active_mut();
         let position = active.data_bytes;
-        let relative = u32::try_from(end.0 - active.base_offset.0).expect("segment holds < 2^32 records");
-        active.index.observe(relative, u32::try_from(position).expect("validated segment size"));
-        debug_assert_eq!(active.index.entries().last().map_or(interval, |_| interval), interval);
+        let relative =
+            u32::try_from(end.0 - active.base_offset.0).expect("segment holds < 2^32 records");
+        active.index.observe(
+            relative,
+            u32::try_from(position).expect("validated segment size"),
+        );
+        debug_assert_eq!(
+            active.index.entries().last().map_or(interval, |_| interval),
+            interval
+        );
         if active.data_bytes == 0 {
             active.created_ms = now_ms;
         }
@@ -665,7 +804,11 @@ impl<D: Disk> PartitionLog<D> {
             position,
             batch_bytes,
         });
-        Ok(Appended { base_offset: end, last_offset: Offset(next_offset.0 - 1), leader_epoch })
+        Ok(Appended {
+            base_offset: end,
+            last_offset: Offset(next_offset.0 - 1),
+            leader_epoch,
+        })
     }
 
     fn roll(&mut self, now_ms: u64) {
@@ -705,13 +848,22 @@ impl<D: Disk> PartitionLog<D> {
                     assert_eq!(tail.bytes.len(), chunk.filled);
                     chunk.buffer.as_mut()[..tail.bytes.len()].copy_from_slice(&tail.bytes);
                 }
-                assert_eq!(chunk.filled, (position % PAGE_BYTES as u64) as usize, "chunk starts mid-page without its tail");
+                assert_eq!(
+                    chunk.filled,
+                    (position % PAGE_BYTES as u64) as usize,
+                    "chunk starts mid-page without its tail"
+                );
                 self.staged.push_back(chunk);
             }
             let chunk = self.staged.back_mut().expect("pushed above");
-            assert_eq!(chunk.position + chunk.filled as u64, position, "staging is contiguous");
+            assert_eq!(
+                chunk.position + chunk.filled as u64,
+                position,
+                "staging is contiguous"
+            );
             let take = bytes.len().min(chunk_bytes - chunk.filled);
-            chunk.buffer.as_mut()[chunk.filled..chunk.filled + take].copy_from_slice(&bytes[..take]);
+            chunk.buffer.as_mut()[chunk.filled..chunk.filled + take]
+                .copy_from_slice(&bytes[..take]);
             chunk.filled += take;
             self.staged_bytes += take;
             position += take as u64;
@@ -726,13 +878,20 @@ impl<D: Disk> PartitionLog<D> {
         if let Some(reason) = &self.poisoned {
             return Err(FlushError::Poisoned(reason.clone()));
         }
-        assert!(self.flush_targets.len() < FLUSHES_IN_FLIGHT_MAX, "too many flushes in flight");
+        assert!(
+            self.flush_targets.len() < FLUSHES_IN_FLIGHT_MAX,
+            "too many flushes in flight"
+        );
         let checkpoint = self.checkpoint_due();
         let indexable = self.indexable_segments();
         if self.staged.is_empty() && checkpoint.is_none() && indexable.is_empty() {
             return Ok(None);
         }
-        let preallocate_bytes = if self.config.preallocate { self.config.segment_bytes_max } else { 0 };
+        let preallocate_bytes = if self.config.preallocate {
+            self.config.segment_bytes_max
+        } else {
+            0
+        };
         let (writes_done_sender, writes_done) = futures_channel::oneshot::channel();
         let mut job = FlushJob {
             disk: Rc::clone(&self.disk),
@@ -767,7 +926,12 @@ impl<D: Disk> PartitionLog<D> {
                 // waits for this one's writes, so the file exists by then.
                 segment.create_planned = true;
                 let recycled = self.recycled.pop();
-                job.creates.push((name.clone(), Rc::clone(&chunk.file), preallocate_bytes, recycled));
+                job.creates.push(SegmentCreate {
+                    name: name.clone(),
+                    file: Rc::clone(&chunk.file),
+                    preallocate_bytes,
+                    recycled,
+                });
             }
             if !job.syncs.iter().any(|(n, _)| *n == name) {
                 job.syncs.push((name.clone(), Rc::clone(&chunk.file)));
@@ -784,16 +948,28 @@ impl<D: Disk> PartitionLog<D> {
                 });
             }
             chunk.buffer.truncate(write_bytes);
-            job.writes.push((name, chunk.file, chunk.position, chunk.buffer));
+            job.writes.push(SegmentWrite {
+                name,
+                file: chunk.file,
+                position: chunk.position,
+                buffer: chunk.buffer,
+            });
         }
         self.staged_bytes = 0;
         for at in indexable {
             let segment = &mut self.segments[at];
             segment.index_planned = true;
-            job.index_writes.push((segment.base_offset, segment.index.encode(&segment.summary())));
+            job.index_writes.push((
+                segment.base_offset,
+                segment.index.encode(&segment.summary()),
+            ));
             // Give back the preallocated space beyond the data.
             let name = segment_file_name(segment.base_offset);
-            job.trims.push((name.clone(), Rc::clone(&segment.file), page_ceil(segment.data_bytes)));
+            job.trims.push((
+                name.clone(),
+                Rc::clone(&segment.file),
+                page_ceil(segment.data_bytes),
+            ));
             if !job.syncs.iter().any(|(n, _)| *n == name) {
                 job.syncs.push((name, Rc::clone(&segment.file)));
             }
@@ -810,7 +986,9 @@ impl<D: Disk> PartitionLog<D> {
         self.segments
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.sealed && !s.index_durable && !s.index_planned && s.next_offset <= durable)
+            .filter(|(_, s)| {
+                s.sealed && !s.index_durable && !s.index_planned && s.next_offset <= durable
+            })
             .filter(|(_, s)| s.file.get().is_some())
             .map(|(at, _)| at)
             .collect()
@@ -822,13 +1000,17 @@ impl<D: Disk> PartitionLog<D> {
         let durable = self.durable;
         match self.checkpoint_planned {
             Some(c) if c.state == CheckpointState::Normal => {
-                let current = c.segment_base == durable.segment_base && c.position == durable.position;
+                let current =
+                    c.segment_base == durable.segment_base && c.position == durable.position;
                 let behind_bytes = if c.segment_base == durable.segment_base {
                     durable.position.saturating_sub(c.position)
                 } else {
                     u64::MAX // A roll happened since: sealed segments become trusted sooner.
                 };
-                if current || (!self.checkpoint_requested && behind_bytes < self.config.checkpoint_interval_bytes) {
+                if current
+                    || (!self.checkpoint_requested
+                        && behind_bytes < self.config.checkpoint_interval_bytes)
+                {
                     return None;
                 }
             }
@@ -856,8 +1038,14 @@ impl<D: Disk> PartitionLog<D> {
     /// Records the outcome of the in-flight flush. On success the durable offset advances to the
     /// end of the log as of `begin_flush`; on error the log is poisoned.
     pub fn complete_flush(&mut self, outcome: FlushOutcome) -> Result<Offset, FlushError> {
-        let target = self.flush_targets.pop_front().expect("a flush was in flight");
-        assert_eq!(target, outcome.target, "flush outcomes are completed in the order begun");
+        let target = self
+            .flush_targets
+            .pop_front()
+            .expect("a flush was in flight");
+        assert_eq!(
+            target, outcome.target,
+            "flush outcomes are completed in the order begun"
+        );
         if let Err(error) = outcome.result {
             self.poisoned = Some(error.to_string());
             return Err(FlushError::Io(error));
@@ -866,7 +1054,10 @@ impl<D: Disk> PartitionLog<D> {
             // An earlier flush failed: nothing after it may be acknowledged.
             return Err(FlushError::Poisoned(reason.clone()));
         }
-        assert!(target.next_offset >= self.durable.next_offset, "durable offset never moves back");
+        assert!(
+            target.next_offset >= self.durable.next_offset,
+            "durable offset never moves back"
+        );
         self.durable = target;
         if let Some(checkpoint) = outcome.checkpoint {
             self.checkpoint_durable = Some(checkpoint);
@@ -877,7 +1068,11 @@ impl<D: Disk> PartitionLog<D> {
                 segment.index_planned = false;
             }
         }
-        while self.staged_batches.front().is_some_and(|b| b.next_offset <= target.next_offset) {
+        while self
+            .staged_batches
+            .front()
+            .is_some_and(|b| b.next_offset <= target.next_offset)
+        {
             self.staged_batches.pop_front();
         }
         Ok(self.durable.next_offset)
@@ -886,7 +1081,10 @@ impl<D: Disk> PartitionLog<D> {
     /// Flushes everything appended so far and waits until it is durable. A convenience over
     /// `begin_flush` / `run` / `complete_flush` for callers that need not append meanwhile.
     pub async fn flush(&mut self) -> Result<Offset, FlushError> {
-        assert!(self.flush_targets.is_empty(), "flush() with flushes in flight: complete them first");
+        assert!(
+            self.flush_targets.is_empty(),
+            "flush() with flushes in flight: complete them first"
+        );
         match self.begin_flush()? {
             Some(job) => {
                 let outcome = job.run().await;
@@ -899,7 +1097,10 @@ impl<D: Disk> PartitionLog<D> {
     /// Flushes everything and brings the durable checkpoint up to date, so that a later open
     /// knows the whole log is acknowledged data. Call on clean shutdown.
     pub async fn close(mut self) -> Result<Offset, FlushError> {
-        assert!(self.flush_targets.is_empty(), "close with a flush in flight");
+        assert!(
+            self.flush_targets.is_empty(),
+            "close with a flush in flight"
+        );
         self.flush().await?;
         // The first flush may have written the previous durable point; this one writes the
         // current one (and the index files of segments sealed by the first).
@@ -911,12 +1112,23 @@ impl<D: Disk> PartitionLog<D> {
     /// least one batch, so a consumer always progresses). Durable data comes from disk and is
     /// checked by CRC; staged data comes from memory; data in an in-flight flush is not readable
     /// until it completes (the result is empty). Reads stop at segment boundaries.
-    pub async fn read(&self, from: Offset, max_bytes: usize) -> Result<LogRead<<D::File as DiskFile>::ReadBuffer>, ReadError> {
+    pub async fn read(
+        &self,
+        from: Offset,
+        max_bytes: usize,
+    ) -> Result<LogRead<<D::File as DiskFile>::ReadBuffer>, ReadError> {
         let end_offset = self.end_offset();
         if from < self.log_start || from > end_offset {
-            return Err(ReadError::OutOfRange { requested: from, log_start: self.log_start, end_offset });
+            return Err(ReadError::OutOfRange {
+                requested: from,
+                log_start: self.log_start,
+                end_offset,
+            });
         }
-        let empty = LogRead { data: ReadData::Empty, next_offset: from };
+        let empty = LogRead {
+            data: ReadData::Empty,
+            next_offset: from,
+        };
         if from == end_offset {
             return Ok(empty);
         }
@@ -937,25 +1149,49 @@ impl<D: Disk> PartitionLog<D> {
         } else {
             segment.data_bytes
         };
-        let Some(file) = segment.file.get() else { return Ok(empty) };
-        let relative = u32::try_from(from.0 - segment.base_offset.0).expect("segment offsets fit u32");
+        let Some(file) = segment.file.get() else {
+            return Ok(empty);
+        };
+        let relative =
+            u32::try_from(from.0 - segment.base_offset.0).expect("segment offsets fit u32");
         let start = u64::from(segment.index.lookup(relative));
         let name = segment_file_name(segment.base_offset);
-        read_batches(&**file, &name, start, limit_bytes, from, max_bytes, self.config.scan_chunk_bytes).await
+        read_batches(
+            &**file,
+            &name,
+            start,
+            limit_bytes,
+            from,
+            max_bytes,
+            self.config.scan_chunk_bytes,
+        )
+        .await
     }
 
     /// Copies staged (not in-flight) batches from `from` into an aligned buffer.
-    fn read_staged(&self, from: Offset, max_bytes: usize) -> Option<LogRead<<D::File as DiskFile>::ReadBuffer>> {
-        let first = self.staged_batches.iter().position(|b| b.next_offset > from)?;
+    fn read_staged(
+        &self,
+        from: Offset,
+        max_bytes: usize,
+    ) -> Option<LogRead<<D::File as DiskFile>::ReadBuffer>> {
+        let first = self
+            .staged_batches
+            .iter()
+            .position(|b| b.next_offset > from)?;
         let mut out = AlignedVec::<BATCH_ALIGNMENT_BYTES>::new();
         let mut next_offset = from;
         let segment_base = self.staged_batches[first].segment_base;
         for batch in self.staged_batches.iter().skip(first) {
             // Reads never cross a segment boundary, and return at least one batch.
-            if batch.segment_base != segment_base || (!out.is_empty() && out.len() + batch.batch_bytes > max_bytes) {
+            if batch.segment_base != segment_base
+                || (!out.is_empty() && out.len() + batch.batch_bytes > max_bytes)
+            {
                 break;
             }
-            assert!(batch.base_offset >= next_offset || out.is_empty(), "staged batches are contiguous");
+            assert!(
+                batch.base_offset >= next_offset || out.is_empty(),
+                "staged batches are contiguous"
+            );
             let before = out.len();
             let mut position = batch.position;
             let end = batch.position + batch.batch_bytes as u64;
@@ -968,7 +1204,10 @@ impl<D: Disk> PartitionLog<D> {
                 let Some(chunk) = chunk else {
                     // Part of this batch is in the in-flight flush.
                     out.resize(before, 0);
-                    return (!out.is_empty()).then_some(LogRead { data: ReadData::Memory(out), next_offset });
+                    return (!out.is_empty()).then_some(LogRead {
+                        data: ReadData::Memory(out),
+                        next_offset,
+                    });
                 };
                 let from_in_chunk = (position - chunk.position) as usize;
                 let take = (chunk.filled - from_in_chunk).min((end - position) as usize);
@@ -977,7 +1216,10 @@ impl<D: Disk> PartitionLog<D> {
             }
             next_offset = batch.next_offset;
         }
-        (!out.is_empty()).then_some(LogRead { data: ReadData::Memory(out), next_offset })
+        (!out.is_empty()).then_some(LogRead {
+            data: ReadData::Memory(out),
+            next_offset,
+        })
     }
 
     /// Removes every record at or after `to` (which must start a batch), durably, so that a
@@ -987,12 +1229,18 @@ impl<D: Disk> PartitionLog<D> {
         if let Some(reason) = &self.poisoned {
             return Err(TruncateError::Poisoned(reason.clone()));
         }
-        assert!(self.flush_targets.is_empty(), "truncate_suffix with flushes in flight: complete them first");
+        assert!(
+            self.flush_targets.is_empty(),
+            "truncate_suffix with flushes in flight: complete them first"
+        );
         if to >= self.end_offset() {
             return Ok(());
         }
         if to < self.log_start {
-            return Err(TruncateError::BelowLogStart { offset: to, log_start: self.log_start });
+            return Err(TruncateError::BelowLogStart {
+                offset: to,
+                log_start: self.log_start,
+            });
         }
         self.flush().await.map_err(|e| match e {
             FlushError::Poisoned(reason) => TruncateError::Poisoned(reason),
@@ -1028,13 +1276,17 @@ impl<D: Disk> PartitionLog<D> {
         let file = segment.file.get().expect("durable segment has a file");
         let name = segment_file_name(segment.base_offset);
         loop {
-            let page = file.read_at(page_floor(position), PAGE_BYTES * 2).await.map_err(io_context("read", &name))?;
+            let page = file
+                .read_at(page_floor(position), PAGE_BYTES * 2)
+                .await
+                .map_err(io_context("read", &name))?;
             let in_page = (position - page_floor(position)) as usize;
-            let header = batch::decode_header(&page[in_page..]).map_err(|e| ReadError::Corrupt {
-                from: offset,
-                to: offset.plus(1),
-                detail: e.to_string(),
-            })?;
+            let header =
+                batch::decode_header(&page[in_page..]).map_err(|e| ReadError::Corrupt {
+                    from: offset,
+                    to: offset.plus(1),
+                    detail: e.to_string(),
+                })?;
             if header.base_offset == offset {
                 return Ok(position);
             }
@@ -1047,7 +1299,12 @@ impl<D: Disk> PartitionLog<D> {
 
     /// The truncation protocol (see `checkpoint.rs`): checkpoint `Truncating`, drop later
     /// segments, cut the segment, checkpoint `Normal`.
-    async fn truncate_at(&mut self, at: usize, position: u64, to: Offset) -> Result<(), LogIoError> {
+    async fn truncate_at(
+        &mut self,
+        at: usize,
+        position: u64,
+        to: Offset,
+    ) -> Result<(), LogIoError> {
         let base = self.segments[at].base_offset;
         let sequence = self.checkpoint_durable.map_or(1, |c| c.sequence + 1);
         let mut checkpoint = Checkpoint {
@@ -1064,18 +1321,31 @@ impl<D: Disk> PartitionLog<D> {
             remove_segment_files(&*self.disk, segment.base_offset).await?;
         }
         remove_if_exists(&*self.disk, &index_file_name(base)).await?;
-        self.disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
-        let tail = cut_segment_file(&*self.disk, &self.segments[at], position, &self.config).await?;
+        self.disk
+            .sync_dir()
+            .await
+            .map_err(io_context("fsync directory", "."))?;
+        let tail =
+            cut_segment_file(&*self.disk, &self.segments[at], position, &self.config).await?;
         let interval = self.config.index_interval_bytes;
         let segment = &mut self.segments[at];
         segment.sealed = false;
         segment.index_durable = false;
         segment.data_bytes = position;
         segment.next_offset = to;
-        segment.index.truncate_from(u32::try_from(to.0 - base.0).expect("fits"));
+        segment
+            .index
+            .truncate_from(u32::try_from(to.0 - base.0).expect("fits"));
         debug_assert!(interval > 0);
-        self.durable = LogPoint { segment_base: base, position, next_offset: to };
-        self.tail_page = (!tail.is_empty()).then(|| TailPage { position: page_floor(position), bytes: tail });
+        self.durable = LogPoint {
+            segment_base: base,
+            position,
+            next_offset: to,
+        };
+        self.tail_page = (!tail.is_empty()).then(|| TailPage {
+            position: page_floor(position),
+            bytes: tail,
+        });
         self.staged_batches.clear();
         checkpoint.sequence += 1;
         checkpoint.state = CheckpointState::Normal;
@@ -1097,14 +1367,24 @@ impl<D: Disk> PartitionLog<D> {
             .take_while(|s| s.next_offset <= self.durable.next_offset && !s.index_planned)
             .map(Segment::facts)
             .collect();
-        let delete = policy::decide_retention(&sealed, self.active().data_bytes, now_ms, &self.config.retention);
+        let delete = policy::decide_retention(
+            &sealed,
+            self.active().data_bytes,
+            now_ms,
+            &self.config.retention,
+        );
         for _ in 0..delete {
             let segment = self.segments.remove(0);
-            if self.recycled.len() < self.config.recycled_segments_max && segment.file.get().is_some() {
+            if self.recycled.len() < self.config.recycled_segments_max
+                && segment.file.get().is_some()
+            {
                 let name = segment_file_name(segment.base_offset);
                 let recycled = recycled_file_name(segment.base_offset);
                 drop(segment.file);
-                self.disk.rename(&name, &recycled).await.map_err(io_context("rename", &name))?;
+                self.disk
+                    .rename(&name, &recycled)
+                    .await
+                    .map_err(io_context("rename", &name))?;
                 remove_if_exists(&*self.disk, &index_file_name(segment.base_offset)).await?;
                 self.recycled.push(recycled);
             } else {
@@ -1115,31 +1395,45 @@ impl<D: Disk> PartitionLog<D> {
             futures_lite::future::yield_now().await;
         }
         if delete > 0 {
-            self.disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+            self.disk
+                .sync_dir()
+                .await
+                .map_err(io_context("fsync directory", "."))?;
         }
         Ok(delete)
     }
 }
 
 /// Writes and syncs one checkpoint slot.
-pub(crate) async fn write_checkpoint<D: Disk>(disk: &D, cell: &FileCell<D::File>, checkpoint: &Checkpoint) -> Result<(), LogIoError> {
+pub(crate) async fn write_checkpoint<D: Disk>(
+    disk: &D,
+    cell: &FileCell<D::File>,
+    checkpoint: &Checkpoint,
+) -> Result<(), LogIoError> {
     let file = cell.get().expect("checkpoint file is opened at open");
     let mut buffer = disk.alloc_buffer(PAGE_BYTES);
     buffer.as_mut().copy_from_slice(&checkpoint.encode());
     file.write_at(buffer, (checkpoint.slot() * PAGE_BYTES) as u64)
         .await
         .map_err(io_context("write", CHECKPOINT_FILE_NAME))?;
-    file.sync().await.map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))
+    file.sync()
+        .await
+        .map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))
 }
 
 pub(crate) async fn remove_if_exists<D: Disk>(disk: &D, name: &str) -> Result<(), LogIoError> {
     match disk.remove(name).await {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(io_context("remove", name)(error)),
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            Err(io_context("remove", name)(error))
+        }
         _ => Ok(()),
     }
 }
 
-pub(crate) async fn remove_segment_files<D: Disk>(disk: &D, base: Offset) -> Result<(), LogIoError> {
+pub(crate) async fn remove_segment_files<D: Disk>(
+    disk: &D,
+    base: Offset,
+) -> Result<(), LogIoError> {
     remove_if_exists(disk, &segment_file_name(base)).await?;
     remove_if_exists(disk, &index_file_name(base)).await
 }
@@ -1155,22 +1449,33 @@ pub(crate) async fn cut_segment_file<D: Disk>(
     config: &LogConfig,
 ) -> Result<Vec<u8>, LogIoError> {
     let name = segment_file_name(segment.base_offset);
-    let Some(file) = segment.file.get() else { return Ok(Vec::new()) };
+    let Some(file) = segment.file.get() else {
+        return Ok(Vec::new());
+    };
     let page_start = page_floor(position);
     let partial = (position - page_start) as usize;
     let mut tail = Vec::new();
     if partial > 0 {
-        let page = file.read_at(page_start, PAGE_BYTES).await.map_err(io_context("read", &name))?;
+        let page = file
+            .read_at(page_start, PAGE_BYTES)
+            .await
+            .map_err(io_context("read", &name))?;
         let mut buffer = disk.alloc_buffer(PAGE_BYTES);
         buffer.as_mut().fill(0);
         let have = page.len().min(partial);
         buffer.as_mut()[..have].copy_from_slice(&page[..have]);
         tail = buffer.as_ref()[..partial].to_vec();
-        file.write_at(buffer, page_start).await.map_err(io_context("write", &name))?;
+        file.write_at(buffer, page_start)
+            .await
+            .map_err(io_context("write", &name))?;
     }
-    file.set_len(page_ceil(position)).await.map_err(io_context("ftruncate", &name))?;
+    file.set_len(page_ceil(position))
+        .await
+        .map_err(io_context("ftruncate", &name))?;
     if config.preallocate {
-        file.allocate(config.segment_bytes_max).await.map_err(io_context("fallocate", &name))?;
+        file.allocate(config.segment_bytes_max)
+            .await
+            .map_err(io_context("fallocate", &name))?;
     }
     file.sync().await.map_err(io_context("fdatasync", &name))?;
     Ok(tail)
@@ -1187,15 +1492,23 @@ async fn read_batches<F: DiskFile>(
     max_bytes: usize,
     chunk_bytes: usize,
 ) -> Result<LogRead<F::ReadBuffer>, ReadError> {
-    let corrupt = |detail: String| ReadError::Corrupt { from, to: from.plus(1), detail: format!("{name}: {detail}") };
+    let corrupt = |detail: String| ReadError::Corrupt {
+        from,
+        to: from.plus(1),
+        detail: format!("{name}: {detail}"),
+    };
     let mut position = start;
     // Skip batches below `from`, a chunk at a time (at most one index interval plus one batch).
     loop {
-        let want = (max_bytes.max(batch::BATCH_HEADER_BYTES)).clamp(PAGE_BYTES, chunk_bytes.max(PAGE_BYTES));
+        let want = (max_bytes.max(batch::BATCH_HEADER_BYTES))
+            .clamp(PAGE_BYTES, chunk_bytes.max(PAGE_BYTES));
         let read_start = page_floor(position);
         let read_end = page_ceil((position + want as u64).min(limit_bytes));
         if position >= limit_bytes {
-            return Ok(LogRead { data: ReadData::Empty, next_offset: from });
+            return Ok(LogRead {
+                data: ReadData::Empty,
+                next_offset: from,
+            });
         }
         let buffer = file
             .read_at(read_start, (read_end - read_start) as usize)
@@ -1209,7 +1522,12 @@ async fn read_batches<F: DiskFile>(
             let header = match batch::decode_header(&buffer[cursor..valid_end]) {
                 Ok(header) => header,
                 Err(BatchError::Truncated { .. }) => break,
-                Err(error) => return Err(corrupt(format!("at position {}: {error}", read_start + cursor as u64))),
+                Err(error) => {
+                    return Err(corrupt(format!(
+                        "at position {}: {error}",
+                        read_start + cursor as u64
+                    )))
+                }
             };
             if header.next_offset() <= from && first.is_none() {
                 cursor += header.batch_bytes();
@@ -1222,20 +1540,37 @@ async fn read_batches<F: DiskFile>(
             if first.is_some_and(|f| cursor - f + header.batch_bytes() > max_bytes) {
                 break;
             }
-            batch::check_batch(&buffer[cursor..valid_end])
-                .map_err(|error| corrupt(format!("at position {}: {error}", read_start + cursor as u64)))?;
+            batch::check_batch(&buffer[cursor..valid_end]).map_err(|error| {
+                corrupt(format!(
+                    "at position {}: {error}",
+                    read_start + cursor as u64
+                ))
+            })?;
             first.get_or_insert(cursor);
             next_offset = header.next_offset();
             cursor += header.batch_bytes();
         }
         if let Some(first) = first {
-            return Ok(LogRead { data: ReadData::Disk { buffer, start: first, end: cursor }, next_offset });
+            return Ok(LogRead {
+                data: ReadData::Disk {
+                    buffer,
+                    start: first,
+                    end: cursor,
+                },
+                next_offset,
+            });
         }
         if position >= limit_bytes {
-            return Ok(LogRead { data: ReadData::Empty, next_offset: from });
+            return Ok(LogRead {
+                data: ReadData::Empty,
+                next_offset: from,
+            });
         }
         // The batch at `position` did not fit in this read: read exactly that batch.
-        let page = file.read_at(page_floor(position), PAGE_BYTES * 2).await.map_err(io_context("read", name))?;
+        let page = file
+            .read_at(page_floor(position), PAGE_BYTES * 2)
+            .await
+            .map_err(io_context("read", name))?;
         let in_page = (position - page_floor(position)) as usize;
         let header = batch::decode_header(&page[in_page..])
             .map_err(|error| corrupt(format!("at position {position}: {error}")))?;
@@ -1246,7 +1581,9 @@ async fn read_batches<F: DiskFile>(
         let read_start = page_floor(position);
         let read_end = page_ceil(position + header.batch_bytes() as u64);
         if position + header.batch_bytes() as u64 > limit_bytes {
-            return Err(corrupt(format!("batch at {position} runs past the end of the segment data")));
+            return Err(corrupt(format!(
+                "batch at {position} runs past the end of the segment data"
+            )));
         }
         let buffer = file
             .read_at(read_start, (read_end - read_start) as usize)
@@ -1256,6 +1593,13 @@ async fn read_batches<F: DiskFile>(
         let end = cursor + header.batch_bytes();
         batch::check_batch(&buffer[cursor..end.min(buffer.len())])
             .map_err(|error| corrupt(format!("at position {position}: {error}")))?;
-        return Ok(LogRead { data: ReadData::Disk { buffer, start: cursor, end }, next_offset: header.next_offset() });
+        return Ok(LogRead {
+            data: ReadData::Disk {
+                buffer,
+                start: cursor,
+                end,
+            },
+            next_offset: header.next_offset(),
+        });
     }
 }

@@ -91,7 +91,7 @@ fn error(kind: io::ErrorKind, message: String) -> io::Error {
 
 /// O_DIRECT refuses misaligned positions and lengths with EINVAL; so does MemDisk.
 fn check_aligned(what: &str, position: u64, bytes: usize) -> io::Result<()> {
-    if position % PAGE_BYTES as u64 != 0 || bytes % PAGE_BYTES != 0 {
+    if !position.is_multiple_of(PAGE_BYTES as u64) || !bytes.is_multiple_of(PAGE_BYTES) {
         return Err(error(
             io::ErrorKind::InvalidInput,
             format!("{what} at {position} of {bytes} bytes is not {PAGE_BYTES}-aligned"),
@@ -177,7 +177,10 @@ impl MemDisk {
     /// Flips one bit in both the written and durable images of `name` (media corruption).
     pub fn flip_bit(&self, name: &str, position: u64, bit: u8) {
         let mut state = self.state.borrow_mut();
-        let file = state.files.get_mut(name).expect("flip_bit on a missing file");
+        let file = state
+            .files
+            .get_mut(name)
+            .expect("flip_bit on a missing file");
         for image in [&mut file.written, &mut file.durable] {
             if let Some(byte) = image.get_mut(position as usize) {
                 *byte ^= 1 << (bit % 8);
@@ -187,7 +190,11 @@ impl MemDisk {
 
     /// The current (written) contents of a file, for assertions.
     pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
-        self.state.borrow().files.get(name).map(|f| f.written.clone())
+        self.state
+            .borrow()
+            .files
+            .get(name)
+            .map(|f| f.written.clone())
     }
 
     pub fn file_names(&self) -> Vec<String> {
@@ -196,7 +203,10 @@ impl MemDisk {
 
     pub fn stats(&self) -> MemDiskStats {
         let state = self.state.borrow();
-        MemDiskStats { syncs: state.syncs, writes: state.writes }
+        MemDiskStats {
+            syncs: state.syncs,
+            writes: state.writes,
+        }
     }
 
     fn handle(&self, name: &str) -> MemFileHandle {
@@ -244,7 +254,11 @@ impl Disk for MemDisk {
     type Buffer = MemBuffer;
 
     fn alloc_buffer(&self, bytes: usize) -> MemBuffer {
-        assert_eq!(bytes % PAGE_BYTES, 0, "buffer size {bytes} not page-aligned");
+        assert_eq!(
+            bytes % PAGE_BYTES,
+            0,
+            "buffer size {bytes} not page-aligned"
+        );
         let mut buffer = MemBuffer::with_capacity(bytes);
         buffer.resize(bytes, 0);
         buffer
@@ -252,13 +266,19 @@ impl Disk for MemDisk {
 
     async fn create(&self, name: &str) -> io::Result<MemFileHandle> {
         assert!(!name.contains('/'), "file names are plain names");
-        self.state.borrow_mut().files.insert(name.to_string(), MemFile::default());
+        self.state
+            .borrow_mut()
+            .files
+            .insert(name.to_string(), MemFile::default());
         Ok(self.handle(name))
     }
 
     async fn open(&self, name: &str) -> io::Result<MemFileHandle> {
         if !self.state.borrow().files.contains_key(name) {
-            return Err(error(io::ErrorKind::NotFound, format!("{name}: no such file")));
+            return Err(error(
+                io::ErrorKind::NotFound,
+                format!("{name}: no such file"),
+            ));
         }
         Ok(self.handle(name))
     }
@@ -280,7 +300,10 @@ impl Disk for MemDisk {
     async fn remove(&self, name: &str) -> io::Result<()> {
         match self.state.borrow_mut().files.remove(name) {
             Some(_) => Ok(()),
-            None => Err(error(io::ErrorKind::NotFound, format!("{name}: no such file"))),
+            None => Err(error(
+                io::ErrorKind::NotFound,
+                format!("{name}: no such file"),
+            )),
         }
     }
 
@@ -301,10 +324,16 @@ impl MemFileHandle {
     fn with_file<T>(&self, f: impl FnOnce(&mut MemState, &str) -> io::Result<T>) -> io::Result<T> {
         let mut state = self.disk.state.borrow_mut();
         if state.generation != self.generation {
-            return Err(error(io::ErrorKind::Other, format!("{}: stale handle after crash", self.name)));
+            return Err(error(
+                io::ErrorKind::Other,
+                format!("{}: stale handle after crash", self.name),
+            ));
         }
         if !state.files.contains_key(&self.name) {
-            return Err(error(io::ErrorKind::NotFound, format!("{}: removed", self.name)));
+            return Err(error(
+                io::ErrorKind::NotFound,
+                format!("{}: removed", self.name),
+            ));
         }
         f(&mut state, &self.name)
     }
@@ -345,7 +374,10 @@ impl DiskFile for MemFileHandle {
                 file.written.resize(end as usize, 0);
             }
             file.written[position as usize..end as usize].copy_from_slice(&buffer);
-            file.pending.push(PendingOp::Write { position, data: buffer.to_vec() });
+            file.pending.push(PendingOp::Write {
+                position,
+                data: buffer.to_vec(),
+            });
             Ok(buffer.len())
         })
     }
@@ -365,7 +397,7 @@ impl DiskFile for MemFileHandle {
         })
     }
 
-    async fn len(&self) -> io::Result<u64> {
+    async fn file_bytes(&self) -> io::Result<u64> {
         self.with_file(|state, name| Ok(file_mut(state, name).written.len() as u64))
     }
 
@@ -413,10 +445,18 @@ mod tests {
             page.as_mut_slice().fill(2);
             file.write_at(page, PAGE_BYTES as u64).await.expect("write");
             disk.crash(CrashMode::LoseUnsynced);
-            assert!(file.len().await.is_err(), "handle is stale after crash");
+            assert!(
+                file.file_bytes().await.is_err(),
+                "handle is stale after crash"
+            );
             let file = disk.open("f").await.expect("open");
-            assert_eq!(file.len().await.expect("len"), PAGE_BYTES as u64);
-            assert!(file.read_at(0, PAGE_BYTES).await.expect("read").iter().all(|&b| b == 1));
+            assert_eq!(file.file_bytes().await.expect("len"), PAGE_BYTES as u64);
+            assert!(file
+                .read_at(0, PAGE_BYTES)
+                .await
+                .expect("read")
+                .iter()
+                .all(|&b| b == 1));
         });
     }
 
@@ -441,8 +481,13 @@ mod tests {
             assert!(file.sync().await.is_err());
             disk.fail_syncs_after(None);
             disk.set_capacity(Some(PAGE_BYTES as u64));
-            assert!(file.write_at(disk.alloc_buffer(PAGE_BYTES), 0).await.is_ok());
-            let error = file.write_at(disk.alloc_buffer(PAGE_BYTES), PAGE_BYTES as u64).await;
+            assert!(file
+                .write_at(disk.alloc_buffer(PAGE_BYTES), 0)
+                .await
+                .is_ok());
+            let error = file
+                .write_at(disk.alloc_buffer(PAGE_BYTES), PAGE_BYTES as u64)
+                .await;
             assert_eq!(error.expect_err("full").raw_os_error(), Some(28));
         });
     }

@@ -41,7 +41,12 @@ pub enum RollReason {
 
 /// Decides whether appending `batch_bytes` to the active segment needs a new segment first.
 /// An empty segment is never rolled, so a batch larger than the limit still finds a home.
-pub fn decide_roll(active: &SegmentFacts, batch_bytes: u64, now_ms: u64, limits: &RollLimits) -> RollDecision {
+pub fn decide_roll(
+    active: &SegmentFacts,
+    batch_bytes: u64,
+    now_ms: u64,
+    limits: &RollLimits,
+) -> RollDecision {
     if active.data_bytes == 0 {
         return RollDecision::Keep;
     }
@@ -74,9 +79,12 @@ pub fn decide_retention(
     let mut total_bytes: u64 = sealed.iter().map(|s| s.data_bytes).sum::<u64>() + active_bytes;
     let mut delete = 0;
     for segment in sealed {
-        let over_size = limits.retention_bytes_max.is_some_and(|max| total_bytes > max);
+        let over_size = limits
+            .retention_bytes_max
+            .is_some_and(|max| total_bytes > max);
         let too_old = limits.retention_ms_max.is_some_and(|max| {
-            segment.max_timestamp_ms != i64::MIN && now_ms as i64 - segment.max_timestamp_ms > max as i64
+            segment.max_timestamp_ms != i64::MIN
+                && now_ms as i64 - segment.max_timestamp_ms > max as i64
         });
         if !(over_size || too_old) {
             break;
@@ -88,13 +96,20 @@ pub fn decide_retention(
 }
 
 /// Whether the driver should start a flush now.
-pub fn flush_due(policy: FlushPolicy, staged_bytes: usize, last_flush_ms: u64, now_ms: u64) -> bool {
+pub fn flush_due(
+    policy: FlushPolicy,
+    staged_bytes: usize,
+    last_flush_ms: u64,
+    now_ms: u64,
+) -> bool {
     if staged_bytes == 0 {
         return false;
     }
     match policy {
         FlushPolicy::Always => true,
-        FlushPolicy::Interval { interval_ms } => now_ms.saturating_sub(last_flush_ms) >= interval_ms,
+        FlushPolicy::Interval { interval_ms } => {
+            now_ms.saturating_sub(last_flush_ms) >= interval_ms
+        }
     }
 }
 
@@ -102,10 +117,17 @@ pub fn flush_due(policy: FlushPolicy, staged_bytes: usize, last_flush_ms: u64, n
 mod tests {
     use super::*;
 
-    const LIMITS: RollLimits = RollLimits { segment_bytes_max: 1000, segment_age_ms_max: 60_000 };
+    const LIMITS: RollLimits = RollLimits {
+        segment_bytes_max: 1000,
+        segment_age_ms_max: 60_000,
+    };
 
     fn facts(data_bytes: u64, created_ms: u64, max_timestamp_ms: i64) -> SegmentFacts {
-        SegmentFacts { data_bytes, created_ms, max_timestamp_ms }
+        SegmentFacts {
+            data_bytes,
+            created_ms,
+            max_timestamp_ms,
+        }
     }
 
     #[test]
@@ -123,20 +145,43 @@ mod tests {
                 assert_eq!(decision, expected, "data {data_bytes} batch {batch_bytes}");
             }
         }
-        assert_eq!(decide_roll(&facts(10, 0, 0), 16, 60_000, &LIMITS), RollDecision::Roll(RollReason::Age));
-        assert_eq!(decide_roll(&facts(0, 0, 0), 16, 60_000, &LIMITS), RollDecision::Keep);
+        assert_eq!(
+            decide_roll(&facts(10, 0, 0), 16, 60_000, &LIMITS),
+            RollDecision::Roll(RollReason::Age)
+        );
+        assert_eq!(
+            decide_roll(&facts(0, 0, 0), 16, 60_000, &LIMITS),
+            RollDecision::Keep
+        );
     }
 
     #[test]
     fn retention_deletes_oldest_prefix_only() {
-        let sealed = [facts(100, 0, 1_000), facts(100, 0, 50_000), facts(100, 0, 2_000)];
-        let by_size = RetentionLimits { retention_bytes_max: Some(250), retention_ms_max: None };
+        let sealed = [
+            facts(100, 0, 1_000),
+            facts(100, 0, 50_000),
+            facts(100, 0, 2_000),
+        ];
+        let by_size = RetentionLimits {
+            retention_bytes_max: Some(250),
+            retention_ms_max: None,
+        };
         assert_eq!(decide_retention(&sealed, 100, 0, &by_size), 2);
-        let by_time = RetentionLimits { retention_bytes_max: None, retention_ms_max: Some(10_000) };
+        let by_time = RetentionLimits {
+            retention_bytes_max: None,
+            retention_ms_max: Some(10_000),
+        };
         // The second segment is recent, so the third (older) one must wait: prefix only.
         assert_eq!(decide_retention(&sealed, 0, 20_000, &by_time), 1);
-        assert_eq!(decide_retention(&sealed, 0, 20_000, &RetentionLimits::default()), 0);
-        assert_eq!(decide_retention(&[], 1_000_000, 0, &by_size), 0, "active is never deleted");
+        assert_eq!(
+            decide_retention(&sealed, 0, 20_000, &RetentionLimits::default()),
+            0
+        );
+        assert_eq!(
+            decide_retention(&[], 1_000_000, 0, &by_size),
+            0,
+            "active is never deleted"
+        );
     }
 
     #[test]

@@ -26,8 +26,9 @@ use crate::disk::{page_ceil, page_floor, Disk, DiskFile, PAGE_BYTES};
 use crate::ids::Offset;
 use crate::index::SparseIndex;
 use crate::log::{
-    cut_segment_file, index_file_name, io_context, remove_segment_files, segment_file_name, write_checkpoint,
-    CorruptRange, FileCell, LogConfig, LogIoError, LogPoint, PartitionLog, Segment, RECYCLED_FILE_PREFIX,
+    cut_segment_file, index_file_name, io_context, remove_segment_files, segment_file_name,
+    write_checkpoint, CorruptRange, FileCell, LogConfig, LogIoError, LogPoint, PartitionLog,
+    Recovered, Segment, RECYCLED_FILE_PREFIX,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -126,12 +127,18 @@ async fn batch_at<F: DiskFile>(
     position: u64,
     expected: Option<Offset>,
 ) -> Result<Option<batch::BatchHeader>, LogIoError> {
-    let Some(head) = window.get(position, BATCH_HEADER_BYTES).await? else { return Ok(None) };
-    let Ok(header) = batch::decode_header(head) else { return Ok(None) };
+    let Some(head) = window.get(position, BATCH_HEADER_BYTES).await? else {
+        return Ok(None);
+    };
+    let Ok(header) = batch::decode_header(head) else {
+        return Ok(None);
+    };
     if expected.is_some_and(|e| e != header.base_offset) {
         return Ok(None);
     }
-    let Some(bytes) = window.get(position, header.batch_bytes()).await? else { return Ok(None) };
+    let Some(bytes) = window.get(position, header.batch_bytes()).await? else {
+        return Ok(None);
+    };
     Ok(batch::check_batch(bytes).ok().map(|checked| checked.header))
 }
 
@@ -143,9 +150,16 @@ async fn scan_segment<F: DiskFile>(
     hard_end: Option<u64>,
     config: &LogConfig,
 ) -> Result<ScanResult, LogIoError> {
-    let file_bytes = file.len().await.map_err(io_context("stat", name))?;
+    let file_bytes = file.file_bytes().await.map_err(io_context("stat", name))?;
     let file_bytes = hard_end.map_or(file_bytes, |end| end.min(file_bytes));
-    let mut window = Window { file, name, file_bytes, chunk_bytes: config.scan_chunk_bytes, start: 0, buffer: None };
+    let mut window = Window {
+        file,
+        name,
+        file_bytes,
+        chunk_bytes: config.scan_chunk_bytes,
+        start: 0,
+        buffer: None,
+    };
     let mut result = ScanResult {
         data_bytes: 0,
         next_offset: base,
@@ -169,8 +183,11 @@ async fn scan_segment<F: DiskFile>(
             }
         }
         if let Some(header) = batch_at(&mut window, position, Some(result.next_offset)).await? {
-            let relative = u32::try_from(header.base_offset.0 - base.0).expect("segment offsets fit u32");
-            result.index.observe(relative, u32::try_from(position).expect("segment fits u32"));
+            let relative =
+                u32::try_from(header.base_offset.0 - base.0).expect("segment offsets fit u32");
+            result
+                .index
+                .observe(relative, u32::try_from(position).expect("segment fits u32"));
             result.max_timestamp_ms = result.max_timestamp_ms.max(header.max_timestamp_ms);
             result.next_offset = header.next_offset();
             position += header.batch_bytes() as u64;
@@ -179,7 +196,13 @@ async fn scan_segment<F: DiskFile>(
         }
         if position >= durable_position || position >= file_bytes && durable_position == u64::MAX {
             // Beyond what was ever synced: a torn or lost unacknowledged write, or the end.
-            if let Some(head) = window.get(position, BATCH_HEADER_BYTES.min((file_bytes - position.min(file_bytes)) as usize)).await? {
+            if let Some(head) = window
+                .get(
+                    position,
+                    BATCH_HEADER_BYTES.min((file_bytes - position.min(file_bytes)) as usize),
+                )
+                .await?
+            {
                 result.torn = head.iter().any(|&b| b != 0);
             }
             return Ok(result);
@@ -201,16 +224,28 @@ async fn scan_segment<F: DiskFile>(
         match (found, durability) {
             (Some((at, header)), _) => {
                 assert!(result.next_offset < header.base_offset);
-                result.corrupt.push(CorruptRange { from: result.next_offset, to: header.base_offset });
+                result.corrupt.push(CorruptRange {
+                    from: result.next_offset,
+                    to: header.base_offset,
+                });
                 result.next_offset = header.base_offset;
                 position = at;
             }
-            (None, Durability::Upto { position: end, next_offset }) => {
+            (
+                None,
+                Durability::Upto {
+                    position: end,
+                    next_offset,
+                },
+            ) => {
                 if next_offset <= result.next_offset {
                     // The checkpoint's point was reached: nothing is missing, the rest is tail.
                     return Ok(result);
                 }
-                result.corrupt.push(CorruptRange { from: result.next_offset, to: next_offset });
+                result.corrupt.push(CorruptRange {
+                    from: result.next_offset,
+                    to: next_offset,
+                });
                 result.next_offset = next_offset;
                 position = end;
                 result.data_bytes = end;
@@ -219,8 +254,14 @@ async fn scan_segment<F: DiskFile>(
                 }
             }
             (None, Durability::Whole { next_offset }) => {
-                assert!(result.next_offset < next_offset, "complete segments return above");
-                result.corrupt.push(CorruptRange { from: result.next_offset, to: next_offset });
+                assert!(
+                    result.next_offset < next_offset,
+                    "complete segments return above"
+                );
+                result.corrupt.push(CorruptRange {
+                    from: result.next_offset,
+                    to: next_offset,
+                });
                 result.next_offset = next_offset;
                 result.data_bytes = position;
                 return Ok(result);
@@ -230,10 +271,16 @@ async fn scan_segment<F: DiskFile>(
     }
 }
 
-async fn read_checkpoint<D: Disk>(disk: &D, names: &[String]) -> Result<(FileCell<D::File>, Option<Checkpoint>), LogIoError> {
+async fn read_checkpoint<D: Disk>(
+    disk: &D,
+    names: &[String],
+) -> Result<(FileCell<D::File>, Option<Checkpoint>), LogIoError> {
     let cell: FileCell<D::File> = Rc::new(OnceCell::new());
     let checkpoint = if names.iter().any(|n| n == CHECKPOINT_FILE_NAME) {
-        let file = disk.open(CHECKPOINT_FILE_NAME).await.map_err(io_context("open", CHECKPOINT_FILE_NAME))?;
+        let file = disk
+            .open(CHECKPOINT_FILE_NAME)
+            .await
+            .map_err(io_context("open", CHECKPOINT_FILE_NAME))?;
         let bytes = file
             .read_at(0, CHECKPOINT_FILE_BYTES)
             .await
@@ -242,12 +289,19 @@ async fn read_checkpoint<D: Disk>(disk: &D, names: &[String]) -> Result<(FileCel
         assert!(cell.set(Rc::new(file)).is_ok());
         checkpoint
     } else {
-        let file = disk.create(CHECKPOINT_FILE_NAME).await.map_err(io_context("create", CHECKPOINT_FILE_NAME))?;
+        let file = disk
+            .create(CHECKPOINT_FILE_NAME)
+            .await
+            .map_err(io_context("create", CHECKPOINT_FILE_NAME))?;
         file.set_len(CHECKPOINT_FILE_BYTES as u64)
             .await
             .map_err(io_context("ftruncate", CHECKPOINT_FILE_NAME))?;
-        file.sync().await.map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))?;
-        disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+        file.sync()
+            .await
+            .map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))?;
+        disk.sync_dir()
+            .await
+            .map_err(io_context("fsync directory", "."))?;
         assert!(cell.set(Rc::new(file)).is_ok());
         None
     };
@@ -279,11 +333,14 @@ async fn trusted_index<D: Disk>(
         return Ok(None);
     }
     let file = disk.open(&name).await.map_err(io_context("open", &name))?;
-    let bytes = file.len().await.map_err(io_context("stat", &name))?;
+    let bytes = file.file_bytes().await.map_err(io_context("stat", &name))?;
     if bytes == 0 || bytes % PAGE_BYTES as u64 != 0 || bytes > 64 * 1024 * 1024 {
         return Ok(None);
     }
-    let contents = file.read_at(0, bytes as usize).await.map_err(io_context("read", &name))?;
+    let contents = file
+        .read_at(0, bytes as usize)
+        .await
+        .map_err(io_context("read", &name))?;
     match SparseIndex::decode(&contents, config.index_interval_bytes) {
         Ok((index, summary)) if summary.base_offset == base && summary.next_offset == next_base => {
             Ok(Some((index, summary)))
@@ -295,7 +352,11 @@ async fn trusted_index<D: Disk>(
 impl<D: Disk> PartitionLog<D> {
     /// Opens (recovering) or creates the log in `disk`. See the module docs for what recovery
     /// guarantees. `now_ms` is the current time (recovered segments age from it).
-    pub async fn open(disk: Rc<D>, config: LogConfig, now_ms: u64) -> Result<(Self, RecoveryReport), OpenError> {
+    pub async fn open(
+        disk: Rc<D>,
+        config: LogConfig,
+        now_ms: u64,
+    ) -> Result<(Self, RecoveryReport), OpenError> {
         config.validate().map_err(OpenError::Config)?;
         let names = disk.list().await.map_err(io_context("list", "."))?;
         let (checkpoint_file, checkpoint) = read_checkpoint(&*disk, &names).await?;
@@ -310,7 +371,9 @@ impl<D: Disk> PartitionLog<D> {
                 report.removed_segments.push(*base);
             }
             bases.retain(|b| *b <= truncating.segment_base);
-            disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+            disk.sync_dir()
+                .await
+                .map_err(io_context("fsync directory", "."))?;
             report.finished_truncation = true;
         }
 
@@ -324,7 +387,9 @@ impl<D: Disk> PartitionLog<D> {
             assert!(segment.file.set(Rc::clone(&file)).is_ok());
             // A valid index file is written only after its segment's data was synced.
             if let Some(next_base) = next_base {
-                if let Some((index, summary)) = trusted_index(&*disk, &names, base, next_base, &config).await? {
+                if let Some((index, summary)) =
+                    trusted_index(&*disk, &names, base, next_base, &config).await?
+                {
                     segment.index = index;
                     segment.next_offset = summary.next_offset;
                     segment.data_bytes = summary.data_bytes;
@@ -336,13 +401,18 @@ impl<D: Disk> PartitionLog<D> {
                 }
             }
             let durability = match (checkpoint, next_base) {
-                (Some(c), _) if c.segment_base == base => {
-                    Durability::Upto { position: c.position, next_offset: c.next_offset }
-                }
-                (Some(c), Some(next_base)) if c.segment_base > base => Durability::Whole { next_offset: next_base },
+                (Some(c), _) if c.segment_base == base => Durability::Upto {
+                    position: c.position,
+                    next_offset: c.next_offset,
+                },
+                (Some(c), Some(next_base)) if c.segment_base > base => Durability::Whole {
+                    next_offset: next_base,
+                },
                 _ => Durability::Unknown,
             };
-            let hard_end = truncation.filter(|t| t.segment_base == base).map(|t| t.position);
+            let hard_end = truncation
+                .filter(|t| t.segment_base == base)
+                .map(|t| t.position);
             let scan = scan_segment(&*file, &name, base, durability, hard_end, &config).await?;
             report.scanned_segments += 1;
             if scan.torn {
@@ -362,7 +432,9 @@ impl<D: Disk> PartitionLog<D> {
                     remove_segment_files(&*disk, *later).await?;
                     report.removed_segments.push(*later);
                 }
-                disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+                disk.sync_dir()
+                    .await
+                    .map_err(io_context("fsync directory", "."))?;
                 segments.push(segment);
                 break;
             }
@@ -378,7 +450,9 @@ impl<D: Disk> PartitionLog<D> {
         if segments.len() > 1 && segments.last().is_some_and(|s| s.data_bytes == 0) {
             let empty = segments.pop().expect("checked");
             remove_segment_files(&*disk, empty.base_offset).await?;
-            disk.sync_dir().await.map_err(io_context("fsync directory", "."))?;
+            disk.sync_dir()
+                .await
+                .map_err(io_context("fsync directory", "."))?;
             report.removed_segments.push(empty.base_offset);
             let last = segments.last_mut().expect("checked");
             last.sealed = false;
@@ -398,8 +472,11 @@ impl<D: Disk> PartitionLog<D> {
             next_offset: active.next_offset,
         };
         // Recycled segment files: keep up to the configured number for reuse, remove the rest.
-        let mut recycled: Vec<String> =
-            names.iter().filter(|n| n.starts_with(RECYCLED_FILE_PREFIX) && n.ends_with(".log")).cloned().collect();
+        let mut recycled: Vec<String> = names
+            .iter()
+            .filter(|n| n.starts_with(RECYCLED_FILE_PREFIX) && n.ends_with(".log"))
+            .cloned()
+            .collect();
         recycled.sort();
         while recycled.len() > config.recycled_segments_max {
             let extra = recycled.remove(0);
@@ -410,12 +487,14 @@ impl<D: Disk> PartitionLog<D> {
         let mut log = PartitionLog::assemble(
             Rc::clone(&disk),
             config,
-            segments,
-            durable,
-            tail,
-            Rc::clone(&checkpoint_file),
-            checkpoint,
-            corrupt,
+            Recovered {
+                segments,
+                durable,
+                tail_page_bytes: tail,
+                checkpoint_file: Rc::clone(&checkpoint_file),
+                checkpoint_durable: checkpoint,
+                corrupt,
+            },
         );
         if checkpoint.is_some() || durable.position > 0 {
             let sequence = checkpoint.map_or(1, |c| c.sequence + 1);

@@ -16,7 +16,11 @@ impl Harness for MemHarness {
     type D = MemDisk;
 
     async fn disk(&self, dir: &str) -> MemDisk {
-        self.dirs.borrow_mut().entry(dir.to_string()).or_default().clone()
+        self.dirs
+            .borrow_mut()
+            .entry(dir.to_string())
+            .or_default()
+            .clone()
     }
 
     fn flip_bit(&self, dir: &str, file: &str, position: u64) {

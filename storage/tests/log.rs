@@ -5,7 +5,9 @@ mod common;
 use common::*;
 use futures_lite::future::block_on;
 use wharf_storage::batch::{self, BATCH_HEADER_BYTES};
-use wharf_storage::log::{index_file_name, segment_file_name, AppendError, AppendMode, FlushError, LogConfig, ReadError};
+use wharf_storage::log::{
+    index_file_name, segment_file_name, AppendError, AppendMode, FlushError, LogConfig, ReadError,
+};
 use wharf_storage::mem_disk::{CrashMode, MemDisk};
 use wharf_storage::policy::RetentionLimits;
 use wharf_storage::{Epoch, Offset};
@@ -27,21 +29,34 @@ fn append_flush_read_round_trip_across_segments() {
             assert_eq!(log.durable_offset(), log.end_offset());
         }
     }
-    assert!(log.durable_offset() < log.end_offset(), "tail not yet flushed");
+    assert!(
+        log.durable_offset() < log.end_offset(),
+        "tail not yet flushed"
+    );
     // Staged (unflushed) data is readable from memory, flushed data from disk.
     assert_same_batches(&read_all(&log), &expected);
     block_on(log.flush()).expect("flush");
-    assert!(log.segment_count() > 3, "small segments roll: {}", log.segment_count());
+    assert!(
+        log.segment_count() > 3,
+        "small segments roll: {}",
+        log.segment_count()
+    );
     assert_same_batches(&read_all(&log), &expected);
     // Sealed segments have their index files.
     for base in &log.segment_bases()[..log.segment_count() - 1] {
-        assert!(disk.contents(&index_file_name(*base)).is_some(), "index of {base}");
+        assert!(
+            disk.contents(&index_file_name(*base)).is_some(),
+            "index of {base}"
+        );
     }
     drop(log);
     let (log, report) = open(&disk, small_config());
     assert!(report.corrupt.is_empty());
     assert_eq!(report.torn_tail_at, None);
-    assert_eq!(report.scanned_segments, 1, "sealed segments with valid indexes are not rescanned");
+    assert_eq!(
+        report.scanned_segments, 1,
+        "sealed segments with valid indexes are not rescanned"
+    );
     assert_eq!(log.end_offset(), Offset(600));
     assert_same_batches(&read_all(&log), &expected);
 }
@@ -51,25 +66,38 @@ fn read_positions_inside_a_batch_return_that_batch() {
     let disk = MemDisk::new();
     let (mut log, _) = open(&disk, small_config());
     for tag in 0..10 {
-        log.append(&mut make_batch(4, 10, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(4, 10, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     block_on(log.flush()).expect("flush");
     let read = block_on(log.read(Offset(6), 1)).expect("read");
     let first = batch::check_batch(read.bytes()).expect("batch");
     assert_eq!(first.header.base_offset, Offset(4));
     assert_eq!(read.next_offset, Offset(8));
-    assert!(block_on(log.read(Offset(40), 100)).expect("at end").is_empty());
-    assert!(matches!(block_on(log.read(Offset(41), 100)), Err(ReadError::OutOfRange { .. })));
+    assert!(block_on(log.read(Offset(40), 100))
+        .expect("at end")
+        .is_empty());
+    assert!(matches!(
+        block_on(log.read(Offset(41), 100)),
+        Err(ReadError::OutOfRange { .. })
+    ));
 }
 
 #[test]
 fn group_commit_shares_one_sync_among_many_appends() {
     let disk = MemDisk::new();
-    let (mut log, _) = open(&disk, LogConfig { write_chunk_bytes: 64 * 1024, ..small_config() });
+    let (mut log, _) = open(
+        &disk,
+        LogConfig {
+            write_chunk_bytes: 64 * 1024,
+            ..small_config()
+        },
+    );
     block_on(log.flush()).expect("settle");
     let syncs_before = disk.stats().syncs;
     for tag in 0..20 {
-        log.append(&mut make_batch(1, 100, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, 100, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     block_on(log.flush()).expect("flush");
     let syncs = disk.stats().syncs - syncs_before;
@@ -83,12 +111,14 @@ fn appends_continue_while_a_flush_is_in_flight() {
     let disk = MemDisk::new();
     let (mut log, _) = open(&disk, small_config());
     for tag in 0..5 {
-        log.append(&mut make_batch(2, 500, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(2, 500, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     let job = log.begin_flush().expect("begin").expect("work to do");
     // Staged while the first flush is in flight: goes to the next flush.
     for tag in 5..9 {
-        log.append(&mut make_batch(2, 500, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(2, 500, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     assert!(log.flush_in_flight());
     let durable = log.complete_flush(block_on(job.run())).expect("complete");
@@ -109,13 +139,18 @@ fn replica_appends_keep_leader_offsets_and_refuse_gaps() {
     let (mut log, _) = open(&disk, small_config());
     let mut batch = make_batch(2, 10, 0, 0);
     batch::stamp(&mut batch, Offset(0), Epoch(7));
-    let appended = log.append(&mut batch, AppendMode::Replica, 0).expect("append");
+    let appended = log
+        .append(&mut batch, AppendMode::Replica, 0)
+        .expect("append");
     assert_eq!(appended.leader_epoch, Epoch(7));
     let mut gap = make_batch(1, 10, 1, 0);
     batch::stamp(&mut gap, Offset(5), Epoch(7));
     assert!(matches!(
         log.append(&mut gap, AppendMode::Replica, 0),
-        Err(AppendError::OffsetMismatch { expected: Offset(2), found: Offset(5) })
+        Err(AppendError::OffsetMismatch {
+            expected: Offset(2),
+            found: Offset(5)
+        })
     ));
 }
 
@@ -127,13 +162,23 @@ fn malformed_batches_are_refused_and_change_nothing() {
     let mut bad_crc = good.to_vec();
     let last = bad_crc.len() - 20;
     bad_crc[last] ^= 1;
-    assert!(matches!(log.append(&mut bad_crc, EPOCH, 0), Err(AppendError::InvalidBatch(_))));
-    assert!(matches!(log.append(&mut good[..40], EPOCH, 0), Err(AppendError::InvalidBatch(_))));
+    assert!(matches!(
+        log.append(&mut bad_crc, EPOCH, 0),
+        Err(AppendError::InvalidBatch(_))
+    ));
+    assert!(matches!(
+        log.append(&mut good[..40], EPOCH, 0),
+        Err(AppendError::InvalidBatch(_))
+    ));
     let mut garbage = vec![0xAB; 300];
-    assert!(matches!(log.append(&mut garbage, EPOCH, 0), Err(AppendError::InvalidBatch(_))));
+    assert!(matches!(
+        log.append(&mut garbage, EPOCH, 0),
+        Err(AppendError::InvalidBatch(_))
+    ));
     assert_eq!(log.end_offset(), Offset(0));
     assert_eq!(log.staged_bytes(), 0);
-    log.append(&mut good, EPOCH, 0).expect("a good batch still appends");
+    log.append(&mut good, EPOCH, 0)
+        .expect("a good batch still appends");
 }
 
 #[test]
@@ -152,7 +197,8 @@ fn backpressure_when_too_much_is_staged() {
     };
     assert!(matches!(error, AppendError::Backpressure { limit_bytes, .. } if limit_bytes == limit));
     block_on(log.flush()).expect("flush");
-    log.append(&mut make_batch(1, 10, 0, 0), EPOCH, 0).expect("room again");
+    log.append(&mut make_batch(1, 10, 0, 0), EPOCH, 0)
+        .expect("room again");
 }
 
 #[test]
@@ -161,7 +207,11 @@ fn truncate_suffix_is_durable_and_appends_continue() {
     let (mut log, _) = open(&disk, small_config());
     let mut bases = Vec::new();
     for tag in 0..120 {
-        bases.push(log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0).expect("append").base_offset);
+        bases.push(
+            log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+                .expect("append")
+                .base_offset,
+        );
     }
     block_on(log.flush()).expect("flush");
     let segments_before = log.segment_count();
@@ -177,7 +227,8 @@ fn truncate_suffix_is_durable_and_appends_continue() {
     assert_eq!(kept.len(), 40);
     // New data after the cut, then a crash that loses nothing synced.
     for tag in 1000..1010 {
-        log.append(&mut make_batch(1, 100, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, 100, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     block_on(log.flush()).expect("flush");
     let expected = read_all(&log);
@@ -196,7 +247,8 @@ fn interrupted_truncation_completes_on_recovery() {
         let disk = MemDisk::new();
         let (mut log, _) = open(&disk, small_config());
         for tag in 0..60 {
-            log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0).expect("append");
+            log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+                .expect("append");
         }
         block_on(log.flush()).expect("flush");
         let to = Offset(40);
@@ -207,7 +259,10 @@ fn interrupted_truncation_completes_on_recovery() {
         disk.crash(CrashMode::Random { seed: fail_at });
         let (log, report) = open(&disk, small_config());
         let end = log.end_offset();
-        assert!(end == to || (result.is_err() && end == Offset(120)), "fail_at {fail_at}: end {end} {result:?} {report:?}");
+        assert!(
+            end == to || (result.is_err() && end == Offset(120)),
+            "fail_at {fail_at}: end {end} {result:?} {report:?}"
+        );
         if report.finished_truncation {
             assert_eq!(end, to);
         }
@@ -220,12 +275,16 @@ fn interrupted_truncation_completes_on_recovery() {
 fn retention_deletes_whole_sealed_segments_by_size_and_time() {
     let disk = MemDisk::new();
     let config = LogConfig {
-        retention: RetentionLimits { retention_bytes_max: Some(150 * 1024), retention_ms_max: None },
+        retention: RetentionLimits {
+            retention_bytes_max: Some(150 * 1024),
+            retention_ms_max: None,
+        },
         ..small_config()
     };
     let (mut log, _) = open(&disk, config.clone());
     for tag in 0..400 {
-        log.append(&mut make_batch(1, 1000, tag, tag as i64), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, 1000, tag, tag as i64), EPOCH, 0)
+            .expect("append");
     }
     block_on(log.flush()).expect("flush");
     let before = log.segment_count();
@@ -234,7 +293,10 @@ fn retention_deletes_whole_sealed_segments_by_size_and_time() {
     let start = log.log_start_offset();
     assert_eq!(start, log.segment_bases()[0]);
     assert!(!disk.file_names().contains(&segment_file_name(Offset(0))));
-    assert!(matches!(block_on(log.read(Offset(0), 10)), Err(ReadError::OutOfRange { .. })));
+    assert!(matches!(
+        block_on(log.read(Offset(0), 10)),
+        Err(ReadError::OutOfRange { .. })
+    ));
     assert_eq!(read_all(&log).first().map(|(o, _)| *o), Some(start));
     drop(log);
     let (log, _) = open(&disk, config);
@@ -243,15 +305,22 @@ fn retention_deletes_whole_sealed_segments_by_size_and_time() {
     // By time: segments whose newest record is older than the limit go.
     let disk = MemDisk::new();
     let config = LogConfig {
-        retention: RetentionLimits { retention_bytes_max: None, retention_ms_max: Some(1000) },
+        retention: RetentionLimits {
+            retention_bytes_max: None,
+            retention_ms_max: Some(1000),
+        },
         ..small_config()
     };
     let (mut log, _) = open(&disk, config);
     for tag in 0..200 {
-        log.append(&mut make_batch(1, 1000, tag, tag as i64 * 10), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, 1000, tag, tag as i64 * 10), EPOCH, 0)
+            .expect("append");
     }
     block_on(log.flush()).expect("flush");
-    assert_eq!(block_on(log.apply_retention(0)).expect("nothing old yet"), 0);
+    assert_eq!(
+        block_on(log.apply_retention(0)).expect("nothing old yet"),
+        0
+    );
     let deleted = block_on(log.apply_retention(2500)).expect("retention");
     assert!(deleted > 0 && deleted < log.segment_count() + deleted);
 }
@@ -260,40 +329,67 @@ fn retention_deletes_whole_sealed_segments_by_size_and_time() {
 fn sync_error_poisons_the_log() {
     let disk = MemDisk::new();
     let (mut log, _) = open(&disk, small_config());
-    log.append(&mut make_batch(1, 10, 0, 0), EPOCH, 0).expect("append");
+    log.append(&mut make_batch(1, 10, 0, 0), EPOCH, 0)
+        .expect("append");
     block_on(log.flush()).expect("flush");
-    log.append(&mut make_batch(1, 10, 1, 0), EPOCH, 0).expect("append");
+    log.append(&mut make_batch(1, 10, 1, 0), EPOCH, 0)
+        .expect("append");
     disk.fail_syncs_after(Some(1));
     assert!(matches!(block_on(log.flush()), Err(FlushError::Io(_))));
     disk.fail_syncs_after(None);
     assert!(log.poisoned().is_some());
-    assert!(matches!(log.append(&mut make_batch(1, 10, 2, 0), EPOCH, 0), Err(AppendError::Poisoned(_))));
-    assert!(matches!(block_on(log.flush()), Err(FlushError::Poisoned(_))));
-    assert_eq!(log.durable_offset(), Offset(1), "the failed flush acknowledged nothing");
+    assert!(matches!(
+        log.append(&mut make_batch(1, 10, 2, 0), EPOCH, 0),
+        Err(AppendError::Poisoned(_))
+    ));
+    assert!(matches!(
+        block_on(log.flush()),
+        Err(FlushError::Poisoned(_))
+    ));
+    assert_eq!(
+        log.durable_offset(),
+        Offset(1),
+        "the failed flush acknowledged nothing"
+    );
     drop(log);
     disk.crash(CrashMode::LoseUnsynced);
     let (log, _) = open(&disk, small_config());
-    assert!(log.end_offset() >= Offset(1), "acknowledged data survives restart");
+    assert!(
+        log.end_offset() >= Offset(1),
+        "acknowledged data survives restart"
+    );
 }
 
 #[test]
 fn enospc_is_a_clear_error_and_loses_nothing_acknowledged() {
     let disk = MemDisk::new();
-    let config = LogConfig { preallocate: false, ..small_config() };
+    let config = LogConfig {
+        preallocate: false,
+        ..small_config()
+    };
     let (mut log, _) = open(&disk, config.clone());
     for tag in 0..10 {
-        log.append(&mut make_batch(1, 1000, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, 1000, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     block_on(log.flush()).expect("flush");
     let acknowledged = read_all(&log);
-    let used: u64 = disk.file_names().iter().map(|n| disk.contents(n).map_or(0, |c| c.len() as u64)).sum();
+    let used: u64 = disk
+        .file_names()
+        .iter()
+        .map(|n| disk.contents(n).map_or(0, |c| c.len() as u64))
+        .sum();
     disk.set_capacity(Some(used + 4096));
     for tag in 10..40 {
-        log.append(&mut make_batch(1, 1000, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, 1000, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     let error = block_on(log.flush()).expect_err("disk full");
     let message = error.to_string();
-    assert!(message.contains("write") && message.contains("28"), "clear error: {message}");
+    assert!(
+        message.contains("write") && message.contains("28"),
+        "clear error: {message}"
+    );
     assert!(log.poisoned().is_some());
     drop(log);
     disk.set_capacity(None);
@@ -305,7 +401,10 @@ fn enospc_is_a_clear_error_and_loses_nothing_acknowledged() {
 #[test]
 fn bit_flip_in_a_flushed_segment_is_reported_not_truncated() {
     let disk = MemDisk::new();
-    let config = LogConfig { segment_bytes_max: 1024 * 1024, ..small_config() };
+    let config = LogConfig {
+        segment_bytes_max: 1024 * 1024,
+        ..small_config()
+    };
     let (mut log, _) = open(&disk, config.clone());
     let mut positions = Vec::new();
     let mut position = 0u64;
@@ -319,15 +418,34 @@ fn bit_flip_in_a_flushed_segment_is_reported_not_truncated() {
     let end = log.end_offset();
     block_on(log.close()).expect("close");
     // Flip a bit in the body of batch 20 (offsets 40..42), in the middle of the active segment.
-    disk.flip_bit(&segment_file_name(Offset(0)), positions[20] + BATCH_HEADER_BYTES as u64 + 100, 3);
+    disk.flip_bit(
+        &segment_file_name(Offset(0)),
+        positions[20] + BATCH_HEADER_BYTES as u64 + 100,
+        3,
+    );
     let (log, report) = open(&disk, config);
     assert_eq!(report.corrupt.len(), 1, "{report:?}");
-    assert_eq!((report.corrupt[0].from, report.corrupt[0].to), (Offset(40), Offset(42)));
+    assert_eq!(
+        (report.corrupt[0].from, report.corrupt[0].to),
+        (Offset(40), Offset(42))
+    );
     assert_eq!(log.end_offset(), end, "nothing truncated");
-    assert!(matches!(block_on(log.read(Offset(40), 100)), Err(ReadError::Corrupt { .. })));
-    assert!(matches!(block_on(log.read(Offset(41), 100)), Err(ReadError::Corrupt { .. })));
+    assert!(matches!(
+        block_on(log.read(Offset(40), 100)),
+        Err(ReadError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        block_on(log.read(Offset(41), 100)),
+        Err(ReadError::Corrupt { .. })
+    ));
     let after = block_on(log.read(Offset(42), 100)).expect("batches after the damage are served");
-    assert_eq!(batch::check_batch(after.bytes()).expect("valid").header.base_offset, Offset(42));
+    assert_eq!(
+        batch::check_batch(after.bytes())
+            .expect("valid")
+            .header
+            .base_offset,
+        Offset(42)
+    );
     assert!(block_on(log.read(Offset(0), 100)).is_ok());
 }
 
@@ -336,13 +454,17 @@ fn bit_flip_in_a_sealed_segment_is_caught_on_read() {
     let disk = MemDisk::new();
     let (mut log, _) = open(&disk, small_config());
     for tag in 0..100 {
-        log.append(&mut make_batch(1, 1500, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, 1500, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     // A clean shutdown writes the index files of sealed segments and a current checkpoint.
     block_on(log.close()).expect("close");
     disk.flip_bit(&segment_file_name(Offset(0)), 200, 0);
     let (log, _) = open(&disk, small_config());
-    assert!(matches!(block_on(log.read(Offset(0), 100)), Err(ReadError::Corrupt { .. })));
+    assert!(matches!(
+        block_on(log.read(Offset(0), 100)),
+        Err(ReadError::Corrupt { .. })
+    ));
     assert!(block_on(log.read(Offset(99), 100)).is_ok());
 }
 
@@ -354,14 +476,22 @@ fn reopening_an_empty_log_is_empty() {
     drop(log);
     let (mut log, report) = open(&disk, small_config());
     assert_eq!(report.segments, 1);
-    log.append(&mut make_batch(1, 1, 0, 0), EPOCH, 0).expect("append");
+    log.append(&mut make_batch(1, 1, 0, 0), EPOCH, 0)
+        .expect("append");
 }
 
 #[test]
 fn invalid_config_is_refused() {
     let disk = MemDisk::new();
-    let config = wharf_storage::LogConfig { segment_bytes_max: 1000, ..small_config() };
-    let result = block_on(wharf_storage::PartitionLog::open(std::rc::Rc::new(disk), config, 0));
+    let config = wharf_storage::LogConfig {
+        segment_bytes_max: 1000,
+        ..small_config()
+    };
+    let result = block_on(wharf_storage::PartitionLog::open(
+        std::rc::Rc::new(disk),
+        config,
+        0,
+    ));
     assert!(matches!(result, Err(wharf_storage::OpenError::Config(_))));
 }
 
@@ -369,36 +499,53 @@ fn invalid_config_is_refused() {
 fn recycled_segment_files_never_resurrect_stale_batches() {
     let disk = MemDisk::new();
     let config = LogConfig {
-        retention: RetentionLimits { retention_bytes_max: Some(100 * 1024), retention_ms_max: None },
+        retention: RetentionLimits {
+            retention_bytes_max: Some(100 * 1024),
+            retention_ms_max: None,
+        },
         recycled_segments_max: 1,
         ..small_config()
     };
     // Page-sized batches: every end of data is page-aligned, so after our last batch the reused
     // file holds an intact stale batch header (a flush zero-fills only the rest of its last page).
-    let value_bytes = (3000..4096).find(|v| make_batch(1, *v, 0, 0).len() == 4096).expect("a page-sized batch");
+    let value_bytes = (3000..4096)
+        .find(|v| make_batch(1, *v, 0, 0).len() == 4096)
+        .expect("a page-sized batch");
     let (mut log, _) = open(&disk, config.clone());
     for tag in 0..200 {
-        log.append(&mut make_batch(1, value_bytes, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, value_bytes, tag, 0), EPOCH, 0)
+            .expect("append");
     }
     block_on(log.flush()).expect("flush");
     assert!(block_on(log.apply_retention(0)).expect("retention") > 0);
-    assert!(disk.file_names().iter().any(|n| n.starts_with("recycle-")), "a segment file was kept for reuse");
+    assert!(
+        disk.file_names().iter().any(|n| n.starts_with("recycle-")),
+        "a segment file was kept for reuse"
+    );
     // Roll into a new segment that reuses the recycled file, write only a little into it, so
     // the old segment's batches follow ours in the file.
     let start_segments = log.segment_count();
     let mut tag = 1000;
     while log.segment_count() == start_segments {
-        log.append(&mut make_batch(1, value_bytes, tag, 0), EPOCH, 0).expect("append");
+        log.append(&mut make_batch(1, value_bytes, tag, 0), EPOCH, 0)
+            .expect("append");
         tag += 1;
     }
     block_on(log.flush()).expect("flush");
-    assert!(!disk.file_names().iter().any(|n| n.starts_with("recycle-")), "the recycled file was reused");
+    assert!(
+        !disk.file_names().iter().any(|n| n.starts_with("recycle-")),
+        "the recycled file was reused"
+    );
     let expected = read_all(&log);
     let end = log.end_offset();
     drop(log);
     disk.crash(CrashMode::LoseUnsynced);
     let (log, report) = open(&disk, config);
     assert!(report.corrupt.is_empty(), "{report:?}");
-    assert_eq!(log.end_offset(), end, "stale batches after the end are not taken for data");
+    assert_eq!(
+        log.end_offset(),
+        end,
+        "stale batches after the end are not taken for data"
+    );
     assert_same_batches(&read_all(&log), &expected);
 }

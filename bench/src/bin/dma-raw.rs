@@ -11,26 +11,41 @@ use std::time::Instant;
 use glommio::io::{DmaFile, OpenOptions};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let number = |name: &str, default: u64| -> u64 { arg(&args, name).map_or(default, |v| v.parse().expect("a number")) };
-    let dir = PathBuf::from(arg(&args, "--dir").unwrap_or_else(|| "target/bench-dma-raw".to_string()));
+    let number = |name: &str, default: u64| -> u64 {
+        arg(&args, name).map_or(default, |v| v.parse().expect("a number"))
+    };
+    let dir =
+        PathBuf::from(arg(&args, "--dir").unwrap_or_else(|| "target/bench-dma-raw".to_string()));
     let total_bytes = number("--total-mib", 2048) << 20;
     let write_bytes = (number("--write-kib", 256) << 10) as usize;
     let in_flight = number("--writes-in-flight", 4) as usize;
     let fresh = args.iter().any(|a| a == "--fresh");
     std::fs::create_dir_all(&dir).expect("dir");
     let rate = wharf::runtime::run_local("dma-raw", async move {
-        let disk = wharf::dma_disk::DmaDisk::open(&dir).await.expect("self-test");
+        let disk = wharf::dma_disk::DmaDisk::open(&dir)
+            .await
+            .expect("self-test");
         let path = disk.dir().join("raw.log");
         let _ = std::fs::remove_file(&path);
         let file: Rc<DmaFile> = Rc::new(
-            OpenOptions::new().read(true).write(true).create(true).dma_open(&path).await.expect("open"),
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .dma_open(&path)
+                .await
+                .expect("open"),
         );
-        file.pre_allocate(total_bytes, false).await.expect("fallocate");
+        file.pre_allocate(total_bytes, false)
+            .await
+            .expect("fallocate");
         if !fresh {
             // Write the file once so the measured pass overwrites written blocks.
             let mut position = 0;
@@ -66,7 +81,11 @@ fn main() {
         "dma-raw: {} x {} KiB writes in flight then fdatasync, {}: {:.2} GB/s",
         in_flight,
         write_bytes >> 10,
-        if fresh { "fresh preallocated file" } else { "overwriting written blocks" },
+        if fresh {
+            "fresh preallocated file"
+        } else {
+            "overwriting written blocks"
+        },
         rate / 1e9
     );
 }

@@ -9,15 +9,21 @@ use std::path::PathBuf;
 use wharf_bench::{timed_append, AppendWorkload, DmaAppender};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let number = |name: &str, default: u64| -> u64 {
-        arg(&args, name).map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number, got {v}")))
+        arg(&args, name).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number, got {v}"))
+        })
     };
-    let dir = PathBuf::from(arg(&args, "--dir").unwrap_or_else(|| "target/bench-log-append".to_string()));
+    let dir =
+        PathBuf::from(arg(&args, "--dir").unwrap_or_else(|| "target/bench-log-append".to_string()));
     let total_bytes = number("--total-mib", 4096) << 20;
     let runs = number("--runs", 3);
     let workload = AppendWorkload {
@@ -61,7 +67,10 @@ fn main() {
     );
     println!(
         "  runs: {:?} GB/s",
-        rates.iter().map(|r| format!("{:.2}", r / 1e9)).collect::<Vec<_>>()
+        rates
+            .iter()
+            .map(|r| format!("{:.2}", r / 1e9))
+            .collect::<Vec<_>>()
     );
     println!("  median: {:.2} GB/s", median / 1e9);
     if let Ok(limits) = std::fs::read_to_string("target/limits.json") {

@@ -13,7 +13,9 @@ use wharf_storage::log::{AppendMode, LogConfig, PartitionLog};
 use wharf_storage::mem_disk::MemDisk;
 use wharf_storage::{Epoch, Offset};
 
-pub const EPOCH: AppendMode = AppendMode::Leader { leader_epoch: Epoch(1) };
+pub const EPOCH: AppendMode = AppendMode::Leader {
+    leader_epoch: Epoch(1),
+};
 
 /// A small log configuration that exercises rolls and multi-chunk flushes quickly.
 pub fn small_config() -> LogConfig {
@@ -27,12 +29,24 @@ pub fn small_config() -> LogConfig {
     }
 }
 
-pub fn make_batch(records: usize, value_bytes: usize, tag: u64, timestamp_ms: i64) -> AlignedVec<16> {
+pub fn make_batch(
+    records: usize,
+    value_bytes: usize,
+    tag: u64,
+    timestamp_ms: i64,
+) -> AlignedVec<16> {
     let mut builder = BatchBuilder::new(ProducerStamp::default());
     for i in 0..records {
         let mut value = vec![(tag % 251) as u8; value_bytes];
         value[..8.min(value_bytes)].copy_from_slice(&tag.to_le_bytes()[..8.min(value_bytes)]);
-        builder.push(timestamp_ms + i as i64, Some(&tag.to_le_bytes()), &value, &[]).expect("push");
+        builder
+            .push(
+                timestamp_ms + i as i64,
+                Some(&tag.to_le_bytes()),
+                &value,
+                &[],
+            )
+            .expect("push");
     }
     builder.finish().expect("finish")
 }
@@ -43,7 +57,10 @@ pub fn random_batch(rng: &mut StdRng, tag: u64, timestamp_ms: i64) -> AlignedVec
     make_batch(records, value_bytes, tag, timestamp_ms)
 }
 
-pub fn open(disk: &MemDisk, config: LogConfig) -> (PartitionLog<MemDisk>, wharf_storage::RecoveryReport) {
+pub fn open(
+    disk: &MemDisk,
+    config: LogConfig,
+) -> (PartitionLog<MemDisk>, wharf_storage::RecoveryReport) {
     block_on(PartitionLog::open(Rc::new(disk.clone()), config, 0)).expect("open")
 }
 
@@ -56,7 +73,11 @@ pub fn read_all<D: Disk>(log: &PartitionLog<D>) -> Vec<(Offset, Vec<u8>)> {
         reads += 1;
         assert!(reads < 1_000_000, "read loop bound");
         let read = block_on(log.read(next, 64 * 1024)).expect("read");
-        assert!(!read.is_empty(), "empty read at {next} below end {}", log.end_offset());
+        assert!(
+            !read.is_empty(),
+            "empty read at {next} below end {}",
+            log.end_offset()
+        );
         for checked in batch::batches(read.bytes()) {
             let checked = checked.expect("valid batch");
             checked.records().expect("rkyv-valid body");
@@ -76,7 +97,13 @@ pub fn read_all<D: Disk>(log: &PartitionLog<D>) -> Vec<(Offset, Vec<u8>)> {
 pub fn assert_same_batches(got: &[(Offset, Vec<u8>)], expected: &[(Offset, Vec<u8>)]) {
     for (i, (g, e)) in got.iter().zip(expected).enumerate() {
         assert_eq!(g.0, e.0, "batch {i}: offset");
-        assert!(g.1 == e.1, "batch {i} at offset {}: bytes differ ({} vs {} bytes)", g.0, g.1.len(), e.1.len());
+        assert!(
+            g.1 == e.1,
+            "batch {i} at offset {}: bytes differ ({} vs {} bytes)",
+            g.0,
+            g.1.len(),
+            e.1.len()
+        );
     }
     assert_eq!(got.len(), expected.len(), "batch count");
 }
