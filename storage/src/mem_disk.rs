@@ -391,8 +391,23 @@ impl DiskFile for MemFileHandle {
             }
             state.syncs += 1;
             let file = file_mut(state, name);
-            file.durable = file.written.clone();
-            file.pending.clear();
+            // Apply what was issued since the last sync (cost proportional to it, not the file).
+            for op in file.pending.drain(..) {
+                match op {
+                    PendingOp::SetLen { bytes } => file.durable.resize(bytes as usize, 0),
+                    PendingOp::Write { position, data } => {
+                        let end = position as usize + data.len();
+                        if file.durable.len() < end {
+                            file.durable.resize(end, 0);
+                        }
+                        file.durable[position as usize..end].copy_from_slice(&data);
+                    }
+                }
+            }
+            debug_assert!(
+                file.durable == file.written,
+                "durable image matches after sync"
+            );
             Ok(())
         })
     }

@@ -9,7 +9,8 @@
 //! - the recovered log accepts appends and survives a second crash.
 //!
 //! A failure names its seed; `WHARF_SEED=N cargo test -p wharf-storage --test crash` replays
-//! it, and `WHARF_SEEDS=N` runs N seeds instead of the default.
+//! it. `WHARF_SEEDS=N` runs N seeds instead of the default, starting at `WHARF_SEED_START`
+//! (default 0); the test script adds a batch from a random start each run.
 
 mod common;
 
@@ -251,7 +252,12 @@ fn crash_recovery_keeps_a_prefix_with_every_acknowledged_batch() {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(DEFAULT_SEEDS);
-            (0..count).collect()
+            let start: u64 = std::env::var("WHARF_SEED_START")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            eprintln!("crash consistency: seeds {start}..{}", start + count);
+            (start..start + count).collect()
         }
     };
     for seed in seeds {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs Wharf's whole test suite: style gates (rustfmt, clippy with warnings as errors), every
+# unit, property, crash-consistency and DmaDisk test, plus a batch of crash seeds from a random
+# start (printed, so a failure replays with WHARF_SEED=N). Installs what it needs first.
+#
+# The DmaDisk tests need io_uring and a filesystem with O_DIRECT (not tmpfs): they fail with a
+# message saying so when either is missing, rather than passing silently.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source_setup() { bash scripts/setup.sh "$@"; export PATH="$HOME/.cargo/bin:$PATH"; }
+source_setup
+
+echo "== rustfmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests"
+cargo test --workspace --locked
+echo "== extra crash-consistency seeds"
+start=${WHARF_SEED_START:-$(( (RANDOM << 15 | RANDOM) * 1000 ))}
+WHARF_SEED_START=$start WHARF_SEEDS=${WHARF_EXTRA_SEEDS:-2000} \
+  cargo test -p wharf-storage --test crash --locked -- --nocapture 2>&1 | grep -E "seeds|test result|panicked|replay"
+echo "test.sh: all passed"
