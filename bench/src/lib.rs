@@ -11,6 +11,31 @@ use wharf_storage::log::{AppendMode, LogConfig, PartitionLog, FLUSHES_IN_FLIGHT_
 use wharf_storage::policy::RetentionLimits;
 use wharf_storage::Epoch;
 
+/// Minimal `--name value` argument reading shared by the bench tools.
+pub mod args {
+    /// The value after `name`, if present.
+    pub fn value(args: &[String], name: &str) -> Option<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    }
+
+    /// The number after `name`, or `default`; exits with a clear message on a non-number.
+    pub fn number(args: &[String], name: &str, default: u64) -> u64 {
+        match value(args, name) {
+            None => default,
+            Some(v) => v.parse().unwrap_or_else(|_| {
+                eprintln!("{name} takes a number, got {v:?}");
+                std::process::exit(2)
+            }),
+        }
+    }
+
+    pub fn flag(args: &[String], name: &str) -> bool {
+        args.iter().any(|a| a == name)
+    }
+}
+
 /// A batch of `records` records of `record_bytes` each.
 pub fn make_batch(records: usize, record_bytes: usize) -> AlignedVec<16> {
     let mut builder = BatchBuilder::new(ProducerStamp::default());

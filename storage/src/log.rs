@@ -31,7 +31,7 @@ use crate::checkpoint::{Checkpoint, CheckpointState, CHECKPOINT_FILE_NAME};
 use crate::disk::{page_ceil, page_floor, Disk, DiskFile, IoBuffer, PAGE_BYTES};
 use crate::ids::{Epoch, Offset};
 use crate::index::{SegmentSummary, SparseIndex};
-use crate::policy::{self, RetentionLimits, RollDecision, RollLimits, SegmentFacts};
+use crate::policy::{self, FlushPolicy, RetentionLimits, RollDecision, RollLimits, SegmentFacts};
 
 /// Tunables of one partition log. Limits are named and checked by [`LogConfig::validate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +57,9 @@ pub struct LogConfig {
     /// writing into blocks that were written before makes fdatasync cheaper (no extent
     /// conversion to journal) and avoids fragmentation. 0 disables recycling.
     pub recycled_segments_max: usize,
+    /// When acknowledged writes must be fsynced: before the acknowledgement (`Always`, the
+    /// default) or at most every interval. The driver asks [`PartitionLog::flush_due`].
+    pub flush_policy: FlushPolicy,
     /// Preallocate each new segment to `segment_bytes_max` (writing inside a file is about twice
     /// as fast as extending it with O_DIRECT).
     pub preallocate: bool,
@@ -74,6 +77,7 @@ impl Default for LogConfig {
             scan_chunk_bytes: 1024 * 1024,
             checkpoint_interval_bytes: 64 * 1024 * 1024,
             recycled_segments_max: 2,
+            flush_policy: FlushPolicy::Always,
             preallocate: true,
         }
     }
@@ -1025,6 +1029,20 @@ impl<D: Disk> PartitionLog<D> {
             position: durable.position,
             next_offset: durable.next_offset,
         })
+    }
+
+    /// Whether the driver should begin a flush now under the log's [`FlushPolicy`], given when
+    /// the last flush began. Backpressure (`staged_bytes_max`) forces one regardless.
+    pub fn flush_due(&self, last_flush_ms: u64, now_ms: u64) -> bool {
+        let nearly_full =
+            self.staged_bytes + self.config.write_chunk_bytes >= self.config.staged_bytes_max;
+        nearly_full
+            || policy::flush_due(
+                self.config.flush_policy,
+                self.staged_bytes,
+                last_flush_ms,
+                now_ms,
+            )
     }
 
     /// Asks the next flush to bring the durable checkpoint up to date even if less than

@@ -549,3 +549,45 @@ fn recycled_segment_files_never_resurrect_stale_batches() {
     );
     assert_same_batches(&read_all(&log), &expected);
 }
+
+#[test]
+fn segments_roll_by_age_with_time_as_an_argument() {
+    let disk = MemDisk::new();
+    let config = LogConfig {
+        segment_age_ms_max: 60_000,
+        ..small_config()
+    };
+    let (mut log, _) = open(&disk, config);
+    log.append(&mut make_batch(1, 10, 0, 0), EPOCH, 1_000)
+        .expect("append");
+    log.append(&mut make_batch(1, 10, 1, 0), EPOCH, 60_999)
+        .expect("append");
+    assert_eq!(log.segment_count(), 1, "younger than the limit");
+    log.append(&mut make_batch(1, 10, 2, 0), EPOCH, 61_000)
+        .expect("append");
+    assert_eq!(log.segment_count(), 2, "rolled by age");
+    assert_eq!(log.segment_bases()[1], Offset(2));
+}
+
+#[test]
+fn flush_policy_decides_when_the_driver_flushes() {
+    use wharf_storage::policy::FlushPolicy;
+    let disk = MemDisk::new();
+    let (mut always, _) = open(&disk, small_config());
+    assert!(!always.flush_due(0, 0), "nothing staged");
+    always
+        .append(&mut make_batch(1, 10, 0, 0), EPOCH, 0)
+        .expect("append");
+    assert!(always.flush_due(0, 0));
+    let disk = MemDisk::new();
+    let config = LogConfig {
+        flush_policy: FlushPolicy::Interval { interval_ms: 100 },
+        ..small_config()
+    };
+    let (mut interval, _) = open(&disk, config);
+    interval
+        .append(&mut make_batch(1, 10, 0, 0), EPOCH, 0)
+        .expect("append");
+    assert!(!interval.flush_due(1_000, 1_050));
+    assert!(interval.flush_due(1_000, 1_100));
+}

@@ -9,24 +9,18 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use glommio::io::{DmaFile, OpenOptions};
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
+use wharf_bench::args;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let number = |name: &str, default: u64| -> u64 {
-        arg(&args, name).map_or(default, |v| v.parse().expect("a number"))
-    };
-    let dir =
-        PathBuf::from(arg(&args, "--dir").unwrap_or_else(|| "target/bench-dma-raw".to_string()));
+    let number = |name: &str, default: u64| args::number(&args, name, default);
+    let dir = PathBuf::from(
+        args::value(&args, "--dir").unwrap_or_else(|| "target/bench-dma-raw".to_string()),
+    );
     let total_bytes = number("--total-mib", 2048) << 20;
     let write_bytes = (number("--write-kib", 256) << 10) as usize;
     let in_flight = number("--writes-in-flight", 4) as usize;
-    let fresh = args.iter().any(|a| a == "--fresh");
+    let fresh = args::flag(&args, "--fresh");
     std::fs::create_dir_all(&dir).expect("dir");
     let rate = wharf::runtime::run_local("dma-raw", async move {
         let disk = wharf::dma_disk::DmaDisk::open(&dir)

@@ -6,24 +6,14 @@
 
 use std::path::PathBuf;
 
-use wharf_bench::{timed_append, AppendWorkload, DmaAppender};
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
+use wharf_bench::{args, timed_append, AppendWorkload, DmaAppender};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let number = |name: &str, default: u64| -> u64 {
-        arg(&args, name).map_or(default, |v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number, got {v}"))
-        })
-    };
-    let dir =
-        PathBuf::from(arg(&args, "--dir").unwrap_or_else(|| "target/bench-log-append".to_string()));
+    let number = |name: &str, default: u64| args::number(&args, name, default);
+    let dir = PathBuf::from(
+        args::value(&args, "--dir").unwrap_or_else(|| "target/bench-log-append".to_string()),
+    );
     let total_bytes = number("--total-mib", 4096) << 20;
     let runs = number("--runs", 3);
     let workload = AppendWorkload {
@@ -32,8 +22,8 @@ fn main() {
         flush_bytes: number("--flush-bytes", 1 << 20) as usize,
         write_chunk_bytes: number("--chunk-bytes", 1024 * 1024) as usize,
         segment_bytes_max: number("--segment-mib", 256) << 20,
-        recycle: !args.iter().any(|a| a == "--fresh"),
-        retain_segments: (!args.iter().any(|a| a == "--keep-all")).then_some(2),
+        recycle: !args::flag(&args, "--fresh"),
+        retain_segments: (!args::flag(&args, "--keep-all")).then_some(2),
     };
     let _ = std::fs::remove_dir_all(&dir);
     let report = wharf::runtime::run_local("log-append", {

@@ -1,5 +1,5 @@
 //! Helpers shared by the storage integration tests.
-#![allow(dead_code, reason = "each test binary uses a different subset")]
+#![allow(dead_code, unused_imports, reason = "each test binary uses a different subset")]
 
 use std::rc::Rc;
 
@@ -7,7 +7,7 @@ use futures_lite::future::block_on;
 use rand::rngs::StdRng;
 use rand::Rng;
 use rkyv::util::AlignedVec;
-use wharf_storage::batch::{self, BatchBuilder, ProducerStamp};
+use wharf_storage::batch::{BatchBuilder, ProducerStamp};
 use wharf_storage::disk::Disk;
 use wharf_storage::log::{AppendMode, LogConfig, PartitionLog};
 use wharf_storage::mem_disk::MemDisk;
@@ -64,46 +64,9 @@ pub fn open(
     block_on(PartitionLog::open(Rc::new(disk.clone()), config, 0)).expect("open")
 }
 
-/// Reads every batch from the log start to the end offset, checking CRCs and offsets.
+/// Every batch from the log start to the end, checked (the conformance suite's reader).
 pub fn read_all<D: Disk>(log: &PartitionLog<D>) -> Vec<(Offset, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut next = log.log_start_offset();
-    let mut reads = 0;
-    while next < log.end_offset() {
-        reads += 1;
-        assert!(reads < 1_000_000, "read loop bound");
-        let read = block_on(log.read(next, 64 * 1024)).expect("read");
-        assert!(
-            !read.is_empty(),
-            "empty read at {next} below end {}",
-            log.end_offset()
-        );
-        for checked in batch::batches(read.bytes()) {
-            let checked = checked.expect("valid batch");
-            checked.records().expect("rkyv-valid body");
-            if checked.header.next_offset() <= next {
-                continue;
-            }
-            assert_eq!(checked.header.base_offset, next, "offsets are dense");
-            out.push((next, checked.bytes.to_vec()));
-            next = checked.header.next_offset();
-        }
-        assert_eq!(read.next_offset, next);
-    }
-    out
+    block_on(wharf_storage::conformance::read_all(log))
 }
 
-/// Asserts two batch lists are equal, naming the first difference instead of dumping bytes.
-pub fn assert_same_batches(got: &[(Offset, Vec<u8>)], expected: &[(Offset, Vec<u8>)]) {
-    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
-        assert_eq!(g.0, e.0, "batch {i}: offset");
-        assert!(
-            g.1 == e.1,
-            "batch {i} at offset {}: bytes differ ({} vs {} bytes)",
-            g.0,
-            g.1.len(),
-            e.1.len()
-        );
-    }
-    assert_eq!(got.len(), expected.len(), "batch count");
-}
+pub use wharf_storage::conformance::assert_same_batches;
