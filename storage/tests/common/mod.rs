@@ -1,5 +1,9 @@
 //! Helpers shared by the storage integration tests.
-#![allow(dead_code, unused_imports, reason = "each test binary uses a different subset")]
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "each test binary uses a different subset"
+)]
 
 use std::rc::Rc;
 
