@@ -314,6 +314,9 @@ pub fn index_file_name(base_offset: Offset) -> String {
 /// Flushes that may be in flight at once: one syncing while the next one writes.
 pub const FLUSHES_IN_FLIGHT_MAX: usize = 2;
 
+/// A flush merges up to this many staging chunks into one write (see `coalesce_staged`).
+pub const COALESCE_CHUNKS_MAX: usize = 2;
+
 /// A page-aligned staging buffer: bytes destined for `position` of one segment.
 struct StagedChunk<D: Disk> {
     segment_base: Offset,
@@ -918,6 +921,7 @@ impl<D: Disk> PartitionLog<D> {
             self.checkpoint_requested = false;
         }
         let active_base = self.active().base_offset;
+        self.coalesce_staged();
         while let Some(mut chunk) = self.staged.pop_front() {
             let name = segment_file_name(chunk.segment_base);
             let segment = self
@@ -980,6 +984,50 @@ impl<D: Disk> PartitionLog<D> {
         }
         self.flush_targets.push_back(job.target);
         Ok(Some(job))
+    }
+
+    /// Merges runs of contiguous staged chunks of one segment into one buffer, up to
+    /// [`COALESCE_CHUNKS_MAX`] chunks' worth. Writes to one file are served one after another
+    /// by the I/O stack (measured: four 256 KiB writes in flight ran like one at a time), so a
+    /// flush that spans a chunk boundary would pay a second write's latency; copying the chunks
+    /// together (about 50 µs per MiB) is cheaper than that second write (about 300 µs).
+    fn coalesce_staged(&mut self) {
+        let limit_bytes = COALESCE_CHUNKS_MAX * self.config.write_chunk_bytes;
+        let mut merged: VecDeque<StagedChunk<D>> = VecDeque::with_capacity(self.staged.len());
+        while let Some(first) = self.staged.pop_front() {
+            let mut run = vec![first];
+            while let Some(next) = self.staged.front() {
+                let last = run.last().expect("run starts non-empty");
+                let total: usize = run.iter().map(|c| c.filled).sum::<usize>() + next.filled;
+                let contiguous = next.segment_base == last.segment_base
+                    && next.position == last.position + last.filled as u64;
+                if !contiguous || total > limit_bytes {
+                    break;
+                }
+                run.push(self.staged.pop_front().expect("peeked"));
+            }
+            if run.len() == 1 {
+                merged.extend(run);
+                continue;
+            }
+            let filled: usize = run.iter().map(|c| c.filled).sum();
+            let mut buffer = self.disk.alloc_buffer(page_ceil(filled as u64) as usize);
+            let mut at = 0;
+            for chunk in &run {
+                buffer.as_mut()[at..at + chunk.filled]
+                    .copy_from_slice(&chunk.buffer.as_ref()[..chunk.filled]);
+                at += chunk.filled;
+            }
+            let first = run.swap_remove(0);
+            merged.push_back(StagedChunk {
+                segment_base: first.segment_base,
+                file: first.file,
+                position: first.position,
+                buffer,
+                filled,
+            });
+        }
+        self.staged = merged;
     }
 
     /// Sealed segments whose data is durable and whose index file is neither durable nor in a
