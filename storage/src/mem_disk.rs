@@ -4,8 +4,9 @@
 //! crash), plus the list of operations issued since its last `sync`. [`MemDisk::crash`] rebuilds
 //! every file from its durable image plus a seeded random choice of those pending operations:
 //! each is kept, lost, or torn at 512-byte sector granularity (so a torn 4 KiB page is possible
-//! too). File creation and removal are modelled as durable at once (the directory is synced by
-//! the log around them anyway).
+//! too). Directory changes (create, rename, remove) are pending until [`Disk::sync_dir`]; a crash
+//! keeps a random *prefix* of them, in order, as a journaling filesystem does. A file that no
+//! surviving name refers to is gone after the crash, whatever was synced into it.
 //!
 //! Faults: EIO on the n-th next write or sync, ENOSPC beyond a capacity, bit flips. Alignment is
 //! checked as O_DIRECT would: misaligned positions or lengths fail with EINVAL.
@@ -46,9 +47,42 @@ struct MemFile {
     pending: Vec<PendingOp>,
 }
 
+type FileId = u64;
+
+/// A directory change not yet made durable by `sync_dir`.
+#[derive(Debug, Clone)]
+enum DirOp {
+    Link { name: String, id: FileId },
+    Unlink { name: String },
+    Rename { from: String, to: String },
+}
+
+fn apply_dir_op(names: &mut BTreeMap<String, FileId>, op: &DirOp) {
+    match op {
+        DirOp::Link { name, id } => {
+            names.insert(name.clone(), *id);
+        }
+        DirOp::Unlink { name } => {
+            names.remove(name);
+        }
+        DirOp::Rename { from, to } => {
+            if let Some(id) = names.remove(from) {
+                names.insert(to.clone(), id);
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct MemState {
-    files: BTreeMap<String, MemFile>,
+    files: BTreeMap<FileId, MemFile>,
+    /// The directory as it is now.
+    names: BTreeMap<String, FileId>,
+    /// The directory as of the last `sync_dir`.
+    durable_names: BTreeMap<String, FileId>,
+    /// Directory changes since the last `sync_dir`, in order.
+    dir_ops: Vec<DirOp>,
+    next_id: FileId,
     /// Bumped by every crash; handles from an older generation fail with EIO.
     generation: u64,
     writes_until_eio: Option<u64>,
@@ -105,6 +139,10 @@ impl MemDisk {
         MemDisk {
             state: Rc::new(RefCell::new(MemState {
                 files: BTreeMap::new(),
+                names: BTreeMap::new(),
+                durable_names: BTreeMap::new(),
+                dir_ops: Vec::new(),
+                next_id: 0,
                 generation: 0,
                 writes_until_eio: None,
                 syncs_until_eio: None,
@@ -123,6 +161,18 @@ impl MemDisk {
             CrashMode::LoseUnsynced => None,
             CrashMode::Random { seed } => Some(StdRng::seed_from_u64(seed)),
         };
+        let kept_ops = match rng.as_mut() {
+            Some(rng) => rng.random_range(0..=state.dir_ops.len()),
+            None => 0,
+        };
+        let mut names = state.durable_names.clone();
+        for op in state.dir_ops.drain(..).take(kept_ops) {
+            apply_dir_op(&mut names, &op);
+        }
+        state.durable_names = names.clone();
+        state.names = names;
+        let live: std::collections::BTreeSet<FileId> = state.names.values().copied().collect();
+        state.files.retain(|id, _| live.contains(id));
         for file in state.files.values_mut() {
             let mut image = std::mem::take(&mut file.durable);
             for op in file.pending.drain(..) {
@@ -177,10 +227,8 @@ impl MemDisk {
     /// Flips one bit in both the written and durable images of `name` (media corruption).
     pub fn flip_bit(&self, name: &str, position: u64, bit: u8) {
         let mut state = self.state.borrow_mut();
-        let file = state
-            .files
-            .get_mut(name)
-            .expect("flip_bit on a missing file");
+        let id = *state.names.get(name).expect("flip_bit on a missing file");
+        let file = state.files.get_mut(&id).expect("named files exist");
         for image in [&mut file.written, &mut file.durable] {
             if let Some(byte) = image.get_mut(position as usize) {
                 *byte ^= 1 << (bit % 8);
@@ -190,15 +238,16 @@ impl MemDisk {
 
     /// The current (written) contents of a file, for assertions.
     pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
-        self.state
-            .borrow()
-            .files
+        let state = self.state.borrow();
+        state
+            .names
             .get(name)
+            .and_then(|id| state.files.get(id))
             .map(|f| f.written.clone())
     }
 
     pub fn file_names(&self) -> Vec<String> {
-        self.state.borrow().files.keys().cloned().collect()
+        self.state.borrow().names.keys().cloned().collect()
     }
 
     pub fn stats(&self) -> MemDiskStats {
@@ -209,10 +258,11 @@ impl MemDisk {
         }
     }
 
-    fn handle(&self, name: &str) -> MemFileHandle {
+    fn handle(&self, name: &str, id: FileId) -> MemFileHandle {
         MemFileHandle {
             disk: self.clone(),
             name: name.to_string(),
+            id,
             generation: self.state.borrow().generation,
         }
     }
@@ -266,21 +316,30 @@ impl Disk for MemDisk {
 
     async fn create(&self, name: &str) -> io::Result<MemFileHandle> {
         assert!(!name.contains('/'), "file names are plain names");
-        self.state
-            .borrow_mut()
-            .files
-            .insert(name.to_string(), MemFile::default());
-        Ok(self.handle(name))
+        let id = {
+            let mut state = self.state.borrow_mut();
+            let id = state.next_id;
+            state.next_id += 1;
+            state.files.insert(id, MemFile::default());
+            state.names.insert(name.to_string(), id);
+            state.dir_ops.push(DirOp::Link {
+                name: name.to_string(),
+                id,
+            });
+            id
+        };
+        Ok(self.handle(name, id))
     }
 
     async fn open(&self, name: &str) -> io::Result<MemFileHandle> {
-        if !self.state.borrow().files.contains_key(name) {
-            return Err(error(
+        let id = self.state.borrow().names.get(name).copied();
+        match id {
+            Some(id) => Ok(self.handle(name, id)),
+            None => Err(error(
                 io::ErrorKind::NotFound,
                 format!("{name}: no such file"),
-            ));
+            )),
         }
-        Ok(self.handle(name))
     }
 
     async fn list(&self) -> io::Result<Vec<String>> {
@@ -289,25 +348,39 @@ impl Disk for MemDisk {
 
     async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut state = self.state.borrow_mut();
-        let file = state
-            .files
+        let id = state
+            .names
             .remove(from)
             .ok_or_else(|| error(io::ErrorKind::NotFound, format!("{from}: no such file")))?;
-        state.files.insert(to.to_string(), file);
+        state.names.insert(to.to_string(), id);
+        state.dir_ops.push(DirOp::Rename {
+            from: from.to_string(),
+            to: to.to_string(),
+        });
         Ok(())
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
-        match self.state.borrow_mut().files.remove(name) {
-            Some(_) => Ok(()),
-            None => Err(error(
+        let mut state = self.state.borrow_mut();
+        if state.names.remove(name).is_none() {
+            return Err(error(
                 io::ErrorKind::NotFound,
                 format!("{name}: no such file"),
-            )),
+            ));
         }
+        state.dir_ops.push(DirOp::Unlink {
+            name: name.to_string(),
+        });
+        Ok(())
     }
 
     async fn sync_dir(&self) -> io::Result<()> {
+        let mut state = self.state.borrow_mut();
+        state.durable_names = state.names.clone();
+        state.dir_ops.clear();
+        // Files no name refers to, now or durably, can never be reached again.
+        let live: std::collections::BTreeSet<FileId> = state.names.values().copied().collect();
+        state.files.retain(|id, _| live.contains(id));
         Ok(())
     }
 }
@@ -316,12 +389,17 @@ impl Disk for MemDisk {
 #[derive(Debug)]
 pub struct MemFileHandle {
     disk: MemDisk,
+    /// The name it was opened by, for messages only.
     name: String,
+    id: FileId,
     generation: u64,
 }
 
 impl MemFileHandle {
-    fn with_file<T>(&self, f: impl FnOnce(&mut MemState, &str) -> io::Result<T>) -> io::Result<T> {
+    fn with_file<T>(
+        &self,
+        f: impl FnOnce(&mut MemState, FileId) -> io::Result<T>,
+    ) -> io::Result<T> {
         let mut state = self.disk.state.borrow_mut();
         if state.generation != self.generation {
             return Err(error(
@@ -329,18 +407,18 @@ impl MemFileHandle {
                 format!("{}: stale handle after crash", self.name),
             ));
         }
-        if !state.files.contains_key(&self.name) {
+        if !state.files.contains_key(&self.id) {
             return Err(error(
                 io::ErrorKind::NotFound,
                 format!("{}: removed", self.name),
             ));
         }
-        f(&mut state, &self.name)
+        f(&mut state, self.id)
     }
 }
 
-fn file_mut<'a>(state: &'a mut MemState, name: &str) -> &'a mut MemFile {
-    state.files.get_mut(name).expect("checked by with_file")
+fn file_mut(state: &mut MemState, id: FileId) -> &mut MemFile {
+    state.files.get_mut(&id).expect("checked by with_file")
 }
 
 impl DiskFile for MemFileHandle {
@@ -349,8 +427,8 @@ impl DiskFile for MemFileHandle {
 
     async fn read_at(&self, position: u64, bytes: usize) -> io::Result<MemBuffer> {
         check_aligned("read", position, bytes)?;
-        self.with_file(|state, name| {
-            let file = file_mut(state, name);
+        self.with_file(|state, id| {
+            let file = file_mut(state, id);
             let start = (position as usize).min(file.written.len());
             let end = (position as usize + bytes).min(file.written.len());
             let mut buffer = MemBuffer::with_capacity(end - start);
@@ -361,15 +439,15 @@ impl DiskFile for MemFileHandle {
 
     async fn write_at(&self, buffer: MemBuffer, position: u64) -> io::Result<usize> {
         check_aligned("write", position, buffer.len())?;
-        self.with_file(|state, name| {
+        self.with_file(|state, id| {
             if trip(&mut state.writes_until_eio) {
                 return Err(io::Error::from_raw_os_error(5)); // EIO
             }
-            let current = file_mut(state, name).written.len() as u64;
+            let current = file_mut(state, id).written.len() as u64;
             let end = position + buffer.len() as u64;
             state.check_space(current, current.max(end))?;
             state.writes += 1;
-            let file = file_mut(state, name);
+            let file = file_mut(state, id);
             if file.written.len() < end as usize {
                 file.written.resize(end as usize, 0);
             }
@@ -383,14 +461,14 @@ impl DiskFile for MemFileHandle {
     }
 
     async fn sync(&self) -> io::Result<()> {
-        self.with_file(|state, name| {
+        self.with_file(|state, id| {
             if trip(&mut state.syncs_until_eio) {
                 // Like Linux after a failed writeback: the pending data may or may not be on the
                 // media, and a later fsync will not report it again.
                 return Err(io::Error::from_raw_os_error(5));
             }
             state.syncs += 1;
-            let file = file_mut(state, name);
+            let file = file_mut(state, id);
             // Apply what was issued since the last sync (cost proportional to it, not the file).
             for op in file.pending.drain(..) {
                 match op {
@@ -413,14 +491,14 @@ impl DiskFile for MemFileHandle {
     }
 
     async fn file_bytes(&self) -> io::Result<u64> {
-        self.with_file(|state, name| Ok(file_mut(state, name).written.len() as u64))
+        self.with_file(|state, id| Ok(file_mut(state, id).written.len() as u64))
     }
 
     async fn set_len(&self, bytes: u64) -> io::Result<()> {
-        self.with_file(|state, name| {
-            let current = file_mut(state, name).written.len() as u64;
+        self.with_file(|state, id| {
+            let current = file_mut(state, id).written.len() as u64;
             state.check_space(current, bytes)?;
-            let file = file_mut(state, name);
+            let file = file_mut(state, id);
             file.written.resize(bytes as usize, 0);
             file.pending.push(PendingOp::SetLen { bytes });
             Ok(())
@@ -428,13 +506,13 @@ impl DiskFile for MemFileHandle {
     }
 
     async fn allocate(&self, bytes: u64) -> io::Result<()> {
-        self.with_file(|state, name| {
-            let current = file_mut(state, name).written.len() as u64;
+        self.with_file(|state, id| {
+            let current = file_mut(state, id).written.len() as u64;
             if bytes <= current {
                 return Ok(());
             }
             state.check_space(current, bytes)?;
-            let file = file_mut(state, name);
+            let file = file_mut(state, id);
             file.written.resize(bytes as usize, 0);
             file.pending.push(PendingOp::SetLen { bytes });
             Ok(())
@@ -452,6 +530,7 @@ mod tests {
         block_on(async {
             let disk = MemDisk::new();
             let file = disk.create("f").await.expect("create");
+            disk.sync_dir().await.expect("sync dir");
             let mut page = disk.alloc_buffer(PAGE_BYTES);
             page.as_mut_slice().fill(1);
             file.write_at(page, 0).await.expect("write");
@@ -472,6 +551,24 @@ mod tests {
                 .expect("read")
                 .iter()
                 .all(|&b| b == 1));
+        });
+    }
+
+    #[test]
+    fn directory_changes_are_pending_until_sync_dir() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let kept = disk.create("kept").await.expect("create");
+            kept.sync().await.expect("sync");
+            disk.sync_dir().await.expect("sync dir");
+            let lost = disk.create("lost").await.expect("create");
+            lost.sync()
+                .await
+                .expect("a synced file whose name is not durable");
+            disk.rename("kept", "renamed").await.expect("rename");
+            assert_eq!(kept.file_bytes().await.expect("handles follow renames"), 0);
+            disk.crash(CrashMode::LoseUnsynced);
+            assert_eq!(disk.file_names(), vec!["kept".to_string()]);
         });
     }
 
