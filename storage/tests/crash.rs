@@ -32,6 +32,8 @@ struct Model {
     batches: Vec<(Offset, Vec<u8>)>,
     /// Every record below this offset was acknowledged durable by a returned flush.
     acknowledged: Offset,
+    /// The log start after the last retention: batches below it are no longer tracked.
+    start: Offset,
 }
 
 fn random_config(rng: &mut StdRng) -> LogConfig {
@@ -131,6 +133,7 @@ fn run_seed(seed: u64) {
                     if deleted > 0 {
                         let start = log.log_start_offset();
                         model.batches.retain(|(offset, _)| *offset >= start);
+                        model.start = start;
                     }
                 }
             }
@@ -216,10 +219,9 @@ fn check_recovered(
     );
     // Retention that a crash undid (its directory changes were not synced yet) may bring old
     // segments back; they are valid data below what the model still tracks.
-    let model_start = model.batches.first().map(|(offset, _)| *offset);
     let recovered: Vec<_> = read_all(log)
         .into_iter()
-        .filter(|(offset, _)| model_start.is_none_or(|start| *offset >= start))
+        .filter(|(offset, _)| *offset >= model.start)
         .collect();
     assert!(
         recovered.len() <= model.batches.len(),
