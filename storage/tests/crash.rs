@@ -59,6 +59,7 @@ fn run_seed(seed: u64) {
     let mut model = Model {
         batches: Vec::new(),
         acknowledged: Offset(0),
+        start: Offset(0),
     };
     let mut tag = 0u64;
     let steps = rng.random_range(1..STEPS_MAX);
