@@ -22,8 +22,9 @@ use rkyv::util::AlignedVec;
 
 use crate::disk::{Disk, DiskFile, IoBuffer, PAGE_BYTES};
 
-/// Torn writes keep or lose whole sectors of this size.
+/// Torn writes keep or lose whole units of one of these sizes: a disk sector or a page.
 pub const SECTOR_BYTES: usize = 512;
+pub const TEAR_PAGE_BYTES: usize = PAGE_BYTES;
 
 pub type MemBuffer = AlignedVec<PAGE_BYTES>;
 
@@ -104,8 +105,9 @@ pub struct MemDiskStats {
 pub enum CrashMode {
     /// Every unsynced operation is lost.
     LoseUnsynced,
-    /// Each unsynced operation is independently kept, lost or torn, from the seed.
-    Random { seed: u64 },
+    /// Each unsynced operation is independently kept, lost or torn in units of `tear_bytes`
+    /// ([`SECTOR_BYTES`] or [`TEAR_PAGE_BYTES`]), from the seed.
+    Random { seed: u64, tear_bytes: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -159,8 +161,16 @@ impl MemDisk {
         state.generation += 1;
         let mut rng = match mode {
             CrashMode::LoseUnsynced => None,
-            CrashMode::Random { seed } => Some(StdRng::seed_from_u64(seed)),
+            CrashMode::Random { seed, .. } => Some(StdRng::seed_from_u64(seed)),
         };
+        let tear_bytes = match mode {
+            CrashMode::Random { tear_bytes, .. } => tear_bytes,
+            CrashMode::LoseUnsynced => SECTOR_BYTES,
+        };
+        assert!(
+            tear_bytes == SECTOR_BYTES || tear_bytes == TEAR_PAGE_BYTES,
+            "tear unit {tear_bytes}"
+        );
         let kept_ops = match rng.as_mut() {
             Some(rng) => rng.random_range(0..=state.dir_ops.len()),
             None => 0,
@@ -192,10 +202,10 @@ impl MemDisk {
                         if image.len() < end {
                             image.resize(end, 0);
                         }
-                        for (sector, chunk) in data.chunks(SECTOR_BYTES).enumerate() {
+                        for (sector, chunk) in data.chunks(tear_bytes).enumerate() {
                             // choice 1: fully written; choice 2: torn, each sector kept or lost.
                             if choice == 1 || rng.random_bool(0.5) {
-                                let at = position as usize + sector * SECTOR_BYTES;
+                                let at = position as usize + sector * tear_bytes;
                                 image[at..at + chunk.len()].copy_from_slice(chunk);
                             }
                         }

@@ -159,7 +159,10 @@ fn run_seed(seed: u64) {
     }
     drop(log);
     let mode = if rng.random_bool(0.8) {
-        CrashMode::Random { seed: rng.random() }
+        CrashMode::Random {
+            seed: rng.random(),
+            tear_bytes: tear_unit(&mut rng),
+        }
     } else {
         CrashMode::LoseUnsynced
     };
@@ -175,7 +178,10 @@ fn run_seed(seed: u64) {
     block_on(log.flush()).expect("flush after recovery");
     model.acknowledged = log.durable_offset();
     drop(log);
-    disk.crash(CrashMode::Random { seed: rng.random() });
+    disk.crash(CrashMode::Random {
+        seed: rng.random(),
+        tear_bytes: tear_unit(&mut rng),
+    });
     let (log, report) = open(&disk, config);
     let recovered = check_recovered(&log, &model, &report);
     assert_eq!(
@@ -183,6 +189,15 @@ fn run_seed(seed: u64) {
         model.batches.len(),
         "everything flushed after recovery survives"
     );
+}
+
+/// Torn writes lose whole 512-byte sectors or whole 4 KiB pages.
+fn tear_unit(rng: &mut StdRng) -> usize {
+    if rng.random_bool(0.5) {
+        wharf_storage::mem_disk::SECTOR_BYTES
+    } else {
+        wharf_storage::mem_disk::TEAR_PAGE_BYTES
+    }
 }
 
 fn append(log: &mut PartitionLog<MemDisk>, model: &mut Model, rng: &mut StdRng, tag: &mut u64) {

@@ -256,7 +256,10 @@ fn interrupted_truncation_completes_on_recovery() {
         let result = block_on(log.truncate_suffix(to));
         disk.fail_syncs_after(None);
         drop(log);
-        disk.crash(CrashMode::Random { seed: fail_at });
+        disk.crash(CrashMode::Random {
+            seed: fail_at,
+            tear_bytes: wharf_storage::mem_disk::SECTOR_BYTES,
+        });
         let (log, report) = open(&disk, small_config());
         let end = log.end_offset();
         assert!(
