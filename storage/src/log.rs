@@ -190,6 +190,8 @@ pub enum ReadError {
         to: Offset,
         detail: String,
     },
+    #[error("offset {requested}: the segment changed while it was read (retention); read again")]
+    Retry { requested: Offset },
     #[error(transparent)]
     Io(#[from] LogIoError),
 }
@@ -385,6 +387,80 @@ struct SegmentWrite<F, B> {
     file: FileCell<F>,
     position: u64,
     buffer: B,
+}
+
+/// A read decided by [`PartitionLog::plan_read`]: answered already, or a disk read to run.
+pub enum ReadPlan<F: DiskFile> {
+    Ready(LogRead<F::ReadBuffer>),
+    Disk(DiskRead<F>),
+}
+
+/// A disk read that owns its file handle (the log is not borrowed while it runs).
+pub struct DiskRead<F> {
+    file: Rc<F>,
+    name: String,
+    start: u64,
+    limit_bytes: u64,
+    from: Offset,
+    max_bytes: usize,
+    chunk_bytes: usize,
+}
+
+impl<F: DiskFile> ReadPlan<F> {
+    /// Performs the read. Every returned batch passed its CRC check and the batches are
+    /// contiguous from the one holding the requested offset; if retention removed the segment
+    /// meanwhile (its file may have been reused), the result is [`ReadError::Retry`].
+    pub async fn execute(self) -> Result<LogRead<F::ReadBuffer>, ReadError> {
+        match self {
+            ReadPlan::Ready(read) => Ok(read),
+            ReadPlan::Disk(read) => {
+                let DiskRead {
+                    file,
+                    name,
+                    start,
+                    limit_bytes,
+                    from,
+                    max_bytes,
+                    chunk_bytes,
+                } = read;
+                let result = read_batches(
+                    &*file,
+                    &name,
+                    start,
+                    limit_bytes,
+                    from,
+                    max_bytes,
+                    chunk_bytes,
+                )
+                .await?;
+                check_contiguous(result.bytes(), from)?;
+                Ok(result)
+            }
+        }
+    }
+}
+
+/// The batches must start with the one holding `from` and follow each other without gaps.
+fn check_contiguous(bytes: &[u8], from: Offset) -> Result<(), ReadError> {
+    let mut expected: Option<Offset> = None;
+    for checked in batch::batches(bytes) {
+        let header = checked
+            .map_err(|e| ReadError::Corrupt {
+                from,
+                to: from.plus(1),
+                detail: e.to_string(),
+            })?
+            .header;
+        let fits = match expected {
+            None => header.base_offset <= from && from < header.next_offset(),
+            Some(next) => header.base_offset == next,
+        };
+        if !fits {
+            return Err(ReadError::Retry { requested: from });
+        }
+        expected = Some(header.next_offset());
+    }
+    Ok(())
 }
 
 /// The I/O of one flush, detached from the log so that appends can go on while it runs.
@@ -1178,11 +1254,25 @@ impl<D: Disk> PartitionLog<D> {
     /// least one batch, so a consumer always progresses). Durable data comes from disk and is
     /// checked by CRC; staged data comes from memory; data in an in-flight flush is not readable
     /// until it completes (the result is empty). Reads stop at segment boundaries.
+    ///
+    /// Borrows the log across disk reads; a driver that keeps the log in a `RefCell` uses
+    /// [`PartitionLog::plan_read`] and [`ReadPlan::execute`] instead.
     pub async fn read(
         &self,
         from: Offset,
         max_bytes: usize,
     ) -> Result<LogRead<<D::File as DiskFile>::ReadBuffer>, ReadError> {
+        self.plan_read(from, max_bytes)?.execute().await
+    }
+
+    /// The synchronous half of a read: checks the range and either answers from memory or
+    /// returns the disk read to perform, holding its own handle to the segment file so the log
+    /// need not stay borrowed while it runs.
+    pub fn plan_read(
+        &self,
+        from: Offset,
+        max_bytes: usize,
+    ) -> Result<ReadPlan<D::File>, ReadError> {
         let end_offset = self.end_offset();
         if from < self.log_start || from > end_offset {
             return Err(ReadError::OutOfRange {
@@ -1191,12 +1281,14 @@ impl<D: Disk> PartitionLog<D> {
                 end_offset,
             });
         }
-        let empty = LogRead {
-            data: ReadData::Empty,
-            next_offset: from,
+        let empty = || {
+            ReadPlan::Ready(LogRead {
+                data: ReadData::Empty,
+                next_offset: from,
+            })
         };
         if from == end_offset {
-            return Ok(empty);
+            return Ok(empty());
         }
         if let Some(range) = self.corrupt.iter().find(|r| r.from <= from && from < r.to) {
             return Err(ReadError::Corrupt {
@@ -1206,7 +1298,9 @@ impl<D: Disk> PartitionLog<D> {
             });
         }
         if from >= self.durable.next_offset {
-            return Ok(self.read_staged(from, max_bytes).unwrap_or(empty));
+            return Ok(self
+                .read_staged(from, max_bytes)
+                .map_or_else(empty, ReadPlan::Ready));
         }
         let at = self.segments.partition_point(|s| s.base_offset <= from);
         let segment = &self.segments[at.checked_sub(1).expect("from >= log_start")];
@@ -1216,22 +1310,19 @@ impl<D: Disk> PartitionLog<D> {
             segment.data_bytes
         };
         let Some(file) = segment.file.get() else {
-            return Ok(empty);
+            return Ok(empty());
         };
         let relative =
             u32::try_from(from.0 - segment.base_offset.0).expect("segment offsets fit u32");
-        let start = u64::from(segment.index.lookup(relative));
-        let name = segment_file_name(segment.base_offset);
-        read_batches(
-            &**file,
-            &name,
-            start,
+        Ok(ReadPlan::Disk(DiskRead {
+            file: Rc::clone(file),
+            name: segment_file_name(segment.base_offset),
+            start: u64::from(segment.index.lookup(relative)),
             limit_bytes,
             from,
             max_bytes,
-            self.config.scan_chunk_bytes,
-        )
-        .await
+            chunk_bytes: self.config.scan_chunk_bytes,
+        }))
     }
 
     /// Copies staged (not in-flight) batches from `from` into an aligned buffer.

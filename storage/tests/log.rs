@@ -594,3 +594,62 @@ fn flush_policy_decides_when_the_driver_flushes() {
     assert!(!interval.flush_due(1_000, 1_050));
     assert!(interval.flush_due(1_000, 1_100));
 }
+
+#[test]
+fn planned_reads_do_not_borrow_the_log_and_detect_a_recycled_file() {
+    let disk = MemDisk::new();
+    let config = LogConfig {
+        retention: RetentionLimits {
+            retention_bytes_max: Some(100 * 1024),
+            retention_ms_max: None,
+        },
+        recycled_segments_max: 1,
+        ..small_config()
+    };
+    let value_bytes = (3000..4096)
+        .find(|v| make_batch(1, *v, 0, 0).len() == 4096)
+        .expect("a page-sized batch");
+    let (mut log, _) = open(&disk, config);
+    for tag in 0..60 {
+        log.append(&mut make_batch(1, value_bytes, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    block_on(log.flush()).expect("flush");
+
+    // A planned read survives appends and flushes made while it waits.
+    let plan = log.plan_read(Offset(3), 4096).expect("plan");
+    log.append(&mut make_batch(1, value_bytes, 999, 0), EPOCH, 0)
+        .expect("append");
+    block_on(log.flush()).expect("flush");
+    let read = block_on(plan.execute()).expect("read");
+    assert_eq!(
+        batch::check_batch(read.bytes())
+            .expect("batch")
+            .header
+            .base_offset,
+        Offset(3)
+    );
+
+    // Retention recycles segment 0 and a new segment overwrites its file: the read in flight
+    // must not return the new segment's batches as offset 0.
+    let plan = log.plan_read(Offset(0), 4096).expect("plan");
+    assert!(block_on(log.apply_retention(0)).expect("retention") > 0);
+    let segments = log.segment_count();
+    let mut tag = 2000;
+    while log.segment_count() == segments {
+        log.append(&mut make_batch(1, value_bytes, tag, 0), EPOCH, 0)
+            .expect("append");
+        tag += 1;
+    }
+    block_on(log.flush()).expect("flush");
+    assert!(matches!(
+        block_on(plan.execute()),
+        Err(ReadError::Retry {
+            requested: Offset(0)
+        })
+    ));
+    assert!(matches!(
+        log.plan_read(Offset(0), 10),
+        Err(ReadError::OutOfRange { .. })
+    ));
+}
