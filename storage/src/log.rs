@@ -859,18 +859,17 @@ impl<D: Disk> PartitionLog<D> {
         ) {
             self.roll(now_ms);
         }
-        let interval = self.config.index_interval_bytes;
         let active = self.active_mut();
+        assert_eq!(
+            active.next_offset, end,
+            "offsets are dense: the batch starts at the log end"
+        );
         let position = active.data_bytes;
         let relative =
             u32::try_from(end.0 - active.base_offset.0).expect("segment holds < 2^32 records");
         active.index.observe(
             relative,
             u32::try_from(position).expect("validated segment size"),
-        );
-        debug_assert_eq!(
-            active.index.entries().last().map_or(interval, |_| interval),
-            interval
         );
         if active.data_bytes == 0 {
             active.created_ms = now_ms;
@@ -1484,8 +1483,15 @@ impl<D: Disk> PartitionLog<D> {
             .map_err(io_context("fsync directory", "."))?;
         let tail =
             cut_segment_file(&*self.disk, &self.segments[at], position, &self.config).await?;
-        let interval = self.config.index_interval_bytes;
         let segment = &mut self.segments[at];
+        assert!(
+            position <= segment.data_bytes,
+            "truncation never cuts beyond the data"
+        );
+        assert!(
+            base <= to && to <= segment.next_offset,
+            "truncation point lies in this segment"
+        );
         segment.sealed = false;
         segment.index_durable = false;
         segment.data_bytes = position;
@@ -1493,7 +1499,6 @@ impl<D: Disk> PartitionLog<D> {
         segment
             .index
             .truncate_from(u32::try_from(to.0 - base.0).expect("fits"));
-        debug_assert!(interval > 0);
         self.durable = LogPoint {
             segment_base: base,
             position,
