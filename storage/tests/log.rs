@@ -498,8 +498,16 @@ fn invalid_config_is_refused() {
     assert!(matches!(result, Err(wharf_storage::OpenError::Config(_))));
 }
 
-#[test]
-fn recycled_segment_files_never_resurrect_stale_batches() {
+/// A log that keeps one recycled segment file, and the value size that makes every batch exactly
+/// one page. With page-sized batches every end of data is page-aligned, so after the last batch a
+/// reused file holds an intact stale batch header (a flush zero-fills only the rest of its last
+/// page): the hardest case for recovery and reads.
+fn recycling_log_with_page_batches() -> (
+    MemDisk,
+    LogConfig,
+    wharf_storage::PartitionLog<MemDisk>,
+    usize,
+) {
     let disk = MemDisk::new();
     let config = LogConfig {
         retention: RetentionLimits {
@@ -509,12 +517,16 @@ fn recycled_segment_files_never_resurrect_stale_batches() {
         recycled_segments_max: 1,
         ..small_config()
     };
-    // Page-sized batches: every end of data is page-aligned, so after our last batch the reused
-    // file holds an intact stale batch header (a flush zero-fills only the rest of its last page).
     let value_bytes = (3000..4096)
         .find(|v| make_batch(1, *v, 0, 0).len() == 4096)
         .expect("a page-sized batch");
-    let (mut log, _) = open(&disk, config.clone());
+    let (log, _) = open(&disk, config.clone());
+    (disk, config, log, value_bytes)
+}
+
+#[test]
+fn recycled_segment_files_never_resurrect_stale_batches() {
+    let (disk, config, mut log, value_bytes) = recycling_log_with_page_batches();
     for tag in 0..200 {
         log.append(&mut make_batch(1, value_bytes, tag, 0), EPOCH, 0)
             .expect("append");
@@ -597,19 +609,7 @@ fn flush_policy_decides_when_the_driver_flushes() {
 
 #[test]
 fn planned_reads_do_not_borrow_the_log_and_detect_a_recycled_file() {
-    let disk = MemDisk::new();
-    let config = LogConfig {
-        retention: RetentionLimits {
-            retention_bytes_max: Some(100 * 1024),
-            retention_ms_max: None,
-        },
-        recycled_segments_max: 1,
-        ..small_config()
-    };
-    let value_bytes = (3000..4096)
-        .find(|v| make_batch(1, *v, 0, 0).len() == 4096)
-        .expect("a page-sized batch");
-    let (mut log, _) = open(&disk, config);
+    let (_disk, _config, mut log, value_bytes) = recycling_log_with_page_batches();
     for tag in 0..60 {
         log.append(&mut make_batch(1, value_bytes, tag, 0), EPOCH, 0)
             .expect("append");
