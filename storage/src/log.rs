@@ -1146,7 +1146,7 @@ impl<D: Disk> PartitionLog<D> {
             None => {}
         }
         Some(Checkpoint {
-            sequence: self.checkpoint_planned.map_or(1, |c| c.sequence + 1),
+            sequence: self.next_checkpoint_sequence(),
             state: CheckpointState::Normal,
             segment_base: durable.segment_base,
             position: durable.position,
@@ -1201,7 +1201,13 @@ impl<D: Disk> PartitionLog<D> {
         );
         self.durable = target;
         if let Some(checkpoint) = outcome.checkpoint {
-            self.checkpoint_durable = Some(checkpoint);
+            // Retention may have written a newer one while this flush ran.
+            if self
+                .checkpoint_durable
+                .is_none_or(|c| c.sequence < checkpoint.sequence)
+            {
+                self.checkpoint_durable = Some(checkpoint);
+            }
         }
         for base in outcome.indexed {
             if let Some(segment) = self.segments.iter_mut().find(|s| s.base_offset == base) {
@@ -1462,7 +1468,7 @@ impl<D: Disk> PartitionLog<D> {
         to: Offset,
     ) -> Result<(), LogIoError> {
         let base = self.segments[at].base_offset;
-        let sequence = self.checkpoint_durable.map_or(1, |c| c.sequence + 1);
+        let sequence = self.next_checkpoint_sequence();
         let mut checkpoint = Checkpoint {
             sequence,
             state: CheckpointState::Truncating,
@@ -1517,9 +1523,48 @@ impl<D: Disk> PartitionLog<D> {
         Ok(())
     }
 
+    /// Writes and syncs a checkpoint of the current durable point unless the durable checkpoint
+    /// already says so.
+    async fn write_current_checkpoint(&mut self) -> Result<(), LogIoError> {
+        let durable = self.durable;
+        let current = self.checkpoint_durable.is_some_and(|c| {
+            c.state == CheckpointState::Normal
+                && c.segment_base == durable.segment_base
+                && c.position == durable.position
+        });
+        if current {
+            return Ok(());
+        }
+        let checkpoint = Checkpoint {
+            sequence: self.next_checkpoint_sequence(),
+            state: CheckpointState::Normal,
+            segment_base: durable.segment_base,
+            position: durable.position,
+            next_offset: durable.next_offset,
+        };
+        write_checkpoint(&*self.disk, &self.checkpoint_file, &checkpoint).await?;
+        self.checkpoint_durable = Some(checkpoint);
+        self.checkpoint_planned = Some(checkpoint);
+        Ok(())
+    }
+
+    /// Above every checkpoint written or handed to a flush in flight, so the newest one wins.
+    fn next_checkpoint_sequence(&self) -> u64 {
+        let planned = self.checkpoint_planned.map_or(0, |c| c.sequence);
+        let durable = self.checkpoint_durable.map_or(0, |c| c.sequence);
+        planned.max(durable) + 1
+    }
+
     /// Applies the retention policy: deletes the oldest sealed segments it selects and moves the
     /// log start. Returns how many segments were deleted.
     pub async fn apply_retention(&mut self, now_ms: u64) -> Result<usize, LogIoError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(LogIoError {
+                op: "retention",
+                file: String::new(),
+                source: io::Error::other(format!("log is poisoned ({reason}); restart to recover")),
+            });
+        }
         let sealed: Vec<SegmentFacts> = self
             .segments
             .iter()
@@ -1535,6 +1580,15 @@ impl<D: Disk> PartitionLog<D> {
             now_ms,
             &self.config.retention,
         );
+        if delete > 0 {
+            // Deleting may remove every segment that holds data (the active one can be empty), so
+            // the checkpoint must carry the log end first: otherwise recovery could restart the
+            // offsets below what was acknowledged (found by the crash test, seed 755765936700).
+            if let Err(error) = self.write_current_checkpoint().await {
+                self.poisoned = Some(error.to_string());
+                return Err(error);
+            }
+        }
         for _ in 0..delete {
             let segment = self.segments.remove(0);
             if self.recycled.len() < self.config.recycled_segments_max

@@ -269,6 +269,8 @@ fn check_recovered(
 
 #[test]
 fn crash_recovery_keeps_a_prefix_with_every_acknowledged_batch() {
+    // Seeds that once found a bug run every time.
+    const REGRESSION_SEEDS: &[u64] = &[755_765_936_700];
     let seeds: Vec<u64> = match std::env::var("WHARF_SEED") {
         Ok(seed) => vec![seed.parse().expect("WHARF_SEED is a number")],
         Err(_) => {
@@ -284,7 +286,12 @@ fn crash_recovery_keeps_a_prefix_with_every_acknowledged_batch() {
             (start..start + count).collect()
         }
     };
-    for seed in seeds {
+    let regression = if std::env::var("WHARF_SEED").is_ok() {
+        &[][..]
+    } else {
+        REGRESSION_SEEDS
+    };
+    for seed in regression.iter().copied().chain(seeds) {
         if catch_unwind(AssertUnwindSafe(|| run_seed(seed))).is_err() {
             panic!("crash consistency failed for seed {seed}; replay: WHARF_SEED={seed} cargo test -p wharf-storage --test crash");
         }

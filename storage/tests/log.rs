@@ -653,3 +653,55 @@ fn planned_reads_do_not_borrow_the_log_and_detect_a_recycled_file() {
         Err(ReadError::OutOfRange { .. })
     ));
 }
+
+/// Regression (crash test seed 755765936700): retention removed every segment holding data while
+/// the new active segment existed only in memory, and the checkpoint was stale, so after a crash
+/// recovery restarted the offsets below what had been acknowledged.
+#[test]
+fn retention_never_lets_offsets_restart_below_the_acknowledged_end() {
+    let disk = MemDisk::new();
+    let config = LogConfig {
+        retention: RetentionLimits {
+            retention_bytes_max: Some(1),
+            retention_ms_max: None,
+        },
+        recycled_segments_max: 1,
+        ..small_config()
+    };
+    let (mut log, _) = open(&disk, config.clone());
+    let mut tag = 0;
+    while log.segment_count() == 1 {
+        log.append(&mut make_batch(1, 3000, tag, 0), EPOCH, 0)
+            .expect("append");
+        tag += 1;
+        if log.segment_count() == 1 {
+            block_on(log.flush()).expect("flush");
+        }
+    }
+    // The batch that rolled into segment 2 is staged only; everything before it is acknowledged.
+    let acknowledged = log.durable_offset();
+    assert!(
+        block_on(log.apply_retention(0)).expect("retention") > 0,
+        "segment 1 is deleted"
+    );
+    drop(log);
+    disk.crash(CrashMode::LoseUnsynced);
+    let (log, _) = open(&disk, config);
+    assert!(
+        log.end_offset() >= acknowledged,
+        "offsets restarted at {} below the acknowledged end {acknowledged}",
+        log.end_offset()
+    );
+}
+
+#[test]
+fn retention_is_refused_on_a_poisoned_log() {
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    log.append(&mut make_batch(1, 10, 0, 0), EPOCH, 0)
+        .expect("append");
+    disk.fail_syncs_after(Some(1));
+    assert!(block_on(log.flush()).is_err());
+    disk.fail_syncs_after(None);
+    assert!(block_on(log.apply_retention(0)).is_err());
+}
