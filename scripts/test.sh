@@ -7,8 +7,8 @@
 # message saying so when either is missing, rather than passing silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source_setup() { bash scripts/setup.sh "$@"; export PATH="$HOME/.cargo/bin:$PATH"; }
-source_setup
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "== rustfmt"
 cargo fmt --all -- --check

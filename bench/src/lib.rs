@@ -61,6 +61,8 @@ pub struct AppendWorkload {
     pub recycle: bool,
     /// Retention keeps this many segments' worth of bytes (`None`: keep everything).
     pub retain_segments: Option<u64>,
+    /// `LogConfig::checkpoint_interval_bytes` (0: a checkpoint with every flush).
+    pub checkpoint_interval_bytes: u64,
 }
 
 impl Default for AppendWorkload {
@@ -73,6 +75,7 @@ impl Default for AppendWorkload {
             segment_bytes_max: 256 << 20,
             recycle: true,
             retain_segments: Some(2),
+            checkpoint_interval_bytes: LogConfig::default().checkpoint_interval_bytes,
         }
     }
 }
@@ -100,6 +103,7 @@ impl DmaAppender {
                 retention_ms_max: None,
             },
             recycled_segments_max: if workload.recycle { 2 } else { 0 },
+            checkpoint_interval_bytes: workload.checkpoint_interval_bytes,
             ..LogConfig::default()
         };
         let (log, _) = PartitionLog::open(Rc::new(disk), config, 0)

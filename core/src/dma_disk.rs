@@ -138,6 +138,30 @@ fn is_direct(file: &DmaFile) -> bool {
     flags >= 0 && flags & libc::O_DIRECT != 0
 }
 
+/// Whether `open_file` creates (truncating) or requires an existing file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenMode {
+    Create,
+    Existing,
+}
+
+impl DmaDisk {
+    /// Opens `name` for reading and writing with O_DIRECT.
+    async fn open_file(&self, name: &str, mode: OpenMode) -> io::Result<DmaDiskFile> {
+        let path = self.path(name);
+        let create = mode == OpenMode::Create;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(create)
+            .dma_open(&path)
+            .await
+            .map_err(with_path(if create { "create" } else { "open" }, &path))?;
+        Ok(DmaDiskFile { file, path })
+    }
+}
+
 impl Disk for DmaDisk {
     type File = DmaDiskFile;
     type Buffer = DmaBuf;
@@ -152,27 +176,11 @@ impl Disk for DmaDisk {
     }
 
     async fn create(&self, name: &str) -> io::Result<DmaDiskFile> {
-        let path = self.path(name);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .dma_open(&path)
-            .await
-            .map_err(with_path("create", &path))?;
-        Ok(DmaDiskFile { file, path })
+        self.open_file(name, OpenMode::Create).await
     }
 
     async fn open(&self, name: &str) -> io::Result<DmaDiskFile> {
-        let path = self.path(name);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .dma_open(&path)
-            .await
-            .map_err(with_path("open", &path))?;
-        Ok(DmaDiskFile { file, path })
+        self.open_file(name, OpenMode::Existing).await
     }
 
     async fn list(&self) -> io::Result<Vec<String>> {

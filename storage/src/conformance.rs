@@ -36,12 +36,24 @@ pub fn config() -> LogConfig {
     }
 }
 
-fn make_batch(records: usize, value_bytes: usize, tag: u64) -> AlignedVec<16> {
+/// A batch of `records` records of `value_bytes` each, keyed and filled from `tag`, with
+/// timestamps from `timestamp_ms`.
+pub fn make_batch(
+    records: usize,
+    value_bytes: usize,
+    tag: u64,
+    timestamp_ms: i64,
+) -> AlignedVec<16> {
     let mut builder = BatchBuilder::new(ProducerStamp::default());
     for i in 0..records {
         let value = vec![(tag as u8).wrapping_add(i as u8); value_bytes];
         builder
-            .push(tag as i64, Some(&tag.to_le_bytes()), &value, &[])
+            .push(
+                timestamp_ms + i as i64,
+                Some(&tag.to_le_bytes()),
+                &value,
+                &[],
+            )
             .expect("push");
     }
     builder.finish().expect("finish")
@@ -118,6 +130,7 @@ pub async fn round_trip_and_restart<H: Harness>(harness: &H) {
             1 + (tag % 4) as usize,
             300 + (tag as usize * 37) % 2000,
             tag,
+            tag as i64,
         );
         let appended = log.append(&mut batch, LEADER, 0).expect("append");
         expected.push((appended.base_offset, batch.to_vec()));
@@ -149,7 +162,7 @@ pub async fn large_batches_span_write_chunks<H: Harness>(harness: &H) {
     let mut expected = Vec::new();
     for tag in 0..6 {
         // 100 KiB batches in 16 KiB write chunks.
-        let mut batch = make_batch(10, 10_000, tag);
+        let mut batch = make_batch(10, 10_000, tag, tag as i64);
         log.append(&mut batch, LEADER, 0).expect("append");
         expected.push(batch.to_vec());
     }
@@ -164,12 +177,12 @@ pub async fn large_batches_span_write_chunks<H: Harness>(harness: &H) {
 pub async fn appends_during_flush<H: Harness>(harness: &H) {
     let (mut log, _) = open(harness, "in-flight", config()).await;
     for tag in 0..10 {
-        log.append(&mut make_batch(2, 1000, tag), LEADER, 0)
+        log.append(&mut make_batch(2, 1000, tag, tag as i64), LEADER, 0)
             .expect("append");
     }
     let job = log.begin_flush().expect("begin").expect("job");
     for tag in 10..20 {
-        log.append(&mut make_batch(2, 1000, tag), LEADER, 0)
+        log.append(&mut make_batch(2, 1000, tag, tag as i64), LEADER, 0)
             .expect("append");
     }
     assert_eq!(
@@ -188,7 +201,7 @@ pub async fn truncate_and_restart<H: Harness>(harness: &H) {
     let mut bases = Vec::new();
     for tag in 0..200 {
         bases.push(
-            log.append(&mut make_batch(1, 3000, tag), LEADER, 0)
+            log.append(&mut make_batch(1, 3000, tag, tag as i64), LEADER, 0)
                 .expect("append")
                 .base_offset,
         );
@@ -197,7 +210,7 @@ pub async fn truncate_and_restart<H: Harness>(harness: &H) {
     log.truncate_suffix(bases[50]).await.expect("truncate");
     assert_eq!(log.end_offset(), bases[50]);
     for tag in 500..510 {
-        log.append(&mut make_batch(1, 100, tag), LEADER, 0)
+        log.append(&mut make_batch(1, 100, tag, tag as i64), LEADER, 0)
             .expect("append");
     }
     log.flush().await.expect("flush");
@@ -219,7 +232,7 @@ pub async fn retention<H: Harness>(harness: &H) {
     };
     let (mut log, _) = open(harness, "retention", config.clone()).await;
     for tag in 0..1000 {
-        log.append(&mut make_batch(1, 2000, tag), LEADER, 0)
+        log.append(&mut make_batch(1, 2000, tag, tag as i64), LEADER, 0)
             .expect("append");
     }
     log.flush().await.expect("flush");
@@ -242,7 +255,7 @@ pub async fn bit_flip_is_reported<H: Harness>(harness: &H) {
     let mut position = 0u64;
     let mut target = 0u64;
     for tag in 0..40 {
-        let mut batch = make_batch(1, 1000, tag);
+        let mut batch = make_batch(1, 1000, tag, tag as i64);
         if tag == 20 {
             target = position;
         }

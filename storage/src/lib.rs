@@ -10,12 +10,14 @@ pub mod checkpoint;
 #[cfg(feature = "testing")]
 pub mod conformance;
 pub mod disk;
+mod flush;
 pub mod ids;
 pub mod index;
 pub mod log;
 #[cfg(feature = "testing")]
 pub mod mem_disk;
 pub mod policy;
+mod read;
 pub mod recovery;
 
 pub use ids::{Epoch, Offset, ProducerId};

@@ -5,16 +5,16 @@
 //!    epoch into its header, and copies it into page-aligned staging buffers that come from the
 //!    disk (so they are written without another copy). It returns the assigned offsets at once.
 //!    Nothing is durable yet.
-//! 2. [`PartitionLog::begin_flush`] takes every staged buffer and returns a [`FlushJob`]: the
-//!    writes (several in flight), segment creations, index writes of sealed segments, the
-//!    checkpoint, and one fdatasync per touched file. Appends may continue while the job runs:
+//! 2. [`PartitionLog::begin_flush`] takes every staged buffer and returns a [`FlushJob`]
+//!    (`flush.rs`): the writes (contiguous chunks coalesced, so usually one), segment creations,
+//!    index writes of sealed segments, the checkpoint, and one fdatasync per touched file. Appends may continue while the job runs:
 //!    they are staged for the next flush. This is group commit: every append staged before
 //!    `begin_flush` shares the job's fdatasync.
 //! 3. [`FlushJob::run`] does the I/O without borrowing the log; [`PartitionLog::complete_flush`]
 //!    records the outcome. Only then does [`PartitionLog::durable_offset`] advance. Any I/O error
 //!    poisons the log: every later append and flush fails (retrying fsync is not safe).
-//! 4. [`PartitionLog::read`] serves whole batches: durable data from disk (checked by CRC on the
-//!    way out), staged data from memory.
+//! 4. [`PartitionLog::read`] (`read.rs`) serves whole batches: durable data from disk (checked by
+//!    CRC on the way out), staged data from memory.
 //!
 //! The last partial page of the active segment is kept in memory after a flush and rewritten
 //! (with the new bytes behind it) by the next one, so every write is page-aligned.
@@ -24,9 +24,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::rc::Rc;
 
-use rkyv::util::AlignedVec;
-
-use crate::batch::{self, BatchError, BATCH_ALIGNMENT_BYTES, BATCH_BYTES_MAX};
+use crate::batch::{self, BatchError, BATCH_BYTES_MAX};
 use crate::checkpoint::{Checkpoint, CheckpointState, CHECKPOINT_FILE_NAME};
 use crate::disk::{page_ceil, page_floor, Disk, DiskFile, IoBuffer, PAGE_BYTES};
 use crate::ids::{Epoch, Offset};
@@ -254,7 +252,6 @@ pub(crate) struct Segment<F> {
     pub index: SparseIndex,
     pub max_timestamp_ms: i64,
     pub created_ms: u64,
-    pub sealed: bool,
     /// For sealed segments: the index file is durable (else the next flush writes it).
     pub index_durable: bool,
     /// The index file is being written by a flush in flight.
@@ -273,7 +270,6 @@ impl<F> Segment<F> {
             index: SparseIndex::new(interval_bytes),
             max_timestamp_ms: i64::MIN,
             created_ms: now_ms,
-            sealed: false,
             index_durable: false,
             index_planned: false,
             create_planned: false,
@@ -313,6 +309,10 @@ pub fn index_file_name(base_offset: Offset) -> String {
     format!("{:020}.index", base_offset.0)
 }
 
+pub use crate::flush::{FlushJob, FlushOutcome};
+use crate::flush::{SegmentCreate, SegmentWrite};
+pub use crate::read::{DiskRead, LogRead, ReadPlan};
+
 /// Flushes that may be in flight at once: one syncing while the next one writes.
 pub const FLUSHES_IN_FLIGHT_MAX: usize = 2;
 
@@ -320,348 +320,28 @@ pub const FLUSHES_IN_FLIGHT_MAX: usize = 2;
 pub const COALESCE_CHUNKS_MAX: usize = 2;
 
 /// A page-aligned staging buffer: bytes destined for `position` of one segment.
-struct StagedChunk<D: Disk> {
-    segment_base: Offset,
-    file: FileCell<D::File>,
-    position: u64,
-    buffer: D::Buffer,
-    filled: usize,
+pub(crate) struct StagedChunk<D: Disk> {
+    pub(crate) segment_base: Offset,
+    pub(crate) file: FileCell<D::File>,
+    pub(crate) position: u64,
+    pub(crate) buffer: D::Buffer,
+    pub(crate) filled: usize,
 }
 
 /// A batch appended but not yet durable, and where its bytes sit.
 #[derive(Clone, Copy, Debug)]
-struct StagedBatch {
-    base_offset: Offset,
-    next_offset: Offset,
-    segment_base: Offset,
-    position: u64,
-    batch_bytes: usize,
+pub(crate) struct StagedBatch {
+    pub(crate) base_offset: Offset,
+    pub(crate) next_offset: Offset,
+    pub(crate) segment_base: Offset,
+    pub(crate) position: u64,
+    pub(crate) batch_bytes: usize,
 }
 
 /// The partial last page of the active segment, rewritten by the next flush.
-struct TailPage {
-    position: u64,
-    bytes: Vec<u8>,
-}
-
-/// Bytes returned by a read: whole batches, starting with the one that holds the requested
-/// offset. Empty when there is nothing (yet) to read at that offset.
-pub struct LogRead<R> {
-    data: ReadData<R>,
-    /// The offset after the last returned batch (the next offset to ask for).
-    pub next_offset: Offset,
-}
-
-enum ReadData<R> {
-    Empty,
-    Disk { buffer: R, start: usize, end: usize },
-    Memory(AlignedVec<BATCH_ALIGNMENT_BYTES>),
-}
-
-impl<R: std::ops::Deref<Target = [u8]>> LogRead<R> {
-    /// Whole batches, laid end to end, 16-byte aligned.
-    pub fn bytes(&self) -> &[u8] {
-        match &self.data {
-            ReadData::Empty => &[],
-            ReadData::Disk { buffer, start, end } => &buffer[*start..*end],
-            ReadData::Memory(bytes) => bytes,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bytes().is_empty()
-    }
-}
-
-/// A segment file a flush creates (or takes over from a recycled file) before writing to it.
-struct SegmentCreate<F> {
-    name: String,
-    file: FileCell<F>,
-    preallocate_bytes: u64,
-    recycled: Option<String>,
-}
-
-/// One page-aligned write of a flush.
-struct SegmentWrite<F, B> {
-    name: String,
-    file: FileCell<F>,
-    position: u64,
-    buffer: B,
-}
-
-/// A read decided by [`PartitionLog::plan_read`]: answered already, or a disk read to run.
-pub enum ReadPlan<F: DiskFile> {
-    Ready(LogRead<F::ReadBuffer>),
-    Disk(DiskRead<F>),
-}
-
-/// A disk read that owns its file handle (the log is not borrowed while it runs).
-pub struct DiskRead<F> {
-    file: Rc<F>,
-    name: String,
-    start: u64,
-    limit_bytes: u64,
-    from: Offset,
-    max_bytes: usize,
-    chunk_bytes: usize,
-}
-
-impl<F: DiskFile> ReadPlan<F> {
-    /// Performs the read. Every returned batch passed its CRC check and the batches are
-    /// contiguous from the one holding the requested offset; if retention removed the segment
-    /// meanwhile (its file may have been reused), the result is [`ReadError::Retry`].
-    pub async fn execute(self) -> Result<LogRead<F::ReadBuffer>, ReadError> {
-        match self {
-            ReadPlan::Ready(read) => Ok(read),
-            ReadPlan::Disk(read) => {
-                let DiskRead {
-                    file,
-                    name,
-                    start,
-                    limit_bytes,
-                    from,
-                    max_bytes,
-                    chunk_bytes,
-                } = read;
-                let result = read_batches(
-                    &*file,
-                    &name,
-                    start,
-                    limit_bytes,
-                    from,
-                    max_bytes,
-                    chunk_bytes,
-                )
-                .await?;
-                check_contiguous(result.bytes(), from)?;
-                Ok(result)
-            }
-        }
-    }
-}
-
-/// The batches must start with the one holding `from` and follow each other without gaps.
-fn check_contiguous(bytes: &[u8], from: Offset) -> Result<(), ReadError> {
-    let mut expected: Option<Offset> = None;
-    for checked in batch::batches(bytes) {
-        let header = checked
-            .map_err(|e| ReadError::Corrupt {
-                from,
-                to: from.plus(1),
-                detail: e.to_string(),
-            })?
-            .header;
-        let fits = match expected {
-            None => header.base_offset <= from && from < header.next_offset(),
-            Some(next) => header.base_offset == next,
-        };
-        if !fits {
-            return Err(ReadError::Retry { requested: from });
-        }
-        expected = Some(header.next_offset());
-    }
-    Ok(())
-}
-
-/// The I/O of one flush, detached from the log so that appends can go on while it runs.
-pub struct FlushJob<D: Disk> {
-    disk: Rc<D>,
-    /// The previous flush's writes must finish before ours start (shared tail page).
-    wait_for_writes: Option<futures_channel::oneshot::Receiver<()>>,
-    writes_done: futures_channel::oneshot::Sender<()>,
-    creates: Vec<SegmentCreate<D::File>>,
-    writes: Vec<SegmentWrite<D::File, D::Buffer>>,
-    index_writes: Vec<(Offset, Vec<u8>)>,
-    trims: Vec<(String, FileCell<D::File>, u64)>,
-    syncs: Vec<(String, FileCell<D::File>)>,
-    checkpoint: Option<(Checkpoint, FileCell<D::File>)>,
-    target: LogPoint,
-}
-
-/// What a finished [`FlushJob`] reports back to [`PartitionLog::complete_flush`].
-pub struct FlushOutcome {
-    target: LogPoint,
-    indexed: Vec<Offset>,
-    checkpoint: Option<Checkpoint>,
-    result: Result<(), LogIoError>,
-}
-
-impl<D: Disk> FlushJob<D> {
-    /// Runs the flush: create new segment files, write everything (all writes in flight at
-    /// once), trim sealed segments, then fdatasync every touched file. Returns when the target
-    /// is durable or an error occurred.
-    pub async fn run(self) -> FlushOutcome {
-        let FlushJob {
-            disk,
-            wait_for_writes,
-            writes_done,
-            creates,
-            writes,
-            index_writes,
-            trims,
-            syncs,
-            checkpoint,
-            target,
-        } = self;
-        let indexed: Vec<Offset> = index_writes.iter().map(|(base, _)| *base).collect();
-        let checkpoint_written = checkpoint.as_ref().map(|(c, _)| *c);
-        let result = async {
-            if let Some(previous) = wait_for_writes {
-                if previous.await.is_err() {
-                    return Err(LogIoError {
-                        op: "flush",
-                        file: String::new(),
-                        source: io::Error::other(
-                            "an earlier flush failed before finishing its writes",
-                        ),
-                    });
-                }
-            }
-            for SegmentCreate {
-                name,
-                file: cell,
-                preallocate_bytes,
-                recycled,
-            } in &creates
-            {
-                let file = match recycled {
-                    Some(recycled) => {
-                        // Its stale batches have offsets below this segment's base, so recovery's
-                        // offset-continuity check never takes them for ours.
-                        disk.rename(recycled, name)
-                            .await
-                            .map_err(io_context("rename", recycled))?;
-                        disk.open(name).await.map_err(io_context("open", name))?
-                    }
-                    None => disk
-                        .create(name)
-                        .await
-                        .map_err(io_context("create", name))?,
-                };
-                if *preallocate_bytes > 0 {
-                    file.allocate(*preallocate_bytes)
-                        .await
-                        .map_err(io_context("fallocate", name))?;
-                }
-                assert!(
-                    cell.set(Rc::new(file)).is_ok(),
-                    "segment file created twice"
-                );
-            }
-            let mut pending = Vec::new();
-            for SegmentWrite {
-                name,
-                file: cell,
-                position,
-                buffer,
-            } in writes
-            {
-                let file = Rc::clone(cell.get().expect("created above or earlier"));
-                pending.push(Box::pin(async move {
-                    let bytes = buffer.as_ref().len();
-                    let written = file
-                        .write_at(buffer, position)
-                        .await
-                        .map_err(io_context("write", &name))?;
-                    if written != bytes {
-                        return Err(LogIoError {
-                            op: "write",
-                            file: name.clone(),
-                            source: io::Error::new(
-                                io::ErrorKind::WriteZero,
-                                format!("short write {written} of {bytes}"),
-                            ),
-                        });
-                    }
-                    Ok(())
-                })
-                    as std::pin::Pin<
-                        Box<dyn std::future::Future<Output = Result<(), LogIoError>>>,
-                    >);
-            }
-            if let Some((checkpoint, cell)) = &checkpoint {
-                let file = Rc::clone(cell.get().expect("checkpoint file opened at open"));
-                let mut buffer = disk.alloc_buffer(PAGE_BYTES);
-                buffer.as_mut().copy_from_slice(&checkpoint.encode());
-                let position = (checkpoint.slot() * PAGE_BYTES) as u64;
-                pending.push(Box::pin(async move {
-                    file.write_at(buffer, position)
-                        .await
-                        .map_err(io_context("write", CHECKPOINT_FILE_NAME))?;
-                    Ok(())
-                }));
-            }
-            for result in futures_util::future::join_all(pending).await {
-                result?;
-            }
-            // The next flush may now write (it may rewrite our partial tail page). Its receiver
-            // may already be gone if no flush follows; that is fine.
-            let _ = writes_done.send(());
-            for (name, cell, bytes) in &trims {
-                let file = cell.get().expect("sealed segment has a file");
-                file.set_len(*bytes)
-                    .await
-                    .map_err(io_context("ftruncate", name))?;
-            }
-            let mut sync_all = Vec::new();
-            for (name, cell) in &syncs {
-                let file = Rc::clone(cell.get().expect("synced file exists"));
-                let name = name.clone();
-                sync_all.push(Box::pin(async move {
-                    file.sync().await.map_err(io_context("fdatasync", &name))
-                })
-                    as std::pin::Pin<
-                        Box<dyn std::future::Future<Output = Result<(), LogIoError>>>,
-                    >);
-            }
-            if let Some((_, cell)) = &checkpoint {
-                let file = Rc::clone(cell.get().expect("checkpoint file"));
-                sync_all.push(Box::pin(async move {
-                    file.sync()
-                        .await
-                        .map_err(io_context("fdatasync", CHECKPOINT_FILE_NAME))
-                }));
-            }
-            for result in futures_util::future::join_all(sync_all).await {
-                result?;
-            }
-            // Index files of sealed segments are written only once their data is synced, so a
-            // valid index file proves its segment is durable (recovery trusts it).
-            let mut index_all = Vec::new();
-            for (base, bytes) in index_writes {
-                let disk = Rc::clone(&disk);
-                index_all.push(Box::pin(async move {
-                    let name = index_file_name(base);
-                    let file = disk
-                        .create(&name)
-                        .await
-                        .map_err(io_context("create", &name))?;
-                    let mut buffer = disk.alloc_buffer(bytes.len());
-                    buffer.as_mut().copy_from_slice(&bytes);
-                    file.write_at(buffer, 0)
-                        .await
-                        .map_err(io_context("write", &name))?;
-                    file.sync().await.map_err(io_context("fdatasync", &name))
-                }));
-            }
-            for result in futures_util::future::join_all(index_all).await {
-                result?;
-            }
-            if !creates.is_empty() || !indexed.is_empty() {
-                disk.sync_dir()
-                    .await
-                    .map_err(io_context("fsync directory", "."))?;
-            }
-            Ok(())
-        }
-        .await;
-        FlushOutcome {
-            target,
-            indexed,
-            checkpoint: checkpoint_written,
-            result,
-        }
-    }
+pub(crate) struct TailPage {
+    pub(crate) position: u64,
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// What recovery hands to [`PartitionLog::assemble`].
@@ -682,9 +362,9 @@ pub struct PartitionLog<D: Disk> {
     pub(crate) segments: Vec<Segment<D::File>>,
     pub(crate) log_start: Offset,
     pub(crate) durable: LogPoint,
-    staged: VecDeque<StagedChunk<D>>,
+    pub(crate) staged: VecDeque<StagedChunk<D>>,
     staged_bytes: usize,
-    staged_batches: VecDeque<StagedBatch>,
+    pub(crate) staged_batches: VecDeque<StagedBatch>,
     tail_page: Option<TailPage>,
     /// Targets of the flushes in flight, oldest first (at most [`FLUSHES_IN_FLIGHT_MAX`]).
     flush_targets: VecDeque<LogPoint>,
@@ -848,8 +528,7 @@ impl<D: Disk> PartitionLog<D> {
                 header.leader_epoch
             }
         };
-        let next_offset = header.next_offset().0 - header.base_offset.0 + end.0;
-        let next_offset = Offset(next_offset);
+        let next_offset = end.plus(u64::from(header.record_count));
 
         if let RollDecision::Roll(_) = policy::decide_roll(
             &self.active().facts(),
@@ -898,7 +577,6 @@ impl<D: Disk> PartitionLog<D> {
         let interval = self.config.index_interval_bytes;
         let active = self.active_mut();
         assert!(active.data_bytes > 0, "never roll an empty segment");
-        active.sealed = true;
         active.index_durable = false;
         active.index_planned = false;
         self.tail_page = None;
@@ -999,9 +677,11 @@ impl<D: Disk> PartitionLog<D> {
         self.coalesce_staged();
         while let Some(mut chunk) = self.staged.pop_front() {
             let name = segment_file_name(chunk.segment_base);
+            // Staged chunks belong to the newest one or two segments: search from the back.
             let segment = self
                 .segments
                 .iter_mut()
+                .rev()
                 .find(|s| s.base_offset == chunk.segment_base)
                 .expect("staged data belongs to a segment of the log");
             if chunk.file.get().is_none() && !segment.create_planned {
@@ -1110,12 +790,11 @@ impl<D: Disk> PartitionLog<D> {
     /// valid index file.
     fn indexable_segments(&self) -> Vec<usize> {
         let durable = self.durable.next_offset;
-        self.segments
+        let sealed = self.segments.len() - 1; // Every segment but the last is sealed.
+        self.segments[..sealed]
             .iter()
             .enumerate()
-            .filter(|(_, s)| {
-                s.sealed && !s.index_durable && !s.index_planned && s.next_offset <= durable
-            })
+            .filter(|(_, s)| !s.index_durable && !s.index_planned && s.next_offset <= durable)
             .filter(|(_, s)| s.file.get().is_some())
             .map(|(at, _)| at)
             .collect()
@@ -1255,135 +934,6 @@ impl<D: Disk> PartitionLog<D> {
         self.flush().await
     }
 
-    /// Reads whole batches starting with the one holding `from`, up to about `max_bytes` (at
-    /// least one batch, so a consumer always progresses). Durable data comes from disk and is
-    /// checked by CRC; staged data comes from memory; data in an in-flight flush is not readable
-    /// until it completes (the result is empty). Reads stop at segment boundaries.
-    ///
-    /// Borrows the log across disk reads; a driver that keeps the log in a `RefCell` uses
-    /// [`PartitionLog::plan_read`] and [`ReadPlan::execute`] instead.
-    pub async fn read(
-        &self,
-        from: Offset,
-        max_bytes: usize,
-    ) -> Result<LogRead<<D::File as DiskFile>::ReadBuffer>, ReadError> {
-        self.plan_read(from, max_bytes)?.execute().await
-    }
-
-    /// The synchronous half of a read: checks the range and either answers from memory or
-    /// returns the disk read to perform, holding its own handle to the segment file so the log
-    /// need not stay borrowed while it runs.
-    pub fn plan_read(
-        &self,
-        from: Offset,
-        max_bytes: usize,
-    ) -> Result<ReadPlan<D::File>, ReadError> {
-        let end_offset = self.end_offset();
-        if from < self.log_start || from > end_offset {
-            return Err(ReadError::OutOfRange {
-                requested: from,
-                log_start: self.log_start,
-                end_offset,
-            });
-        }
-        let empty = || {
-            ReadPlan::Ready(LogRead {
-                data: ReadData::Empty,
-                next_offset: from,
-            })
-        };
-        if from == end_offset {
-            return Ok(empty());
-        }
-        if let Some(range) = self.corrupt.iter().find(|r| r.from <= from && from < r.to) {
-            return Err(ReadError::Corrupt {
-                from: range.from,
-                to: range.to,
-                detail: "found corrupt by recovery".to_string(),
-            });
-        }
-        if from >= self.durable.next_offset {
-            return Ok(self
-                .read_staged(from, max_bytes)
-                .map_or_else(empty, ReadPlan::Ready));
-        }
-        let at = self.segments.partition_point(|s| s.base_offset <= from);
-        let segment = &self.segments[at.checked_sub(1).expect("from >= log_start")];
-        let limit_bytes = if segment.base_offset == self.durable.segment_base {
-            self.durable.position
-        } else {
-            segment.data_bytes
-        };
-        let Some(file) = segment.file.get() else {
-            return Ok(empty());
-        };
-        let relative =
-            u32::try_from(from.0 - segment.base_offset.0).expect("segment offsets fit u32");
-        Ok(ReadPlan::Disk(DiskRead {
-            file: Rc::clone(file),
-            name: segment_file_name(segment.base_offset),
-            start: u64::from(segment.index.lookup(relative)),
-            limit_bytes,
-            from,
-            max_bytes,
-            chunk_bytes: self.config.scan_chunk_bytes,
-        }))
-    }
-
-    /// Copies staged (not in-flight) batches from `from` into an aligned buffer.
-    fn read_staged(
-        &self,
-        from: Offset,
-        max_bytes: usize,
-    ) -> Option<LogRead<<D::File as DiskFile>::ReadBuffer>> {
-        let first = self
-            .staged_batches
-            .iter()
-            .position(|b| b.next_offset > from)?;
-        let mut out = AlignedVec::<BATCH_ALIGNMENT_BYTES>::new();
-        let mut next_offset = from;
-        let segment_base = self.staged_batches[first].segment_base;
-        for batch in self.staged_batches.iter().skip(first) {
-            // Reads never cross a segment boundary, and return at least one batch.
-            if batch.segment_base != segment_base
-                || (!out.is_empty() && out.len() + batch.batch_bytes > max_bytes)
-            {
-                break;
-            }
-            assert!(
-                batch.base_offset >= next_offset || out.is_empty(),
-                "staged batches are contiguous"
-            );
-            let before = out.len();
-            let mut position = batch.position;
-            let end = batch.position + batch.batch_bytes as u64;
-            while position < end {
-                let chunk = self.staged.iter().find(|c| {
-                    c.segment_base == batch.segment_base
-                        && c.position <= position
-                        && position < c.position + c.filled as u64
-                });
-                let Some(chunk) = chunk else {
-                    // Part of this batch is in the in-flight flush.
-                    out.resize(before, 0);
-                    return (!out.is_empty()).then_some(LogRead {
-                        data: ReadData::Memory(out),
-                        next_offset,
-                    });
-                };
-                let from_in_chunk = (position - chunk.position) as usize;
-                let take = (chunk.filled - from_in_chunk).min((end - position) as usize);
-                out.extend_from_slice(&chunk.buffer.as_ref()[from_in_chunk..from_in_chunk + take]);
-                position += take as u64;
-            }
-            next_offset = batch.next_offset;
-        }
-        (!out.is_empty()).then_some(LogRead {
-            data: ReadData::Memory(out),
-            next_offset,
-        })
-    }
-
     /// Removes every record at or after `to` (which must start a batch), durably, so that a
     /// crash at any point either keeps the old suffix or completes the truncation. Used by
     /// followers to drop a divergent suffix. Flushes staged data first.
@@ -1498,7 +1048,6 @@ impl<D: Disk> PartitionLog<D> {
             base <= to && to <= segment.next_offset,
             "truncation point lies in this segment"
         );
-        segment.sealed = false;
         segment.index_durable = false;
         segment.data_bytes = position;
         segment.next_offset = to;
@@ -1695,127 +1244,4 @@ pub(crate) async fn cut_segment_file<D: Disk>(
     }
     file.sync().await.map_err(io_context("fdatasync", &name))?;
     Ok(tail)
-}
-
-/// Reads whole batches from `file` between `start` and `limit_bytes`, beginning with the batch
-/// that holds `from`, up to about `max_bytes`. Every returned batch passed its CRC check.
-async fn read_batches<F: DiskFile>(
-    file: &F,
-    name: &str,
-    start: u64,
-    limit_bytes: u64,
-    from: Offset,
-    max_bytes: usize,
-    chunk_bytes: usize,
-) -> Result<LogRead<F::ReadBuffer>, ReadError> {
-    let corrupt = |detail: String| ReadError::Corrupt {
-        from,
-        to: from.plus(1),
-        detail: format!("{name}: {detail}"),
-    };
-    let mut position = start;
-    // Skip batches below `from`, a chunk at a time (at most one index interval plus one batch).
-    loop {
-        let want = (max_bytes.max(batch::BATCH_HEADER_BYTES))
-            .clamp(PAGE_BYTES, chunk_bytes.max(PAGE_BYTES));
-        let read_start = page_floor(position);
-        let read_end = page_ceil((position + want as u64).min(limit_bytes));
-        if position >= limit_bytes {
-            return Ok(LogRead {
-                data: ReadData::Empty,
-                next_offset: from,
-            });
-        }
-        let buffer = file
-            .read_at(read_start, (read_end - read_start) as usize)
-            .await
-            .map_err(io_context("read", name))?;
-        let valid_end = ((limit_bytes - read_start) as usize).min(buffer.len());
-        let mut cursor = (position - read_start) as usize;
-        let mut first = None;
-        let mut next_offset = from;
-        while cursor < valid_end {
-            let header = match batch::decode_header(&buffer[cursor..valid_end]) {
-                Ok(header) => header,
-                Err(BatchError::Truncated { .. }) => break,
-                Err(error) => {
-                    return Err(corrupt(format!(
-                        "at position {}: {error}",
-                        read_start + cursor as u64
-                    )))
-                }
-            };
-            if header.next_offset() <= from && first.is_none() {
-                cursor += header.batch_bytes();
-                position = read_start + cursor as u64;
-                continue;
-            }
-            if cursor + header.batch_bytes() > valid_end {
-                break;
-            }
-            if first.is_some_and(|f| cursor - f + header.batch_bytes() > max_bytes) {
-                break;
-            }
-            batch::check_batch(&buffer[cursor..valid_end]).map_err(|error| {
-                corrupt(format!(
-                    "at position {}: {error}",
-                    read_start + cursor as u64
-                ))
-            })?;
-            first.get_or_insert(cursor);
-            next_offset = header.next_offset();
-            cursor += header.batch_bytes();
-        }
-        if let Some(first) = first {
-            return Ok(LogRead {
-                data: ReadData::Disk {
-                    buffer,
-                    start: first,
-                    end: cursor,
-                },
-                next_offset,
-            });
-        }
-        if position >= limit_bytes {
-            return Ok(LogRead {
-                data: ReadData::Empty,
-                next_offset: from,
-            });
-        }
-        // The batch at `position` did not fit in this read: read exactly that batch.
-        let page = file
-            .read_at(page_floor(position), PAGE_BYTES * 2)
-            .await
-            .map_err(io_context("read", name))?;
-        let in_page = (position - page_floor(position)) as usize;
-        let header = batch::decode_header(&page[in_page..])
-            .map_err(|error| corrupt(format!("at position {position}: {error}")))?;
-        if header.next_offset() <= from {
-            position += header.batch_bytes() as u64;
-            continue;
-        }
-        let read_start = page_floor(position);
-        let read_end = page_ceil(position + header.batch_bytes() as u64);
-        if position + header.batch_bytes() as u64 > limit_bytes {
-            return Err(corrupt(format!(
-                "batch at {position} runs past the end of the segment data"
-            )));
-        }
-        let buffer = file
-            .read_at(read_start, (read_end - read_start) as usize)
-            .await
-            .map_err(io_context("read", name))?;
-        let cursor = (position - read_start) as usize;
-        let end = cursor + header.batch_bytes();
-        batch::check_batch(&buffer[cursor..end.min(buffer.len())])
-            .map_err(|error| corrupt(format!("at position {position}: {error}")))?;
-        return Ok(LogRead {
-            data: ReadData::Disk {
-                buffer,
-                start: cursor,
-                end,
-            },
-            next_offset: header.next_offset(),
-        });
-    }
 }

@@ -516,17 +516,11 @@ impl DiskFile for MemFileHandle {
     }
 
     async fn allocate(&self, bytes: u64) -> io::Result<()> {
-        self.with_file(|state, id| {
-            let current = file_mut(state, id).written.len() as u64;
-            if bytes <= current {
-                return Ok(());
-            }
-            state.check_space(current, bytes)?;
-            let file = file_mut(state, id);
-            file.written.resize(bytes as usize, 0);
-            file.pending.push(PendingOp::SetLen { bytes });
-            Ok(())
-        })
+        // fallocate without KEEP_SIZE: grows the file (zeros), never shrinks it.
+        if bytes <= self.file_bytes().await? {
+            return Ok(());
+        }
+        self.set_len(bytes).await
     }
 }
 

@@ -194,13 +194,12 @@ async fn scan_segment<F: DiskFile>(
             result.data_bytes = position;
             continue;
         }
-        if position >= durable_position || position >= file_bytes && durable_position == u64::MAX {
+        let at_end_of_whole_segment = durable_position == u64::MAX && position >= file_bytes;
+        if position >= durable_position || at_end_of_whole_segment {
             // Beyond what was ever synced: a torn or lost unacknowledged write, or the end.
+            let remaining_bytes = file_bytes.saturating_sub(position) as usize;
             if let Some(head) = window
-                .get(
-                    position,
-                    BATCH_HEADER_BYTES.min((file_bytes - position.min(file_bytes)) as usize),
-                )
+                .get(position, BATCH_HEADER_BYTES.min(remaining_bytes))
                 .await?
             {
                 result.torn = head.iter().any(|&b| b != 0);
@@ -394,7 +393,6 @@ impl<D: Disk> PartitionLog<D> {
                     segment.next_offset = summary.next_offset;
                     segment.data_bytes = summary.data_bytes;
                     segment.max_timestamp_ms = summary.max_timestamp_ms;
-                    segment.sealed = true;
                     segment.index_durable = true;
                     segments.push(segment);
                     continue;
@@ -439,7 +437,6 @@ impl<D: Disk> PartitionLog<D> {
                 break;
             }
             if next_base.is_some() {
-                segment.sealed = true;
                 report.rebuilt_indexes += 1;
             }
             file.sync().await.map_err(io_context("fdatasync", &name))?;
@@ -454,8 +451,7 @@ impl<D: Disk> PartitionLog<D> {
                 .await
                 .map_err(io_context("fsync directory", "."))?;
             report.removed_segments.push(empty.base_offset);
-            let last = segments.last_mut().expect("checked");
-            last.sealed = false;
+            let last = segments.last().expect("checked");
             crate::log::remove_if_exists(&*disk, &index_file_name(last.base_offset)).await?;
         }
         if segments.is_empty() {
@@ -463,7 +459,6 @@ impl<D: Disk> PartitionLog<D> {
             segments.push(Segment::new(start, config.index_interval_bytes, now_ms));
         }
         let active = segments.last_mut().expect("non-empty");
-        active.sealed = false;
         active.index_durable = false;
         let tail = cut_segment_file(&*disk, active, active.data_bytes, &config).await?;
         let durable = LogPoint {

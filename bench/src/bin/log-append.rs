@@ -2,7 +2,13 @@
 //! reported next to fio's figure from `bench/limits.sh` when `target/limits.json` exists.
 //!
 //! `cargo run --release -p wharf-bench --bin log-append -- [--dir DIR] [--total-mib N] [--runs N]
-//!   [--record-bytes B] [--batch-bytes B] [--flush-bytes B] [--chunk-bytes B]`
+//!   [--record-bytes B] [--batch-bytes B] [--flush-bytes B] [--chunk-bytes B] [--segment-mib N]
+//!   [--checkpoint-interval-bytes B] [--fresh] [--keep-all]`
+//!
+//! Retention keeps two segments, so after the first ones new segments reuse recycled files (the
+//! steady state of a broker with retention). `--fresh` disables recycling (every segment is a
+//! newly preallocated file), `--keep-all` disables retention, and
+//! `--checkpoint-interval-bytes 0` writes the durable checkpoint with every flush.
 
 use std::path::PathBuf;
 
@@ -24,6 +30,10 @@ fn main() {
         segment_bytes_max: number("--segment-mib", 256) << 20,
         recycle: !args::flag(&args, "--fresh"),
         retain_segments: (!args::flag(&args, "--keep-all")).then_some(2),
+        checkpoint_interval_bytes: number(
+            "--checkpoint-interval-bytes",
+            AppendWorkload::default().checkpoint_interval_bytes,
+        ),
     };
     let _ = std::fs::remove_dir_all(&dir);
     let report = wharf::runtime::run_local("log-append", {

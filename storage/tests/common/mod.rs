@@ -11,7 +11,6 @@ use futures_lite::future::block_on;
 use rand::rngs::StdRng;
 use rand::Rng;
 use rkyv::util::AlignedVec;
-use wharf_storage::batch::{BatchBuilder, ProducerStamp};
 use wharf_storage::disk::Disk;
 use wharf_storage::log::{AppendMode, LogConfig, PartitionLog};
 use wharf_storage::mem_disk::MemDisk;
@@ -33,27 +32,7 @@ pub fn small_config() -> LogConfig {
     }
 }
 
-pub fn make_batch(
-    records: usize,
-    value_bytes: usize,
-    tag: u64,
-    timestamp_ms: i64,
-) -> AlignedVec<16> {
-    let mut builder = BatchBuilder::new(ProducerStamp::default());
-    for i in 0..records {
-        let mut value = vec![(tag % 251) as u8; value_bytes];
-        value[..8.min(value_bytes)].copy_from_slice(&tag.to_le_bytes()[..8.min(value_bytes)]);
-        builder
-            .push(
-                timestamp_ms + i as i64,
-                Some(&tag.to_le_bytes()),
-                &value,
-                &[],
-            )
-            .expect("push");
-    }
-    builder.finish().expect("finish")
-}
+pub use wharf_storage::conformance::make_batch;
 
 pub fn random_batch(rng: &mut StdRng, tag: u64, timestamp_ms: i64) -> AlignedVec<16> {
     let records = rng.random_range(1..6);
