@@ -194,8 +194,9 @@ async fn scan_segment<F: DiskFile>(
             result.data_bytes = position;
             continue;
         }
-        let at_end_of_whole_segment = durable_position == u64::MAX && position >= file_bytes;
-        if position >= durable_position || at_end_of_whole_segment {
+        // A wholly durable segment (`durable_position` = MAX) never gets here: if it ends before
+        // the next segment's first offset, that is lost acknowledged data, reported below.
+        if position >= durable_position {
             // Beyond what was ever synced: a torn or lost unacknowledged write, or the end.
             let remaining_bytes = file_bytes.saturating_sub(position) as usize;
             if let Some(head) = window
@@ -424,7 +425,10 @@ impl<D: Disk> PartitionLog<D> {
             // A sealed segment is complete exactly when its batches run up to the next segment's
             // base offset (its file may still hold preallocated zeros after them).
             let continuous = next_base.is_none_or(|n| n == scan.next_offset);
-            if next_base.is_some() && (!continuous || scan.data_bytes == 0) {
+            // Only an unacknowledged tail may take later segments with it: a segment the
+            // checkpoint proves wholly durable has acknowledged segments after it.
+            let wholly_durable = matches!(durability, Durability::Whole { .. });
+            if next_base.is_some() && !wholly_durable && (!continuous || scan.data_bytes == 0) {
                 // Everything after an unacknowledged tear is unacknowledged too: drop it.
                 for later in bases.iter().skip(i + 1) {
                     remove_segment_files(&*disk, *later).await?;

@@ -705,3 +705,50 @@ fn retention_is_refused_on_a_poisoned_log() {
     disk.fail_syncs_after(None);
     assert!(block_on(log.apply_retention(0)).is_err());
 }
+
+/// A sealed segment below the durable checkpoint whose file lost its end (and whose index is
+/// gone, so it is scanned) is damage to acknowledged data: it is reported, and the later
+/// segments, which hold acknowledged data too, are kept. Cut points: mid-batch, exactly at a batch
+/// boundary, and an empty file.
+#[test]
+fn a_short_durable_segment_is_reported_and_later_segments_kept() {
+    use wharf_storage::disk::{Disk, DiskFile};
+    let batch_bytes = make_batch(1, 2000, 0, 0).len() as u64;
+    for cut_bytes in [2 * batch_bytes + 100, 2 * batch_bytes, 0] {
+        let disk = MemDisk::new();
+        let (mut log, _) = open(&disk, small_config());
+        for tag in 0..100 {
+            log.append(&mut make_batch(1, 2000, tag, 0), EPOCH, 0)
+                .expect("append");
+        }
+        let end = log.end_offset();
+        let second_segment = log.segment_bases()[1];
+        assert!(log.segment_count() >= 3);
+        block_on(log.close()).expect("close");
+        block_on(async {
+            let file = disk
+                .open(&segment_file_name(Offset(0)))
+                .await
+                .expect("open");
+            file.set_len(cut_bytes).await.expect("cut the file short");
+            file.sync().await.expect("sync");
+            disk.remove(&index_file_name(Offset(0)))
+                .await
+                .expect("remove index");
+            disk.sync_dir().await.expect("sync dir");
+        });
+        let (log, report) = open(&disk, small_config());
+        assert!(
+            report.removed_segments.is_empty(),
+            "cut at {cut_bytes}: {report:?}"
+        );
+        assert_eq!(
+            log.end_offset(),
+            end,
+            "cut at {cut_bytes}: later segments are kept"
+        );
+        assert_eq!(report.corrupt.len(), 1, "cut at {cut_bytes}: {report:?}");
+        assert_eq!(report.corrupt[0].to, second_segment);
+        assert!(block_on(log.read(second_segment, 10)).is_ok());
+    }
+}
