@@ -1,8 +1,6 @@
-//! Wharf broker shell: the glommio side of Wharf.
-//!
-//! Today this crate holds the DMA implementation of the storage `Disk` trait ([`dma_disk`]) and a
-//! minimal `wharf` binary. The shard runtime, network protocol, client library and CLI come with
-//! the single-node broker issue.
+//! Wharf broker shell: the glommio side of Wharf — shards, network, wire protocol, client library
+//! and CLI. See `docs/architecture.md`.
 
 pub mod dma_disk;
+pub mod protocol;
 pub mod runtime;

@@ -1,0 +1,327 @@
+//! Request and response bodies. Field order and types are wire format: add fields only in a new
+//! api version. Names are UTF-8; every list has a limit checked by the server.
+
+use rkyv::rancor;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use super::{FrameBuf, Message};
+
+macro_rules! messages {
+    ($($name:ident),* $(,)?) => {$(
+        impl Message for $name {
+            const WHAT: &'static str = stringify!($name);
+            fn archive_into(&self, buffer: FrameBuf) -> Result<FrameBuf, rancor::Error> {
+                rkyv::api::high::to_bytes_in::<_, rancor::Error>(self, buffer)
+            }
+            fn from_archived(bytes: &[u8]) -> Result<Self, rancor::Error> {
+                rkyv::from_bytes::<$name, rancor::Error>(bytes)
+            }
+        }
+    )*};
+}
+
+messages!(
+    ErrorBody,
+    VersionsRequest,
+    VersionsResponse,
+    MetadataRequest,
+    MetadataResponse,
+    CreateTopicRequest,
+    DeleteTopicRequest,
+    TopicResult,
+    DescribeTopicRequest,
+    DescribeTopicResponse,
+    ProduceRequest,
+    ProduceResponse,
+    FetchRequest,
+    FetchResponse,
+    ListOffsetsRequest,
+    ListOffsetsResponse,
+);
+
+/// Body of a response whose header carries a frame-level error code.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub message: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VersionsRequest {
+    pub client_name: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ApiVersionRange {
+    pub api_key: u16,
+    pub min_version: u16,
+    pub max_version: u16,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VersionsResponse {
+    pub broker_id: u32,
+    pub server_version: String,
+    pub apis: Vec<ApiVersionRange>,
+}
+
+/// `topics: None` asks for every topic.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MetadataRequest {
+    pub topics: Option<Vec<String>>,
+}
+
+/// Where one shard of a broker accepts connections.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ShardAddress {
+    pub shard: u32,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BrokerInfo {
+    pub broker_id: u32,
+    /// The broker's shared listener (any shard).
+    pub host: String,
+    pub port: u16,
+    pub shards: Vec<ShardAddress>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PartitionMetadata {
+    pub partition: u32,
+    pub leader: u32,
+    pub leader_epoch: u32,
+    /// The leader's shard that owns this partition: connect to it to avoid a hop.
+    pub shard: u32,
+    pub replicas: Vec<u32>,
+    pub isr: Vec<u32>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TopicMetadata {
+    pub name: String,
+    pub error: u16,
+    pub partitions: Vec<PartitionMetadata>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MetadataResponse {
+    pub brokers: Vec<BrokerInfo>,
+    pub topics: Vec<TopicMetadata>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ConfigEntry {
+    pub key: String,
+    pub value: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CreateTopicRequest {
+    pub name: String,
+    pub partitions: u32,
+    pub replication_factor: u16,
+    pub configs: Vec<ConfigEntry>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeleteTopicRequest {
+    pub name: String,
+}
+
+/// The answer to create and delete.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TopicResult {
+    pub error: u16,
+    pub message: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DescribeTopicRequest {
+    pub name: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PartitionDescription {
+    pub partition: u32,
+    pub leader: u32,
+    pub leader_epoch: u32,
+    pub shard: u32,
+    pub replicas: Vec<u32>,
+    pub isr: Vec<u32>,
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+    pub end_offset: u64,
+    /// Non-zero when the partition cannot serve (for example its log is poisoned).
+    pub error: u16,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TopicDescription {
+    pub name: String,
+    pub topic_id: u64,
+    pub replication_factor: u16,
+    pub configs: Vec<ConfigEntry>,
+    pub partitions: Vec<PartitionDescription>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DescribeTopicResponse {
+    pub error: u16,
+    pub message: String,
+    pub topic: Option<TopicDescription>,
+}
+
+/// How many replicas must hold a batch durably before it is acknowledged.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acks {
+    /// No response at all.
+    None,
+    Leader,
+    /// A majority of the replica set.
+    Quorum,
+    /// Every in-sync replica (and at least `min_insync_replicas`).
+    All,
+    /// This many replicas, the leader included.
+    Replicas(u8),
+}
+
+impl std::str::FromStr for Acks {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Acks, String> {
+        match text {
+            "none" | "0" => Ok(Acks::None),
+            "leader" => Ok(Acks::Leader),
+            "quorum" => Ok(Acks::Quorum),
+            "all" => Ok(Acks::All),
+            other => match other.parse::<u8>() {
+                Ok(n) if n >= 1 => Ok(Acks::Replicas(n)),
+                _ => Err(format!(
+                    "acks must be none, leader, quorum, all or a replica count 1..=255, not {other:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Acks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Acks::None => f.write_str("none"),
+            Acks::Leader => f.write_str("leader"),
+            Acks::Quorum => f.write_str("quorum"),
+            Acks::All => f.write_str("all"),
+            Acks::Replicas(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// One partition's share of a produce request: `batch_bytes` of the payload (whole batches).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProducePartition {
+    pub partition: u32,
+    pub batch_bytes: u32,
+}
+
+/// Batches for partitions of one topic. The payload holds each partition's batches in the
+/// order listed.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProduceRequest {
+    pub acks: Acks,
+    /// How long the broker may wait for the acks before answering `RequestTimeout`.
+    pub timeout_ms: u32,
+    pub topic: String,
+    pub partitions: Vec<ProducePartition>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProducePartitionResponse {
+    pub partition: u32,
+    pub error: u16,
+    pub message: String,
+    /// Offset of the first record appended for this partition.
+    pub base_offset: u64,
+    /// Offset of the last record appended.
+    pub last_offset: u64,
+    pub leader_epoch: u32,
+    /// Replicas that held the batches durably when they were acknowledged (fsync on).
+    pub replicas_durable: u16,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProduceResponse {
+    pub partitions: Vec<ProducePartitionResponse>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FetchPartition {
+    pub topic: String,
+    pub partition: u32,
+    pub fetch_offset: u64,
+    pub max_bytes: u32,
+}
+
+/// Long-poll: answered once `min_bytes` are available across the partitions or `max_wait_ms`
+/// passed. At least one whole batch is returned when one exists, even above `max_bytes`.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    pub max_wait_ms: u32,
+    pub min_bytes: u32,
+    pub max_bytes: u32,
+    pub partitions: Vec<FetchPartition>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FetchPartitionResponse {
+    pub topic: String,
+    pub partition: u32,
+    pub error: u16,
+    pub message: String,
+    /// Consumers may read below this offset (everything below is durable).
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    /// Bytes of whole batches for this partition in the payload, in order.
+    pub batch_bytes: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FetchResponse {
+    pub partitions: Vec<FetchPartitionResponse>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffsetSpec {
+    /// The log start offset.
+    Earliest,
+    /// The high watermark (the next offset a consumer will see).
+    Latest,
+    /// The first offset whose record timestamp is at or after this (ms since the epoch); the
+    /// high watermark if none is.
+    Timestamp(i64),
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListOffsetsPartition {
+    pub partition: u32,
+    pub spec: OffsetSpec,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListOffsetsRequest {
+    pub topic: String,
+    pub partitions: Vec<ListOffsetsPartition>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListOffsetsPartitionResponse {
+    pub partition: u32,
+    pub error: u16,
+    pub message: String,
+    pub offset: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListOffsetsResponse {
+    pub partitions: Vec<ListOffsetsPartitionResponse>,
+}
