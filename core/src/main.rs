@@ -1,23 +1,50 @@
-//! `wharf`: the broker binary. The server (`wharf serve`), topics and clients arrive with the
-//! single-node broker issue; today the binary can self-test a data directory.
+//! `wharf`: the broker (`wharf serve`) and its command-line client. See `wharf --help`.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use clap::Parser;
+use wharf::cli::{self, Cli, Command, Failure};
 use wharf::dma_disk::DmaDisk;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    match args.get(1).map(String::as_str) {
-        Some("selftest") => {
-            let dir = args
-                .get(2)
-                .cloned()
-                .unwrap_or_else(|| "./wharf-data".to_string());
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match cli::serve_config(&args) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("wharf: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            if args.print_config {
+                print!("{}", config.to_toml());
+                return ExitCode::SUCCESS;
+            }
+            let _guard = init_logging(&config.log.format, &config.log.level);
+            match wharf::server::serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "wharf failed");
+                    eprintln!("wharf: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Topic { command, client } => {
+            client_command(async move { cli::topic(command, client).await })
+        }
+        Command::Produce(args) => client_command(async move { cli::produce(args).await }),
+        Command::Consume(args) => client_command(async move { cli::consume(args).await }),
+        Command::Selftest { dir } => {
+            let dir = dir.unwrap_or_else(|| "./wharf-data".into());
+            let shown = dir.display().to_string();
             match wharf::runtime::run_local("wharf-selftest", async move {
-                DmaDisk::open(&dir).await.map(|_| dir)
+                DmaDisk::open(&dir).await.map(|_| ())
             }) {
-                Ok(Ok(dir)) => {
-                    println!("DMA self-test passed in {dir}");
+                Ok(Ok(())) => {
+                    println!("DMA self-test passed in {shown}");
                     ExitCode::SUCCESS
                 }
                 Ok(Err(error)) | Err(error) => {
@@ -26,13 +53,48 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some("--version") | Some("-V") => {
-            println!("wharf {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+    }
+}
+
+fn client_command(future: impl std::future::Future<Output = Result<(), Failure>>) -> ExitCode {
+    let _guard = init_logging("text", "warn");
+    match wharf::runtime::run_local("wharf-client", future) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(failure)) => {
+            eprintln!("wharf: {}", failure.message);
+            ExitCode::from(failure.exit_code)
         }
-        _ => {
-            eprintln!("usage: wharf selftest [DATA_DIR]    (the broker itself is not built yet)");
-            ExitCode::from(2)
+        Err(error) => {
+            eprintln!("wharf: {error}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to stderr through a background writer thread, so a slow terminal or pipe never
+/// blocks a reactor. `RUST_LOG` overrides `level`.
+fn init_logging(format: &str, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let json = match format {
+        "json" => true,
+        "text" => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_thread_names(true);
+    let installed = if json {
+        builder.json().try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+    if let Err(error) = installed {
+        eprintln!("wharf: cannot initialise logging: {error}");
+    }
+    guard
 }

@@ -1,0 +1,285 @@
+//! A consumer of assigned partitions: seek (earliest, latest, offset, timestamp), then `poll`
+//! long-polls every owner connection at once and returns the fetched batches. Records are read
+//! in place from the response frames (validated rkyv access), in offset order per partition.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use futures_util::future::join_all;
+use wharf_storage::batch::check_batch;
+
+use super::{decode, Client, ClientError, Connection};
+use crate::protocol::{ApiKey, ErrorCode, FetchPartition, FetchRequest, FetchResponse, Frame, OffsetSpec};
+
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub max_wait_ms: u32,
+    pub min_bytes: u32,
+    pub max_bytes: u32,
+    pub partition_max_bytes: u32,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            max_wait_ms: 500,
+            min_bytes: 1,
+            max_bytes: 8 * 1024 * 1024,
+            partition_max_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where to start reading a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeekTo {
+    Earliest,
+    Latest,
+    Offset(u64),
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Assigned {
+    partition: u32,
+    /// The next offset to return.
+    position: u64,
+    high_watermark: u64,
+}
+
+pub struct Consumer {
+    client: Rc<Client>,
+    topic: String,
+    config: ConsumerConfig,
+    assigned: Vec<Assigned>,
+}
+
+/// One record, borrowed from a fetch response.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordView<'a> {
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: &'a [u8],
+}
+
+struct Fetched {
+    partition: u32,
+    /// Records before this offset were already returned (a fetch starts at a batch boundary).
+    from: u64,
+    frame: Rc<Frame>,
+    start: usize,
+    end: usize,
+}
+
+/// The records of one poll.
+pub struct Records {
+    fetched: Vec<Fetched>,
+}
+
+impl Records {
+    pub fn is_empty(&self) -> bool {
+        self.fetched.iter().all(|f| f.start == f.end)
+    }
+
+    /// Every record, partition by partition, in offset order; corrupt data is an error.
+    pub fn for_each(&self, mut visit: impl FnMut(RecordView<'_>)) -> Result<usize, ClientError> {
+        let mut count = 0;
+        for fetched in &self.fetched {
+            let bytes = &fetched.frame.payload()[fetched.start..fetched.end];
+            let mut at = 0;
+            while at < bytes.len() {
+                let batch = check_batch(&bytes[at..])
+                    .map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
+                let records = batch
+                    .records()
+                    .map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
+                let header = batch.header;
+                for (i, record) in records.iter().enumerate() {
+                    let offset = header.base_offset.0 + i as u64;
+                    if offset < fetched.from {
+                        continue;
+                    }
+                    visit(RecordView {
+                        partition: fetched.partition,
+                        offset,
+                        timestamp_ms: header.first_timestamp_ms + record.timestamp_delta_ms.to_native(),
+                        key: record.key.as_ref().map(|k| k.as_slice()),
+                        value: record.value.as_slice(),
+                    });
+                    count += 1;
+                }
+                at += header.batch_bytes();
+            }
+        }
+        Ok(count)
+    }
+}
+
+impl Consumer {
+    pub fn new(client: Rc<Client>, topic: &str, config: ConsumerConfig) -> Consumer {
+        Consumer {
+            client,
+            topic: topic.to_string(),
+            config,
+            assigned: Vec::new(),
+        }
+    }
+
+    /// Assigns `partitions` (all of the topic's when `None`), starting at `seek`.
+    pub async fn assign(&mut self, partitions: Option<Vec<u32>>, seek: SeekTo) -> Result<(), ClientError> {
+        let count = self.client.partition_count(&self.topic).await?;
+        let partitions = partitions.unwrap_or_else(|| (0..count).collect());
+        if let Some(bad) = partitions.iter().find(|p| **p >= count) {
+            return Err(ClientError::server(
+                ErrorCode::UnknownPartition,
+                format!("topic {:?} has {count} partitions, not {}", self.topic, bad + 1),
+            ));
+        }
+        self.assigned = partitions
+            .into_iter()
+            .map(|partition| Assigned {
+                partition,
+                position: 0,
+                high_watermark: 0,
+            })
+            .collect();
+        self.seek_all(seek).await
+    }
+
+    pub fn partitions(&self) -> Vec<u32> {
+        self.assigned.iter().map(|a| a.partition).collect()
+    }
+
+    pub async fn seek_all(&mut self, seek: SeekTo) -> Result<(), ClientError> {
+        let partitions = self.partitions();
+        for partition in partitions {
+            self.seek(partition, seek).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn seek(&mut self, partition: u32, seek: SeekTo) -> Result<(), ClientError> {
+        let position = match seek {
+            SeekTo::Offset(offset) => offset,
+            SeekTo::Earliest | SeekTo::Latest | SeekTo::Timestamp(_) => {
+                let spec = match seek {
+                    SeekTo::Earliest => OffsetSpec::Earliest,
+                    SeekTo::Latest => OffsetSpec::Latest,
+                    SeekTo::Timestamp(ts) => OffsetSpec::Timestamp(ts),
+                    SeekTo::Offset(_) => unreachable!("handled above"),
+                };
+                let offsets = self.client.list_offsets(&self.topic, &[partition], spec).await?;
+                offsets.first().map_or(0, |(_, o)| *o)
+            }
+        };
+        let Some(assigned) = self.assigned.iter_mut().find(|a| a.partition == partition) else {
+            return Err(ClientError::Invalid(format!("partition {partition} is not assigned")));
+        };
+        assigned.position = position;
+        Ok(())
+    }
+
+    pub fn position(&self, partition: u32) -> Option<u64> {
+        self.assigned
+            .iter()
+            .find(|a| a.partition == partition)
+            .map(|a| a.position)
+    }
+
+    /// The high watermark each partition reported on the last poll.
+    pub fn high_watermark(&self, partition: u32) -> Option<u64> {
+        self.assigned
+            .iter()
+            .find(|a| a.partition == partition)
+            .map(|a| a.high_watermark)
+    }
+
+    /// Fetches from every assigned partition (one request per owner connection, all at once),
+    /// waiting up to `max_wait_ms` for data, and advances the positions past what it returns.
+    pub async fn poll(&mut self) -> Result<Records, ClientError> {
+        let mut by_address: HashMap<String, Vec<Assigned>> = HashMap::new();
+        for assigned in &self.assigned {
+            let address = self
+                .client
+                .partition_address(&self.topic, assigned.partition)
+                .await?;
+            by_address.entry(address).or_default().push(*assigned);
+        }
+        let mut requests = Vec::new();
+        for (address, assigned) in by_address {
+            let connection: Rc<Connection> = self.client.connection(&address).await?;
+            let request = FetchRequest {
+                max_wait_ms: self.config.max_wait_ms,
+                min_bytes: self.config.min_bytes,
+                max_bytes: self.config.max_bytes,
+                partitions: assigned
+                    .iter()
+                    .map(|a| FetchPartition {
+                        topic: self.topic.clone(),
+                        partition: a.partition,
+                        fetch_offset: a.position,
+                        max_bytes: self.config.partition_max_bytes,
+                    })
+                    .collect(),
+            };
+            let timeout_ms = u64::from(self.config.max_wait_ms) + self.client.config.request_timeout_ms;
+            requests.push(async move {
+                connection
+                    .call(ApiKey::Fetch, &request, Vec::new(), timeout_ms)
+                    .await
+            });
+        }
+        let mut fetched = Vec::new();
+        for frame in join_all(requests).await {
+            let frame = Rc::new(frame?);
+            let response: FetchResponse = decode(&frame)?;
+            let mut at = 0usize;
+            for p in response.partitions {
+                let code = ErrorCode::from_u16(p.error);
+                if code != ErrorCode::None {
+                    if code.is_retriable() {
+                        let _ = self.client.refresh_metadata().await;
+                        continue;
+                    }
+                    return Err(ClientError::server(code, format!("partition {}: {}", p.partition, p.message)));
+                }
+                let len = p.batch_bytes as usize;
+                if at + len > frame.payload().len() {
+                    return Err(ClientError::Protocol("fetch payload shorter than declared".to_string()));
+                }
+                let Some(assigned) = self.assigned.iter_mut().find(|a| a.partition == p.partition) else {
+                    at += len;
+                    continue;
+                };
+                assigned.high_watermark = p.high_watermark;
+                let from = assigned.position;
+                // Advance past the last whole batch returned.
+                let bytes = &frame.payload()[at..at + len];
+                let mut scan = 0;
+                while scan < bytes.len() {
+                    let batch = check_batch(&bytes[scan..])
+                        .map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
+                    assigned.position = assigned.position.max(batch.header.next_offset().0);
+                    scan += batch.header.batch_bytes();
+                }
+                fetched.push(Fetched {
+                    partition: p.partition,
+                    from,
+                    frame: Rc::clone(&frame),
+                    start: at,
+                    end: at + len,
+                });
+                at += len;
+            }
+        }
+        Ok(Records { fetched })
+    }
+
+    /// Whether every assigned partition's position reached the high watermark it last reported.
+    pub fn caught_up(&self) -> bool {
+        self.assigned.iter().all(|a| a.position >= a.high_watermark)
+    }
+}

@@ -1,0 +1,550 @@
+//! The Wharf client library (runs on a glommio executor): pipelined connections, a metadata
+//! cache that routes each partition to its owner shard's direct port, admin calls, a batching
+//! [`producer::Producer`] and a [`consumer::Consumer`].
+
+pub mod consumer;
+pub mod producer;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use futures_lite::io::{AsyncWriteExt, BufWriter};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::net::TcpStream;
+use glommio::task::JoinHandle;
+
+use crate::protocol::*;
+
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Requests written but not yet taken by a connection's writer task.
+const SEND_QUEUE_MAX: usize = 256;
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {address}: {detail}")]
+    Connect { address: String, detail: String },
+    #[error("connection to {address} closed: {detail}")]
+    Closed { address: String, detail: String },
+    #[error("{what} timed out after {timeout_ms} ms")]
+    Timeout { what: String, timeout_ms: u64 },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// Whether retrying (after a metadata refresh and a backoff) may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Server { code, .. } => code.is_retriable(),
+            ClientError::Protocol(_) | ClientError::Invalid(_) => false,
+        }
+    }
+
+    pub fn server(code: ErrorCode, message: impl Into<String>) -> ClientError {
+        ClientError::Server {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A short name for reports (`errors by kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Connect { .. } => "connect",
+            ClientError::Closed { .. } => "closed",
+            ClientError::Timeout { .. } => "timeout",
+            ClientError::Protocol(_) => "protocol",
+            ClientError::Server { code, .. } => code.name(),
+            ClientError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+type Waiters = RefCell<HashMap<u32, oneshot::Sender<Result<Frame, ClientError>>>>;
+
+struct OutFrame {
+    head: FrameBuf,
+    payload: Vec<Rc<FrameBuf>>,
+}
+
+/// One pipelined connection: many requests in flight, responses matched by correlation id.
+pub struct Connection {
+    pub address: String,
+    outgoing: LocalSender<OutFrame>,
+    waiters: Rc<Waiters>,
+    queued: Rc<Cell<usize>>,
+    next_correlation_id: Cell<u32>,
+    failure: Rc<RefCell<Option<String>>>,
+    _reader: JoinHandle<()>,
+    _writer: JoinHandle<()>,
+}
+
+impl Connection {
+    pub async fn connect(address: &str, frame_bytes_max: usize) -> Result<Rc<Connection>, ClientError> {
+        let connect_error = |detail: String| ClientError::Connect {
+            address: address.to_string(),
+            detail,
+        };
+        let socket_address = std::net::ToSocketAddrs::to_socket_addrs(address)
+            .map_err(|e| connect_error(e.to_string()))?
+            .next()
+            .ok_or_else(|| connect_error("no address".to_string()))?;
+        let stream = TcpStream::connect_timeout(
+            socket_address,
+            Duration::from_millis(CONNECT_TIMEOUT_MS_DEFAULT),
+        )
+        .await
+        .map_err(|e| connect_error(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| connect_error(e.to_string()))?;
+        let (mut reader, writer) = futures_lite::io::split(stream);
+        let waiters: Rc<Waiters> = Rc::new(RefCell::new(HashMap::new()));
+        let failure = Rc::new(RefCell::new(None::<String>));
+        let (outgoing, queue) = local_channel::new_bounded::<OutFrame>(SEND_QUEUE_MAX);
+        // Frames queued for the writer; it flushes when none are left, batching pipelined ones.
+        let queued = Rc::new(Cell::new(0usize));
+        let writer_queued = Rc::clone(&queued);
+        let reader_waiters = Rc::clone(&waiters);
+        let reader_failure = Rc::clone(&failure);
+        let reader_address = address.to_string();
+        let reader_task = glommio::spawn_local(async move {
+            let detail = loop {
+                match read_frame(&mut reader, frame_bytes_max).await {
+                    Ok(Some(frame)) => {
+                        let waiter = reader_waiters
+                            .borrow_mut()
+                            .remove(&frame.header.correlation_id);
+                        match waiter {
+                            Some(waiter) => {
+                                let _ = waiter.send(Ok(frame));
+                            }
+                            None if frame.header.correlation_id == 0
+                                && frame.header.error() != ErrorCode::None =>
+                            {
+                                // The server could not trust a frame we sent and closes.
+                                let message = decode_body::<ErrorBody>(frame.body())
+                                    .map_or_else(|e| e.to_string(), |b| b.message);
+                                break format!("{}: {message}", frame.header.error());
+                            }
+                            None => {}
+                        }
+                    }
+                    Ok(None) => break "closed by the server".to_string(),
+                    Err((_, error)) => break error.to_string(),
+                }
+            };
+            *reader_failure.borrow_mut() = Some(detail.clone());
+            for (_, waiter) in reader_waiters.borrow_mut().drain() {
+                let _ = waiter.send(Err(ClientError::Closed {
+                    address: reader_address.clone(),
+                    detail: detail.clone(),
+                }));
+            }
+        })
+        .detach();
+        let writer_failure = Rc::clone(&failure);
+        let writer_task = glommio::spawn_local(async move {
+            let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
+            while let Some(frame) = queue.recv().await {
+                writer_queued.set(writer_queued.get().saturating_sub(1));
+                let mut result = writer.write_all(&frame.head).await;
+                for part in &frame.payload {
+                    if result.is_ok() {
+                        result = writer.write_all(part).await;
+                    }
+                }
+                if result.is_ok() && writer_queued.get() == 0 {
+                    result = writer.flush().await;
+                }
+                if let Err(error) = result {
+                    *writer_failure.borrow_mut() = Some(error.to_string());
+                    break;
+                }
+            }
+            let _ = writer.close().await;
+        })
+        .detach();
+        Ok(Rc::new(Connection {
+            address: address.to_string(),
+            outgoing,
+            waiters,
+            queued,
+            next_correlation_id: Cell::new(1),
+            failure,
+            _reader: reader_task,
+            _writer: writer_task,
+        }))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.failure.borrow().is_some()
+    }
+
+    fn closed_error(&self) -> ClientError {
+        ClientError::Closed {
+            address: self.address.clone(),
+            detail: self
+                .failure
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "closed".to_string()),
+        }
+    }
+
+    fn correlation_id(&self) -> u32 {
+        let id = self.next_correlation_id.get();
+        // 0 is reserved for errors about untrustworthy frames.
+        self.next_correlation_id.set(id.wrapping_add(1).max(1));
+        id
+    }
+
+    /// Sends a request and returns its response frame (a frame-level error becomes `Server`).
+    pub async fn call<T: Message>(
+        &self,
+        api: ApiKey,
+        body: &T,
+        payload: Vec<Rc<FrameBuf>>,
+        timeout_ms: u64,
+    ) -> Result<Frame, ClientError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let id = self.correlation_id();
+        let slices: Vec<&[u8]> = payload.iter().map(|p| p.as_slice()).collect();
+        let head = encode_frame(FrameKind::request(api, id), body, &slices)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let (done, response) = oneshot::channel();
+        self.waiters.borrow_mut().insert(id, done);
+        self.queued.set(self.queued.get() + 1);
+        if self.outgoing.send(OutFrame { head, payload }).await.is_err() {
+            self.waiters.borrow_mut().remove(&id);
+            return Err(self.closed_error());
+        }
+        let result = glommio::timer::timeout(Duration::from_millis(timeout_ms), async {
+            Ok(response.await)
+        })
+        .await;
+        let frame = match result {
+            Ok(Ok(frame)) => frame?,
+            Ok(Err(_)) => return Err(self.closed_error()),
+            Err(_) => {
+                self.waiters.borrow_mut().remove(&id);
+                return Err(ClientError::Timeout {
+                    what: format!("{} request to {}", api.name(), self.address),
+                    timeout_ms,
+                });
+            }
+        };
+        let code = frame.header.error();
+        if code != ErrorCode::None {
+            let message = frame
+                .decode_body::<ErrorBody>()
+                .map_or_else(|e| e.to_string(), |b| b.message);
+            return Err(ClientError::Server { code, message });
+        }
+        Ok(frame)
+    }
+
+    /// Sends a request that gets no response (produce with acks=none).
+    pub async fn send_only<T: Message>(
+        &self,
+        api: ApiKey,
+        body: &T,
+        payload: Vec<Rc<FrameBuf>>,
+    ) -> Result<(), ClientError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let id = self.correlation_id();
+        let slices: Vec<&[u8]> = payload.iter().map(|p| p.as_slice()).collect();
+        let head = encode_frame(FrameKind::request(api, id), body, &slices)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        self.queued.set(self.queued.get() + 1);
+        self.outgoing
+            .send(OutFrame { head, payload })
+            .await
+            .map_err(|_| self.closed_error())
+    }
+}
+
+pub fn decode<T: Message>(frame: &Frame) -> Result<T, ClientError> {
+    frame
+        .decode_body()
+        .map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub bootstrap: String,
+    pub request_timeout_ms: u64,
+    pub frame_bytes_max: usize,
+    /// Connect to each partition's owner shard directly (else everything goes to bootstrap).
+    pub shard_aware: bool,
+}
+
+impl ClientConfig {
+    pub fn new(bootstrap: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            bootstrap: bootstrap.into(),
+            request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            shard_aware: true,
+        }
+    }
+}
+
+/// Connections and metadata shared by producers, consumers and admin calls of one executor.
+pub struct Client {
+    pub config: ClientConfig,
+    connections: RefCell<HashMap<String, Rc<Connection>>>,
+    metadata: RefCell<Option<Rc<MetadataResponse>>>,
+}
+
+impl Client {
+    pub async fn connect(config: ClientConfig) -> Result<Rc<Client>, ClientError> {
+        let client = Rc::new(Client {
+            config,
+            connections: RefCell::new(HashMap::new()),
+            metadata: RefCell::new(None),
+        });
+        let bootstrap = client.connection(&client.config.bootstrap.clone()).await?;
+        let frame = bootstrap
+            .call(
+                ApiKey::Versions,
+                &VersionsRequest {
+                    client_name: "wharf-client".to_string(),
+                },
+                Vec::new(),
+                client.config.request_timeout_ms,
+            )
+            .await?;
+        let versions: VersionsResponse = decode(&frame)?;
+        for api in ApiKey::ALL {
+            let ours = api.supported_versions();
+            let Some(theirs) = versions.apis.iter().find(|a| a.api_key == api as u16) else {
+                continue;
+            };
+            if ours.1 < theirs.min_version || ours.1 > theirs.max_version {
+                return Err(ClientError::Protocol(format!(
+                    "the broker speaks {} versions {}..={}, this client {}",
+                    api.name(),
+                    theirs.min_version,
+                    theirs.max_version,
+                    ours.1
+                )));
+            }
+        }
+        Ok(client)
+    }
+
+    /// A live connection to `address`, reusing an open one.
+    pub async fn connection(&self, address: &str) -> Result<Rc<Connection>, ClientError> {
+        if let Some(connection) = self.connections.borrow().get(address) {
+            if !connection.is_closed() {
+                return Ok(Rc::clone(connection));
+            }
+        }
+        let connection = Connection::connect(address, self.config.frame_bytes_max).await?;
+        self.connections
+            .borrow_mut()
+            .insert(address.to_string(), Rc::clone(&connection));
+        Ok(connection)
+    }
+
+    pub async fn bootstrap(&self) -> Result<Rc<Connection>, ClientError> {
+        let address = self.config.bootstrap.clone();
+        self.connection(&address).await
+    }
+
+    pub async fn refresh_metadata(&self) -> Result<Rc<MetadataResponse>, ClientError> {
+        let connection = self.bootstrap().await?;
+        let frame = connection
+            .call(
+                ApiKey::Metadata,
+                &MetadataRequest { topics: None },
+                Vec::new(),
+                self.config.request_timeout_ms,
+            )
+            .await?;
+        let metadata = Rc::new(decode::<MetadataResponse>(&frame)?);
+        *self.metadata.borrow_mut() = Some(Rc::clone(&metadata));
+        Ok(metadata)
+    }
+
+    pub async fn metadata(&self) -> Result<Rc<MetadataResponse>, ClientError> {
+        let cached = self.metadata.borrow().clone();
+        match cached {
+            Some(metadata) => Ok(metadata),
+            None => self.refresh_metadata().await,
+        }
+    }
+
+    /// Partition count of `topic`, refreshing metadata once if the topic is not known yet.
+    pub async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
+        for refresh in [false, true] {
+            let metadata = if refresh {
+                self.refresh_metadata().await?
+            } else {
+                self.metadata().await?
+            };
+            if let Some(t) = metadata.topics.iter().find(|t| t.name == topic) {
+                return Ok(t.partitions.len() as u32);
+            }
+        }
+        Err(ClientError::server(
+            ErrorCode::UnknownTopic,
+            format!("topic {topic:?} does not exist"),
+        ))
+    }
+
+    /// Replicas per partition of `topic` (from the first partition's replica set).
+    pub async fn replication_factor(&self, topic: &str) -> Result<usize, ClientError> {
+        self.partition_count(topic).await?;
+        let metadata = self.metadata().await?;
+        Ok(metadata
+            .topics
+            .iter()
+            .find(|t| t.name == topic)
+            .and_then(|t| t.partitions.first())
+            .map_or(0, |p| p.replicas.len()))
+    }
+
+    /// The address serving `topic`/`partition`: its owner shard's direct port when known.
+    pub async fn partition_address(&self, topic: &str, partition: u32) -> Result<String, ClientError> {
+        if !self.config.shard_aware {
+            return Ok(self.config.bootstrap.clone());
+        }
+        let metadata = self.metadata().await?;
+        let owner = metadata
+            .topics
+            .iter()
+            .find(|t| t.name == topic)
+            .and_then(|t| t.partitions.iter().find(|p| p.partition == partition))
+            .and_then(|p| {
+                let broker = metadata.brokers.iter().find(|b| b.broker_id == p.leader)?;
+                broker.shards.iter().find(|s| s.shard == p.shard)
+            });
+        Ok(match owner {
+            Some(shard) => format!("{}:{}", shard.host, shard.port),
+            None => self.config.bootstrap.clone(),
+        })
+    }
+
+    pub async fn partition_connection(&self, topic: &str, partition: u32) -> Result<Rc<Connection>, ClientError> {
+        let address = self.partition_address(topic, partition).await?;
+        self.connection(&address).await
+    }
+
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+        configs: Vec<ConfigEntry>,
+    ) -> Result<(), ClientError> {
+        let request = CreateTopicRequest {
+            name: name.to_string(),
+            partitions,
+            replication_factor,
+            configs,
+        };
+        let frame = self
+            .bootstrap()
+            .await?
+            .call(ApiKey::CreateTopic, &request, Vec::new(), self.config.request_timeout_ms)
+            .await?;
+        topic_result(decode(&frame)?)?;
+        self.refresh_metadata().await?;
+        Ok(())
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        let request = DeleteTopicRequest {
+            name: name.to_string(),
+        };
+        let frame = self
+            .bootstrap()
+            .await?
+            .call(ApiKey::DeleteTopic, &request, Vec::new(), self.config.request_timeout_ms)
+            .await?;
+        topic_result(decode(&frame)?)?;
+        self.refresh_metadata().await?;
+        Ok(())
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<TopicMetadata>, ClientError> {
+        Ok(self.refresh_metadata().await?.topics.clone())
+    }
+
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription, ClientError> {
+        let frame = self
+            .bootstrap()
+            .await?
+            .call(
+                ApiKey::DescribeTopic,
+                &DescribeTopicRequest {
+                    name: name.to_string(),
+                },
+                Vec::new(),
+                self.config.request_timeout_ms,
+            )
+            .await?;
+        let response: DescribeTopicResponse = decode(&frame)?;
+        let code = ErrorCode::from_u16(response.error);
+        match response.topic {
+            Some(topic) if code == ErrorCode::None => Ok(topic),
+            _ => Err(ClientError::server(code, response.message)),
+        }
+    }
+
+    /// Offsets of `partitions` of `topic` per `spec`.
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        spec: OffsetSpec,
+    ) -> Result<Vec<(u32, u64)>, ClientError> {
+        let mut offsets = Vec::new();
+        for &partition in partitions {
+            let connection = self.partition_connection(topic, partition).await?;
+            let frame = connection
+                .call(
+                    ApiKey::ListOffsets,
+                    &ListOffsetsRequest {
+                        topic: topic.to_string(),
+                        partitions: vec![ListOffsetsPartition { partition, spec }],
+                    },
+                    Vec::new(),
+                    self.config.request_timeout_ms,
+                )
+                .await?;
+            let response: ListOffsetsResponse = decode(&frame)?;
+            for p in response.partitions {
+                let code = ErrorCode::from_u16(p.error);
+                if code != ErrorCode::None {
+                    return Err(ClientError::server(code, p.message));
+                }
+                offsets.push((p.partition, p.offset));
+            }
+        }
+        Ok(offsets)
+    }
+}
+
+fn topic_result(result: TopicResult) -> Result<(), ClientError> {
+    match ErrorCode::from_u16(result.error) {
+        ErrorCode::None => Ok(()),
+        code => Err(ClientError::server(code, result.message)),
+    }
+}

@@ -1,0 +1,521 @@
+//! A batching producer: records are gathered per partition into batches (up to `batch_bytes`,
+//! or until `linger_ms` passed), one batch per partition is in flight at a time (so retries
+//! never reorder a partition), retriable errors are retried with exponential backoff and
+//! jitter until `delivery_timeout_ms`, and `send` waits while `buffer_bytes_max` bytes are
+//! unacknowledged (backpressure).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_channel::oneshot;
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use rand::{Rng, SeedableRng};
+use wharf_storage::batch::{BatchBuilder, BatchError, BATCH_BYTES_MAX};
+
+use super::{decode, Client, ClientError};
+use crate::protocol::{
+    Acks, ApiKey, ErrorCode, FrameBuf, ProducePartition, ProduceRequest, ProduceResponse,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partitioner {
+    /// Records with a key go to `crc32c(key) % partitions`; records without one round-robin.
+    KeyHash,
+    /// Every record to the next partition in turn (batches still fill per partition).
+    RoundRobin,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProducerConfig {
+    pub acks: Acks,
+    pub linger_ms: u64,
+    pub batch_bytes: usize,
+    pub buffer_bytes_max: usize,
+    /// How long the broker may take to answer one produce request.
+    pub request_timeout_ms: u64,
+    /// How long a record may take from `send` to its acknowledgement, retries included.
+    pub delivery_timeout_ms: u64,
+    pub retry_backoff_ms: u64,
+    pub retry_backoff_max_ms: u64,
+    pub partitioner: Partitioner,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            acks: Acks::All,
+            linger_ms: 5,
+            batch_bytes: 256 * 1024,
+            buffer_bytes_max: 64 * 1024 * 1024,
+            request_timeout_ms: 30_000,
+            delivery_timeout_ms: 120_000,
+            retry_backoff_ms: 100,
+            retry_backoff_max_ms: 1_000,
+            partitioner: Partitioner::KeyHash,
+        }
+    }
+}
+
+/// Where an acknowledged record landed. `offset` is `None` with acks=none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordMetadata {
+    pub partition: u32,
+    pub offset: Option<u64>,
+}
+
+/// The shared outcome of one batch: its base offset (None with acks=none) or an error.
+#[derive(Default)]
+struct BatchSlot {
+    result: RefCell<Option<Result<Option<u64>, ClientError>>>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl BatchSlot {
+    fn complete(&self, result: Result<Option<u64>, ClientError>) {
+        *self.result.borrow_mut() = Some(result);
+        for waker in self.wakers.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+}
+
+/// Resolves when the record is acknowledged (or failed for good).
+pub struct Delivery {
+    slot: Rc<BatchSlot>,
+    partition: u32,
+    index: u32,
+}
+
+impl Future for Delivery {
+    type Output = Result<RecordMetadata, ClientError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &*self.slot.result.borrow() {
+            Some(Ok(base)) => Poll::Ready(Ok(RecordMetadata {
+                partition: self.partition,
+                offset: base.map(|b| b + u64::from(self.index)),
+            })),
+            Some(Err(error)) => Poll::Ready(Err(error.clone())),
+            None => {
+                self.slot.wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+struct OpenBatch {
+    builder: BatchBuilder,
+    slot: Rc<BatchSlot>,
+    created: Instant,
+    buffer_bytes: usize,
+}
+
+struct SealedBatch {
+    bytes: Rc<FrameBuf>,
+    slot: Rc<BatchSlot>,
+    created: Instant,
+    buffer_bytes: usize,
+}
+
+struct PartitionQueue {
+    open: Option<OpenBatch>,
+    sealed: VecDeque<SealedBatch>,
+    wake: LocalSender<()>,
+}
+
+struct Inner {
+    client: Rc<Client>,
+    config: ProducerConfig,
+    queues: RefCell<HashMap<(String, u32), PartitionQueue>>,
+    buffered_bytes: Cell<usize>,
+    /// Batches created and not yet completed.
+    batches_pending: Cell<usize>,
+    waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    round_robin: Cell<u32>,
+    closed: Cell<bool>,
+}
+
+impl Inner {
+    /// Wakes everyone waiting for buffer space or for the producer to drain.
+    fn notify(&self) {
+        for waiter in self.waiters.borrow_mut().drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+
+    async fn changed(&self, until: Instant) -> bool {
+        let (wake, woken) = oneshot::channel();
+        self.waiters.borrow_mut().push(wake);
+        let remaining = until.saturating_duration_since(Instant::now());
+        glommio::timer::timeout(remaining, async {
+            let _ = woken.await;
+            Ok(())
+        })
+        .await
+        .is_ok()
+    }
+}
+
+pub struct Producer {
+    inner: Rc<Inner>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Producer {
+    pub fn new(client: Rc<Client>, config: ProducerConfig) -> Producer {
+        Producer {
+            inner: Rc::new(Inner {
+                client,
+                config,
+                queues: RefCell::new(HashMap::new()),
+                buffered_bytes: Cell::new(0),
+                batches_pending: Cell::new(0),
+                waiters: RefCell::new(Vec::new()),
+                round_robin: Cell::new(0),
+                closed: Cell::new(false),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ProducerConfig {
+        &self.inner.config
+    }
+
+    /// Queues a record; waits while the buffer is full. The returned [`Delivery`] resolves
+    /// with its offset once acknowledged at the configured acks.
+    pub async fn send(&self, topic: &str, key: Option<&[u8]>, value: &[u8]) -> Result<Delivery, ClientError> {
+        self.send_to(topic, None, key, value).await
+    }
+
+    /// Like [`Producer::send`], to a chosen partition (or the partitioner's if `None`).
+    pub async fn send_to(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<Delivery, ClientError> {
+        let inner = &self.inner;
+        if inner.closed.get() {
+            return Err(ClientError::Invalid("the producer is closed".to_string()));
+        }
+        let record_bytes = value.len() + key.map_or(0, <[u8]>::len) + 64;
+        if record_bytes > BATCH_BYTES_MAX / 2 {
+            return Err(ClientError::Invalid(format!(
+                "a record of {record_bytes} bytes exceeds the limit of {}",
+                BATCH_BYTES_MAX / 2
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_millis(inner.config.delivery_timeout_ms);
+        while inner.buffered_bytes.get() > 0
+            && inner.buffered_bytes.get() + record_bytes > inner.config.buffer_bytes_max
+        {
+            if !inner.changed(deadline).await {
+                return Err(ClientError::Timeout {
+                    what: "waiting for producer buffer space".to_string(),
+                    timeout_ms: inner.config.delivery_timeout_ms,
+                });
+            }
+        }
+        let partitions = inner.client.partition_count(topic).await?;
+        if let Acks::Replicas(n) = inner.config.acks {
+            let replicas = inner.client.replication_factor(topic).await?;
+            if usize::from(n) > replicas {
+                // No retry can help: the topic has fewer replicas than the acks ask for.
+                return Err(ClientError::server(
+                    ErrorCode::NotEnoughReplicas,
+                    format!("acks={n} but topic {topic:?} has {replicas} replicas"),
+                ));
+            }
+        }
+        let partition = match partition {
+            Some(p) if p < partitions => p,
+            Some(p) => {
+                return Err(ClientError::server(
+                    ErrorCode::UnknownPartition,
+                    format!("topic {topic:?} has {partitions} partitions, not {}", p + 1),
+                ))
+            }
+            None => match (inner.config.partitioner, key) {
+                (Partitioner::KeyHash, Some(key)) => crc32c::crc32c(key) % partitions,
+                _ => {
+                    let next = inner.round_robin.get();
+                    inner.round_robin.set(next.wrapping_add(1));
+                    next % partitions
+                }
+            },
+        };
+        inner.buffered_bytes.set(inner.buffered_bytes.get() + record_bytes);
+        let queue_key = (topic.to_string(), partition);
+        if !inner.queues.borrow().contains_key(&queue_key) {
+            let (wake, woken) = local_channel::new_bounded(1);
+            inner.queues.borrow_mut().insert(
+                queue_key.clone(),
+                PartitionQueue {
+                    open: None,
+                    sealed: VecDeque::new(),
+                    wake,
+                },
+            );
+            // glommio may run a new task at once: spawn with no borrow held.
+            glommio::spawn_local(run_partition(
+                Rc::clone(inner),
+                topic.to_string(),
+                partition,
+                woken,
+            ))
+            .detach();
+        }
+        let mut queues = inner.queues.borrow_mut();
+        let queue = queues.get_mut(&queue_key).expect("inserted above");
+        if queue
+            .open
+            .as_ref()
+            .is_some_and(|open| open.builder.estimated_batch_bytes() + record_bytes > inner.config.batch_bytes)
+        {
+            seal(queue);
+        }
+        let timestamp_ms = now_ms();
+        for _attempt in 0..2 {
+            let open = queue.open.get_or_insert_with(|| {
+                inner.batches_pending.set(inner.batches_pending.get() + 1);
+                OpenBatch {
+                    builder: BatchBuilder::new(Default::default()),
+                    slot: Rc::new(BatchSlot::default()),
+                    created: Instant::now(),
+                    buffer_bytes: 0,
+                }
+            });
+            match open.builder.push(timestamp_ms, key, value, &[]) {
+                Ok(()) => {
+                    open.buffer_bytes += record_bytes;
+                    let delivery = Delivery {
+                        slot: Rc::clone(&open.slot),
+                        partition,
+                        index: (open.builder.record_count() - 1) as u32,
+                    };
+                    if open.builder.estimated_batch_bytes() >= inner.config.batch_bytes {
+                        seal(queue);
+                    }
+                    let _ = queue.wake.try_send(());
+                    return Ok(delivery);
+                }
+                Err(BatchError::TooLarge { .. }) if !open.builder.is_empty() => seal(queue),
+                Err(error) => {
+                    inner.buffered_bytes.set(inner.buffered_bytes.get() - record_bytes);
+                    return Err(ClientError::Invalid(error.to_string()));
+                }
+            }
+        }
+        inner.buffered_bytes.set(inner.buffered_bytes.get() - record_bytes);
+        Err(ClientError::Invalid("record does not fit an empty batch".to_string()))
+    }
+
+    /// Sends everything buffered now (ignoring linger) and waits until every batch sent so
+    /// far is acknowledged or failed.
+    pub async fn flush(&self) {
+        let inner = &self.inner;
+        for queue in inner.queues.borrow_mut().values_mut() {
+            if queue.open.is_some() {
+                seal(queue);
+                let _ = queue.wake.try_send(());
+            }
+        }
+        let far = Instant::now() + Duration::from_millis(inner.config.delivery_timeout_ms * 2);
+        while inner.batches_pending.get() > 0 {
+            if !inner.changed(far).await {
+                break;
+            }
+        }
+    }
+
+    /// Flushes, then stops the partition tasks.
+    pub async fn close(&self) {
+        self.flush().await;
+        self.inner.closed.set(true);
+        for queue in self.inner.queues.borrow().values() {
+            let _ = queue.wake.try_send(());
+        }
+    }
+
+    /// Bytes buffered and not yet acknowledged.
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner.buffered_bytes.get()
+    }
+}
+
+fn seal(queue: &mut PartitionQueue) {
+    let Some(open) = queue.open.take() else {
+        return;
+    };
+    match open.builder.finish() {
+        Ok(bytes) => queue.sealed.push_back(SealedBatch {
+            bytes: Rc::new(bytes),
+            slot: open.slot,
+            created: open.created,
+            buffer_bytes: open.buffer_bytes,
+        }),
+        Err(error) => {
+            // Completed by the partition task's accounting below.
+            queue.sealed.push_back(SealedBatch {
+                bytes: Rc::new(FrameBuf::new()),
+                slot: open.slot,
+                created: open.created,
+                buffer_bytes: open.buffer_bytes,
+            });
+            tracing::error!(%error, "cannot encode a batch");
+        }
+    }
+}
+
+/// Sends one partition's batches in order, one at a time.
+async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: LocalReceiver<()>) {
+    let key = (topic.clone(), partition);
+    let linger = Duration::from_millis(inner.config.linger_ms);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(partition),
+    );
+    loop {
+        let next = {
+            let mut queues = inner.queues.borrow_mut();
+            let Some(queue) = queues.get_mut(&key) else {
+                return;
+            };
+            if let Some(batch) = queue.sealed.pop_front() {
+                Ok(batch)
+            } else if let Some(open) = &queue.open {
+                let age = open.created.elapsed();
+                if age >= linger {
+                    seal(queue);
+                    continue;
+                }
+                Err(Some(linger - age))
+            } else if inner.closed.get() {
+                return;
+            } else {
+                Err(None)
+            }
+        };
+        let batch = match next {
+            Ok(batch) => batch,
+            Err(Some(wait)) => {
+                let _ = glommio::timer::timeout(wait, async {
+                    woken.recv().await;
+                    Ok(())
+                })
+                .await;
+                continue;
+            }
+            Err(None) => {
+                woken.recv().await;
+                continue;
+            }
+        };
+        let result = if batch.bytes.is_empty() {
+            Err(ClientError::Invalid("the batch could not be encoded".to_string()))
+        } else {
+            send_with_retries(&inner, &topic, partition, &batch, &mut rng).await
+        };
+        batch.slot.complete(result);
+        inner
+            .buffered_bytes
+            .set(inner.buffered_bytes.get() - batch.buffer_bytes);
+        inner.batches_pending.set(inner.batches_pending.get() - 1);
+        inner.notify();
+    }
+}
+
+async fn send_with_retries(
+    inner: &Inner,
+    topic: &str,
+    partition: u32,
+    batch: &SealedBatch,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<Option<u64>, ClientError> {
+    let config = &inner.config;
+    let delivery_deadline = batch.created + Duration::from_millis(config.delivery_timeout_ms);
+    let mut attempt = 0u32;
+    loop {
+        let result = produce_once(inner, topic, partition, &batch.bytes).await;
+        let error = match result {
+            Ok(offset) => return Ok(offset),
+            Err(error) if error.is_retriable() => error,
+            Err(error) => return Err(error),
+        };
+        let backoff_ms = config
+            .retry_backoff_ms
+            .saturating_mul(1u64 << attempt.min(16))
+            .min(config.retry_backoff_max_ms);
+        // Full jitter between half and all of the backoff, so clients do not retry in step.
+        let backoff = Duration::from_millis(rng.random_range(backoff_ms / 2..=backoff_ms.max(1)));
+        if Instant::now() + backoff >= delivery_deadline {
+            return Err(error);
+        }
+        tracing::debug!(topic, partition, attempt, %error, "retrying a batch");
+        glommio::timer::sleep(backoff).await;
+        if matches!(
+            error,
+            ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Server { code: ErrorCode::NotLeader | ErrorCode::PartitionUnavailable, .. }
+        ) {
+            let _ = inner.client.refresh_metadata().await;
+        }
+        attempt += 1;
+    }
+}
+
+async fn produce_once(
+    inner: &Inner,
+    topic: &str,
+    partition: u32,
+    bytes: &Rc<FrameBuf>,
+) -> Result<Option<u64>, ClientError> {
+    let config = &inner.config;
+    let connection = inner.client.partition_connection(topic, partition).await?;
+    let request = ProduceRequest {
+        acks: config.acks,
+        timeout_ms: u32::try_from(config.request_timeout_ms).unwrap_or(u32::MAX),
+        topic: topic.to_string(),
+        partitions: vec![ProducePartition {
+            partition,
+            batch_bytes: bytes.len() as u32,
+        }],
+    };
+    if config.acks == Acks::None {
+        connection
+            .send_only(ApiKey::Produce, &request, vec![Rc::clone(bytes)])
+            .await?;
+        return Ok(None);
+    }
+    // The broker answers by its timeout; allow for the network on top.
+    let frame = connection
+        .call(
+            ApiKey::Produce,
+            &request,
+            vec![Rc::clone(bytes)],
+            config.request_timeout_ms + 5_000,
+        )
+        .await?;
+    let response: ProduceResponse = decode(&frame)?;
+    let Some(p) = response.partitions.into_iter().find(|p| p.partition == partition) else {
+        return Err(ClientError::Protocol(
+            "produce response without our partition".to_string(),
+        ));
+    };
+    match ErrorCode::from_u16(p.error) {
+        ErrorCode::None => Ok(Some(p.base_offset)),
+        code => Err(ClientError::server(code, p.message)),
+    }
+}

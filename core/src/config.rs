@@ -1,0 +1,395 @@
+//! Broker configuration (`wharf serve`): a TOML file, overridden by command-line flags. Every key
+//! has a default that works with no file. Topic settings given at creation are resolved against
+//! the broker's `[topic_defaults]` and stored with the topic.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use wharf_storage::policy::{FlushPolicy, RetentionLimits};
+use wharf_storage::LogConfig;
+
+use crate::protocol::{ConfigEntry, FRAME_BYTES_MAX_DEFAULT};
+
+pub const CLIENT_PORT_DEFAULT: u16 = 9092;
+pub const ADMIN_PORT_DEFAULT: u16 = 9644;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// This broker's id in the cluster.
+    pub broker_id: u32,
+    pub data_dir: PathBuf,
+    /// The shared client listener: every shard accepts here (SO_REUSEPORT).
+    pub listen: String,
+    /// Host name clients are told to connect to; defaults to the `listen` host.
+    pub advertised_host: Option<String>,
+    /// Each shard also listens on its own port so clients can reach a partition's owner
+    /// directly: shard i uses `shard_port_base + i`, or an ephemeral port when 0.
+    pub shard_port_base: u16,
+    /// Admin HTTP endpoint: `/metrics`, `/livez`, `/readyz`.
+    pub admin_listen: String,
+    /// Shards (one per core); 0 means every available core.
+    pub shards: usize,
+    /// Registered DMA memory per shard (locked memory; the default limit is 8 MiB per process).
+    pub io_memory_bytes: usize,
+    pub frame_bytes_max: usize,
+    pub connections_per_shard_max: usize,
+    /// Requests read from one connection but not yet answered.
+    pub requests_in_flight_max: usize,
+    /// A frame must arrive whole within this time once its first byte did (slow clients).
+    pub request_read_timeout_ms: u64,
+    /// A response must be written within this time (clients that stop reading).
+    pub response_write_timeout_ms: u64,
+    /// Connections with no request for this long are closed.
+    pub idle_timeout_ms: u64,
+    /// Upper bound on a fetch's `max_wait_ms` and a produce's `timeout_ms`.
+    pub request_wait_ms_max: u64,
+    /// Upper bound on the batch bytes of one fetch response.
+    pub fetch_bytes_max: usize,
+    /// On SIGTERM, in-flight requests get this long to finish before logs are flushed.
+    pub shutdown_timeout_ms: u64,
+    /// Capacity of each shard-to-shard channel.
+    pub shard_channel_capacity: usize,
+    pub log: LogSettings,
+    pub topic_defaults: TopicDefaults,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            broker_id: 1,
+            data_dir: PathBuf::from("./wharf-data"),
+            listen: format!("127.0.0.1:{CLIENT_PORT_DEFAULT}"),
+            advertised_host: None,
+            shard_port_base: 0,
+            admin_listen: format!("127.0.0.1:{ADMIN_PORT_DEFAULT}"),
+            shards: 0,
+            io_memory_bytes: crate::runtime::IO_MEMORY_BYTES_DEFAULT,
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            connections_per_shard_max: 4096,
+            requests_in_flight_max: 128,
+            request_read_timeout_ms: 30_000,
+            response_write_timeout_ms: 30_000,
+            idle_timeout_ms: 600_000,
+            request_wait_ms_max: 60_000,
+            fetch_bytes_max: 16 * 1024 * 1024,
+            shutdown_timeout_ms: 10_000,
+            shard_channel_capacity: 1024,
+            log: LogSettings::default(),
+            topic_defaults: TopicDefaults::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `auto` (text on a terminal, JSON otherwise), `text` or `json`.
+    pub format: String,
+    /// A tracing filter, for example `info` or `wharf=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: "auto".to_string(),
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// When acknowledged writes are fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushMode {
+    /// Before the acknowledgement (the default).
+    Always,
+    /// Every `flush_interval_ms`; acknowledged writes may be lost on power failure.
+    Interval,
+}
+
+/// Settings of one topic, resolved when it is created and stored with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicDefaults {
+    pub flush: FlushMode,
+    pub flush_interval_ms: u64,
+    pub segment_bytes: u64,
+    pub segment_ms: u64,
+    /// Per partition; 0 keeps everything.
+    pub retention_bytes: u64,
+    /// 0 keeps everything.
+    pub retention_ms: u64,
+    pub min_insync_replicas: u16,
+    /// Preallocate segment files (faster O_DIRECT writes; costs disk space up front).
+    pub preallocate: bool,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        TopicDefaults {
+            flush: FlushMode::Always,
+            flush_interval_ms: 1000,
+            segment_bytes: 256 * 1024 * 1024,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: 0,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            min_insync_replicas: 1,
+            preallocate: true,
+        }
+    }
+}
+
+pub type TopicConfig = TopicDefaults;
+
+/// The keys `wharf topic create --config KEY=VALUE` accepts.
+pub const TOPIC_CONFIG_KEYS: [&str; 8] = [
+    "flush",
+    "flush_interval_ms",
+    "segment_bytes",
+    "segment_ms",
+    "retention_bytes",
+    "retention_ms",
+    "min_insync_replicas",
+    "preallocate",
+];
+
+impl TopicConfig {
+    /// Applies `entries` over these values. Unknown keys and bad values are errors naming the key.
+    pub fn with_entries(&self, entries: &[ConfigEntry]) -> Result<TopicConfig, String> {
+        let mut config = self.clone();
+        for ConfigEntry { key, value } in entries {
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("{key} must be a non-negative integer, not {value:?}"))
+            };
+            match key.as_str() {
+                "flush" => {
+                    config.flush = match value.as_str() {
+                        "always" => FlushMode::Always,
+                        "interval" => FlushMode::Interval,
+                        _ => return Err(format!("flush must be always or interval, not {value:?}")),
+                    }
+                }
+                "flush_interval_ms" => config.flush_interval_ms = number()?,
+                "segment_bytes" => config.segment_bytes = number()?,
+                "segment_ms" => config.segment_ms = number()?,
+                "retention_bytes" => config.retention_bytes = number()?,
+                "retention_ms" => config.retention_ms = number()?,
+                "min_insync_replicas" => {
+                    config.min_insync_replicas = u16::try_from(number()?)
+                        .map_err(|_| format!("min_insync_replicas {value} is too large"))?
+                }
+                "preallocate" => {
+                    config.preallocate = value
+                        .parse::<bool>()
+                        .map_err(|_| format!("preallocate must be true or false, not {value:?}"))?
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown topic config {key:?}; known: {}",
+                        TOPIC_CONFIG_KEYS.join(", ")
+                    ))
+                }
+            }
+        }
+        config.log_config().validate()?;
+        if config.flush == FlushMode::Interval && config.flush_interval_ms == 0 {
+            return Err("flush_interval_ms must be positive with flush = interval".to_string());
+        }
+        if config.min_insync_replicas == 0 {
+            return Err("min_insync_replicas must be at least 1".to_string());
+        }
+        Ok(config)
+    }
+
+    pub fn entries(&self) -> Vec<ConfigEntry> {
+        let entry = |key: &str, value: String| ConfigEntry {
+            key: key.to_string(),
+            value,
+        };
+        vec![
+            entry(
+                "flush",
+                match self.flush {
+                    FlushMode::Always => "always".to_string(),
+                    FlushMode::Interval => "interval".to_string(),
+                },
+            ),
+            entry("flush_interval_ms", self.flush_interval_ms.to_string()),
+            entry("segment_bytes", self.segment_bytes.to_string()),
+            entry("segment_ms", self.segment_ms.to_string()),
+            entry("retention_bytes", self.retention_bytes.to_string()),
+            entry("retention_ms", self.retention_ms.to_string()),
+            entry("min_insync_replicas", self.min_insync_replicas.to_string()),
+            entry("preallocate", self.preallocate.to_string()),
+        ]
+    }
+
+    /// The storage configuration of this topic's partition logs.
+    pub fn log_config(&self) -> LogConfig {
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        LogConfig {
+            segment_bytes_max: self.segment_bytes,
+            segment_age_ms_max: self.segment_ms,
+            retention: RetentionLimits {
+                retention_bytes_max: nonzero(self.retention_bytes),
+                retention_ms_max: nonzero(self.retention_ms),
+            },
+            flush_policy: match self.flush {
+                FlushMode::Always => FlushPolicy::Always,
+                FlushMode::Interval => FlushPolicy::Interval {
+                    interval_ms: self.flush_interval_ms,
+                },
+            },
+            preallocate: self.preallocate,
+            ..LogConfig::default()
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Loads `path` (if given) over the defaults.
+    pub fn load(path: Option<&std::path::Path>) -> Result<ServerConfig, String> {
+        let Some(path) = path else {
+            return Ok(ServerConfig::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Resolves `shards = 0` and checks every limit; the error names the key.
+    pub fn validate(mut self) -> Result<ServerConfig, String> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.shards == 0 {
+            self.shards = cores;
+        }
+        if self.shards > 256 {
+            return Err(format!("shards = {} is more than 256", self.shards));
+        }
+        parse_host_port("listen", &self.listen)?;
+        parse_host_port("admin_listen", &self.admin_listen)?;
+        if self.frame_bytes_max < 1024 * 1024 {
+            return Err("frame_bytes_max must be at least 1 MiB".to_string());
+        }
+        if self.fetch_bytes_max + 1024 * 1024 > self.frame_bytes_max {
+            return Err("fetch_bytes_max must leave 1 MiB of frame_bytes_max for headers".to_string());
+        }
+        for (key, value) in [
+            ("connections_per_shard_max", self.connections_per_shard_max),
+            ("requests_in_flight_max", self.requests_in_flight_max),
+            ("shard_channel_capacity", self.shard_channel_capacity),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be positive"));
+            }
+        }
+        if self.io_memory_bytes < 1024 * 1024 {
+            return Err("io_memory_bytes must be at least 1 MiB".to_string());
+        }
+        if !["auto", "text", "json"].contains(&self.log.format.as_str()) {
+            return Err(format!(
+                "log.format must be auto, text or json, not {:?}",
+                self.log.format
+            ));
+        }
+        self.topic_defaults
+            .with_entries(&[])
+            .map_err(|e| format!("topic_defaults: {e}"))?;
+        Ok(self)
+    }
+
+    pub fn advertised_host(&self) -> String {
+        if let Some(host) = &self.advertised_host {
+            return host.clone();
+        }
+        let (host, _) = parse_host_port("listen", &self.listen).unwrap_or_default();
+        if host == "0.0.0.0" || host == "::" || host == "[::]" {
+            // Reachable from this host at least; set advertised_host for remote clients.
+            "127.0.0.1".to_string()
+        } else {
+            host
+        }
+    }
+}
+
+/// Splits `HOST:PORT`, with a clear error naming `what`.
+pub fn parse_host_port(what: &str, text: &str) -> Result<(String, u16), String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{what} must be HOST:PORT, not {text:?}"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("{what}: bad port in {text:?}"))?;
+    if host.is_empty() {
+        return Err(format!("{what}: missing host in {text:?}"));
+    }
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        let config = ServerConfig::default().validate().expect("defaults are valid");
+        assert!(config.shards >= 1);
+        let text = config.to_toml();
+        let back: ServerConfig = toml::from_str(&text).expect("parses");
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let error = toml::from_str::<ServerConfig>("listn = \"x\"")
+            .expect_err("unknown key")
+            .to_string();
+        assert!(error.contains("listn"), "{error}");
+        let error = ServerConfig {
+            listen: "nowhere".to_string(),
+            ..ServerConfig::default()
+        }
+        .validate()
+        .expect_err("bad listen");
+        assert!(error.contains("listen"), "{error}");
+    }
+
+    #[test]
+    fn topic_entries_override_defaults_and_are_checked() {
+        let entry = |k: &str, v: &str| ConfigEntry {
+            key: k.to_string(),
+            value: v.to_string(),
+        };
+        let config = TopicDefaults::default()
+            .with_entries(&[entry("flush", "interval"), entry("segment_bytes", "1048576")])
+            .expect("valid");
+        assert_eq!(config.flush, FlushMode::Interval);
+        assert_eq!(config.log_config().segment_bytes_max, 1 << 20);
+        assert_eq!(
+            TopicDefaults::default()
+                .with_entries(&config.entries())
+                .expect("own entries parse"),
+            config
+        );
+        for bad in [
+            entry("flush", "sometimes"),
+            entry("segment_bytes", "1000"),
+            entry("segment_bytes", "-1"),
+            entry("colour", "blue"),
+            entry("min_insync_replicas", "0"),
+        ] {
+            assert!(
+                TopicDefaults::default().with_entries(&[bad.clone()]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Prometheus metrics. Families are shared by all shards (the registry is encoded by the admin
+//! endpoint); every series a shard updates on the data path is created once and its handle kept
+//! (an atomic, touched only by that shard), so the data path takes no lock.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::protocol::{ApiKey, ErrorCode};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub shard: u32,
+    pub api: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub shard: u32,
+    pub api: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub shard: u32,
+    pub queue: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs .. ~10 s.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 21))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub partition_end_offset: Family<PartitionLabels, Gauge>,
+    pub partition_high_watermark: Family<PartitionLabels, Gauge>,
+    pub partition_log_start_offset: Family<PartitionLabels, Gauge>,
+    pub partition_produced_bytes: Family<PartitionLabels, Counter>,
+    pub partition_fetched_bytes: Family<PartitionLabels, Counter>,
+    pub requests: Family<ApiLabels, Counter>,
+    pub request_errors: Family<ErrorLabels, Counter>,
+    pub request_latency: HistogramFamily<ApiLabels>,
+    pub flush_latency: HistogramFamily<ShardLabels>,
+    pub connections: Family<ShardLabels, Gauge>,
+    pub task_queue_runtime: Family<QueueLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let metrics = Metrics {
+            registry: Registry::with_prefix("wharf"),
+            partition_end_offset: Family::default(),
+            partition_high_watermark: Family::default(),
+            partition_log_start_offset: Family::default(),
+            partition_produced_bytes: Family::default(),
+            partition_fetched_bytes: Family::default(),
+            requests: Family::default(),
+            request_errors: Family::default(),
+            request_latency: Family::new_with_constructor(latency_histogram),
+            flush_latency: Family::new_with_constructor(latency_histogram),
+            connections: Family::default(),
+            task_queue_runtime: Family::default(),
+        };
+        let mut metrics = metrics;
+        let registry = &mut metrics.registry;
+        registry.register(
+            "partition_end_offset",
+            "Offset after the last appended record",
+            metrics.partition_end_offset.clone(),
+        );
+        registry.register(
+            "partition_high_watermark",
+            "Offset below which consumers may read (durable)",
+            metrics.partition_high_watermark.clone(),
+        );
+        registry.register(
+            "partition_log_start_offset",
+            "First offset still kept by retention",
+            metrics.partition_log_start_offset.clone(),
+        );
+        registry.register(
+            "partition_produced_bytes",
+            "Batch bytes appended",
+            metrics.partition_produced_bytes.clone(),
+        );
+        registry.register(
+            "partition_fetched_bytes",
+            "Batch bytes served to consumers",
+            metrics.partition_fetched_bytes.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests received, by shard and api",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_errors",
+            "Requests or partitions answered with an error code",
+            metrics.request_errors.clone(),
+        );
+        registry.register(
+            "request_latency_seconds",
+            "Time from a request's arrival to its response being ready",
+            metrics.request_latency.clone(),
+        );
+        registry.register(
+            "flush_latency_seconds",
+            "Duration of log flushes (write + fdatasync)",
+            metrics.flush_latency.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open client connections",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "task_queue_runtime_seconds",
+            "CPU time each shard task queue ran",
+            metrics.task_queue_runtime.clone(),
+        );
+        metrics
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            text = format!("# encoding failed: {error}\n");
+        }
+        text
+    }
+
+    pub fn record_error(&self, shard: u32, api: ApiKey, code: ErrorCode) {
+        self.request_errors
+            .get_or_create(&ErrorLabels {
+                shard,
+                api: api.name(),
+                code: code.name(),
+            })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// One partition's series, held by its owning shard.
+pub struct PartitionMetrics {
+    labels: PartitionLabels,
+    pub end_offset: Gauge,
+    pub high_watermark: Gauge,
+    pub log_start_offset: Gauge,
+    pub produced_bytes: Counter,
+    pub fetched_bytes: Counter,
+}
+
+impl PartitionMetrics {
+    pub fn new(metrics: &Metrics, topic: &str, partition: u32) -> PartitionMetrics {
+        let labels = PartitionLabels {
+            topic: topic.to_string(),
+            partition,
+        };
+        PartitionMetrics {
+            end_offset: metrics.partition_end_offset.get_or_create_owned(&labels),
+            high_watermark: metrics.partition_high_watermark.get_or_create_owned(&labels),
+            log_start_offset: metrics.partition_log_start_offset.get_or_create_owned(&labels),
+            produced_bytes: metrics.partition_produced_bytes.get_or_create_owned(&labels),
+            fetched_bytes: metrics.partition_fetched_bytes.get_or_create_owned(&labels),
+            labels,
+        }
+    }
+
+    /// Drops the series of a deleted partition.
+    pub fn remove(&self, metrics: &Metrics) {
+        metrics.partition_end_offset.remove(&self.labels);
+        metrics.partition_high_watermark.remove(&self.labels);
+        metrics.partition_log_start_offset.remove(&self.labels);
+        metrics.partition_produced_bytes.remove(&self.labels);
+        metrics.partition_fetched_bytes.remove(&self.labels);
+    }
+}
+
+/// Per-shard request series, indexed by api.
+pub struct ShardMetrics {
+    pub requests: Vec<Counter>,
+    pub latency: Vec<Histogram>,
+    pub flush_latency: Histogram,
+    pub connections: Gauge,
+}
+
+impl ShardMetrics {
+    pub fn new(metrics: &Metrics, shard: u32) -> ShardMetrics {
+        let labels = |api: ApiKey| ApiLabels {
+            shard,
+            api: api.name(),
+        };
+        ShardMetrics {
+            requests: ApiKey::ALL
+                .iter()
+                .map(|api| metrics.requests.get_or_create_owned(&labels(*api)))
+                .collect(),
+            latency: ApiKey::ALL
+                .iter()
+                .map(|api| metrics.request_latency.get_or_create_owned(&labels(*api)))
+                .collect(),
+            flush_latency: metrics
+                .flush_latency
+                .get_or_create_owned(&ShardLabels { shard }),
+            connections: metrics.connections.get_or_create_owned(&ShardLabels { shard }),
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! `wharf serve`: one glommio executor per shard, each pinned to a core, owning its partitions.
+//!
+//! Start-up (on the main thread, before any shard runs): lock the data directory, load or create
+//! the metadata, fit its placement to the shard count, remove directories of deleted topics.
+//! Then every shard recovers the partitions it owns, binds the shared listener (SO_REUSEPORT)
+//! and its own direct port, and serves. Shard 0 also serves the admin HTTP endpoint and
+//! serializes metadata changes. A signal thread turns SIGTERM/SIGINT into a graceful shutdown;
+//! a second signal exits at once.
+
+mod admin;
+mod connection;
+pub mod metrics;
+pub mod partition;
+mod shard;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use futures_channel::oneshot;
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::config::ServerConfig;
+use crate::metadata::{self, BrokerMetadata};
+use metrics::Metrics;
+pub use shard::{ShardReply, ShardRequest};
+
+/// State every shard can see. Only start-up, the admin endpoint and metrics touch it; the data
+/// path stays shard-local.
+pub struct Shared {
+    pub config: ServerConfig,
+    pub metrics: Metrics,
+    /// Each shard's direct listener, set once it is bound.
+    pub shard_addresses: Vec<OnceLock<SocketAddr>>,
+    /// Shards that recovered their partitions and are accepting connections.
+    pub ready_shards: AtomicUsize,
+    pub shutting_down: AtomicBool,
+    /// Per shard: milliseconds since `started` of its last heartbeat (liveness).
+    pub heartbeats_ms: Vec<AtomicU64>,
+    pub started: Instant,
+    /// Each shard's id in the channel mesh (set once it joined) and the barrier after which all
+    /// are known.
+    pub peer_ids: Vec<OnceLock<usize>>,
+    pub mesh_barrier: std::sync::Barrier,
+}
+
+impl Shared {
+    pub fn shards(&self) -> usize {
+        self.config.shards
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready_shards.load(Ordering::Acquire) == self.shards()
+            && !self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+/// Runs the broker until a signal stops it. Returns an error for anything that prevents start.
+pub fn serve(config: ServerConfig) -> Result<(), String> {
+    let config = config.validate()?;
+    let lock = metadata::lock_data_dir(&config.data_dir)?;
+    let mut broker_metadata = match metadata::load(&config.data_dir)? {
+        Some(existing) => {
+            if existing.broker_id != config.broker_id {
+                return Err(format!(
+                    "data directory {} belongs to broker {}, not {}",
+                    config.data_dir.display(),
+                    existing.broker_id,
+                    config.broker_id
+                ));
+            }
+            existing
+        }
+        None => {
+            let fresh = BrokerMetadata::new(config.broker_id);
+            metadata::store(&config.data_dir, &fresh)?;
+            fresh
+        }
+    };
+    if broker_metadata.fit_to_shards(config.shards as u32) {
+        tracing::info!(shards = config.shards, "shard count changed: partitions re-placed");
+        metadata::store(&config.data_dir, &broker_metadata)?;
+    }
+    for removed in metadata::remove_orphans(&config.data_dir, &broker_metadata)? {
+        tracing::warn!(dir = %removed.display(), "removed the directory of a deleted topic");
+    }
+    let shards = config.shards;
+    let shared = Arc::new(Shared {
+        shard_addresses: (0..shards).map(|_| OnceLock::new()).collect(),
+        ready_shards: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
+        heartbeats_ms: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        started: Instant::now(),
+        peer_ids: (0..shards).map(|_| OnceLock::new()).collect(),
+        mesh_barrier: std::sync::Barrier::new(shards),
+        metrics: Metrics::new(),
+        config,
+    });
+    let broker_metadata = Arc::new(broker_metadata);
+    let mesh = MeshBuilder::full(shards, shared.config.shard_channel_capacity);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut stops = Vec::new();
+    let mut handles = Vec::new();
+    tracing::info!(
+        broker_id = shared.config.broker_id,
+        shards,
+        listen = %shared.config.listen,
+        admin = %shared.config.admin_listen,
+        data_dir = %shared.config.data_dir.display(),
+        "starting wharf"
+    );
+    for id in 0..shards {
+        let (stop, stopped) = oneshot::channel::<()>();
+        stops.push(stop);
+        let shared = Arc::clone(&shared);
+        let mesh = mesh.clone();
+        let broker_metadata = Arc::clone(&broker_metadata);
+        // Pin each shard to its own core when there are enough of them.
+        let placement = if shards <= cores {
+            Placement::Fixed(id)
+        } else {
+            Placement::Unbound
+        };
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("wharf-shard-{id}"))
+            .io_memory(shared.config.io_memory_bytes)
+            .ring_depth(crate::runtime::RING_DEPTH_DEFAULT)
+            .spawn(move || shard::run(id as u32, shared, mesh, broker_metadata, stopped))
+            .map_err(|e| format!("cannot start shard {id} (io_uring): {e}"))?;
+        handles.push(handle);
+    }
+    let signal_shared = Arc::clone(&shared);
+    spawn_signal_thread(signal_shared, stops)?;
+    let mut failure = None;
+    for (id, handle) in handles.into_iter().enumerate() {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(shard = id, %error, "shard failed");
+                failure.get_or_insert(format!("shard {id}: {error}"));
+            }
+            Err(error) => {
+                failure.get_or_insert(format!("shard {id} panicked: {error}"));
+            }
+        }
+    }
+    drop(lock);
+    match failure {
+        None => {
+            tracing::info!("wharf stopped cleanly");
+            Ok(())
+        }
+        Some(error) => Err(error),
+    }
+}
+
+fn spawn_signal_thread(shared: Arc<Shared>, stops: Vec<oneshot::Sender<()>>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("wharf-signals".to_string())
+        .spawn(move || {
+            let mut stops = Some(stops);
+            for signal in signals.forever() {
+                match stops.take() {
+                    Some(stops) => {
+                        tracing::info!(signal, "shutting down: finishing in-flight requests (send the signal again to exit at once)");
+                        shared.shutting_down.store(true, Ordering::Release);
+                        for stop in stops {
+                            let _ = stop.send(());
+                        }
+                    }
+                    None => {
+                        eprintln!("wharf: second signal, exiting at once");
+                        std::process::exit(130);
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}

@@ -1,0 +1,1333 @@
+//! One shard: its partitions, listeners, the channel mesh to the other shards, and the request
+//! handlers. Requests for partitions owned by another shard are forwarded over the mesh; the
+//! Wharf client avoids that hop by connecting to the owner's direct port (metadata names it).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_channel::oneshot;
+use futures_util::future::{join_all, select_all, LocalBoxFuture};
+use futures_util::FutureExt;
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::net::TcpListener;
+use glommio::sync::{Gate, Semaphore};
+use glommio::{Latency, Shares, TaskQueueHandle};
+use wharf_storage::{Epoch, Offset};
+
+use super::connection::{self, OutPayload, Outgoing, Pending};
+use super::metrics::{QueueLabels, ShardMetrics};
+use super::partition::{FetchData, Partition, PartitionError};
+use super::Shared;
+use crate::config::parse_host_port;
+use crate::metadata::{self, BrokerMetadata, PartitionMeta, TopicMeta};
+use crate::protocol::*;
+
+/// Upper bounds on list sizes in one request.
+const PARTITIONS_PER_REQUEST_MAX: usize = 10_000;
+const HEARTBEAT_MS: u64 = 250;
+
+/// A request from another shard.
+pub enum ShardRequest {
+    Produce {
+        topic: String,
+        partition: u32,
+        acks: Acks,
+        batches: FrameBuf,
+    },
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+    },
+    WaitForData {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        deadline: Instant,
+    },
+    ListOffset {
+        topic: String,
+        partition: u32,
+        spec: OffsetSpec,
+    },
+    Describe {
+        topic: String,
+        partition: u32,
+    },
+    CreateTopic(CreateTopicRequest),
+    DeleteTopic(String),
+    OpenPartitions {
+        topic: String,
+        meta: TopicMeta,
+        partitions: Vec<u32>,
+    },
+    ClosePartitions {
+        topic: String,
+    },
+    Metadata(Arc<BrokerMetadata>),
+}
+
+pub struct RemoteAdmitted {
+    pub base_offset: u64,
+    pub last_offset: u64,
+    pub leader_epoch: u32,
+    pub completion: Option<oneshot::Receiver<Result<(), PartitionError>>>,
+}
+
+pub enum ShardReply {
+    Admitted(Result<RemoteAdmitted, PartitionError>),
+    Fetched(Result<(u64, u64, FrameBuf), PartitionError>),
+    Woken,
+    Offset(Result<u64, PartitionError>),
+    Described(Result<PartitionDescription, PartitionError>),
+    Topic(TopicResult),
+    Done(Result<(), String>),
+}
+
+pub struct Envelope {
+    request: ShardRequest,
+    reply: oneshot::Sender<ShardReply>,
+}
+
+pub struct Queues {
+    pub client: TaskQueueHandle,
+    pub replication: TaskQueueHandle,
+    pub background: TaskQueueHandle,
+}
+
+pub struct Shard {
+    pub id: u32,
+    pub shared: Arc<Shared>,
+    metadata: RefCell<Arc<BrokerMetadata>>,
+    partitions: RefCell<HashMap<String, Vec<Option<Rc<Partition>>>>>,
+    senders: Senders<Envelope>,
+    peer_of_shard: Vec<usize>,
+    pub queues: Queues,
+    pub metrics: ShardMetrics,
+    admin_lock: Semaphore,
+    stopping: Cell<bool>,
+    stop_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    pub connections: Gate,
+    open_connections: Cell<usize>,
+}
+
+fn unavailable(message: &str) -> PartitionError {
+    PartitionError::new(ErrorCode::ShuttingDown, message)
+}
+
+pub(super) async fn run(
+    id: u32,
+    shared: Arc<Shared>,
+    mesh: MeshBuilder<Envelope, Full>,
+    broker_metadata: Arc<BrokerMetadata>,
+    stopped: oneshot::Receiver<()>,
+) -> Result<(), String> {
+    let (senders, mut receivers) = mesh
+        .join()
+        .await
+        .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
+    shared.peer_ids[id as usize]
+        .set(senders.peer_id())
+        .map_err(|_| "peer id set twice".to_string())?;
+    // Every shard must know every other's peer id before anyone forwards.
+    shared.mesh_barrier.wait();
+    let peer_of_shard = shared
+        .peer_ids
+        .iter()
+        .map(|p| p.get().copied().unwrap_or(usize::MAX))
+        .collect();
+    let executor = glommio::executor();
+    let queues = Queues {
+        client: executor.create_task_queue(Shares::Static(1000), Latency::NotImportant, "client"),
+        replication: executor.create_task_queue(
+            Shares::Static(1000),
+            Latency::NotImportant,
+            "replication",
+        ),
+        background: executor.create_task_queue(
+            Shares::Static(1000),
+            Latency::NotImportant,
+            "background",
+        ),
+    };
+    let shard = Rc::new(Shard {
+        id,
+        metrics: ShardMetrics::new(&shared.metrics, id),
+        metadata: RefCell::new(Arc::clone(&broker_metadata)),
+        partitions: RefCell::new(HashMap::new()),
+        senders,
+        peer_of_shard,
+        queues,
+        admin_lock: Semaphore::new(1),
+        stopping: Cell::new(false),
+        stop_waiters: RefCell::new(Vec::new()),
+        connections: Gate::new(),
+        open_connections: Cell::new(0),
+        shared,
+    });
+    // Recover every partition this shard owns.
+    for (name, topic) in &broker_metadata.topics {
+        let owned: Vec<u32> = topic
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.shard == id)
+            .map(|(i, _)| i as u32)
+            .collect();
+        shard.open_partitions(name, topic, &owned).await?;
+    }
+    let config = &shard.shared.config;
+    let shared_listener = TcpListener::bind(config.listen.as_str())
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let (host, _) = parse_host_port("listen", &config.listen)?;
+    let direct_port = if config.shard_port_base == 0 {
+        0
+    } else {
+        config.shard_port_base + id as u16
+    };
+    let direct_listener = TcpListener::bind((host.as_str(), direct_port))
+        .map_err(|e| format!("cannot listen on {host}:{direct_port}: {e}"))?;
+    let direct_address = direct_listener
+        .local_addr()
+        .map_err(|e| format!("listener address: {e}"))?;
+    let _ = shard.shared.shard_addresses[id as usize].set(direct_address);
+
+    let mut tasks = Vec::new();
+    for (peer, receiver) in receivers.streams() {
+        let receiving = Rc::clone(&shard);
+        tasks.push(
+            glommio::spawn_local_into(
+                async move {
+                    while let Some(envelope) = receiver.recv().await {
+                        receiving.dispatch_envelope(envelope).await;
+                    }
+                    tracing::trace!(peer, "mesh channel closed");
+                },
+                shard.queues.client,
+            )
+            .map_err(|e| format!("spawn: {e}"))?,
+        );
+    }
+    for listener in [shared_listener, direct_listener] {
+        let shard_for_accept = Rc::clone(&shard);
+        glommio::spawn_local_into(
+            async move { shard_for_accept.accept_loop(listener).await },
+            shard.queues.client,
+        )
+        .map_err(|e| format!("spawn: {e}"))?
+        .detach();
+    }
+    {
+        let ticking = Rc::clone(&shard);
+        glommio::spawn_local_into(async move { ticking.tick_loop().await }, shard.queues.background)
+            .map_err(|e| format!("spawn: {e}"))?
+            .detach();
+    }
+    if id == 0 {
+        let admin = super::admin::bind(&shard.shared.config.admin_listen)?;
+        let shared = Arc::clone(&shard.shared);
+        let stop = shard.stop_signal();
+        glommio::spawn_local_into(super::admin::serve(admin, shared, stop), shard.queues.background)
+            .map_err(|e| format!("spawn: {e}"))?
+            .detach();
+    }
+    shard.shared.ready_shards.fetch_add(1, Ordering::AcqRel);
+    tracing::info!(shard = id, direct = %direct_address, partitions = shard.partition_count(), "shard ready");
+
+    let _ = stopped.await;
+    shard.begin_stop();
+    let drain = Duration::from_millis(shard.shared.config.shutdown_timeout_ms);
+    if glommio::timer::timeout(drain, async {
+        let _ = shard.connections.close().await;
+        Ok(())
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(shard = id, "connections still open after the shutdown timeout; closing logs anyway");
+    }
+    let partitions: Vec<Rc<Partition>> = shard
+        .partitions
+        .borrow()
+        .values()
+        .flatten()
+        .flatten()
+        .cloned()
+        .collect();
+    for partition in partitions {
+        partition.close().await;
+    }
+    shard.senders.close();
+    drop(tasks);
+    tracing::info!(shard = id, "shard stopped");
+    Ok(())
+}
+
+impl Shard {
+    fn partition_count(&self) -> usize {
+        self.partitions
+            .borrow()
+            .values()
+            .map(|v| v.iter().flatten().count())
+            .sum()
+    }
+
+    fn begin_stop(&self) {
+        self.stopping.set(true);
+        for waiter in self.stop_waiters.borrow_mut().drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+
+    /// Resolves when the shard begins to stop.
+    pub fn stop_signal(&self) -> LocalBoxFuture<'static, ()> {
+        if self.stopping.get() {
+            return futures_util::future::ready(()).boxed_local();
+        }
+        let (wake, woken) = oneshot::channel();
+        self.stop_waiters.borrow_mut().push(wake);
+        async move {
+            let _ = woken.await;
+        }
+        .boxed_local()
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = futures_lite::future::or(
+                async { Some(listener.accept().await) },
+                async {
+                    self.stop_signal().await;
+                    None
+                },
+            )
+            .await;
+            let Some(accepted) = accepted else {
+                return;
+            };
+            let stream = match accepted {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(shard = self.id, %error, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            if self.open_connections.get() >= self.shared.config.connections_per_shard_max {
+                tracing::warn!(shard = self.id, "connection limit reached; refusing a connection");
+                drop(stream);
+                continue;
+            }
+            let shard = Rc::clone(&self);
+            let spawned = self.connections.spawn(async move {
+                shard.open_connections.set(shard.open_connections.get() + 1);
+                shard.metrics.connections.inc();
+                connection::serve(Rc::clone(&shard), stream).await;
+                shard.metrics.connections.dec();
+                shard.open_connections.set(shard.open_connections.get() - 1);
+            });
+            match spawned {
+                Ok(task) => {
+                    task.detach();
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    async fn tick_loop(self: Rc<Self>) {
+        let executor = glommio::executor();
+        let queues = [
+            ("client", self.queues.client),
+            ("replication", self.queues.replication),
+            ("background", self.queues.background),
+        ];
+        let counters: Vec<_> = queues
+            .iter()
+            .map(|(name, _)| {
+                self.shared
+                    .metrics
+                    .task_queue_runtime
+                    .get_or_create_owned(&QueueLabels {
+                        shard: self.id,
+                        queue: name,
+                    })
+            })
+            .collect();
+        let mut ticks = 0u64;
+        while !self.stopping.get() {
+            let elapsed_ms = self.shared.started.elapsed().as_millis() as u64;
+            self.shared.heartbeats_ms[self.id as usize].store(elapsed_ms, Ordering::Release);
+            ticks += 1;
+            if ticks % 4 == 0 {
+                for ((_, handle), counter) in queues.iter().zip(&counters) {
+                    if let Ok(stats) = executor.task_queue_stats(*handle) {
+                        counter.inc_by(stats.runtime().as_secs_f64());
+                    }
+                }
+            }
+            glommio::timer::sleep(Duration::from_millis(HEARTBEAT_MS)).await;
+        }
+    }
+
+    async fn open_partitions(
+        &self,
+        name: &str,
+        topic: &TopicMeta,
+        partitions: &[u32],
+    ) -> Result<(), String> {
+        let count = topic.partitions.len();
+        for &index in partitions {
+            let meta = &topic.partitions[index as usize];
+            let dir = metadata::partition_dir(&self.shared.config.data_dir, name, topic.topic_id, index);
+            let partition = Partition::open(
+                dir,
+                name,
+                index,
+                topic.topic_id,
+                topic.config.clone(),
+                Epoch(meta.leader_epoch),
+                meta.replicas.clone(),
+                &self.shared.metrics,
+                self.metrics.flush_latency.clone(),
+                self.queues.background,
+            )
+            .await?;
+            let mut map = self.partitions.borrow_mut();
+            let slots = map.entry(name.to_string()).or_insert_with(|| vec![None; count]);
+            slots[index as usize] = Some(partition);
+        }
+        Ok(())
+    }
+
+    fn local_partition(&self, topic: &str, partition: u32) -> Option<Rc<Partition>> {
+        self.partitions
+            .borrow()
+            .get(topic)
+            .and_then(|slots| slots.get(partition as usize).cloned().flatten())
+    }
+
+    /// The shard owning `topic`/`partition`, by this shard's view of the metadata.
+    fn owner(&self, topic: &str, partition: u32) -> Result<u32, PartitionError> {
+        let metadata = self.metadata.borrow();
+        let Some(meta) = metadata.topics.get(topic) else {
+            return Err(PartitionError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic {topic:?} does not exist"),
+            ));
+        };
+        match meta.partitions.get(partition as usize) {
+            Some(p) => Ok(p.shard),
+            None => Err(PartitionError::new(
+                ErrorCode::UnknownPartition,
+                format!(
+                    "topic {topic:?} has partitions 0..{}, not {partition}",
+                    meta.partitions.len()
+                ),
+            )),
+        }
+    }
+
+    /// Runs `request` on `shard`: directly when it is this one, else over the mesh.
+    async fn to_shard(self: &Rc<Self>, shard: u32, request: ShardRequest) -> Option<ShardReply> {
+        if shard == self.id {
+            // Boxed: handlers forward to other shards (recursion through this function).
+            return Some(Rc::clone(self).handle(request).boxed_local().await);
+        }
+        let (reply, replied) = oneshot::channel();
+        let peer = self.peer_of_shard[shard as usize];
+        if self
+            .senders
+            .send_to(peer, Envelope { request, reply })
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        replied.await.ok()
+    }
+
+    async fn dispatch_envelope(self: &Rc<Self>, envelope: Envelope) {
+        let Envelope { request, reply } = envelope;
+        // Produce is admitted in arrival order before the next message is read (ordering per
+        // partition); everything else may wait, so it runs on its own task.
+        if matches!(request, ShardRequest::Produce { .. }) {
+            let _ = reply.send(Rc::clone(self).handle(request).await);
+            return;
+        }
+        let shard = Rc::clone(self);
+        let spawned = glommio::spawn_local_into(
+            async move {
+                let _ = reply.send(shard.handle(request).await);
+            },
+            self.queues.client,
+        );
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+
+    async fn handle(self: Rc<Self>, request: ShardRequest) -> ShardReply {
+        match request {
+            ShardRequest::Produce {
+                topic,
+                partition,
+                acks,
+                mut batches,
+            } => {
+                let Some(local) = self.local_partition(&topic, partition) else {
+                    return ShardReply::Admitted(Err(self.missing(&topic, partition)));
+                };
+                ShardReply::Admitted(local.produce(&mut batches, acks).await.map(|a| {
+                    RemoteAdmitted {
+                        base_offset: a.base_offset.0,
+                        last_offset: a.last_offset.0,
+                        leader_epoch: a.leader_epoch.0,
+                        completion: a.completion,
+                    }
+                }))
+            }
+            ShardRequest::Fetch {
+                topic,
+                partition,
+                offset,
+                max_bytes,
+            } => {
+                let Some(local) = self.local_partition(&topic, partition) else {
+                    return ShardReply::Fetched(Err(self.missing(&topic, partition)));
+                };
+                ShardReply::Fetched(read_local(&local, offset, max_bytes).await.map(|data| {
+                    let mut bytes = FrameBuf::with_capacity(data.bytes);
+                    bytes.extend_from_slice(data.slice());
+                    (data.high_watermark.0, data.log_start_offset.0, bytes)
+                }))
+            }
+            ShardRequest::WaitForData {
+                topic,
+                partition,
+                offset,
+                deadline,
+            } => {
+                if let Some(local) = self.local_partition(&topic, partition) {
+                    futures_lite::future::or(
+                        local.wait_for_data(Offset(offset), deadline),
+                        self.stop_signal(),
+                    )
+                    .await;
+                }
+                ShardReply::Woken
+            }
+            ShardRequest::ListOffset {
+                topic,
+                partition,
+                spec,
+            } => {
+                let Some(local) = self.local_partition(&topic, partition) else {
+                    return ShardReply::Offset(Err(self.missing(&topic, partition)));
+                };
+                ShardReply::Offset(local.list_offset(spec).await.map(|o| o.0))
+            }
+            ShardRequest::Describe { topic, partition } => {
+                let Some(local) = self.local_partition(&topic, partition) else {
+                    return ShardReply::Described(Err(self.missing(&topic, partition)));
+                };
+                let mut description = local.describe();
+                description.shard = self.id;
+                ShardReply::Described(Ok(description))
+            }
+            ShardRequest::CreateTopic(request) => ShardReply::Topic(self.create_topic(request).await),
+            ShardRequest::DeleteTopic(name) => ShardReply::Topic(self.delete_topic(name).await),
+            ShardRequest::OpenPartitions {
+                topic,
+                meta,
+                partitions,
+            } => ShardReply::Done(self.open_partitions(&topic, &meta, &partitions).await),
+            ShardRequest::ClosePartitions { topic } => {
+                let removed = self.partitions.borrow_mut().remove(&topic);
+                for partition in removed.into_iter().flatten().flatten() {
+                    partition.close().await;
+                    partition.metrics.remove(&self.shared.metrics);
+                }
+                ShardReply::Done(Ok(()))
+            }
+            ShardRequest::Metadata(metadata) => {
+                *self.metadata.borrow_mut() = metadata;
+                ShardReply::Done(Ok(()))
+            }
+        }
+    }
+
+    fn missing(&self, topic: &str, partition: u32) -> PartitionError {
+        match self.owner(topic, partition) {
+            Err(error) => error,
+            Ok(_) => PartitionError::new(
+                ErrorCode::PartitionUnavailable,
+                format!("{topic}/{partition} is not open on shard {}", self.id),
+            ),
+        }
+    }
+
+    // ---- admin (shard 0 owns metadata changes) ----
+
+    async fn create_topic(self: &Rc<Self>, request: CreateTopicRequest) -> TopicResult {
+        if self.id != 0 {
+            return match self.to_shard(0, ShardRequest::CreateTopic(request)).await {
+                Some(ShardReply::Topic(result)) => result,
+                _ => topic_error(ErrorCode::ShuttingDown, "shard 0 is not answering"),
+            };
+        }
+        let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
+            return topic_error(ErrorCode::ShuttingDown, "shutting down");
+        };
+        let name = request.name;
+        if let Err(message) = metadata::validate_topic_name(&name) {
+            return topic_error(ErrorCode::InvalidTopic, message);
+        }
+        if request.partitions == 0 || request.partitions > metadata::PARTITIONS_PER_TOPIC_MAX {
+            return topic_error(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "partitions must be 1..={}, not {}",
+                    metadata::PARTITIONS_PER_TOPIC_MAX,
+                    request.partitions
+                ),
+            );
+        }
+        let brokers = 1u16;
+        let replication_factor = request.replication_factor.max(1);
+        if replication_factor > brokers {
+            return topic_error(
+                ErrorCode::InvalidReplicationFactor,
+                format!("replication factor {replication_factor} needs {replication_factor} brokers; this cluster has {brokers}"),
+            );
+        }
+        let config = match self
+            .shared
+            .config
+            .topic_defaults
+            .with_entries(&request.configs)
+        {
+            Ok(config) => config,
+            Err(message) => return topic_error(ErrorCode::InvalidConfig, message),
+        };
+        if config.min_insync_replicas > replication_factor {
+            return topic_error(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "min_insync_replicas {} exceeds the replication factor {replication_factor}",
+                    config.min_insync_replicas
+                ),
+            );
+        }
+        let mut next = (**self.metadata.borrow()).clone();
+        if next.topics.contains_key(&name) {
+            return topic_error(
+                ErrorCode::TopicAlreadyExists,
+                format!("topic {name:?} already exists"),
+            );
+        }
+        let shards = self.shared.shards() as u32;
+        let broker_id = self.shared.config.broker_id;
+        let topic = TopicMeta {
+            topic_id: next.next_topic_id,
+            replication_factor,
+            config,
+            partitions: (0..request.partitions)
+                .map(|p| PartitionMeta {
+                    shard: metadata::placement(&name, p, shards),
+                    leader: broker_id,
+                    leader_epoch: 0,
+                    replicas: vec![broker_id],
+                })
+                .collect(),
+        };
+        next.next_topic_id += 1;
+        next.topics.insert(name.clone(), topic.clone());
+        if let Err(message) = self.persist(next.clone()).await {
+            return topic_error(ErrorCode::StorageError, message);
+        }
+        // Open the logs before anyone can see the topic.
+        let opens = (0..shards).map(|shard| {
+            let owned: Vec<u32> = topic
+                .partitions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.shard == shard)
+                .map(|(i, _)| i as u32)
+                .collect();
+            self.to_shard(
+                shard,
+                ShardRequest::OpenPartitions {
+                    topic: name.clone(),
+                    meta: topic.clone(),
+                    partitions: owned,
+                },
+            )
+        });
+        for reply in join_all(opens).await {
+            match reply {
+                Some(ShardReply::Done(Ok(()))) => {}
+                Some(ShardReply::Done(Err(message))) => {
+                    return topic_error(ErrorCode::StorageError, message)
+                }
+                _ => return topic_error(ErrorCode::ShuttingDown, "a shard is not answering"),
+            }
+        }
+        self.publish(Arc::new(next)).await;
+        tracing::info!(topic = %name, partitions = request.partitions, "created topic");
+        TopicResult {
+            error: 0,
+            message: String::new(),
+        }
+    }
+
+    async fn delete_topic(self: &Rc<Self>, name: String) -> TopicResult {
+        if self.id != 0 {
+            return match self.to_shard(0, ShardRequest::DeleteTopic(name)).await {
+                Some(ShardReply::Topic(result)) => result,
+                _ => topic_error(ErrorCode::ShuttingDown, "shard 0 is not answering"),
+            };
+        }
+        let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
+            return topic_error(ErrorCode::ShuttingDown, "shutting down");
+        };
+        let mut next = (**self.metadata.borrow()).clone();
+        let Some(topic) = next.topics.remove(&name) else {
+            return topic_error(ErrorCode::UnknownTopic, format!("topic {name:?} does not exist"));
+        };
+        if let Err(message) = self.persist(next.clone()).await {
+            return topic_error(ErrorCode::StorageError, message);
+        }
+        self.publish(Arc::new(next)).await;
+        let shards = self.shared.shards() as u32;
+        let closes = (0..shards).map(|shard| {
+            self.to_shard(shard, ShardRequest::ClosePartitions { topic: name.clone() })
+        });
+        join_all(closes).await;
+        let data_dir = self.shared.config.data_dir.clone();
+        let dir_name = name.clone();
+        let removed = glommio::executor()
+            .spawn_blocking(move || metadata::remove_topic_dir(&data_dir, &dir_name, topic.topic_id))
+            .await;
+        if let Err(message) = removed {
+            // The metadata no longer names it: the next start removes the directory.
+            tracing::warn!(topic = %name, %message, "could not remove the deleted topic's files yet");
+        }
+        tracing::info!(topic = %name, "deleted topic");
+        TopicResult {
+            error: 0,
+            message: String::new(),
+        }
+    }
+
+    async fn persist(&self, next: BrokerMetadata) -> Result<(), String> {
+        let data_dir = self.shared.config.data_dir.clone();
+        glommio::executor()
+            .spawn_blocking(move || metadata::store(&data_dir, &next))
+            .await
+    }
+
+    async fn publish(self: &Rc<Self>, next: Arc<BrokerMetadata>) {
+        let shards = self.shared.shards() as u32;
+        let updates = (0..shards)
+            .map(|shard| self.to_shard(shard, ShardRequest::Metadata(Arc::clone(&next))));
+        join_all(updates).await;
+    }
+
+    // ---- client requests ----
+
+    /// Admits one request: does what must happen in arrival order (produce appends) and
+    /// returns the future of its response.
+    pub async fn admit(self: &Rc<Self>, mut frame: Frame) -> Pending {
+        let header = frame.header;
+        let Some(api) = header.api() else {
+            return ready(error_frame(
+                &header,
+                ErrorCode::UnknownApi,
+                format!("unknown api key {}", header.api_key),
+            ));
+        };
+        self.metrics.requests[api as usize].inc();
+        let (min, max) = api.supported_versions();
+        if header.api_version < min || header.api_version > max {
+            self.shared.metrics.record_error(self.id, api, ErrorCode::UnsupportedVersion);
+            return ready(error_frame(
+                &header,
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "{} version {} is not supported (this broker speaks {min}..={max})",
+                    api.name(),
+                    header.api_version
+                ),
+            ));
+        }
+        if header.is_response() {
+            return ready(error_frame(
+                &header,
+                ErrorCode::InvalidRequest,
+                "a response was sent as a request".to_string(),
+            ));
+        }
+        let started = Instant::now();
+        let pending = match self.admit_api(api, &mut frame).await {
+            Ok(pending) => pending,
+            Err(error) => {
+                self.shared.metrics.record_error(self.id, api, error.code);
+                return ready(error_frame(&header, error.code, error.message));
+            }
+        };
+        let latency = self.metrics.latency[api as usize].clone();
+        async move {
+            let response = pending.await;
+            latency.observe(started.elapsed().as_secs_f64());
+            response
+        }
+        .boxed_local()
+    }
+
+    async fn admit_api(self: &Rc<Self>, api: ApiKey, frame: &mut Frame) -> Result<Pending, PartitionError> {
+        let header = frame.header;
+        let invalid = |e: BodyError| PartitionError::new(ErrorCode::InvalidRequest, e.to_string());
+        Ok(match api {
+            ApiKey::Versions => {
+                let _request: VersionsRequest = frame.decode_body().map_err(invalid)?;
+                let body = VersionsResponse {
+                    broker_id: self.shared.config.broker_id,
+                    server_version: env!("CARGO_PKG_VERSION").to_string(),
+                    apis: ApiKey::ALL
+                        .iter()
+                        .map(|api| {
+                            let (min_version, max_version) = api.supported_versions();
+                            ApiVersionRange {
+                                api_key: *api as u16,
+                                min_version,
+                                max_version,
+                            }
+                        })
+                        .collect(),
+                };
+                ready(respond(&header, &body, Vec::new()))
+            }
+            ApiKey::Metadata => {
+                let request: MetadataRequest = frame.decode_body().map_err(invalid)?;
+                ready(respond(&header, &self.metadata_response(request), Vec::new()))
+            }
+            ApiKey::CreateTopic => {
+                let request: CreateTopicRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    let result = shard.create_topic(request).await;
+                    respond(&header, &result, Vec::new())
+                }
+                .boxed_local()
+            }
+            ApiKey::DeleteTopic => {
+                let request: DeleteTopicRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    let result = shard.delete_topic(request.name).await;
+                    respond(&header, &result, Vec::new())
+                }
+                .boxed_local()
+            }
+            ApiKey::DescribeTopic => {
+                let request: DescribeTopicRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    let body = shard.describe_topic(request.name).await;
+                    respond(&header, &body, Vec::new())
+                }
+                .boxed_local()
+            }
+            ApiKey::Produce => self.admit_produce(frame).await?,
+            ApiKey::Fetch => {
+                let request: FetchRequest = frame.decode_body().map_err(invalid)?;
+                if request.partitions.is_empty() || request.partitions.len() > PARTITIONS_PER_REQUEST_MAX {
+                    return Err(PartitionError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("a fetch names 1..={PARTITIONS_PER_REQUEST_MAX} partitions"),
+                    ));
+                }
+                let shard = Rc::clone(self);
+                async move { shard.fetch(header, request).await }.boxed_local()
+            }
+            ApiKey::ListOffsets => {
+                let request: ListOffsetsRequest = frame.decode_body().map_err(invalid)?;
+                if request.partitions.len() > PARTITIONS_PER_REQUEST_MAX {
+                    return Err(PartitionError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("at most {PARTITIONS_PER_REQUEST_MAX} partitions per request"),
+                    ));
+                }
+                let shard = Rc::clone(self);
+                async move {
+                    let mut partitions = Vec::new();
+                    for p in request.partitions {
+                        let result = match shard.owner(&request.topic, p.partition) {
+                            Err(e) => Err(e),
+                            Ok(owner) => match shard
+                                .to_shard(
+                                    owner,
+                                    ShardRequest::ListOffset {
+                                        topic: request.topic.clone(),
+                                        partition: p.partition,
+                                        spec: p.spec,
+                                    },
+                                )
+                                .await
+                            {
+                                Some(ShardReply::Offset(result)) => result,
+                                _ => Err(unavailable("owner shard is not answering")),
+                            },
+                        };
+                        partitions.push(match result {
+                            Ok(offset) => ListOffsetsPartitionResponse {
+                                partition: p.partition,
+                                error: 0,
+                                message: String::new(),
+                                offset,
+                            },
+                            Err(e) => {
+                                shard.shared.metrics.record_error(shard.id, ApiKey::ListOffsets, e.code);
+                                ListOffsetsPartitionResponse {
+                                    partition: p.partition,
+                                    error: e.code as u16,
+                                    message: e.message,
+                                    offset: 0,
+                                }
+                            }
+                        });
+                    }
+                    respond(&header, &ListOffsetsResponse { partitions }, Vec::new())
+                }
+                .boxed_local()
+            }
+        })
+    }
+
+    fn metadata_response(&self, request: MetadataRequest) -> MetadataResponse {
+        let config = &self.shared.config;
+        let host = config.advertised_host();
+        let port = parse_host_port("listen", &config.listen).map_or(0, |(_, p)| p);
+        let shards = self
+            .shared
+            .shard_addresses
+            .iter()
+            .enumerate()
+            .filter_map(|(shard, address)| {
+                address.get().map(|a| ShardAddress {
+                    shard: shard as u32,
+                    host: host.clone(),
+                    port: a.port(),
+                })
+            })
+            .collect();
+        let metadata = self.metadata.borrow();
+        let describe = |name: &str, topic: &TopicMeta| TopicMetadata {
+            name: name.to_string(),
+            error: 0,
+            partitions: topic
+                .partitions
+                .iter()
+                .enumerate()
+                .map(|(i, p)| PartitionMetadata {
+                    partition: i as u32,
+                    leader: p.leader,
+                    leader_epoch: p.leader_epoch,
+                    shard: p.shard,
+                    replicas: p.replicas.clone(),
+                    isr: p.replicas.iter().take(1).copied().collect(),
+                })
+                .collect(),
+        };
+        let topics = match request.topics {
+            None => metadata
+                .topics
+                .iter()
+                .map(|(name, topic)| describe(name, topic))
+                .collect(),
+            Some(names) => names
+                .iter()
+                .take(PARTITIONS_PER_REQUEST_MAX)
+                .map(|name| match metadata.topics.get(name) {
+                    Some(topic) => describe(name, topic),
+                    None => TopicMetadata {
+                        name: name.clone(),
+                        error: ErrorCode::UnknownTopic as u16,
+                        partitions: Vec::new(),
+                    },
+                })
+                .collect(),
+        };
+        MetadataResponse {
+            brokers: vec![BrokerInfo {
+                broker_id: config.broker_id,
+                host,
+                port,
+                shards,
+            }],
+            topics,
+        }
+    }
+
+    async fn describe_topic(self: &Rc<Self>, name: String) -> DescribeTopicResponse {
+        let topic = self.metadata.borrow().topics.get(&name).cloned();
+        let Some(topic) = topic else {
+            return DescribeTopicResponse {
+                error: ErrorCode::UnknownTopic as u16,
+                message: format!("topic {name:?} does not exist"),
+                topic: None,
+            };
+        };
+        let mut partitions = Vec::new();
+        for (index, meta) in topic.partitions.iter().enumerate() {
+            let reply = self
+                .to_shard(
+                    meta.shard,
+                    ShardRequest::Describe {
+                        topic: name.clone(),
+                        partition: index as u32,
+                    },
+                )
+                .await;
+            partitions.push(match reply {
+                Some(ShardReply::Described(Ok(description))) => description,
+                other => {
+                    let error = match other {
+                        Some(ShardReply::Described(Err(e))) => e.code,
+                        _ => ErrorCode::ShuttingDown,
+                    };
+                    PartitionDescription {
+                        partition: index as u32,
+                        leader: meta.leader,
+                        leader_epoch: meta.leader_epoch,
+                        shard: meta.shard,
+                        replicas: meta.replicas.clone(),
+                        isr: Vec::new(),
+                        log_start_offset: 0,
+                        high_watermark: 0,
+                        end_offset: 0,
+                        error: error as u16,
+                    }
+                }
+            });
+        }
+        DescribeTopicResponse {
+            error: 0,
+            message: String::new(),
+            topic: Some(TopicDescription {
+                name,
+                topic_id: topic.topic_id,
+                replication_factor: topic.replication_factor,
+                configs: topic.config.entries(),
+                partitions,
+            }),
+        }
+    }
+
+    async fn admit_produce(self: &Rc<Self>, frame: &mut Frame) -> Result<Pending, PartitionError> {
+        let header = frame.header;
+        let request: ProduceRequest = frame
+            .decode_body()
+            .map_err(|e| PartitionError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+        if request.partitions.is_empty() || request.partitions.len() > PARTITIONS_PER_REQUEST_MAX {
+            return Err(PartitionError::new(
+                ErrorCode::InvalidRequest,
+                format!("a produce names 1..={PARTITIONS_PER_REQUEST_MAX} partitions"),
+            ));
+        }
+        let payload_bytes = frame.payload().len();
+        let mut ranges = Vec::with_capacity(request.partitions.len());
+        let mut at = 0usize;
+        for p in &request.partitions {
+            let end = at + p.batch_bytes as usize;
+            if end > payload_bytes {
+                break;
+            }
+            ranges.push(at..end);
+            at = end;
+        }
+        if ranges.len() != request.partitions.len() || at != payload_bytes {
+            return Err(PartitionError::new(
+                ErrorCode::InvalidRequest,
+                format!("partitions declare {at}+ batch bytes but the payload has {payload_bytes}"),
+            ));
+        }
+        let wait_ms = u64::from(request.timeout_ms).min(self.shared.config.request_wait_ms_max);
+        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        let acks = request.acks;
+        let mut parts: Vec<LocalBoxFuture<'static, ProducePartitionResponse>> = Vec::new();
+        for (p, range) in request.partitions.iter().zip(ranges) {
+            let partition = p.partition;
+            let admitted: Result<RemoteAdmitted, PartitionError> =
+                match self.owner(&request.topic, partition) {
+                    Err(e) => Err(e),
+                    Ok(owner) if owner == self.id => match self.local_partition(&request.topic, partition) {
+                        None => Err(self.missing(&request.topic, partition)),
+                        Some(local) => local
+                            .produce(&mut frame.payload_mut()[range], acks)
+                            .await
+                            .map(|a| RemoteAdmitted {
+                                base_offset: a.base_offset.0,
+                                last_offset: a.last_offset.0,
+                                leader_epoch: a.leader_epoch.0,
+                                completion: a.completion,
+                            }),
+                    },
+                    Ok(owner) => {
+                        let mut batches = FrameBuf::with_capacity(range.len());
+                        batches.extend_from_slice(&frame.payload()[range]);
+                        match self
+                            .to_shard(
+                                owner,
+                                ShardRequest::Produce {
+                                    topic: request.topic.clone(),
+                                    partition,
+                                    acks,
+                                    batches,
+                                },
+                            )
+                            .await
+                        {
+                            Some(ShardReply::Admitted(result)) => result,
+                            _ => Err(unavailable("owner shard is not answering")),
+                        }
+                    }
+                };
+            if let Err(e) = &admitted {
+                self.shared.metrics.record_error(self.id, ApiKey::Produce, e.code);
+            }
+            parts.push(complete_produce(partition, admitted, deadline).boxed_local());
+        }
+        if acks == Acks::None {
+            // Fire and forget: no response at all.
+            return Ok(futures_util::future::ready(None).boxed_local());
+        }
+        Ok(async move {
+            let partitions = join_all(parts).await;
+            respond(&header, &ProduceResponse { partitions }, Vec::new())
+        }
+        .boxed_local())
+    }
+
+    async fn read_partition(
+        self: &Rc<Self>,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<(u64, u64, OutPayload, usize), PartitionError> {
+        let owner = self.owner(topic, partition)?;
+        if owner == self.id {
+            let Some(local) = self.local_partition(topic, partition) else {
+                return Err(self.missing(topic, partition));
+            };
+            let data = read_local(&local, offset, max_bytes).await?;
+            let bytes = data.bytes;
+            return Ok((
+                data.high_watermark.0,
+                data.log_start_offset.0,
+                OutPayload::Local(data),
+                bytes,
+            ));
+        }
+        match self
+            .to_shard(
+                owner,
+                ShardRequest::Fetch {
+                    topic: topic.to_string(),
+                    partition,
+                    offset,
+                    max_bytes,
+                },
+            )
+            .await
+        {
+            Some(ShardReply::Fetched(Ok((hw, start, bytes)))) => {
+                let len = bytes.len();
+                Ok((hw, start, OutPayload::Owned(bytes), len))
+            }
+            Some(ShardReply::Fetched(Err(e))) => Err(e),
+            _ => Err(unavailable("owner shard is not answering")),
+        }
+    }
+
+    async fn wait_partition(self: Rc<Self>, topic: String, partition: u32, offset: u64, deadline: Instant) {
+        let Ok(owner) = self.owner(&topic, partition) else {
+            return;
+        };
+        let _ = self
+            .to_shard(
+                owner,
+                ShardRequest::WaitForData {
+                    topic,
+                    partition,
+                    offset,
+                    deadline,
+                },
+            )
+            .await;
+    }
+
+    async fn fetch(self: Rc<Self>, header: FrameHeader, request: FetchRequest) -> Option<Outgoing> {
+        let config = &self.shared.config;
+        let wait_ms = u64::from(request.max_wait_ms).min(config.request_wait_ms_max);
+        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        let budget = (request.max_bytes as usize).min(config.fetch_bytes_max);
+        let min_bytes = (request.min_bytes as usize).max(1);
+        // Bounded by the deadline: every pass either answers or waits for new data.
+        loop {
+            let mut partitions = Vec::with_capacity(request.partitions.len());
+            let mut payload = Vec::new();
+            let mut total = 0usize;
+            let mut errors = false;
+            for p in &request.partitions {
+                let max_bytes = (p.max_bytes as usize).min(budget.saturating_sub(total));
+                let result = if max_bytes == 0 && total > 0 {
+                    // Budget spent: report the partition without data.
+                    Ok((0, 0, None, 0))
+                } else {
+                    self.read_partition(&p.topic, p.partition, p.fetch_offset, max_bytes.max(1))
+                        .await
+                        .map(|(hw, start, out, len)| (hw, start, Some(out), len))
+                };
+                match result {
+                    Ok((hw, start, out, len)) => {
+                        total += len;
+                        partitions.push(FetchPartitionResponse {
+                            topic: p.topic.clone(),
+                            partition: p.partition,
+                            error: 0,
+                            message: String::new(),
+                            high_watermark: hw,
+                            log_start_offset: start,
+                            batch_bytes: len as u32,
+                        });
+                        if let Some(out) = out {
+                            if len > 0 {
+                                payload.push(out);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        errors = true;
+                        self.shared.metrics.record_error(self.id, ApiKey::Fetch, e.code);
+                        partitions.push(FetchPartitionResponse {
+                            topic: p.topic.clone(),
+                            partition: p.partition,
+                            error: e.code as u16,
+                            message: e.message,
+                            high_watermark: 0,
+                            log_start_offset: 0,
+                            batch_bytes: 0,
+                        });
+                    }
+                }
+            }
+            if total >= min_bytes || errors || Instant::now() >= deadline || self.stopping.get() {
+                return respond(&header, &FetchResponse { partitions }, payload);
+            }
+            drop(payload);
+            let waits: Vec<LocalBoxFuture<'static, ()>> = request
+                .partitions
+                .iter()
+                .map(|p| {
+                    Rc::clone(&self)
+                        .wait_partition(p.topic.clone(), p.partition, p.fetch_offset, deadline)
+                        .boxed_local()
+                })
+                .collect();
+            futures_lite::future::or(
+                async {
+                    select_all(waits).await;
+                },
+                self.stop_signal(),
+            )
+            .await;
+        }
+    }
+}
+
+async fn read_local(partition: &Partition, offset: u64, max_bytes: usize) -> Result<FetchData, PartitionError> {
+    partition.read(Offset(offset), max_bytes).await
+}
+
+async fn complete_produce(
+    partition: u32,
+    admitted: Result<RemoteAdmitted, PartitionError>,
+    deadline: Instant,
+) -> ProducePartitionResponse {
+    let failed = |e: PartitionError| ProducePartitionResponse {
+        partition,
+        error: e.code as u16,
+        message: e.message,
+        base_offset: 0,
+        last_offset: 0,
+        leader_epoch: 0,
+        replicas_durable: 0,
+    };
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(e) => return failed(e),
+    };
+    let durable = match admitted.completion {
+        None => Ok(()),
+        Some(completion) => {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match glommio::timer::timeout(remaining, async { Ok(completion.await) }).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_canceled)) => Err(unavailable("the partition closed before the write was durable")),
+                Err(_) => Err(PartitionError::new(
+                    ErrorCode::RequestTimeout,
+                    "the acks were not reached in time; the write may or may not be durable",
+                )),
+            }
+        }
+    };
+    match durable {
+        Ok(()) => ProducePartitionResponse {
+            partition,
+            error: 0,
+            message: String::new(),
+            base_offset: admitted.base_offset,
+            last_offset: admitted.last_offset,
+            leader_epoch: admitted.leader_epoch,
+            replicas_durable: 1,
+        },
+        Err(e) => failed(e),
+    }
+}
+
+fn topic_error(code: ErrorCode, message: impl Into<String>) -> TopicResult {
+    TopicResult {
+        error: code as u16,
+        message: message.into(),
+    }
+}
+
+fn ready(outgoing: Option<Outgoing>) -> Pending {
+    futures_util::future::ready(outgoing).boxed_local()
+}
+
+/// A response frame; an encoding failure (a body over the limit) becomes a frame-level error.
+pub fn respond<T: Message>(header: &FrameHeader, body: &T, payload: Vec<OutPayload>) -> Option<Outgoing> {
+    let slices: Vec<&[u8]> = payload.iter().map(OutPayload::bytes).collect();
+    match encode_frame(FrameKind::response(header, ErrorCode::None), body, &slices) {
+        Ok(head) => Some(Outgoing { head, payload }),
+        Err(error) => error_frame(header, ErrorCode::Unknown, error.to_string()),
+    }
+}
+
+pub fn error_frame(header: &FrameHeader, code: ErrorCode, message: String) -> Option<Outgoing> {
+    encode_frame(FrameKind::response(header, code), &ErrorBody { message }, &[])
+        .ok()
+        .map(|head| Outgoing {
+            head,
+            payload: Vec::new(),
+        })
+}
