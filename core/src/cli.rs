@@ -277,13 +277,29 @@ fn list(ids: &[u32]) -> String {
 }
 
 fn print_description(d: &TopicDescription) {
-    println!("topic {} (id {}), replication factor {}", d.name, d.topic_id, d.replication_factor);
-    let configs: Vec<String> = d.configs.iter().map(|c| format!("{}={}", c.key, c.value)).collect();
+    println!(
+        "topic {} (id {}), replication factor {}",
+        d.name, d.topic_id, d.replication_factor
+    );
+    let configs: Vec<String> = d
+        .configs
+        .iter()
+        .map(|c| format!("{}={}", c.key, c.value))
+        .collect();
     println!("config {}", configs.join(" "));
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::NOTHING);
     table.set_header([
-        "PARTITION", "LEADER", "EPOCH", "SHARD", "REPLICAS", "ISR", "LOG_START", "HW", "END", "STATUS",
+        "PARTITION",
+        "LEADER",
+        "EPOCH",
+        "SHARD",
+        "REPLICAS",
+        "ISR",
+        "LOG_START",
+        "HW",
+        "END",
+        "STATUS",
     ]);
     for p in &d.partitions {
         table.add_row([
@@ -352,7 +368,8 @@ pub async fn produce(args: ProduceArgs) -> Result<(), Failure> {
             use std::io::BufRead;
             for line in std::io::stdin().lock().lines() {
                 let failed = line.is_err();
-                if futures_lite::future::block_on(futures_util::SinkExt::send(&mut lines_tx, line)).is_err()
+                if futures_lite::future::block_on(futures_util::SinkExt::send(&mut lines_tx, line))
+                    .is_err()
                     || failed
                 {
                     return;
@@ -415,7 +432,11 @@ pub async fn produce(args: ProduceArgs) -> Result<(), Failure> {
     }
     failures.extend(first_errors.borrow().iter().cloned());
     let (acked, failed) = (acked.get(), failed.get());
-    let what = if acks == Acks::None { "sent (acks=none)" } else { "acknowledged" };
+    let what = if acks == Acks::None {
+        "sent (acks=none)"
+    } else {
+        "acknowledged"
+    };
     eprintln!("{acked} records {what}, {failed} failed");
     for error in &failures {
         eprintln!("  error: {error}");
@@ -439,7 +460,9 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
                 exit_code: 2,
             })?),
             None => SeekTo::Offset(text.parse().map_err(|_| Failure {
-                message: format!("--from takes earliest, latest, an offset or @MILLIS, not {text:?}"),
+                message: format!(
+                    "--from takes earliest, latest, an offset or @MILLIS, not {text:?}"
+                ),
                 exit_code: 2,
             })?),
         },
@@ -478,7 +501,8 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
                 });
                 writeln!(out, "{value}")
             } else {
-                out.write_all(record.value).and_then(|()| out.write_all(b"\n"))
+                out.write_all(record.value)
+                    .and_then(|()| out.write_all(b"\n"))
             };
             if let Err(error) = result {
                 write_error = Some(error);

@@ -170,7 +170,9 @@ impl TopicConfig {
                     config.flush = match value.as_str() {
                         "always" => FlushMode::Always,
                         "interval" => FlushMode::Interval,
-                        _ => return Err(format!("flush must be always or interval, not {value:?}")),
+                        _ => {
+                            return Err(format!("flush must be always or interval, not {value:?}"))
+                        }
                     }
                 }
                 "flush_interval_ms" => config.flush_interval_ms = number()?,
@@ -280,7 +282,9 @@ impl ServerConfig {
             return Err("frame_bytes_max must be at least 1 MiB".to_string());
         }
         if self.fetch_bytes_max + 1024 * 1024 > self.frame_bytes_max {
-            return Err("fetch_bytes_max must leave 1 MiB of frame_bytes_max for headers".to_string());
+            return Err(
+                "fetch_bytes_max must leave 1 MiB of frame_bytes_max for headers".to_string(),
+            );
         }
         for (key, value) in [
             ("connections_per_shard_max", self.connections_per_shard_max),
@@ -340,7 +344,9 @@ mod tests {
 
     #[test]
     fn defaults_validate_and_round_trip_through_toml() {
-        let config = ServerConfig::default().validate().expect("defaults are valid");
+        let config = ServerConfig::default()
+            .validate()
+            .expect("defaults are valid");
         assert!(config.shards >= 1);
         let text = config.to_toml();
         let back: ServerConfig = toml::from_str(&text).expect("parses");
@@ -369,7 +375,10 @@ mod tests {
             value: v.to_string(),
         };
         let config = TopicDefaults::default()
-            .with_entries(&[entry("flush", "interval"), entry("segment_bytes", "1048576")])
+            .with_entries(&[
+                entry("flush", "interval"),
+                entry("segment_bytes", "1048576"),
+            ])
             .expect("valid");
         assert_eq!(config.flush, FlushMode::Interval);
         assert_eq!(config.log_config().segment_bytes_max, 1 << 20);
@@ -387,7 +396,9 @@ mod tests {
             entry("min_insync_replicas", "0"),
         ] {
             assert!(
-                TopicDefaults::default().with_entries(&[bad.clone()]).is_err(),
+                TopicDefaults::default()
+                    .with_entries(std::slice::from_ref(&bad))
+                    .is_err(),
                 "{bad:?} accepted"
             );
         }

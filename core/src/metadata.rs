@@ -128,7 +128,8 @@ pub fn load(data_dir: &Path) -> Result<Option<BrokerMetadata>, String> {
         ));
     }
     for name in metadata.topics.keys() {
-        validate_topic_name(name).map_err(|e| format!("corrupt metadata {}: {e}", path.display()))?;
+        validate_topic_name(name)
+            .map_err(|e| format!("corrupt metadata {}: {e}", path.display()))?;
     }
     Ok(Some(metadata))
 }
@@ -141,8 +142,8 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 pub fn store(data_dir: &Path, metadata: &BrokerMetadata) -> Result<(), String> {
     let path = data_dir.join(METADATA_FILE_NAME);
     let temporary = data_dir.join(format!("{METADATA_FILE_NAME}.tmp"));
-    let text = serde_json::to_vec_pretty(metadata)
-        .map_err(|e| format!("cannot encode metadata: {e}"))?;
+    let text =
+        serde_json::to_vec_pretty(metadata).map_err(|e| format!("cannot encode metadata: {e}"))?;
     (|| -> std::io::Result<()> {
         let mut file = std::fs::File::create(&temporary)?;
         file.write_all(&text)?;
@@ -238,7 +239,10 @@ mod tests {
                     assert!(shard < shards);
                     counts[shard as usize] += 1;
                 }
-                assert!(counts.iter().all(|c| *c == 3), "{topic} {shards}: {counts:?}");
+                assert!(
+                    counts.iter().all(|c| *c == 3),
+                    "{topic} {shards}: {counts:?}"
+                );
             }
         }
     }
@@ -285,6 +289,8 @@ mod tests {
         assert!(metadata.fit_to_shards(2));
         assert!(metadata.topics["t"].partitions[0].shard < 2);
         std::fs::write(dir.path().join(METADATA_FILE_NAME), b"{not json").expect("write");
-        assert!(load(dir.path()).expect_err("corrupt").contains("corrupt metadata"));
+        assert!(load(dir.path())
+            .expect_err("corrupt")
+            .contains("corrupt metadata"));
     }
 }

@@ -9,7 +9,9 @@ use futures_util::future::join_all;
 use wharf_storage::batch::check_batch;
 
 use super::{decode, Client, ClientError, Connection};
-use crate::protocol::{ApiKey, ErrorCode, FetchPartition, FetchRequest, FetchResponse, Frame, OffsetSpec};
+use crate::protocol::{
+    ApiKey, ErrorCode, FetchPartition, FetchRequest, FetchResponse, Frame, OffsetSpec,
+};
 
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
@@ -105,7 +107,8 @@ impl Records {
                     visit(RecordView {
                         partition: fetched.partition,
                         offset,
-                        timestamp_ms: header.first_timestamp_ms + record.timestamp_delta_ms.to_native(),
+                        timestamp_ms: header.first_timestamp_ms
+                            + record.timestamp_delta_ms.to_native(),
                         key: record.key.as_ref().map(|k| k.as_slice()),
                         value: record.value.as_slice(),
                     });
@@ -129,13 +132,21 @@ impl Consumer {
     }
 
     /// Assigns `partitions` (all of the topic's when `None`), starting at `seek`.
-    pub async fn assign(&mut self, partitions: Option<Vec<u32>>, seek: SeekTo) -> Result<(), ClientError> {
+    pub async fn assign(
+        &mut self,
+        partitions: Option<Vec<u32>>,
+        seek: SeekTo,
+    ) -> Result<(), ClientError> {
         let count = self.client.partition_count(&self.topic).await?;
         let partitions = partitions.unwrap_or_else(|| (0..count).collect());
         if let Some(bad) = partitions.iter().find(|p| **p >= count) {
             return Err(ClientError::server(
                 ErrorCode::UnknownPartition,
-                format!("topic {:?} has {count} partitions, not {}", self.topic, bad + 1),
+                format!(
+                    "topic {:?} has {count} partitions, not {}",
+                    self.topic,
+                    bad + 1
+                ),
             ));
         }
         self.assigned = partitions
@@ -171,12 +182,17 @@ impl Consumer {
                     SeekTo::Timestamp(ts) => OffsetSpec::Timestamp(ts),
                     SeekTo::Offset(_) => unreachable!("handled above"),
                 };
-                let offsets = self.client.list_offsets(&self.topic, &[partition], spec).await?;
+                let offsets = self
+                    .client
+                    .list_offsets(&self.topic, &[partition], spec)
+                    .await?;
                 offsets.first().map_or(0, |(_, o)| *o)
             }
         };
         let Some(assigned) = self.assigned.iter_mut().find(|a| a.partition == partition) else {
-            return Err(ClientError::Invalid(format!("partition {partition} is not assigned")));
+            return Err(ClientError::Invalid(format!(
+                "partition {partition} is not assigned"
+            )));
         };
         assigned.position = position;
         Ok(())
@@ -225,7 +241,8 @@ impl Consumer {
                     })
                     .collect(),
             };
-            let timeout_ms = u64::from(self.config.max_wait_ms) + self.client.config.request_timeout_ms;
+            let timeout_ms =
+                u64::from(self.config.max_wait_ms) + self.client.config.request_timeout_ms;
             requests.push(async move {
                 connection
                     .call(ApiKey::Fetch, &request, Vec::new(), timeout_ms)
@@ -244,13 +261,22 @@ impl Consumer {
                         let _ = self.client.refresh_metadata().await;
                         continue;
                     }
-                    return Err(ClientError::server(code, format!("partition {}: {}", p.partition, p.message)));
+                    return Err(ClientError::server(
+                        code,
+                        format!("partition {}: {}", p.partition, p.message),
+                    ));
                 }
                 let len = p.batch_bytes as usize;
                 if at + len > frame.payload().len() {
-                    return Err(ClientError::Protocol("fetch payload shorter than declared".to_string()));
+                    return Err(ClientError::Protocol(
+                        "fetch payload shorter than declared".to_string(),
+                    ));
                 }
-                let Some(assigned) = self.assigned.iter_mut().find(|a| a.partition == p.partition) else {
+                let Some(assigned) = self
+                    .assigned
+                    .iter_mut()
+                    .find(|a| a.partition == p.partition)
+                else {
                     at += len;
                     continue;
                 };

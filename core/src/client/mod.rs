@@ -44,7 +44,9 @@ impl ClientError {
     /// Whether retrying (after a metadata refresh and a backoff) may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Connect { .. }
+            | ClientError::Closed { .. }
+            | ClientError::Timeout { .. } => true,
             ClientError::Server { code, .. } => code.is_retriable(),
             ClientError::Protocol(_) | ClientError::Invalid(_) => false,
         }
@@ -90,7 +92,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub async fn connect(address: &str, frame_bytes_max: usize) -> Result<Rc<Connection>, ClientError> {
+    pub async fn connect(
+        address: &str,
+        frame_bytes_max: usize,
+    ) -> Result<Rc<Connection>, ClientError> {
         let connect_error = |detail: String| ClientError::Connect {
             address: address.to_string(),
             detail,
@@ -227,7 +232,12 @@ impl Connection {
         let (done, response) = oneshot::channel();
         self.waiters.borrow_mut().insert(id, done);
         self.queued.set(self.queued.get() + 1);
-        if self.outgoing.send(OutFrame { head, payload }).await.is_err() {
+        if self
+            .outgoing
+            .send(OutFrame { head, payload })
+            .await
+            .is_err()
+        {
             self.waiters.borrow_mut().remove(&id);
             return Err(self.closed_error());
         }
@@ -421,7 +431,11 @@ impl Client {
     }
 
     /// The address serving `topic`/`partition`: its owner shard's direct port when known.
-    pub async fn partition_address(&self, topic: &str, partition: u32) -> Result<String, ClientError> {
+    pub async fn partition_address(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<String, ClientError> {
         if !self.config.shard_aware {
             return Ok(self.config.bootstrap.clone());
         }
@@ -441,7 +455,11 @@ impl Client {
         })
     }
 
-    pub async fn partition_connection(&self, topic: &str, partition: u32) -> Result<Rc<Connection>, ClientError> {
+    pub async fn partition_connection(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Rc<Connection>, ClientError> {
         let address = self.partition_address(topic, partition).await?;
         self.connection(&address).await
     }
@@ -462,7 +480,12 @@ impl Client {
         let frame = self
             .bootstrap()
             .await?
-            .call(ApiKey::CreateTopic, &request, Vec::new(), self.config.request_timeout_ms)
+            .call(
+                ApiKey::CreateTopic,
+                &request,
+                Vec::new(),
+                self.config.request_timeout_ms,
+            )
             .await?;
         topic_result(decode(&frame)?)?;
         self.refresh_metadata().await?;
@@ -476,7 +499,12 @@ impl Client {
         let frame = self
             .bootstrap()
             .await?
-            .call(ApiKey::DeleteTopic, &request, Vec::new(), self.config.request_timeout_ms)
+            .call(
+                ApiKey::DeleteTopic,
+                &request,
+                Vec::new(),
+                self.config.request_timeout_ms,
+            )
             .await?;
         topic_result(decode(&frame)?)?;
         self.refresh_metadata().await?;

@@ -193,7 +193,12 @@ impl Producer {
 
     /// Queues a record; waits while the buffer is full. The returned [`Delivery`] resolves
     /// with its offset once acknowledged at the configured acks.
-    pub async fn send(&self, topic: &str, key: Option<&[u8]>, value: &[u8]) -> Result<Delivery, ClientError> {
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<Delivery, ClientError> {
         self.send_to(topic, None, key, value).await
     }
 
@@ -255,7 +260,9 @@ impl Producer {
                 }
             },
         };
-        inner.buffered_bytes.set(inner.buffered_bytes.get() + record_bytes);
+        inner
+            .buffered_bytes
+            .set(inner.buffered_bytes.get() + record_bytes);
         let queue_key = (topic.to_string(), partition);
         if !inner.queues.borrow().contains_key(&queue_key) {
             let (wake, woken) = local_channel::new_bounded(1);
@@ -278,11 +285,9 @@ impl Producer {
         }
         let mut queues = inner.queues.borrow_mut();
         let queue = queues.get_mut(&queue_key).expect("inserted above");
-        if queue
-            .open
-            .as_ref()
-            .is_some_and(|open| open.builder.estimated_batch_bytes() + record_bytes > inner.config.batch_bytes)
-        {
+        if queue.open.as_ref().is_some_and(|open| {
+            open.builder.estimated_batch_bytes() + record_bytes > inner.config.batch_bytes
+        }) {
             seal(queue);
         }
         let timestamp_ms = now_ms();
@@ -312,13 +317,19 @@ impl Producer {
                 }
                 Err(BatchError::TooLarge { .. }) if !open.builder.is_empty() => seal(queue),
                 Err(error) => {
-                    inner.buffered_bytes.set(inner.buffered_bytes.get() - record_bytes);
+                    inner
+                        .buffered_bytes
+                        .set(inner.buffered_bytes.get() - record_bytes);
                     return Err(ClientError::Invalid(error.to_string()));
                 }
             }
         }
-        inner.buffered_bytes.set(inner.buffered_bytes.get() - record_bytes);
-        Err(ClientError::Invalid("record does not fit an empty batch".to_string()))
+        inner
+            .buffered_bytes
+            .set(inner.buffered_bytes.get() - record_bytes);
+        Err(ClientError::Invalid(
+            "record does not fit an empty batch".to_string(),
+        ))
     }
 
     /// Sends everything buffered now (ignoring linger) and waits until every batch sent so
@@ -425,7 +436,9 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
             }
         };
         let result = if batch.bytes.is_empty() {
-            Err(ClientError::Invalid("the batch could not be encoded".to_string()))
+            Err(ClientError::Invalid(
+                "the batch could not be encoded".to_string(),
+            ))
         } else {
             send_with_retries(&inner, &topic, partition, &batch, &mut rng).await
         };
@@ -468,7 +481,12 @@ async fn send_with_retries(
         glommio::timer::sleep(backoff).await;
         if matches!(
             error,
-            ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Server { code: ErrorCode::NotLeader | ErrorCode::PartitionUnavailable, .. }
+            ClientError::Connect { .. }
+                | ClientError::Closed { .. }
+                | ClientError::Server {
+                    code: ErrorCode::NotLeader | ErrorCode::PartitionUnavailable,
+                    ..
+                }
         ) {
             let _ = inner.client.refresh_metadata().await;
         }
@@ -509,7 +527,11 @@ async fn produce_once(
         )
         .await?;
     let response: ProduceResponse = decode(&frame)?;
-    let Some(p) = response.partitions.into_iter().find(|p| p.partition == partition) else {
+    let Some(p) = response
+        .partitions
+        .into_iter()
+        .find(|p| p.partition == partition)
+    else {
         return Err(ClientError::Protocol(
             "produce response without our partition".to_string(),
         ));

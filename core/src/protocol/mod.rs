@@ -300,6 +300,22 @@ impl FrameHeader {
         ErrorCode::from_u16(self.error_code)
     }
 
+    /// The fields, unchecked. Only for a header whose CRC matched (to answer a frame that
+    /// breaks a limit with its own correlation id).
+    pub fn parse(bytes: &[u8; FRAME_HEADER_BYTES]) -> FrameHeader {
+        FrameHeader {
+            frame_bytes: u32_at(bytes, 0),
+            api_key: u16_at(bytes, 4),
+            api_version: u16_at(bytes, 6),
+            correlation_id: u32_at(bytes, 8),
+            flags: u16_at(bytes, 12),
+            error_code: u16_at(bytes, 14),
+            body_bytes: u32_at(bytes, 16),
+            payload_bytes: u32_at(bytes, 20),
+            body_crc: u32_at(bytes, 24),
+        }
+    }
+
     /// Decodes and checks a header: CRC first, then lengths against `frame_bytes_max` — all
     /// before the caller allocates anything for the rest of the frame.
     pub fn decode(
@@ -311,17 +327,7 @@ impl FrameHeader {
         if stored != computed {
             return Err(FrameError::HeaderCrc { stored, computed });
         }
-        let header = FrameHeader {
-            frame_bytes: u32_at(bytes, 0),
-            api_key: u16_at(bytes, 4),
-            api_version: u16_at(bytes, 6),
-            correlation_id: u32_at(bytes, 8),
-            flags: u16_at(bytes, 12),
-            error_code: u16_at(bytes, 14),
-            body_bytes: u32_at(bytes, 16),
-            payload_bytes: u32_at(bytes, 20),
-            body_crc: u32_at(bytes, 24),
-        };
+        let header = FrameHeader::parse(bytes);
         let frame_bytes = header.frame_bytes as usize;
         if frame_bytes > frame_bytes_max {
             return Err(FrameError::TooLarge {
@@ -523,7 +529,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         }
         filled += n;
     }
-    let header = FrameHeader::decode(&header_bytes, frame_bytes_max).map_err(|e| (None, e))?;
+    let header = FrameHeader::decode(&header_bytes, frame_bytes_max).map_err(|e| {
+        // With a good header CRC the correlation id is trustworthy even if a limit is broken.
+        let trusted = !matches!(e, FrameError::HeaderCrc { .. });
+        (trusted.then(|| FrameHeader::parse(&header_bytes)), e)
+    })?;
     let frame_bytes = header.frame_bytes as usize;
     let mut bytes = FrameBuf::with_capacity(frame_bytes);
     bytes.extend_from_slice(&header_bytes);
@@ -559,10 +569,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Splits a produce payload into per-partition slices by the lengths the body declares.
-pub fn split_payload<'a>(
-    payload: &'a [u8],
+pub fn split_payload(
+    payload: &[u8],
     lengths: impl Iterator<Item = usize>,
-) -> Result<Vec<&'a [u8]>, String> {
+) -> Result<Vec<&[u8]>, String> {
     let mut parts = Vec::new();
     let mut at = 0usize;
     for length in lengths {

@@ -125,7 +125,15 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
                 respond(&mut stream, 503, "text/plain", &body).await;
             }
         }
-        _ => respond(&mut stream, 404, "text/plain", "try /metrics, /livez or /readyz\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                404,
+                "text/plain",
+                "try /metrics, /livez or /readyz\n",
+            )
+            .await
+        }
     }
 }
 

@@ -76,10 +76,9 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         let first = futures_lite::future::or(
             async {
                 let mut start = [0u8; FRAME_HEADER_BYTES];
-                let read = glommio::timer::timeout(idle, async {
-                    Ok(reader.read(&mut start).await)
-                })
-                .await;
+                let read =
+                    glommio::timer::timeout(idle, async { Ok(reader.read(&mut start).await) })
+                        .await;
                 match read {
                     Ok(Ok(n)) if n > 0 => Next::Bytes(n, start),
                     _ => Next::Closed,
@@ -118,7 +117,9 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                 tracing::debug!(%peer, %error, "bad frame");
                 if let Some(response) = frame_error_response(header, &error) {
                     queued.set(queued.get() + 1);
-                    let _ = queue.send(Box::pin(futures_util::future::ready(Some(response)))).await;
+                    let _ = queue
+                        .send(Box::pin(futures_util::future::ready(Some(response))))
+                        .await;
                 }
                 if keeps_framing {
                     continue;

@@ -182,9 +182,15 @@ impl PartitionMetrics {
         };
         PartitionMetrics {
             end_offset: metrics.partition_end_offset.get_or_create_owned(&labels),
-            high_watermark: metrics.partition_high_watermark.get_or_create_owned(&labels),
-            log_start_offset: metrics.partition_log_start_offset.get_or_create_owned(&labels),
-            produced_bytes: metrics.partition_produced_bytes.get_or_create_owned(&labels),
+            high_watermark: metrics
+                .partition_high_watermark
+                .get_or_create_owned(&labels),
+            log_start_offset: metrics
+                .partition_log_start_offset
+                .get_or_create_owned(&labels),
+            produced_bytes: metrics
+                .partition_produced_bytes
+                .get_or_create_owned(&labels),
             fetched_bytes: metrics.partition_fetched_bytes.get_or_create_owned(&labels),
             labels,
         }
@@ -226,7 +232,9 @@ impl ShardMetrics {
             flush_latency: metrics
                 .flush_latency
                 .get_or_create_owned(&ShardLabels { shard }),
-            connections: metrics.connections.get_or_create_owned(&ShardLabels { shard }),
+            connections: metrics
+                .connections
+                .get_or_create_owned(&ShardLabels { shard }),
         }
     }
 }

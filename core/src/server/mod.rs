@@ -80,7 +80,10 @@ pub fn serve(config: ServerConfig) -> Result<(), String> {
         }
     };
     if broker_metadata.fit_to_shards(config.shards as u32) {
-        tracing::info!(shards = config.shards, "shard count changed: partitions re-placed");
+        tracing::info!(
+            shards = config.shards,
+            "shard count changed: partitions re-placed"
+        );
         metadata::store(&config.data_dir, &broker_metadata)?;
     }
     for removed in metadata::remove_orphans(&config.data_dir, &broker_metadata)? {

@@ -132,7 +132,12 @@ impl Partition {
             .await
             .map_err(|e| format!("{topic}/{index}: recovery failed: {e}"))?;
         if !report.corrupt.is_empty() || report.torn_tail_at.is_some() {
-            tracing::warn!(topic, partition = index, ?report, "recovered partition log with repairs");
+            tracing::warn!(
+                topic,
+                partition = index,
+                ?report,
+                "recovered partition log with repairs"
+            );
         } else {
             tracing::debug!(topic, partition = index, ?report, "recovered partition log");
         }
@@ -144,7 +149,9 @@ impl Partition {
             FlushMode::Interval => log.end_offset(),
         };
         partition_metrics.end_offset.set(log.end_offset().0 as i64);
-        partition_metrics.high_watermark.set(high_watermark.0 as i64);
+        partition_metrics
+            .high_watermark
+            .set(high_watermark.0 as i64);
         partition_metrics
             .log_start_offset
             .set(log.log_start_offset().0 as i64);
@@ -186,9 +193,16 @@ impl Partition {
 
     /// Validates and appends the batches in `payload` (all or none), returning the assigned
     /// offsets and, unless the acks are already met, a completion to await.
-    pub async fn produce(&self, payload: &mut [u8], acks: Acks) -> Result<Admitted, PartitionError> {
+    pub async fn produce(
+        &self,
+        payload: &mut [u8],
+        acks: Acks,
+    ) -> Result<Admitted, PartitionError> {
         if self.closing.get() {
-            return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker is shutting down"));
+            return Err(PartitionError::new(
+                ErrorCode::ShuttingDown,
+                "broker is shutting down",
+            ));
         }
         // Check every batch before appending any, so a bad one changes nothing.
         let mut bounds = Vec::new();
@@ -206,11 +220,17 @@ impl Partition {
         }
         self.check_acks(acks)?;
         let Some(_guard) = self.shared().await else {
-            return Err(PartitionError::new(ErrorCode::PartitionUnavailable, "partition closed"));
+            return Err(PartitionError::new(
+                ErrorCode::PartitionUnavailable,
+                "partition closed",
+            ));
         };
         let mut log = self.log.borrow_mut();
         if let Some(reason) = log.poisoned() {
-            return Err(PartitionError::new(ErrorCode::StorageError, reason.to_string()));
+            return Err(PartitionError::new(
+                ErrorCode::StorageError,
+                reason.to_string(),
+            ));
         }
         if log.staged_bytes() + payload.len() > self.log_config.staged_bytes_max {
             // Wake the flusher so the backlog drains.
@@ -357,7 +377,10 @@ impl Partition {
             let high_watermark = self.high_watermark.get();
             let plan = {
                 let Some(_guard) = self.shared().await else {
-                    return Err(PartitionError::new(ErrorCode::PartitionUnavailable, "partition closed"));
+                    return Err(PartitionError::new(
+                        ErrorCode::PartitionUnavailable,
+                        "partition closed",
+                    ));
                 };
                 let log = self.log.borrow();
                 let log_start = log.log_start_offset();
@@ -419,14 +442,13 @@ impl Partition {
                 return Ok(data.high_watermark);
             }
             for checked in batch::batches(bytes) {
-                let checked = checked.map_err(|e| {
-                    PartitionError::new(ErrorCode::CorruptData, e.to_string())
-                })?;
+                let checked = checked
+                    .map_err(|e| PartitionError::new(ErrorCode::CorruptData, e.to_string()))?;
                 let header = checked.header;
                 if header.max_timestamp_ms >= timestamp_ms {
-                    let records = checked.records().map_err(|e| {
-                        PartitionError::new(ErrorCode::CorruptData, e.to_string())
-                    })?;
+                    let records = checked
+                        .records()
+                        .map_err(|e| PartitionError::new(ErrorCode::CorruptData, e.to_string()))?;
                     for (i, record) in records.iter().enumerate() {
                         let ts = header.first_timestamp_ms + record.timestamp_delta_ms.to_native();
                         if ts >= timestamp_ms {
@@ -491,8 +513,7 @@ impl Partition {
     }
 
     async fn run_flusher(self: Rc<Self>, wake: LocalReceiver<()>, queue: TaskQueueHandle) {
-        let mut in_flight: VecDeque<(Instant, Task<FlushOutcome>)> =
-            VecDeque::new();
+        let mut in_flight: VecDeque<(Instant, Task<FlushOutcome>)> = VecDeque::new();
         let mut last_flush_ms = now_ms();
         let mut flushed_since_checkpoint = false;
         let mut last_retention = Instant::now();
@@ -601,17 +622,21 @@ impl Partition {
             Ok(durable) => self.on_durable(durable),
             Err(error) => {
                 tracing::error!(topic = %self.topic, partition = self.index, %error, "flush failed; the partition refuses writes until restart");
-                self.fail_waiters(PartitionError::new(ErrorCode::StorageError, error.to_string()));
+                self.fail_waiters(PartitionError::new(
+                    ErrorCode::StorageError,
+                    error.to_string(),
+                ));
             }
         }
     }
 
+    // The write side of `maintenance` keeps every other user of the log out while this borrow
+    // spans awaits (they all take the read side first).
+    #[allow(clippy::await_holding_refcell_ref)]
     async fn apply_retention(&self) {
         let Ok(_exclusive) = self.maintenance.write().await else {
             return;
         };
-        // The write guard keeps every other user of the log out while this borrow spans awaits.
-        #[allow(clippy::await_holding_refcell_ref)]
         let result = {
             let mut log = self.log.borrow_mut();
             let result = log.apply_retention(now_ms()).await;

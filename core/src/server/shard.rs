@@ -224,17 +224,23 @@ pub(super) async fn run(
     }
     {
         let ticking = Rc::clone(&shard);
-        glommio::spawn_local_into(async move { ticking.tick_loop().await }, shard.queues.background)
-            .map_err(|e| format!("spawn: {e}"))?
-            .detach();
+        glommio::spawn_local_into(
+            async move { ticking.tick_loop().await },
+            shard.queues.background,
+        )
+        .map_err(|e| format!("spawn: {e}"))?
+        .detach();
     }
     if id == 0 {
         let admin = super::admin::bind(&shard.shared.config.admin_listen)?;
         let shared = Arc::clone(&shard.shared);
         let stop = shard.stop_signal();
-        glommio::spawn_local_into(super::admin::serve(admin, shared, stop), shard.queues.background)
-            .map_err(|e| format!("spawn: {e}"))?
-            .detach();
+        glommio::spawn_local_into(
+            super::admin::serve(admin, shared, stop),
+            shard.queues.background,
+        )
+        .map_err(|e| format!("spawn: {e}"))?
+        .detach();
     }
     shard.shared.ready_shards.fetch_add(1, Ordering::AcqRel);
     tracing::info!(shard = id, direct = %direct_address, partitions = shard.partition_count(), "shard ready");
@@ -249,7 +255,10 @@ pub(super) async fn run(
     .await
     .is_err()
     {
-        tracing::warn!(shard = id, "connections still open after the shutdown timeout; closing logs anyway");
+        tracing::warn!(
+            shard = id,
+            "connections still open after the shutdown timeout; closing logs anyway"
+        );
     }
     let partitions: Vec<Rc<Partition>> = shard
         .partitions
@@ -299,14 +308,12 @@ impl Shard {
 
     async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
         loop {
-            let accepted = futures_lite::future::or(
-                async { Some(listener.accept().await) },
-                async {
+            let accepted =
+                futures_lite::future::or(async { Some(listener.accept().await) }, async {
                     self.stop_signal().await;
                     None
-                },
-            )
-            .await;
+                })
+                .await;
             let Some(accepted) = accepted else {
                 return;
             };
@@ -319,7 +326,10 @@ impl Shard {
                 }
             };
             if self.open_connections.get() >= self.shared.config.connections_per_shard_max {
-                tracing::warn!(shard = self.id, "connection limit reached; refusing a connection");
+                tracing::warn!(
+                    shard = self.id,
+                    "connection limit reached; refusing a connection"
+                );
                 drop(stream);
                 continue;
             }
@@ -364,7 +374,7 @@ impl Shard {
             let elapsed_ms = self.shared.started.elapsed().as_millis() as u64;
             self.shared.heartbeats_ms[self.id as usize].store(elapsed_ms, Ordering::Release);
             ticks += 1;
-            if ticks % 4 == 0 {
+            if ticks.is_multiple_of(4) {
                 for ((_, handle), counter) in queues.iter().zip(&counters) {
                     if let Ok(stats) = executor.task_queue_stats(*handle) {
                         counter.inc_by(stats.runtime().as_secs_f64());
@@ -384,7 +394,8 @@ impl Shard {
         let count = topic.partitions.len();
         for &index in partitions {
             let meta = &topic.partitions[index as usize];
-            let dir = metadata::partition_dir(&self.shared.config.data_dir, name, topic.topic_id, index);
+            let dir =
+                metadata::partition_dir(&self.shared.config.data_dir, name, topic.topic_id, index);
             let partition = Partition::open(
                 dir,
                 name,
@@ -399,7 +410,9 @@ impl Shard {
             )
             .await?;
             let mut map = self.partitions.borrow_mut();
-            let slots = map.entry(name.to_string()).or_insert_with(|| vec![None; count]);
+            let slots = map
+                .entry(name.to_string())
+                .or_insert_with(|| vec![None; count]);
             slots[index as usize] = Some(partition);
         }
         Ok(())
@@ -540,7 +553,9 @@ impl Shard {
                 description.shard = self.id;
                 ShardReply::Described(Ok(description))
             }
-            ShardRequest::CreateTopic(request) => ShardReply::Topic(self.create_topic(request).await),
+            ShardRequest::CreateTopic(request) => {
+                ShardReply::Topic(self.create_topic(request).await)
+            }
             ShardRequest::DeleteTopic(name) => ShardReply::Topic(self.delete_topic(name).await),
             ShardRequest::OpenPartitions {
                 topic,
@@ -698,7 +713,10 @@ impl Shard {
         };
         let mut next = (**self.metadata.borrow()).clone();
         let Some(topic) = next.topics.remove(&name) else {
-            return topic_error(ErrorCode::UnknownTopic, format!("topic {name:?} does not exist"));
+            return topic_error(
+                ErrorCode::UnknownTopic,
+                format!("topic {name:?} does not exist"),
+            );
         };
         if let Err(message) = self.persist(next.clone()).await {
             return topic_error(ErrorCode::StorageError, message);
@@ -706,13 +724,20 @@ impl Shard {
         self.publish(Arc::new(next)).await;
         let shards = self.shared.shards() as u32;
         let closes = (0..shards).map(|shard| {
-            self.to_shard(shard, ShardRequest::ClosePartitions { topic: name.clone() })
+            self.to_shard(
+                shard,
+                ShardRequest::ClosePartitions {
+                    topic: name.clone(),
+                },
+            )
         });
         join_all(closes).await;
         let data_dir = self.shared.config.data_dir.clone();
         let dir_name = name.clone();
         let removed = glommio::executor()
-            .spawn_blocking(move || metadata::remove_topic_dir(&data_dir, &dir_name, topic.topic_id))
+            .spawn_blocking(move || {
+                metadata::remove_topic_dir(&data_dir, &dir_name, topic.topic_id)
+            })
             .await;
         if let Err(message) = removed {
             // The metadata no longer names it: the next start removes the directory.
@@ -755,7 +780,9 @@ impl Shard {
         self.metrics.requests[api as usize].inc();
         let (min, max) = api.supported_versions();
         if header.api_version < min || header.api_version > max {
-            self.shared.metrics.record_error(self.id, api, ErrorCode::UnsupportedVersion);
+            self.shared
+                .metrics
+                .record_error(self.id, api, ErrorCode::UnsupportedVersion);
             return ready(error_frame(
                 &header,
                 ErrorCode::UnsupportedVersion,
@@ -790,7 +817,11 @@ impl Shard {
         .boxed_local()
     }
 
-    async fn admit_api(self: &Rc<Self>, api: ApiKey, frame: &mut Frame) -> Result<Pending, PartitionError> {
+    async fn admit_api(
+        self: &Rc<Self>,
+        api: ApiKey,
+        frame: &mut Frame,
+    ) -> Result<Pending, PartitionError> {
         let header = frame.header;
         let invalid = |e: BodyError| PartitionError::new(ErrorCode::InvalidRequest, e.to_string());
         Ok(match api {
@@ -815,7 +846,11 @@ impl Shard {
             }
             ApiKey::Metadata => {
                 let request: MetadataRequest = frame.decode_body().map_err(invalid)?;
-                ready(respond(&header, &self.metadata_response(request), Vec::new()))
+                ready(respond(
+                    &header,
+                    &self.metadata_response(request),
+                    Vec::new(),
+                ))
             }
             ApiKey::CreateTopic => {
                 let request: CreateTopicRequest = frame.decode_body().map_err(invalid)?;
@@ -847,7 +882,9 @@ impl Shard {
             ApiKey::Produce => self.admit_produce(frame).await?,
             ApiKey::Fetch => {
                 let request: FetchRequest = frame.decode_body().map_err(invalid)?;
-                if request.partitions.is_empty() || request.partitions.len() > PARTITIONS_PER_REQUEST_MAX {
+                if request.partitions.is_empty()
+                    || request.partitions.len() > PARTITIONS_PER_REQUEST_MAX
+                {
                     return Err(PartitionError::new(
                         ErrorCode::InvalidRequest,
                         format!("a fetch names 1..={PARTITIONS_PER_REQUEST_MAX} partitions"),
@@ -893,7 +930,11 @@ impl Shard {
                                 offset,
                             },
                             Err(e) => {
-                                shard.shared.metrics.record_error(shard.id, ApiKey::ListOffsets, e.code);
+                                shard.shared.metrics.record_error(
+                                    shard.id,
+                                    ApiKey::ListOffsets,
+                                    e.code,
+                                );
                                 ListOffsetsPartitionResponse {
                                     partition: p.partition,
                                     error: e.code as u16,
@@ -1067,18 +1108,20 @@ impl Shard {
             let admitted: Result<RemoteAdmitted, PartitionError> =
                 match self.owner(&request.topic, partition) {
                     Err(e) => Err(e),
-                    Ok(owner) if owner == self.id => match self.local_partition(&request.topic, partition) {
-                        None => Err(self.missing(&request.topic, partition)),
-                        Some(local) => local
-                            .produce(&mut frame.payload_mut()[range], acks)
-                            .await
-                            .map(|a| RemoteAdmitted {
-                                base_offset: a.base_offset.0,
-                                last_offset: a.last_offset.0,
-                                leader_epoch: a.leader_epoch.0,
-                                completion: a.completion,
-                            }),
-                    },
+                    Ok(owner) if owner == self.id => {
+                        match self.local_partition(&request.topic, partition) {
+                            None => Err(self.missing(&request.topic, partition)),
+                            Some(local) => local
+                                .produce(&mut frame.payload_mut()[range], acks)
+                                .await
+                                .map(|a| RemoteAdmitted {
+                                    base_offset: a.base_offset.0,
+                                    last_offset: a.last_offset.0,
+                                    leader_epoch: a.leader_epoch.0,
+                                    completion: a.completion,
+                                }),
+                        }
+                    }
                     Ok(owner) => {
                         let mut batches = FrameBuf::with_capacity(range.len());
                         batches.extend_from_slice(&frame.payload()[range]);
@@ -1100,7 +1143,9 @@ impl Shard {
                     }
                 };
             if let Err(e) = &admitted {
-                self.shared.metrics.record_error(self.id, ApiKey::Produce, e.code);
+                self.shared
+                    .metrics
+                    .record_error(self.id, ApiKey::Produce, e.code);
             }
             parts.push(complete_produce(partition, admitted, deadline).boxed_local());
         }
@@ -1157,7 +1202,13 @@ impl Shard {
         }
     }
 
-    async fn wait_partition(self: Rc<Self>, topic: String, partition: u32, offset: u64, deadline: Instant) {
+    async fn wait_partition(
+        self: Rc<Self>,
+        topic: String,
+        partition: u32,
+        offset: u64,
+        deadline: Instant,
+    ) {
         let Ok(owner) = self.owner(&topic, partition) else {
             return;
         };
@@ -1216,7 +1267,9 @@ impl Shard {
                     }
                     Err(e) => {
                         errors = true;
-                        self.shared.metrics.record_error(self.id, ApiKey::Fetch, e.code);
+                        self.shared
+                            .metrics
+                            .record_error(self.id, ApiKey::Fetch, e.code);
                         partitions.push(FetchPartitionResponse {
                             topic: p.topic.clone(),
                             partition: p.partition,
@@ -1253,7 +1306,11 @@ impl Shard {
     }
 }
 
-async fn read_local(partition: &Partition, offset: u64, max_bytes: usize) -> Result<FetchData, PartitionError> {
+async fn read_local(
+    partition: &Partition,
+    offset: u64,
+    max_bytes: usize,
+) -> Result<FetchData, PartitionError> {
     partition.read(Offset(offset), max_bytes).await
 }
 
@@ -1281,7 +1338,9 @@ async fn complete_produce(
             let remaining = deadline.saturating_duration_since(Instant::now());
             match glommio::timer::timeout(remaining, async { Ok(completion.await) }).await {
                 Ok(Ok(result)) => result,
-                Ok(Err(_canceled)) => Err(unavailable("the partition closed before the write was durable")),
+                Ok(Err(_canceled)) => Err(unavailable(
+                    "the partition closed before the write was durable",
+                )),
                 Err(_) => Err(PartitionError::new(
                     ErrorCode::RequestTimeout,
                     "the acks were not reached in time; the write may or may not be durable",
@@ -1315,7 +1374,11 @@ fn ready(outgoing: Option<Outgoing>) -> Pending {
 }
 
 /// A response frame; an encoding failure (a body over the limit) becomes a frame-level error.
-pub fn respond<T: Message>(header: &FrameHeader, body: &T, payload: Vec<OutPayload>) -> Option<Outgoing> {
+pub fn respond<T: Message>(
+    header: &FrameHeader,
+    body: &T,
+    payload: Vec<OutPayload>,
+) -> Option<Outgoing> {
     let slices: Vec<&[u8]> = payload.iter().map(OutPayload::bytes).collect();
     match encode_frame(FrameKind::response(header, ErrorCode::None), body, &slices) {
         Ok(head) => Some(Outgoing { head, payload }),
@@ -1324,10 +1387,14 @@ pub fn respond<T: Message>(header: &FrameHeader, body: &T, payload: Vec<OutPaylo
 }
 
 pub fn error_frame(header: &FrameHeader, code: ErrorCode, message: String) -> Option<Outgoing> {
-    encode_frame(FrameKind::response(header, code), &ErrorBody { message }, &[])
-        .ok()
-        .map(|head| Outgoing {
-            head,
-            payload: Vec::new(),
-        })
+    encode_frame(
+        FrameKind::response(header, code),
+        &ErrorBody { message },
+        &[],
+    )
+    .ok()
+    .map(|head| Outgoing {
+        head,
+        payload: Vec::new(),
+    })
 }

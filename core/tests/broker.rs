@@ -1,0 +1,392 @@
+//! End-to-end: a real `wharf serve` process, the Rust client and the CLI.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use common::{run, Broker};
+use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
+use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
+use wharf::client::{Client, ClientConfig};
+use wharf::protocol::Acks;
+
+const PARTITIONS: u32 = 4;
+
+type Log = BTreeMap<u32, Vec<(u64, Vec<u8>)>>;
+
+fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut config = ClientConfig::new(bootstrap);
+    config.request_timeout_ms = 10_000;
+    config
+}
+
+/// Produces `count` keyed records starting at `first`; returns where each landed.
+async fn produce(client: &Rc<Client>, topic: &str, first: u64, count: u64) -> Log {
+    let producer = Producer::new(
+        Rc::clone(client),
+        ProducerConfig {
+            acks: Acks::All,
+            linger_ms: 2,
+            batch_bytes: 16 * 1024,
+            partitioner: Partitioner::KeyHash,
+            delivery_timeout_ms: 20_000,
+            ..ProducerConfig::default()
+        },
+    );
+    let mut deliveries = Vec::new();
+    for i in first..first + count {
+        let key = format!("key-{}", i % 97);
+        let value = format!("record-{i}").into_bytes();
+        let delivery = producer
+            .send(topic, Some(key.as_bytes()), &value)
+            .await
+            .expect("queued");
+        deliveries.push((value, delivery));
+    }
+    producer.flush().await;
+    let mut log = Log::new();
+    for (value, delivery) in deliveries {
+        let metadata = delivery.await.expect("acknowledged");
+        let offset = metadata.offset.expect("acks=all reports the offset");
+        log.entry(metadata.partition)
+            .or_default()
+            .push((offset, value));
+    }
+    for records in log.values_mut() {
+        records.sort();
+    }
+    producer.close().await;
+    log
+}
+
+/// Reads every partition from the earliest offset until caught up.
+async fn consume_all(client: &Rc<Client>, topic: &str) -> Log {
+    let mut consumer = Consumer::new(
+        Rc::clone(client),
+        topic,
+        ConsumerConfig {
+            max_wait_ms: 100,
+            ..ConsumerConfig::default()
+        },
+    );
+    consumer
+        .assign(None, SeekTo::Earliest)
+        .await
+        .expect("assign");
+    let mut log = Log::new();
+    for _ in 0..10_000 {
+        let records = consumer.poll().await.expect("poll");
+        records
+            .for_each(|r| {
+                log.entry(r.partition)
+                    .or_default()
+                    .push((r.offset, r.value.to_vec()))
+            })
+            .expect("valid records");
+        if consumer.caught_up() {
+            return log;
+        }
+    }
+    panic!("consumer never caught up");
+}
+
+fn assert_dense_and_equal(produced: &Log, consumed: &Log) {
+    for (partition, records) in consumed {
+        for (i, (offset, _)) in records.iter().enumerate() {
+            assert_eq!(
+                *offset, i as u64,
+                "partition {partition}: offsets are dense from 0"
+            );
+        }
+    }
+    assert_eq!(produced, consumed, "consumed exactly what was acknowledged");
+}
+
+#[test]
+fn produce_consume_across_shards_survives_graceful_and_kill9_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Broker::start(dir.path(), 2, "");
+    let bootstrap = broker.bootstrap();
+    let produced = run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client
+            .create_topic("orders", PARTITIONS, 1, Vec::new())
+            .await
+            .expect("create");
+        let metadata = client.refresh_metadata().await.expect("metadata");
+        let shards: std::collections::BTreeSet<u32> = metadata.topics[0]
+            .partitions
+            .iter()
+            .map(|p| p.shard)
+            .collect();
+        assert_eq!(shards.len(), 2, "partitions spread over both shards");
+        let produced = produce(&client, "orders", 0, 3000).await;
+        assert_eq!(produced.len(), PARTITIONS as usize);
+        assert_dense_and_equal(&produced, &consume_all(&client, "orders").await);
+        produced
+    });
+
+    assert_eq!(broker.stop(), 0, "graceful stop exits 0:\n{}", broker.log());
+    broker.restart();
+    let bootstrap = broker.bootstrap();
+    let produced = run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        assert_dense_and_equal(&produced, &consume_all(&client, "orders").await);
+        // Offsets continue after a restart; nothing is reused.
+        let mut more = produce(&client, "orders", 3000, 500).await;
+        let mut all = produced.clone();
+        for (partition, records) in more.iter_mut() {
+            all.entry(*partition).or_default().append(records);
+        }
+        assert_dense_and_equal(&all, &consume_all(&client, "orders").await);
+        all
+    });
+
+    broker.kill9();
+    broker.restart();
+    let bootstrap = broker.bootstrap();
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        assert_dense_and_equal(&produced, &consume_all(&client, "orders").await);
+        let description = client.describe_topic("orders").await.expect("describe");
+        let total: u64 = description
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark)
+            .sum();
+        assert_eq!(total, 3500);
+    });
+}
+
+#[test]
+fn requests_for_another_shards_partitions_are_forwarded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, "");
+    let bootstrap = broker.bootstrap();
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client
+            .create_topic("hop", 4, 1, Vec::new())
+            .await
+            .expect("create");
+        let metadata = client.refresh_metadata().await.expect("metadata");
+        // Talk only to shard 0's direct port, never to the owner of shard-1 partitions.
+        let shard0 = metadata.brokers[0]
+            .shards
+            .iter()
+            .find(|s| s.shard == 0)
+            .expect("shard 0 address");
+        let mut config = client_config(&format!("{}:{}", shard0.host, shard0.port));
+        config.shard_aware = false;
+        let forwarded = Client::connect(config).await.expect("connect shard 0");
+        let remote: Vec<u32> = metadata.topics[0]
+            .partitions
+            .iter()
+            .filter(|p| p.shard == 1)
+            .map(|p| p.partition)
+            .collect();
+        assert!(!remote.is_empty());
+        let producer = Producer::new(Rc::clone(&forwarded), ProducerConfig::default());
+        let mut deliveries = Vec::new();
+        for i in 0..100u32 {
+            let partition = remote[i as usize % remote.len()];
+            deliveries.push(
+                producer
+                    .send_to("hop", Some(partition), None, format!("v{i}").as_bytes())
+                    .await
+                    .expect("queued"),
+            );
+        }
+        producer.flush().await;
+        for delivery in deliveries {
+            delivery
+                .await
+                .expect("acknowledged through the forwarding shard");
+        }
+        let consumed = consume_all(&forwarded, "hop").await;
+        let count: usize = consumed.values().map(Vec::len).sum();
+        assert_eq!(count, 100);
+        for partition in consumed.keys() {
+            assert!(remote.contains(partition));
+        }
+    });
+}
+
+#[test]
+fn long_poll_fetch_wakes_when_data_arrives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, "");
+    let bootstrap = broker.bootstrap();
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client
+            .create_topic("poll", 1, 1, Vec::new())
+            .await
+            .expect("create");
+        let mut consumer = Consumer::new(
+            Rc::clone(&client),
+            "poll",
+            ConsumerConfig {
+                // Far longer than the wake-up may take: a poll that waits it out failed.
+                max_wait_ms: 30_000,
+                ..ConsumerConfig::default()
+            },
+        );
+        consumer.assign(None, SeekTo::Latest).await.expect("assign");
+        let producing = Rc::clone(&client);
+        let producer_task = glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_millis(300)).await;
+            let producer = Producer::new(producing, ProducerConfig::default());
+            let delivery = producer
+                .send("poll", None, b"wake up")
+                .await
+                .expect("queued");
+            producer.flush().await;
+            delivery.await.expect("acknowledged")
+        });
+        let started = Instant::now();
+        let records = consumer.poll().await.expect("poll");
+        let waited = started.elapsed();
+        let mut values = Vec::new();
+        records
+            .for_each(|r| values.push(r.value.to_vec()))
+            .expect("records");
+        assert_eq!(values, vec![b"wake up".to_vec()]);
+        assert!(
+            waited < Duration::from_secs(15),
+            "the long poll returned only after {waited:?}"
+        );
+        producer_task.await;
+    });
+}
+
+#[test]
+fn admin_endpoint_serves_metrics_and_health() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, "");
+    let bootstrap = broker.bootstrap();
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client
+            .create_topic("m", 2, 1, Vec::new())
+            .await
+            .expect("create");
+        produce(&client, "m", 0, 10).await;
+    });
+    assert_eq!(broker.http_get("/livez").map(|r| r.0), Some(200));
+    assert_eq!(broker.http_get("/readyz").map(|r| r.0), Some(200));
+    assert_eq!(broker.http_get("/nope").map(|r| r.0), Some(404));
+    let (status, metrics) = broker.http_get("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        "wharf_partition_end_offset{topic=\"m\",partition=\"0\"}",
+        "wharf_requests_total{shard=",
+        "wharf_request_latency_seconds_bucket",
+        "wharf_task_queue_runtime_seconds_total",
+        "wharf_flush_latency_seconds_count",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
+    }
+    let end_offsets: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("wharf_partition_end_offset{topic=\"m\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(end_offsets, 10);
+}
+
+#[test]
+fn cli_creates_produces_and_consumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, "");
+    let wharf = env!("CARGO_BIN_EXE_wharf");
+    let bootstrap = broker.bootstrap();
+    let cli = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(wharf)
+            .args(args)
+            .args(["--bootstrap", &bootstrap])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cli");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        let output = child.wait_with_output().expect("cli output");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = cli(&["topic", "create", "lines", "--partitions", "3"], "");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, _) = cli(&["topic", "list"], "");
+    assert_eq!(code, Some(0));
+    assert!(out.contains("lines"), "{out}");
+    let input: String = (0..50).map(|i| format!("k{}:line {i}\n", i % 5)).collect();
+    let (code, _, err) = cli(&["produce", "lines", "--key-separator", ":"], &input);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("50 records acknowledged"), "{err}");
+    let (code, out, err) = cli(&["consume", "lines", "--format", "json"], "");
+    assert_eq!(code, Some(0), "{err}");
+    let mut per_key: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for line in out.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("json line");
+        let key = record["key"].as_str().expect("key").to_string();
+        let value = record["value"].as_str().expect("value");
+        let n: u64 = value.trim_start_matches("line ").parse().expect("number");
+        per_key
+            .entry(key)
+            .or_default()
+            .push((record["offset"].as_u64().expect("offset"), n));
+    }
+    assert_eq!(per_key.values().map(Vec::len).sum::<usize>(), 50);
+    for (key, records) in &per_key {
+        // Same key, same partition, in order.
+        let values: Vec<u64> = records.iter().map(|r| r.1).collect();
+        let mut sorted = values.clone();
+        sorted.sort();
+        assert_eq!(values, sorted, "key {key} out of order");
+    }
+    let (code, out, _) = cli(&["consume", "lines", "--count", "7"], "");
+    assert_eq!(code, Some(0));
+    assert_eq!(out.lines().count(), 7);
+    let (code, out, _) = cli(&["topic", "describe", "lines", "--format", "json"], "");
+    assert_eq!(code, Some(0));
+    let description: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(description["partitions"].as_array().map(Vec::len), Some(3));
+    // A record that cannot be acknowledged makes produce exit non-zero.
+    let (code, _, err) = cli(&["produce", "lines", "--acks", "3"], "x\n");
+    assert_ne!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&["produce", "missing"], "x\n");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unknown_topic"), "{err}");
+    let (code, _, _) = cli(&["topic", "delete", "lines"], "");
+    assert_eq!(code, Some(0));
+    let (code, _, err) = cli(&["consume", "lines"], "");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unknown_topic"), "{err}");
+}

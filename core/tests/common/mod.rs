@@ -1,0 +1,163 @@
+//! Runs a real `wharf serve` process on 127.0.0.1 with a temporary data directory.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Readiness polls (every 50 ms) before a start is declared failed.
+const READY_POLLS_MAX: usize = 400;
+/// Polls (every 50 ms) for a process to exit after a signal.
+const EXIT_POLLS_MAX: usize = 400;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub struct Broker {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub admin_port: u16,
+    pub shards: usize,
+    extra_config: String,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Broker {
+    /// Starts a broker with `shards` shards; `extra_config` is appended to its TOML config.
+    pub fn start(dir: &Path, shards: usize, extra_config: &str) -> Broker {
+        let mut broker = Broker {
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            admin_port: free_port(),
+            shards,
+            extra_config: extra_config.to_string(),
+            child: None,
+            starts: 0,
+        };
+        broker.launch();
+        broker
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("broker-{}.log", self.starts))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn launch(&mut self) {
+        self.starts += 1;
+        let config_path = self.dir.join("wharf.toml");
+        let config = format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nshards = {}\n{}\n[log]\nformat = \"text\"\nlevel = \"info\"\n\n[topic_defaults]\nsegment_bytes = 4194304\npreallocate = false\n",
+            self.dir.join("data").display().to_string(),
+            self.port,
+            self.admin_port,
+            self.shards,
+            self.extra_config,
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn wharf serve");
+        self.child = Some(child);
+        for _ in 0..READY_POLLS_MAX {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("wharf exited during start ({status}):\n{}", self.log());
+            }
+            if self
+                .http_get("/readyz")
+                .is_some_and(|(code, _)| code == 200)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("wharf did not become ready:\n{}", self.log());
+    }
+
+    /// GET `path` on the admin endpoint: (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n")?.1.to_string();
+        Some((status, body))
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        for _ in 0..EXIT_POLLS_MAX {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        panic!("wharf did not stop after SIGTERM:\n{}", self.log());
+    }
+
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        self.launch();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs client code on a glommio executor on this thread.
+pub fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+    wharf::runtime::run_local("test-client", future).expect("glommio executor (io_uring)")
+}
+
+/// Fails loudly with a hint when io_uring is unavailable.
+pub fn deadline(seconds: u64) -> Instant {
+    Instant::now() + Duration::from_secs(seconds)
+}
