@@ -57,9 +57,75 @@ impl Shared {
     }
 }
 
-/// Runs the broker until a signal stops it. Returns an error for anything that prevents start.
+/// Runs the broker until SIGTERM or SIGINT stops it (a second signal exits at once).
 pub fn serve(config: ServerConfig) -> Result<(), String> {
-    let config = config.validate()?;
+    let mut server = start(config)?;
+    let stops = server.stops.take().unwrap_or_default();
+    spawn_signal_thread(Arc::clone(&server.shared), stops)?;
+    server.join()
+}
+
+/// A broker started in this process (`wharf serve`, or embedded by the load generator).
+pub struct RunningServer {
+    pub shared: Arc<Shared>,
+    stops: Option<Vec<oneshot::Sender<()>>>,
+    handles: Vec<glommio::ExecutorJoinHandle<Result<(), String>>>,
+    _lock: metadata::DataDirLock,
+}
+
+impl RunningServer {
+    /// The shared client listener.
+    pub fn listen_address(&self) -> &str {
+        &self.shared.config.listen
+    }
+
+    /// Begins a graceful shutdown (as SIGTERM does).
+    pub fn shutdown(&mut self) {
+        self.shared.shutting_down.store(true, Ordering::Release);
+        for stop in self.stops.take().unwrap_or_default() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for every shard to stop.
+    pub fn join(self) -> Result<(), String> {
+        let mut failure = None;
+        for (id, handle) in self.handles.into_iter().enumerate() {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(shard = id, %error, "shard failed");
+                    failure.get_or_insert(format!("shard {id}: {error}"));
+                }
+                Err(error) => {
+                    failure.get_or_insert(format!("shard {id} panicked: {error}"));
+                }
+            }
+        }
+        match failure {
+            None => {
+                tracing::info!("wharf stopped cleanly");
+                Ok(())
+            }
+            Some(error) => Err(error),
+        }
+    }
+}
+
+/// Starts the broker and returns once every shard serves (or the first start error).
+pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
+    let mut config = config.validate()?;
+    // A port already bound without SO_REUSEPORT (another program) must fail the start rather
+    // than be shared silently; port 0 picks a free port for the whole broker.
+    for (what, address) in [
+        ("listen", &mut config.listen),
+        ("admin_listen", &mut config.admin_listen),
+    ] {
+        let probe = std::net::TcpListener::bind(address.as_str())
+            .map_err(|e| format!("cannot listen on {address} ({what}): {e}"))?;
+        let bound = probe.local_addr().map_err(|e| format!("{what}: {e}"))?;
+        *address = bound.to_string();
+    }
     let lock = metadata::lock_data_dir(&config.data_dir)?;
     let mut broker_metadata = match metadata::load(&config.data_dir)? {
         Some(existing) => {
@@ -105,6 +171,7 @@ pub fn serve(config: ServerConfig) -> Result<(), String> {
     let mesh = MeshBuilder::full(shards, shared.config.shard_channel_capacity);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut stops = Vec::new();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::new();
     tracing::info!(
         broker_id = shared.config.broker_id,
@@ -126,37 +193,37 @@ pub fn serve(config: ServerConfig) -> Result<(), String> {
         } else {
             Placement::Unbound
         };
+        let started = started_tx.clone();
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("wharf-shard-{id}"))
             .io_memory(shared.config.io_memory_bytes)
             .ring_depth(crate::runtime::RING_DEPTH_DEFAULT)
-            .spawn(move || shard::run(id as u32, shared, mesh, broker_metadata, stopped))
+            .spawn(move || shard::run(id as u32, shared, mesh, broker_metadata, stopped, started))
             .map_err(|e| format!("cannot start shard {id} (io_uring): {e}"))?;
         handles.push(handle);
     }
-    let signal_shared = Arc::clone(&shared);
-    spawn_signal_thread(signal_shared, stops)?;
-    let mut failure = None;
-    for (id, handle) in handles.into_iter().enumerate() {
-        match handle.join() {
+    drop(started_tx);
+    let mut server = RunningServer {
+        shared,
+        stops: Some(stops),
+        handles,
+        _lock: lock,
+    };
+    for _ in 0..shards {
+        match started_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::error!(shard = id, %error, "shard failed");
-                failure.get_or_insert(format!("shard {id}: {error}"));
+                server.shutdown();
+                return Err(error);
             }
-            Err(error) => {
-                failure.get_or_insert(format!("shard {id} panicked: {error}"));
+            Err(_) => {
+                server.shutdown();
+                return Err("a shard stopped during start-up".to_string());
             }
         }
     }
-    drop(lock);
-    match failure {
-        None => {
-            tracing::info!("wharf stopped cleanly");
-            Ok(())
-        }
-        Some(error) => Err(error),
-    }
+    tracing::info!(listen = %server.shared.config.listen, "wharf is ready");
+    Ok(server)
 }
 
 fn spawn_signal_thread(shared: Arc<Shared>, stops: Vec<oneshot::Sender<()>>) -> Result<(), String> {

@@ -120,13 +120,64 @@ fn unavailable(message: &str) -> PartitionError {
     PartitionError::new(ErrorCode::ShuttingDown, message)
 }
 
+/// Runs shard `id`: starts it, reports the start on `started`, serves until `stopped`, then
+/// drains connections and closes its partitions.
 pub(super) async fn run(
     id: u32,
     shared: Arc<Shared>,
     mesh: MeshBuilder<Envelope, Full>,
     broker_metadata: Arc<BrokerMetadata>,
     stopped: oneshot::Receiver<()>,
+    started: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
+    let (shard, tasks) = match start(id, shared, mesh, broker_metadata).await {
+        Ok(running) => {
+            let _ = started.send(Ok(()));
+            running
+        }
+        Err(error) => {
+            let _ = started.send(Err(format!("shard {id}: {error}")));
+            return Err(error);
+        }
+    };
+    let _ = stopped.await;
+    shard.begin_stop();
+    let drain = Duration::from_millis(shard.shared.config.shutdown_timeout_ms);
+    if glommio::timer::timeout(drain, async {
+        let _ = shard.connections.close().await;
+        Ok(())
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            shard = id,
+            "connections still open after the shutdown timeout; closing logs anyway"
+        );
+    }
+    let partitions: Vec<Rc<Partition>> = shard
+        .partitions
+        .borrow()
+        .values()
+        .flatten()
+        .flatten()
+        .cloned()
+        .collect();
+    for partition in partitions {
+        partition.close().await;
+    }
+    shard.senders.close();
+    drop(tasks);
+    tracing::info!(shard = id, "shard stopped");
+    Ok(())
+}
+
+async fn start(
+    id: u32,
+    shared: Arc<Shared>,
+    mesh: MeshBuilder<Envelope, Full>,
+    broker_metadata: Arc<BrokerMetadata>,
+) -> Result<(Rc<Shard>, Vec<glommio::Task<()>>), String> {
     let (senders, mut receivers) = mesh
         .join()
         .await
@@ -244,37 +295,7 @@ pub(super) async fn run(
     }
     shard.shared.ready_shards.fetch_add(1, Ordering::AcqRel);
     tracing::info!(shard = id, direct = %direct_address, partitions = shard.partition_count(), "shard ready");
-
-    let _ = stopped.await;
-    shard.begin_stop();
-    let drain = Duration::from_millis(shard.shared.config.shutdown_timeout_ms);
-    if glommio::timer::timeout(drain, async {
-        let _ = shard.connections.close().await;
-        Ok(())
-    })
-    .await
-    .is_err()
-    {
-        tracing::warn!(
-            shard = id,
-            "connections still open after the shutdown timeout; closing logs anyway"
-        );
-    }
-    let partitions: Vec<Rc<Partition>> = shard
-        .partitions
-        .borrow()
-        .values()
-        .flatten()
-        .flatten()
-        .cloned()
-        .collect();
-    for partition in partitions {
-        partition.close().await;
-    }
-    shard.senders.close();
-    drop(tasks);
-    tracing::info!(shard = id, "shard stopped");
-    Ok(())
+    Ok((shard, tasks))
 }
 
 impl Shard {
