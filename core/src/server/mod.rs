@@ -115,16 +115,11 @@ impl RunningServer {
 /// Starts the broker and returns once every shard serves (or the first start error).
 pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
     let mut config = config.validate()?;
-    // A port already bound without SO_REUSEPORT (another program) must fail the start rather
-    // than be shared silently; port 0 picks a free port for the whole broker.
     for (what, address) in [
         ("listen", &mut config.listen),
         ("admin_listen", &mut config.admin_listen),
     ] {
-        let probe = std::net::TcpListener::bind(address.as_str())
-            .map_err(|e| format!("cannot listen on {address} ({what}): {e}"))?;
-        let bound = probe.local_addr().map_err(|e| format!("{what}: {e}"))?;
-        *address = bound.to_string();
+        *address = claim_address(what, address)?;
     }
     let lock = metadata::lock_data_dir(&config.data_dir)?;
     let mut broker_metadata = match metadata::load(&config.data_dir)? {
@@ -224,6 +219,45 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
     }
     tracing::info!(listen = %server.shared.config.listen, "wharf is ready");
     Ok(server)
+}
+
+/// Checks that nobody listens on `address` yet (the shards bind it with SO_REUSEPORT, which
+/// would silently share the port with another broker) and resolves port 0 to a free port.
+fn claim_address(what: &str, address: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    let resolved = address
+        .to_socket_addrs()
+        .map_err(|e| format!("{what} {address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{what} {address}: no address"))?;
+    if resolved.port() != 0
+        && std::net::TcpStream::connect_timeout(&resolved, std::time::Duration::from_millis(200))
+            .is_ok()
+    {
+        return Err(format!(
+            "cannot listen on {address} ({what}): another process already listens there"
+        ));
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(resolved),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(|e| format!("{what}: {e}"))?;
+    // Same options as the shards' listeners, so sockets left in TIME_WAIT by a previous run
+    // do not block the restart.
+    socket
+        .set_reuse_port(true)
+        .map_err(|e| format!("{what}: {e}"))?;
+    socket
+        .bind(&resolved.into())
+        .map_err(|e| format!("cannot listen on {address} ({what}): {e}"))?;
+    let bound = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| format!("{what}: no local address"))?;
+    Ok(bound.to_string())
 }
 
 fn spawn_signal_thread(shared: Arc<Shared>, stops: Vec<oneshot::Sender<()>>) -> Result<(), String> {

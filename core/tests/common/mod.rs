@@ -12,11 +12,21 @@ const READY_POLLS_MAX: usize = 400;
 /// Polls (every 50 ms) for a process to exit after a signal.
 const EXIT_POLLS_MAX: usize = 400;
 
+/// A free port below the kernel's ephemeral range, so the brokers' own ephemeral ports (shard
+/// listeners, client sockets) of tests running in parallel never take it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() % 4000) as u16 * 3;
+    for _ in 0..12_000 {
+        let port = 20_000 + (seed + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
 }
 
 pub struct Broker {
@@ -137,8 +147,12 @@ impl Broker {
         let _ = child.wait();
     }
 
+    /// Starts again on the same data directory (on fresh ports: another test may have taken
+    /// the old ones meanwhile).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill first");
+        self.port = free_port();
+        self.admin_port = free_port();
         self.launch();
     }
 }
