@@ -1,8 +1,965 @@
-//! `wharf-loadgen`: the load generator. Not built yet (issue 4: it needs the broker of issue 3).
+//! `wharf-loadgen`: drives a Wharf cluster (or a broker it starts itself) with producers and
+//! consumers running thread-per-core on glommio, and reports throughput and HdrHistogram
+//! latencies (produce-ack and end-to-end), optionally auditing that every acknowledged record
+//! was kept. See the README section "Load generator" for the options and the JSON keys.
 
+mod audit;
+mod rate;
+mod report;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
+use wharf::client::producer::{Delivery, Partitioner, Producer, ProducerConfig};
+use wharf::client::{Client, ClientConfig, ClientError};
+use wharf::protocol::{Acks, ConfigEntry, ErrorCode};
+
+use audit::{Audit, Stamp, VerifyReport, RECORD_HEADER_BYTES};
+use rate::{Rate, Schedule};
+use report::{human_us, new_histogram, percentiles, Percentiles};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "wharf-loadgen", version, about = "Load generator for Wharf")]
+struct Args {
+    /// A broker of the cluster to drive. Without it, a broker is started in this process.
+    #[arg(long)]
+    bootstrap: Option<String>,
+    /// Start a broker in this process with a temporary data directory (default without
+    /// --bootstrap).
+    #[arg(long)]
+    embedded: bool,
+    /// Data directory of the embedded broker (default: a temporary directory, removed after).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Shards of the embedded broker (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    broker_shards: usize,
+    /// fsync mode of a topic this tool creates: always (before every ack) or interval.
+    #[arg(long, default_value = "always")]
+    fsync: String,
+    #[arg(long, default_value = "loadgen")]
+    topic: String,
+    /// Partitions of a topic this tool creates.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    #[arg(long, default_value_t = 2)]
+    producers: usize,
+    #[arg(long, default_value_t = 0)]
+    consumers: usize,
+    /// produce, consume (drain from earliest) or e2e (producers and consumers at once).
+    /// Default: e2e with consumers, else produce.
+    #[arg(long)]
+    workload: Option<String>,
+    #[arg(long, default_value_t = 1024)]
+    message_bytes: usize,
+    #[arg(long, default_value_t = 1024 * 1024)]
+    batch_bytes: usize,
+    #[arg(long, default_value_t = 1)]
+    linger_ms: u64,
+    /// none, leader, quorum, all or a replica count.
+    #[arg(long, default_value = "leader")]
+    acks: String,
+    /// Messages per second over all producers (open loop, coordinated-omission corrected),
+    /// or max (closed loop).
+    #[arg(long, default_value = "max")]
+    rate: String,
+    /// Records per producer awaiting their ack (0: bounded only by the producer buffer).
+    #[arg(long, default_value_t = 0)]
+    max_in_flight: usize,
+    /// Producer buffer (backpressure beyond it).
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    buffer_bytes: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds before measuring starts.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Distinct keys (0: no keys, records round-robin over partitions).
+    #[arg(long, default_value_t = 0)]
+    keys: u64,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Client threads, one glommio executor each (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write `PREFIX-produce.hgrm` and `PREFIX-e2e.hgrm` percentile distributions.
+    #[arg(long)]
+    hgrm: Option<String>,
+    /// Read everything back after the run and check no acknowledged record was lost.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    Produce,
+    Consume,
+    EndToEnd,
+}
+
+/// Live counters shared with the progress printer.
+#[derive(Default)]
+struct Progress {
+    acked: AtomicU64,
+    acked_bytes: AtomicU64,
+    received: AtomicU64,
+    /// µs; each thread publishes its last interval's p99, the printer shows the largest.
+    p99_us: Vec<AtomicU64>,
+}
+
+/// What one client thread measured.
+#[derive(Default)]
+struct ThreadResult {
+    produce: Option<Histogram<u64>>,
+    e2e: Option<Histogram<u64>>,
+    sent: u64,
+    acked: u64,
+    acked_measured: u64,
+    acked_measured_bytes: u64,
+    received_measured: u64,
+    received_measured_bytes: u64,
+    errors: BTreeMap<String, u64>,
+    acked_ids: Vec<(u32, u64)>,
+    cpu_busy: f64,
+}
+
+struct Plan {
+    args: Args,
+    workload: Workload,
+    acks: Acks,
+    rate: Rate,
+    bootstrap: String,
+    run_id: u32,
+    seed: u64,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+    measure_from_wall_us: u64,
+    progress: Arc<Progress>,
+}
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
 
 fn main() -> ExitCode {
-    eprintln!("wharf-loadgen: not implemented yet; it arrives with the load generator issue");
-    ExitCode::from(2)
+    let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(args) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("wharf-loadgen: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<ExitCode, String> {
+    let acks: Acks = args.acks.parse()?;
+    let rate: Rate = args.rate.parse()?;
+    if args.message_bytes < RECORD_HEADER_BYTES + 4 {
+        return Err(format!(
+            "--message-bytes must be at least {} (records carry a header)",
+            RECORD_HEADER_BYTES + 4
+        ));
+    }
+    if !(args.duration > 0.0 && args.warmup >= 0.0) {
+        return Err("--duration must be positive and --warmup not negative".to_string());
+    }
+    if !["always", "interval"].contains(&args.fsync.as_str()) {
+        return Err(format!(
+            "--fsync takes always or interval, not {:?}",
+            args.fsync
+        ));
+    }
+    let workload = match args.workload.as_deref() {
+        None if args.consumers > 0 => Workload::EndToEnd,
+        None | Some("produce") => Workload::Produce,
+        Some("consume") => Workload::Consume,
+        Some("e2e") => Workload::EndToEnd,
+        Some(other) => {
+            return Err(format!(
+                "--workload takes produce, consume or e2e, not {other:?}"
+            ))
+        }
+    };
+    if workload != Workload::Produce && args.consumers == 0 {
+        return Err("this workload needs --consumers 1 or more".to_string());
+    }
+    if workload != Workload::Consume && args.producers == 0 {
+        return Err("this workload needs --producers 1 or more".to_string());
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        // No OS RNG feature: time and pid are enough to vary runs; the seed is printed.
+        u64::from(std::process::id())
+            ^ SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if args.threads == 0 {
+        cores
+    } else {
+        args.threads
+    };
+
+    // The broker: embedded unless a bootstrap address was given.
+    let mut temporary = None;
+    let mut embedded = None;
+    let bootstrap = match (&args.bootstrap, args.embedded) {
+        (Some(bootstrap), false) => bootstrap.clone(),
+        (Some(_), true) => return Err("--embedded and --bootstrap exclude each other".to_string()),
+        (None, _) => {
+            let data_dir = match &args.data_dir {
+                Some(dir) => dir.clone(),
+                None => {
+                    let dir = tempfile::Builder::new()
+                        .prefix("wharf-loadgen-")
+                        .tempdir_in(std::env::current_dir().map_err(|e| e.to_string())?)
+                        .map_err(|e| format!("cannot create a temporary data directory: {e}"))?;
+                    let path = dir.path().to_path_buf();
+                    temporary = Some(dir);
+                    path
+                }
+            };
+            let config = wharf::config::ServerConfig {
+                data_dir,
+                listen: "127.0.0.1:0".to_string(),
+                admin_listen: "127.0.0.1:0".to_string(),
+                shards: args.broker_shards,
+                ..wharf::config::ServerConfig::default()
+            };
+            let server = wharf::server::start(config)?;
+            let address = server.listen_address().to_string();
+            embedded = Some(server);
+            address
+        }
+    };
+
+    let fsync = prepare_topic(&args, &bootstrap)?;
+    let progress = Arc::new(Progress {
+        p99_us: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+        ..Progress::default()
+    });
+    let start = Instant::now() + Duration::from_millis(300);
+    let measure_from = start + Duration::from_secs_f64(args.warmup);
+    let end = measure_from + Duration::from_secs_f64(args.duration);
+    let plan = Arc::new(Plan {
+        workload,
+        acks,
+        rate,
+        bootstrap: bootstrap.clone(),
+        run_id: (seed as u32) ^ (wall_us() as u32),
+        seed,
+        start,
+        measure_from,
+        end,
+        measure_from_wall_us: wall_us() + (measure_from - Instant::now()).as_micros() as u64,
+        progress: Arc::clone(&progress),
+        args: args.clone(),
+    });
+    eprintln!(
+        "wharf-loadgen: seed {seed}, {} on {bootstrap} ({}), topic {} acks={} fsync={fsync}",
+        match workload {
+            Workload::Produce => "produce",
+            Workload::Consume => "consume",
+            Workload::EndToEnd => "end-to-end",
+        },
+        if embedded.is_some() {
+            "embedded broker"
+        } else {
+            "external cluster"
+        },
+        args.topic,
+        acks,
+    );
+
+    let mut handles = Vec::new();
+    for thread in 0..threads {
+        let plan = Arc::clone(&plan);
+        let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .name(&format!("loadgen-{thread}"))
+            .io_memory(1024 * 1024)
+            .spawn(move || async move { client_thread(thread, threads, plan).await })
+            .map_err(|e| format!("cannot start a client thread (io_uring): {e}"))?;
+        handles.push(handle);
+    }
+    print_progress(&plan, threads);
+    let mut results = Vec::new();
+    for handle in handles {
+        results.push(
+            handle
+                .join()
+                .map_err(|e| format!("client thread failed: {e}"))??,
+        );
+    }
+
+    let verify = if args.verify {
+        let mut audit = Audit::new(plan.run_id);
+        for result in &results {
+            for (producer, sequence) in &result.acked_ids {
+                audit.acknowledged(*producer, *sequence);
+            }
+        }
+        Some(read_back(&plan, audit)?)
+    } else {
+        None
+    };
+    let summary = summarize(&plan, &fsync, threads, embedded.is_some(), results, verify);
+    print_report(&summary);
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&summary.json).unwrap_or_default(),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(prefix) = &args.hgrm {
+        for (name, histogram) in [("produce", &summary.produce), ("e2e", &summary.e2e)] {
+            let path = format!("{prefix}-{name}.hgrm");
+            let mut file =
+                std::fs::File::create(&path).map_err(|e| format!("cannot write {path}: {e}"))?;
+            report::write_hgrm(&mut file, histogram)
+                .map_err(|e| format!("cannot write {path}: {e}"))?;
+        }
+    }
+    if let Some(mut server) = embedded {
+        server.shutdown();
+        server.join()?;
+    }
+    drop(temporary);
+    if summary.verify.is_some_and(|v| v.lost > 0) {
+        eprintln!("wharf-loadgen: AUDIT FAILED: acknowledged records were lost");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates the topic if needed; returns its fsync mode.
+fn prepare_topic(args: &Args, bootstrap: &str) -> Result<String, String> {
+    let topic = args.topic.clone();
+    let partitions = args.partitions;
+    let fsync = args.fsync.clone();
+    let bootstrap = bootstrap.to_string();
+    wharf::runtime::run_local("loadgen-setup", async move {
+        let client = Client::connect(ClientConfig::new(bootstrap))
+            .await
+            .map_err(|e| e.to_string())?;
+        match client.describe_topic(&topic).await {
+            Ok(description) => {
+                if description.partitions.len() as u32 != partitions {
+                    eprintln!(
+                        "wharf-loadgen: topic {topic} exists with {} partitions; using them",
+                        description.partitions.len()
+                    );
+                }
+                Ok(description
+                    .configs
+                    .iter()
+                    .find(|c| c.key == "flush")
+                    .map_or_else(|| "unknown".to_string(), |c| c.value.clone()))
+            }
+            Err(ClientError::Server {
+                code: ErrorCode::UnknownTopic,
+                ..
+            }) => {
+                client
+                    .create_topic(
+                        &topic,
+                        partitions,
+                        1,
+                        vec![ConfigEntry {
+                            key: "flush".to_string(),
+                            value: fsync.clone(),
+                        }],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(fsync)
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    })
+    .map_err(|e| e.to_string())?
+}
+
+fn print_progress(plan: &Plan, threads: usize) {
+    use std::io::IsTerminal;
+    let progress = &plan.progress;
+    let tty = std::io::stderr().is_terminal();
+    let mut last = (0u64, 0u64, 0u64);
+    let mut tick = plan.start;
+    // Bounded by the run's end (plus a drain allowance); the client threads end by then too.
+    while Instant::now() < plan.end + Duration::from_secs(1) {
+        tick += Duration::from_secs(1);
+        std::thread::sleep(tick.saturating_duration_since(Instant::now()));
+        let now = (
+            progress.acked.load(Ordering::Relaxed),
+            progress.acked_bytes.load(Ordering::Relaxed),
+            progress.received.load(Ordering::Relaxed),
+        );
+        let p99 = (0..threads)
+            .map(|t| progress.p99_us[t].load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let elapsed = Instant::now()
+            .saturating_duration_since(plan.start)
+            .as_secs_f64();
+        let line = format!(
+            "{elapsed:6.1} s  {:>10} msgs/s  {:>8.1} MB/s  received {:>10}/s  p99 {}",
+            now.0 - last.0,
+            (now.1 - last.1) as f64 / 1e6,
+            now.2 - last.2,
+            human_us(p99)
+        );
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+        last = now;
+    }
+    if tty {
+        eprintln!();
+    }
+}
+
+async fn client_thread(
+    thread: usize,
+    threads: usize,
+    plan: Arc<Plan>,
+) -> Result<ThreadResult, String> {
+    let cpu_started = thread_cpu_seconds();
+    let wall_started = Instant::now();
+    let mut config = ClientConfig::new(plan.bootstrap.clone());
+    config.request_timeout_ms = 30_000;
+    let client = Client::connect(config).await.map_err(|e| e.to_string())?;
+    let result = Rc::new(RefCell::new(ThreadResult {
+        produce: Some(new_histogram()),
+        e2e: Some(new_histogram()),
+        ..ThreadResult::default()
+    }));
+    let interval = Rc::new(RefCell::new(new_histogram()));
+    let mut tasks = Vec::new();
+    let args = &plan.args;
+    for consumer in (0..args.consumers).filter(|c| c % threads == thread) {
+        tasks.push(glommio::spawn_local(consume(
+            Rc::clone(&client),
+            Arc::clone(&plan),
+            consumer,
+            Rc::clone(&result),
+        )));
+    }
+    if plan.workload != Workload::Consume {
+        for producer in (0..args.producers).filter(|p| p % threads == thread) {
+            tasks.push(glommio::spawn_local(produce(
+                Rc::clone(&client),
+                Arc::clone(&plan),
+                producer as u32,
+                Rc::clone(&result),
+                Rc::clone(&interval),
+            )));
+        }
+    }
+    // Publish the last second's p99 for the progress line.
+    let publisher = {
+        let plan = Arc::clone(&plan);
+        let interval = Rc::clone(&interval);
+        glommio::spawn_local(async move {
+            while Instant::now() < plan.end {
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                let mut histogram = interval.borrow_mut();
+                if !histogram.is_empty() {
+                    plan.progress.p99_us[thread]
+                        .store(histogram.value_at_quantile(0.99), Ordering::Relaxed);
+                    histogram.reset();
+                }
+            }
+        })
+    };
+    for task in tasks {
+        task.await;
+    }
+    publisher.await;
+    let mut result = Rc::try_unwrap(result)
+        .map_err(|_| "result still shared".to_string())?
+        .into_inner();
+    let wall = wall_started.elapsed().as_secs_f64();
+    result.cpu_busy = if wall > 0.0 {
+        (thread_cpu_seconds() - cpu_started) / wall
+    } else {
+        0.0
+    };
+    Ok(result)
+}
+
+async fn produce(
+    client: Rc<Client>,
+    plan: Arc<Plan>,
+    producer_id: u32,
+    result: Rc<RefCell<ThreadResult>>,
+    interval: Rc<RefCell<Histogram<u64>>>,
+) {
+    let args = &plan.args;
+    let producer = Rc::new(Producer::new(
+        Rc::clone(&client),
+        ProducerConfig {
+            acks: plan.acks,
+            linger_ms: args.linger_ms,
+            batch_bytes: args.batch_bytes,
+            buffer_bytes_max: args.buffer_bytes,
+            partitioner: if args.keys > 0 {
+                Partitioner::KeyHash
+            } else {
+                Partitioner::RoundRobin
+            },
+            ..ProducerConfig::default()
+        },
+    ));
+    let per_producer = match plan.rate {
+        Rate::Max => Rate::Max,
+        Rate::PerSecond(total) => Rate::PerSecond(total / args.producers as f64),
+    };
+    let mut schedule = Schedule::new(plan.start, per_producer);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        plan.seed ^ u64::from(producer_id).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    let mut value = vec![0u8; args.message_bytes];
+    rng.fill(&mut value[RECORD_HEADER_BYTES..]);
+    let in_flight: Rc<RefCell<VecDeque<(Instant, u64, Delivery)>>> =
+        Rc::new(RefCell::new(VecDeque::new()));
+    let window = if args.max_in_flight == 0 {
+        usize::MAX
+    } else {
+        args.max_in_flight
+    };
+    let (wake_collector, collector_woken) = glommio::channels::local_channel::new_bounded::<()>(1);
+    let producing_done = Rc::new(Cell::new(false));
+    let collector = {
+        let in_flight = Rc::clone(&in_flight);
+        let plan = Arc::clone(&plan);
+        let result = Rc::clone(&result);
+        let done = Rc::clone(&producing_done);
+        let verify = args.verify;
+        let message_bytes = args.message_bytes as u64;
+        glommio::spawn_local(async move {
+            loop {
+                let next = in_flight.borrow_mut().pop_front();
+                let Some((intended, sequence, delivery)) = next else {
+                    if done.get() {
+                        return;
+                    }
+                    collector_woken.recv().await;
+                    continue;
+                };
+                let outcome = delivery.await;
+                let finished = Instant::now();
+                let mut r = result.borrow_mut();
+                match outcome {
+                    Ok(_) => {
+                        r.acked += 1;
+                        plan.progress.acked.fetch_add(1, Ordering::Relaxed);
+                        plan.progress
+                            .acked_bytes
+                            .fetch_add(message_bytes, Ordering::Relaxed);
+                        if verify {
+                            r.acked_ids.push((producer_id, sequence));
+                        }
+                        if intended >= plan.measure_from && intended < plan.end {
+                            let latency =
+                                rate::corrected_latency(intended, finished).as_micros() as u64;
+                            if let Some(h) = r.produce.as_mut() {
+                                h.saturating_record(latency.max(1));
+                            }
+                            interval.borrow_mut().saturating_record(latency.max(1));
+                            r.acked_measured += 1;
+                            r.acked_measured_bytes += message_bytes;
+                        }
+                    }
+                    Err(error) => *r.errors.entry(error.kind().to_string()).or_default() += 1,
+                }
+            }
+        })
+    };
+    let mut sequence = 0u64;
+    loop {
+        let now = Instant::now();
+        let intended = schedule.next(now);
+        if intended >= plan.end || now >= plan.end {
+            break;
+        }
+        if intended > now {
+            glommio::timer::sleep(intended - now).await;
+        }
+        // Keep at most `window` records awaiting acks (1: one record per request).
+        while in_flight.borrow().len() >= window {
+            glommio::timer::sleep(Duration::from_micros(20)).await;
+        }
+        audit::stamp(
+            &mut value,
+            Stamp {
+                sent_us: wall_us(),
+                run_id: plan.run_id,
+                producer: producer_id,
+                sequence,
+            },
+        );
+        let key = (args.keys > 0).then(|| format!("key-{}", rng.random_range(0..args.keys)));
+        match producer
+            .send(&args.topic, key.as_deref().map(str::as_bytes), &value)
+            .await
+        {
+            Ok(delivery) => {
+                in_flight
+                    .borrow_mut()
+                    .push_back((intended, sequence, delivery));
+                let _ = wake_collector.try_send(());
+                sequence += 1;
+                result.borrow_mut().sent += 1;
+            }
+            Err(error) => {
+                *result
+                    .borrow_mut()
+                    .errors
+                    .entry(error.kind().to_string())
+                    .or_default() += 1
+            }
+        }
+        if window == 1 {
+            // One request at a time: wait for this record's ack before the next.
+            while !in_flight.borrow().is_empty() {
+                glommio::timer::sleep(Duration::from_micros(5)).await;
+            }
+        }
+    }
+    producer.flush().await;
+    producing_done.set(true);
+    let _ = wake_collector.try_send(());
+    collector.await;
+    producer.close().await;
+}
+
+async fn consume(
+    client: Rc<Client>,
+    plan: Arc<Plan>,
+    consumer_id: usize,
+    result: Rc<RefCell<ThreadResult>>,
+) {
+    let args = &plan.args;
+    let Ok(partitions) = client.partition_count(&args.topic).await else {
+        *result
+            .borrow_mut()
+            .errors
+            .entry("consume_setup".to_string())
+            .or_default() += 1;
+        return;
+    };
+    let mine: Vec<u32> = (0..partitions)
+        .filter(|p| *p as usize % args.consumers == consumer_id)
+        .collect();
+    if mine.is_empty() {
+        return;
+    }
+    let mut consumer = Consumer::new(
+        Rc::clone(&client),
+        &args.topic,
+        ConsumerConfig {
+            max_wait_ms: 100,
+            ..ConsumerConfig::default()
+        },
+    );
+    let seek = if plan.workload == Workload::Consume {
+        SeekTo::Earliest
+    } else {
+        SeekTo::Latest
+    };
+    if let Err(error) = consumer.assign(Some(mine), seek).await {
+        *result
+            .borrow_mut()
+            .errors
+            .entry(error.kind().to_string())
+            .or_default() += 1;
+        return;
+    }
+    let message_bytes = args.message_bytes as u64;
+    // Bounded: stops at the end of the run (end-to-end: once caught up, at most 10 s after).
+    let drain_until = plan.end + Duration::from_secs(10);
+    loop {
+        let now = Instant::now();
+        if now >= drain_until
+            || (now >= plan.end && (plan.workload == Workload::Consume || consumer.caught_up()))
+        {
+            return;
+        }
+        let records = match consumer.poll().await {
+            Ok(records) => records,
+            Err(error) => {
+                *result
+                    .borrow_mut()
+                    .errors
+                    .entry(error.kind().to_string())
+                    .or_default() += 1;
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let received_at = wall_us();
+        let measuring = Instant::now() >= plan.measure_from && Instant::now() < plan.end;
+        let mut r = result.borrow_mut();
+        let mut count = 0u64;
+        let _ = records.for_each(|record| {
+            count += 1;
+            if let Ok(stamp) = audit::read_stamp(record.value) {
+                if plan.workload == Workload::EndToEnd
+                    && stamp.run_id == plan.run_id
+                    && stamp.sent_us >= plan.measure_from_wall_us
+                {
+                    if let Some(h) = r.e2e.as_mut() {
+                        h.saturating_record(received_at.saturating_sub(stamp.sent_us).max(1));
+                    }
+                }
+            }
+        });
+        plan.progress.received.fetch_add(count, Ordering::Relaxed);
+        if measuring || plan.workload == Workload::Consume {
+            r.received_measured += count;
+            r.received_measured_bytes += count * message_bytes;
+        }
+        if plan.workload == Workload::Consume && consumer.caught_up() {
+            return;
+        }
+    }
+}
+
+/// Reads every partition from the earliest offset into the audit.
+fn read_back(plan: &Plan, mut audit: Audit) -> Result<VerifyReport, String> {
+    let bootstrap = plan.bootstrap.clone();
+    let topic = plan.args.topic.clone();
+    wharf::runtime::run_local("loadgen-verify", async move {
+        let client = Client::connect(ClientConfig::new(bootstrap))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut consumer = Consumer::new(
+            Rc::clone(&client),
+            &topic,
+            ConsumerConfig {
+                max_wait_ms: 50,
+                ..ConsumerConfig::default()
+            },
+        );
+        consumer
+            .assign(None, SeekTo::Earliest)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Bounded by the log size: every poll advances or the partitions are caught up.
+        loop {
+            let records = consumer.poll().await.map_err(|e| e.to_string())?;
+            records
+                .for_each(|record| audit.found(record.partition, record.value))
+                .map_err(|e| e.to_string())?;
+            if consumer.caught_up() {
+                break;
+            }
+        }
+        Ok(audit.finish())
+    })
+    .map_err(|e| e.to_string())?
+}
+
+struct Summary {
+    json: serde_json::Value,
+    text: String,
+    produce: Histogram<u64>,
+    e2e: Histogram<u64>,
+    verify: Option<VerifyReport>,
+}
+
+fn summarize(
+    plan: &Plan,
+    fsync: &str,
+    threads: usize,
+    embedded: bool,
+    results: Vec<ThreadResult>,
+    verify: Option<VerifyReport>,
+) -> Summary {
+    let args = &plan.args;
+    let mut produce = new_histogram();
+    let mut e2e = new_histogram();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let (
+        mut sent,
+        mut acked,
+        mut acked_measured,
+        mut acked_bytes,
+        mut received,
+        mut received_bytes,
+    ) = (0, 0, 0, 0, 0, 0);
+    let mut busiest = 0.0f64;
+    for r in results {
+        if let Some(h) = &r.produce {
+            let _ = produce.add(h);
+        }
+        if let Some(h) = &r.e2e {
+            let _ = e2e.add(h);
+        }
+        sent += r.sent;
+        acked += r.acked;
+        acked_measured += r.acked_measured;
+        acked_bytes += r.acked_measured_bytes;
+        received += r.received_measured;
+        received_bytes += r.received_measured_bytes;
+        for (kind, n) in r.errors {
+            *errors.entry(kind).or_default() += n;
+        }
+        busiest = busiest.max(r.cpu_busy);
+    }
+    let seconds = args.duration;
+    let error_count: u64 = errors.values().sum();
+    let produce_p = percentiles(&produce);
+    let e2e_p = percentiles(&e2e);
+    let msgs_per_s = acked_measured as f64 / seconds;
+    let mb_per_s = acked_bytes as f64 / seconds / 1e6;
+    let consume_msgs = received as f64 / seconds;
+    let consume_mb = received_bytes as f64 / seconds / 1e6;
+    let config = serde_json::json!({
+        "workload": match plan.workload { Workload::Produce => "produce", Workload::Consume => "consume", Workload::EndToEnd => "e2e" },
+        "bootstrap": plan.bootstrap,
+        "embedded": embedded,
+        "topic": args.topic,
+        "partitions": args.partitions,
+        "producers": args.producers,
+        "consumers": args.consumers,
+        "message_bytes": args.message_bytes,
+        "batch_bytes": args.batch_bytes,
+        "linger_ms": args.linger_ms,
+        "acks": plan.acks.to_string(),
+        "fsync": fsync,
+        "rate": args.rate,
+        "max_in_flight": args.max_in_flight,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "keys": args.keys,
+        "seed": plan.seed,
+        "threads": threads,
+    });
+    let latency = |p: &Percentiles| serde_json::to_value(p).unwrap_or_default();
+    let json = serde_json::json!({
+        "config": config,
+        "produce": {
+            "sent": sent,
+            "acked": acked,
+            "errors": error_count,
+            "errors_by_kind": errors,
+            "msgs_per_s": msgs_per_s,
+            "mb_per_s": mb_per_s,
+            "latency_us": latency(&produce_p),
+        },
+        "e2e": { "latency_us": latency(&e2e_p) },
+        "consume": { "received": received, "msgs_per_s": consume_msgs, "mb_per_s": consume_mb },
+        "verify": verify.map(|v| serde_json::to_value(v).unwrap_or_default()),
+        "client_cpu_busy_max": busiest,
+    });
+    let mut text = String::new();
+    use std::fmt::Write;
+    let _ = writeln!(
+        text,
+        "settings: acks={} fsync={fsync} producers={} consumers={} partitions={} message={} B batch={} B linger={} ms rate={} in-flight={} duration={} s warm-up={} s threads={threads} seed={}",
+        plan.acks, args.producers, args.consumers, args.partitions, args.message_bytes, args.batch_bytes,
+        args.linger_ms, args.rate, if args.max_in_flight == 0 { "buffer".to_string() } else { args.max_in_flight.to_string() },
+        args.duration, args.warmup, plan.seed
+    );
+    let _ = writeln!(
+        text,
+        "{:<12} {:>12} {:>12} {:>8} {:>12} {:>9}",
+        "", "sent", "acked", "errors", "msgs/s", "MB/s"
+    );
+    let _ = writeln!(
+        text,
+        "{:<12} {sent:>12} {acked:>12} {error_count:>8} {msgs_per_s:>12.0} {mb_per_s:>9.1}",
+        "produce"
+    );
+    if plan.workload != Workload::Produce {
+        let _ = writeln!(
+            text,
+            "{:<12} {:>12} {:>12} {:>8} {consume_msgs:>12.0} {consume_mb:>9.1}",
+            "consume", "", received, ""
+        );
+    }
+    let _ = writeln!(
+        text,
+        "latency µs   {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "p50", "p90", "p99", "p99.9", "p99.99", "max"
+    );
+    for (name, p, h) in [
+        ("produce-ack", &produce_p, &produce),
+        ("end-to-end", &e2e_p, &e2e),
+    ] {
+        if !h.is_empty() {
+            let _ = writeln!(
+                text,
+                "{name:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                p.p50, p.p90, p.p99, p.p999, p.p9999, p.max
+            );
+        }
+    }
+    if !errors.is_empty() {
+        let _ = writeln!(text, "errors by kind: {errors:?}");
+    }
+    if let Some(v) = verify {
+        let _ = writeln!(
+            text,
+            "verify: acked {} found {} lost {} duplicated {} reordered {} corrupt {}",
+            v.acked, v.found, v.lost, v.duplicated, v.reordered, v.corrupt
+        );
+    }
+    if busiest > 0.9 {
+        let _ = writeln!(
+            text,
+            "note: a client thread was busy {:.0}% of the time; the load generator may be the bottleneck (add --threads or run it on other cores)",
+            busiest * 100.0
+        );
+    }
+    Summary {
+        json,
+        text,
+        produce,
+        e2e,
+        verify,
+    }
+}
+
+fn print_report(summary: &Summary) {
+    print!("{}", summary.text);
 }
