@@ -132,8 +132,7 @@ mod tests {
         let text = String::from_utf8(out).expect("utf8");
         let last_value_line = text
             .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && !l.contains("Value"))
-            .next_back()
+            .rfind(|l| !l.starts_with('#') && !l.trim().is_empty() && !l.contains("Value"))
             .expect("value lines");
         let value: f64 = last_value_line
             .split_whitespace()
