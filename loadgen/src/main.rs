@@ -567,6 +567,9 @@ async fn produce(
     };
     let (wake_collector, collector_woken) = glommio::channels::local_channel::new_bounded::<()>(1);
     let producing_done = Rc::new(Cell::new(false));
+    // The collector signals each completed delivery (for the in-flight window).
+    let (completed, wait_completed) = glommio::channels::local_channel::new_bounded::<()>(1);
+    let outstanding = Rc::new(Cell::new(0usize));
     let collector = {
         let in_flight = Rc::clone(&in_flight);
         let plan = Arc::clone(&plan);
@@ -574,7 +577,9 @@ async fn produce(
         let done = Rc::clone(&producing_done);
         let verify = args.verify;
         let message_bytes = args.message_bytes as u64;
+        let outstanding = Rc::clone(&outstanding);
         glommio::spawn_local(async move {
+            let mut last_finished = Instant::now();
             loop {
                 let next = in_flight.borrow_mut().pop_front();
                 let Some((intended, sequence, delivery)) = next else {
@@ -584,8 +589,19 @@ async fn produce(
                     collector_woken.recv().await;
                     continue;
                 };
-                let outcome = delivery.await;
-                let finished = Instant::now();
+                // Deliveries of one batch complete together: read the clock once per wait.
+                let mut delivery = delivery;
+                let outcome = match futures_lite::future::poll_once(&mut delivery).await {
+                    Some(outcome) => outcome,
+                    None => {
+                        let outcome = delivery.await;
+                        last_finished = Instant::now();
+                        outcome
+                    }
+                };
+                let finished = last_finished;
+                outstanding.set(outstanding.get() - 1);
+                let _ = completed.try_send(());
                 let mut r = result.borrow_mut();
                 match outcome {
                     Ok(_) => {
@@ -624,18 +640,20 @@ async fn produce(
             glommio::timer::sleep(intended - now).await;
         }
         // Keep at most `window` records awaiting acks (1: one record per request).
-        while in_flight.borrow().len() >= window {
-            glommio::timer::sleep(Duration::from_micros(20)).await;
+        while outstanding.get() >= window {
+            wait_completed.recv().await;
         }
-        audit::stamp(
-            &mut value,
-            Stamp {
-                sent_us: wall_us(),
-                run_id: plan.run_id,
-                producer: producer_id,
-                sequence,
-            },
-        );
+        let ids = Stamp {
+            sent_us: wall_us(),
+            run_id: plan.run_id,
+            producer: producer_id,
+            sequence,
+        };
+        if args.verify {
+            audit::stamp(&mut value, ids);
+        } else {
+            audit::stamp_ids(&mut value, ids);
+        }
         let key = (args.keys > 0).then(|| format!("key-{}", rng.random_range(0..args.keys)));
         match producer
             .send(&args.topic, key.as_deref().map(str::as_bytes), &value)
@@ -645,6 +663,7 @@ async fn produce(
                 in_flight
                     .borrow_mut()
                     .push_back((intended, sequence, delivery));
+                outstanding.set(outstanding.get() + 1);
                 let _ = wake_collector.try_send(());
                 sequence += 1;
                 result.borrow_mut().sent += 1;
@@ -655,12 +674,6 @@ async fn produce(
                     .errors
                     .entry(error.kind().to_string())
                     .or_default() += 1
-            }
-        }
-        if window == 1 {
-            // One request at a time: wait for this record's ack before the next.
-            while !in_flight.borrow().is_empty() {
-                glommio::timer::sleep(Duration::from_micros(5)).await;
             }
         }
     }
@@ -741,13 +754,13 @@ async fn consume(
         let mut count = 0u64;
         let _ = records.for_each(|record| {
             count += 1;
-            if let Ok(stamp) = audit::read_stamp(record.value) {
+            if let Some((run_id, sent_us)) = audit::sent_us(record.value) {
                 if plan.workload == Workload::EndToEnd
-                    && stamp.run_id == plan.run_id
-                    && stamp.sent_us >= plan.measure_from_wall_us
+                    && run_id == plan.run_id
+                    && sent_us >= plan.measure_from_wall_us
                 {
                     if let Some(h) = r.e2e.as_mut() {
-                        h.saturating_record(received_at.saturating_sub(stamp.sent_us).max(1));
+                        h.saturating_record(received_at.saturating_sub(sent_us).max(1));
                     }
                 }
             }

@@ -23,6 +23,7 @@ pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 /// Requests written but not yet taken by a connection's writer task.
 const SEND_QUEUE_MAX: usize = 256;
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
@@ -113,7 +114,8 @@ impl Connection {
         stream
             .set_nodelay(true)
             .map_err(|e| connect_error(e.to_string()))?;
-        let (mut reader, writer) = futures_lite::io::split(stream);
+        let (reader, writer) = futures_lite::io::split(stream);
+        let mut reader = futures_lite::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
         let waiters: Rc<Waiters> = Rc::new(RefCell::new(HashMap::new()));
         let failure = Rc::new(RefCell::new(None::<String>));
         let (outgoing, queue) = local_channel::new_bounded::<OutFrame>(SEND_QUEUE_MAX);

@@ -13,7 +13,8 @@
 //!                         an [`messages::ErrorBody`]
 //! 16  u32 body_bytes      rkyv-archived request or response struct
 //! 20  u32 payload_bytes   raw record batches (produce requests, fetch responses)
-//! 24  u32 body_crc        CRC32C of everything after the header (body, padding, payload)
+//! 24  u32 body_crc        CRC32C of the body and its padding (not the payload: every record
+//!                         batch carries its own CRCs, checked wherever it is trusted)
 //! 28  u32 header_crc      CRC32C of bytes 0..28
 //! 32  body, zero-padded to a multiple of 16, then the payload
 //! ```
@@ -456,7 +457,9 @@ impl FrameKind {
 }
 
 /// Encodes header, body and padding. The payload slices are not copied: the caller writes them
-/// right after the returned bytes (they are covered by the body CRC computed here).
+/// right after the returned bytes. They are not covered by the frame's CRC: payloads are whole
+/// record batches, each with its own header and body CRC, which the receiver checks (one CRC
+/// pass per byte instead of two).
 pub fn encode_frame<T: Message>(
     kind: FrameKind,
     body: &T,
@@ -477,10 +480,7 @@ pub fn encode_frame<T: Message>(
     }
     buffer.resize(FRAME_HEADER_BYTES + padded_body_bytes(body_bytes), 0);
     let payload_bytes: usize = payload.iter().map(|p| p.len()).sum();
-    let mut crc = crc32c::crc32c(&buffer[FRAME_HEADER_BYTES..]);
-    for part in payload {
-        crc = crc32c::crc32c_append(crc, part);
-    }
+    let crc = crc32c::crc32c(&buffer[FRAME_HEADER_BYTES..]);
     let frame_bytes = buffer.len() + payload_bytes;
     let header = FrameHeader {
         frame_bytes: u32::try_from(frame_bytes).map_err(|_| BodyError {
@@ -555,7 +555,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         }
         filled += n;
     }
-    let computed = crc32c::crc32c(&bytes[FRAME_HEADER_BYTES..]);
+    let body_end = FRAME_HEADER_BYTES + padded_body_bytes(header.body_bytes as usize);
+    let computed = crc32c::crc32c(&bytes[FRAME_HEADER_BYTES..body_end]);
     if computed != header.body_crc {
         return Err((
             Some(header),

@@ -15,6 +15,8 @@ use super::partition::FetchData;
 use super::shard::{error_frame, Shard};
 use crate::protocol::{read_frame, FrameBuf, FrameError, FrameHeader, FRAME_HEADER_BYTES};
 
+/// Reads are at least this large, so a small request costs one read.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Writes smaller than this are gathered before going to the socket.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -54,7 +56,9 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let read_timeout = Duration::from_millis(config.request_read_timeout_ms);
     let write_timeout = Duration::from_millis(config.response_write_timeout_ms);
     let frame_bytes_max = config.frame_bytes_max;
-    let (mut reader, writer) = futures_lite::io::split(stream);
+    let (reader, writer) = futures_lite::io::split(stream);
+    // Small frames arrive whole in one read; large payloads bypass the buffer.
+    let mut reader = futures_lite::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let (queue, responses) = local_channel::new_bounded::<Pending>(config.requests_in_flight_max);
     // Responses queued and not yet taken by the writer (it flushes when this reaches zero).
     let queued = Rc::new(std::cell::Cell::new(0usize));
