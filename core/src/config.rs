@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub shutdown_timeout_ms: u64,
     /// Capacity of each shard-to-shard channel.
     pub shard_channel_capacity: usize,
+    /// How often each partition applies its retention limits.
+    pub retention_check_interval_ms: u64,
     pub log: LogSettings,
     pub topic_defaults: TopicDefaults,
 }
@@ -75,6 +77,7 @@ impl Default for ServerConfig {
             fetch_bytes_max: 16 * 1024 * 1024,
             shutdown_timeout_ms: 10_000,
             shard_channel_capacity: 1024,
+            retention_check_interval_ms: 10_000,
             log: LogSettings::default(),
             topic_defaults: TopicDefaults::default(),
         }
@@ -290,6 +293,10 @@ impl ServerConfig {
             ("connections_per_shard_max", self.connections_per_shard_max),
             ("requests_in_flight_max", self.requests_in_flight_max),
             ("shard_channel_capacity", self.shard_channel_capacity),
+            (
+                "retention_check_interval_ms",
+                self.retention_check_interval_ms as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(format!("{key} must be positive"));

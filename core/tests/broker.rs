@@ -390,3 +390,174 @@ fn cli_creates_produces_and_consumes() {
     assert_ne!(code, Some(0));
     assert!(err.contains("unknown_topic"), "{err}");
 }
+
+#[test]
+fn offsets_by_timestamp_earliest_and_latest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, "");
+    let bootstrap = broker.bootstrap();
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client
+            .create_topic("times", 1, 1, Vec::new())
+            .await
+            .expect("create");
+        let producer = Producer::new(Rc::clone(&client), ProducerConfig::default());
+        let send_all = |first: u32| {
+            let producer = &producer;
+            async move {
+                let mut deliveries = Vec::new();
+                for i in first..first + 20 {
+                    deliveries.push(
+                        producer
+                            .send("times", None, format!("r{i}").as_bytes())
+                            .await
+                            .expect("queued"),
+                    );
+                }
+                producer.flush().await;
+                for delivery in deliveries {
+                    delivery.await.expect("acknowledged");
+                }
+            }
+        };
+        send_all(0).await;
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        let boundary_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        send_all(20).await;
+        let at = |spec| {
+            let client = Rc::clone(&client);
+            async move {
+                client
+                    .list_offsets("times", &[0], spec)
+                    .await
+                    .expect("list")[0]
+                    .1
+            }
+        };
+        use wharf::protocol::OffsetSpec;
+        assert_eq!(at(OffsetSpec::Earliest).await, 0);
+        assert_eq!(at(OffsetSpec::Latest).await, 40);
+        assert_eq!(at(OffsetSpec::Timestamp(boundary_ms)).await, 20);
+        assert_eq!(at(OffsetSpec::Timestamp(0)).await, 0);
+        assert_eq!(at(OffsetSpec::Timestamp(boundary_ms + 3_600_000)).await, 40);
+        // A consumer seeking by time starts at the first record at or after it.
+        let mut consumer = Consumer::new(Rc::clone(&client), "times", ConsumerConfig::default());
+        consumer
+            .assign(None, SeekTo::Timestamp(boundary_ms))
+            .await
+            .expect("assign");
+        let records = consumer.poll().await.expect("poll");
+        let mut first = None;
+        records
+            .for_each(|r| {
+                first.get_or_insert(r.value.to_vec());
+            })
+            .expect("records");
+        assert_eq!(first, Some(b"r20".to_vec()));
+    });
+}
+
+#[test]
+fn interval_flush_topics_acknowledge_and_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, "");
+    let bootstrap = broker.bootstrap();
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        let configs = vec![
+            wharf::protocol::ConfigEntry {
+                key: "flush".to_string(),
+                value: "interval".to_string(),
+            },
+            wharf::protocol::ConfigEntry {
+                key: "flush_interval_ms".to_string(),
+                value: "50".to_string(),
+            },
+        ];
+        client
+            .create_topic("lazy", 2, 1, configs)
+            .await
+            .expect("create");
+        let produced = produce(&client, "lazy", 0, 500).await;
+        assert_dense_and_equal(&produced, &consume_all(&client, "lazy").await);
+        let description = client.describe_topic("lazy").await.expect("describe");
+        assert!(description
+            .configs
+            .iter()
+            .any(|c| c.key == "flush" && c.value == "interval"));
+    });
+}
+
+#[test]
+fn retention_deletes_old_segments_while_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 1, "retention_check_interval_ms = 100\n");
+    let bootstrap = broker.bootstrap();
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        let entry = |key: &str, value: &str| wharf::protocol::ConfigEntry {
+            key: key.to_string(),
+            value: value.to_string(),
+        };
+        client
+            .create_topic(
+                "short",
+                1,
+                1,
+                vec![
+                    entry("segment_bytes", "65536"),
+                    entry("retention_bytes", "131072"),
+                ],
+            )
+            .await
+            .expect("create");
+        let producer = Producer::new(
+            Rc::clone(&client),
+            ProducerConfig {
+                batch_bytes: 8 * 1024,
+                ..ProducerConfig::default()
+            },
+        );
+        let value = vec![b'x'; 1000];
+        let mut deliveries = Vec::new();
+        for _ in 0..1000 {
+            deliveries.push(producer.send("short", None, &value).await.expect("queued"));
+        }
+        producer.flush().await;
+        for delivery in deliveries {
+            delivery.await.expect("acknowledged");
+        }
+        // Bounded wait for the retention pass (every 100 ms).
+        let mut log_start = 0;
+        for _ in 0..100 {
+            log_start = client
+                .describe_topic("short")
+                .await
+                .expect("describe")
+                .partitions[0]
+                .log_start_offset;
+            if log_start > 0 {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(log_start > 0, "retention never moved the log start");
+        let consumed = consume_all(&client, "short").await;
+        let records = &consumed[&0];
+        assert_eq!(records.first().map(|r| r.0), Some(log_start));
+        assert_eq!(records.last().map(|r| r.0), Some(999));
+        // Roughly retention_bytes worth of records remain (plus the active segment).
+        assert!(records.len() < 400, "{} records kept", records.len());
+    });
+}

@@ -32,8 +32,6 @@ pub type Read = LogRead<ReadBuffer>;
 
 /// How long an idle partition waits before bringing its checkpoint up to date.
 const IDLE_CHECKPOINT_MS: u64 = 1000;
-/// How often retention is evaluated.
-const RETENTION_CHECK_MS: u64 = 10_000;
 /// Reads retried after racing retention before giving up.
 const READ_RETRIES_MAX: usize = 3;
 /// Bytes scanned per step of a timestamp lookup.
@@ -106,6 +104,7 @@ pub struct Partition {
     closing: Cell<bool>,
     pub metrics: PartitionMetrics,
     flush_latency: Histogram,
+    retention_check_ms: u64,
     flusher: RefCell<Option<Task<()>>>,
 }
 
@@ -122,6 +121,7 @@ impl Partition {
         replicas: Vec<u32>,
         metrics: &Metrics,
         flush_latency: Histogram,
+        retention_check_ms: u64,
         queue: TaskQueueHandle,
     ) -> Result<Rc<Partition>, String> {
         let disk = DmaDisk::open(&dir)
@@ -172,6 +172,7 @@ impl Partition {
             closing: Cell::new(false),
             metrics: partition_metrics,
             flush_latency,
+            retention_check_ms,
             flusher: RefCell::new(None),
         });
         let task = glommio::spawn_local_into(Rc::clone(&partition).run_flusher(wake, queue), queue)
@@ -567,7 +568,7 @@ impl Partition {
             if closing {
                 break;
             }
-            if last_retention.elapsed() >= Duration::from_millis(RETENTION_CHECK_MS) {
+            if last_retention.elapsed() >= Duration::from_millis(self.retention_check_ms) {
                 last_retention = Instant::now();
                 self.apply_retention().await;
             }
@@ -577,7 +578,7 @@ impl Partition {
                     .flush_interval_ms
                     .saturating_sub(now_ms().saturating_sub(last_flush_ms))
                     .max(1),
-                _ => IDLE_CHECKPOINT_MS,
+                _ => IDLE_CHECKPOINT_MS.min(self.retention_check_ms),
             };
             let woken = glommio::timer::timeout(Duration::from_millis(wait_ms), async {
                 Ok(wake.recv().await)

@@ -427,6 +427,7 @@ impl Shard {
                 meta.replicas.clone(),
                 &self.shared.metrics,
                 self.metrics.flush_latency.clone(),
+                self.shared.config.retention_check_interval_ms,
                 self.queues.background,
             )
             .await?;
