@@ -190,6 +190,9 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
         };
         let started = started_tx.clone();
         let handle = LocalExecutorBuilder::new(placement)
+            .spin_before_park(std::time::Duration::from_micros(
+                shared.config.spin_before_park_us,
+            ))
             .name(&format!("wharf-shard-{id}"))
             .io_memory(shared.config.io_memory_bytes)
             .ring_depth(crate::runtime::RING_DEPTH_DEFAULT)
