@@ -76,6 +76,10 @@ struct Args {
     /// Records per producer awaiting their ack (0: bounded only by the producer buffer).
     #[arg(long, default_value_t = 0)]
     max_in_flight: usize,
+    /// Produce requests per partition in flight at once (more data per fsync on the broker;
+    /// above 1 a retried batch may land after later ones, which --verify reports).
+    #[arg(long, default_value_t = 4)]
+    requests_in_flight: usize,
     /// Producer buffer (backpressure beyond it).
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     buffer_bytes: usize,
@@ -546,6 +550,7 @@ async fn produce(
             linger_ms: args.linger_ms,
             batch_bytes: args.batch_bytes,
             buffer_bytes_max: args.buffer_bytes,
+            max_in_flight_per_partition: args.requests_in_flight,
             partitioner: if args.keys > 0 {
                 Partitioner::KeyHash
             } else {
@@ -935,6 +940,7 @@ fn summarize(
         "fsync": fsync,
         "rate": args.rate,
         "max_in_flight": args.max_in_flight,
+        "requests_in_flight": args.requests_in_flight,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "keys": args.keys,
@@ -962,9 +968,9 @@ fn summarize(
     use std::fmt::Write;
     let _ = writeln!(
         text,
-        "settings: acks={} fsync={fsync} producers={} consumers={} partitions={} message={} B batch={} B linger={} ms rate={} in-flight={} duration={} s warm-up={} s threads={threads} seed={}",
+        "settings: acks={} fsync={fsync} producers={} consumers={} partitions={} message={} B batch={} B linger={} ms rate={} in-flight={} requests/partition={} duration={} s warm-up={} s threads={threads} seed={}",
         plan.acks, args.producers, args.consumers, args.partitions, args.message_bytes, args.batch_bytes,
-        args.linger_ms, args.rate, if args.max_in_flight == 0 { "buffer".to_string() } else { args.max_in_flight.to_string() },
+        args.linger_ms, args.rate, if args.max_in_flight == 0 { "buffer".to_string() } else { args.max_in_flight.to_string() }, args.requests_in_flight,
         args.duration, args.warmup, plan.seed
     );
     let _ = writeln!(
