@@ -10,6 +10,7 @@
 # Environment: FIGURE_SECONDS (10), FIGURE_WARMUP (2), SKIP_LIMITS=1 to reuse target/figures/limits.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh curl python3
 export PATH="$HOME/.cargo/bin:$PATH"
 OUT=target/figures
 SECS=${FIGURE_SECONDS:-10}
