@@ -553,7 +553,10 @@ fn retention_deletes_old_segments_while_serving() {
             }
             glommio::timer::sleep(Duration::from_millis(50)).await;
         }
-        assert!(1000 - log_start < 400, "retention kept offsets {log_start}..1000");
+        assert!(
+            1000 - log_start < 400,
+            "retention kept offsets {log_start}..1000"
+        );
         let consumed = consume_all(&client, "short").await;
         let records = &consumed[&0];
         assert_eq!(records.first().map(|r| r.0), Some(log_start));

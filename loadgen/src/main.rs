@@ -4,6 +4,7 @@
 //! was kept. See the README section "Load generator" for the options and the JSON keys.
 
 mod audit;
+mod plot;
 mod rate;
 mod report;
 
@@ -107,6 +108,9 @@ struct Args {
     /// Write `PREFIX-produce.hgrm` and `PREFIX-e2e.hgrm` percentile distributions.
     #[arg(long)]
     hgrm: Option<String>,
+    /// Draw the latency percentile curves into this SVG file.
+    #[arg(long)]
+    plot: Option<String>,
     /// Read everything back after the run and check no acknowledged record was lost.
     #[arg(long)]
     verify: bool,
@@ -118,6 +122,9 @@ enum Workload {
     Consume,
     EndToEnd,
 }
+
+/// An open-loop sender sleeps only when it is more than this ahead of its schedule.
+const PACING_SLACK: Duration = Duration::from_micros(200);
 
 /// Live counters shared with the progress printer.
 #[derive(Default)]
@@ -365,6 +372,20 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 .map_err(|e| format!("cannot write {path}: {e}"))?;
         }
     }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "wharf-loadgen: acks={} fsync={fsync} {} B messages, rate {}",
+            plan.acks, args.message_bytes, args.rate
+        );
+        plot::draw(
+            path,
+            &title,
+            &[
+                ("produce-ack", &summary.produce),
+                ("end-to-end", &summary.e2e),
+            ],
+        )?;
+    }
     if let Some(mut server) = embedded {
         server.shutdown();
         server.join()?;
@@ -428,7 +449,16 @@ fn prepare_topic(args: &Args, bootstrap: &str) -> Result<String, String> {
 fn print_progress(plan: &Plan, threads: usize) {
     use std::io::IsTerminal;
     let progress = &plan.progress;
-    let tty = std::io::stderr().is_terminal();
+    // A progress bar on a terminal, plain periodic lines otherwise (logs, CI).
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let total = (plan.end - plan.start).as_secs().max(1);
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:24}] {msg}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    });
     let mut last = (0u64, 0u64, 0u64);
     let mut tick = plan.start;
     // Bounded by the run's end (plus a drain allowance); the client threads end by then too.
@@ -454,15 +484,17 @@ fn print_progress(plan: &Plan, threads: usize) {
             now.2 - last.2,
             human_us(p99)
         );
-        if tty {
-            eprint!("\r{line}   ");
-        } else {
-            eprintln!("{line}");
+        match &bar {
+            Some(bar) => {
+                bar.set_position(elapsed as u64);
+                bar.set_message(line);
+            }
+            None => eprintln!("{line}"),
         }
         last = now;
     }
-    if tty {
-        eprintln!();
+    if let Some(bar) = bar {
+        bar.finish();
     }
 }
 
@@ -635,13 +667,17 @@ async fn produce(
             }
         }
         let now = Instant::now();
-        let intended = schedule.next(now);
-        if intended >= plan.end || now >= plan.end {
+        let scheduled = schedule.next(now);
+        if scheduled >= plan.end || now >= plan.end {
             break;
         }
-        if intended > now {
-            glommio::timer::sleep(intended - now).await;
+        // Timers cost far more than the gap between messages at high rates: sleep only when
+        // well ahead of the schedule. A message sent early is timed from its actual send.
+        if scheduled > now + PACING_SLACK {
+            glommio::timer::sleep(scheduled - now - PACING_SLACK).await;
         }
+        // Late: timed from the schedule (coordinated omission). Early: from the actual send.
+        let intended = scheduled.min(Instant::now());
         // Keep at most `window` records awaiting acks (1: one record per request).
         while outstanding.get() >= window {
             wait_completed.recv().await;
