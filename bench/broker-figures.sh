@@ -32,12 +32,16 @@ for _ in $(seq 200); do
   curl -sf "127.0.0.1:$ADMIN/readyz" >/dev/null && break
   sleep 0.05
 done
+W=./target/release/wharf
 L="./target/release/wharf-loadgen --bootstrap 127.0.0.1:$PORT --acks leader --duration $SECS --warmup $WARM"
 
 echo "== 1. throughput: 2 producers, 1 KiB records, 1 MiB batches"
 $L --topic f1 --partitions 4 --producers 2 --batch-bytes 1048576 --json "$OUT/1-throughput.json" --hgrm "$OUT/1-throughput" | tail -5
+# Each scenario writes ~1 GB/s: delete its topic before the next (the disk may be small).
+$W topic delete f1 --bootstrap "127.0.0.1:$PORT" >/dev/null
 echo "== 2. records/s: 2 producers, 1 KiB records, 100 KiB batches"
 $L --topic f2 --partitions 4 --producers 2 --batch-bytes 102400 --json "$OUT/2-records.json" --hgrm "$OUT/2-records" | tail -5
+$W topic delete f2 --bootstrap "127.0.0.1:$PORT" >/dev/null
 echo "== 3. latency: one record per request, one request in flight"
 $L --topic f3 --partitions 1 --producers 1 --max-in-flight 1 --linger-ms 0 --json "$OUT/3-latency.json" --hgrm "$OUT/3-latency" | tail -5
 HALF=$(python3 -c 'import json; print(int(json.load(open("'"$OUT"'/1-throughput.json"))["produce"]["msgs_per_s"] / 2))')
@@ -45,6 +49,7 @@ echo "== 4. open loop at 50% of scenario 1: $HALF msgs/s"
 $L --topic f4 --partitions 4 --producers 2 --batch-bytes 1048576 --rate "$HALF" --json "$OUT/4-half-rate.json" --hgrm "$OUT/4-half-rate" | tail -5
 
 kill -TERM $BROKER; wait $BROKER || true; trap - EXIT
+rm -rf "$OUT/data"
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, sys

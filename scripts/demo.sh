@@ -65,6 +65,9 @@ v = run["verify"]
 print(f"audit: {v['acked']} acknowledged, {v['lost']} lost, {v['duplicated']} duplicated, {v['reordered']} reordered")
 PY
 
+# The loadgen topic holds ~1 GB per second of run: free the disk again.
+$W topic delete loadgen $B
+
 echo "== metrics (excerpt)"
 curl -s "127.0.0.1:$ADMIN_PORT/metrics" | grep -E '^wharf_partition_end_offset\{topic="demo"' || true
 
