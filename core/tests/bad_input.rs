@@ -361,3 +361,50 @@ fn disconnects_and_slow_clients_do_not_disturb_others() {
     assert_eq!(ok.error, 0, "{}", ok.message);
     assert_eq!(ok.base_offset, before[0]);
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, "");
+    setup(&broker);
+    let mut stream = connect(&broker);
+    // 40 produce requests and metadata requests interleaved, all written before any is read.
+    let mut sent = Vec::new();
+    for i in 0..40u32 {
+        let id = 1000 + i;
+        if i % 4 == 3 {
+            stream
+                .write_all(&request(
+                    ApiKey::Metadata,
+                    id,
+                    &MetadataRequest { topics: None },
+                    &[],
+                ))
+                .expect("send");
+        } else {
+            let value = format!("pipelined {i}");
+            stream
+                .write_all(&produce_frame(id, "t", i % 2, &batch(&[value.as_bytes()])))
+                .expect("send");
+        }
+        sent.push(id);
+    }
+    let mut last_offset = [None::<u64>; 2];
+    for (i, id) in sent.iter().enumerate() {
+        let frame = read_response(&mut stream).expect("a response per request");
+        assert_eq!(
+            frame.header.correlation_id, *id,
+            "responses come back in request order"
+        );
+        if i % 4 != 3 {
+            let response: ProduceResponse = frame.decode_body().expect("produce response");
+            let p = &response.partitions[0];
+            assert_eq!(p.error, 0, "{}", p.message);
+            let slot = &mut last_offset[p.partition as usize];
+            if let Some(previous) = *slot {
+                assert_eq!(p.base_offset, previous + 1, "appended in arrival order");
+            }
+            *slot = Some(p.base_offset);
+        }
+    }
+}

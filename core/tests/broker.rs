@@ -164,6 +164,13 @@ fn produce_consume_across_shards_survives_graceful_and_kill9_restarts() {
             .sum();
         assert_eq!(total, 3500);
     });
+    // SIGINT is a graceful stop too.
+    assert_eq!(broker.stop_with(libc::SIGINT), 0, "{}", broker.log());
+    assert!(
+        broker.log().contains("wharf stopped cleanly"),
+        "{}",
+        broker.log()
+    );
 }
 
 #[test]

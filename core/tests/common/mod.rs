@@ -129,7 +129,12 @@ impl Broker {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(&mut self) -> i32 {
-        self.signal(libc::SIGTERM);
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `signal` and waits; returns the exit code.
+    pub fn stop_with(&mut self, signal: i32) -> i32 {
+        self.signal(signal);
         let mut child = self.child.take().expect("running");
         for _ in 0..EXIT_POLLS_MAX {
             if let Some(status) = child.try_wait().expect("wait") {
