@@ -570,3 +570,57 @@ fn retention_deletes_old_segments_while_serving() {
         assert_eq!(records.last().map(|r| r.0), Some(999));
     });
 }
+
+#[test]
+fn pipelined_producer_keeps_partition_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, "");
+    let bootstrap = broker.bootstrap();
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client
+            .create_topic("ordered", 1, 1, Vec::new())
+            .await
+            .expect("create");
+        let producer = Producer::new(
+            Rc::clone(&client),
+            ProducerConfig {
+                max_in_flight_per_partition: 16,
+                batch_bytes: 2048,
+                linger_ms: 0,
+                ..ProducerConfig::default()
+            },
+        );
+        let mut deliveries = Vec::new();
+        for i in 0..3000u32 {
+            deliveries.push(
+                producer
+                    .send("ordered", None, format!("{i:06}").as_bytes())
+                    .await
+                    .expect("queued"),
+            );
+        }
+        producer.flush().await;
+        let mut last = None;
+        for delivery in deliveries {
+            let offset = delivery
+                .await
+                .expect("acknowledged")
+                .offset
+                .expect("offset");
+            assert!(
+                last.is_none_or(|l| offset == l + 1),
+                "offset {offset} after {last:?}"
+            );
+            last = Some(offset);
+        }
+        let consumed = consume_all(&client, "ordered").await;
+        let values: Vec<Vec<u8>> = consumed[&0].iter().map(|r| r.1.clone()).collect();
+        let expected: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| format!("{i:06}").into_bytes())
+            .collect();
+        assert_eq!(values, expected);
+    });
+}

@@ -20,8 +20,6 @@ use crate::protocol::*;
 
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
-/// Requests written but not yet taken by a connection's writer task.
-const SEND_QUEUE_MAX: usize = 256;
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -118,7 +116,9 @@ impl Connection {
         let mut reader = futures_lite::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
         let waiters: Rc<Waiters> = Rc::new(RefCell::new(HashMap::new()));
         let failure = Rc::new(RefCell::new(None::<String>));
-        let (outgoing, queue) = local_channel::new_bounded::<OutFrame>(SEND_QUEUE_MAX);
+        // Unbounded so that queueing is synchronous (request order = call order); what is
+        // queued is bounded by the callers (producer buffer, in-flight limits).
+        let (outgoing, queue) = local_channel::new_unbounded::<OutFrame>();
         // Frames queued for the writer; it flushes when none are left, batching pipelined ones.
         let queued = Rc::new(Cell::new(0usize));
         let writer_queued = Rc::clone(&queued);
@@ -224,57 +224,82 @@ impl Connection {
         payload: Vec<Rc<FrameBuf>>,
         timeout_ms: u64,
     ) -> Result<Frame, ClientError> {
-        if self.is_closed() {
-            return Err(self.closed_error());
-        }
-        let id = self.correlation_id();
-        let slices: Vec<&[u8]> = payload.iter().map(|p| p.as_slice()).collect();
-        let head = encode_frame(FrameKind::request(api, id), body, &slices)
-            .map_err(|e| ClientError::Invalid(e.to_string()))?;
-        let (done, response) = oneshot::channel();
-        self.waiters.borrow_mut().insert(id, done);
-        self.queued.set(self.queued.get() + 1);
-        if self
-            .outgoing
-            .send(OutFrame { head, payload })
-            .await
-            .is_err()
-        {
-            self.waiters.borrow_mut().remove(&id);
-            return Err(self.closed_error());
-        }
-        let result = glommio::timer::timeout(Duration::from_millis(timeout_ms), async {
-            Ok(response.await)
-        })
-        .await;
-        let frame = match result {
-            Ok(Ok(frame)) => frame?,
-            Ok(Err(_)) => return Err(self.closed_error()),
-            Err(_) => {
-                self.waiters.borrow_mut().remove(&id);
-                return Err(ClientError::Timeout {
-                    what: format!("{} request to {}", api.name(), self.address),
-                    timeout_ms,
-                });
-            }
-        };
-        let code = frame.header.error();
-        if code != ErrorCode::None {
-            let message = frame
-                .decode_body::<ErrorBody>()
-                .map_or_else(|e| e.to_string(), |b| b.message);
-            return Err(ClientError::Server { code, message });
-        }
-        Ok(frame)
+        self.start_call(api, body, payload, timeout_ms)?.await
     }
 
-    /// Sends a request that gets no response (produce with acks=none).
-    pub async fn send_only<T: Message>(
+    /// Queues a request for writing *now* (requests go out in the order of these calls, which
+    /// is what keeps a partition's pipelined batches in order) and returns the future of its
+    /// response.
+    pub fn start_call<T: Message>(
+        &self,
+        api: ApiKey,
+        body: &T,
+        payload: Vec<Rc<FrameBuf>>,
+        timeout_ms: u64,
+    ) -> Result<impl std::future::Future<Output = Result<Frame, ClientError>> + 'static, ClientError>
+    {
+        let id = self.enqueue(api, body, payload, true)?;
+        let waiters = Rc::clone(&self.waiters);
+        let address = self.address.clone();
+        let failure = Rc::clone(&self.failure);
+        let response = id.1;
+        let id = id.0;
+        Ok(async move {
+            let closed = |failure: &RefCell<Option<String>>| ClientError::Closed {
+                address: address.clone(),
+                detail: failure
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| "closed".to_string()),
+            };
+            let Some(response) = response else {
+                return Err(closed(&failure));
+            };
+            let result = glommio::timer::timeout(Duration::from_millis(timeout_ms), async {
+                Ok(response.await)
+            })
+            .await;
+            let frame = match result {
+                Ok(Ok(frame)) => frame?,
+                Ok(Err(_)) => return Err(closed(&failure)),
+                Err(_) => {
+                    waiters.borrow_mut().remove(&id);
+                    return Err(ClientError::Timeout {
+                        what: format!("{} request to {address}", api.name()),
+                        timeout_ms,
+                    });
+                }
+            };
+            let code = frame.header.error();
+            if code != ErrorCode::None {
+                let message = frame
+                    .decode_body::<ErrorBody>()
+                    .map_or_else(|e| e.to_string(), |b| b.message);
+                return Err(ClientError::Server { code, message });
+            }
+            Ok(frame)
+        })
+    }
+
+    /// Sends a request that gets no response (produce with acks=none), queued at once.
+    pub fn send_only<T: Message>(
         &self,
         api: ApiKey,
         body: &T,
         payload: Vec<Rc<FrameBuf>>,
     ) -> Result<(), ClientError> {
+        self.enqueue(api, body, payload, false).map(|_| ())
+    }
+
+    /// Encodes and queues a frame; with `reply`, registers the waiter for its response.
+    #[allow(clippy::type_complexity)]
+    fn enqueue<T: Message>(
+        &self,
+        api: ApiKey,
+        body: &T,
+        payload: Vec<Rc<FrameBuf>>,
+        reply: bool,
+    ) -> Result<(u32, Option<oneshot::Receiver<Result<Frame, ClientError>>>), ClientError> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
@@ -282,11 +307,18 @@ impl Connection {
         let slices: Vec<&[u8]> = payload.iter().map(|p| p.as_slice()).collect();
         let head = encode_frame(FrameKind::request(api, id), body, &slices)
             .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let response = reply.then(|| {
+            let (done, response) = oneshot::channel();
+            self.waiters.borrow_mut().insert(id, done);
+            response
+        });
         self.queued.set(self.queued.get() + 1);
-        self.outgoing
-            .send(OutFrame { head, payload })
-            .await
-            .map_err(|_| self.closed_error())
+        if self.outgoing.try_send(OutFrame { head, payload }).is_err() {
+            self.waiters.borrow_mut().remove(&id);
+            self.queued.set(self.queued.get().saturating_sub(1));
+            return Err(self.closed_error());
+        }
+        Ok((id, response))
     }
 }
 

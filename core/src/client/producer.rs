@@ -434,6 +434,15 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
             match next {
                 Ok(batch) => {
                     seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    // The first attempt is queued here, in batch order; only waiting for its
+                    // answer (and any retry) runs concurrently.
+                    let first = if batch.bytes.is_empty() {
+                        Err(ClientError::Invalid(
+                            "the batch could not be encoded".to_string(),
+                        ))
+                    } else {
+                        start_produce(&inner, &topic, partition, &batch.bytes).await
+                    };
                     // Spawned with no borrow held (glommio may run it at once).
                     let task = glommio::spawn_local(send_with_retries(
                         Rc::clone(&inner),
@@ -442,6 +451,7 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
                         Rc::clone(&batch.bytes),
                         batch.created,
                         seed,
+                        first,
                     ));
                     in_flight.push_back((batch, task));
                     continue;
@@ -491,18 +501,27 @@ async fn send_with_retries(
     bytes: Rc<FrameBuf>,
     created: Instant,
     seed: u64,
+    first: Result<Pending, ClientError>,
 ) -> Result<Option<u64>, ClientError> {
     if bytes.is_empty() {
         return Err(ClientError::Invalid(
             "the batch could not be encoded".to_string(),
         ));
     }
+    let mut first = Some(first);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let config = &inner.config;
     let delivery_deadline = created + Duration::from_millis(config.delivery_timeout_ms);
     let mut attempt = 0u32;
     loop {
-        let result = produce_once(&inner, &topic, partition, &bytes).await;
+        let attempt_started = match first.take() {
+            Some(started) => started,
+            None => start_produce(&inner, &topic, partition, &bytes).await,
+        };
+        let result = match attempt_started {
+            Ok(pending) => pending.await,
+            Err(error) => Err(error),
+        };
         let error = match result {
             Ok(offset) => return Ok(offset),
             Err(error) if error.is_retriable() => error,
@@ -534,12 +553,17 @@ async fn send_with_retries(
     }
 }
 
-async fn produce_once(
+type Pending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<u64>, ClientError>>>>;
+
+/// Sends one attempt of a batch: the request is queued on the connection before this returns
+/// (so attempts started in order go out in order); the returned future is its outcome.
+async fn start_produce(
     inner: &Inner,
     topic: &str,
     partition: u32,
     bytes: &Rc<FrameBuf>,
-) -> Result<Option<u64>, ClientError> {
+) -> Result<Pending, ClientError> {
     let config = &inner.config;
     let connection = inner.client.partition_connection(topic, partition).await?;
     let request = ProduceRequest {
@@ -552,32 +576,31 @@ async fn produce_once(
         }],
     };
     if config.acks == Acks::None {
-        connection
-            .send_only(ApiKey::Produce, &request, vec![Rc::clone(bytes)])
-            .await?;
-        return Ok(None);
+        connection.send_only(ApiKey::Produce, &request, vec![Rc::clone(bytes)])?;
+        return Ok(Box::pin(futures_lite::future::ready(Ok(None))));
     }
     // The broker answers by its timeout; allow for the network on top.
-    let frame = connection
-        .call(
-            ApiKey::Produce,
-            &request,
-            vec![Rc::clone(bytes)],
-            config.request_timeout_ms + 5_000,
-        )
-        .await?;
-    let response: ProduceResponse = decode(&frame)?;
-    let Some(p) = response
-        .partitions
-        .into_iter()
-        .find(|p| p.partition == partition)
-    else {
-        return Err(ClientError::Protocol(
-            "produce response without our partition".to_string(),
-        ));
-    };
-    match ErrorCode::from_u16(p.error) {
-        ErrorCode::None => Ok(Some(p.base_offset)),
-        code => Err(ClientError::server(code, p.message)),
-    }
+    let response = connection.start_call(
+        ApiKey::Produce,
+        &request,
+        vec![Rc::clone(bytes)],
+        config.request_timeout_ms + 5_000,
+    )?;
+    Ok(Box::pin(async move {
+        let frame = response.await?;
+        let response: ProduceResponse = decode(&frame)?;
+        let Some(p) = response
+            .partitions
+            .into_iter()
+            .find(|p| p.partition == partition)
+        else {
+            return Err(ClientError::Protocol(
+                "produce response without our partition".to_string(),
+            ));
+        };
+        match ErrorCode::from_u16(p.error) {
+            ErrorCode::None => Ok(Some(p.base_offset)),
+            code => Err(ClientError::server(code, p.message)),
+        }
+    }))
 }
