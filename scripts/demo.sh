@@ -63,6 +63,8 @@ print(f"throughput {mbps/1e9:.2f} GB/s = {100*mbps/tcp:.0f}% of loopback TCP ({t
       f"fdatasync p50 {limits['fdatasync_p50_us']:.0f} us")
 v = run["verify"]
 print(f"audit: {v['acked']} acknowledged, {v['lost']} lost, {v['duplicated']} duplicated, {v['reordered']} reordered")
+if v["lost"] or v["duplicated"] or v["reordered"] or v["corrupt"]:
+    sys.exit("demo: the audit found acknowledged records lost, duplicated, reordered or corrupt")
 PY
 
 # The loadgen topic holds ~1 GB per second of run: free the disk again.
