@@ -6,6 +6,10 @@
 # Installs fio and iperf3 if missing. Prints a table and writes JSON to $LIMITS_JSON
 # (default target/limits.json). Scratch files go to $LIMITS_DIR (default target/limits-scratch),
 # which must be on the disk Wharf uses (not tmpfs).
+#
+# Arguments: wharf-loadgen JSON reports (--json FILE) to print next to the limits as ratios.
+# With REUSE_LIMITS=1 and an existing $LIMITS_JSON, nothing is measured: the ratios are printed
+# against that earlier measurement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +30,28 @@ need fio fio
 need iperf3 iperf3
 need python3 python3
 need ss iproute2
+
+ratios() {
+  python3 - "$LIMITS_JSON" "$@" <<'PY'
+import json, sys
+limits = json.load(open(sys.argv[1]))
+tcp = limits["loopback_tcp_bits_per_s"] / 8
+disk = limits["odirect_seq_write_1m_qd1_prealloc_bytes_per_s"]
+sync = limits["fdatasync_p50_us"]
+for path in sys.argv[2:]:
+    run = json.load(open(path))
+    c, p = run["config"], run["produce"]
+    l = p["latency_us"]
+    print(f"{path}: acks={c['acks']} fsync={c['fsync']}: {p['mb_per_s']:.0f} MB/s = "
+          f"{100*p['mb_per_s']*1e6/tcp:.0f}% of loopback TCP, {100*p['mb_per_s']*1e6/disk:.0f}% of O_DIRECT write; "
+          f"produce p99 {l['p99']} us = {l['p99']/sync:.1f}x the fdatasync p50")
+PY
+}
+if [ "${REUSE_LIMITS:-0}" = 1 ] && [ -f "$LIMITS_JSON" ]; then
+  echo "machine limits from $LIMITS_JSON: $(cat "$LIMITS_JSON")"
+  [ "$#" -gt 0 ] && ratios "$@"
+  exit 0
+fi
 
 mkdir -p "$LIMITS_DIR" "$(dirname "$LIMITS_JSON")"
 trap 'rm -f "$LIMITS_DIR"/fio-*; kill "${IPERF_PID:-0}" 2>/dev/null || true' EXIT
@@ -74,3 +100,5 @@ print(f"  fdatasync after 4 KiB append, p50     : {s:8.1f} us")
 print(f"  loopback TCP, one stream              : {t/1e9:8.2f} Gbit/s")
 PY
 echo "  (written to $LIMITS_JSON)"
+[ "$#" -gt 0 ] && ratios "$@"
+exit 0
