@@ -6,6 +6,8 @@
 #   2. records/s:  2 producers, 1 KiB records in 100 KiB batches (closed loop)
 #   3. latency:    1 producer, one record per request, one request in flight
 #   4. latency at 50% of scenario 1's throughput (open loop, coordinated-omission corrected)
+# Throughput runs spread each producer's records round-robin (every partition busy); the
+# open-loop run uses the default sticky partitioner (full batches at a partial rate).
 # Reports go to target/figures/ (JSON and .hgrm per scenario, summary.txt).
 # Environment: FIGURE_SECONDS (10), FIGURE_WARMUP (2), SKIP_LIMITS=1 to reuse target/figures/limits.json.
 set -euo pipefail
@@ -36,11 +38,11 @@ W=./target/release/wharf
 L="./target/release/wharf-loadgen --bootstrap 127.0.0.1:$PORT --acks leader --duration $SECS --warmup $WARM"
 
 echo "== 1. throughput: 2 producers, 1 KiB records, 1 MiB batches"
-$L --topic f1 --partitions 4 --producers 2 --batch-bytes 1048576 --json "$OUT/1-throughput.json" --hgrm "$OUT/1-throughput" | tail -5
+$L --topic f1 --partitions 4 --producers 2 --batch-bytes 1048576 --partitioner round-robin --json "$OUT/1-throughput.json" --hgrm "$OUT/1-throughput" | tail -5
 # Each scenario writes ~1 GB/s: delete its topic before the next (the disk may be small).
 $W topic delete f1 --bootstrap "127.0.0.1:$PORT" >/dev/null
 echo "== 2. records/s: 2 producers, 1 KiB records, 100 KiB batches"
-$L --topic f2 --partitions 4 --producers 2 --batch-bytes 102400 --json "$OUT/2-records.json" --hgrm "$OUT/2-records" | tail -5
+$L --topic f2 --partitions 4 --producers 2 --batch-bytes 102400 --partitioner round-robin --json "$OUT/2-records.json" --hgrm "$OUT/2-records" | tail -5
 $W topic delete f2 --bootstrap "127.0.0.1:$PORT" >/dev/null
 echo "== 3. latency: one record per request, one request in flight"
 $L --topic f3 --partitions 1 --producers 1 --max-in-flight 1 --linger-ms 0 --json "$OUT/3-latency.json" --hgrm "$OUT/3-latency" | tail -5

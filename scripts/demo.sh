@@ -48,7 +48,7 @@ $W topic describe demo $B
 
 echo "== wharf-loadgen: 2 producers, 1 KiB records in 1 MiB batches, acks=leader, fsync always, ${SECONDS_RUN} s, audit on"
 $W topic delete loadgen $B >/dev/null 2>&1 || true
-./target/release/wharf-loadgen $B --topic loadgen --partitions 4 --producers 2 \
+./target/release/wharf-loadgen $B --topic loadgen --partitions 4 --producers 2 --partitioner round-robin \
   --message-bytes 1024 --batch-bytes 1048576 --acks leader --duration "$SECONDS_RUN" --warmup 2 \
   --verify --json "$OUT/loadgen.json" --hgrm "$OUT/loadgen" | tee "$OUT/loadgen.txt"
 

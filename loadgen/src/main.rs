@@ -90,7 +90,11 @@ struct Args {
     /// Seconds before measuring starts.
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
-    /// Distinct keys (0: no keys, records round-robin over partitions).
+    /// Keyless records: sticky (one partition until its batch is sent: full batches at any rate)
+    /// or round-robin (every record to the next partition: every partition busy at max rate).
+    #[arg(long, default_value = "sticky")]
+    partitioner: String,
+    /// Distinct keys (0: no keys; see --partitioner).
     #[arg(long, default_value_t = 0)]
     keys: u64,
     #[arg(long)]
@@ -212,6 +216,12 @@ fn run(args: Args) -> Result<ExitCode, String> {
     }
     if !(args.duration > 0.0 && args.warmup >= 0.0) {
         return Err("--duration must be positive and --warmup not negative".to_string());
+    }
+    if !["sticky", "round-robin"].contains(&args.partitioner.as_str()) {
+        return Err(format!(
+            "--partitioner takes sticky or round-robin, not {:?}",
+            args.partitioner
+        ));
     }
     if !["always", "interval"].contains(&args.fsync.as_str()) {
         return Err(format!(
@@ -583,10 +593,10 @@ async fn produce(
             batch_bytes: args.batch_bytes,
             buffer_bytes_max: args.buffer_bytes,
             max_in_flight_per_partition: args.requests_in_flight,
-            partitioner: if args.keys > 0 {
-                Partitioner::KeyHash
-            } else {
+            partitioner: if args.partitioner == "round-robin" {
                 Partitioner::RoundRobin
+            } else {
+                Partitioner::KeyHash
             },
             ..ProducerConfig::default()
         },
@@ -980,6 +990,7 @@ fn summarize(
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "keys": args.keys,
+        "partitioner": args.partitioner,
         "seed": plan.seed,
         "threads": threads,
     });

@@ -24,7 +24,9 @@ use crate::protocol::{
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Partitioner {
-    /// Records with a key go to `crc32c(key) % partitions`; records without one round-robin.
+    /// Records with a key go to `crc32c(key) % partitions`. Records without one stick to one
+    /// partition until its batch is sent, then move to the next (full batches at any rate,
+    /// as Kafka's sticky partitioner).
     KeyHash,
     /// Every record to the next partition in turn (batches still fill per partition).
     RoundRobin,
@@ -142,6 +144,8 @@ struct Inner {
     batches_pending: Cell<usize>,
     waiters: RefCell<Vec<oneshot::Sender<()>>>,
     round_robin: Cell<u32>,
+    /// Per topic: the partition keyless records currently go to.
+    sticky: RefCell<HashMap<String, u32>>,
     closed: Cell<bool>,
 }
 
@@ -187,6 +191,7 @@ impl Producer {
                 batches_pending: Cell::new(0),
                 waiters: RefCell::new(Vec::new()),
                 round_robin: Cell::new(0),
+                sticky: RefCell::new(HashMap::new()),
                 closed: Cell::new(false),
             }),
         }
@@ -258,7 +263,23 @@ impl Producer {
             }
             None => match (inner.config.partitioner, key) {
                 (Partitioner::KeyHash, Some(key)) => crc32c::crc32c(key) % partitions,
-                _ => {
+                (Partitioner::KeyHash, None) => {
+                    let mut sticky = inner.sticky.borrow_mut();
+                    let current = sticky
+                        .entry(topic.to_string())
+                        .or_insert_with(|| inner.round_robin.get() % partitions);
+                    let batch_open = inner
+                        .queues
+                        .borrow()
+                        .get(&(topic.to_string(), *current))
+                        .is_some_and(|q| q.open.is_some());
+                    if !batch_open {
+                        // The last batch went out: start the next one on the next partition.
+                        *current = (*current + 1) % partitions;
+                    }
+                    *current % partitions
+                }
+                (Partitioner::RoundRobin, _) => {
                     let next = inner.round_robin.get();
                     inner.round_robin.set(next.wrapping_add(1));
                     next % partitions
