@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::client::consumer::{Consumer, ConsumerConfig, SeekTo};
 use crate::client::producer::{Producer, ProducerConfig};
 use crate::client::{Client, ClientConfig, ClientError};
-use crate::config::{ServerConfig, ADMIN_PORT_DEFAULT, CLIENT_PORT_DEFAULT};
+use crate::config::{ServerConfig, CLIENT_PORT_DEFAULT};
 use crate::protocol::{Acks, ConfigEntry, ErrorCode, TopicDescription};
 
 #[derive(Parser, Debug)]
@@ -180,7 +180,6 @@ pub fn serve_config(args: &ServeArgs) -> Result<ServerConfig, String> {
     if let Some(id) = args.broker_id {
         config.broker_id = id;
     }
-    let _ = ADMIN_PORT_DEFAULT;
     config.validate()
 }
 

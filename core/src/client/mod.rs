@@ -511,34 +511,22 @@ impl Client {
             replication_factor,
             configs,
         };
-        let frame = self
-            .bootstrap()
-            .await?
-            .call(
-                ApiKey::CreateTopic,
-                &request,
-                Vec::new(),
-                self.config.request_timeout_ms,
-            )
-            .await?;
-        topic_result(decode(&frame)?)?;
-        self.refresh_metadata().await?;
-        Ok(())
+        self.topic_change(ApiKey::CreateTopic, &request).await
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         let request = DeleteTopicRequest {
             name: name.to_string(),
         };
+        self.topic_change(ApiKey::DeleteTopic, &request).await
+    }
+
+    /// Sends a create or delete to the bootstrap broker and refreshes the metadata after it.
+    async fn topic_change<T: Message>(&self, api: ApiKey, request: &T) -> Result<(), ClientError> {
         let frame = self
             .bootstrap()
             .await?
-            .call(
-                ApiKey::DeleteTopic,
-                &request,
-                Vec::new(),
-                self.config.request_timeout_ms,
-            )
+            .call(api, request, Vec::new(), self.config.request_timeout_ms)
             .await?;
         topic_result(decode(&frame)?)?;
         self.refresh_metadata().await?;

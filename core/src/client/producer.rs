@@ -138,7 +138,8 @@ struct PartitionQueue {
 struct Inner {
     client: Rc<Client>,
     config: ProducerConfig,
-    queues: RefCell<HashMap<(String, u32), PartitionQueue>>,
+    /// Per topic, per partition (looked up by `&str`: no allocation per record).
+    queues: RefCell<HashMap<String, HashMap<u32, PartitionQueue>>>,
     buffered_bytes: Cell<usize>,
     /// Batches created and not yet completed.
     batches_pending: Cell<usize>,
@@ -265,13 +266,15 @@ impl Producer {
                 (Partitioner::KeyHash, Some(key)) => crc32c::crc32c(key) % partitions,
                 (Partitioner::KeyHash, None) => {
                     let mut sticky = inner.sticky.borrow_mut();
-                    let current = sticky
-                        .entry(topic.to_string())
-                        .or_insert_with(|| inner.round_robin.get() % partitions);
+                    if !sticky.contains_key(topic) {
+                        sticky.insert(topic.to_string(), inner.round_robin.get() % partitions);
+                    }
+                    let current = sticky.get_mut(topic).expect("inserted above");
                     let batch_open = inner
                         .queues
                         .borrow()
-                        .get(&(topic.to_string(), *current))
+                        .get(topic)
+                        .and_then(|t| t.get(current))
                         .is_some_and(|q| q.open.is_some());
                     if !batch_open {
                         // The last batch went out: start the next one on the next partition.
@@ -289,17 +292,26 @@ impl Producer {
         inner
             .buffered_bytes
             .set(inner.buffered_bytes.get() + record_bytes);
-        let queue_key = (topic.to_string(), partition);
-        if !inner.queues.borrow().contains_key(&queue_key) {
+        let known = inner
+            .queues
+            .borrow()
+            .get(topic)
+            .is_some_and(|t| t.contains_key(&partition));
+        if !known {
             let (wake, woken) = local_channel::new_bounded(1);
-            inner.queues.borrow_mut().insert(
-                queue_key.clone(),
-                PartitionQueue {
-                    open: None,
-                    sealed: VecDeque::new(),
-                    wake,
-                },
-            );
+            inner
+                .queues
+                .borrow_mut()
+                .entry(topic.to_string())
+                .or_default()
+                .insert(
+                    partition,
+                    PartitionQueue {
+                        open: None,
+                        sealed: VecDeque::new(),
+                        wake,
+                    },
+                );
             // glommio may run a new task at once: spawn with no borrow held.
             glommio::spawn_local(run_partition(
                 Rc::clone(inner),
@@ -310,7 +322,10 @@ impl Producer {
             .detach();
         }
         let mut queues = inner.queues.borrow_mut();
-        let queue = queues.get_mut(&queue_key).expect("inserted above");
+        let queue = queues
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(&partition))
+            .expect("inserted above");
         if queue.open.as_ref().is_some_and(|open| {
             open.builder.estimated_batch_bytes() + record_bytes > inner.config.batch_bytes
         }) {
@@ -362,7 +377,12 @@ impl Producer {
     /// far is acknowledged or failed.
     pub async fn flush(&self) {
         let inner = &self.inner;
-        for queue in inner.queues.borrow_mut().values_mut() {
+        for queue in inner
+            .queues
+            .borrow_mut()
+            .values_mut()
+            .flat_map(|t| t.values_mut())
+        {
             if queue.open.is_some() {
                 seal(queue);
                 let _ = queue.wake.try_send(());
@@ -380,7 +400,7 @@ impl Producer {
     pub async fn close(&self) {
         self.flush().await;
         self.inner.closed.set(true);
-        for queue in self.inner.queues.borrow().values() {
+        for queue in self.inner.queues.borrow().values().flat_map(|t| t.values()) {
             let _ = queue.wake.try_send(());
         }
     }
@@ -418,7 +438,6 @@ fn seal(queue: &mut PartitionQueue) {
 /// Sends one partition's batches in order: up to `max_in_flight_per_partition` requests at
 /// once, completed in the order they were sent.
 async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: LocalReceiver<()>) {
-    let key = (topic.clone(), partition);
     let linger = Duration::from_millis(inner.config.linger_ms);
     let window = inner.config.max_in_flight_per_partition.max(1);
     let mut seed = std::time::SystemTime::now()
@@ -434,7 +453,7 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
         if in_flight.len() < window {
             let next = {
                 let mut queues = inner.queues.borrow_mut();
-                let Some(queue) = queues.get_mut(&key) else {
+                let Some(queue) = queues.get_mut(&topic).and_then(|t| t.get_mut(&partition)) else {
                     return;
                 };
                 if let Some(batch) = queue.sealed.pop_front() {
@@ -524,11 +543,6 @@ async fn send_with_retries(
     seed: u64,
     first: Result<Pending, ClientError>,
 ) -> Result<Option<u64>, ClientError> {
-    if bytes.is_empty() {
-        return Err(ClientError::Invalid(
-            "the batch could not be encoded".to_string(),
-        ));
-    }
     let mut first = Some(first);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let config = &inner.config;

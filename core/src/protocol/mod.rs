@@ -569,33 +569,30 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(Frame { header, bytes }))
 }
 
-/// Splits a produce payload into per-partition slices by the lengths the body declares.
-pub fn split_payload(
-    payload: &[u8],
+/// The byte range of each partition's batches in a produce payload, from the lengths the body
+/// declares; an error unless they cover the payload exactly.
+pub fn payload_ranges(
+    payload_bytes: usize,
     lengths: impl Iterator<Item = usize>,
-) -> Result<Vec<&[u8]>, String> {
-    let mut parts = Vec::new();
+) -> Result<Vec<std::ops::Range<usize>>, String> {
+    let mut ranges = Vec::new();
     let mut at = 0usize;
     for length in lengths {
         let end = at
             .checked_add(length)
-            .filter(|end| *end <= payload.len())
+            .filter(|end| *end <= payload_bytes)
             .ok_or_else(|| {
-                format!(
-                    "declared partition bytes exceed the {}-byte payload",
-                    payload.len()
-                )
+                format!("declared partition bytes exceed the {payload_bytes}-byte payload")
             })?;
-        parts.push(&payload[at..end]);
+        ranges.push(at..end);
         at = end;
     }
-    if at != payload.len() {
+    if at != payload_bytes {
         return Err(format!(
-            "payload has {} bytes but partitions declare {at}",
-            payload.len()
+            "payload has {payload_bytes} bytes but partitions declare {at}"
         ));
     }
-    Ok(parts)
+    Ok(ranges)
 }
 
 #[cfg(test)]

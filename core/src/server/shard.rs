@@ -1104,23 +1104,11 @@ impl Shard {
                 format!("a produce names 1..={PARTITIONS_PER_REQUEST_MAX} partitions"),
             ));
         }
-        let payload_bytes = frame.payload().len();
-        let mut ranges = Vec::with_capacity(request.partitions.len());
-        let mut at = 0usize;
-        for p in &request.partitions {
-            let end = at + p.batch_bytes as usize;
-            if end > payload_bytes {
-                break;
-            }
-            ranges.push(at..end);
-            at = end;
-        }
-        if ranges.len() != request.partitions.len() || at != payload_bytes {
-            return Err(PartitionError::new(
-                ErrorCode::InvalidRequest,
-                format!("partitions declare {at}+ batch bytes but the payload has {payload_bytes}"),
-            ));
-        }
+        let ranges = payload_ranges(
+            frame.payload().len(),
+            request.partitions.iter().map(|p| p.batch_bytes as usize),
+        )
+        .map_err(|message| PartitionError::new(ErrorCode::InvalidRequest, message))?;
         let wait_ms = u64::from(request.timeout_ms).min(self.shared.config.request_wait_ms_max);
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         let acks = request.acks;

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Readiness polls (every 50 ms) before a start is declared failed.
 const READY_POLLS_MAX: usize = 400;
@@ -174,9 +174,4 @@ impl Drop for Broker {
 /// Runs client code on a glommio executor on this thread.
 pub fn run<T>(future: impl std::future::Future<Output = T>) -> T {
     wharf::runtime::run_local("test-client", future).expect("glommio executor (io_uring)")
-}
-
-/// Fails loudly with a hint when io_uring is unavailable.
-pub fn deadline(seconds: u64) -> Instant {
-    Instant::now() + Duration::from_secs(seconds)
 }
