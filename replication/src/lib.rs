@@ -1,3 +1,15 @@
-//! Wharf replication: the sans-IO replica state machine (pull-based replication, high
-//! watermark, ISR, acks, leader epochs). Not implemented yet: it arrives with the replication
-//! issue. The crate exists so the workspace layout of DESIGN.md §2 holds from the start.
+//! Wharf replication: the sans-IO replica state machine (DESIGN §5): pull-based replication,
+//! the high watermark, the ISR, per-request ack levels and leader-epoch truncation.
+//!
+//! No async, no glommio, no clock, no randomness: time arrives as `Input::Tick`, I/O leaves as
+//! `Output`s that the driver (`wharf`'s partition driver, or the simulator in `wharf-tests`)
+//! carries out and reports back.
+
+pub mod epochs;
+pub mod replica;
+
+pub use epochs::EpochHistory;
+pub use replica::{
+    high_watermark, Ack, AckLevel, BatchInfo, BrokerId, FetchError, FetchReply, FetchRequest,
+    Input, LogState, Outbox, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+};

@@ -1,0 +1,1009 @@
+//! One replica of one partition, as a sans-IO state machine (DESIGN §5).
+//!
+//! The driver feeds [`Input`]s through [`Replica::step`] and carries out the [`Output`]s it
+//! gets back, in order: appends, fetches to send, fetches to serve, truncations, completions.
+//! The log itself stays with the driver; the replica only learns offsets (what was appended,
+//! what is durable), so the same logic runs over glommio DMA files in `wharf` and over `MemDisk`
+//! in the simulator.
+//!
+//! ```text
+//!  follower                               leader
+//!  SendFetch{offset, last epoch, durable} ──▶ FetchRequest: check epoch, update follower,
+//!                                              HW, complete waiters ──▶ ServeFetch{offset}
+//!  FetchReply{batches, HW} ◀── driver reads batches (long poll), sends with the current HW
+//!  AppendFetched ──▶ FollowerAppended ──▶ Flushed ──▶ next SendFetch (reports durable)
+//! ```
+
+use std::collections::BTreeMap;
+
+use wharf_storage::{Epoch, Offset};
+
+use crate::epochs::EpochHistory;
+
+/// A broker in the cluster.
+pub type BrokerId = u32;
+
+/// Produce waiters a leader holds at once. The driver bounds in-flight produce requests well
+/// below this; reaching it is a bug in the driver.
+pub const WAITERS_MAX: usize = 1 << 16;
+/// Replicas in one replica set.
+pub const REPLICAS_MAX: usize = 16;
+
+/// How many replicas must hold a produce durably before it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckLevel {
+    /// Acknowledged once appended on the leader (the producer does not wait at all).
+    None,
+    /// Durable on the leader.
+    Leader,
+    /// Durable on a majority of the replica set.
+    Quorum,
+    /// Durable on every in-sync replica, with at least `min_insync_replicas` in sync.
+    All,
+    /// Durable on this many replicas.
+    Replicas(u8),
+}
+
+/// Identifies a produce waiter; chosen by the driver, unique among its live waiters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WaiterId(pub u64);
+
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub broker_id: BrokerId,
+    /// The replica set, preferred leader first. Fixed for the life of this replica.
+    pub replicas: Vec<BrokerId>,
+    /// Clamped to the replica set's size.
+    pub min_insync_replicas: usize,
+    /// A follower that has not caught up with the leader for this long leaves the ISR.
+    pub replica_lag_max_ms: u64,
+    /// How long a follower waits before fetching again after a failed fetch.
+    pub fetch_backoff_ms: u64,
+}
+
+/// Where the log stands when the replica is created (after recovery).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogState {
+    pub log_start: Offset,
+    pub end: Offset,
+    pub durable: Offset,
+    /// The high watermark persisted or learned before (never above `durable`).
+    pub high_watermark: Offset,
+}
+
+/// What an acknowledged produce achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub base_offset: Offset,
+    pub next_offset: Offset,
+    pub leader_epoch: Epoch,
+    /// Replicas that held the batch durably when it was acknowledged.
+    pub durable_replicas: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProduceError {
+    #[error("this replica is not the leader (leader {leader:?}, epoch {epoch})")]
+    NotLeader {
+        leader: Option<BrokerId>,
+        epoch: Epoch,
+    },
+    #[error("acks need {required} in-sync replicas, {in_sync} are in sync; nothing was appended")]
+    NotEnoughReplicas { required: usize, in_sync: usize },
+    #[error("appended, but the ISR shrank to {in_sync} (acks need {required}); outcome unknown")]
+    NotEnoughReplicasAfterAppend { required: usize, in_sync: usize },
+    #[error("acks={0:?} cannot be met by a replica set of {1}")]
+    InvalidAcks(AckLevel, usize),
+    #[error("timed out with {durable_replicas} replica(s) holding the batch; outcome unknown")]
+    Timeout { durable_replicas: u8 },
+    #[error(
+        "leadership moved to epoch {epoch} before the batch was acknowledged; outcome unknown"
+    )]
+    LeaderChanged { epoch: Epoch },
+}
+
+impl ProduceError {
+    /// Whether the producer may retry (all of these may succeed later).
+    pub fn is_retriable(&self) -> bool {
+        !matches!(self, ProduceError::InvalidAcks(..))
+    }
+}
+
+/// A follower's fetch, as the leader receives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    pub replica: BrokerId,
+    /// The epoch the follower believes the leader has.
+    pub leader_epoch: Epoch,
+    /// Matches the reply to the request.
+    pub fetch_id: u64,
+    /// The follower's log end: it holds every offset below.
+    pub fetch_offset: Offset,
+    /// The epoch of the follower's last record; `None` for an empty log.
+    pub last_fetched_epoch: Option<Epoch>,
+    /// The follower's durable offset.
+    pub durable_offset: Offset,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("not the leader of epoch {epoch}")]
+    NotLeader { epoch: Epoch },
+    #[error("fetch for epoch {requested}, the leader is at epoch {current}")]
+    FencedEpoch { requested: Epoch, current: Epoch },
+    #[error("the follower's log diverges: the leader's epoch {epoch} ends at {end_offset}")]
+    Diverging { epoch: Epoch, end_offset: Offset },
+    #[error("offset {requested} is below the leader's log start {log_start}")]
+    OffsetOutOfRange {
+        requested: Offset,
+        log_start: Offset,
+    },
+    #[error("broker {0} is not a replica of this partition")]
+    UnknownReplica(BrokerId),
+}
+
+/// One batch of a fetch reply, as the follower's driver decoded it from the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchInfo {
+    pub base_offset: Offset,
+    pub next_offset: Offset,
+    pub leader_epoch: Epoch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchReply {
+    Data {
+        high_watermark: Offset,
+        log_start: Offset,
+        batches: Vec<BatchInfo>,
+    },
+    Error(FetchError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Time passes (milliseconds on the driver's monotonic clock).
+    Tick { now_ms: u64 },
+    /// Lead `epoch`, starting with `isr` in sync (the controller's ISR; the leader included).
+    BecomeLeader { epoch: Epoch, isr: Vec<BrokerId> },
+    /// Follow `leader` in `epoch`.
+    BecomeFollower { epoch: Epoch, leader: BrokerId },
+    /// A produce arrives. Answered with `Append` or a failed `Complete`.
+    Produce {
+        waiter: WaiterId,
+        acks: AckLevel,
+        deadline_ms: u64,
+    },
+    /// The driver appended a produce it was told to `Append`.
+    ProduceAppended {
+        waiter: WaiterId,
+        base_offset: Offset,
+        next_offset: Offset,
+    },
+    /// The driver could not append it (bad batch, backpressure, poisoned log): forget it.
+    ProduceAborted { waiter: WaiterId },
+    /// Everything below `durable` is durable on this replica.
+    Flushed { durable: Offset },
+    /// Leader: a follower's fetch arrived.
+    FetchRequest(FetchRequest),
+    /// Follower: the leader answered fetch `fetch_id`.
+    FetchReply {
+        fetch_id: u64,
+        leader_epoch: Epoch,
+        reply: FetchReply,
+    },
+    /// Follower: fetch `fetch_id` failed in transit (connection lost, timeout).
+    FetchFailed { fetch_id: u64 },
+    /// Follower: the driver appended the batches of an `AppendFetched`.
+    FetchedAppended { next_offset: Offset },
+    /// Follower: the driver truncated the log as told; it now ends at `end`.
+    Truncated { end: Offset },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Leader: append the waiter's batches with this epoch, then report `ProduceAppended`.
+    Append {
+        waiter: WaiterId,
+        leader_epoch: Epoch,
+    },
+    /// A produce is answered.
+    Complete {
+        waiter: WaiterId,
+        result: Result<Ack, ProduceError>,
+    },
+    /// Leader: answer `replica`'s fetch with batches from `fetch_offset` (waiting for new data
+    /// up to the request's max wait), stamped with the high watermark at the time of sending.
+    ServeFetch {
+        replica: BrokerId,
+        fetch_id: u64,
+        fetch_offset: Offset,
+    },
+    /// Leader: answer `replica`'s fetch with an error.
+    RejectFetch {
+        replica: BrokerId,
+        fetch_id: u64,
+        error: FetchError,
+    },
+    /// Follower: send this fetch to `leader`.
+    SendFetch {
+        leader: BrokerId,
+        request: FetchRequest,
+    },
+    /// Follower: append the first `count` batches of the last reply, then report
+    /// `FetchedAppended` (and flush as usual; the next fetch goes out once they are durable).
+    AppendFetched { count: usize },
+    /// Follower: truncate the log to `to` (a batch boundary), then report `Truncated`.
+    Truncate { to: Offset },
+    /// Persist the epoch history before acting on later outputs (it changed).
+    EpochHistoryChanged,
+    /// The high watermark moved: wake consumers waiting for data.
+    HighWatermark(Offset),
+    /// Leader: the ISR changed (for the controller, describe and metrics).
+    IsrChanged(Vec<BrokerId>),
+}
+
+/// The outputs of a step, in the order the driver must carry them out.
+pub type Outbox = Vec<Output>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower { leader: BrokerId },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FollowerProgress {
+    /// The follower holds every offset below this (as checked against our epochs).
+    fetch_offset: Offset,
+    durable_offset: Offset,
+    last_caught_up_ms: u64,
+    /// Our log end and the time when we last served this follower.
+    last_fetch_leader_end: Offset,
+    last_fetch_ms: u64,
+    fetched_this_epoch: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ProduceWaiter {
+    id: WaiterId,
+    acks: AckLevel,
+    deadline_ms: u64,
+    base_offset: Offset,
+    next_offset: Offset,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FetchPhase {
+    /// Nothing outstanding: send a fetch on the next step that can.
+    Idle,
+    /// Fetch `id` is out.
+    Fetching {
+        id: u64,
+    },
+    /// The driver appends `count` batches ending at `next`.
+    Appending {
+        next: Offset,
+    },
+    /// Waiting for what was appended to become durable before reporting it.
+    AwaitingFlush,
+    Truncating,
+    /// Fetch again at this time.
+    Backoff {
+        until_ms: u64,
+    },
+}
+
+pub struct Replica {
+    config: ReplicaConfig,
+    role: Role,
+    epoch: Epoch,
+    epochs: EpochHistory,
+    now_ms: u64,
+    log_start: Offset,
+    end: Offset,
+    durable: Offset,
+    high_watermark: Offset,
+    // Leader state.
+    isr: Vec<BrokerId>,
+    followers: BTreeMap<BrokerId, FollowerProgress>,
+    waiters: Vec<ProduceWaiter>,
+    /// Produces told to `Append`, not yet reported appended: their ack level and deadline.
+    pending: BTreeMap<WaiterId, (AckLevel, u64)>,
+    // Follower state.
+    phase: FetchPhase,
+    next_fetch_id: u64,
+    leader_high_watermark: Offset,
+}
+
+impl Replica {
+    /// A replica that neither leads nor follows until told to (`BecomeLeader`/`BecomeFollower`).
+    pub fn new(config: ReplicaConfig, log: LogState, epochs: EpochHistory, now_ms: u64) -> Replica {
+        assert!(!config.replicas.is_empty() && config.replicas.len() <= REPLICAS_MAX);
+        assert!(
+            config.replicas.contains(&config.broker_id),
+            "broker {} is not in replica set {:?}",
+            config.broker_id,
+            config.replicas
+        );
+        assert!(log.log_start <= log.durable && log.durable <= log.end);
+        let mut config = config;
+        config.min_insync_replicas = config.min_insync_replicas.clamp(1, config.replicas.len());
+        let high_watermark = log.high_watermark.min(log.durable).max(log.log_start);
+        Replica {
+            epoch: epochs.latest().unwrap_or(Epoch(0)),
+            role: Role::Follower {
+                leader: config.broker_id,
+            },
+            config,
+            epochs,
+            now_ms,
+            log_start: log.log_start,
+            end: log.end,
+            durable: log.durable,
+            high_watermark,
+            isr: Vec::new(),
+            followers: BTreeMap::new(),
+            waiters: Vec::new(),
+            pending: BTreeMap::new(),
+            phase: FetchPhase::Idle,
+            next_fetch_id: 1,
+            leader_high_watermark: high_watermark,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+    pub fn leader_epoch(&self) -> Epoch {
+        self.epoch
+    }
+    pub fn high_watermark(&self) -> Offset {
+        self.high_watermark
+    }
+    pub fn end_offset(&self) -> Offset {
+        self.end
+    }
+    pub fn durable_offset(&self) -> Offset {
+        self.durable
+    }
+    pub fn epochs(&self) -> &EpochHistory {
+        &self.epochs
+    }
+    pub fn replicas(&self) -> &[BrokerId] {
+        &self.config.replicas
+    }
+    pub fn min_insync_replicas(&self) -> usize {
+        self.config.min_insync_replicas
+    }
+    /// The in-sync replicas (leader only; empty on a follower).
+    pub fn isr(&self) -> &[BrokerId] {
+        &self.isr
+    }
+    pub fn waiting_produces(&self) -> usize {
+        self.waiters.len()
+    }
+    /// Leader: per follower, how far behind our end it is (offsets) and since when it has not
+    /// caught up (ms).
+    pub fn follower_lag(&self) -> Vec<(BrokerId, u64, u64)> {
+        self.followers
+            .iter()
+            .map(|(&id, p)| {
+                (
+                    id,
+                    self.end.0.saturating_sub(p.fetch_offset.0),
+                    self.now_ms.saturating_sub(p.last_caught_up_ms),
+                )
+            })
+            .collect()
+    }
+
+    /// Moves the replica one step; the outputs are appended to `outbox` in order.
+    pub fn step(&mut self, input: Input, outbox: &mut Outbox) {
+        match input {
+            Input::Tick { now_ms } => self.on_tick(now_ms, outbox),
+            Input::BecomeLeader { epoch, isr } => self.become_leader(epoch, isr, outbox),
+            Input::BecomeFollower { epoch, leader } => self.become_follower(epoch, leader, outbox),
+            Input::Produce {
+                waiter,
+                acks,
+                deadline_ms,
+            } => self.on_produce(waiter, acks, deadline_ms, outbox),
+            Input::ProduceAppended {
+                waiter,
+                base_offset,
+                next_offset,
+            } => self.on_produce_appended(waiter, base_offset, next_offset, outbox),
+            Input::ProduceAborted { waiter } => {
+                self.pending.remove(&waiter);
+            }
+            Input::Flushed { durable } => self.on_flushed(durable, outbox),
+            Input::FetchRequest(request) => self.on_fetch_request(request, outbox),
+            Input::FetchReply {
+                fetch_id,
+                leader_epoch,
+                reply,
+            } => self.on_fetch_reply(fetch_id, leader_epoch, reply, outbox),
+            Input::FetchFailed { fetch_id } => {
+                if self.phase == (FetchPhase::Fetching { id: fetch_id }) {
+                    self.phase = FetchPhase::Backoff {
+                        until_ms: self.now_ms + self.config.fetch_backoff_ms,
+                    };
+                }
+            }
+            Input::FetchedAppended { next_offset } => {
+                let FetchPhase::Appending { next } = self.phase else {
+                    panic!("FetchedAppended in phase {:?}", self.phase);
+                };
+                assert_eq!(
+                    next_offset, next,
+                    "appended batches end elsewhere than told"
+                );
+                self.end = next_offset;
+                self.phase = FetchPhase::AwaitingFlush;
+                self.maybe_fetch(outbox);
+            }
+            Input::Truncated { end } => {
+                assert_eq!(self.phase, FetchPhase::Truncating, "unexpected truncation");
+                assert!(end >= self.log_start && end <= self.end);
+                self.end = end;
+                self.durable = self.durable.min(end);
+                self.epochs.truncate(end);
+                self.phase = FetchPhase::Idle;
+                self.maybe_fetch(outbox);
+            }
+        }
+    }
+
+    fn on_tick(&mut self, now_ms: u64, outbox: &mut Outbox) {
+        self.now_ms = self.now_ms.max(now_ms);
+        match self.role {
+            Role::Leader => {
+                self.shrink_isr(outbox);
+                let now = self.now_ms;
+                let mut expired = Vec::new();
+                self.waiters.retain(|w| {
+                    let keep = w.deadline_ms > now;
+                    if !keep {
+                        expired.push(*w);
+                    }
+                    keep
+                });
+                for waiter in expired {
+                    let durable_replicas = self.durable_count(waiter.next_offset);
+                    outbox.push(Output::Complete {
+                        waiter: waiter.id,
+                        result: Err(ProduceError::Timeout { durable_replicas }),
+                    });
+                }
+            }
+            Role::Follower { .. } => {
+                if let FetchPhase::Backoff { until_ms } = self.phase {
+                    if until_ms <= self.now_ms {
+                        self.phase = FetchPhase::Idle;
+                    }
+                }
+                self.maybe_fetch(outbox);
+            }
+        }
+    }
+
+    fn become_leader(&mut self, epoch: Epoch, isr: Vec<BrokerId>, outbox: &mut Outbox) {
+        assert!(
+            epoch >= self.epoch,
+            "epoch went back from {} to {epoch}",
+            self.epoch
+        );
+        assert!(
+            isr.contains(&self.config.broker_id),
+            "leader outside its ISR"
+        );
+        assert!(isr.iter().all(|r| self.config.replicas.contains(r)));
+        if self.phase == FetchPhase::Truncating
+            || matches!(self.phase, FetchPhase::Appending { .. })
+        {
+            // The driver finishes the operation in progress before acting on this input.
+            panic!("BecomeLeader while the follower log is being changed");
+        }
+        self.fail_waiters(epoch, outbox);
+        self.role = Role::Leader;
+        self.epoch = epoch;
+        if self.epochs.begin(epoch, self.end) {
+            outbox.push(Output::EpochHistoryChanged);
+        }
+        self.phase = FetchPhase::Idle;
+        let now = self.now_ms;
+        let end = self.end;
+        self.followers = self
+            .config
+            .replicas
+            .iter()
+            .filter(|&&r| r != self.config.broker_id)
+            .map(|&r| {
+                (
+                    r,
+                    FollowerProgress {
+                        fetch_offset: Offset::ZERO,
+                        durable_offset: Offset::ZERO,
+                        // A grace period of one lag limit to fetch in the new epoch.
+                        last_caught_up_ms: now,
+                        last_fetch_leader_end: end,
+                        last_fetch_ms: now,
+                        fetched_this_epoch: false,
+                    },
+                )
+            })
+            .collect();
+        let mut isr = isr;
+        isr.sort_unstable();
+        isr.dedup();
+        self.isr = isr;
+        outbox.push(Output::IsrChanged(self.isr.clone()));
+        self.update_high_watermark(outbox);
+    }
+
+    fn become_follower(&mut self, epoch: Epoch, leader: BrokerId, outbox: &mut Outbox) {
+        assert!(
+            epoch >= self.epoch,
+            "epoch went back from {} to {epoch}",
+            self.epoch
+        );
+        assert_ne!(leader, self.config.broker_id, "following itself");
+        assert!(self.config.replicas.contains(&leader));
+        self.fail_waiters(epoch, outbox);
+        self.role = Role::Follower { leader };
+        self.epoch = epoch;
+        self.isr.clear();
+        self.followers.clear();
+        self.leader_high_watermark = self.high_watermark;
+        match self.phase {
+            // Let the log operation in progress finish; the next fetch uses the new epoch.
+            FetchPhase::Appending { .. } | FetchPhase::Truncating | FetchPhase::AwaitingFlush => {}
+            _ => self.phase = FetchPhase::Idle,
+        }
+        self.maybe_fetch(outbox);
+    }
+
+    fn fail_waiters(&mut self, epoch: Epoch, outbox: &mut Outbox) {
+        for waiter in self.waiters.drain(..) {
+            outbox.push(Output::Complete {
+                waiter: waiter.id,
+                result: Err(ProduceError::LeaderChanged { epoch }),
+            });
+        }
+    }
+
+    fn required(&self, acks: AckLevel) -> Result<usize, ProduceError> {
+        let replicas = self.config.replicas.len();
+        match acks {
+            AckLevel::None | AckLevel::Leader => Ok(1),
+            AckLevel::Quorum => Ok(replicas / 2 + 1),
+            AckLevel::All => Ok(self.config.min_insync_replicas),
+            AckLevel::Replicas(n) if n >= 1 && usize::from(n) <= replicas => Ok(usize::from(n)),
+            AckLevel::Replicas(_) => Err(ProduceError::InvalidAcks(acks, replicas)),
+        }
+    }
+
+    fn on_produce(
+        &mut self,
+        waiter: WaiterId,
+        acks: AckLevel,
+        deadline_ms: u64,
+        outbox: &mut Outbox,
+    ) {
+        let result = match self.role {
+            Role::Follower { leader } => Err(ProduceError::NotLeader {
+                leader: (leader != self.config.broker_id).then_some(leader),
+                epoch: self.epoch,
+            }),
+            Role::Leader => self.required(acks).and_then(|required| {
+                if self.isr.len() < required {
+                    Err(ProduceError::NotEnoughReplicas {
+                        required,
+                        in_sync: self.isr.len(),
+                    })
+                } else {
+                    Ok(())
+                }
+            }),
+        };
+        match result {
+            Ok(()) => {
+                assert!(self.pending.len() < WAITERS_MAX, "too many appends pending");
+                let previous = self.pending.insert(waiter, (acks, deadline_ms));
+                assert!(previous.is_none(), "waiter id {waiter:?} reused");
+                outbox.push(Output::Append {
+                    waiter,
+                    leader_epoch: self.epoch,
+                });
+            }
+            Err(error) => outbox.push(Output::Complete {
+                waiter,
+                result: Err(error),
+            }),
+        }
+    }
+
+    fn on_produce_appended(
+        &mut self,
+        waiter: WaiterId,
+        base_offset: Offset,
+        next_offset: Offset,
+        outbox: &mut Outbox,
+    ) {
+        let (acks, deadline_ms) = self
+            .pending
+            .remove(&waiter)
+            .expect("ProduceAppended for a produce that was not told to Append");
+        if !self.is_leader() {
+            // Leadership moved between Append and now: the append happened in the old epoch.
+            outbox.push(Output::Complete {
+                waiter,
+                result: Err(ProduceError::LeaderChanged { epoch: self.epoch }),
+            });
+            return;
+        }
+        assert_eq!(
+            base_offset, self.end,
+            "produce appended away from the log end"
+        );
+        assert!(next_offset > base_offset);
+        self.end = next_offset;
+        assert!(self.waiters.len() < WAITERS_MAX, "too many produce waiters");
+        self.waiters.push(ProduceWaiter {
+            id: waiter,
+            acks,
+            deadline_ms,
+            base_offset,
+            next_offset,
+        });
+        self.complete_waiters(outbox);
+    }
+
+    fn on_flushed(&mut self, durable: Offset, outbox: &mut Outbox) {
+        assert!(
+            durable <= self.end,
+            "durable {durable} beyond end {}",
+            self.end
+        );
+        if durable <= self.durable {
+            return;
+        }
+        self.durable = durable;
+        match self.role {
+            Role::Leader => {
+                self.update_high_watermark(outbox);
+                self.complete_waiters(outbox);
+            }
+            Role::Follower { .. } => {
+                self.update_follower_high_watermark(outbox);
+                self.maybe_fetch(outbox);
+            }
+        }
+    }
+
+    fn on_fetch_request(&mut self, request: FetchRequest, outbox: &mut Outbox) {
+        let reject = |error| Output::RejectFetch {
+            replica: request.replica,
+            fetch_id: request.fetch_id,
+            error,
+        };
+        if !self.is_leader() {
+            outbox.push(reject(FetchError::NotLeader { epoch: self.epoch }));
+            return;
+        }
+        if request.leader_epoch != self.epoch {
+            outbox.push(reject(FetchError::FencedEpoch {
+                requested: request.leader_epoch,
+                current: self.epoch,
+            }));
+            return;
+        }
+        if !self.followers.contains_key(&request.replica) {
+            outbox.push(reject(FetchError::UnknownReplica(request.replica)));
+            return;
+        }
+        if let Some(last_epoch) = request.last_fetched_epoch {
+            let diverging = match self.epochs.end_of(last_epoch, self.end) {
+                Some((epoch, end_offset)) if end_offset < request.fetch_offset => {
+                    Some((epoch, end_offset))
+                }
+                Some(_) => None,
+                // Every epoch we have is newer: nothing of the follower's log is known to match.
+                None => Some((last_epoch, self.log_start)),
+            };
+            if let Some((epoch, end_offset)) = diverging {
+                outbox.push(reject(FetchError::Diverging { epoch, end_offset }));
+                return;
+            }
+        } else if request.fetch_offset > self.log_start {
+            // No epoch for a non-empty log is a malformed request: treat it as diverging.
+            outbox.push(reject(FetchError::Diverging {
+                epoch: Epoch(0),
+                end_offset: self.log_start,
+            }));
+            return;
+        }
+        if request.fetch_offset < self.log_start {
+            outbox.push(reject(FetchError::OffsetOutOfRange {
+                requested: request.fetch_offset,
+                log_start: self.log_start,
+            }));
+            return;
+        }
+        assert!(
+            request.fetch_offset <= self.end,
+            "epoch check let an overlong log through"
+        );
+        let now = self.now_ms;
+        let end = self.end;
+        let high_watermark = self.high_watermark;
+        let progress = self
+            .followers
+            .get_mut(&request.replica)
+            .expect("checked above");
+        progress.fetch_offset = request.fetch_offset;
+        progress.durable_offset = request.durable_offset.min(request.fetch_offset);
+        progress.fetched_this_epoch = true;
+        if request.fetch_offset >= end {
+            progress.last_caught_up_ms = now;
+        } else if request.fetch_offset >= progress.last_fetch_leader_end {
+            progress.last_caught_up_ms = progress.last_caught_up_ms.max(progress.last_fetch_ms);
+        }
+        progress.last_fetch_leader_end = end;
+        progress.last_fetch_ms = now;
+        let rejoins = !self.isr.contains(&request.replica)
+            && request.fetch_offset >= end
+            && progress.durable_offset >= high_watermark;
+        if rejoins {
+            self.isr.push(request.replica);
+            self.isr.sort_unstable();
+            outbox.push(Output::IsrChanged(self.isr.clone()));
+        }
+        self.update_high_watermark(outbox);
+        self.complete_waiters(outbox);
+        outbox.push(Output::ServeFetch {
+            replica: request.replica,
+            fetch_id: request.fetch_id,
+            fetch_offset: request.fetch_offset,
+        });
+    }
+
+    fn on_fetch_reply(
+        &mut self,
+        fetch_id: u64,
+        leader_epoch: Epoch,
+        reply: FetchReply,
+        outbox: &mut Outbox,
+    ) {
+        if self.phase != (FetchPhase::Fetching { id: fetch_id }) {
+            return; // A duplicate or a reply to a fetch we gave up on.
+        }
+        if self.is_leader() {
+            self.phase = FetchPhase::Idle;
+            return;
+        }
+        if leader_epoch != self.epoch {
+            // A reply from another epoch's leader: retry after a backoff.
+            self.phase = FetchPhase::Backoff {
+                until_ms: self.now_ms + self.config.fetch_backoff_ms,
+            };
+            return;
+        }
+        match reply {
+            FetchReply::Data {
+                high_watermark,
+                log_start,
+                batches,
+            } => {
+                let _ = log_start;
+                self.leader_high_watermark = self.leader_high_watermark.max(high_watermark);
+                let mut next = self.end;
+                let mut count = 0;
+                let mut history_changed = false;
+                for batch in &batches {
+                    if batch.base_offset != next
+                        || batch.next_offset <= batch.base_offset
+                        || batch.leader_epoch > self.epoch
+                    {
+                        break; // Keep the contiguous prefix; fetch the rest again.
+                    }
+                    if self.epochs.latest().is_none_or(|e| batch.leader_epoch > e) {
+                        history_changed |= self.epochs.begin(batch.leader_epoch, batch.base_offset);
+                    } else if self.epochs.latest().is_some_and(|e| batch.leader_epoch < e) {
+                        break; // Epochs never go back inside a log.
+                    }
+                    next = batch.next_offset;
+                    count += 1;
+                }
+                if history_changed {
+                    outbox.push(Output::EpochHistoryChanged);
+                }
+                self.update_follower_high_watermark(outbox);
+                if count == 0 {
+                    self.phase = FetchPhase::Idle;
+                    self.maybe_fetch(outbox);
+                } else {
+                    self.phase = FetchPhase::Appending { next };
+                    outbox.push(Output::AppendFetched { count });
+                }
+            }
+            FetchReply::Error(FetchError::Diverging { epoch, end_offset }) => {
+                let to = self
+                    .epochs
+                    .divergence_point(epoch, end_offset, self.log_start, self.end);
+                if to < self.end {
+                    self.phase = FetchPhase::Truncating;
+                    outbox.push(Output::Truncate { to });
+                } else {
+                    // Nothing above the point: the leader's answer was for an older state.
+                    self.phase = FetchPhase::Backoff {
+                        until_ms: self.now_ms + self.config.fetch_backoff_ms,
+                    };
+                }
+            }
+            FetchReply::Error(_) => {
+                self.phase = FetchPhase::Backoff {
+                    until_ms: self.now_ms + self.config.fetch_backoff_ms,
+                };
+            }
+        }
+    }
+
+    /// Follower: sends the next fetch when nothing is outstanding and everything appended is
+    /// durable (so the fetch reports it and the leader can acknowledge).
+    fn maybe_fetch(&mut self, outbox: &mut Outbox) {
+        let Role::Follower { leader } = self.role else {
+            return;
+        };
+        if leader == self.config.broker_id {
+            return; // Not told whom to follow yet.
+        }
+        match self.phase {
+            FetchPhase::Idle => {}
+            FetchPhase::AwaitingFlush if self.durable >= self.end => {}
+            _ => return,
+        }
+        let fetch_id = self.next_fetch_id;
+        self.next_fetch_id += 1;
+        self.phase = FetchPhase::Fetching { id: fetch_id };
+        outbox.push(Output::SendFetch {
+            leader,
+            request: FetchRequest {
+                replica: self.config.broker_id,
+                leader_epoch: self.epoch,
+                fetch_id,
+                fetch_offset: self.end,
+                last_fetched_epoch: self.epochs.last_epoch_below(self.end),
+                durable_offset: self.durable,
+            },
+        });
+    }
+
+    fn update_follower_high_watermark(&mut self, outbox: &mut Outbox) {
+        let candidate = self.leader_high_watermark.min(self.durable);
+        if candidate > self.high_watermark {
+            self.high_watermark = candidate;
+            outbox.push(Output::HighWatermark(candidate));
+        }
+    }
+
+    /// Durable offsets of the replicas that fetched in this epoch (and our own).
+    fn durable_of(&self, replica: BrokerId) -> Offset {
+        if replica == self.config.broker_id {
+            return self.durable;
+        }
+        self.followers
+            .get(&replica)
+            .filter(|p| p.fetched_this_epoch)
+            .map_or(Offset::ZERO, |p| p.durable_offset)
+    }
+
+    fn durable_count(&self, next_offset: Offset) -> u8 {
+        self.config
+            .replicas
+            .iter()
+            .filter(|&&r| self.durable_of(r) >= next_offset)
+            .count() as u8
+    }
+
+    fn update_high_watermark(&mut self, outbox: &mut Outbox) {
+        let candidate = high_watermark(
+            &self.config.replicas,
+            &self.isr,
+            self.config.min_insync_replicas,
+            |r| self.durable_of(r),
+        )
+        .min(self.end);
+        if candidate > self.high_watermark {
+            self.high_watermark = candidate;
+            outbox.push(Output::HighWatermark(candidate));
+        }
+    }
+
+    fn shrink_isr(&mut self, outbox: &mut Outbox) {
+        let now = self.now_ms;
+        let lag_max = self.config.replica_lag_max_ms;
+        let followers = &self.followers;
+        let before = self.isr.len();
+        let me = self.config.broker_id;
+        self.isr.retain(|r| {
+            *r == me
+                || followers
+                    .get(r)
+                    .is_some_and(|p| now.saturating_sub(p.last_caught_up_ms) <= lag_max)
+        });
+        if self.isr.len() != before {
+            outbox.push(Output::IsrChanged(self.isr.clone()));
+            // A smaller ISR may let the high watermark move (or strand waiters).
+            self.update_high_watermark(outbox);
+            self.complete_waiters(outbox);
+        }
+    }
+
+    fn complete_waiters(&mut self, outbox: &mut Outbox) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let in_sync = self.isr.len();
+        let mut index = 0;
+        while index < self.waiters.len() {
+            let waiter = self.waiters[index];
+            let durable_replicas = self.durable_count(waiter.next_offset);
+            let required = self.required(waiter.acks).unwrap_or(usize::MAX);
+            let result = match waiter.acks {
+                AckLevel::None => Some(Ok(())),
+                AckLevel::Leader => (self.durable >= waiter.next_offset).then_some(Ok(())),
+                AckLevel::Quorum | AckLevel::Replicas(_) => {
+                    (usize::from(durable_replicas) >= required).then_some(Ok(()))
+                }
+                AckLevel::All if self.high_watermark >= waiter.next_offset => Some(Ok(())),
+                AckLevel::All if in_sync < required => {
+                    Some(Err(ProduceError::NotEnoughReplicasAfterAppend {
+                        required,
+                        in_sync,
+                    }))
+                }
+                AckLevel::All => None,
+            };
+            match result {
+                None => index += 1,
+                Some(result) => {
+                    self.waiters.swap_remove(index);
+                    outbox.push(Output::Complete {
+                        waiter: waiter.id,
+                        result: result.map(|()| Ack {
+                            base_offset: waiter.base_offset,
+                            next_offset: waiter.next_offset,
+                            leader_epoch: self.epoch,
+                            durable_replicas,
+                        }),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The largest offset durable on every in-sync replica and on at least `min_insync` replicas.
+/// Pure, so it can be checked exhaustively.
+pub fn high_watermark(
+    replicas: &[BrokerId],
+    isr: &[BrokerId],
+    min_insync: usize,
+    durable_of: impl Fn(BrokerId) -> Offset,
+) -> Offset {
+    let isr_min = isr
+        .iter()
+        .map(|&r| durable_of(r))
+        .min()
+        .unwrap_or(Offset::ZERO);
+    let mut durables: Vec<Offset> = replicas.iter().map(|&r| durable_of(r)).collect();
+    durables.sort_unstable_by(|a, b| b.cmp(a));
+    let k = min_insync.clamp(1, replicas.len().max(1));
+    let kth = durables.get(k - 1).copied().unwrap_or(Offset::ZERO);
+    isr_min.min(kth)
+}
