@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Wharf's whole test suite: style gates (rustfmt, clippy with warnings as errors), every
 # unit, property, crash-consistency and DmaDisk test, plus a batch of crash seeds from a random
-# start (printed, so a failure replays with WHARF_SEED=N). Installs what it needs first.
+# start (printed, so a failure replays with WHARF_SEED=N), and a time-boxed batch of random
+# replication-simulator seeds (WHARF_SIM_SECONDS, default 120). Installs what it needs first.
 #
 # The DmaDisk tests need io_uring and a filesystem with O_DIRECT (not tmpfs): they fail with a
 # message saying so when either is missing, rather than passing silently.
@@ -24,4 +25,8 @@ WHARF_SEED_START=$start WHARF_SEEDS=${WHARF_EXTRA_SEEDS:-100000} \
   | tee target/crash-extra-seeds.log | grep -E "seeds|test result|panicked|replay"
 set -o pipefail
 grep -q "test result: ok" target/crash-extra-seeds.log || { echo "extra crash seeds failed (see target/crash-extra-seeds.log)"; exit 1; }
+echo "== replication simulator: random seeds for ${WHARF_SIM_SECONDS:-120} s (a failure prints its seed and replay command)"
+cargo run --release --locked -q -p wharf-tests --bin sim -- --seconds "${WHARF_SIM_SECONDS:-120}" > target/sim-random-seeds.log 2>&1 \
+  || { tail -n 20 target/sim-random-seeds.log; echo "simulator failed (see target/sim-random-seeds.log)"; exit 1; }
+tail -n 1 target/sim-random-seeds.log
 echo "test.sh: all passed"

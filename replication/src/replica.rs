@@ -294,6 +294,7 @@ enum FetchPhase {
     },
 }
 
+#[derive(Debug)]
 pub struct Replica {
     config: ReplicaConfig,
     role: Role,
@@ -708,7 +709,11 @@ impl Replica {
         }
         if let Some(last_epoch) = request.last_fetched_epoch {
             let diverging = match self.epochs.end_of(last_epoch, self.end) {
-                Some((epoch, end_offset)) if end_offset < request.fetch_offset => {
+                // The follower's last epoch is unknown here (its suffix was written by a
+                // leader this log never followed), or our copy of it ends below its log end.
+                Some((epoch, end_offset))
+                    if epoch != last_epoch || end_offset < request.fetch_offset =>
+                {
                     Some((epoch, end_offset))
                 }
                 Some(_) => None,
@@ -811,6 +816,18 @@ impl Replica {
                     {
                         break; // Keep the contiguous prefix; fetch the rest again.
                     }
+                    if count == 0
+                        && self
+                            .epochs
+                            .entries()
+                            .last()
+                            .is_some_and(|&(_, start)| start >= next)
+                    {
+                        // Epochs that begin at our log end wrote nothing here (we led one
+                        // briefly, say): the leader's batches decide what covers these offsets.
+                        self.epochs.truncate(next);
+                        history_changed = true;
+                    }
                     if self.epochs.latest().is_none_or(|e| batch.leader_epoch > e) {
                         history_changed |= self.epochs.begin(batch.leader_epoch, batch.base_offset);
                     } else if self.epochs.latest().is_some_and(|e| batch.leader_epoch < e) {
@@ -823,7 +840,12 @@ impl Replica {
                     outbox.push(Output::EpochHistoryChanged);
                 }
                 self.update_follower_high_watermark(outbox);
-                if count == 0 {
+                if count == 0 && !batches.is_empty() {
+                    // Nothing usable (misaligned or out of order): do not spin on it.
+                    self.phase = FetchPhase::Backoff {
+                        until_ms: self.now_ms + self.config.fetch_backoff_ms,
+                    };
+                } else if count == 0 {
                     self.phase = FetchPhase::Idle;
                     self.maybe_fetch(outbox);
                 } else {

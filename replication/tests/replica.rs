@@ -474,3 +474,101 @@ proptest! {
         prop_assert!(!holds(hw.plus(1)));
     }
 }
+
+/// Regression (simulator seed 29): a follower whose last epoch the leader never had must
+/// truncate even when the leader's log is longer.
+#[test]
+fn a_last_epoch_unknown_to_the_leader_is_divergence() {
+    let log = LogState {
+        log_start: Offset(0),
+        end: Offset(20),
+        durable: Offset(20),
+        high_watermark: Offset(0),
+    };
+    let history = EpochHistory::new(
+        vec![(Epoch(1), Offset(0)), (Epoch(3), Offset(10))],
+        Offset(20),
+    )
+    .expect("history");
+    let mut leader = Replica::new(config(1), log, history, 0);
+    step(
+        &mut leader,
+        Input::BecomeLeader {
+            epoch: Epoch(3),
+            isr: vec![1, 2, 3],
+        },
+    );
+    let request = FetchRequest {
+        replica: 2,
+        leader_epoch: Epoch(3),
+        fetch_id: 1,
+        fetch_offset: Offset(12),
+        last_fetched_epoch: Some(Epoch(2)),
+        durable_offset: Offset(12),
+    };
+    assert_eq!(
+        step(&mut leader, Input::FetchRequest(request)),
+        vec![Output::RejectFetch {
+            replica: 2,
+            fetch_id: 1,
+            error: FetchError::Diverging {
+                epoch: Epoch(1),
+                end_offset: Offset(10)
+            },
+        }]
+    );
+}
+
+/// Regression (simulator seed 48): an epoch this replica led without writing anything must not
+/// block older-epoch batches that the new leader holds at those offsets.
+#[test]
+fn an_empty_epoch_at_the_log_end_yields_to_the_leaders_batches() {
+    let log = LogState {
+        log_start: Offset(0),
+        end: Offset(10),
+        durable: Offset(10),
+        high_watermark: Offset(0),
+    };
+    let history = EpochHistory::new(
+        vec![(Epoch(1), Offset(0)), (Epoch(2), Offset(10))],
+        Offset(10),
+    )
+    .expect("history");
+    let mut f = Replica::new(config(2), log, history, 0);
+    let out = step(
+        &mut f,
+        Input::BecomeFollower {
+            epoch: Epoch(3),
+            leader: 1,
+        },
+    );
+    let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(request.last_fetched_epoch, Some(Epoch(1)));
+    let batches = vec![BatchInfo {
+        base_offset: Offset(10),
+        next_offset: Offset(14),
+        leader_epoch: Epoch(1),
+    }];
+    let out = step(
+        &mut f,
+        Input::FetchReply {
+            fetch_id: request.fetch_id,
+            leader_epoch: Epoch(3),
+            reply: FetchReply::Data {
+                high_watermark: Offset(0),
+                log_start: Offset(0),
+                batches,
+            },
+        },
+    );
+    assert_eq!(
+        out,
+        vec![
+            Output::EpochHistoryChanged,
+            Output::AppendFetched { count: 1 }
+        ]
+    );
+    assert_eq!(f.epochs().entries(), &[(Epoch(1), Offset(0))]);
+}

@@ -1,4 +1,6 @@
-//! Wharf's cross-crate tests. Today: the style gates in `tests/tidy.rs`. The deterministic
-//! simulator and the end-to-end tests against real `wharf` processes arrive with the broker and
-//! replication issues. Storage crash-consistency tests live with the storage crate
-//! (`storage/tests/`), and the DmaDisk suite with `core` (`core/tests/dma_log.rs`).
+//! Wharf's cross-crate tests: the deterministic replication simulator ([`sim`], run by
+//! `tests/sim.rs` and the `sim` binary) and the style gates in `tests/tidy.rs`. Storage
+//! crash-consistency tests live with the storage crate (`storage/tests/`), the DmaDisk suite and
+//! the broker end-to-end tests with `core` (`core/tests/`).
+
+pub mod sim;

@@ -1,0 +1,1156 @@
+//! The deterministic cluster simulator (DESIGN §9): several replicas of one partition, each the
+//! real [`Replica`] state machine over a real [`PartitionLog`] on [`MemDisk`], connected by a
+//! seeded network that delays, drops, duplicates, reorders and partitions messages. Nodes crash
+//! (losing or tearing unsynced writes) and restart. A simulated controller moves leadership
+//! inside the ISR, bumping the epoch. After every step the invariants are checked; a failure
+//! names its seed, and `cargo run -p wharf-tests --bin sim -- --seed N --steps M` replays it.
+//!
+//! Invariants:
+//! - no write acknowledged with `acks=all` is lost while at most RF − min_insync replicas are
+//!   down (the simulator never crashes more);
+//! - an acknowledgement's replica count is true: that many replicas durably hold the batch;
+//! - an offset below any high watermark ever exposed maps to exactly one batch, forever;
+//! - the leader's HW never exceeds the durable offset of an ISR member, and never goes back on
+//!   one replica;
+//! - consumers (reading from the leader below its HW) see a prefix of the committed log;
+//! - at the end, with faults healed, every replica holds the same log.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use futures_lite::future::block_on;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rkyv::util::AlignedVec;
+use wharf_replication::{
+    AckLevel, BatchInfo, BrokerId, EpochHistory, FetchReply, FetchRequest, Input, LogState, Output,
+    ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+};
+use wharf_storage::batch;
+use wharf_storage::conformance::make_batch;
+use wharf_storage::log::{AppendError, LogConfig, PartitionLog};
+use wharf_storage::mem_disk::{CrashMode, MemDisk, SECTOR_BYTES};
+use wharf_storage::{AppendMode, Epoch, Offset};
+
+/// Bytes a leader returns per fetch.
+const FETCH_BYTES_MAX: usize = 16 * 1024;
+/// Long-poll wait of a fetch with no new data.
+const FETCH_WAIT_MS: u64 = 20;
+/// Steps the final convergence phase may take.
+const SETTLE_STEPS_MAX: usize = 20_000;
+/// Produces in flight from the simulated client.
+const PRODUCES_IN_FLIGHT_MAX: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub steps: usize,
+    pub replicas: usize,
+    pub min_insync: usize,
+    /// Percent of messages dropped / duplicated.
+    pub drop_percent: u32,
+    pub duplicate_percent: u32,
+    pub delay_ms_max: u64,
+    /// Per-step chances, in per mille.
+    pub crash_per_mille: u32,
+    pub partition_per_mille: u32,
+    pub leader_move_per_mille: u32,
+    pub produce_per_mille: u32,
+    /// Print every step's events.
+    pub trace: bool,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, steps: usize) -> SimConfig {
+        SimConfig {
+            seed,
+            steps,
+            replicas: 3,
+            min_insync: 2,
+            drop_percent: 3,
+            duplicate_percent: 2,
+            delay_ms_max: 4,
+            crash_per_mille: 6,
+            partition_per_mille: 6,
+            leader_move_per_mille: 4,
+            produce_per_mille: 400,
+            trace: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SimReport {
+    pub acknowledged: usize,
+    pub acknowledged_all: usize,
+    pub refused: usize,
+    pub timed_out: usize,
+    pub crashes: usize,
+    pub leader_changes: usize,
+    pub truncations: usize,
+    pub final_end_offset: u64,
+}
+
+#[derive(Debug)]
+pub struct SimFailure {
+    pub seed: u64,
+    pub step: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {})",
+            self.seed,
+            self.step,
+            self.message,
+            self.seed,
+            self.step + 1
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Message {
+    Fetch(FetchRequest),
+    Reply {
+        fetch_id: u64,
+        leader_epoch: Epoch,
+        reply: FetchReply,
+        batches: Vec<AlignedVec<16>>,
+    },
+}
+
+struct InFlight {
+    deliver_at_ms: u64,
+    from: BrokerId,
+    to: BrokerId,
+    message: Message,
+}
+
+struct Live {
+    log: PartitionLog<MemDisk>,
+    replica: Replica,
+    /// Batches of produces told to `Append`, by waiter.
+    produce_bytes: BTreeMap<u64, AlignedVec<16>>,
+    /// The batches of the fetch reply being appended.
+    fetched: Vec<AlignedVec<16>>,
+    /// Follower fetches parked at this leader: (replica, fetch id, offset, deadline).
+    parked: Vec<(BrokerId, u64, Offset, u64)>,
+    /// This follower's outstanding fetch and when it was sent.
+    outstanding: Option<(u64, u64)>,
+    last_high_watermark: Offset,
+}
+
+struct Node {
+    id: BrokerId,
+    disk: MemDisk,
+    /// The epoch-history file (written durably by the driver whenever it changes).
+    epochs_file: Vec<(Epoch, Offset)>,
+    live: Option<Live>,
+}
+
+struct Controller {
+    leader: Option<BrokerId>,
+    epoch: Epoch,
+    isr: Vec<BrokerId>,
+}
+
+struct PendingProduce {
+    acks: AckLevel,
+    leader: BrokerId,
+}
+
+pub struct Sim {
+    config: SimConfig,
+    rng: StdRng,
+    now_ms: u64,
+    step: usize,
+    nodes: Vec<Node>,
+    network: Vec<InFlight>,
+    cut: BTreeSet<(BrokerId, BrokerId)>,
+    controller: Controller,
+    next_waiter: u64,
+    produces: BTreeMap<u64, PendingProduce>,
+    /// Batches acknowledged with acks=all, by base offset (stamped bytes).
+    must_keep: BTreeMap<Offset, Vec<u8>>,
+    /// Batches below a high watermark some leader exposed, by base offset.
+    committed: BTreeMap<Offset, Vec<u8>>,
+    committed_end: Offset,
+    /// The consumer's position: it has read every committed batch below this.
+    consumer_at: Offset,
+    report: SimReport,
+    log_config: LogConfig,
+}
+
+type Check = Result<(), String>;
+
+thread_local! {
+    /// The step in progress, for failures that surface as panics (asserts in the code under test).
+    static CURRENT_STEP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn log_config() -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 64 * 1024,
+        index_interval_bytes: 1024,
+        write_chunk_bytes: 8 * 1024,
+        scan_chunk_bytes: 16 * 1024,
+        staged_bytes_max: 16 * 1024 * 1024,
+        ..LogConfig::default()
+    }
+}
+
+/// Every batch in `[from, to)` of `log` (whole batches starting below `to`).
+fn read_batches(
+    log: &PartitionLog<MemDisk>,
+    from: Offset,
+    to: Offset,
+) -> Result<Vec<(Offset, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    let mut next = from.max(log.log_start_offset());
+    for _ in 0..100_000 {
+        if next >= to || next >= log.end_offset() {
+            return Ok(out);
+        }
+        let read =
+            block_on(log.read(next, 64 * 1024)).map_err(|e| format!("read at {next}: {e}"))?;
+        let mut advanced = false;
+        for checked in batch::batches(read.bytes()) {
+            let checked = checked.map_err(|e| format!("batch at {next}: {e}"))?;
+            if checked.header.base_offset >= to {
+                return Ok(out);
+            }
+            out.push((checked.header.base_offset, checked.bytes.to_vec()));
+            next = checked.header.next_offset();
+            advanced = true;
+        }
+        if !advanced {
+            return Err(format!("read at {next} returned no batch"));
+        }
+    }
+    Err("read loop limit".into())
+}
+
+impl Sim {
+    pub fn new(config: SimConfig) -> Sim {
+        assert!(config.replicas >= 1 && config.min_insync <= config.replicas);
+        let rng = StdRng::seed_from_u64(config.seed);
+        let nodes = (1..=config.replicas as BrokerId)
+            .map(|id| Node {
+                id,
+                disk: MemDisk::new(),
+                epochs_file: Vec::new(),
+                live: None,
+            })
+            .collect();
+        let mut sim = Sim {
+            rng,
+            now_ms: 0,
+            step: 0,
+            nodes,
+            network: Vec::new(),
+            cut: BTreeSet::new(),
+            controller: Controller {
+                leader: None,
+                epoch: Epoch(0),
+                isr: (1..=config.replicas as BrokerId).collect(),
+            },
+            next_waiter: 1,
+            produces: BTreeMap::new(),
+            must_keep: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            committed_end: Offset::ZERO,
+            consumer_at: Offset::ZERO,
+            report: SimReport::default(),
+            log_config: log_config(),
+            config,
+        };
+        for id in 1..=sim.config.replicas as BrokerId {
+            sim.start(id).expect("a fresh node starts");
+        }
+        sim.elect(Some(1));
+        sim
+    }
+
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.config.trace {
+            println!("[{:>6} {:>7}ms] {}", self.step, self.now_ms, what());
+        }
+    }
+
+    fn fail(&self, message: String) -> SimFailure {
+        SimFailure {
+            seed: self.config.seed,
+            step: self.step,
+            message,
+        }
+    }
+
+    fn node(&mut self, id: BrokerId) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn alive(&self, id: BrokerId) -> bool {
+        self.nodes[(id - 1) as usize].live.is_some()
+    }
+
+    fn down_count(&self) -> usize {
+        self.nodes.iter().filter(|n| n.live.is_none()).count()
+    }
+
+    /// Opens (recovering) node `id`'s log and creates its replica.
+    fn start(&mut self, id: BrokerId) -> Check {
+        let config = ReplicaConfig {
+            broker_id: id,
+            replicas: (1..=self.config.replicas as BrokerId).collect(),
+            min_insync_replicas: self.config.min_insync,
+            replica_lag_max_ms: 100,
+            fetch_backoff_ms: 10,
+        };
+        let log_config = self.log_config.clone();
+        let now = self.now_ms;
+        let node = self.node(id);
+        let (log, report) = block_on(PartitionLog::open(
+            Rc::new(node.disk.clone()),
+            log_config,
+            now,
+        ))
+        .map_err(|e| format!("node {id}: recovery failed: {e}"))?;
+        if !report.corrupt.is_empty() {
+            return Err(format!("node {id}: recovery found corruption: {report:?}"));
+        }
+        let epochs = EpochHistory::new(node.epochs_file.clone(), log.end_offset())
+            .map_err(|e| format!("node {id}: {e}"))?;
+        let state = LogState {
+            log_start: log.log_start_offset(),
+            end: log.end_offset(),
+            durable: log.durable_offset(),
+            high_watermark: Offset::ZERO,
+        };
+        let replica = Replica::new(config, state, epochs, now);
+        node.live = Some(Live {
+            log,
+            replica,
+            produce_bytes: BTreeMap::new(),
+            fetched: Vec::new(),
+            parked: Vec::new(),
+            outstanding: None,
+            last_high_watermark: Offset::ZERO,
+        });
+        Ok(())
+    }
+
+    /// The controller picks a leader from the live ISR (the most up-to-date log, or `prefer`),
+    /// bumps the epoch and tells every live node.
+    fn elect(&mut self, prefer: Option<BrokerId>) -> bool {
+        let candidates: Vec<BrokerId> = self
+            .controller
+            .isr
+            .iter()
+            .copied()
+            .filter(|&r| self.alive(r))
+            .collect();
+        let choice = match prefer.filter(|p| candidates.contains(p)) {
+            Some(p) => Some(p),
+            None => candidates.iter().copied().max_by_key(|&r| {
+                let live = self.nodes[(r - 1) as usize].live.as_ref().expect("alive");
+                let end = live.log.end_offset();
+                (live.replica.epochs().last_epoch_below(end), end)
+            }),
+        };
+        let Some(leader) = choice else {
+            self.controller.leader = None;
+            self.trace(|| "partition offline: no live ISR member".into());
+            return false;
+        };
+        self.controller.epoch = Epoch(self.controller.epoch.0 + 1);
+        self.controller.leader = Some(leader);
+        let mut isr = candidates;
+        isr.sort_unstable();
+        self.controller.isr = isr.clone();
+        self.report.leader_changes += 1;
+        let epoch = self.controller.epoch;
+        self.trace(|| format!("controller: broker {leader} leads epoch {epoch}, ISR {isr:?}"));
+        for id in 1..=self.config.replicas as BrokerId {
+            if !self.alive(id) {
+                continue;
+            }
+            let input = if id == leader {
+                Input::BecomeLeader {
+                    epoch,
+                    isr: isr.clone(),
+                }
+            } else {
+                Input::BecomeFollower { epoch, leader }
+            };
+            self.input(id, input);
+        }
+        true
+    }
+
+    /// Feeds one input to node `id` and carries out its outputs (recursively).
+    fn input(&mut self, id: BrokerId, input: Input) {
+        let mut queue = vec![input];
+        let mut rounds = 0;
+        while let Some(input) = queue.pop() {
+            rounds += 1;
+            assert!(rounds < 10_000, "output loop limit");
+            let mut outbox = Vec::new();
+            let Some(live) = self.node(id).live.as_mut() else {
+                return;
+            };
+            live.replica.step(input, &mut outbox);
+            let mut follow_ups = Vec::new();
+            for output in outbox {
+                if let Some(next) = self.execute(id, output) {
+                    follow_ups.push(next);
+                }
+            }
+            follow_ups.reverse();
+            queue.extend(follow_ups);
+        }
+    }
+
+    /// Carries out one output of node `id`; returns the input that reports its completion.
+    fn execute(&mut self, id: BrokerId, output: Output) -> Option<Input> {
+        let now = self.now_ms;
+        match output {
+            Output::Append {
+                waiter,
+                leader_epoch,
+            } => {
+                let live = self.node(id).live.as_mut()?;
+                let mut bytes = live.produce_bytes.remove(&waiter.0)?;
+                match live
+                    .log
+                    .append(&mut bytes, AppendMode::Leader { leader_epoch }, now)
+                {
+                    Ok(appended) => {
+                        let next = appended.last_offset.plus(1);
+                        live.produce_bytes.insert(waiter.0, bytes);
+                        Some(Input::ProduceAppended {
+                            waiter,
+                            base_offset: appended.base_offset,
+                            next_offset: next,
+                        })
+                    }
+                    Err(AppendError::Backpressure { .. }) => {
+                        self.produces.remove(&waiter.0);
+                        Some(Input::ProduceAborted { waiter })
+                    }
+                    Err(e) => panic!("node {id}: append failed: {e}"),
+                }
+            }
+            Output::Complete { waiter, result } => {
+                let bytes = self
+                    .node(id)
+                    .live
+                    .as_mut()
+                    .and_then(|l| l.produce_bytes.remove(&waiter.0));
+                let produce = self.produces.remove(&waiter.0)?;
+                self.on_ack(id, waiter, produce, result, bytes);
+                None
+            }
+            Output::ServeFetch {
+                replica,
+                fetch_id,
+                fetch_offset,
+            } => {
+                let live = self.node(id).live.as_mut()?;
+                live.parked
+                    .push((replica, fetch_id, fetch_offset, now + FETCH_WAIT_MS));
+                self.serve_parked(id, false);
+                None
+            }
+            Output::RejectFetch {
+                replica,
+                fetch_id,
+                error,
+            } => {
+                let epoch = self.node(id).live.as_ref()?.replica.leader_epoch();
+                self.send(
+                    id,
+                    replica,
+                    Message::Reply {
+                        fetch_id,
+                        leader_epoch: epoch,
+                        reply: FetchReply::Error(error),
+                        batches: Vec::new(),
+                    },
+                );
+                None
+            }
+            Output::SendFetch { leader, request } => {
+                if let Some(live) = self.node(id).live.as_mut() {
+                    live.outstanding = Some((request.fetch_id, now));
+                }
+                self.send(id, leader, Message::Fetch(request));
+                None
+            }
+            Output::AppendFetched { count } => {
+                let live = self.node(id).live.as_mut()?;
+                let fetched = std::mem::take(&mut live.fetched);
+                for mut bytes in fetched.into_iter().take(count) {
+                    live.log
+                        .append(&mut bytes, AppendMode::Replica, now)
+                        .unwrap_or_else(|e| panic!("node {id}: replica append failed: {e}"));
+                }
+                Some(Input::FetchedAppended {
+                    next_offset: live.log.end_offset(),
+                })
+            }
+            Output::Truncate { to } => {
+                let live = self.node(id).live.as_mut()?;
+                block_on(live.log.truncate_suffix(to))
+                    .unwrap_or_else(|e| panic!("node {id}: truncate to {to} failed: {e}"));
+                let end = live.log.end_offset();
+                self.report.truncations += 1;
+                self.trace(|| format!("broker {id} truncated to {to}"));
+                Some(Input::Truncated { end })
+            }
+            Output::EpochHistoryChanged => {
+                let node = self.node(id);
+                let entries = node.live.as_ref()?.replica.epochs().entries().to_vec();
+                node.epochs_file = entries;
+                None
+            }
+            Output::HighWatermark(_) => {
+                self.serve_parked(id, false);
+                None
+            }
+            Output::IsrChanged(isr) => {
+                let epoch = self.node(id).live.as_ref()?.replica.leader_epoch();
+                // The controller takes ISR changes only from the current leader and epoch.
+                if self.controller.leader == Some(id) && self.controller.epoch == epoch {
+                    self.trace(|| format!("ISR of epoch {epoch} is now {isr:?}"));
+                    self.controller.isr = isr;
+                }
+                None
+            }
+        }
+    }
+
+    fn on_ack(
+        &mut self,
+        leader: BrokerId,
+        waiter: WaiterId,
+        produce: PendingProduce,
+        result: Result<wharf_replication::Ack, ProduceError>,
+        bytes: Option<AlignedVec<16>>,
+    ) {
+        match result {
+            Ok(ack) => {
+                self.report.acknowledged += 1;
+                let Some(bytes) = bytes else {
+                    panic!("acknowledged produce {waiter:?} without its bytes");
+                };
+                self.trace(|| {
+                    format!(
+                        "ack {:?} acks={:?} [{}, {}) epoch {} held by {}",
+                        waiter,
+                        produce.acks,
+                        ack.base_offset,
+                        ack.next_offset,
+                        ack.leader_epoch,
+                        ack.durable_replicas
+                    )
+                });
+                // The replica count is true (when the leader is still current: a deposed
+                // leader may count a follower that has since truncated).
+                if self.controller.leader == Some(leader)
+                    && self.controller.epoch == ack.leader_epoch
+                {
+                    let holders = self
+                        .nodes
+                        .iter()
+                        .filter(|n| {
+                            n.live.as_ref().is_some_and(|l| {
+                                l.log.durable_offset() >= ack.next_offset
+                                    && read_batches(&l.log, ack.base_offset, ack.next_offset)
+                                        .ok()
+                                        .and_then(|b| b.first().map(|(_, x)| x.clone()))
+                                        .as_deref()
+                                        == Some(&bytes[..])
+                            })
+                        })
+                        .count();
+                    // A crashed replica keeps what it synced, but cannot be read until it restarts.
+                    let down = self.down_count();
+                    if produce.acks != AckLevel::None {
+                        assert!(
+                            holders + down >= usize::from(ack.durable_replicas),
+                            "ack claims {} durable replicas, {holders} hold the batch ({down} down)",
+                            ack.durable_replicas
+                        );
+                    }
+                }
+                if produce.acks == AckLevel::All {
+                    self.report.acknowledged_all += 1;
+                    self.must_keep.insert(ack.base_offset, bytes.to_vec());
+                }
+            }
+            Err(ProduceError::NotEnoughReplicas { .. } | ProduceError::NotLeader { .. }) => {
+                self.report.refused += 1;
+            }
+            Err(_) => self.report.timed_out += 1,
+        }
+    }
+
+    fn send(&mut self, from: BrokerId, to: BrokerId, message: Message) {
+        if self.cut.contains(&(from.min(to), from.max(to)))
+            || self.rng.random_range(0..100) < self.config.drop_percent
+        {
+            return;
+        }
+        let copies = if self.rng.random_range(0..100) < self.config.duplicate_percent {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.rng.random_range(0..=self.config.delay_ms_max);
+            self.network.push(InFlight {
+                deliver_at_ms: self.now_ms + delay,
+                from,
+                to,
+                message: message.clone(),
+            });
+        }
+    }
+
+    /// Answers parked fetches at leader `id` that have data (or whose wait ran out).
+    fn serve_parked(&mut self, id: BrokerId, timeouts: bool) {
+        let now = self.now_ms;
+        let Some(live) = self.node(id).live.as_mut() else {
+            return;
+        };
+        let end = live.log.end_offset();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut live.parked)
+            .into_iter()
+            .partition(|&(_, _, offset, deadline)| offset < end || (timeouts && deadline <= now));
+        live.parked = waiting;
+        for (replica, fetch_id, offset, _) in ready {
+            let Some(live) = self.node(id).live.as_mut() else {
+                return;
+            };
+            let mut batches = Vec::new();
+            let mut infos = Vec::new();
+            if offset < end {
+                let read = block_on(live.log.read(offset, FETCH_BYTES_MAX))
+                    .unwrap_or_else(|e| panic!("leader {id}: read at {offset}: {e}"));
+                for checked in batch::batches(read.bytes()) {
+                    let checked = checked.expect("the leader's own log is valid");
+                    let mut copy = AlignedVec::<16>::new();
+                    copy.extend_from_slice(checked.bytes);
+                    infos.push(BatchInfo {
+                        base_offset: checked.header.base_offset,
+                        next_offset: checked.header.next_offset(),
+                        leader_epoch: checked.header.leader_epoch,
+                    });
+                    batches.push(copy);
+                }
+            }
+            let reply = FetchReply::Data {
+                high_watermark: live.replica.high_watermark(),
+                log_start: live.log.log_start_offset(),
+                batches: infos,
+            };
+            let epoch = live.replica.leader_epoch();
+            self.send(
+                id,
+                replica,
+                Message::Reply {
+                    fetch_id,
+                    leader_epoch: epoch,
+                    reply,
+                    batches,
+                },
+            );
+        }
+    }
+
+    fn deliver(&mut self) {
+        let now = self.now_ms;
+        let mut due = Vec::new();
+        let mut index = 0;
+        while index < self.network.len() {
+            if self.network[index].deliver_at_ms <= now {
+                due.push(self.network.swap_remove(index));
+            } else {
+                index += 1;
+            }
+        }
+        // swap_remove and random delays already reorder; shuffle what is due as well.
+        for i in (1..due.len()).rev() {
+            let j = self.rng.random_range(0..=i);
+            due.swap(i, j);
+        }
+        for message in due {
+            if self
+                .cut
+                .contains(&(message.from.min(message.to), message.from.max(message.to)))
+            {
+                continue;
+            }
+            let to = message.to;
+            match message.message {
+                Message::Fetch(request) => self.input(to, Input::FetchRequest(request)),
+                Message::Reply {
+                    fetch_id,
+                    leader_epoch,
+                    reply,
+                    batches,
+                } => {
+                    let Some(live) = self.node(to).live.as_mut() else {
+                        continue;
+                    };
+                    if live.outstanding.map(|(id, _)| id) != Some(fetch_id) {
+                        continue;
+                    }
+                    live.outstanding = None;
+                    live.fetched = batches;
+                    if self.config.trace {
+                        let summary = match &reply {
+                            FetchReply::Data {
+                                high_watermark,
+                                batches,
+                                ..
+                            } => format!(
+                                "HW {high_watermark}, batches {:?}",
+                                batches
+                                    .iter()
+                                    .map(|b| (b.base_offset.0, b.next_offset.0, b.leader_epoch.0))
+                                    .collect::<Vec<_>>()
+                            ),
+                            FetchReply::Error(e) => e.to_string(),
+                        };
+                        self.trace(|| format!("broker {to} gets fetch reply {fetch_id} (epoch {leader_epoch}): {summary}"));
+                    }
+                    self.input(
+                        to,
+                        Input::FetchReply {
+                            fetch_id,
+                            leader_epoch,
+                            reply,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn produce(&mut self) {
+        if self.produces.len() >= PRODUCES_IN_FLIGHT_MAX {
+            return;
+        }
+        // Mostly to the leader, sometimes to another broker (which must refuse).
+        let target = match self.controller.leader {
+            Some(leader) if self.rng.random_range(0..10) > 0 => leader,
+            _ => self.rng.random_range(1..=self.config.replicas as BrokerId),
+        };
+        if !self.alive(target) {
+            return;
+        }
+        let acks = match self.rng.random_range(0..6) {
+            0 => AckLevel::None,
+            1 => AckLevel::Leader,
+            2 => AckLevel::Quorum,
+            3 => AckLevel::Replicas(self.rng.random_range(1..=self.config.replicas as u8)),
+            _ => AckLevel::All,
+        };
+        let waiter = WaiterId(self.next_waiter);
+        self.next_waiter += 1;
+        let records = self.rng.random_range(1..5);
+        let value_bytes = self.rng.random_range(0..600);
+        let bytes = make_batch(records, value_bytes, waiter.0, self.now_ms as i64);
+        let Some(live) = self.node(target).live.as_mut() else {
+            return;
+        };
+        live.produce_bytes.insert(waiter.0, bytes);
+        self.produces.insert(
+            waiter.0,
+            PendingProduce {
+                acks,
+                leader: target,
+            },
+        );
+        let deadline_ms = self.now_ms + 300;
+        self.input(
+            target,
+            Input::Produce {
+                waiter,
+                acks,
+                deadline_ms,
+            },
+        );
+    }
+
+    fn crash(&mut self, id: BrokerId) {
+        let seed = self.rng.random();
+        let mode = if self.rng.random_bool(0.5) {
+            CrashMode::LoseUnsynced
+        } else {
+            CrashMode::Random {
+                seed,
+                tear_bytes: SECTOR_BYTES,
+            }
+        };
+        self.trace(|| format!("crash broker {id} ({mode:?})"));
+        let node = self.node(id);
+        node.live = None;
+        node.disk.crash(mode);
+        self.report.crashes += 1;
+        // Waiters on the crashed leader are gone: the client sees its requests fail.
+        let lost: Vec<u64> = self
+            .produces
+            .iter()
+            .filter(|(_, p)| p.leader == id)
+            .map(|(&w, _)| w)
+            .collect();
+        for waiter in lost {
+            self.produces.remove(&waiter);
+            self.report.timed_out += 1;
+        }
+        if self.controller.leader == Some(id) {
+            self.elect(None);
+        }
+    }
+
+    fn restart(&mut self, id: BrokerId) -> Check {
+        self.trace(|| format!("restart broker {id}"));
+        self.start(id)?;
+        let epoch = self.controller.epoch;
+        match self.controller.leader {
+            Some(leader) if leader != id => self.input(id, Input::BecomeFollower { epoch, leader }),
+            Some(_) => unreachable!("a crashed broker is never the controller's leader"),
+            None => {
+                self.elect(None);
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of the simulation: time passes, faults happen, messages arrive, disks flush.
+    fn step_once(&mut self, faults: bool) -> Check {
+        self.now_ms += self.rng.random_range(1..=3);
+        let fault_budget = self.config.replicas - self.config.min_insync;
+        if faults {
+            let roll = self.rng.random_range(0..1000);
+            let mut threshold = self.config.crash_per_mille;
+            if roll < threshold {
+                let id = self.rng.random_range(1..=self.config.replicas as BrokerId);
+                if self.alive(id) {
+                    if self.down_count() < fault_budget {
+                        self.crash(id);
+                    }
+                } else {
+                    self.restart(id)?;
+                }
+            } else if roll < {
+                threshold += self.config.partition_per_mille;
+                threshold
+            } {
+                let a = self.rng.random_range(1..=self.config.replicas as BrokerId);
+                let b = self.rng.random_range(1..=self.config.replicas as BrokerId);
+                if a != b {
+                    let link = (a.min(b), a.max(b));
+                    if !self.cut.remove(&link) {
+                        self.trace(|| format!("cut link {link:?}"));
+                        self.cut.insert(link);
+                    }
+                }
+            } else if roll < {
+                threshold += self.config.leader_move_per_mille;
+                threshold
+            } {
+                let prefer = self.rng.random_range(1..=self.config.replicas as BrokerId);
+                self.elect(Some(prefer));
+            } else if roll < threshold + self.config.produce_per_mille {
+                self.produce();
+            }
+        }
+        self.deliver();
+        let now = self.now_ms;
+        for id in 1..=self.config.replicas as BrokerId {
+            if !self.alive(id) {
+                continue;
+            }
+            self.input(id, Input::Tick { now_ms: now });
+            self.serve_parked(id, true);
+            // A follower whose fetch got no answer gives up on it.
+            let fetch_timeout_ms = FETCH_WAIT_MS + 4 * self.config.delay_ms_max + 10;
+            let timed_out = self.nodes[(id - 1) as usize].live.as_ref().and_then(|l| {
+                l.outstanding
+                    .filter(|&(_, sent)| now.saturating_sub(sent) > fetch_timeout_ms)
+            });
+            if let Some((fetch_id, _)) = timed_out {
+                if let Some(live) = self.node(id).live.as_mut() {
+                    live.outstanding = None;
+                }
+                self.input(id, Input::FetchFailed { fetch_id });
+            }
+            // The disk flushes now and then (group commit in the real driver).
+            if self.rng.random_bool(0.5) {
+                let live = self.node(id).live.as_mut().expect("alive");
+                if live.log.staged_bytes() > 0 {
+                    let durable = block_on(live.log.flush())
+                        .unwrap_or_else(|e| panic!("node {id}: flush failed: {e}"));
+                    self.input(id, Input::Flushed { durable });
+                }
+            }
+        }
+        self.check()
+    }
+
+    /// The invariants that must hold after every step.
+    fn check(&mut self) -> Check {
+        let Some(leader) = self.controller.leader else {
+            return Ok(());
+        };
+        let epoch = self.controller.epoch;
+        // HW never goes back on a replica.
+        for node in &mut self.nodes {
+            if let Some(live) = node.live.as_mut() {
+                let hw = live.replica.high_watermark();
+                if hw < live.last_high_watermark {
+                    return Err(format!(
+                        "broker {}: HW went back from {} to {hw}",
+                        node.id, live.last_high_watermark
+                    ));
+                }
+                live.last_high_watermark = hw;
+                if hw > live.log.end_offset() {
+                    return Err(format!(
+                        "broker {}: HW {hw} above its log end {}",
+                        node.id,
+                        live.log.end_offset()
+                    ));
+                }
+            }
+        }
+        let Some(live) = self.nodes[(leader - 1) as usize].live.as_ref() else {
+            return Ok(());
+        };
+        if live.replica.role() != Role::Leader || live.replica.leader_epoch() != epoch {
+            return Err(format!(
+                "controller leader {leader} is not leading epoch {epoch}"
+            ));
+        }
+        let hw = live.replica.high_watermark();
+        // HW never exceeds what an ISR member holds durably.
+        for &member in live.replica.isr() {
+            if let Some(m) = self.nodes[(member - 1) as usize].live.as_ref() {
+                if m.log.durable_offset() < hw {
+                    return Err(format!(
+                        "HW {hw} of leader {leader} above ISR member {member}'s durable offset {}",
+                        m.log.durable_offset()
+                    ));
+                }
+            }
+        }
+        // The leader's log below its HW extends the committed log (an offset never maps to
+        // two batches once exposed); the consumer reads the new part.
+        if hw > self.committed_end {
+            let from = self
+                .committed
+                .keys()
+                .next_back()
+                .copied()
+                .unwrap_or(Offset::ZERO);
+            let batches = read_batches(&live.log, from, hw)?;
+            for (offset, bytes) in batches {
+                match self.committed.get(&offset) {
+                    Some(previous) if previous != &bytes => {
+                        return Err(format!(
+                            "offset {offset} maps to two different committed batches"
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        if offset < self.committed_end {
+                            return Err(format!("committed offset {offset} starts a new batch"));
+                        }
+                        self.committed.insert(offset, bytes);
+                    }
+                }
+            }
+            self.committed_end = hw;
+        }
+        // Every committed batch below the consumer's read point is still on the leader.
+        if self.step.is_multiple_of(50) {
+            self.consumer_at = self.consumer_at.max(hw.min(self.committed_end));
+            let live = self.nodes[(leader - 1) as usize]
+                .live
+                .as_ref()
+                .expect("checked");
+            let end = live.log.end_offset();
+            for (&offset, bytes) in self.committed.range(..self.consumer_at.min(end)) {
+                let read = read_batches(&live.log, offset, offset.plus(1))?;
+                if read.first().map(|(o, b)| (*o, b)) != Some((offset, bytes)) {
+                    return Err(format!(
+                        "committed batch at {offset} is not on leader {leader}"
+                    ));
+                }
+            }
+            // No acknowledged acks=all write is lost on the leader.
+            for (&offset, bytes) in &self.must_keep {
+                let read = read_batches(&live.log, offset, offset.plus(1))?;
+                if read.first().map(|(o, b)| (*o, b)) != Some((offset, bytes)) {
+                    return Err(format!(
+                        "acks=all batch at {offset} lost: leader {leader} (epoch {epoch}) has {:?}",
+                        read.first().map(|(o, _)| o)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Heals every fault and runs until all replicas hold the same log and the HW reaches its
+    /// end; then compares the logs.
+    fn settle(&mut self) -> Check {
+        self.cut.clear();
+        for id in 1..=self.config.replicas as BrokerId {
+            if !self.alive(id) {
+                self.restart(id)?;
+            }
+        }
+        if self.controller.leader.is_none() {
+            self.elect(None);
+        }
+        for _ in 0..SETTLE_STEPS_MAX {
+            self.step_once(false)?;
+            self.step += 1;
+            CURRENT_STEP.with(|c| c.set(self.step));
+            if self.converged() {
+                return self.compare_logs();
+            }
+        }
+        if self.config.trace {
+            for n in &self.nodes {
+                if let Some(l) = &n.live {
+                    println!(
+                        "broker {}: outstanding {:?} {:?}",
+                        n.id, l.outstanding, l.replica
+                    );
+                }
+            }
+        }
+        Err(format!(
+            "replicas did not converge within {SETTLE_STEPS_MAX} steps: {}",
+            self.describe()
+        ))
+    }
+
+    fn converged(&self) -> bool {
+        let Some(leader) = self.controller.leader else {
+            return false;
+        };
+        let Some(l) = self.nodes[(leader - 1) as usize].live.as_ref() else {
+            return false;
+        };
+        let end = l.log.end_offset();
+        self.produces.is_empty()
+            && l.replica.high_watermark() == end
+            && l.replica.isr().len() == self.config.replicas
+            && self.nodes.iter().all(|n| {
+                n.live
+                    .as_ref()
+                    .is_some_and(|x| x.log.end_offset() == end && x.log.durable_offset() == end)
+            })
+    }
+
+    fn describe(&self) -> String {
+        let mut out = format!(
+            "controller {:?} epoch {} isr {:?};",
+            self.controller.leader, self.controller.epoch, self.controller.isr
+        );
+        for n in &self.nodes {
+            match &n.live {
+                Some(l) => {
+                    out += &format!(
+                        " b{}: {:?} epoch {} end {} durable {} hw {} isr {:?};",
+                        n.id,
+                        l.replica.role(),
+                        l.replica.leader_epoch(),
+                        l.log.end_offset(),
+                        l.log.durable_offset(),
+                        l.replica.high_watermark(),
+                        l.replica.isr()
+                    )
+                }
+                None => out += &format!(" b{}: down;", n.id),
+            }
+        }
+        out
+    }
+
+    fn compare_logs(&mut self) -> Check {
+        let mut reference: Option<Vec<(Offset, Vec<u8>)>> = None;
+        for n in &self.nodes {
+            let l = n.live.as_ref().expect("settled nodes are alive");
+            let batches = read_batches(&l.log, Offset::ZERO, l.log.end_offset())?;
+            match &reference {
+                None => reference = Some(batches),
+                Some(r) if r != &batches => {
+                    return Err(format!(
+                        "broker {} holds a different log than broker 1",
+                        n.id
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let log = reference.unwrap_or_default();
+        let index: BTreeMap<Offset, &Vec<u8>> = log.iter().map(|(o, b)| (*o, b)).collect();
+        for (offset, bytes) in &self.must_keep {
+            if index.get(offset) != Some(&bytes) {
+                return Err(format!("acks=all batch at {offset} missing after settling"));
+            }
+        }
+        for (offset, bytes) in &self.committed {
+            if index.get(offset) != Some(&bytes) {
+                return Err(format!(
+                    "committed batch at {offset} missing after settling"
+                ));
+            }
+        }
+        self.report.final_end_offset = log.last().map_or(0, |(o, _)| o.0);
+        Ok(())
+    }
+}
+
+/// Runs one seed: `steps` steps with faults, then a settling phase without.
+pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
+    let steps = config.steps;
+    let seed = config.seed;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let mut sim = Sim::new(config);
+        for step in 0..steps {
+            sim.step = step;
+            CURRENT_STEP.with(|c| c.set(step));
+            sim.step_once(true).map_err(|m| sim.fail(m))?;
+        }
+        sim.step = steps;
+        sim.settle().map_err(|m| sim.fail(m))?;
+        Ok(sim.report)
+    }));
+    match outcome {
+        Ok(result) => result,
+        Err(panic) => Err(SimFailure {
+            seed,
+            step: CURRENT_STEP.with(|c| c.get()),
+            message: format!(
+                "panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            ),
+        }),
+    }
+}

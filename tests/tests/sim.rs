@@ -1,0 +1,30 @@
+//! The simulator over a fixed set of seeds (CI adds a time-boxed random batch through the `sim`
+//! binary). `WHARF_SIM_SEEDS=N` runs N seeds; a failure prints its seed and the replay command.
+
+use wharf_tests::sim::{run, SimConfig};
+
+#[test]
+fn fixed_seeds_keep_every_invariant() {
+    let seeds: u64 = std::env::var("WHARF_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24);
+    let mut totals = (0, 0, 0, 0, 0);
+    for seed in 0..seeds {
+        let report = run(SimConfig::new(seed, 3000)).unwrap_or_else(|failure| panic!("{failure}"));
+        totals.0 += report.acknowledged_all;
+        totals.1 += report.crashes;
+        totals.2 += report.leader_changes;
+        totals.3 += report.truncations;
+        totals.4 += report.refused;
+    }
+    println!(
+        "acks=all acknowledged {}, crashes {}, leader changes {}, truncations {}, refused {}",
+        totals.0, totals.1, totals.2, totals.3, totals.4
+    );
+    // The faults the invariants are meant to survive did happen.
+    assert!(
+        totals.0 > 0 && totals.1 > 0 && totals.2 > seeds as usize && totals.4 > 0,
+        "{totals:?}"
+    );
+}
