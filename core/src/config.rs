@@ -57,6 +57,55 @@ pub struct ServerConfig {
     pub retention_check_interval_ms: u64,
     pub log: LogSettings,
     pub topic_defaults: TopicDefaults,
+    pub cluster: ClusterConfig,
+}
+
+/// The static broker list and replication settings. With no brokers listed, this broker is a
+/// cluster of one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub brokers: Vec<ClusterBroker>,
+    /// A follower that has not caught up with its leader for this long leaves the ISR.
+    pub replica_lag_max_ms: u64,
+    /// How long a leader holds a follower's fetch when there is nothing new.
+    pub replica_fetch_wait_ms: u64,
+    /// Bytes a follower asks for per fetch (at most `fetch_bytes_max`).
+    pub replica_fetch_bytes_max: usize,
+    /// Pause after a failed fetch before the next.
+    pub replica_fetch_backoff_ms: u64,
+    /// Timeout of broker-to-broker admin calls (topic creation on the other brokers).
+    pub broker_call_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            brokers: Vec::new(),
+            replica_lag_max_ms: 10_000,
+            replica_fetch_wait_ms: 500,
+            replica_fetch_bytes_max: 4 * 1024 * 1024,
+            replica_fetch_backoff_ms: 100,
+            broker_call_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterBroker {
+    pub id: u32,
+    /// Where clients reach this broker (its `listen` address as seen from others).
+    pub address: String,
+    /// Where followers fetch from this broker; defaults to `address`. Replication speaks the
+    /// same protocol (a `ReplicaFetch` request), so this must be one of the broker's listeners.
+    pub replication_address: Option<String>,
+}
+
+impl ClusterBroker {
+    pub fn replication_address(&self) -> &str {
+        self.replication_address.as_deref().unwrap_or(&self.address)
+    }
 }
 
 impl Default for ServerConfig {
@@ -84,6 +133,7 @@ impl Default for ServerConfig {
             retention_check_interval_ms: 10_000,
             log: LogSettings::default(),
             topic_defaults: TopicDefaults::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -318,6 +368,52 @@ impl ServerConfig {
         self.topic_defaults
             .with_entries(&[])
             .map_err(|e| format!("topic_defaults: {e}"))?;
+        let mut ids = std::collections::BTreeSet::new();
+        for broker in &self.cluster.brokers {
+            if !ids.insert(broker.id) {
+                return Err(format!("cluster.brokers lists broker {} twice", broker.id));
+            }
+            parse_host_port("cluster.brokers.address", &broker.address)?;
+            parse_host_port(
+                "cluster.brokers.replication_address",
+                broker.replication_address(),
+            )?;
+        }
+        if !self.cluster.brokers.is_empty() && !ids.contains(&self.broker_id) {
+            return Err(format!(
+                "cluster.brokers does not list this broker (broker_id = {})",
+                self.broker_id
+            ));
+        }
+        if self.cluster.brokers.len() > wharf_replication::replica::REPLICAS_MAX {
+            return Err(format!(
+                "cluster.brokers lists {} brokers (limit {})",
+                self.cluster.brokers.len(),
+                wharf_replication::replica::REPLICAS_MAX
+            ));
+        }
+        for (key, value) in [
+            (
+                "cluster.replica_lag_max_ms",
+                self.cluster.replica_lag_max_ms,
+            ),
+            (
+                "cluster.replica_fetch_wait_ms",
+                self.cluster.replica_fetch_wait_ms,
+            ),
+            (
+                "cluster.replica_fetch_bytes_max",
+                self.cluster.replica_fetch_bytes_max as u64,
+            ),
+            (
+                "cluster.broker_call_timeout_ms",
+                self.cluster.broker_call_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be positive"));
+            }
+        }
         Ok(self)
     }
 

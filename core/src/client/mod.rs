@@ -481,12 +481,13 @@ impl Client {
             .and_then(|t| t.partitions.iter().find(|p| p.partition == partition))
             .and_then(|p| {
                 let broker = metadata.brokers.iter().find(|b| b.broker_id == p.leader)?;
-                broker.shards.iter().find(|s| s.shard == p.shard)
+                Some(match broker.shards.iter().find(|s| s.shard == p.shard) {
+                    Some(shard) => format!("{}:{}", shard.host, shard.port),
+                    // Another broker of the cluster: its listener forwards to the owner shard.
+                    None => format!("{}:{}", broker.host, broker.port),
+                })
             });
-        Ok(match owner {
-            Some(shard) => format!("{}:{}", shard.host, shard.port),
-            None => self.config.bootstrap.clone(),
-        })
+        Ok(owner.unwrap_or_else(|| self.config.bootstrap.clone()))
     }
 
     pub async fn partition_connection(
@@ -537,10 +538,50 @@ impl Client {
         Ok(self.refresh_metadata().await?.topics.clone())
     }
 
+    /// Describes a topic; each partition as its leader sees it (ISR, high watermark), asking
+    /// the other brokers of a cluster for the partitions they lead.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription, ClientError> {
-        let frame = self
-            .bootstrap()
-            .await?
+        let bootstrap = self.bootstrap().await?;
+        let mut topic = self.describe_at(&bootstrap, name).await?;
+        let metadata = self.refresh_metadata().await?;
+        let mut remote: HashMap<String, TopicDescription> = HashMap::new();
+        for partition in &mut topic.partitions {
+            let Some(leader) = metadata
+                .brokers
+                .iter()
+                .find(|b| b.broker_id == partition.leader)
+            else {
+                continue;
+            };
+            if !leader.shards.is_empty() {
+                continue; // The bootstrap broker leads it: already its own view.
+            }
+            let address = format!("{}:{}", leader.host, leader.port);
+            if !remote.contains_key(&address) {
+                let Ok(connection) = self.connection(&address).await else {
+                    continue; // Leader down: keep this broker's view.
+                };
+                if let Ok(described) = self.describe_at(&connection, name).await {
+                    remote.insert(address.clone(), described);
+                }
+            }
+            if let Some(found) = remote.get(&address).and_then(|t| {
+                t.partitions
+                    .iter()
+                    .find(|p| p.partition == partition.partition)
+            }) {
+                *partition = found.clone();
+            }
+        }
+        Ok(topic)
+    }
+
+    async fn describe_at(
+        &self,
+        connection: &Connection,
+        name: &str,
+    ) -> Result<TopicDescription, ClientError> {
+        let frame = connection
             .call(
                 ApiKey::DescribeTopic,
                 &DescribeTopicRequest {

@@ -37,6 +37,9 @@ messages!(
     FetchResponse,
     ListOffsetsRequest,
     ListOffsetsResponse,
+    ReplicaFetchRequest,
+    ReplicaFetchResponse,
+    ApplyTopicRequest,
 );
 
 /// Body of a response whose header carries a frame-level error code.
@@ -324,4 +327,53 @@ pub struct ListOffsetsPartitionResponse {
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ListOffsetsResponse {
     pub partitions: Vec<ListOffsetsPartitionResponse>,
+}
+
+/// A follower's fetch for one partition (DESIGN §5). Sent to the leader's owning shard.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaFetchRequest {
+    pub replica_id: u32,
+    pub topic: String,
+    pub topic_id: u64,
+    pub partition: u32,
+    /// The epoch the follower believes the leader has.
+    pub leader_epoch: u32,
+    pub fetch_id: u64,
+    /// The follower's log end.
+    pub fetch_offset: u64,
+    /// The epoch of the follower's last record; `None` for an empty log.
+    pub last_fetched_epoch: Option<u32>,
+    /// Everything below this is durable on the follower.
+    pub durable_offset: u64,
+    pub max_wait_ms: u32,
+    pub max_bytes: u32,
+}
+
+/// The batches (in the payload, `batch_bytes` long) from the fetch offset, or an error.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaFetchResponse {
+    pub error: u16,
+    pub message: String,
+    pub fetch_id: u64,
+    /// The leader's current epoch (also on errors: a fenced follower learns it here).
+    pub leader_epoch: u32,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    /// With `DivergingLog`: the leader's largest epoch not above the follower's last epoch,
+    /// and where the leader's copy of it ends.
+    pub diverging_epoch: u32,
+    pub diverging_end_offset: u64,
+    pub batch_bytes: u32,
+}
+
+/// Installs a topic with a given id and assignment on another broker, or removes it.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ApplyTopicRequest {
+    pub name: String,
+    pub topic_id: u64,
+    pub delete: bool,
+    pub replication_factor: u16,
+    pub configs: Vec<ConfigEntry>,
+    /// Per partition, the replica set (the first replica leads).
+    pub replicas: Vec<Vec<u32>>,
 }

@@ -59,10 +59,15 @@ pub enum ApiKey {
     Produce = 5,
     Fetch = 6,
     ListOffsets = 7,
+    /// Broker to broker: a follower fetches from the partition leader.
+    ReplicaFetch = 8,
+    /// Broker to broker: install (or remove) a topic with the assignment the creating broker
+    /// chose, so every broker of a static cluster knows it.
+    ApplyTopic = 9,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 8] = [
+    pub const ALL: [ApiKey; 10] = [
         ApiKey::Versions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -71,6 +76,8 @@ impl ApiKey {
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
+        ApiKey::ReplicaFetch,
+        ApiKey::ApplyTopic,
     ];
 
     pub fn from_u16(value: u16) -> Option<ApiKey> {
@@ -92,6 +99,8 @@ impl ApiKey {
             ApiKey::Produce => "produce",
             ApiKey::Fetch => "fetch",
             ApiKey::ListOffsets => "list_offsets",
+            ApiKey::ReplicaFetch => "replica_fetch",
+            ApiKey::ApplyTopic => "apply_topic",
         }
     }
 }
@@ -131,10 +140,18 @@ pub enum ErrorCode {
     ShuttingDown = 21,
     /// The partition is being created or deleted; retry.
     PartitionUnavailable = 22,
+    /// Appended, but the ISR shrank below what the acks need; the outcome is unknown.
+    NotEnoughReplicasAfterAppend = 23,
+    /// A replica fetch named another leader epoch than the leader's.
+    FencedLeaderEpoch = 24,
+    /// The follower's log diverges from the leader's; the response says where to truncate.
+    DivergingLog = 25,
+    /// Another broker of the cluster did not answer.
+    BrokerUnavailable = 26,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::CorruptFrame,
@@ -158,6 +175,10 @@ impl ErrorCode {
         ErrorCode::CorruptData,
         ErrorCode::ShuttingDown,
         ErrorCode::PartitionUnavailable,
+        ErrorCode::NotEnoughReplicasAfterAppend,
+        ErrorCode::FencedLeaderEpoch,
+        ErrorCode::DivergingLog,
+        ErrorCode::BrokerUnavailable,
     ];
 
     /// Unknown numbers (from a newer peer) map to `Unknown`.
@@ -178,6 +199,9 @@ impl ErrorCode {
                 | ErrorCode::Backpressure
                 | ErrorCode::ShuttingDown
                 | ErrorCode::PartitionUnavailable
+                | ErrorCode::NotEnoughReplicasAfterAppend
+                | ErrorCode::FencedLeaderEpoch
+                | ErrorCode::BrokerUnavailable
         )
     }
 
@@ -206,6 +230,10 @@ impl ErrorCode {
             ErrorCode::CorruptData => "corrupt_data",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PartitionUnavailable => "partition_unavailable",
+            ErrorCode::NotEnoughReplicasAfterAppend => "not_enough_replicas_after_append",
+            ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
+            ErrorCode::DivergingLog => "diverging_log",
+            ErrorCode::BrokerUnavailable => "broker_unavailable",
         }
     }
 }

@@ -55,6 +55,11 @@ pub struct Metrics {
     pub partition_log_start_offset: Family<PartitionLabels, Gauge>,
     pub partition_produced_bytes: Family<PartitionLabels, Counter>,
     pub partition_fetched_bytes: Family<PartitionLabels, Counter>,
+    pub partition_isr_size: Family<PartitionLabels, Gauge>,
+    pub partition_under_replicated: Family<PartitionLabels, Gauge>,
+    pub partition_follower_lag_offsets: Family<PartitionLabels, Gauge>,
+    pub partition_follower_lag_ms: Family<PartitionLabels, Gauge>,
+    pub partition_ack_wait: HistogramFamily<PartitionLabels>,
     pub requests: Family<ApiLabels, Counter>,
     pub request_errors: Family<ErrorLabels, Counter>,
     pub request_latency: HistogramFamily<ApiLabels>,
@@ -72,6 +77,11 @@ impl Metrics {
             partition_log_start_offset: Family::default(),
             partition_produced_bytes: Family::default(),
             partition_fetched_bytes: Family::default(),
+            partition_isr_size: Family::default(),
+            partition_under_replicated: Family::default(),
+            partition_follower_lag_offsets: Family::default(),
+            partition_follower_lag_ms: Family::default(),
+            partition_ack_wait: Family::new_with_constructor(latency_histogram),
             requests: Family::default(),
             request_errors: Family::default(),
             request_latency: Family::new_with_constructor(latency_histogram),
@@ -105,6 +115,31 @@ impl Metrics {
             "partition_fetched_bytes",
             "Batch bytes served to consumers",
             metrics.partition_fetched_bytes.clone(),
+        );
+        registry.register(
+            "partition_isr_size",
+            "In-sync replicas (leader's view; 0 on followers)",
+            metrics.partition_isr_size.clone(),
+        );
+        registry.register(
+            "partition_under_replicated",
+            "1 when the leader's ISR is smaller than the replica set",
+            metrics.partition_under_replicated.clone(),
+        );
+        registry.register(
+            "partition_follower_lag_offsets",
+            "Leader: offsets the furthest follower is behind the log end",
+            metrics.partition_follower_lag_offsets.clone(),
+        );
+        registry.register(
+            "partition_follower_lag_ms",
+            "Leader: time since the least caught-up follower was last caught up",
+            metrics.partition_follower_lag_ms.clone(),
+        );
+        registry.register(
+            "partition_ack_wait_seconds",
+            "Time produces waited after the append for their acks (durability on replicas)",
+            metrics.partition_ack_wait.clone(),
         );
         registry.register(
             "requests",
@@ -172,6 +207,11 @@ pub struct PartitionMetrics {
     pub log_start_offset: Gauge,
     pub produced_bytes: Counter,
     pub fetched_bytes: Counter,
+    pub isr_size: Gauge,
+    pub under_replicated: Gauge,
+    pub follower_lag_offsets: Gauge,
+    pub follower_lag_ms: Gauge,
+    pub ack_wait: Histogram,
 }
 
 impl PartitionMetrics {
@@ -192,6 +232,17 @@ impl PartitionMetrics {
                 .partition_produced_bytes
                 .get_or_create_owned(&labels),
             fetched_bytes: metrics.partition_fetched_bytes.get_or_create_owned(&labels),
+            isr_size: metrics.partition_isr_size.get_or_create_owned(&labels),
+            under_replicated: metrics
+                .partition_under_replicated
+                .get_or_create_owned(&labels),
+            follower_lag_offsets: metrics
+                .partition_follower_lag_offsets
+                .get_or_create_owned(&labels),
+            follower_lag_ms: metrics
+                .partition_follower_lag_ms
+                .get_or_create_owned(&labels),
+            ack_wait: metrics.partition_ack_wait.get_or_create_owned(&labels),
             labels,
         }
     }
@@ -203,6 +254,11 @@ impl PartitionMetrics {
         metrics.partition_log_start_offset.remove(&self.labels);
         metrics.partition_produced_bytes.remove(&self.labels);
         metrics.partition_fetched_bytes.remove(&self.labels);
+        metrics.partition_isr_size.remove(&self.labels);
+        metrics.partition_under_replicated.remove(&self.labels);
+        metrics.partition_follower_lag_offsets.remove(&self.labels);
+        metrics.partition_follower_lag_ms.remove(&self.labels);
+        metrics.partition_ack_wait.remove(&self.labels);
     }
 }
 

@@ -7,7 +7,7 @@
 //! synchronous `try_read`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,10 @@ use futures_channel::oneshot;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::sync::{RwLock, RwLockReadGuard};
 use glommio::{Task, TaskQueueHandle};
+use wharf_replication::{
+    Ack, AckLevel, BatchInfo, BrokerId, EpochHistory, FetchError, FetchReply, FetchRequest, Input,
+    LogState, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+};
 use wharf_storage::batch::{self, BatchError};
 use wharf_storage::disk::{Disk, DiskFile};
 use wharf_storage::log::{AppendError, FlushOutcome, LogRead, FLUSHES_IN_FLIGHT_MAX};
@@ -25,7 +29,10 @@ use prometheus_client::metrics::histogram::Histogram;
 use super::metrics::{Metrics, PartitionMetrics};
 use crate::config::{FlushMode, TopicConfig};
 use crate::dma_disk::DmaDisk;
-use crate::protocol::{Acks, ErrorCode, OffsetSpec, PartitionDescription};
+use crate::protocol::{
+    Acks, ErrorCode, FrameBuf, OffsetSpec, PartitionDescription, ReplicaFetchRequest,
+    ReplicaFetchResponse,
+};
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
@@ -59,18 +66,94 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-struct DurableWaiter {
-    /// Complete once the durable offset reaches this.
-    needed: Offset,
-    done: oneshot::Sender<Result<(), PartitionError>>,
+/// The file (in the partition directory) that keeps the leader-epoch history.
+const EPOCHS_FILE: &str = "leader-epochs";
+
+/// How this broker takes part in replicating the partition.
+#[derive(Clone)]
+pub struct ReplicationSettings {
+    pub broker_id: BrokerId,
+    /// Where each broker of the cluster takes replica fetches.
+    pub replication_addresses: Rc<HashMap<BrokerId, String>>,
+    pub replica_lag_max_ms: u64,
+    pub fetch_wait_ms: u64,
+    pub fetch_bytes_max: usize,
+    pub fetch_backoff_ms: u64,
+    pub frame_bytes_max: usize,
+    pub queue: TaskQueueHandle,
 }
+
+type AckSender = oneshot::Sender<Result<Ack, PartitionError>>;
 
 /// What an accepted produce did; `completion` resolves when the acks are reached.
 pub struct Admitted {
     pub base_offset: Offset,
     pub last_offset: Offset,
     pub leader_epoch: Epoch,
-    pub completion: Option<oneshot::Receiver<Result<(), PartitionError>>>,
+    pub completion: Option<oneshot::Receiver<Result<Ack, PartitionError>>>,
+}
+
+fn produce_error(error: ProduceError) -> PartitionError {
+    let code = match &error {
+        ProduceError::NotLeader { .. } | ProduceError::LeaderChanged { .. } => ErrorCode::NotLeader,
+        ProduceError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+        ProduceError::NotEnoughReplicasAfterAppend { .. } => {
+            ErrorCode::NotEnoughReplicasAfterAppend
+        }
+        ProduceError::InvalidAcks(..) => ErrorCode::InvalidRequest,
+        ProduceError::Timeout { .. } => ErrorCode::RequestTimeout,
+    };
+    PartitionError::new(code, error.to_string())
+}
+
+pub fn ack_level(acks: Acks) -> AckLevel {
+    match acks {
+        Acks::None => AckLevel::None,
+        Acks::Leader => AckLevel::Leader,
+        Acks::Quorum => AckLevel::Quorum,
+        Acks::All => AckLevel::All,
+        Acks::Replicas(n) => AckLevel::Replicas(n),
+    }
+}
+
+fn load_epochs(dir: &std::path::Path) -> Result<Option<Vec<(Epoch, Offset)>>, String> {
+    let path = dir.join(EPOCHS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("read {}: {e}", path.display())),
+    };
+    let mut entries = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut fields = line.split_whitespace().map(str::parse::<u64>);
+        match (fields.next(), fields.next(), fields.next()) {
+            (Some(Ok(epoch)), Some(Ok(start)), None) if epoch <= u64::from(u32::MAX) => {
+                entries.push((Epoch(epoch as u32), Offset(start)));
+            }
+            _ => return Err(format!("{}: malformed line {line:?}", path.display())),
+        }
+    }
+    Ok(Some(entries))
+}
+
+/// Writes the epoch history durably (temp file, fsync, rename, fsync the directory). Epochs
+/// change once per leader change, so this small synchronous write is rare.
+fn store_epochs(dir: &std::path::Path, entries: &[(Epoch, Offset)]) -> Result<(), String> {
+    use std::io::Write;
+    let path = dir.join(EPOCHS_FILE);
+    let temp = dir.join(format!("{EPOCHS_FILE}.tmp"));
+    let text: String = entries
+        .iter()
+        .map(|(epoch, start)| format!("{epoch} {start}\n"))
+        .collect();
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_data()?;
+        std::fs::rename(&temp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// Bytes to serve from one partition: whole batches below the high watermark.
@@ -92,14 +175,26 @@ pub struct Partition {
     pub index: u32,
     pub topic_id: u64,
     pub config: TopicConfig,
-    pub leader_epoch: Epoch,
     pub replicas: Vec<u32>,
+    dir: std::path::PathBuf,
     log_config: LogConfig,
     log: RefCell<PartitionLog<DmaDisk>>,
     maintenance: RwLock<()>,
     high_watermark: Cell<Offset>,
-    durable_waiters: RefCell<VecDeque<DurableWaiter>>,
+    replica: RefCell<Replica>,
+    replication: ReplicationSettings,
+    next_waiter: Cell<u64>,
+    /// Produce completions by waiter id, with the time the append happened.
+    produce_waiters: RefCell<HashMap<u64, (Instant, AckSender)>>,
     data_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Follower fetches parked at this leader until the log end moves.
+    append_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Follower: the next fetch to send, and the bytes of the reply being appended.
+    outgoing_fetch: RefCell<Option<FetchRequest>>,
+    wake_fetcher: LocalSender<()>,
+    fetched: RefCell<Option<(FrameBuf, Vec<std::ops::Range<usize>>)>>,
+    fetcher: RefCell<Option<Task<()>>>,
+    this: RefCell<std::rc::Weak<Partition>>,
     wake_flusher: LocalSender<()>,
     closing: Cell<bool>,
     pub metrics: PartitionMetrics,
@@ -109,7 +204,8 @@ pub struct Partition {
 }
 
 impl Partition {
-    /// Opens (recovering) the log in `dir` and starts its flusher on `queue`.
+    /// Opens (recovering) the log in `dir`, starts its flusher on `queue` and takes up its role:
+    /// the first replica leads (with a new epoch each time it starts), the others follow it.
     #[allow(clippy::too_many_arguments)]
     pub async fn open(
         dir: std::path::PathBuf,
@@ -117,20 +213,23 @@ impl Partition {
         index: u32,
         topic_id: u64,
         config: TopicConfig,
-        leader_epoch: Epoch,
+        meta_epoch: Epoch,
         replicas: Vec<u32>,
         metrics: &Metrics,
         flush_latency: Histogram,
         retention_check_ms: u64,
         queue: TaskQueueHandle,
+        replication: ReplicationSettings,
     ) -> Result<Rc<Partition>, String> {
         let disk = DmaDisk::open(&dir)
             .await
             .map_err(|e| format!("{topic}/{index}: {e}"))?;
         let log_config = config.log_config();
-        let (log, report) = PartitionLog::open(Rc::new(disk), log_config.clone(), now_ms())
+        let (mut log, report) = PartitionLog::open(Rc::new(disk), log_config.clone(), now_ms())
             .await
             .map_err(|e| format!("{topic}/{index}: recovery failed: {e}"))?;
+        let me = replication.broker_id;
+        let leader = replicas.first().copied().unwrap_or(me);
         if !report.corrupt.is_empty() || report.torn_tail_at.is_some() {
             tracing::warn!(
                 topic,
@@ -141,17 +240,59 @@ impl Partition {
         } else {
             tracing::debug!(topic, partition = index, ?report, "recovered partition log");
         }
-        let (wake_flusher, wake) = local_channel::new_bounded(1);
-        let partition_metrics = PartitionMetrics::new(metrics, topic, index);
-        let durable = log.durable_offset();
-        let high_watermark = match config.flush {
-            FlushMode::Always => durable,
-            FlushMode::Interval => log.end_offset(),
+        if let Some(first) = report.corrupt.iter().map(|c| c.from).min() {
+            if leader != me {
+                // A follower repairs corruption from its leader: drop everything from the first
+                // bad offset and fetch it again.
+                tracing::warn!(topic, partition = index, from = %first, "follower truncates its corrupt suffix to fetch it again from the leader");
+                log.truncate_suffix(first)
+                    .await
+                    .map_err(|e| format!("{topic}/{index}: cannot drop the corrupt suffix: {e}"))?;
+            }
+        }
+        let entries = match load_epochs(&dir)? {
+            Some(entries) => entries,
+            // Logs written before replication existed carry the metadata epoch.
+            None if log.end_offset() > log.log_start_offset() => {
+                vec![(meta_epoch, log.log_start_offset())]
+            }
+            None => Vec::new(),
         };
-        partition_metrics.end_offset.set(log.end_offset().0 as i64);
-        partition_metrics
-            .high_watermark
-            .set(high_watermark.0 as i64);
+        let epochs = EpochHistory::new(entries, log.end_offset())
+            .map_err(|e| format!("{topic}/{index}: {e}"))?;
+        let end = log.end_offset();
+        let durable = match config.flush {
+            FlushMode::Always => log.durable_offset(),
+            // The topic opted out of fsync before ack: appended counts as held.
+            FlushMode::Interval => end,
+        };
+        let replica_config = ReplicaConfig {
+            broker_id: me,
+            replicas: if replicas.is_empty() {
+                vec![me]
+            } else {
+                replicas.clone()
+            },
+            min_insync_replicas: usize::from(config.min_insync_replicas),
+            replica_lag_max_ms: replication.replica_lag_max_ms,
+            fetch_backoff_ms: replication.fetch_backoff_ms,
+        };
+        let current_epoch = epochs.latest().unwrap_or(Epoch(0)).max(meta_epoch);
+        let replica = Replica::new(
+            replica_config,
+            LogState {
+                log_start: log.log_start_offset(),
+                end,
+                durable,
+                high_watermark: Offset::ZERO,
+            },
+            epochs,
+            now_ms(),
+        );
+        let (wake_flusher, wake) = local_channel::new_bounded(1);
+        let (wake_fetcher, fetcher_wake) = local_channel::new_bounded(1);
+        let partition_metrics = PartitionMetrics::new(metrics, topic, index);
+        partition_metrics.end_offset.set(end.0 as i64);
         partition_metrics
             .log_start_offset
             .set(log.log_start_offset().0 as i64);
@@ -160,14 +301,23 @@ impl Partition {
             index,
             topic_id,
             config,
-            leader_epoch,
             replicas,
+            dir,
             log_config,
             log: RefCell::new(log),
             maintenance: RwLock::new(()),
-            high_watermark: Cell::new(high_watermark),
-            durable_waiters: RefCell::new(VecDeque::new()),
+            high_watermark: Cell::new(Offset::ZERO),
+            replica: RefCell::new(replica),
+            replication,
+            next_waiter: Cell::new(1),
+            produce_waiters: RefCell::new(HashMap::new()),
             data_waiters: RefCell::new(Vec::new()),
+            append_waiters: RefCell::new(Vec::new()),
+            outgoing_fetch: RefCell::new(None),
+            wake_fetcher,
+            fetched: RefCell::new(None),
+            fetcher: RefCell::new(None),
+            this: RefCell::new(std::rc::Weak::new()),
             wake_flusher,
             closing: Cell::new(false),
             metrics: partition_metrics,
@@ -175,9 +325,28 @@ impl Partition {
             retention_check_ms,
             flusher: RefCell::new(None),
         });
+        *partition.this.borrow_mut() = Rc::downgrade(&partition);
         let task = glommio::spawn_local_into(Rc::clone(&partition).run_flusher(wake, queue), queue)
             .map_err(|e| format!("cannot start flusher: {e}"))?;
         *partition.flusher.borrow_mut() = Some(task);
+        if leader == me {
+            let isr = partition.replica.borrow().replicas().to_vec();
+            let epoch = Epoch(current_epoch.0 + 1);
+            partition.step(Input::BecomeLeader { epoch, isr })?;
+            tracing::info!(topic, partition = index, %epoch, "leading");
+        } else {
+            let fetcher = glommio::spawn_local_into(
+                Rc::clone(&partition).run_fetcher(fetcher_wake),
+                partition.replication.queue,
+            )
+            .map_err(|e| format!("cannot start fetcher: {e}"))?;
+            *partition.fetcher.borrow_mut() = Some(fetcher);
+            partition.step(Input::BecomeFollower {
+                epoch: current_epoch,
+                leader,
+            })?;
+            tracing::info!(topic, partition = index, leader, "following");
+        }
         Ok(partition)
     }
 
@@ -192,12 +361,165 @@ impl Partition {
         }
     }
 
+    /// Feeds `input` to the replica and carries out its outputs (and the inputs they lead to).
+    /// Returns the outputs the caller must act on: `Append`, fetch answers, and completions of
+    /// produces not registered yet (refusals).
+    fn step(&self, input: Input) -> Result<Vec<Output>, String> {
+        let mut inputs = VecDeque::from([input]);
+        let mut unhandled = Vec::new();
+        // Each output leads to at most one input; a chain longer than this is a bug.
+        for _ in 0..1024 {
+            let Some(input) = inputs.pop_front() else {
+                return Ok(unhandled);
+            };
+            let mut outbox = Vec::new();
+            self.replica.borrow_mut().step(input, &mut outbox);
+            for output in outbox {
+                if let Some(next) = self.execute(output, &mut unhandled)? {
+                    inputs.push_back(next);
+                }
+            }
+        }
+        panic!("replica step chain did not end");
+    }
+
+    fn execute(
+        &self,
+        output: Output,
+        unhandled: &mut Vec<Output>,
+    ) -> Result<Option<Input>, String> {
+        match output {
+            Output::Complete { waiter, result } => {
+                let entry = self.produce_waiters.borrow_mut().remove(&waiter.0);
+                match entry {
+                    Some((appended_at, done)) => {
+                        self.metrics
+                            .ack_wait
+                            .observe(appended_at.elapsed().as_secs_f64());
+                        let _ = done.send(result.map_err(produce_error));
+                    }
+                    None => unhandled.push(Output::Complete { waiter, result }),
+                }
+            }
+            Output::Append { .. } | Output::ServeFetch { .. } | Output::RejectFetch { .. } => {
+                unhandled.push(output)
+            }
+            Output::SendFetch { request, .. } => {
+                *self.outgoing_fetch.borrow_mut() = Some(request);
+                let _ = self.wake_fetcher.try_send(());
+            }
+            Output::AppendFetched { count } => {
+                let fetched = self.fetched.borrow_mut().take();
+                let Some((mut frame, ranges)) = fetched else {
+                    return Err("AppendFetched without fetched batches".to_string());
+                };
+                let now = now_ms();
+                let mut log = self.log.borrow_mut();
+                for range in ranges.into_iter().take(count) {
+                    if let Err(error) = log.append(&mut frame[range], AppendMode::Replica, now) {
+                        // Poisoned or inconsistent: the partition stops replicating until restart.
+                        tracing::error!(topic = %self.topic, partition = self.index, %error, "cannot append fetched batches");
+                        return Err(error.to_string());
+                    }
+                }
+                let end = log.end_offset();
+                drop(log);
+                self.metrics.end_offset.set(end.0 as i64);
+                let _ = self.wake_flusher.try_send(());
+                if self.config.flush == FlushMode::Interval {
+                    // Appended counts as held for this topic: report it with the append.
+                    self.step(Input::FetchedAppended { next_offset: end })?;
+                    return Ok(Some(Input::Flushed { durable: end }));
+                }
+                return Ok(Some(Input::FetchedAppended { next_offset: end }));
+            }
+            Output::Truncate { to } => {
+                let partition = self.self_rc();
+                let task = glommio::spawn_local_into(
+                    async move { partition.truncate(to).await },
+                    self.replication.queue,
+                )
+                .map_err(|e| format!("cannot start truncation: {e}"))?;
+                task.detach();
+            }
+            Output::EpochHistoryChanged => {
+                let entries = self.replica.borrow().epochs().entries().to_vec();
+                store_epochs(&self.dir, &entries)?;
+            }
+            Output::HighWatermark(offset) => self.advance_high_watermark(offset),
+            Output::IsrChanged(isr) => {
+                let replicas = self.replicas.len().max(1);
+                self.metrics.isr_size.set(isr.len() as i64);
+                self.metrics
+                    .under_replicated
+                    .set(i64::from(isr.len() < replicas));
+                tracing::info!(topic = %self.topic, partition = self.index, ?isr, "ISR changed");
+            }
+        }
+        Ok(None)
+    }
+
+    fn self_rc(&self) -> Rc<Partition> {
+        self.this
+            .borrow()
+            .upgrade()
+            .expect("a partition in use is alive")
+    }
+
+    /// Follower: drops a divergent suffix (after the flushes in flight), then fetches again.
+    // The write side of `maintenance` keeps produce and reads out while the log is cut.
+    #[allow(clippy::await_holding_refcell_ref)]
+    async fn truncate(self: Rc<Self>, to: Offset) {
+        let Ok(_exclusive) = self.maintenance.write().await else {
+            return;
+        };
+        for _ in 0..10_000 {
+            if self.log.borrow().flushes_in_flight() == 0 {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let result = {
+            let mut log = self.log.borrow_mut();
+            let result = log.truncate_suffix(to).await;
+            (result, log.end_offset())
+        };
+        match result {
+            (Ok(()), end) => {
+                tracing::warn!(topic = %self.topic, partition = self.index, %to, "truncated a divergent suffix");
+                self.metrics.end_offset.set(end.0 as i64);
+                if let Err(error) = self.step(Input::Truncated { end }) {
+                    tracing::error!(%error, "after truncation");
+                }
+            }
+            (Err(error), _) => {
+                tracing::error!(topic = %self.topic, partition = self.index, %error, "truncation failed; the partition stops replicating until restart");
+            }
+        }
+    }
+
+    pub fn tick(&self) {
+        if let Err(error) = self.step(Input::Tick { now_ms: now_ms() }) {
+            tracing::error!(topic = %self.topic, partition = self.index, %error, "replica tick failed");
+        }
+        let replica = self.replica.borrow();
+        let (lag_offsets, lag_ms) = replica
+            .follower_lag()
+            .into_iter()
+            .fold((0, 0), |(o, m), (_, offsets, ms)| {
+                (o.max(offsets), m.max(ms))
+            });
+        self.metrics.follower_lag_offsets.set(lag_offsets as i64);
+        self.metrics.follower_lag_ms.set(lag_ms as i64);
+    }
+
     /// Validates and appends the batches in `payload` (all or none), returning the assigned
-    /// offsets and, unless the acks are already met, a completion to await.
+    /// offsets and a completion that resolves when the acks are reached.
     pub async fn produce(
         &self,
         payload: &mut [u8],
         acks: Acks,
+        timeout_ms: u64,
     ) -> Result<Admitted, PartitionError> {
         if self.closing.get() {
             return Err(PartitionError::new(
@@ -219,13 +541,79 @@ impl Partition {
         if bounds.is_empty() {
             return Err(PartitionError::new(ErrorCode::InvalidBatch, "no batches"));
         }
-        self.check_acks(acks)?;
         let Some(_guard) = self.shared().await else {
             return Err(PartitionError::new(
                 ErrorCode::PartitionUnavailable,
                 "partition closed",
             ));
         };
+        // From here to the append nothing awaits: the replica's decision holds.
+        let waiter = WaiterId(self.next_waiter.get());
+        self.next_waiter.set(waiter.0 + 1);
+        let outputs = self
+            .step(Input::Produce {
+                waiter,
+                acks: ack_level(acks),
+                deadline_ms: now_ms().saturating_add(timeout_ms),
+            })
+            .map_err(|e| PartitionError::new(ErrorCode::StorageError, e))?;
+        let leader_epoch = match outputs.as_slice() {
+            [Output::Append { leader_epoch, .. }] => *leader_epoch,
+            [Output::Complete {
+                result: Err(error), ..
+            }] => return Err(produce_error(error.clone())),
+            other => panic!("unexpected answer to Produce: {other:?}"),
+        };
+        let appended = self.append_produce(payload, bounds, leader_epoch);
+        let (first, last, end) = match appended {
+            Ok(appended) => appended,
+            Err(error) => {
+                let _ = self.step(Input::ProduceAborted { waiter });
+                return Err(error);
+            }
+        };
+        self.metrics.end_offset.set(end.0 as i64);
+        self.metrics.produced_bytes.inc_by(payload.len() as u64);
+        let _ = self.wake_flusher.try_send(());
+        for parked in self.append_waiters.borrow_mut().drain(..) {
+            let _ = parked.send(());
+        }
+        let (done, completion) = oneshot::channel();
+        self.produce_waiters
+            .borrow_mut()
+            .insert(waiter.0, (Instant::now(), done));
+        let stepped = self
+            .step(Input::ProduceAppended {
+                waiter,
+                base_offset: first,
+                next_offset: last.plus(1),
+            })
+            .and_then(|_| {
+                if self.config.flush == FlushMode::Interval {
+                    // The topic opted out of fsync before ack: appended counts as held.
+                    self.step(Input::Flushed { durable: end }).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(message) = stepped {
+            return Err(PartitionError::new(ErrorCode::StorageError, message));
+        }
+        Ok(Admitted {
+            base_offset: first,
+            last_offset: last,
+            leader_epoch,
+            completion: Some(completion),
+        })
+    }
+
+    /// Appends validated batches as leader of `leader_epoch`: (first offset, last offset, end).
+    fn append_produce(
+        &self,
+        payload: &mut [u8],
+        bounds: Vec<std::ops::Range<usize>>,
+        leader_epoch: Epoch,
+    ) -> Result<(Offset, Offset, Offset), PartitionError> {
         let mut log = self.log.borrow_mut();
         if let Some(reason) = log.poisoned() {
             return Err(PartitionError::new(
@@ -252,9 +640,7 @@ impl Partition {
             let appended = log
                 .append(
                     &mut payload[range],
-                    AppendMode::Leader {
-                        leader_epoch: self.leader_epoch,
-                    },
+                    AppendMode::Leader { leader_epoch },
                     now,
                 )
                 .map_err(|e| match e {
@@ -271,61 +657,13 @@ impl Partition {
                         PartitionError::new(ErrorCode::Unknown, e.to_string())
                     }
                 })?;
-            first.get_or_insert(appended);
-            last = Some(appended);
+            first.get_or_insert(appended.base_offset);
+            last = Some(appended.last_offset);
         }
         let (Some(first), Some(last)) = (first, last) else {
             unreachable!("at least one batch was appended");
         };
-        let end = log.end_offset();
-        drop(log);
-        self.metrics.end_offset.set(end.0 as i64);
-        self.metrics.produced_bytes.inc_by(payload.len() as u64);
-        let _ = self.wake_flusher.try_send(());
-        let completion = match self.config.flush {
-            FlushMode::Interval => {
-                // The topic opted out of fsync before ack: visible and acknowledged now.
-                self.advance_high_watermark(end);
-                None
-            }
-            FlushMode::Always if acks == Acks::None => None,
-            FlushMode::Always => {
-                let (done, completion) = oneshot::channel();
-                self.durable_waiters.borrow_mut().push_back(DurableWaiter {
-                    needed: last.last_offset.plus(1),
-                    done,
-                });
-                Some(completion)
-            }
-        };
-        Ok(Admitted {
-            base_offset: first.base_offset,
-            last_offset: last.last_offset,
-            leader_epoch: self.leader_epoch,
-            completion,
-        })
-    }
-
-    /// A single-broker partition has one in-sync replica: itself.
-    fn check_acks(&self, acks: Acks) -> Result<(), PartitionError> {
-        let in_sync = 1usize;
-        let replicas = self.replicas.len().max(1);
-        let (required, what) = match acks {
-            Acks::None | Acks::Leader => (1, "leader".to_string()),
-            Acks::Quorum => (replicas / 2 + 1, "quorum".to_string()),
-            Acks::All => (
-                usize::from(self.config.min_insync_replicas).max(in_sync),
-                "all".to_string(),
-            ),
-            Acks::Replicas(n) => (usize::from(n), format!("{n} replicas")),
-        };
-        if required > in_sync {
-            return Err(PartitionError::new(
-                ErrorCode::NotEnoughReplicas,
-                format!("acks={what} needs {required} in-sync replicas, {in_sync} are in sync; nothing was appended"),
-            ));
-        }
-        Ok(())
+        Ok((first, last, log.end_offset()))
     }
 
     fn advance_high_watermark(&self, to: Offset) {
@@ -340,20 +678,238 @@ impl Partition {
 
     fn on_durable(&self, durable: Offset) {
         if self.config.flush == FlushMode::Always {
-            self.advance_high_watermark(durable);
-        }
-        let mut waiters = self.durable_waiters.borrow_mut();
-        while waiters.front().is_some_and(|w| w.needed <= durable) {
-            if let Some(waiter) = waiters.pop_front() {
-                let _ = waiter.done.send(Ok(()));
+            if let Err(error) = self.step(Input::Flushed { durable }) {
+                tracing::error!(topic = %self.topic, partition = self.index, %error, "replica step failed");
             }
         }
     }
 
     fn fail_waiters(&self, error: PartitionError) {
-        for waiter in self.durable_waiters.borrow_mut().drain(..) {
-            let _ = waiter.done.send(Err(error.clone()));
+        for (_, (_, done)) in self.produce_waiters.borrow_mut().drain() {
+            let _ = done.send(Err(error.clone()));
         }
+    }
+
+    /// Leader: answers a follower's fetch (long-polling up to its max wait when there is
+    /// nothing new). Returns the response and the bytes to send with it.
+    pub async fn replica_fetch(
+        &self,
+        request: &ReplicaFetchRequest,
+        wait_ms_max: u64,
+    ) -> (ReplicaFetchResponse, Option<FetchData>) {
+        let mut response = ReplicaFetchResponse {
+            error: 0,
+            message: String::new(),
+            fetch_id: request.fetch_id,
+            leader_epoch: 0,
+            high_watermark: 0,
+            log_start_offset: 0,
+            diverging_epoch: 0,
+            diverging_end_offset: 0,
+            batch_bytes: 0,
+        };
+        let input = Input::FetchRequest(FetchRequest {
+            replica: request.replica_id,
+            leader_epoch: Epoch(request.leader_epoch),
+            fetch_id: request.fetch_id,
+            fetch_offset: Offset(request.fetch_offset),
+            last_fetched_epoch: request.last_fetched_epoch.map(Epoch),
+            durable_offset: Offset(request.durable_offset),
+        });
+        let outputs = match self.step(input) {
+            Ok(outputs) => outputs,
+            Err(message) => {
+                response.error = ErrorCode::StorageError as u16;
+                response.message = message;
+                return (response, None);
+            }
+        };
+        response.leader_epoch = self.replica.borrow().leader_epoch().0;
+        let answer = outputs.into_iter().find(|o| {
+            matches!(o, Output::ServeFetch { fetch_id, .. } | Output::RejectFetch { fetch_id, .. } if *fetch_id == request.fetch_id)
+        });
+        let from = match answer {
+            Some(Output::ServeFetch { fetch_offset, .. }) => fetch_offset,
+            Some(Output::RejectFetch { error, .. }) => {
+                let code = match error {
+                    FetchError::NotLeader { .. } => ErrorCode::NotLeader,
+                    FetchError::FencedEpoch { .. } => ErrorCode::FencedLeaderEpoch,
+                    FetchError::Diverging { epoch, end_offset } => {
+                        response.diverging_epoch = epoch.0;
+                        response.diverging_end_offset = end_offset.0;
+                        ErrorCode::DivergingLog
+                    }
+                    FetchError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+                    FetchError::UnknownReplica(_) => ErrorCode::InvalidRequest,
+                };
+                response.error = code as u16;
+                response.message = error.to_string();
+                return (response, None);
+            }
+            _ => panic!("the replica did not answer fetch {}", request.fetch_id),
+        };
+        let wait_ms = u64::from(request.max_wait_ms).min(wait_ms_max);
+        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        if self.log.borrow().end_offset() <= from && !self.closing.get() {
+            let (wake, woken) = oneshot::channel();
+            self.append_waiters.borrow_mut().push(wake);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let _ = glommio::timer::timeout(remaining, async {
+                let _ = woken.await;
+                Ok(())
+            })
+            .await;
+        }
+        let data = match self.read_to(from, request.max_bytes as usize, None).await {
+            Ok(data) => data,
+            Err(error) => {
+                response.error = error.code as u16;
+                response.message = error.message;
+                return (response, None);
+            }
+        };
+        let replica = self.replica.borrow();
+        response.leader_epoch = replica.leader_epoch().0;
+        response.high_watermark = replica.high_watermark().0;
+        response.log_start_offset = data.log_start_offset.0;
+        response.batch_bytes = data.bytes as u32;
+        (response, Some(data))
+    }
+
+    /// Follower: sends the fetches the replica asks for, one at a time, to the leader's owning
+    /// shard, and feeds the answers back.
+    async fn run_fetcher(self: Rc<Self>, wake: LocalReceiver<()>) {
+        let mut connection: Option<Rc<crate::client::Connection>> = None;
+        loop {
+            if self.closing.get() {
+                return;
+            }
+            let request = self.outgoing_fetch.borrow_mut().take();
+            let Some(request) = request else {
+                if wake.recv().await.is_none() {
+                    return;
+                }
+                continue;
+            };
+            let Role::Follower { leader } = self.replica.borrow().role() else {
+                continue;
+            };
+            if let Err(error) = self.fetch_once(&mut connection, leader, request).await {
+                tracing::debug!(topic = %self.topic, partition = self.index, leader, %error, "replica fetch failed");
+                connection = None;
+                if let Err(error) = self.step(Input::FetchFailed {
+                    fetch_id: request.fetch_id,
+                }) {
+                    tracing::error!(%error, "replica step failed");
+                }
+            }
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        connection: &mut Option<Rc<crate::client::Connection>>,
+        leader: BrokerId,
+        request: FetchRequest,
+    ) -> Result<(), String> {
+        use crate::client::{decode, Client, ClientConfig, Connection};
+        use crate::protocol::ApiKey;
+        let settings = &self.replication;
+        if connection.as_ref().is_none_or(|c| c.is_closed()) {
+            let address = settings
+                .replication_addresses
+                .get(&leader)
+                .ok_or_else(|| format!("broker {leader} is not in cluster.brokers"))?;
+            let client = Client::connect(ClientConfig::new(address.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            let owner = client
+                .partition_address(&self.topic, self.index)
+                .await
+                .map_err(|e| e.to_string())?;
+            *connection = Some(
+                Connection::connect(&owner, settings.frame_bytes_max)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let Some(conn) = connection.as_ref() else {
+            unreachable!("connected above");
+        };
+        let body = ReplicaFetchRequest {
+            replica_id: settings.broker_id,
+            topic: self.topic.clone(),
+            topic_id: self.topic_id,
+            partition: self.index,
+            leader_epoch: request.leader_epoch.0,
+            fetch_id: request.fetch_id,
+            fetch_offset: request.fetch_offset.0,
+            last_fetched_epoch: request.last_fetched_epoch.map(|e| e.0),
+            durable_offset: request.durable_offset.0,
+            max_wait_ms: settings.fetch_wait_ms as u32,
+            max_bytes: settings.fetch_bytes_max as u32,
+        };
+        let timeout_ms = settings.fetch_wait_ms + 10_000;
+        let frame = conn
+            .call(ApiKey::ReplicaFetch, &body, Vec::new(), timeout_ms)
+            .await
+            .map_err(|e| e.to_string())?;
+        let response: ReplicaFetchResponse = decode(&frame).map_err(|e| e.to_string())?;
+        let epoch = Epoch(response.leader_epoch);
+        let reply = match ErrorCode::from_u16(response.error) {
+            ErrorCode::None => {
+                let payload = frame.payload();
+                let payload_start = frame.bytes.len() - payload.len();
+                let bytes = payload
+                    .get(..response.batch_bytes as usize)
+                    .ok_or("replica fetch payload shorter than declared")?;
+                let mut batches = Vec::new();
+                let mut ranges = Vec::new();
+                let mut at = 0usize;
+                for checked in batch::batches(bytes) {
+                    // A batch that fails its CRC is not appended: the next fetch asks again.
+                    let Ok(checked) = checked else { break };
+                    let header = checked.header;
+                    batches.push(BatchInfo {
+                        base_offset: header.base_offset,
+                        next_offset: header.next_offset(),
+                        leader_epoch: header.leader_epoch,
+                    });
+                    ranges.push(payload_start + at..payload_start + at + checked.bytes.len());
+                    at += checked.bytes.len();
+                }
+                *self.fetched.borrow_mut() = Some((frame.bytes, ranges));
+                FetchReply::Data {
+                    high_watermark: Offset(response.high_watermark),
+                    log_start: Offset(response.log_start_offset),
+                    batches,
+                }
+            }
+            ErrorCode::FencedLeaderEpoch if epoch > self.replica.borrow().leader_epoch() => {
+                // Static cluster: the leader restarted with a new epoch; follow it there.
+                tracing::info!(topic = %self.topic, partition = self.index, leader, %epoch, "following the leader's new epoch");
+                self.step(Input::BecomeFollower { epoch, leader })?;
+                return Ok(());
+            }
+            ErrorCode::DivergingLog => FetchReply::Error(FetchError::Diverging {
+                epoch: Epoch(response.diverging_epoch),
+                end_offset: Offset(response.diverging_end_offset),
+            }),
+            ErrorCode::FencedLeaderEpoch => FetchReply::Error(FetchError::FencedEpoch {
+                requested: request.leader_epoch,
+                current: epoch,
+            }),
+            code => {
+                tracing::debug!(topic = %self.topic, partition = self.index, code = code.name(), message = %response.message, "replica fetch refused");
+                FetchReply::Error(FetchError::NotLeader { epoch })
+            }
+        };
+        self.step(Input::FetchReply {
+            fetch_id: request.fetch_id,
+            leader_epoch: epoch,
+            reply,
+        })?;
+        Ok(())
     }
 
     /// Resolves once the high watermark passes `offset`, or at `deadline`.
@@ -374,8 +930,20 @@ impl Partition {
     /// Whole batches from `from`, up to `max_bytes` (at least one batch if any), below the high
     /// watermark.
     pub async fn read(&self, from: Offset, max_bytes: usize) -> Result<FetchData, PartitionError> {
+        self.read_to(from, max_bytes, Some(self.high_watermark.get()))
+            .await
+    }
+
+    /// Whole batches from `from` that start below `limit` (the log end when `None`: followers
+    /// copy what consumers cannot see yet).
+    async fn read_to(
+        &self,
+        from: Offset,
+        max_bytes: usize,
+        limit: Option<Offset>,
+    ) -> Result<FetchData, PartitionError> {
         for _ in 0..READ_RETRIES_MAX {
-            let high_watermark = self.high_watermark.get();
+            let reported_high_watermark = self.high_watermark.get();
             let plan = {
                 let Some(_guard) = self.shared().await else {
                     return Err(PartitionError::new(
@@ -386,6 +954,7 @@ impl Partition {
                 let log = self.log.borrow();
                 let log_start = log.log_start_offset();
                 let end = log.end_offset();
+                let high_watermark = limit.unwrap_or(end);
                 if from < log_start || from > end {
                     return Err(PartitionError::new(
                         ErrorCode::OffsetOutOfRange,
@@ -394,15 +963,15 @@ impl Partition {
                 }
                 if from >= high_watermark {
                     return Ok(FetchData {
-                        high_watermark,
+                        high_watermark: reported_high_watermark,
                         log_start_offset: log_start,
                         read: None,
                         bytes: 0,
                     });
                 }
-                (log.plan_read(from, max_bytes), log_start)
+                (log.plan_read(from, max_bytes), log_start, high_watermark)
             };
-            let (plan, log_start) = plan;
+            let (plan, log_start, high_watermark) = plan;
             let plan = plan.map_err(read_error)?;
             let read = match plan.execute().await {
                 Ok(read) => read,
@@ -412,7 +981,7 @@ impl Partition {
             let bytes = bytes_below(read.bytes(), high_watermark);
             self.metrics.fetched_bytes.inc_by(bytes as u64);
             return Ok(FetchData {
-                high_watermark,
+                high_watermark: reported_high_watermark,
                 log_start_offset: log_start,
                 read: Some(read),
                 bytes,
@@ -481,13 +1050,19 @@ impl Partition {
                 0,
             ),
         };
+        let replica = self.replica.borrow();
+        let leader = match replica.role() {
+            Role::Leader => self.replication.broker_id,
+            Role::Follower { leader } => leader,
+        };
         PartitionDescription {
             partition: self.index,
-            leader: self.replicas.first().copied().unwrap_or(0),
-            leader_epoch: self.leader_epoch.0,
+            leader,
+            leader_epoch: replica.leader_epoch().0,
             shard: 0,
-            replicas: self.replicas.clone(),
-            isr: self.replicas.iter().take(1).copied().collect(),
+            replicas: replica.replicas().to_vec(),
+            // A follower does not know the ISR: the leader's describe does.
+            isr: replica.isr().to_vec(),
             log_start_offset: log_start,
             high_watermark: self.high_watermark.get().0,
             end_offset: end,
@@ -499,6 +1074,11 @@ impl Partition {
     /// flusher to finish.
     pub async fn close(&self) {
         self.closing.set(true);
+        // Dropping the fetcher's task cancels a fetch in flight.
+        drop(self.fetcher.borrow_mut().take());
+        for parked in self.append_waiters.borrow_mut().drain(..) {
+            let _ = parked.send(());
+        }
         let _ = self.wake_flusher.try_send(());
         for waiter in self.data_waiters.borrow_mut().drain(..) {
             let _ = waiter.send(());

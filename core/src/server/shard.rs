@@ -20,15 +20,18 @@ use wharf_storage::{Epoch, Offset};
 
 use super::connection::{self, OutPayload, Outgoing, Pending};
 use super::metrics::{QueueLabels, ShardMetrics};
-use super::partition::{FetchData, Partition, PartitionError};
+use super::partition::{FetchData, Partition, PartitionError, ReplicationSettings};
 use super::Shared;
 use crate::config::parse_host_port;
 use crate::metadata::{self, BrokerMetadata, PartitionMeta, TopicMeta};
 use crate::protocol::*;
+use wharf_replication::Ack;
 
 /// Upper bounds on list sizes in one request.
 const PARTITIONS_PER_REQUEST_MAX: usize = 10_000;
 const HEARTBEAT_MS: u64 = 250;
+/// How often replicas get a tick: the resolution of ack deadlines and ISR lag.
+const REPLICA_TICK_MS: u64 = 20;
 
 /// A request from another shard.
 pub enum ShardRequest {
@@ -36,6 +39,7 @@ pub enum ShardRequest {
         topic: String,
         partition: u32,
         acks: Acks,
+        timeout_ms: u64,
         batches: FrameBuf,
     },
     Fetch {
@@ -61,6 +65,7 @@ pub enum ShardRequest {
     },
     CreateTopic(CreateTopicRequest),
     DeleteTopic(String),
+    ApplyTopic(ApplyTopicRequest),
     OpenPartitions {
         topic: String,
         meta: TopicMeta,
@@ -76,7 +81,7 @@ pub struct RemoteAdmitted {
     pub base_offset: u64,
     pub last_offset: u64,
     pub leader_epoch: u32,
-    pub completion: Option<oneshot::Receiver<Result<(), PartitionError>>>,
+    pub completion: Option<oneshot::Receiver<Result<Ack, PartitionError>>>,
 }
 
 pub enum ShardReply {
@@ -114,6 +119,7 @@ pub struct Shard {
     stop_waiters: RefCell<Vec<oneshot::Sender<()>>>,
     pub connections: Gate,
     open_connections: Cell<usize>,
+    replication_addresses: Rc<HashMap<u32, String>>,
 }
 
 fn unavailable(message: &str) -> PartitionError {
@@ -219,6 +225,15 @@ async fn start(
         stop_waiters: RefCell::new(Vec::new()),
         connections: Gate::new(),
         open_connections: Cell::new(0),
+        replication_addresses: Rc::new(
+            shared
+                .config
+                .cluster
+                .brokers
+                .iter()
+                .map(|b| (b.id, b.replication_address().to_string()))
+                .collect(),
+        ),
         shared,
     });
     // Recover every partition this shard owns.
@@ -278,6 +293,13 @@ async fn start(
         glommio::spawn_local_into(
             async move { ticking.tick_loop().await },
             shard.queues.background,
+        )
+        .map_err(|e| format!("spawn: {e}"))?
+        .detach();
+        let ticking = Rc::clone(&shard);
+        glommio::spawn_local_into(
+            async move { ticking.replica_tick_loop().await },
+            shard.queues.replication,
         )
         .map_err(|e| format!("spawn: {e}"))?
         .detach();
@@ -413,8 +435,12 @@ impl Shard {
         partitions: &[u32],
     ) -> Result<(), String> {
         let count = topic.partitions.len();
+        let me = self.shared.config.broker_id;
         for &index in partitions {
             let meta = &topic.partitions[index as usize];
+            if !meta.replicas.is_empty() && !meta.replicas.contains(&me) {
+                continue; // Another broker's replica: this broker only knows the metadata.
+            }
             let dir =
                 metadata::partition_dir(&self.shared.config.data_dir, name, topic.topic_id, index);
             let partition = Partition::open(
@@ -429,6 +455,7 @@ impl Shard {
                 self.metrics.flush_latency.clone(),
                 self.shared.config.retention_check_interval_ms,
                 self.queues.background,
+                self.replication_settings(),
             )
             .await?;
             let mut map = self.partitions.borrow_mut();
@@ -438,6 +465,41 @@ impl Shard {
             slots[index as usize] = Some(partition);
         }
         Ok(())
+    }
+
+    fn replication_settings(&self) -> ReplicationSettings {
+        let config = &self.shared.config;
+        ReplicationSettings {
+            broker_id: config.broker_id,
+            replication_addresses: Rc::clone(&self.replication_addresses),
+            replica_lag_max_ms: config.cluster.replica_lag_max_ms,
+            fetch_wait_ms: config.cluster.replica_fetch_wait_ms,
+            fetch_bytes_max: config
+                .cluster
+                .replica_fetch_bytes_max
+                .min(config.fetch_bytes_max),
+            fetch_backoff_ms: config.cluster.replica_fetch_backoff_ms,
+            frame_bytes_max: config.frame_bytes_max,
+            queue: self.queues.replication,
+        }
+    }
+
+    /// Ticks every local partition's replica (ISR, ack deadlines, follower backoff).
+    async fn replica_tick_loop(self: Rc<Self>) {
+        while !self.stopping.get() {
+            let partitions: Vec<Rc<Partition>> = self
+                .partitions
+                .borrow()
+                .values()
+                .flatten()
+                .flatten()
+                .cloned()
+                .collect();
+            for partition in partitions {
+                partition.tick();
+            }
+            glommio::timer::sleep(Duration::from_millis(REPLICA_TICK_MS)).await;
+        }
     }
 
     fn local_partition(&self, topic: &str, partition: u32) -> Option<Rc<Partition>> {
@@ -513,19 +575,23 @@ impl Shard {
                 topic,
                 partition,
                 acks,
+                timeout_ms,
                 mut batches,
             } => {
                 let Some(local) = self.local_partition(&topic, partition) else {
                     return ShardReply::Admitted(Err(self.missing(&topic, partition)));
                 };
-                ShardReply::Admitted(local.produce(&mut batches, acks).await.map(|a| {
-                    RemoteAdmitted {
-                        base_offset: a.base_offset.0,
-                        last_offset: a.last_offset.0,
-                        leader_epoch: a.leader_epoch.0,
-                        completion: a.completion,
-                    }
-                }))
+                ShardReply::Admitted(
+                    local
+                        .produce(&mut batches, acks, timeout_ms)
+                        .await
+                        .map(|a| RemoteAdmitted {
+                            base_offset: a.base_offset.0,
+                            last_offset: a.last_offset.0,
+                            leader_epoch: a.leader_epoch.0,
+                            completion: a.completion,
+                        }),
+                )
             }
             ShardRequest::Fetch {
                 topic,
@@ -579,6 +645,7 @@ impl Shard {
                 ShardReply::Topic(self.create_topic(request).await)
             }
             ShardRequest::DeleteTopic(name) => ShardReply::Topic(self.delete_topic(name).await),
+            ShardRequest::ApplyTopic(request) => ShardReply::Topic(self.apply_topic(request).await),
             ShardRequest::OpenPartitions {
                 topic,
                 meta,
@@ -635,12 +702,24 @@ impl Shard {
                 ),
             );
         }
-        let brokers = 1u16;
+        let me = self.shared.config.broker_id;
+        let mut brokers: Vec<u32> = self
+            .shared
+            .config
+            .cluster
+            .brokers
+            .iter()
+            .map(|b| b.id)
+            .collect();
+        if brokers.is_empty() {
+            brokers.push(me);
+        }
+        brokers.sort_unstable();
         let replication_factor = request.replication_factor.max(1);
-        if replication_factor > brokers {
+        if usize::from(replication_factor) > brokers.len() {
             return topic_error(
                 ErrorCode::InvalidReplicationFactor,
-                format!("replication factor {replication_factor} needs {replication_factor} brokers; this cluster has {brokers}"),
+                format!("replication factor {replication_factor} needs {replication_factor} brokers; this cluster has {}", brokers.len()),
             );
         }
         let config = match self
@@ -668,22 +747,177 @@ impl Shard {
                 format!("topic {name:?} already exists"),
             );
         }
-        let shards = self.shared.shards() as u32;
-        let broker_id = self.shared.config.broker_id;
-        let topic = TopicMeta {
-            topic_id: next.next_topic_id,
+        // Ids carry the creating broker so that brokers of a static cluster never collide.
+        let topic_id = if self.shared.config.cluster.brokers.is_empty() {
+            next.next_topic_id
+        } else {
+            (u64::from(me) << 40) | next.next_topic_id
+        };
+        next.next_topic_id += 1;
+        if let Err(message) = self.persist(next).await {
+            return topic_error(ErrorCode::StorageError, message);
+        }
+        // Replica sets rotate over the brokers so leadership spreads; the first replica leads.
+        let first = crc32c::crc32c(name.as_bytes()) as usize;
+        let replicas: Vec<Vec<u32>> = (0..request.partitions as usize)
+            .map(|p| {
+                (0..usize::from(replication_factor))
+                    .map(|i| brokers[(first + p + i) % brokers.len()])
+                    .collect()
+            })
+            .collect();
+        let apply = ApplyTopicRequest {
+            name: name.clone(),
+            topic_id,
+            delete: false,
             replication_factor,
+            configs: config.entries(),
+            replicas,
+        };
+        // The other brokers first: if one cannot take it, nobody keeps it.
+        let mut applied = Vec::new();
+        for broker in self
+            .shared
+            .config
+            .cluster
+            .brokers
+            .iter()
+            .filter(|b| b.id != me)
+        {
+            match self.call_broker(&broker.address, &apply).await {
+                Ok(()) => applied.push(broker.address.clone()),
+                Err(message) => {
+                    let undo = ApplyTopicRequest {
+                        delete: true,
+                        ..apply.clone()
+                    };
+                    for address in &applied {
+                        if let Err(e) = self.call_broker(address, &undo).await {
+                            tracing::warn!(topic = %name, %address, error = %e, "could not undo a partial topic creation");
+                        }
+                    }
+                    return topic_error(
+                        ErrorCode::BrokerUnavailable,
+                        format!("broker {} ({}) could not create the topic: {message}; nothing was created", broker.id, broker.address),
+                    );
+                }
+            }
+        }
+        let result = self.install_topic(&apply).await;
+        if result.error == 0 {
+            tracing::info!(topic = %name, partitions = request.partitions, replication_factor, "created topic");
+        }
+        result
+    }
+
+    /// Sends an `ApplyTopic` to another broker of the cluster.
+    async fn call_broker(&self, address: &str, request: &ApplyTopicRequest) -> Result<(), String> {
+        let timeout_ms = self.shared.config.cluster.broker_call_timeout_ms;
+        let connection =
+            crate::client::Connection::connect(address, self.shared.config.frame_bytes_max)
+                .await
+                .map_err(|e| e.to_string())?;
+        let frame = connection
+            .call(ApiKey::ApplyTopic, request, Vec::new(), timeout_ms)
+            .await
+            .map_err(|e| e.to_string())?;
+        let result: TopicResult = crate::client::decode(&frame).map_err(|e| e.to_string())?;
+        if result.error != 0 {
+            return Err(format!(
+                "{}: {}",
+                ErrorCode::from_u16(result.error).name(),
+                result.message
+            ));
+        }
+        Ok(())
+    }
+
+    /// Installs (or removes) a topic another broker created, with its id and assignment.
+    async fn apply_topic(self: &Rc<Self>, request: ApplyTopicRequest) -> TopicResult {
+        if self.id != 0 {
+            return match self.to_shard(0, ShardRequest::ApplyTopic(request)).await {
+                Some(ShardReply::Topic(result)) => result,
+                _ => topic_error(ErrorCode::ShuttingDown, "shard 0 is not answering"),
+            };
+        }
+        let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
+            return topic_error(ErrorCode::ShuttingDown, "shutting down");
+        };
+        let existing = self
+            .metadata
+            .borrow()
+            .topics
+            .get(&request.name)
+            .map(|t| t.topic_id);
+        if request.delete {
+            return match existing {
+                Some(id) if id == request.topic_id => self.uninstall_topic(request.name).await,
+                _ => TopicResult {
+                    error: 0,
+                    message: String::new(),
+                },
+            };
+        }
+        match existing {
+            Some(id) if id == request.topic_id => TopicResult {
+                error: 0,
+                message: String::new(),
+            },
+            Some(_) => topic_error(
+                ErrorCode::TopicAlreadyExists,
+                format!(
+                    "topic {:?} already exists here with another id",
+                    request.name
+                ),
+            ),
+            None => {
+                if let Err(message) = metadata::validate_topic_name(&request.name) {
+                    return topic_error(ErrorCode::InvalidTopic, message);
+                }
+                if request.replicas.is_empty()
+                    || request.replicas.len() > metadata::PARTITIONS_PER_TOPIC_MAX as usize
+                {
+                    return topic_error(ErrorCode::InvalidRequest, "bad partition count");
+                }
+                self.install_topic(&request).await
+            }
+        }
+    }
+
+    /// Persists a topic with the given id and assignment, opens the partitions this broker
+    /// hosts and publishes the metadata to every shard.
+    async fn install_topic(self: &Rc<Self>, request: &ApplyTopicRequest) -> TopicResult {
+        let config = match self
+            .shared
+            .config
+            .topic_defaults
+            .with_entries(&request.configs)
+        {
+            Ok(config) => config,
+            Err(message) => return topic_error(ErrorCode::InvalidConfig, message),
+        };
+        let name = request.name.clone();
+        let shards = self.shared.shards() as u32;
+        let topic = TopicMeta {
+            topic_id: request.topic_id,
+            replication_factor: request.replication_factor,
             config,
-            partitions: (0..request.partitions)
-                .map(|p| PartitionMeta {
-                    shard: metadata::placement(&name, p, shards),
-                    leader: broker_id,
+            partitions: request
+                .replicas
+                .iter()
+                .enumerate()
+                .map(|(p, replicas)| PartitionMeta {
+                    shard: metadata::placement(&name, p as u32, shards),
+                    leader: replicas
+                        .first()
+                        .copied()
+                        .unwrap_or(self.shared.config.broker_id),
                     leader_epoch: 0,
-                    replicas: vec![broker_id],
+                    replicas: replicas.clone(),
                 })
                 .collect(),
         };
-        next.next_topic_id += 1;
+        let mut next = (**self.metadata.borrow()).clone();
         next.topics.insert(name.clone(), topic.clone());
         if let Err(message) = self.persist(next.clone()).await {
             return topic_error(ErrorCode::StorageError, message);
@@ -716,7 +950,6 @@ impl Shard {
             }
         }
         self.publish(Arc::new(next)).await;
-        tracing::info!(topic = %name, partitions = request.partitions, "created topic");
         TopicResult {
             error: 0,
             message: String::new(),
@@ -733,6 +966,48 @@ impl Shard {
         let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
             return topic_error(ErrorCode::ShuttingDown, "shutting down");
         };
+        let Some(topic) = self.metadata.borrow().topics.get(&name).cloned() else {
+            return topic_error(
+                ErrorCode::UnknownTopic,
+                format!("topic {name:?} does not exist"),
+            );
+        };
+        let me = self.shared.config.broker_id;
+        let undo = ApplyTopicRequest {
+            name: name.clone(),
+            topic_id: topic.topic_id,
+            delete: true,
+            replication_factor: topic.replication_factor,
+            configs: Vec::new(),
+            replicas: Vec::new(),
+        };
+        let mut failed = Vec::new();
+        for broker in self
+            .shared
+            .config
+            .cluster
+            .brokers
+            .iter()
+            .filter(|b| b.id != me)
+        {
+            if let Err(message) = self.call_broker(&broker.address, &undo).await {
+                failed.push(format!("broker {}: {message}", broker.id));
+            }
+        }
+        let result = self.uninstall_topic(name).await;
+        if result.error == 0 && !failed.is_empty() {
+            return topic_error(
+                ErrorCode::BrokerUnavailable,
+                format!(
+                    "deleted here, but not on {}; delete again once they are up",
+                    failed.join("; ")
+                ),
+            );
+        }
+        result
+    }
+
+    async fn uninstall_topic(self: &Rc<Self>, name: String) -> TopicResult {
         let mut next = (**self.metadata.borrow()).clone();
         let Some(topic) = next.topics.remove(&name) else {
             return topic_error(
@@ -902,6 +1177,36 @@ impl Shard {
                 .boxed_local()
             }
             ApiKey::Produce => self.admit_produce(frame).await?,
+            ApiKey::ReplicaFetch => {
+                let request: ReplicaFetchRequest = frame.decode_body().map_err(invalid)?;
+                let local = self
+                    .local_partition(&request.topic, request.partition)
+                    .filter(|p| p.topic_id == request.topic_id)
+                    .ok_or_else(|| self.missing(&request.topic, request.partition))?;
+                let wait_ms_max = self.shared.config.request_wait_ms_max;
+                let fetch_bytes_max = self.shared.config.fetch_bytes_max;
+                async move {
+                    let mut request = request;
+                    request.max_bytes = request.max_bytes.min(fetch_bytes_max as u32).max(1);
+                    let (response, data) = local.replica_fetch(&request, wait_ms_max).await;
+                    let payload = data
+                        .filter(|d| d.bytes > 0)
+                        .map(OutPayload::Local)
+                        .into_iter()
+                        .collect();
+                    respond(&header, &response, payload)
+                }
+                .boxed_local()
+            }
+            ApiKey::ApplyTopic => {
+                let request: ApplyTopicRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    let result = shard.apply_topic(request).await;
+                    respond(&header, &result, Vec::new())
+                }
+                .boxed_local()
+            }
             ApiKey::Fetch => {
                 let request: FetchRequest = frame.decode_body().map_err(invalid)?;
                 if request.partitions.is_empty()
@@ -1004,7 +1309,7 @@ impl Shard {
                     leader_epoch: p.leader_epoch,
                     shard: p.shard,
                     replicas: p.replicas.clone(),
-                    isr: p.replicas.iter().take(1).copied().collect(),
+                    isr: p.replicas.clone(),
                 })
                 .collect(),
         };
@@ -1027,15 +1332,30 @@ impl Shard {
                 })
                 .collect(),
         };
-        MetadataResponse {
-            brokers: vec![BrokerInfo {
-                broker_id: config.broker_id,
-                host,
-                port,
-                shards,
-            }],
-            topics,
+        let mut brokers = vec![BrokerInfo {
+            broker_id: config.broker_id,
+            host,
+            port,
+            shards,
+        }];
+        // Other brokers of the cluster: their client address (their own metadata names their
+        // shards).
+        for broker in config
+            .cluster
+            .brokers
+            .iter()
+            .filter(|b| b.id != config.broker_id)
+        {
+            if let Ok((host, port)) = parse_host_port("address", &broker.address) {
+                brokers.push(BrokerInfo {
+                    broker_id: broker.id,
+                    host,
+                    port,
+                    shards: Vec::new(),
+                });
+            }
         }
+        MetadataResponse { brokers, topics }
     }
 
     async fn describe_topic(self: &Rc<Self>, name: String) -> DescribeTopicResponse {
@@ -1122,7 +1442,7 @@ impl Shard {
                         match self.local_partition(&request.topic, partition) {
                             None => Err(self.missing(&request.topic, partition)),
                             Some(local) => local
-                                .produce(&mut frame.payload_mut()[range], acks)
+                                .produce(&mut frame.payload_mut()[range], acks, wait_ms)
                                 .await
                                 .map(|a| RemoteAdmitted {
                                     base_offset: a.base_offset.0,
@@ -1142,6 +1462,7 @@ impl Shard {
                                     topic: request.topic.clone(),
                                     partition,
                                     acks,
+                                    timeout_ms: wait_ms,
                                     batches,
                                 },
                             )
@@ -1343,11 +1664,11 @@ async fn complete_produce(
         Err(e) => return failed(e),
     };
     let durable = match admitted.completion {
-        None => Ok(()),
+        None => Ok(None),
         Some(completion) => {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match glommio::timer::timeout(remaining, async { Ok(completion.await) }).await {
-                Ok(Ok(result)) => result,
+                Ok(Ok(result)) => result.map(Some),
                 Ok(Err(_canceled)) => Err(unavailable(
                     "the partition closed before the write was durable",
                 )),
@@ -1359,14 +1680,14 @@ async fn complete_produce(
         }
     };
     match durable {
-        Ok(()) => ProducePartitionResponse {
+        Ok(ack) => ProducePartitionResponse {
             partition,
             error: 0,
             message: String::new(),
             base_offset: admitted.base_offset,
             last_offset: admitted.last_offset,
             leader_epoch: admitted.leader_epoch,
-            replicas_durable: 1,
+            replicas_durable: ack.map_or(0, |a| u16::from(a.durable_replicas)),
         },
         Err(e) => failed(e),
     }

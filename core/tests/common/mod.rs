@@ -42,7 +42,14 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker with `shards` shards; `extra_config` is appended to its TOML config.
     pub fn start(dir: &Path, shards: usize, extra_config: &str) -> Broker {
-        let mut broker = Broker {
+        let mut broker = Broker::prepare(dir, shards, extra_config);
+        broker.launch();
+        broker
+    }
+
+    /// A broker with its ports chosen but not started (a cluster's config lists every port).
+    pub fn prepare(dir: &Path, shards: usize, extra_config: &str) -> Broker {
+        Broker {
             dir: dir.to_path_buf(),
             port: free_port(),
             admin_port: free_port(),
@@ -50,9 +57,22 @@ impl Broker {
             extra_config: extra_config.to_string(),
             child: None,
             starts: 0,
-        };
-        broker.launch();
-        broker
+        }
+    }
+
+    pub fn set_extra_config(&mut self, extra_config: String) {
+        self.extra_config = extra_config;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts again on the same data directory and the same ports (cluster members: the
+    /// others' configs name them).
+    pub fn restart_same_ports(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        self.launch();
     }
 
     pub fn bootstrap(&self) -> String {
@@ -67,7 +87,7 @@ impl Broker {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    fn launch(&mut self) {
+    pub fn launch(&mut self) {
         self.starts += 1;
         let config_path = self.dir.join("wharf.toml");
         let config = format!(

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# A 3-broker Wharf cluster on this host (127.0.0.1, distinct ports and data directories).
+#
+#   deploy/cluster-local.sh up DIR          start brokers 1, 2, 3; returns once all are ready
+#   deploy/cluster-local.sh down DIR        stop them (SIGTERM, then SIGKILL after 20 s)
+#   deploy/cluster-local.sh restart DIR N   restart broker N with the same settings
+#
+# Client ports BASE_PORT, BASE_PORT+1, BASE_PORT+2 (env BASE_PORT, default 9092); admin HTTP
+# ports ADMIN_BASE_PORT.. (default BASE_PORT+552, i.e. 9644..); data in DIR/broker-N, logs in
+# DIR/broker-N.log, pids in DIR/broker-N.pid, configs in DIR/broker-N.toml. WHARF_BIN picks the
+# binary (default target/release/wharf, built if missing); SHARDS (default 1) shards per broker;
+# REPLICA_LAG_MAX_MS (default 10000) the ISR lag limit; MIN_INSYNC (default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[[ $# -ge 2 ]] || usage
+command=$1
+dir=$2
+base_port=${BASE_PORT:-9092}
+admin_base_port=${ADMIN_BASE_PORT:-$((base_port + 552))}
+shards=${SHARDS:-1}
+bin=${WHARF_BIN:-target/release/wharf}
+brokers=(1 2 3)
+
+client_port() { echo $((base_port + $1 - 1)); }
+admin_port() { echo $((admin_base_port + $1 - 1)); }
+
+write_config() {
+  local id=$1
+  {
+    echo "broker_id = $id"
+    echo "data_dir = \"$dir/broker-$id\""
+    echo "listen = \"127.0.0.1:$(client_port "$id")\""
+    echo "admin_listen = \"127.0.0.1:$(admin_port "$id")\""
+    echo "shards = $shards"
+    echo "[topic_defaults]"
+    echo "min_insync_replicas = ${MIN_INSYNC:-2}"
+    echo "[cluster]"
+    echo "replica_lag_max_ms = ${REPLICA_LAG_MAX_MS:-10000}"
+    for b in "${brokers[@]}"; do
+      echo "[[cluster.brokers]]"
+      echo "id = $b"
+      echo "address = \"127.0.0.1:$(client_port "$b")\""
+    done
+  } > "$dir/broker-$id.toml"
+}
+
+running() { [[ -f "$dir/broker-$1.pid" ]] && kill -0 "$(cat "$dir/broker-$1.pid")" 2>/dev/null; }
+
+start() {
+  local id=$1
+  if running "$id"; then echo "broker $id already runs (pid $(cat "$dir/broker-$id.pid"))"; return; fi
+  write_config "$id"
+  mkdir -p "$dir/broker-$id"
+  nohup "$bin" serve --config "$dir/broker-$id.toml" >> "$dir/broker-$id.log" 2>&1 &
+  echo $! > "$dir/broker-$id.pid"
+}
+
+wait_ready() {
+  local id=$1
+  for _ in $(seq 1 300); do
+    if curl -fsS "http://127.0.0.1:$(admin_port "$id")/readyz" > /dev/null 2>&1; then
+      echo "broker $id ready on 127.0.0.1:$(client_port "$id") (pid $(cat "$dir/broker-$id.pid"))"
+      return 0
+    fi
+    if ! running "$id"; then
+      echo "broker $id exited; last log lines:" >&2; tail -n 20 "$dir/broker-$id.log" >&2; return 1
+    fi
+    sleep 0.1
+  done
+  echo "broker $id not ready after 30 s; see $dir/broker-$id.log" >&2
+  return 1
+}
+
+stop() {
+  local id=$1
+  running "$id" || { rm -f "$dir/broker-$id.pid"; return 0; }
+  local pid; pid=$(cat "$dir/broker-$id.pid")
+  kill -TERM "$pid"
+  for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then echo "broker $id did not stop in 20 s; killing it" >&2; kill -KILL "$pid"; fi
+  rm -f "$dir/broker-$id.pid"
+  echo "broker $id stopped"
+}
+
+if [[ ! -x "$bin" ]]; then cargo build --release -p wharf; fi
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+case "$command" in
+  up)
+    for id in "${brokers[@]}"; do start "$id"; done
+    for id in "${brokers[@]}"; do wait_ready "$id"; done ;;
+  down)
+    for id in "${brokers[@]}"; do stop "$id"; done ;;
+  restart)
+    [[ $# -eq 3 && " ${brokers[*]} " == *" $3 "* ]] || usage
+    stop "$3"; start "$3"; wait_ready "$3" ;;
+  *) usage ;;
+esac
