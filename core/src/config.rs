@@ -178,6 +178,8 @@ pub struct TopicDefaults {
     pub retention_bytes: u64,
     /// 0 keeps everything.
     pub retention_ms: u64,
+    /// In-sync replicas `acks=all` needs (DESIGN default 2); topics with fewer replicas use
+    /// their replication factor.
     pub min_insync_replicas: u16,
     /// Preallocate segment files (faster O_DIRECT writes; costs disk space up front).
     pub preallocate: bool,
@@ -192,7 +194,7 @@ impl Default for TopicDefaults {
             segment_ms: 7 * 24 * 3600 * 1000,
             retention_bytes: 0,
             retention_ms: 7 * 24 * 3600 * 1000,
-            min_insync_replicas: 1,
+            min_insync_replicas: 2,
             preallocate: true,
         }
     }

@@ -53,6 +53,9 @@ struct Args {
     /// Partitions of a topic this tool creates.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
+    /// Replicas per partition of a topic this tool creates (a cluster needs this many brokers).
+    #[arg(long, default_value_t = 1)]
+    replication_factor: u16,
     #[arg(long, default_value_t = 2)]
     producers: usize,
     #[arg(long, default_value_t = 0)]
@@ -412,6 +415,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
 fn prepare_topic(args: &Args, bootstrap: &str) -> Result<String, String> {
     let topic = args.topic.clone();
     let partitions = args.partitions;
+    let replication_factor = args.replication_factor;
     let fsync = args.fsync.clone();
     let bootstrap = bootstrap.to_string();
     wharf::runtime::run_local("loadgen-setup", async move {
@@ -440,7 +444,7 @@ fn prepare_topic(args: &Args, bootstrap: &str) -> Result<String, String> {
                     .create_topic(
                         &topic,
                         partitions,
-                        1,
+                        replication_factor,
                         vec![ConfigEntry {
                             key: "flush".to_string(),
                             value: fsync.clone(),

@@ -123,6 +123,9 @@ pub struct FetchRequest {
     pub last_fetched_epoch: Option<Epoch>,
     /// The follower's durable offset.
     pub durable_offset: Offset,
+    /// Whether the leader may hold the fetch until new data arrives. False while the follower
+    /// streams (appended data is being flushed): it wants an answer now, with or without data.
+    pub may_wait: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -218,6 +221,7 @@ pub enum Output {
         replica: BrokerId,
         fetch_id: u64,
         fetch_offset: Offset,
+        may_wait: bool,
     },
     /// Leader: answer `replica`'s fetch with an error.
     RejectFetch {
@@ -285,8 +289,12 @@ enum FetchPhase {
     Appending {
         next: Offset,
     },
-    /// Waiting for what was appended to become durable before reporting it.
-    AwaitingFlush,
+    /// What was appended is being flushed. The next fetch goes out at once without letting the
+    /// leader wait (pipelining fetch and flush under load), unless the last answer was empty:
+    /// then it waits for the flush, so the fetch after it reports the durable offset.
+    AwaitingFlush {
+        last_reply_empty: bool,
+    },
     Truncating,
     /// Fetch again at this time.
     Backoff {
@@ -444,7 +452,9 @@ impl Replica {
                     "appended batches end elsewhere than told"
                 );
                 self.end = next_offset;
-                self.phase = FetchPhase::AwaitingFlush;
+                self.phase = FetchPhase::AwaitingFlush {
+                    last_reply_empty: false,
+                };
                 self.maybe_fetch(outbox);
             }
             Input::Truncated { end } => {
@@ -562,7 +572,9 @@ impl Replica {
         self.leader_high_watermark = self.high_watermark;
         match self.phase {
             // Let the log operation in progress finish; the next fetch uses the new epoch.
-            FetchPhase::Appending { .. } | FetchPhase::Truncating | FetchPhase::AwaitingFlush => {}
+            FetchPhase::Appending { .. }
+            | FetchPhase::Truncating
+            | FetchPhase::AwaitingFlush { .. } => {}
             _ => self.phase = FetchPhase::Idle,
         }
         self.maybe_fetch(outbox);
@@ -774,6 +786,7 @@ impl Replica {
             replica: request.replica,
             fetch_id: request.fetch_id,
             fetch_offset: request.fetch_offset,
+            may_wait: request.may_wait,
         });
     }
 
@@ -846,7 +859,13 @@ impl Replica {
                         until_ms: self.now_ms + self.config.fetch_backoff_ms,
                     };
                 } else if count == 0 {
-                    self.phase = FetchPhase::Idle;
+                    self.phase = if self.durable < self.end {
+                        FetchPhase::AwaitingFlush {
+                            last_reply_empty: true,
+                        }
+                    } else {
+                        FetchPhase::Idle
+                    };
                     self.maybe_fetch(outbox);
                 } else {
                     self.phase = FetchPhase::Appending { next };
@@ -875,8 +894,9 @@ impl Replica {
         }
     }
 
-    /// Follower: sends the next fetch when nothing is outstanding and everything appended is
-    /// durable (so the fetch reports it and the leader can acknowledge).
+    /// Follower: sends the next fetch when nothing is outstanding: at once (no waiting at the
+    /// leader) while streaming, else once everything appended is durable (so the fetch reports
+    /// it and the leader can acknowledge).
     fn maybe_fetch(&mut self, outbox: &mut Outbox) {
         let Role::Follower { leader } = self.role else {
             return;
@@ -884,11 +904,14 @@ impl Replica {
         if leader == self.config.broker_id {
             return; // Not told whom to follow yet.
         }
-        match self.phase {
-            FetchPhase::Idle => {}
-            FetchPhase::AwaitingFlush if self.durable >= self.end => {}
+        let may_wait = match self.phase {
+            FetchPhase::Idle => self.durable >= self.end,
+            FetchPhase::AwaitingFlush { .. } if self.durable >= self.end => true,
+            FetchPhase::AwaitingFlush {
+                last_reply_empty: false,
+            } => false,
             _ => return,
-        }
+        };
         let fetch_id = self.next_fetch_id;
         self.next_fetch_id += 1;
         self.phase = FetchPhase::Fetching { id: fetch_id };
@@ -901,6 +924,7 @@ impl Replica {
                 fetch_offset: self.end,
                 last_fetched_epoch: self.epochs.last_epoch_below(self.end),
                 durable_offset: self.durable,
+                may_wait,
             },
         });
     }

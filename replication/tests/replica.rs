@@ -79,6 +79,7 @@ fn fetch(replica: &mut Replica, from: BrokerId, offset: u64, durable: u64) -> Ou
             fetch_offset: Offset(offset),
             last_fetched_epoch: (offset > 0).then_some(Epoch(1)),
             durable_offset: Offset(durable),
+            may_wait: true,
         }),
     )
 }
@@ -121,7 +122,8 @@ fn each_ack_level_completes_when_its_replicas_hold_the_batch() {
     assert!(out.contains(&Output::ServeFetch {
         replica: 2,
         fetch_id: 7,
-        fetch_offset: Offset(20)
+        fetch_offset: Offset(20),
+        may_wait: true,
     }));
     assert_eq!(r.high_watermark(), Offset(0), "HW waits for the whole ISR");
     step(
@@ -285,14 +287,39 @@ fn follower_fetches_appends_flushes_and_reports_durable() {
             Output::AppendFetched { count: 2 }
         ]
     );
-    // Appended, not yet durable: no fetch goes out until it is.
-    assert!(step(
+    // Appended, not yet durable: the next fetch streams at once, without letting the leader
+    // wait (its durable offset is still 0).
+    let out = step(
         &mut f,
         Input::FetchedAppended {
-            next_offset: Offset(9)
-        }
-    )
-    .is_empty());
+            next_offset: Offset(9),
+        },
+    );
+    let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
+        panic!("no streaming fetch: {out:?}");
+    };
+    assert_eq!(
+        (
+            request.fetch_offset,
+            request.durable_offset,
+            request.may_wait
+        ),
+        (Offset(9), Offset(0), false)
+    );
+    // Nothing new at the leader: wait for the flush instead of polling again.
+    let out = step(
+        &mut f,
+        Input::FetchReply {
+            fetch_id: request.fetch_id,
+            leader_epoch: Epoch(1),
+            reply: FetchReply::Data {
+                high_watermark: Offset(4),
+                log_start: Offset(0),
+                batches: vec![],
+            },
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
     let out = step(&mut f, Input::Flushed { durable: Offset(9) });
     assert_eq!(out[0], Output::HighWatermark(Offset(4)));
     let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
@@ -302,9 +329,10 @@ fn follower_fetches_appends_flushes_and_reports_durable() {
         (
             request.fetch_offset,
             request.durable_offset,
-            request.last_fetched_epoch
+            request.last_fetched_epoch,
+            request.may_wait
         ),
-        (Offset(9), Offset(9), Some(Epoch(1)))
+        (Offset(9), Offset(9), Some(Epoch(1)), true)
     );
     // A duplicate of the old reply is ignored.
     let stale = step(
@@ -505,6 +533,7 @@ fn a_last_epoch_unknown_to_the_leader_is_divergence() {
         fetch_offset: Offset(12),
         last_fetched_epoch: Some(Epoch(2)),
         durable_offset: Offset(12),
+        may_wait: true,
     };
     assert_eq!(
         step(&mut leader, Input::FetchRequest(request)),

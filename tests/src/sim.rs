@@ -458,11 +458,13 @@ impl Sim {
                 replica,
                 fetch_id,
                 fetch_offset,
+                may_wait,
             } => {
                 let live = self.node(id).live.as_mut()?;
+                let wait_ms = if may_wait { FETCH_WAIT_MS } else { 0 };
                 live.parked
-                    .push((replica, fetch_id, fetch_offset, now + FETCH_WAIT_MS));
-                self.serve_parked(id, false);
+                    .push((replica, fetch_id, fetch_offset, now + wait_ms));
+                self.serve_parked(id, !may_wait);
                 None
             }
             Output::RejectFetch {

@@ -715,6 +715,7 @@ impl Partition {
             fetch_offset: Offset(request.fetch_offset),
             last_fetched_epoch: request.last_fetched_epoch.map(Epoch),
             durable_offset: Offset(request.durable_offset),
+            may_wait: request.max_wait_ms > 0,
         });
         let outputs = match self.step(input) {
             Ok(outputs) => outputs,
@@ -846,7 +847,11 @@ impl Partition {
             fetch_offset: request.fetch_offset.0,
             last_fetched_epoch: request.last_fetched_epoch.map(|e| e.0),
             durable_offset: request.durable_offset.0,
-            max_wait_ms: settings.fetch_wait_ms as u32,
+            max_wait_ms: if request.may_wait {
+                settings.fetch_wait_ms as u32
+            } else {
+                0
+            },
             max_bytes: settings.fetch_bytes_max as u32,
         };
         let timeout_ms = settings.fetch_wait_ms + 10_000;

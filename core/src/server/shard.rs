@@ -731,7 +731,11 @@ impl Shard {
             Ok(config) => config,
             Err(message) => return topic_error(ErrorCode::InvalidConfig, message),
         };
-        if config.min_insync_replicas > replication_factor {
+        let explicit_min_insync = request
+            .configs
+            .iter()
+            .any(|c| c.key == "min_insync_replicas");
+        if explicit_min_insync && config.min_insync_replicas > replication_factor {
             return topic_error(
                 ErrorCode::InvalidConfig,
                 format!(
