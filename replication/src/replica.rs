@@ -948,9 +948,11 @@ impl Replica {
             .map_or(Offset::ZERO, |p| p.durable_offset)
     }
 
+    /// In-sync replicas (the leader included) that hold everything below `next_offset`
+    /// durably. Only in-sync replicas count: an out-of-sync follower may never be elected, so
+    /// its copy does not protect an acknowledged write.
     fn durable_count(&self, next_offset: Offset) -> u8 {
-        self.config
-            .replicas
+        self.isr
             .iter()
             .filter(|&&r| self.durable_of(r) >= next_offset)
             .count() as u8
@@ -1003,9 +1005,11 @@ impl Replica {
             let result = match waiter.acks {
                 AckLevel::None => Some(Ok(())),
                 AckLevel::Leader => (self.durable >= waiter.next_offset).then_some(Ok(())),
-                AckLevel::Quorum | AckLevel::Replicas(_) => {
-                    (usize::from(durable_replicas) >= required).then_some(Ok(()))
-                }
+                // The leader must hold it too: a static leader that restarts (or, with the
+                // controller, a leader elected from the ISR) keeps what it holds.
+                AckLevel::Quorum | AckLevel::Replicas(_) => (self.durable >= waiter.next_offset
+                    && usize::from(durable_replicas) >= required)
+                    .then_some(Ok(())),
                 AckLevel::All if self.high_watermark >= waiter.next_offset => Some(Ok(())),
                 AckLevel::All if in_sync < required => {
                     Some(Err(ProduceError::NotEnoughReplicasAfterAppend {

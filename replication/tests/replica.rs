@@ -601,3 +601,19 @@ fn an_empty_epoch_at_the_log_end_yields_to_the_leaders_batches() {
     );
     assert_eq!(f.epochs().entries(), &[(Epoch(1), Offset(0))]);
 }
+
+/// `quorum` counts in-sync replicas and always includes the leader: two followers holding a
+/// batch the leader has not synced yet do not acknowledge it.
+#[test]
+fn quorum_needs_the_leader_and_counts_only_in_sync_replicas() {
+    let mut r = leader();
+    assert!(completed(&produce(&mut r, 1, AckLevel::Quorum, 4)).is_empty());
+    fetch(&mut r, 2, 4, 4);
+    assert!(
+        completed(&fetch(&mut r, 3, 4, 4)).is_empty(),
+        "leader not durable yet"
+    );
+    let done = completed(&step(&mut r, Input::Flushed { durable: Offset(4) }));
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].1.clone().expect("acked").durable_replicas, 3);
+}
