@@ -95,8 +95,17 @@ impl EpochHistory {
     }
 
     /// Where a follower truncates after the leader said its copy of `leader_epoch` ends at
-    /// `leader_end`: below both that and the end of this log's own copy of epochs up to
-    /// `leader_epoch`, so everything kept was written by the same leaders as the leader's log.
+    /// `leader_end` (Kafka's `getOffsetTruncationState`, KIP-279):
+    /// - this log has `leader_epoch` too: both copies of it were written by the same leader, so
+    ///   they agree up to the shorter one; truncate to the lower of the two ends (a batch
+    ///   boundary in both logs);
+    /// - this log lacks `leader_epoch`: truncate to the end of this log's largest epoch below
+    ///   it (the start of the next epoch here, a batch boundary of this log). The leader's
+    ///   offset belongs to an epoch this log never saw and may fall inside one of this log's
+    ///   batches. The next fetch then reports that older epoch and the leader answers for it,
+    ///   so truncation converges one epoch at a time;
+    /// - every epoch here is newer than `leader_epoch`: nothing is known to match; truncate to
+    ///   the log start.
     pub fn divergence_point(
         &self,
         leader_epoch: Epoch,
@@ -104,11 +113,21 @@ impl EpochHistory {
         log_start: Offset,
         log_end: Offset,
     ) -> Offset {
-        let own_end = match self.entries.iter().position(|&(e, _)| e > leader_epoch) {
-            Some(index) => self.entries[index].1,
-            None => log_end,
+        let point = match self.entries.iter().rposition(|&(e, _)| e <= leader_epoch) {
+            None => log_start,
+            Some(index) => {
+                let own_end = self
+                    .entries
+                    .get(index + 1)
+                    .map_or(log_end, |&(_, start)| start);
+                if self.entries[index].0 == leader_epoch {
+                    own_end.min(leader_end)
+                } else {
+                    own_end
+                }
+            }
         };
-        own_end.min(leader_end).max(log_start).min(log_end)
+        point.max(log_start).min(log_end)
     }
 }
 
@@ -154,6 +173,32 @@ mod tests {
         assert_eq!(
             follower.divergence_point(Epoch(2), Offset(13), Offset(0), Offset(15)),
             Offset(13)
+        );
+    }
+
+    /// Regression (simulator seed 2373404285590186184): the follower led epoch 6 on top of
+    /// epoch 3; the new leader lacks epoch 6 and answers with its epoch 4, ending at 226 — an
+    /// offset inside one of the follower's epoch-3 batches. The follower never saw epoch 4, so
+    /// it truncates only its own epochs above 3 (to 264, where its epoch 6 began) and asks again
+    /// with epoch 3.
+    #[test]
+    fn a_leader_epoch_this_log_lacks_truncates_to_the_end_of_the_older_epoch() {
+        let follower = history(&[(1, 0), (3, 161), (6, 264)], 268);
+        assert_eq!(
+            follower.divergence_point(Epoch(4), Offset(226), Offset(0), Offset(268)),
+            Offset(264)
+        );
+        // Next round: the leader's epoch 3 ends at 216, which this log has too.
+        let follower = history(&[(1, 0), (3, 161)], 264);
+        assert_eq!(
+            follower.divergence_point(Epoch(3), Offset(216), Offset(0), Offset(264)),
+            Offset(216)
+        );
+        // Every epoch here is newer than the leader's answer: nothing is known to match.
+        let follower = history(&[(5, 10), (6, 20)], 30);
+        assert_eq!(
+            follower.divergence_point(Epoch(4), Offset(25), Offset(10), Offset(30)),
+            Offset(10)
         );
     }
 

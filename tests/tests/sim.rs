@@ -28,3 +28,13 @@ fn fixed_seeds_keep_every_invariant() {
         "{totals:?}"
     );
 }
+
+/// Seeds the random batch found bugs with; each must keep passing.
+#[test]
+fn regression_seeds_keep_every_invariant() {
+    // Truncation to the leader's end of an epoch the follower never had landed inside one of
+    // the follower's batches (`EpochHistory::divergence_point`).
+    for (seed, steps) in [(2_373_404_285_590_186_184, 3000)] {
+        run(SimConfig::new(seed, steps)).unwrap_or_else(|failure| panic!("{failure}"));
+    }
+}
