@@ -29,12 +29,17 @@ fn fixed_seeds_keep_every_invariant() {
     );
 }
 
-/// Seeds the random batch found bugs with; each must keep passing.
+/// Seeds the random batch found bugs with, and what each found; each must keep passing.
+const REGRESSION_SEEDS: &[(u64, &str)] = &[(
+    2_373_404_285_590_186_184,
+    "truncation to the leader's end of an epoch the follower never had landed inside one of \
+     the follower's batches (EpochHistory::divergence_point)",
+)];
+
 #[test]
 fn regression_seeds_keep_every_invariant() {
-    // Truncation to the leader's end of an epoch the follower never had landed inside one of
-    // the follower's batches (`EpochHistory::divergence_point`).
-    for (seed, steps) in [(2_373_404_285_590_186_184, 3000)] {
-        run(SimConfig::new(seed, steps)).unwrap_or_else(|failure| panic!("{failure}"));
+    for &(seed, found) in REGRESSION_SEEDS {
+        run(SimConfig::new(seed, 3000))
+            .unwrap_or_else(|failure| panic!("{failure}\n(this seed once found: {found})"));
     }
 }
