@@ -9,11 +9,12 @@
 # ports ADMIN_BASE_PORT.. (default BASE_PORT+552, i.e. 9644..); data in DIR/broker-N, logs in
 # DIR/broker-N.log, pids in DIR/broker-N.pid, configs in DIR/broker-N.toml. WHARF_BIN picks the
 # binary (default target/release/wharf, built if missing); SHARDS (default 1) shards per broker;
+# CPU_SET (default unbound: three brokers on one host must not all pin their shard 0 to CPU 0);
 # REPLICA_LAG_MAX_MS (default 10000) the ISR lag limit; MIN_INSYNC (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 2 ]] || usage
 command=$1
 dir=$2
@@ -34,6 +35,7 @@ write_config() {
     echo "listen = \"127.0.0.1:$(client_port "$id")\""
     echo "admin_listen = \"127.0.0.1:$(admin_port "$id")\""
     echo "shards = $shards"
+    echo "cpu_set = \"${CPU_SET:-unbound}\""
     echo "[topic_defaults]"
     echo "min_insync_replicas = ${MIN_INSYNC:-2}"
     echo "[cluster]"

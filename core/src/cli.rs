@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// Shards (one per core); 0 = all available cores.
     #[arg(long)]
     pub shards: Option<usize>,
+    /// CPUs for the shards: auto, unbound (no pinning) or a list like 0-3,6.
+    #[arg(long)]
+    pub cpu_set: Option<String>,
     #[arg(long)]
     pub broker_id: Option<u32>,
     /// Print the effective configuration (file + flags + defaults) as TOML and exit.
@@ -176,6 +179,9 @@ pub fn serve_config(args: &ServeArgs) -> Result<ServerConfig, String> {
     }
     if let Some(shards) = args.shards {
         config.shards = shards;
+    }
+    if let Some(cpu_set) = &args.cpu_set {
+        config.cpu_set = cpu_set.clone();
     }
     if let Some(id) = args.broker_id {
         config.broker_id = id;

@@ -30,6 +30,11 @@ pub struct ServerConfig {
     pub admin_listen: String,
     /// Shards (one per core); 0 means every available core.
     pub shards: usize,
+    /// Which CPUs the shards are pinned to: `"auto"` (shard i on CPU i when there are enough
+    /// CPUs, else unpinned), `"unbound"` (no pinning: the kernel places the shard threads, for
+    /// several brokers sharing one host), or a list such as `"0-3,6"` (shard i on the i-th CPU
+    /// listed; at least `shards` CPUs).
+    pub cpu_set: String,
     /// Each shard busy-polls this long before sleeping when idle: lower latency (no wake-up
     /// through the kernel for requests arriving within it) for CPU time. 0 sleeps at once.
     pub spin_before_park_us: u64,
@@ -108,6 +113,71 @@ impl ClusterBroker {
     }
 }
 
+/// CPUs a shard thread may be pinned to (config `cpu_set`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CpuSet {
+    /// Shard i on CPU i when the shards fit on the available CPUs, else unpinned.
+    Auto,
+    /// No pinning.
+    Unbound,
+    /// Shard i on the i-th CPU listed.
+    List(Vec<usize>),
+}
+
+/// Highest CPU id a `cpu_set` list may name.
+pub const CPU_ID_MAX: usize = 4095;
+
+impl CpuSet {
+    /// Parses `"auto"`, `"unbound"` or a list of CPU ids and ranges (`"0-3,6"`).
+    pub fn parse(text: &str) -> Result<CpuSet, String> {
+        let text = text.trim();
+        match text {
+            "auto" => return Ok(CpuSet::Auto),
+            "unbound" => return Ok(CpuSet::Unbound),
+            _ => {}
+        }
+        let invalid = |why: String| {
+            format!("cpu_set = \"{text}\": {why} (expected \"auto\", \"unbound\" or a list like \"0-3,6\")")
+        };
+        let cpu = |part: &str| -> Result<usize, String> {
+            let cpu: usize = part
+                .trim()
+                .parse()
+                .map_err(|_| invalid(format!("\"{part}\" is not a CPU id")))?;
+            if cpu > CPU_ID_MAX {
+                return Err(invalid(format!("CPU {cpu} is above {CPU_ID_MAX}")));
+            }
+            Ok(cpu)
+        };
+        let mut cpus = Vec::new();
+        for part in text.split(',') {
+            let (first, last) = match part.split_once('-') {
+                Some((first, last)) => (cpu(first)?, cpu(last)?),
+                None => (cpu(part)?, cpu(part)?),
+            };
+            if first > last {
+                return Err(invalid(format!("range {first}-{last} is empty")));
+            }
+            for id in first..=last {
+                if cpus.contains(&id) {
+                    return Err(invalid(format!("CPU {id} is listed twice")));
+                }
+                cpus.push(id);
+            }
+        }
+        Ok(CpuSet::List(cpus))
+    }
+
+    /// The CPU shard `shard` of `shards` is pinned to, or `None` for an unpinned thread.
+    pub fn cpu_of(&self, shard: usize, shards: usize, cores: usize) -> Option<usize> {
+        match self {
+            CpuSet::Auto => (shards <= cores).then_some(shard),
+            CpuSet::Unbound => None,
+            CpuSet::List(cpus) => cpus.get(shard).copied(),
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -118,6 +188,7 @@ impl Default for ServerConfig {
             shard_port_base: 0,
             admin_listen: format!("127.0.0.1:{ADMIN_PORT_DEFAULT}"),
             shards: 0,
+            cpu_set: "auto".to_string(),
             spin_before_park_us: 0,
             io_memory_bytes: crate::runtime::IO_MEMORY_BYTES_DEFAULT,
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
@@ -335,6 +406,16 @@ impl ServerConfig {
         if self.shards > 256 {
             return Err(format!("shards = {} is more than 256", self.shards));
         }
+        if let CpuSet::List(cpus) = CpuSet::parse(&self.cpu_set)? {
+            if cpus.len() < self.shards {
+                return Err(format!(
+                    "cpu_set = \"{}\" lists {} CPU(s) for {} shards",
+                    self.cpu_set,
+                    cpus.len(),
+                    self.shards
+                ));
+            }
+        }
         parse_host_port("listen", &self.listen)?;
         parse_host_port("admin_listen", &self.admin_listen)?;
         if self.frame_bytes_max < 1024 * 1024 {
@@ -468,6 +549,38 @@ mod tests {
             .expect("deploy/wharf.toml parses");
         let config = config.validate().expect("deploy/wharf.toml is valid");
         assert_eq!(config.shard_port_base, 9100);
+    }
+
+    #[test]
+    fn cpu_sets_parse_and_place_shards() {
+        assert_eq!(CpuSet::parse("auto"), Ok(CpuSet::Auto));
+        assert_eq!(CpuSet::parse("unbound"), Ok(CpuSet::Unbound));
+        assert_eq!(CpuSet::parse("0-2, 5"), Ok(CpuSet::List(vec![0, 1, 2, 5])));
+        assert_eq!(CpuSet::Auto.cpu_of(1, 2, 2), Some(1));
+        assert_eq!(CpuSet::Auto.cpu_of(1, 3, 2), None);
+        assert_eq!(CpuSet::Unbound.cpu_of(0, 1, 2), None);
+        assert_eq!(CpuSet::List(vec![1]).cpu_of(0, 1, 2), Some(1));
+        for (text, says) in [
+            ("", "is not a CPU id"),
+            ("x", "is not a CPU id"),
+            ("3-1", "is empty"),
+            ("1,1", "listed twice"),
+            ("99999", "above"),
+        ] {
+            let error = CpuSet::parse(text).expect_err(text);
+            assert!(
+                error.contains(says) && error.contains("cpu_set"),
+                "{text}: {error}"
+            );
+        }
+        let error = ServerConfig {
+            shards: 2,
+            cpu_set: "1".to_string(),
+            ..ServerConfig::default()
+        }
+        .validate()
+        .expect_err("too few CPUs");
+        assert!(error.contains("lists 1 CPU(s) for 2 shards"), "{error}");
     }
 
     #[test]

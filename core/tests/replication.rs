@@ -51,7 +51,7 @@ impl Cluster {
             .collect();
         for (i, broker) in brokers.iter_mut().enumerate() {
             broker.set_extra_config(format!(
-                "broker_id = {}\n[cluster]\nreplica_lag_max_ms = {REPLICA_LAG_MAX_MS}\nreplica_fetch_wait_ms = 200\nreplica_fetch_backoff_ms = 50\n{list}",
+                "broker_id = {}\ncpu_set = \"unbound\"\n[cluster]\nreplica_lag_max_ms = {REPLICA_LAG_MAX_MS}\nreplica_fetch_wait_ms = 200\nreplica_fetch_backoff_ms = 50\n{list}",
                 i + 1
             ));
         }

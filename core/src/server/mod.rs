@@ -165,12 +165,15 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
     let broker_metadata = Arc::new(broker_metadata);
     let mesh = MeshBuilder::full(shards, shared.config.shard_channel_capacity);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Checked by `ServerConfig::validate`; an embedder that skipped it gets the error here.
+    let cpu_set = crate::config::CpuSet::parse(&shared.config.cpu_set)?;
     let mut stops = Vec::new();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::new();
     tracing::info!(
         broker_id = shared.config.broker_id,
         shards,
+        cpu_set = %shared.config.cpu_set,
         listen = %shared.config.listen,
         admin = %shared.config.admin_listen,
         data_dir = %shared.config.data_dir.display(),
@@ -182,11 +185,10 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
         let shared = Arc::clone(&shared);
         let mesh = mesh.clone();
         let broker_metadata = Arc::clone(&broker_metadata);
-        // Pin each shard to its own core when there are enough of them.
-        let placement = if shards <= cores {
-            Placement::Fixed(id)
-        } else {
-            Placement::Unbound
+        // `cpu_set` decides: by default each shard on its own core when there are enough.
+        let placement = match cpu_set.cpu_of(id, shards, cores) {
+            Some(cpu) => Placement::Fixed(cpu),
+            None => Placement::Unbound,
         };
         let started = started_tx.clone();
         let handle = LocalExecutorBuilder::new(placement)
