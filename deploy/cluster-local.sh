@@ -53,6 +53,13 @@ running() { [[ -f "$dir/broker-$1.pid" ]] && kill -0 "$(cat "$dir/broker-$1.pid"
 start() {
   local id=$1
   if running "$id"; then echo "broker $id already runs (pid $(cat "$dir/broker-$id.pid"))"; return; fi
+  # Another process on our ports would answer the readiness check for a broker that failed.
+  local port
+  for port in "$(client_port "$id")" "$(admin_port "$id")"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "broker $id: 127.0.0.1:$port is in use by another process" >&2; return 1
+    fi
+  done
   write_config "$id"
   mkdir -p "$dir/broker-$id"
   nohup "$bin" serve --config "$dir/broker-$id.toml" >> "$dir/broker-$id.log" 2>&1 &
