@@ -472,17 +472,7 @@ impl Sim {
                 fetch_id,
                 error,
             } => {
-                let epoch = self.node(id).live.as_ref()?.replica.leader_epoch();
-                self.send(
-                    id,
-                    replica,
-                    Message::Reply {
-                        fetch_id,
-                        leader_epoch: epoch,
-                        reply: FetchReply::Error(error),
-                        batches: Vec::new(),
-                    },
-                );
+                self.send_reply(id, replica, fetch_id, FetchReply::Error(error), Vec::new());
                 None
             }
             Output::SendFetch { leader, request } => {
@@ -623,6 +613,31 @@ impl Sim {
         }
     }
 
+    /// Sends a fetch answer from `leader`, stamped with its current epoch.
+    fn send_reply(
+        &mut self,
+        leader: BrokerId,
+        follower: BrokerId,
+        fetch_id: u64,
+        reply: FetchReply,
+        batches: Vec<AlignedVec<16>>,
+    ) {
+        let Some(epoch) = self.nodes[(leader - 1) as usize]
+            .live
+            .as_ref()
+            .map(|l| l.replica.leader_epoch())
+        else {
+            return;
+        };
+        let message = Message::Reply {
+            fetch_id,
+            leader_epoch: epoch,
+            reply,
+            batches,
+        };
+        self.send(leader, follower, message);
+    }
+
     /// Answers parked fetches at leader `id` that have data (or whose wait ran out).
     fn serve_parked(&mut self, id: BrokerId, timeouts: bool) {
         let now = self.now_ms;
@@ -660,17 +675,7 @@ impl Sim {
                 log_start: live.log.log_start_offset(),
                 batches: infos,
             };
-            let epoch = live.replica.leader_epoch();
-            self.send(
-                id,
-                replica,
-                Message::Reply {
-                    fetch_id,
-                    leader_epoch: epoch,
-                    reply,
-                    batches,
-                },
-            );
+            self.send_reply(id, replica, fetch_id, reply, batches);
         }
     }
 

@@ -161,15 +161,7 @@ pub(super) async fn run(
             "connections still open after the shutdown timeout; closing logs anyway"
         );
     }
-    let partitions: Vec<Rc<Partition>> = shard
-        .partitions
-        .borrow()
-        .values()
-        .flatten()
-        .flatten()
-        .cloned()
-        .collect();
-    for partition in partitions {
+    for partition in shard.local_partitions() {
         partition.close().await;
     }
     shard.senders.close();
@@ -321,6 +313,17 @@ async fn start(
 }
 
 impl Shard {
+    /// Every partition this shard has open (a snapshot: no borrow is held afterwards).
+    fn local_partitions(&self) -> Vec<Rc<Partition>> {
+        self.partitions
+            .borrow()
+            .values()
+            .flatten()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     fn partition_count(&self) -> usize {
         self.partitions
             .borrow()
@@ -487,15 +490,7 @@ impl Shard {
     /// Ticks every local partition's replica (ISR, ack deadlines, follower backoff).
     async fn replica_tick_loop(self: Rc<Self>) {
         while !self.stopping.get() {
-            let partitions: Vec<Rc<Partition>> = self
-                .partitions
-                .borrow()
-                .values()
-                .flatten()
-                .flatten()
-                .cloned()
-                .collect();
-            for partition in partitions {
+            for partition in self.local_partitions() {
                 partition.tick();
             }
             glommio::timer::sleep(Duration::from_millis(REPLICA_TICK_MS)).await;
@@ -678,12 +673,17 @@ impl Shard {
 
     // ---- admin (shard 0 owns metadata changes) ----
 
+    /// Forwards a metadata change to shard 0, which owns them.
+    async fn on_shard_zero(self: &Rc<Self>, request: ShardRequest) -> TopicResult {
+        match self.to_shard(0, request).await {
+            Some(ShardReply::Topic(result)) => result,
+            _ => topic_error(ErrorCode::ShuttingDown, "shard 0 is not answering"),
+        }
+    }
+
     async fn create_topic(self: &Rc<Self>, request: CreateTopicRequest) -> TopicResult {
         if self.id != 0 {
-            return match self.to_shard(0, ShardRequest::CreateTopic(request)).await {
-                Some(ShardReply::Topic(result)) => result,
-                _ => topic_error(ErrorCode::ShuttingDown, "shard 0 is not answering"),
-            };
+            return self.on_shard_zero(ShardRequest::CreateTopic(request)).await;
         }
         let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
             return topic_error(ErrorCode::ShuttingDown, "shutting down");
@@ -839,10 +839,7 @@ impl Shard {
     /// Installs (or removes) a topic another broker created, with its id and assignment.
     async fn apply_topic(self: &Rc<Self>, request: ApplyTopicRequest) -> TopicResult {
         if self.id != 0 {
-            return match self.to_shard(0, ShardRequest::ApplyTopic(request)).await {
-                Some(ShardReply::Topic(result)) => result,
-                _ => topic_error(ErrorCode::ShuttingDown, "shard 0 is not answering"),
-            };
+            return self.on_shard_zero(ShardRequest::ApplyTopic(request)).await;
         }
         let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
             return topic_error(ErrorCode::ShuttingDown, "shutting down");
@@ -962,10 +959,7 @@ impl Shard {
 
     async fn delete_topic(self: &Rc<Self>, name: String) -> TopicResult {
         if self.id != 0 {
-            return match self.to_shard(0, ShardRequest::DeleteTopic(name)).await {
-                Some(ShardReply::Topic(result)) => result,
-                _ => topic_error(ErrorCode::ShuttingDown, "shard 0 is not answering"),
-            };
+            return self.on_shard_zero(ShardRequest::DeleteTopic(name)).await;
         }
         let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
             return topic_error(ErrorCode::ShuttingDown, "shutting down");
