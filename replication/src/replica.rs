@@ -199,8 +199,10 @@ pub enum Input {
     FetchFailed { fetch_id: u64 },
     /// Follower: the driver appended the batches of an `AppendFetched`.
     FetchedAppended { next_offset: Offset },
-    /// Follower: the driver truncated the log as told; it now ends at `end`.
-    Truncated { end: Offset },
+    /// Follower: the driver truncated the log as told; it now ends at `end` and is durable
+    /// below `durable` (truncation flushes what was staged below the cut, so this is usually
+    /// `end`, and no later flush will report it).
+    Truncated { end: Offset, durable: Offset },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -457,11 +459,17 @@ impl Replica {
                 };
                 self.maybe_fetch(outbox);
             }
-            Input::Truncated { end } => {
+            Input::Truncated { end, durable } => {
                 assert_eq!(self.phase, FetchPhase::Truncating, "unexpected truncation");
                 assert!(end >= self.log_start && end <= self.end);
+                assert!(
+                    durable <= end,
+                    "durable {durable} beyond the truncated end {end}"
+                );
                 self.end = end;
-                self.durable = self.durable.min(end);
+                // Take the log's word: the truncation may have made staged data durable, and
+                // a follower waiting for a flush that never comes would stop fetching.
+                self.durable = durable;
                 self.epochs.truncate(end);
                 self.phase = FetchPhase::Idle;
                 self.maybe_fetch(outbox);

@@ -435,7 +435,13 @@ fn a_diverged_follower_truncates_to_the_leaders_epoch_end() {
     );
     // Its own epoch 1 ends at 10 (epoch 2 began there): truncate to 10, not 12.
     assert_eq!(out, vec![Output::Truncate { to: Offset(10) }]);
-    let out = step(&mut f, Input::Truncated { end: Offset(10) });
+    let out = step(
+        &mut f,
+        Input::Truncated {
+            end: Offset(10),
+            durable: Offset(10),
+        },
+    );
     let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
         panic!("{out:?}");
     };
@@ -616,4 +622,78 @@ fn quorum_needs_the_leader_and_counts_only_in_sync_replicas() {
     let done = completed(&step(&mut r, Input::Flushed { durable: Offset(4) }));
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].1.clone().expect("acked").durable_replicas, 3);
+}
+
+/// Regression (simulator seed 13532248086542615334): a follower whose log was only partly
+/// durable truncated; the truncation flushed what was staged below the cut, so no flush
+/// completion followed. The replica kept its old durable offset, waited for a flush forever
+/// and stopped fetching. `Truncated` now carries the log's durable offset.
+#[test]
+fn truncation_reports_durability_and_the_follower_keeps_fetching() {
+    let log = LogState {
+        log_start: Offset(0),
+        end: Offset(20),
+        durable: Offset(8),
+        high_watermark: Offset(8),
+    };
+    let history = EpochHistory::new(
+        vec![(Epoch(1), Offset(0)), (Epoch(2), Offset(12))],
+        Offset(20),
+    )
+    .expect("history");
+    let mut f = Replica::new(config(2), log, history, 0);
+    let out = step(
+        &mut f,
+        Input::BecomeFollower {
+            epoch: Epoch(3),
+            leader: 1,
+        },
+    );
+    let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
+        panic!("{out:?}");
+    };
+    // The leader has epoch 2 up to 14 only.
+    let out = step(
+        &mut f,
+        Input::FetchReply {
+            fetch_id: request.fetch_id,
+            leader_epoch: Epoch(3),
+            reply: FetchReply::Error(FetchError::Diverging {
+                epoch: Epoch(2),
+                end_offset: Offset(14),
+            }),
+        },
+    );
+    assert_eq!(out, vec![Output::Truncate { to: Offset(14) }]);
+    // The driver's truncation flushed [8, 14) too.
+    let out = step(
+        &mut f,
+        Input::Truncated {
+            end: Offset(14),
+            durable: Offset(14),
+        },
+    );
+    assert_eq!(f.durable_offset(), Offset(14));
+    let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(request.durable_offset, Offset(14));
+    // An empty answer must not leave it waiting for a flush: it fetches again (long poll).
+    let out = step(
+        &mut f,
+        Input::FetchReply {
+            fetch_id: request.fetch_id,
+            leader_epoch: Epoch(3),
+            reply: FetchReply::Data {
+                high_watermark: Offset(14),
+                log_start: Offset(0),
+                batches: Vec::new(),
+            },
+        },
+    );
+    let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
+        panic!("an empty reply after truncation must lead to the next fetch: {out:?}");
+    };
+    assert!(request.may_wait);
+    assert_eq!(f.high_watermark(), Offset(14));
 }

@@ -499,9 +499,10 @@ impl Sim {
                 block_on(live.log.truncate_suffix(to))
                     .unwrap_or_else(|e| panic!("node {id}: truncate to {to} failed: {e}"));
                 let end = live.log.end_offset();
+                let durable = live.log.durable_offset();
                 self.report.truncations += 1;
                 self.trace(|| format!("broker {id} truncated to {to}"));
-                Some(Input::Truncated { end })
+                Some(Input::Truncated { end, durable })
             }
             Output::EpochHistoryChanged => {
                 let node = self.node(id);

@@ -30,11 +30,18 @@ fn fixed_seeds_keep_every_invariant() {
 }
 
 /// Seeds the random batch found bugs with, and what each found; each must keep passing.
-const REGRESSION_SEEDS: &[(u64, &str)] = &[(
-    2_373_404_285_590_186_184,
-    "truncation to the leader's end of an epoch the follower never had landed inside one of \
+const REGRESSION_SEEDS: &[(u64, &str)] = &[
+    (
+        2_373_404_285_590_186_184,
+        "truncation to the leader's end of an epoch the follower never had landed inside one of \
      the follower's batches (EpochHistory::divergence_point)",
-)];
+    ),
+    (
+        13_532_248_086_542_615_334,
+        "a truncation flushed the follower's staged data but the replica kept its old durable \
+     offset and waited for a flush that never came (Input::Truncated carries durability)",
+    ),
+];
 
 #[test]
 fn regression_seeds_keep_every_invariant() {

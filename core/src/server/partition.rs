@@ -482,13 +482,13 @@ impl Partition {
         let result = {
             let mut log = self.log.borrow_mut();
             let result = log.truncate_suffix(to).await;
-            (result, log.end_offset())
+            (result, (log.end_offset(), log.durable_offset()))
         };
         match result {
-            (Ok(()), end) => {
+            (Ok(()), (end, durable)) => {
                 tracing::warn!(topic = %self.topic, partition = self.index, %to, "truncated a divergent suffix");
                 self.metrics.end_offset.set(end.0 as i64);
-                if let Err(error) = self.step(Input::Truncated { end }) {
+                if let Err(error) = self.step(Input::Truncated { end, durable }) {
                     tracing::error!(%error, "after truncation");
                 }
             }
