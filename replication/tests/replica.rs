@@ -84,6 +84,32 @@ fn fetch(replica: &mut Replica, from: BrokerId, offset: u64, durable: u64) -> Ou
     )
 }
 
+/// A follower of `leader` in epoch 3 over a recovered log with the given epoch history, and
+/// the first fetch it sends.
+fn follower_in_epoch_3(
+    leader: BrokerId,
+    log: LogState,
+    epochs: &[(u32, u64)],
+) -> (Replica, FetchRequest) {
+    let history = EpochHistory::new(
+        epochs.iter().map(|&(e, o)| (Epoch(e), Offset(o))).collect(),
+        log.end,
+    )
+    .expect("history");
+    let mut f = Replica::new(config(2), log, history, 0);
+    let out = step(
+        &mut f,
+        Input::BecomeFollower {
+            epoch: Epoch(3),
+            leader,
+        },
+    );
+    let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
+        panic!("{out:?}");
+    };
+    (f, request)
+}
+
 fn completed(out: &[Output]) -> Vec<(u64, Result<Ack, ProduceError>)> {
     out.iter()
         .filter_map(|o| match o {
@@ -564,22 +590,7 @@ fn an_empty_epoch_at_the_log_end_yields_to_the_leaders_batches() {
         durable: Offset(10),
         high_watermark: Offset(0),
     };
-    let history = EpochHistory::new(
-        vec![(Epoch(1), Offset(0)), (Epoch(2), Offset(10))],
-        Offset(10),
-    )
-    .expect("history");
-    let mut f = Replica::new(config(2), log, history, 0);
-    let out = step(
-        &mut f,
-        Input::BecomeFollower {
-            epoch: Epoch(3),
-            leader: 1,
-        },
-    );
-    let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
-        panic!("{out:?}");
-    };
+    let (mut f, request) = follower_in_epoch_3(1, log, &[(1, 0), (2, 10)]);
     assert_eq!(request.last_fetched_epoch, Some(Epoch(1)));
     let batches = vec![BatchInfo {
         base_offset: Offset(10),
@@ -636,22 +647,7 @@ fn truncation_reports_durability_and_the_follower_keeps_fetching() {
         durable: Offset(8),
         high_watermark: Offset(8),
     };
-    let history = EpochHistory::new(
-        vec![(Epoch(1), Offset(0)), (Epoch(2), Offset(12))],
-        Offset(20),
-    )
-    .expect("history");
-    let mut f = Replica::new(config(2), log, history, 0);
-    let out = step(
-        &mut f,
-        Input::BecomeFollower {
-            epoch: Epoch(3),
-            leader: 1,
-        },
-    );
-    let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
-        panic!("{out:?}");
-    };
+    let (mut f, request) = follower_in_epoch_3(1, log, &[(1, 0), (2, 12)]);
     // The leader has epoch 2 up to 14 only.
     let out = step(
         &mut f,
