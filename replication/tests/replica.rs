@@ -110,6 +110,21 @@ fn follower_in_epoch_3(
     (f, request)
 }
 
+/// The epoch-3 leader answers `fetch_id` with `Diverging{epoch, end_offset}`.
+fn diverging(follower: &mut Replica, fetch_id: u64, epoch: u32, end_offset: u64) -> Outbox {
+    step(
+        follower,
+        Input::FetchReply {
+            fetch_id,
+            leader_epoch: Epoch(3),
+            reply: FetchReply::Error(FetchError::Diverging {
+                epoch: Epoch(epoch),
+                end_offset: Offset(end_offset),
+            }),
+        },
+    )
+}
+
 fn completed(out: &[Output]) -> Vec<(u64, Result<Ack, ProduceError>)> {
     out.iter()
         .filter_map(|o| match o {
@@ -448,17 +463,7 @@ fn a_diverged_follower_truncates_to_the_leaders_epoch_end() {
             },
         }]
     );
-    let out = step(
-        &mut f,
-        Input::FetchReply {
-            fetch_id: request.fetch_id,
-            leader_epoch: Epoch(3),
-            reply: FetchReply::Error(FetchError::Diverging {
-                epoch: Epoch(1),
-                end_offset: Offset(12),
-            }),
-        },
-    );
+    let out = diverging(&mut f, request.fetch_id, 1, 12);
     // Its own epoch 1 ends at 10 (epoch 2 began there): truncate to 10, not 12.
     assert_eq!(out, vec![Output::Truncate { to: Offset(10) }]);
     let out = step(
@@ -649,17 +654,7 @@ fn truncation_reports_durability_and_the_follower_keeps_fetching() {
     };
     let (mut f, request) = follower_in_epoch_3(1, log, &[(1, 0), (2, 12)]);
     // The leader has epoch 2 up to 14 only.
-    let out = step(
-        &mut f,
-        Input::FetchReply {
-            fetch_id: request.fetch_id,
-            leader_epoch: Epoch(3),
-            reply: FetchReply::Error(FetchError::Diverging {
-                epoch: Epoch(2),
-                end_offset: Offset(14),
-            }),
-        },
-    );
+    let out = diverging(&mut f, request.fetch_id, 2, 14);
     assert_eq!(out, vec![Output::Truncate { to: Offset(14) }]);
     // The driver's truncation flushed [8, 14) too.
     let out = step(
