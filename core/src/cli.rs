@@ -54,8 +54,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub shards: Option<usize>,
     /// CPUs for the shards: auto, unbound (no pinning) or a list like 0-3,6.
-    #[arg(long)]
-    pub cpu_set: Option<String>,
+    #[arg(long, value_parser = crate::config::CpuSet::parse)]
+    pub cpu_set: Option<crate::config::CpuSet>,
     #[arg(long)]
     pub broker_id: Option<u32>,
     /// Print the effective configuration (file + flags + defaults) as TOML and exit.

@@ -34,7 +34,7 @@ pub struct ServerConfig {
     /// CPUs, else unpinned), `"unbound"` (no pinning: the kernel places the shard threads, for
     /// several brokers sharing one host), or a list such as `"0-3,6"` (shard i on the i-th CPU
     /// listed; at least `shards` CPUs).
-    pub cpu_set: String,
+    pub cpu_set: CpuSet,
     /// Each shard busy-polls this long before sleeping when idle: lower latency (no wake-up
     /// through the kernel for requests arriving within it) for CPU time. 0 sleeps at once.
     pub spin_before_park_us: u64,
@@ -113,8 +113,10 @@ impl ClusterBroker {
     }
 }
 
-/// CPUs a shard thread may be pinned to (config `cpu_set`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// CPUs a shard thread may be pinned to (config `cpu_set`). Written as a string in TOML and
+/// on the command line, parsed once where the config is read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum CpuSet {
     /// Shard i on CPU i when the shards fit on the available CPUs, else unpinned.
     Auto,
@@ -178,6 +180,32 @@ impl CpuSet {
     }
 }
 
+impl TryFrom<String> for CpuSet {
+    type Error = String;
+    fn try_from(text: String) -> Result<CpuSet, String> {
+        CpuSet::parse(&text)
+    }
+}
+
+impl From<CpuSet> for String {
+    fn from(set: CpuSet) -> String {
+        set.to_string()
+    }
+}
+
+impl std::fmt::Display for CpuSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CpuSet::Auto => f.write_str("auto"),
+            CpuSet::Unbound => f.write_str("unbound"),
+            CpuSet::List(cpus) => {
+                let ids: Vec<String> = cpus.iter().map(usize::to_string).collect();
+                f.write_str(&ids.join(","))
+            }
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -188,7 +216,7 @@ impl Default for ServerConfig {
             shard_port_base: 0,
             admin_listen: format!("127.0.0.1:{ADMIN_PORT_DEFAULT}"),
             shards: 0,
-            cpu_set: "auto".to_string(),
+            cpu_set: CpuSet::Auto,
             spin_before_park_us: 0,
             io_memory_bytes: crate::runtime::IO_MEMORY_BYTES_DEFAULT,
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
@@ -406,7 +434,7 @@ impl ServerConfig {
         if self.shards > 256 {
             return Err(format!("shards = {} is more than 256", self.shards));
         }
-        if let CpuSet::List(cpus) = CpuSet::parse(&self.cpu_set)? {
+        if let CpuSet::List(cpus) = &self.cpu_set {
             if cpus.len() < self.shards {
                 return Err(format!(
                     "cpu_set = \"{}\" lists {} CPU(s) for {} shards",
@@ -575,12 +603,23 @@ mod tests {
         }
         let error = ServerConfig {
             shards: 2,
-            cpu_set: "1".to_string(),
+            cpu_set: CpuSet::List(vec![1]),
             ..ServerConfig::default()
         }
         .validate()
         .expect_err("too few CPUs");
         assert!(error.contains("lists 1 CPU(s) for 2 shards"), "{error}");
+        // A list survives `--print-config` and a reload.
+        let config = ServerConfig {
+            cpu_set: CpuSet::parse("0-1,4").expect("list"),
+            ..ServerConfig::default()
+        };
+        let back: ServerConfig = toml::from_str(&config.to_toml()).expect("parses");
+        assert_eq!(back.cpu_set, CpuSet::List(vec![0, 1, 4]));
+        let error = toml::from_str::<ServerConfig>("cpu_set = \"3-1\"")
+            .expect_err("bad cpu_set in TOML")
+            .to_string();
+        assert!(error.contains("is empty"), "{error}");
     }
 
     #[test]

@@ -165,8 +165,6 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
     let broker_metadata = Arc::new(broker_metadata);
     let mesh = MeshBuilder::full(shards, shared.config.shard_channel_capacity);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // Checked by `ServerConfig::validate`; an embedder that skipped it gets the error here.
-    let cpu_set = crate::config::CpuSet::parse(&shared.config.cpu_set)?;
     let mut stops = Vec::new();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::new();
@@ -186,7 +184,7 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
         let mesh = mesh.clone();
         let broker_metadata = Arc::clone(&broker_metadata);
         // `cpu_set` decides: by default each shard on its own core when there are enough.
-        let placement = match cpu_set.cpu_of(id, shards, cores) {
+        let placement = match shared.config.cpu_set.cpu_of(id, shards, cores) {
             Some(cpu) => Placement::Fixed(cpu),
             None => Placement::Unbound,
         };
