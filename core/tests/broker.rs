@@ -253,8 +253,10 @@ fn long_poll_fetch_wakes_when_data_arrives() {
         );
         consumer.assign(None, SeekTo::Latest).await.expect("assign");
         let producing = Rc::clone(&client);
+        let admin_port = broker.admin_port;
         let producer_task = glommio::spawn_local(async move {
-            glommio::timer::sleep(Duration::from_millis(300)).await;
+            // Produce only once the broker holds the consumer's fetch: the record must wake it.
+            wait_for_metric(admin_port, PARKED, 1.0).await;
             let producer = Producer::new(producing, ProducerConfig::default());
             let delivery = producer
                 .send("poll", None, b"wake up")
@@ -276,7 +278,43 @@ fn long_poll_fetch_wakes_when_data_arrives() {
             "the long poll returned only after {waited:?}"
         );
         producer_task.await;
+        // Long polls that time out on an idle partition are not left counted (nor held).
+        let mut idle = Consumer::new(
+            Rc::clone(&client),
+            "poll",
+            ConsumerConfig {
+                max_wait_ms: 20,
+                ..ConsumerConfig::default()
+            },
+        );
+        idle.assign(None, SeekTo::Latest).await.expect("assign");
+        for _ in 0..10 {
+            let records = idle.poll().await.expect("poll");
+            let mut count = 0;
+            records.for_each(|_| count += 1).expect("records");
+            assert_eq!(count, 0, "nothing new was produced");
+        }
+        wait_for_metric(broker.admin_port, PARKED, 0.0).await;
     });
+}
+
+const PARKED: &str = "wharf_partition_fetches_waiting{topic=\"poll\",partition=\"0\"}";
+
+/// Waits (bounded: 10 s) until the broker's metric `series` reads `value`.
+async fn wait_for_metric(admin_port: u16, series: &str, value: f64) {
+    let read = || {
+        let (_, text) = common::http_get(admin_port, "/metrics")?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series))
+            .and_then(|rest| rest.trim().parse::<f64>().ok())
+    };
+    for _ in 0..1000 {
+        if read() == Some(value) {
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{series} is {:?} after 10 s, expected {value}", read());
 }
 
 #[test]

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub partition_follower_lag_offsets: Family<PartitionLabels, Gauge>,
     pub partition_follower_lag_ms: Family<PartitionLabels, Gauge>,
     pub partition_ack_wait: HistogramFamily<PartitionLabels>,
+    pub partition_fetches_waiting: Family<PartitionLabels, Gauge>,
     pub requests: Family<ApiLabels, Counter>,
     pub request_errors: Family<ErrorLabels, Counter>,
     pub request_latency: HistogramFamily<ApiLabels>,
@@ -82,6 +83,7 @@ impl Metrics {
             partition_follower_lag_offsets: Family::default(),
             partition_follower_lag_ms: Family::default(),
             partition_ack_wait: Family::new_with_constructor(latency_histogram),
+            partition_fetches_waiting: Family::default(),
             requests: Family::default(),
             request_errors: Family::default(),
             request_latency: Family::new_with_constructor(latency_histogram),
@@ -140,6 +142,11 @@ impl Metrics {
             "partition_ack_wait_seconds",
             "Time produces waited after the append for their acks (durability on replicas)",
             metrics.partition_ack_wait.clone(),
+        );
+        registry.register(
+            "partition_fetches_waiting",
+            "Consumer fetches long-polling this partition for data above the high watermark",
+            metrics.partition_fetches_waiting.clone(),
         );
         registry.register(
             "requests",
@@ -212,6 +219,7 @@ pub struct PartitionMetrics {
     pub follower_lag_offsets: Gauge,
     pub follower_lag_ms: Gauge,
     pub ack_wait: Histogram,
+    pub fetches_waiting: Gauge,
 }
 
 impl PartitionMetrics {
@@ -243,6 +251,9 @@ impl PartitionMetrics {
                 .partition_follower_lag_ms
                 .get_or_create_owned(&labels),
             ack_wait: metrics.partition_ack_wait.get_or_create_owned(&labels),
+            fetches_waiting: metrics
+                .partition_fetches_waiting
+                .get_or_create_owned(&labels),
             labels,
         }
     }
@@ -259,6 +270,7 @@ impl PartitionMetrics {
         metrics.partition_follower_lag_offsets.remove(&self.labels);
         metrics.partition_follower_lag_ms.remove(&self.labels);
         metrics.partition_ack_wait.remove(&self.labels);
+        metrics.partition_fetches_waiting.remove(&self.labels);
     }
 }
 

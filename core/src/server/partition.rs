@@ -753,7 +753,13 @@ impl Partition {
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         if self.log.borrow().end_offset() <= from && !self.closing.get() {
             let (wake, woken) = oneshot::channel();
-            self.append_waiters.borrow_mut().push(wake);
+            {
+                // As for consumer long polls: forget the fetches that timed out, or an idle
+                // partition would keep one sender per follower fetch for ever.
+                let mut waiters = self.append_waiters.borrow_mut();
+                waiters.retain(|waiter| !waiter.is_canceled());
+                waiters.push(wake);
+            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let _ = glommio::timer::timeout(remaining, async {
                 let _ = woken.await;
@@ -923,7 +929,22 @@ impl Partition {
             return;
         }
         let (wake, woken) = oneshot::channel();
-        self.data_waiters.borrow_mut().push(wake);
+        {
+            let mut waiters = self.data_waiters.borrow_mut();
+            // Fetches that timed out (or whose connection closed) dropped their receivers:
+            // forget them here, so an idle partition polled for ever keeps only live waiters.
+            waiters.retain(|waiter| !waiter.is_canceled());
+            waiters.push(wake);
+        }
+        // Counts this fetch as parked until it returns or is dropped.
+        struct Parked<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+        impl Drop for Parked<'_> {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.metrics.fetches_waiting.inc();
+        let _parked = Parked(&self.metrics.fetches_waiting);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let _ = glommio::timer::timeout(remaining, async {
             let _ = woken.await;

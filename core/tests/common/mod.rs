@@ -130,14 +130,7 @@ impl Broker {
 
     /// GET `path` on the admin endpoint: (status, body).
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n")?.1.to_string();
-        Some((status, body))
+        http_get(self.admin_port, path)
     }
 
     fn signal(&self, signal: i32) {
@@ -192,6 +185,18 @@ impl Drop for Broker {
 }
 
 /// Runs client code on a glommio executor on this thread.
+/// GET `path` from a broker's admin endpoint: status and body.
+pub fn http_get(admin_port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin_port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
 pub fn run<T>(future: impl std::future::Future<Output = T>) -> T {
     wharf::runtime::run_local("test-client", future).expect("glommio executor (io_uring)")
 }
