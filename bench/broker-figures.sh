@@ -8,6 +8,7 @@
 #   4. latency at 50% of scenario 1's throughput (open loop, coordinated-omission corrected)
 # Throughput runs spread each producer's records round-robin (every partition busy); the
 # open-loop run uses the default sticky partitioner (full batches at a partial rate).
+# Scenario 4 runs bench/stall_probe.py alongside: the latency floor the disk set in that window.
 # Reports go to target/figures/ (JSON and .hgrm per scenario, summary.txt).
 # Environment: FIGURE_SECONDS (10), FIGURE_WARMUP (2), SKIP_LIMITS=1 to reuse target/figures/limits.json.
 set -euo pipefail
@@ -48,7 +49,13 @@ echo "== 3. latency: one record per request, one request in flight"
 $L --topic f3 --partitions 1 --producers 1 --max-in-flight 1 --linger-ms 0 --json "$OUT/3-latency.json" --hgrm "$OUT/3-latency" | tail -5
 HALF=$(python3 -c 'import json; print(int(json.load(open("'"$OUT"'/1-throughput.json"))["produce"]["msgs_per_s"] / 2))')
 echo "== 4. open loop at 50% of scenario 1: $HALF msgs/s"
+# The disk stall probe runs alongside (100 durable 4 KiB writes/s): the latency floor the disk
+# itself set during this very window.
+python3 bench/stall_probe.py --dir "$OUT/probe" --seconds "$((SECS + WARM))" --skip-seconds "$WARM" \
+  --iops 100 --json "$OUT/4-disk-stalls.json" &
+PROBE=$!
 $L --topic f4 --partitions 4 --producers 2 --batch-bytes 1048576 --rate "$HALF" --json "$OUT/4-half-rate.json" --hgrm "$OUT/4-half-rate" | tail -5
+wait $PROBE
 
 kill -TERM $BROKER; wait $BROKER || true; trap - EXIT
 rm -rf "$OUT/data"
@@ -72,4 +79,7 @@ print(f"3. one record per request: p50 {l['p50']} us, p99 {l['p99']} us (target 
 h = r["4-half-rate"]["produce"]
 hl = h["latency_us"]
 print(f"4. open loop at {h['msgs_per_s']:.0f} msgs/s (50% of 1.): p99 {hl['p99']/1000:.2f} ms (target <= 2), p99.9 {hl['p999']/1000:.2f} ms (target <= 5)")
+d = json.load(open(f"{out}/4-disk-stalls.json"))
+print(f"   disk in the same window (stall probe): {d['stalls_over_10ms']} stalls over 10 ms, longest {d['stall_max_ms']:.0f} ms; "
+      f"durable-ack floor p99 {d['floor_p99_ms']:.1f} ms, p99.9 {d['floor_p999_ms']:.1f} ms")
 PY

@@ -7,7 +7,8 @@
 #   for acks = all, quorum, leader:
 #     a. throughput: 2 producers, 1 KiB records, 1 MiB batches, 3 partitions (one led by each
 #        broker), closed loop
-#     b. open loop at 50% of (a): produce p50/p99/p99.9 (coordinated-omission corrected)
+#     b. open loop at 50% of (a): produce p50/p99/p99.9 (coordinated-omission corrected), with
+#        bench/stall_probe.py alongside (the latency floor the disk set in that window)
 # Reports go to target/cluster-figures/ (JSON per run, summary.txt).
 # Environment: FIGURE_SECONDS (10), FIGURE_WARMUP (2), SKIP_LIMITS=1 to reuse
 # target/cluster-figures/limits.json, BASE_PORT (29092) for the cluster.
@@ -51,9 +52,13 @@ for acks in all quorum leader; do
   $W topic delete "t-$acks" --bootstrap "$C" >/dev/null
   HALF=$(python3 -c 'import json; print(int(json.load(open("'"$OUT/$acks"'-throughput.json"))["produce"]["msgs_per_s"] / 2))')
   echo "== acks=$acks: open loop at 50%: $HALF msgs/s"
+  python3 bench/stall_probe.py --dir "$OUT/probe" --seconds "$((SECS + WARM))" --skip-seconds "$WARM" \
+    --iops 100 --json "$OUT/$acks-disk-stalls.json" &
+  PROBE=$!
   $LG --bootstrap "$C" --acks "$acks" --duration "$SECS" --warmup "$WARM" --topic "h-$acks" --partitions 3 \
     --replication-factor 3 --producers 2 --batch-bytes 1048576 --rate "$HALF" \
     --json "$OUT/$acks-half-rate.json" --hgrm "$OUT/$acks-half-rate" | tail -4
+  wait $PROBE
   $W topic delete "h-$acks" --bootstrap "$C" >/dev/null
 done
 deploy/cluster-local.sh down "$OUT/cluster"
@@ -78,4 +83,7 @@ for acks in ["all", "quorum", "leader"]:
     target = "  (targets: >= 35%, p99 <= 5 ms)" if acks == "all" else ""
     print(f"  acks={acks:<6} {t['mb_per_s']:6.0f} MB/s = {100*t['mb_per_s']/single:3.0f}% of single-broker acks=leader; "
           f"at 50% ({h['msgs_per_s']:.0f} msgs/s): p50 {l['p50']/1000:.2f} ms, p99 {l['p99']/1000:.2f} ms, p99.9 {l['p999']/1000:.2f} ms{target}")
+    d = json.load(open(f"{out}/{acks}-disk-stalls.json"))
+    print(f"             disk in that window (stall probe): {d['stalls_over_10ms']} stalls over 10 ms, longest {d['stall_max_ms']:.0f} ms; "
+          f"durable-ack floor p99 {d['floor_p99_ms']:.1f} ms, p99.9 {d['floor_p999_ms']:.1f} ms")
 PY

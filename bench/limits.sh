@@ -3,6 +3,9 @@
 #   - O_DIRECT sequential write, 1 MiB blocks, queue depth 1, into a preallocated file (fio)
 #   - fdatasync latency after a small append (fio)
 #   - loopback TCP bandwidth, one stream (iperf3)
+#   - disk stalls: how long the disk kept a light stream of durable writes waiting, and the
+#     latency floor that sets for any service acknowledging only durable data
+#     (bench/stall_probe.py; STALL_SECONDS, default 15)
 # Installs fio and iperf3 if missing. Prints a table and writes JSON to $LIMITS_JSON
 # (default target/limits.json). Scratch files go to $LIMITS_DIR (default target/limits-scratch),
 # which must be on the disk Wharf uses (not tmpfs).
@@ -74,6 +77,12 @@ for i in $(seq "$RUNS"); do
   sync_us+=("$(python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["sync"]["lat_ns"]; print(j["percentile"]["50.000000"]/1000)' <<<"$out")")
 done
 
+# Disk stalls: a light probe (4 KiB write + fdatasync, 250 per second) for STALL_SECONDS; its
+# gaps give the latency floor of durable acks under an open-loop load (bench/stall_probe.py).
+python3 bench/stall_probe.py --dir "$LIMITS_DIR" --seconds "${STALL_SECONDS:-15}" --iops 250 \
+  --json "$LIMITS_DIR/stall.json"
+STALL=$(cat "$LIMITS_DIR/stall.json")
+
 tcp_bps=()
 PORT=${IPERF_PORT:-15201}
 timeout 120 iperf3 -s -B 127.0.0.1 -p "$PORT" >/dev/null 2>&1 &
@@ -88,16 +97,21 @@ for i in $(seq "$RUNS"); do
 done
 
 W=$(median "${write_bw[@]}"); S=$(median "${sync_us[@]}"); T=$(median "${tcp_bps[@]}")
-cat >"$LIMITS_JSON" <<JSON
-{"odirect_seq_write_1m_qd1_prealloc_bytes_per_s": $W, "fdatasync_p50_us": $S, "loopback_tcp_bits_per_s": $T, "runs": $RUNS}
-JSON
-python3 - "$W" "$S" "$T" <<'PY'
-import sys
-w, s, t = map(float, sys.argv[1:])
+python3 - "$W" "$S" "$T" "$RUNS" "$STALL" "$LIMITS_JSON" <<'PY'
+import json, sys
+w, s, t = map(float, sys.argv[1:4])
+stall = json.loads(sys.argv[5])
+limits = {"odirect_seq_write_1m_qd1_prealloc_bytes_per_s": w, "fdatasync_p50_us": s,
+          "loopback_tcp_bits_per_s": t, "runs": int(sys.argv[4]), "disk_stalls": stall}
+json.dump(limits, open(sys.argv[6], "w"))
 print("machine limits (median of runs)")
 print(f"  O_DIRECT seq write 1 MiB qd1 prealloc : {w/1e9:8.2f} GB/s")
 print(f"  fdatasync after 4 KiB append, p50     : {s:8.1f} us")
 print(f"  loopback TCP, one stream              : {t/1e9:8.2f} Gbit/s")
+label = f"disk stalls (probe, {stall['duration_s']:.0f} s)"
+print(f"  {label:<38}: {stall['stalls_over_10ms']} over 10 ms, longest {stall['stall_max_ms']:.0f} ms, "
+      f"{100*stall['stalled_share']:.1f}% of the time")
+print(f"  durable-ack latency floor, open loop  : p99 {stall['floor_p99_ms']:.1f} ms, p99.9 {stall['floor_p999_ms']:.1f} ms")
 PY
 echo "  (written to $LIMITS_JSON)"
 [ "$#" -gt 0 ] && ratios "$@"
