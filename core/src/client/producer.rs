@@ -336,7 +336,10 @@ impl Producer {
             let open = queue.open.get_or_insert_with(|| {
                 inner.batches_pending.set(inner.batches_pending.get() + 1);
                 OpenBatch {
-                    builder: BatchBuilder::new(Default::default()),
+                    builder: BatchBuilder::with_capacity(
+                        Default::default(),
+                        inner.config.batch_bytes,
+                    ),
                     slot: Rc::new(BatchSlot::default()),
                     created: Instant::now(),
                     buffer_bytes: 0,
