@@ -692,11 +692,13 @@ async fn produce(
         }
         // Timers cost far more than the gap between messages at high rates: sleep only when
         // well ahead of the schedule. A message sent early is timed from its actual send.
-        if scheduled > now + PACING_AHEAD_MAX {
+        let slept = scheduled > now + PACING_AHEAD_MAX;
+        if slept {
             glommio::timer::sleep(scheduled - now - PACING_WAKE_EARLY).await;
         }
-        // Late: timed from the schedule (coordinated omission). Early: from the actual send.
-        let intended = scheduled.min(Instant::now());
+        // Late: timed from the schedule (coordinated omission). Early: from the actual send
+        // (the clock is read again only after a sleep: this runs once per record).
+        let intended = scheduled.min(if slept { Instant::now() } else { now });
         // Keep at most `window` records awaiting acks (1: one record per request).
         while outstanding.get() >= window {
             wait_completed.recv().await;

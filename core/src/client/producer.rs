@@ -232,11 +232,15 @@ impl Producer {
                 BATCH_BYTES_MAX / 2
             )));
         }
-        let deadline = Instant::now() + Duration::from_millis(inner.config.delivery_timeout_ms);
+        // Read the clock only when the buffer is full: this runs once per record.
+        let mut deadline = None;
         while inner.buffered_bytes.get() > 0
             && inner.buffered_bytes.get() + record_bytes > inner.config.buffer_bytes_max
         {
-            if !inner.changed(deadline).await {
+            let until = *deadline.get_or_insert_with(|| {
+                Instant::now() + Duration::from_millis(inner.config.delivery_timeout_ms)
+            });
+            if !inner.changed(until).await {
                 return Err(ClientError::Timeout {
                     what: "waiting for producer buffer space".to_string(),
                     timeout_ms: inner.config.delivery_timeout_ms,
