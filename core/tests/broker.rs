@@ -242,16 +242,8 @@ fn long_poll_fetch_wakes_when_data_arrives() {
             .create_topic("poll", 1, 1, Vec::new())
             .await
             .expect("create");
-        let mut consumer = Consumer::new(
-            Rc::clone(&client),
-            "poll",
-            ConsumerConfig {
-                // Far longer than the wake-up may take: a poll that waits it out failed.
-                max_wait_ms: 30_000,
-                ..ConsumerConfig::default()
-            },
-        );
-        consumer.assign(None, SeekTo::Latest).await.expect("assign");
+        // Far longer than the wake-up may take: a poll that waits it out failed.
+        let mut consumer = latest_consumer(&client, "poll", 30_000).await;
         let producing = Rc::clone(&client);
         let admin_port = broker.admin_port;
         let producer_task = glommio::spawn_local(async move {
@@ -279,15 +271,7 @@ fn long_poll_fetch_wakes_when_data_arrives() {
         );
         producer_task.await;
         // Long polls that time out on an idle partition are not left counted (nor held).
-        let mut idle = Consumer::new(
-            Rc::clone(&client),
-            "poll",
-            ConsumerConfig {
-                max_wait_ms: 20,
-                ..ConsumerConfig::default()
-            },
-        );
-        idle.assign(None, SeekTo::Latest).await.expect("assign");
+        let mut idle = latest_consumer(&client, "poll", 20).await;
         for _ in 0..10 {
             let records = idle.poll().await.expect("poll");
             let mut count = 0;
@@ -296,6 +280,20 @@ fn long_poll_fetch_wakes_when_data_arrives() {
         }
         wait_for_metric(broker.admin_port, PARKED, 0.0).await;
     });
+}
+
+/// A consumer of every partition of `topic` from its end, long-polling up to `max_wait_ms`.
+async fn latest_consumer(client: &Rc<Client>, topic: &str, max_wait_ms: u32) -> Consumer {
+    let mut consumer = Consumer::new(
+        Rc::clone(client),
+        topic,
+        ConsumerConfig {
+            max_wait_ms,
+            ..ConsumerConfig::default()
+        },
+    );
+    consumer.assign(None, SeekTo::Latest).await.expect("assign");
+    consumer
 }
 
 const PARKED: &str = "wharf_partition_fetches_waiting{topic=\"poll\",partition=\"0\"}";
