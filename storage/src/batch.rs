@@ -102,7 +102,7 @@ pub struct BatchBody {
     pub records: Vec<Record>,
 }
 
-/// A borrowed slice archived as a `Vec` is ([`ArchivedVec`]), so the builder can encode
+/// A borrowed slice, archived the way a `Vec` is ([`ArchivedVec`]), so the builder can encode
 /// records straight from its one buffer (see [`RecordRef`]).
 struct SliceRef<'a, T>(&'a [T]);
 
@@ -146,6 +146,7 @@ impl Archive for RecordRef<'_> {
     type Resolver = RecordRefResolver;
 
     fn resolve(&self, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        // The pattern names every field: a field added to `Record` stops this compiling.
         munge!(let ArchivedRecord { timestamp_delta_ms, key, value, headers } = out);
         self.timestamp_delta_ms.resolve((), timestamp_delta_ms);
         self.key.resolve(resolver.key, key);
