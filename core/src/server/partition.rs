@@ -85,6 +85,17 @@ pub struct ReplicationSettings {
 
 type AckSender = oneshot::Sender<Result<Ack, PartitionError>>;
 
+/// Registers a long poll in `waiters` and returns what wakes it. Fetches that timed out (or
+/// whose connection closed) dropped their receivers: they are forgotten here, so an idle
+/// partition polled for ever holds only the live ones.
+fn park(waiters: &RefCell<Vec<oneshot::Sender<()>>>) -> oneshot::Receiver<()> {
+    let (wake, woken) = oneshot::channel();
+    let mut waiters = waiters.borrow_mut();
+    waiters.retain(|waiter| !waiter.is_canceled());
+    waiters.push(wake);
+    woken
+}
+
 /// What an accepted produce did; `completion` resolves when the acks are reached.
 pub struct Admitted {
     pub base_offset: Offset,
@@ -752,14 +763,7 @@ impl Partition {
         let wait_ms = u64::from(request.max_wait_ms).min(wait_ms_max);
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         if self.log.borrow().end_offset() <= from && !self.closing.get() {
-            let (wake, woken) = oneshot::channel();
-            {
-                // As for consumer long polls: forget the fetches that timed out, or an idle
-                // partition would keep one sender per follower fetch for ever.
-                let mut waiters = self.append_waiters.borrow_mut();
-                waiters.retain(|waiter| !waiter.is_canceled());
-                waiters.push(wake);
-            }
+            let woken = park(&self.append_waiters);
             let remaining = deadline.saturating_duration_since(Instant::now());
             let _ = glommio::timer::timeout(remaining, async {
                 let _ = woken.await;
@@ -928,14 +932,7 @@ impl Partition {
         if self.high_watermark.get() > offset || self.closing.get() {
             return;
         }
-        let (wake, woken) = oneshot::channel();
-        {
-            let mut waiters = self.data_waiters.borrow_mut();
-            // Fetches that timed out (or whose connection closed) dropped their receivers:
-            // forget them here, so an idle partition polled for ever keeps only live waiters.
-            waiters.retain(|waiter| !waiter.is_canceled());
-            waiters.push(wake);
-        }
+        let woken = park(&self.data_waiters);
         // Counts this fetch as parked until it returns or is dropped.
         struct Parked<'a>(&'a prometheus_client::metrics::gauge::Gauge);
         impl Drop for Parked<'_> {
