@@ -22,6 +22,7 @@ fn main() -> ExitCode {
                 print!("{}", config.to_toml());
                 return ExitCode::SUCCESS;
             }
+            let _ = wharf::runtime::keep_freed_memory();
             let _guard = init_logging(&config.log.format, &config.log.level);
             match wharf::server::serve(config) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -752,3 +752,91 @@ fn a_short_durable_segment_is_reported_and_later_segments_kept() {
         assert!(block_on(log.read(second_segment, 10)).is_ok());
     }
 }
+
+/// A batch larger than a staging buffer is staged (and written) whole: a flush of two such
+/// batches issues two writes and copies nothing together, and small batches still share one
+/// write. Buffers taking over the previous one's partial page keep the log byte-exact.
+#[test]
+fn each_batch_is_staged_whole_and_large_batches_are_not_copied_together() {
+    let disk = MemDisk::new();
+    let config = LogConfig {
+        segment_bytes_max: 1024 * 1024,
+        checkpoint_interval_bytes: u64::MAX,
+        ..small_config()
+    };
+    let (mut log, _) = open(&disk, config.clone());
+    let mut expected = Vec::new();
+    let mut append = |log: &mut wharf_storage::PartitionLog<MemDisk>, value_bytes, tag| {
+        let mut batch = make_batch(1, value_bytes, tag, 0);
+        let appended = log.append(&mut batch, EPOCH, 0).expect("append");
+        expected.push((appended.base_offset, batch.to_vec()));
+    };
+    // A partial page stays behind after this flush and is carried into the next buffer.
+    append(&mut log, 3000, 0);
+    block_on(log.flush()).expect("flush");
+    let large_bytes = 3 * config.write_chunk_bytes;
+    let writes_before = disk.stats().writes;
+    append(&mut log, large_bytes, 1);
+    append(&mut log, large_bytes, 2);
+    block_on(log.flush()).expect("flush");
+    assert_eq!(
+        disk.stats().writes - writes_before,
+        2,
+        "one write per large batch"
+    );
+    let writes_before = disk.stats().writes;
+    for tag in 3..8 {
+        append(&mut log, 100, tag);
+    }
+    block_on(log.flush()).expect("flush");
+    assert_eq!(
+        disk.stats().writes - writes_before,
+        1,
+        "small batches share one write"
+    );
+    // Small batches, then one that does not fit the buffer (it takes over the partial page),
+    // then more small ones: all in one flush.
+    for tag in 8..11 {
+        append(&mut log, 2500, tag);
+    }
+    append(&mut log, large_bytes, 11);
+    append(&mut log, 100, 12);
+    assert_same_batches(&read_all(&log), &expected);
+    block_on(log.flush()).expect("flush");
+    drop(log);
+    disk.crash(CrashMode::LoseUnsynced);
+    let (log, report) = open(&disk, config);
+    assert!(report.corrupt.is_empty());
+    assert_same_batches(&read_all(&log), &expected);
+}
+
+/// `append_verified` skips the body CRC only for the batch the proof was made for: a proof of
+/// another batch, or a header damaged after the check, is refused and changes nothing.
+#[test]
+fn append_verified_refuses_a_proof_made_for_another_batch() {
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    let mut first = make_batch(2, 300, 1, 0);
+    let mut second = make_batch(2, 400, 2, 0);
+    let proof_of_first = batch::check_batch(&first).expect("valid").body_verified();
+    assert!(matches!(
+        log.append_verified(&mut second, proof_of_first, EPOCH, 0),
+        Err(AppendError::InvalidBatch(_))
+    ));
+    assert_eq!(log.end_offset(), Offset(0));
+    let proof_of_second = batch::check_batch(&second).expect("valid").body_verified();
+    let mut damaged = second.to_vec();
+    damaged[BATCH_HEADER_BYTES - 1] ^= 1;
+    assert!(matches!(
+        log.append_verified(&mut damaged, proof_of_second, EPOCH, 0),
+        Err(AppendError::InvalidBatch(_))
+    ));
+    assert_eq!(log.end_offset(), Offset(0));
+    log.append_verified(&mut first, proof_of_first, EPOCH, 0)
+        .expect("append with its own proof");
+    log.append_verified(&mut second, proof_of_second, EPOCH, 0)
+        .expect("append with its own proof");
+    assert_eq!(log.end_offset(), Offset(4));
+    block_on(log.flush()).expect("flush");
+    assert_eq!(read_all(&log).len(), 2);
+}

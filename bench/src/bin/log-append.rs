@@ -15,6 +15,8 @@ use std::path::PathBuf;
 use wharf_bench::{args, timed_append, AppendWorkload, DmaAppender};
 
 fn main() {
+    // As the broker does: large staging buffers are reused instead of page-faulted in anew.
+    let _ = wharf::runtime::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let number = |name: &str, default: u64| args::number(&args, name, default);
     let dir = PathBuf::from(

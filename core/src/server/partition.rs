@@ -19,12 +19,10 @@ use wharf_replication::{
     Ack, AckLevel, BatchInfo, BrokerId, EpochHistory, FetchError, FetchReply, FetchRequest, Input,
     LogState, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
 };
-use wharf_storage::batch::{self, BatchError};
+use wharf_storage::batch::{self, BatchError, BodyVerified};
 use wharf_storage::disk::{Disk, DiskFile};
 use wharf_storage::log::{AppendError, FlushOutcome, LogRead, FLUSHES_IN_FLIGHT_MAX};
 use wharf_storage::{AppendMode, Epoch, LogConfig, Offset, PartitionLog};
-
-use prometheus_client::metrics::histogram::Histogram;
 
 use super::metrics::{Metrics, PartitionMetrics};
 use crate::config::{FlushMode, TopicConfig};
@@ -33,9 +31,12 @@ use crate::protocol::{
     Acks, ErrorCode, FrameBuf, OffsetSpec, PartitionDescription, ReplicaFetchRequest,
     ReplicaFetchResponse,
 };
+use prometheus_client::metrics::histogram::Histogram;
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
+/// Where one batch sits in a request or fetch frame, and the proof its body was CRC-checked.
+type CheckedRange = (std::ops::Range<usize>, BodyVerified);
 
 /// How long an idle partition waits before bringing its checkpoint up to date.
 const IDLE_CHECKPOINT_MS: u64 = 1000;
@@ -46,6 +47,7 @@ const TIMESTAMP_SCAN_BYTES: usize = 1024 * 1024;
 
 /// An error for one partition, as sent to the client.
 #[derive(Clone, Debug, PartialEq, Eq)]
+
 pub struct PartitionError {
     pub code: ErrorCode,
     pub message: String,
@@ -203,7 +205,8 @@ pub struct Partition {
     /// Follower: the next fetch to send, and the bytes of the reply being appended.
     outgoing_fetch: RefCell<Option<FetchRequest>>,
     wake_fetcher: LocalSender<()>,
-    fetched: RefCell<Option<(FrameBuf, Vec<std::ops::Range<usize>>)>>,
+    /// The last fetch response's frame and its batches, CRC-checked on arrival.
+    fetched: RefCell<Option<(FrameBuf, Vec<CheckedRange>)>>,
     fetcher: RefCell<Option<Task<()>>>,
     this: RefCell<std::rc::Weak<Partition>>,
     wake_flusher: LocalSender<()>,
@@ -426,8 +429,11 @@ impl Partition {
                 };
                 let now = now_ms();
                 let mut log = self.log.borrow_mut();
-                for range in ranges.into_iter().take(count) {
-                    if let Err(error) = log.append(&mut frame[range], AppendMode::Replica, now) {
+                for (range, verified) in ranges.into_iter().take(count) {
+                    let batch = &mut frame[range];
+                    if let Err(error) =
+                        log.append_verified(batch, verified, AppendMode::Replica, now)
+                    {
                         // Poisoned or inconsistent: the partition stops replicating until restart.
                         tracing::error!(topic = %self.topic, partition = self.index, %error, "cannot append fetched batches");
                         return Err(error.to_string());
@@ -546,7 +552,7 @@ impl Partition {
                 PartitionError::new(ErrorCode::InvalidBatch, format!("batch at byte {at}: {e}"))
             })?;
             let bytes = checked.header.batch_bytes();
-            bounds.push(at..at + bytes);
+            bounds.push((at..at + bytes, checked.body_verified()));
             at += bytes;
         }
         if bounds.is_empty() {
@@ -622,7 +628,7 @@ impl Partition {
     fn append_produce(
         &self,
         payload: &mut [u8],
-        bounds: Vec<std::ops::Range<usize>>,
+        bounds: Vec<CheckedRange>,
         leader_epoch: Epoch,
     ) -> Result<(Offset, Offset, Offset), PartitionError> {
         let mut log = self.log.borrow_mut();
@@ -647,10 +653,11 @@ impl Partition {
         let now = now_ms();
         let mut first = None;
         let mut last = None;
-        for range in bounds {
+        for (range, verified) in bounds {
             let appended = log
-                .append(
+                .append_verified(
                     &mut payload[range],
+                    verified,
                     AppendMode::Leader { leader_epoch },
                     now,
                 )
@@ -890,7 +897,10 @@ impl Partition {
                         next_offset: header.next_offset(),
                         leader_epoch: header.leader_epoch,
                     });
-                    ranges.push(payload_start + at..payload_start + at + checked.bytes.len());
+                    ranges.push((
+                        payload_start + at..payload_start + at + checked.bytes.len(),
+                        checked.body_verified(),
+                    ));
                     at += checked.bytes.len();
                 }
                 *self.fetched.borrow_mut() = Some((frame.bytes, ranges));
