@@ -204,6 +204,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    // Batches (and the embedded broker's frames and staging buffers) are allocated per request:
+    // keep freed memory in the process, as `wharf serve` does.
+    let _ = wharf::runtime::keep_freed_memory();
     match run(args) {
         Ok(code) => code,
         Err(error) => {
