@@ -11,7 +11,8 @@
 #        bench/stall_probe.py alongside (the latency floor the disk set in that window)
 # Reports go to target/cluster-figures/ (JSON per run, summary.txt).
 # Environment: FIGURE_SECONDS (10), FIGURE_WARMUP (2), SKIP_LIMITS=1 to reuse
-# target/cluster-figures/limits.json, BASE_PORT (29092) for the cluster.
+# target/cluster-figures/limits.json, BASE_PORT for the cluster (default: the first base from
+# 29092 up, in steps of 10, whose three client and three admin ports are all free).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh curl python3
@@ -19,7 +20,28 @@ export PATH="$HOME/.cargo/bin:$PATH"
 OUT=target/cluster-figures
 SECS=${FIGURE_SECONDS:-10}
 WARM=${FIGURE_WARMUP:-2}
-export BASE_PORT=${BASE_PORT:-29092}
+# A fixed base collided with a broker left running on this host (cluster-local.sh refuses a
+# port in use, so the run failed): look for a free one unless told.
+if [ -z "${BASE_PORT:-}" ]; then
+  BASE_PORT=$(python3 - <<'PY'
+import socket
+def free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+for base in range(29092, 29092 + 10 * 200, 10):  # At most 200 candidates.
+    if all(free(p) for p in (base, base + 1, base + 2, base + 552, base + 553, base + 554)):
+        print(base)
+        break
+else:
+    raise SystemExit("cluster-figures: no free range of ports from 29092 up")
+PY
+)
+fi
+export BASE_PORT
 mkdir -p "$OUT"
 cargo build --release --locked -p wharf -p wharf-loadgen
 if [ "${SKIP_LIMITS:-0}" != 1 ] || [ ! -f "$OUT/limits.json" ]; then
