@@ -10,6 +10,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
 use wharf_storage::disk::{Disk, DiskFile, IoBuffer, PAGE_BYTES};
@@ -28,8 +29,16 @@ fn with_path<'a>(
     }
 }
 
-/// A page-aligned DMA buffer (from the executor's registered `io_memory` when it has room).
-pub struct DmaBuf(DmaBuffer);
+/// A page-aligned DMA buffer (from the executor's registered `io_memory` when it has room). It
+/// is reference-counted so the log can keep reading it while glommio writes it
+/// (`DmaFile::write_rc_at`) and after; it is changed only while it is not shared.
+pub struct DmaBuf(Rc<DmaBuffer>);
+
+impl DmaBuf {
+    fn unique(&mut self) -> &mut DmaBuffer {
+        Rc::get_mut(&mut self.0).expect("a DMA buffer is changed only before it is shared")
+    }
+}
 
 impl AsRef<[u8]> for DmaBuf {
     fn as_ref(&self) -> &[u8] {
@@ -39,14 +48,18 @@ impl AsRef<[u8]> for DmaBuf {
 
 impl AsMut<[u8]> for DmaBuf {
     fn as_mut(&mut self) -> &mut [u8] {
-        self.0.as_bytes_mut()
+        self.unique().as_bytes_mut()
     }
 }
 
 impl IoBuffer for DmaBuf {
     fn truncate(&mut self, bytes: usize) {
         assert_eq!(bytes % PAGE_BYTES, 0, "direct writes are page-aligned");
-        self.0.trim_to_size(bytes);
+        self.unique().trim_to_size(bytes);
+    }
+
+    fn share(&self) -> Self {
+        DmaBuf(Rc::clone(&self.0))
     }
 }
 
@@ -172,7 +185,7 @@ impl Disk for DmaDisk {
             0,
             "buffer size {bytes} not page-aligned"
         );
-        DmaBuf(self.probe.alloc_dma_buffer(bytes))
+        DmaBuf(Rc::new(self.probe.alloc_dma_buffer(bytes)))
     }
 
     async fn create(&self, name: &str) -> io::Result<DmaDiskFile> {
@@ -238,7 +251,7 @@ impl DiskFile for DmaDiskFile {
 
     async fn write_at(&self, buffer: DmaBuf, position: u64) -> io::Result<usize> {
         self.file
-            .write_at(buffer.0, position)
+            .write_rc_at(buffer.0, position)
             .await
             .map_err(with_path("write", &self.path))
     }

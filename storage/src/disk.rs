@@ -79,4 +79,8 @@ pub trait DiskFile {
 /// partly filled staging buffer can be written as is.
 pub trait IoBuffer: AsRef<[u8]> + AsMut<[u8]> {
     fn truncate(&mut self, bytes: usize);
+    /// Another handle to the same bytes, so they can be read while a write of this buffer is in
+    /// flight and after it (the log serves recent batches from memory this way). After sharing,
+    /// neither handle may be changed: `as_mut` and `truncate` panic on a shared real buffer.
+    fn share(&self) -> Self;
 }

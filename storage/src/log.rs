@@ -48,6 +48,11 @@ pub struct LogConfig {
     pub write_chunk_bytes: usize,
     /// Appends beyond this many unflushed bytes are refused with `Backpressure`.
     pub staged_bytes_max: usize,
+    /// Buffers handed to flushes stay readable from memory up to this many bytes (the newest
+    /// buffer is kept even when larger): followers and tailing consumers read the newest data,
+    /// including data whose flush is still running, without a disk read. 0 turns it off (data in
+    /// a flush in flight is then unreadable until the flush completes).
+    pub recent_bytes_max: usize,
     /// Read size of recovery scans.
     pub scan_chunk_bytes: usize,
     /// The durable checkpoint is rewritten after this many bytes were flushed (and on roll,
@@ -75,6 +80,7 @@ impl Default for LogConfig {
             retention: RetentionLimits::default(),
             write_chunk_bytes: 1024 * 1024,
             staged_bytes_max: 64 * 1024 * 1024,
+            recent_bytes_max: 8 * 1024 * 1024,
             scan_chunk_bytes: 1024 * 1024,
             checkpoint_interval_bytes: 64 * 1024 * 1024,
             recycled_segments_max: 2,
@@ -332,6 +338,15 @@ pub(crate) struct StagedChunk<D: Disk> {
     pub(crate) filled: usize,
 }
 
+/// A buffer handed to a flush and kept for reads (see [`LogConfig::recent_bytes_max`]).
+pub(crate) struct RecentChunk<B> {
+    pub(crate) segment_base: Offset,
+    pub(crate) position: u64,
+    /// Bytes of log data at the start of `buffer` (the rest is padding to a page).
+    pub(crate) filled: usize,
+    pub(crate) buffer: B,
+}
+
 /// A batch appended but not yet durable, and where its bytes sit.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StagedBatch {
@@ -369,6 +384,12 @@ pub struct PartitionLog<D: Disk> {
     pub(crate) staged: VecDeque<StagedChunk<D>>,
     staged_bytes: usize,
     pub(crate) staged_batches: VecDeque<StagedBatch>,
+    /// Buffers of flushes in flight and of recent ones, oldest first (`recent_bytes_max`).
+    pub(crate) recent: VecDeque<RecentChunk<D::Buffer>>,
+    recent_bytes: usize,
+    /// Durable batches whose bytes are all in `recent`, oldest first; `staged_batches` goes on
+    /// from where they end.
+    pub(crate) recent_batches: VecDeque<StagedBatch>,
     tail_page: Option<TailPage>,
     /// Targets of the flushes in flight, oldest first (at most [`FLUSHES_IN_FLIGHT_MAX`]).
     flush_targets: VecDeque<LogPoint>,
@@ -420,6 +441,9 @@ impl<D: Disk> PartitionLog<D> {
             staged: VecDeque::new(),
             staged_bytes: 0,
             staged_batches: VecDeque::new(),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
+            recent_batches: VecDeque::new(),
             tail_page,
             flush_targets: VecDeque::new(),
             writes_done: None,
@@ -766,6 +790,14 @@ impl<D: Disk> PartitionLog<D> {
                 });
             }
             chunk.buffer.truncate(write_bytes);
+            if self.config.recent_bytes_max > 0 {
+                self.remember(RecentChunk {
+                    segment_base: chunk.segment_base,
+                    position: chunk.position,
+                    filled: chunk.filled,
+                    buffer: chunk.buffer.share(),
+                });
+            }
             job.writes.push(SegmentWrite {
                 name,
                 file: chunk.file,
@@ -955,9 +987,49 @@ impl<D: Disk> PartitionLog<D> {
             .front()
             .is_some_and(|b| b.next_offset <= target.next_offset)
         {
-            self.staged_batches.pop_front();
+            let batch = self.staged_batches.pop_front().expect("peeked");
+            if self.config.recent_bytes_max > 0 {
+                self.recent_batches.push_back(batch);
+            }
         }
+        self.forget_unreachable_batches();
         Ok(self.durable.next_offset)
+    }
+
+    /// Keeps `chunk` readable from memory, dropping the oldest kept buffers beyond
+    /// `recent_bytes_max` (the newest stays even when larger).
+    fn remember(&mut self, chunk: RecentChunk<D::Buffer>) {
+        self.recent_bytes += chunk.filled;
+        self.recent.push_back(chunk);
+        while self.recent.len() > 1 && self.recent_bytes > self.config.recent_bytes_max {
+            let evicted = self.recent.pop_front().expect("more than one");
+            self.recent_bytes -= evicted.filled;
+        }
+        self.forget_unreachable_batches();
+    }
+
+    /// Drops recent batches that start before the oldest kept buffer: part of their bytes is
+    /// gone from memory, so they are read from disk again.
+    fn forget_unreachable_batches(&mut self) {
+        let Some(floor) = self.recent.front() else {
+            self.recent_batches.clear();
+            return;
+        };
+        let floor = (floor.segment_base, floor.position);
+        while self
+            .recent_batches
+            .front()
+            .is_some_and(|b| (b.segment_base, b.position) < floor)
+        {
+            self.recent_batches.pop_front();
+        }
+    }
+
+    /// Forgets every buffer kept for reads (their bytes may no longer be the log's).
+    fn forget_recent(&mut self) {
+        self.recent.clear();
+        self.recent_bytes = 0;
+        self.recent_batches.clear();
     }
 
     /// Flushes everything appended so far and waits until it is durable. A convenience over
@@ -1120,6 +1192,7 @@ impl<D: Disk> PartitionLog<D> {
             bytes: tail,
         });
         self.staged_batches.clear();
+        self.forget_recent();
         checkpoint.sequence += 1;
         checkpoint.state = CheckpointState::Normal;
         write_checkpoint(&*self.disk, &self.checkpoint_file, &checkpoint).await?;

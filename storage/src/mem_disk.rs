@@ -33,6 +33,12 @@ impl IoBuffer for MemBuffer {
         assert!(bytes <= self.len());
         self.resize(bytes, 0);
     }
+
+    /// A copy: the same bytes for every reader, which is all the contract promises (the log
+    /// never changes a buffer after sharing it). Only tests pay for the copy.
+    fn share(&self) -> Self {
+        self.clone()
+    }
 }
 
 #[derive(Debug)]
@@ -91,6 +97,7 @@ struct MemState {
     capacity_bytes: Option<u64>,
     syncs: u64,
     writes: u64,
+    reads: u64,
 }
 
 /// Counters for asserting on I/O patterns in tests (e.g. group commit).
@@ -98,6 +105,8 @@ struct MemState {
 pub struct MemDiskStats {
     pub syncs: u64,
     pub writes: u64,
+    /// `read_at` calls, on any file.
+    pub reads: u64,
 }
 
 /// How a crash treats writes that were not synced.
@@ -151,6 +160,7 @@ impl MemDisk {
                 capacity_bytes: None,
                 syncs: 0,
                 writes: 0,
+                reads: 0,
             })),
         }
     }
@@ -265,6 +275,7 @@ impl MemDisk {
         MemDiskStats {
             syncs: state.syncs,
             writes: state.writes,
+            reads: state.reads,
         }
     }
 
@@ -438,6 +449,7 @@ impl DiskFile for MemFileHandle {
     async fn read_at(&self, position: u64, bytes: usize) -> io::Result<MemBuffer> {
         check_aligned("read", position, bytes)?;
         self.with_file(|state, id| {
+            state.reads += 1;
             let file = file_mut(state, id);
             let start = (position as usize).min(file.written.len());
             let end = (position as usize + bytes).min(file.written.len());

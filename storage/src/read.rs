@@ -115,9 +115,11 @@ fn check_contiguous(bytes: &[u8], from: Offset) -> Result<(), ReadError> {
 
 impl<D: Disk> PartitionLog<D> {
     /// Reads whole batches starting with the one holding `from`, up to about `max_bytes` (at
-    /// least one batch, so a consumer always progresses). Durable data comes from disk and is
-    /// checked by CRC; staged data comes from memory; data in an in-flight flush is not readable
-    /// until it completes (the result is empty). Reads stop at segment boundaries.
+    /// least one batch, so a consumer always progresses). The newest data comes from memory:
+    /// staged batches, and those in flushes in flight or flushed recently while their buffers are
+    /// kept (`LogConfig::recent_bytes_max`; without them data in a flush in flight is not
+    /// readable until it completes, and the result is empty). Older data comes from disk and is
+    /// checked by CRC. Reads stop at segment boundaries.
     ///
     /// Borrows the log across disk reads; a driver that keeps the log in a `RefCell` uses
     /// [`PartitionLog::plan_read`] and [`ReadPlan::execute`] instead.
@@ -161,10 +163,17 @@ impl<D: Disk> PartitionLog<D> {
                 detail: "found corrupt by recovery".to_string(),
             });
         }
-        if from >= self.durable.next_offset {
-            return Ok(self
-                .read_staged(from, max_bytes)
-                .map_or_else(empty, ReadPlan::Ready));
+        let in_memory = self
+            .recent_batches
+            .front()
+            .is_some_and(|b| b.base_offset <= from);
+        if in_memory || from >= self.durable.next_offset {
+            if let Some(read) = self.read_memory(from, max_bytes) {
+                return Ok(ReadPlan::Ready(read));
+            }
+            if from >= self.durable.next_offset {
+                return Ok(empty());
+            }
         }
         let at = self.segments.partition_point(|s| s.base_offset <= from);
         let segment = &self.segments[at.checked_sub(1).expect("from >= log_start")];
@@ -189,23 +198,34 @@ impl<D: Disk> PartitionLog<D> {
         }))
     }
 
-    /// Copies staged (not in-flight) batches from `from` into an aligned buffer.
-    fn read_staged(
+    /// Copies batches from `from` that are in memory (recent, then staged buffers) into an
+    /// aligned buffer. `None` when the batch holding `from` is not in memory.
+    fn read_memory(
         &self,
         from: Offset,
         max_bytes: usize,
     ) -> Option<LogRead<<D::File as DiskFile>::ReadBuffer>> {
-        // Staged batches are in offset order.
-        let first = self
+        // Recent batches, then staged ones: one run in offset order.
+        let first_recent = self
+            .recent_batches
+            .partition_point(|b| b.next_offset <= from);
+        let first_staged = self
             .staged_batches
             .partition_point(|b| b.next_offset <= from);
-        if first == self.staged_batches.len() {
-            return None;
+        let mut batches = self
+            .recent_batches
+            .iter()
+            .skip(first_recent)
+            .chain(self.staged_batches.iter().skip(first_staged))
+            .peekable();
+        let first = **batches.peek()?;
+        if first.base_offset > from {
+            return None; // The batch holding `from` is no longer in memory.
         }
         let mut out = AlignedVec::<BATCH_ALIGNMENT_BYTES>::new();
         let mut next_offset = from;
-        let segment_base = self.staged_batches[first].segment_base;
-        for batch in self.staged_batches.iter().skip(first) {
+        let segment_base = first.segment_base;
+        for batch in batches {
             // Reads never cross a segment boundary, and return at least one batch.
             if batch.segment_base != segment_base
                 || (!out.is_empty() && out.len() + batch.batch_bytes > max_bytes)
@@ -220,22 +240,34 @@ impl<D: Disk> PartitionLog<D> {
             let mut position = batch.position;
             let end = batch.position + batch.batch_bytes as u64;
             while position < end {
-                let chunk = self.staged.iter().find(|c| {
-                    c.segment_base == batch.segment_base
-                        && c.position <= position
-                        && position < c.position + c.filled as u64
-                });
-                let Some(chunk) = chunk else {
-                    // Part of this batch is in the in-flight flush.
+                let holds = |segment_base: Offset, chunk_position: u64, filled: usize| {
+                    segment_base == batch.segment_base
+                        && chunk_position <= position
+                        && position < chunk_position + filled as u64
+                };
+                let chunk = self
+                    .recent
+                    .iter()
+                    .rev()
+                    .find(|c| holds(c.segment_base, c.position, c.filled))
+                    .map(|c| (c.position, c.filled, c.buffer.as_ref()))
+                    .or_else(|| {
+                        self.staged
+                            .iter()
+                            .find(|c| holds(c.segment_base, c.position, c.filled))
+                            .map(|c| (c.position, c.filled, c.buffer.as_ref()))
+                    });
+                let Some((chunk_position, chunk_filled, chunk_bytes)) = chunk else {
+                    // Part of this batch is in a flush in flight whose buffer is not kept.
                     out.resize(before, 0);
                     return (!out.is_empty()).then_some(LogRead {
                         data: ReadData::Memory(out),
                         next_offset,
                     });
                 };
-                let from_in_chunk = (position - chunk.position) as usize;
-                let take = (chunk.filled - from_in_chunk).min((end - position) as usize);
-                out.extend_from_slice(&chunk.buffer.as_ref()[from_in_chunk..from_in_chunk + take]);
+                let from_in_chunk = (position - chunk_position) as usize;
+                let take = (chunk_filled - from_in_chunk).min((end - position) as usize);
+                out.extend_from_slice(&chunk_bytes[from_in_chunk..from_in_chunk + take]);
                 position += take as u64;
             }
             next_offset = batch.next_offset;

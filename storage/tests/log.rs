@@ -515,6 +515,8 @@ fn recycling_log_with_page_batches() -> (
             retention_ms_max: None,
         },
         recycled_segments_max: 1,
+        // These tests are about what disk reads see: keep recent batches out of memory.
+        recent_bytes_max: 0,
         ..small_config()
     };
     let value_bytes = (3000..4096)
@@ -839,4 +841,62 @@ fn append_verified_refuses_a_proof_made_for_another_batch() {
     assert_eq!(log.end_offset(), Offset(4));
     block_on(log.flush()).expect("flush");
     assert_eq!(read_all(&log).len(), 2);
+}
+
+/// The newest batches are read from memory: staged ones, those in a flush in flight (before,
+/// such a read came back empty until the flush completed) and recently flushed ones while their
+/// buffers are kept. Beyond `recent_bytes_max` older batches come from disk again, and a suffix
+/// truncation forgets what memory held.
+#[test]
+fn recent_batches_are_read_from_memory_including_a_flush_in_flight() {
+    let disk = MemDisk::new();
+    let config = LogConfig {
+        segment_bytes_max: 1024 * 1024,
+        recent_bytes_max: 32 * 1024,
+        ..small_config()
+    };
+    let (mut log, _) = open(&disk, config);
+    let mut expected = Vec::new();
+    type Expected = Vec<(Offset, Vec<u8>)>;
+    let append = |log: &mut wharf_storage::PartitionLog<MemDisk>, expected: &mut Expected, tag| {
+        let mut batch = make_batch(2, 1500, tag, 0);
+        let appended = log.append(&mut batch, EPOCH, 0).expect("append");
+        expected.push((appended.base_offset, batch.to_vec()));
+    };
+    for tag in 0..5 {
+        append(&mut log, &mut expected, tag);
+    }
+    let reads_before = disk.stats().reads;
+    let job = log.begin_flush().expect("begin").expect("work to do");
+    let in_flight = block_on(log.read(Offset(0), 1 << 20)).expect("read");
+    assert_eq!(
+        in_flight.next_offset,
+        Offset(10),
+        "data in a flush in flight is readable"
+    );
+    log.complete_flush(block_on(job.run())).expect("complete");
+    assert_same_batches(&read_all(&log), &expected);
+    assert_eq!(
+        disk.stats().reads,
+        reads_before,
+        "recent batches come from memory"
+    );
+    // Push the first batches out of the 32 KiB kept: they come from disk, unchanged.
+    for tag in 5..40 {
+        append(&mut log, &mut expected, tag);
+        if tag % 4 == 0 {
+            block_on(log.flush()).expect("flush");
+        }
+    }
+    block_on(log.flush()).expect("flush");
+    let reads_before = disk.stats().reads;
+    assert_same_batches(&read_all(&log), &expected);
+    assert!(disk.stats().reads > reads_before, "old batches from disk");
+    // After a suffix truncation memory holds nothing of the old suffix.
+    block_on(log.truncate_suffix(Offset(60))).expect("truncate");
+    expected.truncate(30);
+    append(&mut log, &mut expected, 1000);
+    assert_same_batches(&read_all(&log), &expected);
+    block_on(log.flush()).expect("flush");
+    assert_same_batches(&read_all(&log), &expected);
 }
