@@ -199,6 +199,8 @@ fn log_config() -> LogConfig {
         write_chunk_bytes: 8 * 1024,
         scan_chunk_bytes: 16 * 1024,
         staged_bytes_max: 16 * 1024 * 1024,
+        // Small, so reads come from both memory (recent batches) and disk.
+        recent_bytes_max: 24 * 1024,
         ..LogConfig::default()
     }
 }
