@@ -835,7 +835,6 @@ impl<D: Disk> PartitionLog<D> {
     /// together. Large chunks are written as they are: their transfer time dominates the
     /// write's cost anyway, and copying them took about 10% of the broker's CPU.
     fn coalesce_staged(&mut self) {
-        let limit_bytes = COALESCE_BYTES_MAX;
         let mut merged: VecDeque<StagedChunk<D>> = VecDeque::with_capacity(self.staged.len());
         while let Some(first) = self.staged.pop_front() {
             let mut run = vec![first];
@@ -844,7 +843,7 @@ impl<D: Disk> PartitionLog<D> {
                 let total: usize = run.iter().map(|c| c.filled).sum::<usize>() + next.filled;
                 let contiguous = next.segment_base == last.segment_base
                     && next.position == last.position + last.filled as u64;
-                if !contiguous || total > limit_bytes {
+                if !contiguous || total > COALESCE_BYTES_MAX {
                     break;
                 }
                 run.push(self.staged.pop_front().expect("peeked"));

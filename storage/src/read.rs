@@ -240,24 +240,28 @@ impl<D: Disk> PartitionLog<D> {
             let mut position = batch.position;
             let end = batch.position + batch.batch_bytes as u64;
             while position < end {
-                let holds = |segment_base: Offset, chunk_position: u64, filled: usize| {
-                    segment_base == batch.segment_base
-                        && chunk_position <= position
-                        && position < chunk_position + filled as u64
+                let at = |segment_base, chunk_position, filled, bytes| {
+                    bytes_at(
+                        batch.segment_base,
+                        position,
+                        segment_base,
+                        chunk_position,
+                        filled,
+                        bytes,
+                    )
                 };
-                let chunk = self
+                // Newest first: a kept buffer's partial last page is also in the next buffer.
+                let in_memory = self
                     .recent
                     .iter()
                     .rev()
-                    .find(|c| holds(c.segment_base, c.position, c.filled))
-                    .map(|c| (c.position, c.filled, c.buffer.as_ref()))
+                    .find_map(|c| at(c.segment_base, c.position, c.filled, c.buffer.as_ref()))
                     .or_else(|| {
-                        self.staged
-                            .iter()
-                            .find(|c| holds(c.segment_base, c.position, c.filled))
-                            .map(|c| (c.position, c.filled, c.buffer.as_ref()))
+                        self.staged.iter().find_map(|c| {
+                            at(c.segment_base, c.position, c.filled, c.buffer.as_ref())
+                        })
                     });
-                let Some((chunk_position, chunk_filled, chunk_bytes)) = chunk else {
+                let Some(bytes) = in_memory else {
                     // Part of this batch is in a flush in flight whose buffer is not kept.
                     out.resize(before, 0);
                     return (!out.is_empty()).then_some(LogRead {
@@ -265,9 +269,8 @@ impl<D: Disk> PartitionLog<D> {
                         next_offset,
                     });
                 };
-                let from_in_chunk = (position - chunk_position) as usize;
-                let take = (chunk_filled - from_in_chunk).min((end - position) as usize);
-                out.extend_from_slice(&chunk_bytes[from_in_chunk..from_in_chunk + take]);
+                let take = bytes.len().min((end - position) as usize);
+                out.extend_from_slice(&bytes[..take]);
                 position += take as u64;
             }
             next_offset = batch.next_offset;
@@ -277,6 +280,22 @@ impl<D: Disk> PartitionLog<D> {
             next_offset,
         })
     }
+}
+
+/// The log bytes from `position` of segment `segment_base` to the end of a memory buffer that
+/// holds `filled` bytes from `chunk_position` of segment `chunk_segment`, if it holds `position`.
+fn bytes_at(
+    segment_base: Offset,
+    position: u64,
+    chunk_segment: Offset,
+    chunk_position: u64,
+    filled: usize,
+    bytes: &[u8],
+) -> Option<&[u8]> {
+    let holds = chunk_segment == segment_base
+        && chunk_position <= position
+        && position < chunk_position + filled as u64;
+    holds.then(|| &bytes[(position - chunk_position) as usize..filled])
 }
 
 /// Reads whole batches from `file` between `start` and `limit_bytes`, beginning with the batch

@@ -24,6 +24,8 @@ use wharf_storage::disk::{Disk, DiskFile};
 use wharf_storage::log::{AppendError, FlushOutcome, LogRead, FLUSHES_IN_FLIGHT_MAX};
 use wharf_storage::{AppendMode, Epoch, LogConfig, Offset, PartitionLog};
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use super::metrics::{Metrics, PartitionMetrics};
 use crate::config::{FlushMode, TopicConfig};
 use crate::dma_disk::DmaDisk;
@@ -31,7 +33,6 @@ use crate::protocol::{
     Acks, ErrorCode, FrameBuf, OffsetSpec, PartitionDescription, ReplicaFetchRequest,
     ReplicaFetchResponse,
 };
-use prometheus_client::metrics::histogram::Histogram;
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
@@ -47,7 +48,6 @@ const TIMESTAMP_SCAN_BYTES: usize = 1024 * 1024;
 
 /// An error for one partition, as sent to the client.
 #[derive(Clone, Debug, PartialEq, Eq)]
-
 pub struct PartitionError {
     pub code: ErrorCode,
     pub message: String,
