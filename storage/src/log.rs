@@ -344,6 +344,8 @@ pub(crate) struct RecentChunk<B> {
     pub(crate) position: u64,
     /// Bytes of log data at the start of `buffer` (the rest is padding to a page).
     pub(crate) filled: usize,
+    /// Memory the buffer holds: its size when allocated, before it was cut to the write.
+    pub(crate) allocated_bytes: usize,
     pub(crate) buffer: B,
 }
 
@@ -789,12 +791,14 @@ impl<D: Disk> PartitionLog<D> {
                     bytes: chunk.buffer.as_ref()[page_start..chunk.filled].to_vec(),
                 });
             }
+            let allocated_bytes = chunk.buffer.as_ref().len();
             chunk.buffer.truncate(write_bytes);
             if self.config.recent_bytes_max > 0 {
                 self.remember(RecentChunk {
                     segment_base: chunk.segment_base,
                     position: chunk.position,
                     filled: chunk.filled,
+                    allocated_bytes,
                     buffer: chunk.buffer.share(),
                 });
             }
@@ -996,13 +1000,15 @@ impl<D: Disk> PartitionLog<D> {
     }
 
     /// Keeps `chunk` readable from memory, dropping the oldest kept buffers beyond
-    /// `recent_bytes_max` (the newest stays even when larger).
+    /// `recent_bytes_max` (the newest stays even when larger). Buffers count with the memory
+    /// they hold, not the log bytes in them: a flush of a few bytes still holds a buffer of
+    /// `write_chunk_bytes`.
     fn remember(&mut self, chunk: RecentChunk<D::Buffer>) {
-        self.recent_bytes += chunk.filled;
+        self.recent_bytes += chunk.allocated_bytes;
         self.recent.push_back(chunk);
         while self.recent.len() > 1 && self.recent_bytes > self.config.recent_bytes_max {
             let evicted = self.recent.pop_front().expect("more than one");
-            self.recent_bytes -= evicted.filled;
+            self.recent_bytes -= evicted.allocated_bytes;
         }
         self.forget_unreachable_batches();
     }

@@ -900,3 +900,33 @@ fn recent_batches_are_read_from_memory_including_a_flush_in_flight() {
     block_on(log.flush()).expect("flush");
     assert_same_batches(&read_all(&log), &expected);
 }
+
+/// Kept buffers count with the memory they hold, not the log bytes in them: many small flushes
+/// (each holding a whole staging buffer) keep only `recent_bytes_max` of buffers, and older
+/// batches are read from disk. Counting log bytes let one-record flushes pin thousands of
+/// megabyte buffers under an 8 MiB limit.
+#[test]
+fn kept_buffers_count_with_the_memory_they_hold() {
+    let disk = MemDisk::new();
+    let config = LogConfig {
+        segment_bytes_max: 1024 * 1024,
+        write_chunk_bytes: 64 * 1024,
+        // Two staging buffers, but far more than the log bytes of the ten flushes below.
+        recent_bytes_max: 128 * 1024,
+        ..small_config()
+    };
+    let (mut log, _) = open(&disk, config);
+    let mut expected = Vec::new();
+    for tag in 0..10 {
+        let mut batch = make_batch(1, 3000, tag, 0);
+        let appended = log.append(&mut batch, EPOCH, 0).expect("append");
+        expected.push((appended.base_offset, batch.to_vec()));
+        block_on(log.flush()).expect("flush");
+    }
+    let reads_before = disk.stats().reads;
+    assert_same_batches(&read_all(&log), &expected);
+    assert!(
+        disk.stats().reads > reads_before,
+        "ten small flushes hold ten staging buffers: the oldest are read from disk"
+    );
+}
