@@ -88,4 +88,6 @@ print(f"4. open loop at {h['msgs_per_s']:.0f} msgs/s (50% of 1.): p99 {hl['p99']
 d = json.load(open(f"{out}/4-disk-stalls.json"))
 print(f"   disk in the same window (stall probe): {d['stalls_over_10ms']} stalls over 10 ms, longest {d['stall_max_ms']:.0f} ms; "
       f"durable-ack floor p99 {d['floor_p99_ms']:.1f} ms, p99.9 {d['floor_p999_ms']:.1f} ms")
+    print(f"   one fdatasync of a lone 4 KiB write on that disk at that load: p50 {d['fdatasync_p50_ms']:.2f} ms, "
+          f"p99 {d['fdatasync_p99_ms']:.2f} ms, p99.9 {d['fdatasync_p999_ms']:.2f} ms")
 PY

@@ -112,6 +112,8 @@ label = f"disk stalls (probe, {stall['duration_s']:.0f} s)"
 print(f"  {label:<38}: {stall['stalls_over_10ms']} over 10 ms, longest {stall['stall_max_ms']:.0f} ms, "
       f"{100*stall['stalled_share']:.1f}% of the time")
 print(f"  durable-ack latency floor, open loop  : p99 {stall['floor_p99_ms']:.1f} ms, p99.9 {stall['floor_p999_ms']:.1f} ms")
+print(f"  fdatasync of the probe's 4 KiB writes : p50 {stall['fdatasync_p50_ms']:.2f} ms, p99 {stall['fdatasync_p99_ms']:.2f} ms, "
+      f"p99.9 {stall['fdatasync_p999_ms']:.2f} ms")
 PY
 echo "  (written to $LIMITS_JSON)"
 [ "$#" -gt 0 ] && ratios "$@"

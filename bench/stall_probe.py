@@ -13,9 +13,14 @@ at least sum(max(0, stall - w)) / duration. The floor for quantile q is the w wh
 falls to 1 - q. It is an estimate from one probe stream, not a proof: it assumes a stall the
 probe saw held every write on the disk, which is what a host-level stall does.
 
+It also reports how long the probe's own fdatasyncs took (fio's sync latency percentiles over
+the whole run, warm-up included: a load generator runs at the same rate then). Every durable
+acknowledgement waits for at least one fdatasync on the same disk, under the same load, so
+these are a lower bound for any ack latency measured in that window, stalls or not.
+
 Output (JSON, to --json or stdout): duration_s, probe_interval_ms, stalls_over_10ms,
 stalled_share (time inside gaps more than 10 ms late), stall_max_ms, floor_p99_ms,
-floor_p999_ms.
+floor_p999_ms; when fio ran: fdatasync_p50_ms, fdatasync_p99_ms, fdatasync_p999_ms.
 """
 import argparse
 import json
@@ -62,6 +67,21 @@ def analyse(completions_ms, interval_ms, skip_ms):
     }
 
 
+def sync_latency(fio_report):
+    """fdatasync latency percentiles (ms) of the probe job in fio's JSON report."""
+    jobs = fio_report.get("jobs") or []
+    if not jobs or "sync" not in jobs[0]:
+        raise SystemExit("stall_probe: fio's report has no fdatasync latencies")
+    percentiles = jobs[0]["sync"]["lat_ns"].get("percentile") or {}
+    out = {}
+    for name, key in (("fdatasync_p50_ms", "50.000000"), ("fdatasync_p99_ms", "99.000000"),
+                      ("fdatasync_p999_ms", "99.900000")):
+        if key not in percentiles:
+            raise SystemExit(f"stall_probe: fio's report lacks the {key} fdatasync percentile")
+        out[name] = round(percentiles[key] / 1e6, 3)
+    return out
+
+
 def read_log(path):
     """fio latency log lines: time_ms, latency_ns, direction, block_size, offset."""
     times = []
@@ -103,10 +123,11 @@ def main():
                 "--output-format=json",
             ]
             # Bounded: fio stops itself after --runtime; the timeout only guards a hung disk.
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
-                           timeout=args.seconds + 120)
+            report = subprocess.run(command, check=True, stdout=subprocess.PIPE,
+                                    timeout=args.seconds + 120).stdout
             result = analyse(read_log(f"{prefix}_clat.1.log"), interval_ms,
                              args.skip_seconds * 1000)
+            result.update(sync_latency(json.loads(report)))
     text = json.dumps(result)
     if args.json:
         with open(args.json, "w") as out:

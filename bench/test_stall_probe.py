@@ -55,5 +55,20 @@ class Analyse(unittest.TestCase):
             os.unlink(log.name)
 
 
+class SyncLatency(unittest.TestCase):
+    def test_fdatasync_percentiles_are_read_in_ms(self):
+        report = {"jobs": [{"sync": {"lat_ns": {"percentile": {
+            "50.000000": 206_000, "99.000000": 2_768_896, "99.900000": 10_420_224}}}}]}
+        self.assertEqual(stall_probe.sync_latency(report), {
+            "fdatasync_p50_ms": 0.206, "fdatasync_p99_ms": 2.769, "fdatasync_p999_ms": 10.42})
+
+    def test_a_report_without_syncs_is_an_error(self):
+        with self.assertRaises(SystemExit):
+            stall_probe.sync_latency({"jobs": [{"write": {}}]})
+        with self.assertRaises(SystemExit):
+            stall_probe.sync_latency({"jobs": [{"sync": {"lat_ns": {"percentile": {
+                "50.000000": 1}}}}]})
+
+
 if __name__ == "__main__":
     unittest.main()
