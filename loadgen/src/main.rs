@@ -93,7 +93,8 @@ struct Args {
     /// Seconds before measuring starts.
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
-    /// Keyless records: sticky (one partition until its batch is sent: full batches at any rate)
+    /// Keyless records: sticky (one partition until its batch is sent or a batch's worth went
+    /// there, then the least backlogged one: full batches at any rate, slow partitions get less)
     /// or round-robin (every record to the next partition: every partition busy at max rate).
     #[arg(long, default_value = "sticky")]
     partitioner: String,

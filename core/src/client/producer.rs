@@ -25,8 +25,10 @@ use crate::protocol::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Partitioner {
     /// Records with a key go to `crc32c(key) % partitions`. Records without one stick to one
-    /// partition until its batch is sent, then move to the next (full batches at any rate,
-    /// as Kafka's sticky partitioner).
+    /// partition for a stint: until its batch is sent or `batch_bytes` went there, whichever
+    /// comes first (full batches at any rate). The next stint goes to the partition with the
+    /// fewest unacknowledged bytes, so a slow partition is not handed more (Kafka's uniform
+    /// and adaptive sticky partitioner, KIP-794).
     KeyHash,
     /// Every record to the next partition in turn (batches still fill per partition).
     RoundRobin,
@@ -132,7 +134,51 @@ struct SealedBatch {
 struct PartitionQueue {
     open: Option<OpenBatch>,
     sealed: VecDeque<SealedBatch>,
+    /// Record bytes queued here and not yet acknowledged or failed (the sticky partitioner's
+    /// measure of how far behind this partition is).
+    unacked_bytes: usize,
     wake: LocalSender<()>,
+}
+
+/// The sticky partitioner's current stint on one topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stint {
+    partition: u32,
+    /// Record bytes sent to `partition` in this stint.
+    bytes: usize,
+}
+
+impl Stint {
+    /// Where a keyless record of `record_bytes` goes, and the stint after it. A stint ends once
+    /// it has carried `stint_bytes_max`, or once its partition's batch went out (`batch_open`
+    /// false after the stint carried something). The next partition is the one with the least
+    /// `backlog`; ties go to the first after the current one, so idle partitions take turns.
+    fn place(
+        self,
+        partitions: u32,
+        record_bytes: usize,
+        stint_bytes_max: usize,
+        batch_open: bool,
+        backlog: impl Fn(u32) -> usize,
+    ) -> Stint {
+        assert!(partitions > 0, "a topic has at least one partition");
+        let current = self.partition % partitions;
+        let ended = self.bytes >= stint_bytes_max || (self.bytes > 0 && !batch_open);
+        if !ended {
+            return Stint {
+                partition: current,
+                bytes: self.bytes + record_bytes,
+            };
+        }
+        let next = (1..=partitions)
+            .map(|step| (current + step) % partitions)
+            .min_by_key(|&p| backlog(p))
+            .expect("at least one partition");
+        Stint {
+            partition: next,
+            bytes: record_bytes,
+        }
+    }
 }
 
 struct Inner {
@@ -145,8 +191,8 @@ struct Inner {
     batches_pending: Cell<usize>,
     waiters: RefCell<Vec<oneshot::Sender<()>>>,
     round_robin: Cell<u32>,
-    /// Per topic: the partition keyless records currently go to.
-    sticky: RefCell<HashMap<String, u32>>,
+    /// Per topic: the stint keyless records currently go to.
+    sticky: RefCell<HashMap<String, Stint>>,
     closed: Cell<bool>,
 }
 
@@ -271,20 +317,26 @@ impl Producer {
                 (Partitioner::KeyHash, None) => {
                     let mut sticky = inner.sticky.borrow_mut();
                     if !sticky.contains_key(topic) {
-                        sticky.insert(topic.to_string(), inner.round_robin.get() % partitions);
+                        let start = Stint {
+                            partition: inner.round_robin.get() % partitions,
+                            bytes: 0,
+                        };
+                        sticky.insert(topic.to_string(), start);
                     }
-                    let current = sticky.get_mut(topic).expect("inserted above");
-                    let batch_open = inner
-                        .queues
-                        .borrow()
-                        .get(topic)
-                        .and_then(|t| t.get(current))
-                        .is_some_and(|q| q.open.is_some());
-                    if !batch_open {
-                        // The last batch went out: start the next one on the next partition.
-                        *current = (*current + 1) % partitions;
-                    }
-                    *current % partitions
+                    let stint = sticky.get_mut(topic).expect("inserted above");
+                    let queues = inner.queues.borrow();
+                    let topic_queues = queues.get(topic);
+                    let queue = |p: u32| topic_queues.and_then(|t| t.get(&p));
+                    let batch_open =
+                        queue(stint.partition % partitions).is_some_and(|q| q.open.is_some());
+                    *stint = stint.place(
+                        partitions,
+                        record_bytes,
+                        inner.config.batch_bytes,
+                        batch_open,
+                        |p| queue(p).map_or(0, |q| q.unacked_bytes),
+                    );
+                    stint.partition
                 }
                 (Partitioner::RoundRobin, _) => {
                     let next = inner.round_robin.get();
@@ -313,6 +365,7 @@ impl Producer {
                     PartitionQueue {
                         open: None,
                         sealed: VecDeque::new(),
+                        unacked_bytes: 0,
                         wake,
                     },
                 );
@@ -360,6 +413,7 @@ impl Producer {
                     if open.builder.estimated_batch_bytes() >= inner.config.batch_bytes {
                         seal(queue);
                     }
+                    queue.unacked_bytes += record_bytes;
                     let _ = queue.wake.try_send(());
                     return Ok(delivery);
                 }
@@ -534,6 +588,18 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
                 inner
                     .buffered_bytes
                     .set(inner.buffered_bytes.get() - batch.buffer_bytes);
+                if let Some(queue) = inner
+                    .queues
+                    .borrow_mut()
+                    .get_mut(&topic)
+                    .and_then(|t| t.get_mut(&partition))
+                {
+                    assert!(
+                        queue.unacked_bytes >= batch.buffer_bytes,
+                        "partition {partition} completes more bytes than it queued"
+                    );
+                    queue.unacked_bytes -= batch.buffer_bytes;
+                }
                 inner.batches_pending.set(inner.batches_pending.get() - 1);
                 inner.notify();
             }
@@ -645,4 +711,133 @@ async fn start_produce(
             code => Err(ClientError::server(code, p.message)),
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stint;
+
+    const KIB: usize = 1024;
+
+    #[test]
+    fn a_stint_stays_while_its_batch_is_open_and_under_the_limit() {
+        let stint = Stint {
+            partition: 1,
+            bytes: 10 * KIB,
+        };
+        let next = stint.place(3, KIB, 64 * KIB, true, |_| 0);
+        assert_eq!(
+            next,
+            Stint {
+                partition: 1,
+                bytes: 11 * KIB
+            }
+        );
+    }
+
+    #[test]
+    fn a_stint_ends_when_its_batch_went_out() {
+        let stint = Stint {
+            partition: 1,
+            bytes: 10 * KIB,
+        };
+        assert_eq!(
+            stint.place(3, KIB, 64 * KIB, false, |_| 0),
+            Stint {
+                partition: 2,
+                bytes: KIB
+            }
+        );
+        // A fresh stint has no batch yet: it does not end before carrying anything.
+        let fresh = Stint {
+            partition: 1,
+            bytes: 0,
+        };
+        assert_eq!(fresh.place(3, KIB, 64 * KIB, false, |_| 0).partition, 1);
+    }
+
+    #[test]
+    fn a_stint_ends_after_its_byte_limit_even_with_the_batch_still_open() {
+        // A partition whose requests are all in flight keeps its batch open; it must not take
+        // every record meanwhile.
+        let stint = Stint {
+            partition: 0,
+            bytes: 64 * KIB,
+        };
+        assert_eq!(
+            stint.place(3, KIB, 64 * KIB, true, |_| 0),
+            Stint {
+                partition: 1,
+                bytes: KIB
+            }
+        );
+    }
+
+    #[test]
+    fn the_next_stint_goes_to_the_least_backlogged_partition_ties_in_turn() {
+        let stint = Stint {
+            partition: 0,
+            bytes: 64 * KIB,
+        };
+        let backlog = [900, 500, 200, 200];
+        let next = stint.place(4, KIB, 64 * KIB, true, |p| backlog[p as usize]);
+        assert_eq!(
+            next.partition, 2,
+            "least backlog, first after the current among ties"
+        );
+        let idle = stint.place(4, KIB, 64 * KIB, true, |_| 0);
+        assert_eq!(idle.partition, 1, "all idle: the next in turn");
+        // The current partition may be chosen again when it is the least behind.
+        let own = stint.place(4, KIB, 64 * KIB, true, |p| if p == 0 { 0 } else { 9 });
+        assert_eq!(own.partition, 0);
+        // Fewer partitions than the stint remembers (the topic's metadata changed).
+        let shrunk = Stint {
+            partition: 7,
+            bytes: 0,
+        }
+        .place(3, KIB, 64 * KIB, true, |_| 0);
+        assert_eq!(shrunk.partition, 1);
+    }
+
+    /// Partition 0 acknowledges a quarter as fast as the others and, its requests all being in
+    /// flight, keeps its batch open. Without the byte limit and the backlog choice (the old
+    /// rule: move on only once the batch went out) it drew nearly every record; now it draws
+    /// the least, and the slower it is the less it gets.
+    #[test]
+    fn a_slow_partition_is_not_handed_more_records() {
+        let drain_per_step = [KIB / 4, KIB, KIB];
+        let mut backlog = [0usize; 3];
+        let mut placed = [0usize; 3];
+        let mut open_records = [0usize; 3];
+        let mut stint = Stint {
+            partition: 0,
+            bytes: 0,
+        };
+        for _step in 0..100_000 {
+            let p = stint.partition as usize;
+            // Fast partitions send their batch after 2 records (linger); the slow one never
+            // does on its own.
+            let batch_open = p == 0 || open_records[p] < 2;
+            let b = backlog;
+            stint = stint.place(3, KIB, 64 * KIB, batch_open, |q| b[q as usize]);
+            let p = stint.partition as usize;
+            open_records = if stint.bytes == KIB {
+                [0; 3]
+            } else {
+                open_records
+            };
+            open_records[p] += 1;
+            placed[p] += 1;
+            backlog[p] += KIB;
+            for (q, drain) in drain_per_step.iter().enumerate() {
+                backlog[q] = backlog[q].saturating_sub(*drain);
+            }
+        }
+        println!("records per partition: {placed:?}, backlog at the end {backlog:?}");
+        assert!(placed[0] < placed[1] && placed[0] < placed[2], "{placed:?}");
+        assert!(
+            backlog[0] <= 2 * 64 * KIB,
+            "the slow partition's backlog stays bounded: {backlog:?}"
+        );
+    }
 }
