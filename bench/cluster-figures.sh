@@ -77,9 +77,11 @@ for acks in all quorum leader; do
   python3 bench/stall_probe.py --dir "$OUT/probe" --seconds "$((SECS + WARM))" --skip-seconds "$WARM" \
     --iops 100 --json "$OUT/$acks-disk-stalls.json" &
   PROBE=$!
+  head -1 /proc/stat >"$OUT/$acks-cpu-before"  # The CPU time of every process on the host, in ticks.
   $LG --bootstrap "$C" --acks "$acks" --duration "$SECS" --warmup "$WARM" --topic "h-$acks" --partitions 3 \
     --replication-factor 3 --producers 2 --batch-bytes 1048576 --rate "$HALF" \
     --json "$OUT/$acks-half-rate.json" --hgrm "$OUT/$acks-half-rate" | tail -4
+  head -1 /proc/stat >"$OUT/$acks-cpu-after"
   wait $PROBE
   $W topic delete "h-$acks" --bootstrap "$C" >/dev/null
 done
@@ -89,7 +91,10 @@ rm -rf "$OUT/cluster"
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, sys
+sys.path.insert(0, "bench")
+from cpu_busy import busy_between  # noqa: E402
 out = sys.argv[1]
+
 limits = json.load(open(f"{out}/limits.json"))
 tcp = limits["loopback_tcp_bits_per_s"] / 8
 disk = limits["odirect_seq_write_1m_qd1_prealloc_bytes_per_s"]
@@ -108,6 +113,7 @@ for acks in ["all", "quorum", "leader"]:
     d = json.load(open(f"{out}/{acks}-disk-stalls.json"))
     print(f"             disk in that window (stall probe): {d['stalls_over_10ms']} stalls over 10 ms, longest {d['stall_max_ms']:.0f} ms; "
           f"durable-ack floor p99 {d['floor_p99_ms']:.1f} ms, p99.9 {d['floor_p999_ms']:.1f} ms")
+    print(f"             CPU busy in that window (brokers, load generator, kernel; both vCPUs): {busy_between(f'{out}/{acks}-cpu-before', f'{out}/{acks}-cpu-after'):.0f}%")
     print(f"             one fdatasync of a lone 4 KiB write on that disk at that load: p50 {d['fdatasync_p50_ms']:.2f} ms, "
           f"p99 {d['fdatasync_p99_ms']:.2f} ms, p99.9 {d['fdatasync_p999_ms']:.2f} ms")
 PY

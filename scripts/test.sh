@@ -25,8 +25,9 @@ WHARF_SEED_START=$start WHARF_SEEDS=${WHARF_EXTRA_SEEDS:-100000} \
   | tee target/crash-extra-seeds.log | grep -E "seeds|test result|panicked|replay"
 set -o pipefail
 grep -q "test result: ok" target/crash-extra-seeds.log || { echo "extra crash seeds failed (see target/crash-extra-seeds.log)"; exit 1; }
-echo "== bench tools: the disk stall probe's analysis"
+echo "== bench tools: the disk stall probe's analysis, the CPU busy share"
 python3 bench/test_stall_probe.py
+python3 bench/test_cpu_busy.py
 echo "== replication simulator: random seeds for ${WHARF_SIM_SECONDS:-120} s (a failure prints its seed and replay command)"
 cargo run --release --locked -q -p wharf-tests --bin sim -- --seconds "${WHARF_SIM_SECONDS:-120}" > target/sim-random-seeds.log 2>&1 \
   || { tail -n 20 target/sim-random-seeds.log; echo "simulator failed (see target/sim-random-seeds.log)"; exit 1; }
