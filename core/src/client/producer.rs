@@ -719,40 +719,23 @@ mod tests {
 
     const KIB: usize = 1024;
 
+    fn st(partition: u32, bytes: usize) -> Stint {
+        Stint { partition, bytes }
+    }
+
     #[test]
     fn a_stint_stays_while_its_batch_is_open_and_under_the_limit() {
-        let stint = Stint {
-            partition: 1,
-            bytes: 10 * KIB,
-        };
+        let stint = st(1, 10 * KIB);
         let next = stint.place(3, KIB, 64 * KIB, true, |_| 0);
-        assert_eq!(
-            next,
-            Stint {
-                partition: 1,
-                bytes: 11 * KIB
-            }
-        );
+        assert_eq!(next, st(1, 11 * KIB));
     }
 
     #[test]
     fn a_stint_ends_when_its_batch_went_out() {
-        let stint = Stint {
-            partition: 1,
-            bytes: 10 * KIB,
-        };
-        assert_eq!(
-            stint.place(3, KIB, 64 * KIB, false, |_| 0),
-            Stint {
-                partition: 2,
-                bytes: KIB
-            }
-        );
+        let stint = st(1, 10 * KIB);
+        assert_eq!(stint.place(3, KIB, 64 * KIB, false, |_| 0), st(2, KIB));
         // A fresh stint has no batch yet: it does not end before carrying anything.
-        let fresh = Stint {
-            partition: 1,
-            bytes: 0,
-        };
+        let fresh = st(1, 0);
         assert_eq!(fresh.place(3, KIB, 64 * KIB, false, |_| 0).partition, 1);
     }
 
@@ -760,25 +743,13 @@ mod tests {
     fn a_stint_ends_after_its_byte_limit_even_with_the_batch_still_open() {
         // A partition whose requests are all in flight keeps its batch open; it must not take
         // every record meanwhile.
-        let stint = Stint {
-            partition: 0,
-            bytes: 64 * KIB,
-        };
-        assert_eq!(
-            stint.place(3, KIB, 64 * KIB, true, |_| 0),
-            Stint {
-                partition: 1,
-                bytes: KIB
-            }
-        );
+        let stint = st(0, 64 * KIB);
+        assert_eq!(stint.place(3, KIB, 64 * KIB, true, |_| 0), st(1, KIB));
     }
 
     #[test]
     fn the_next_stint_goes_to_the_least_backlogged_partition_ties_in_turn() {
-        let stint = Stint {
-            partition: 0,
-            bytes: 64 * KIB,
-        };
+        let stint = st(0, 64 * KIB);
         let backlog = [900, 500, 200, 200];
         let next = stint.place(4, KIB, 64 * KIB, true, |p| backlog[p as usize]);
         assert_eq!(
@@ -791,11 +762,7 @@ mod tests {
         let own = stint.place(4, KIB, 64 * KIB, true, |p| if p == 0 { 0 } else { 9 });
         assert_eq!(own.partition, 0);
         // Fewer partitions than the stint remembers (the topic's metadata changed).
-        let shrunk = Stint {
-            partition: 7,
-            bytes: 0,
-        }
-        .place(3, KIB, 64 * KIB, true, |_| 0);
+        let shrunk = st(7, 0).place(3, KIB, 64 * KIB, true, |_| 0);
         assert_eq!(shrunk.partition, 1);
     }
 
@@ -809,10 +776,7 @@ mod tests {
         let mut backlog = [0usize; 3];
         let mut placed = [0usize; 3];
         let mut open_records = [0usize; 3];
-        let mut stint = Stint {
-            partition: 0,
-            bytes: 0,
-        };
+        let mut stint = st(0, 0);
         for _step in 0..100_000 {
             let p = stint.partition as usize;
             // Fast partitions send their batch after 2 records (linger); the slow one never
