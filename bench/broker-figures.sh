@@ -73,7 +73,6 @@ import json, sys
 sys.path.insert(0, "bench")
 from cpu_busy import busy_between  # noqa: E402
 out, spin_us = sys.argv[1], sys.argv[2]
-
 limits = json.load(open(f"{out}/limits.json"))
 tcp = limits["loopback_tcp_bits_per_s"] / 8
 disk = limits["odirect_seq_write_1m_qd1_prealloc_bytes_per_s"]
@@ -93,7 +92,7 @@ print(f"4. open loop at {h['msgs_per_s']:.0f} msgs/s (50% of 1.): p99 {hl['p99']
 d = json.load(open(f"{out}/4-disk-stalls.json"))
 print(f"   disk in the same window (stall probe): {d['stalls_over_10ms']} stalls over 10 ms, longest {d['stall_max_ms']:.0f} ms; "
       f"durable-ack floor p99 {d['floor_p99_ms']:.1f} ms, p99.9 {d['floor_p999_ms']:.1f} ms")
-    print(f"   CPU busy in that window (all processes, both vCPUs): {busy_between(f'{out}/4-cpu-before', f'{out}/4-cpu-after'):.0f}%")
-    print(f"   one fdatasync of a lone 4 KiB write on that disk at that load: p50 {d['fdatasync_p50_ms']:.2f} ms, "
-          f"p99 {d['fdatasync_p99_ms']:.2f} ms, p99.9 {d['fdatasync_p999_ms']:.2f} ms")
+print(f"   CPU busy in that window (all processes, both vCPUs): {busy_between(f'{out}/4-cpu-before', f'{out}/4-cpu-after'):.0f}%")
+print(f"   one fdatasync of a lone 4 KiB write on that disk at that load: p50 {d['fdatasync_p50_ms']:.2f} ms, "
+      f"p99 {d['fdatasync_p99_ms']:.2f} ms, p99.9 {d['fdatasync_p999_ms']:.2f} ms")
 PY

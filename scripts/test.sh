@@ -28,6 +28,10 @@ grep -q "test result: ok" target/crash-extra-seeds.log || { echo "extra crash se
 echo "== bench tools: the disk stall probe's analysis, the CPU busy share"
 python3 bench/test_stall_probe.py
 python3 bench/test_cpu_busy.py
+# The figure scripts' embedded Python runs only at the end of a benchmark: check it parses now.
+for script in bench/*.sh; do
+  awk "/<<'PY'/{f=1;next} /^PY\$/{f=0} f" "$script" | python3 -c 'import ast, sys; ast.parse(sys.stdin.read(), sys.argv[1])' "$script"
+done
 echo "== replication simulator: random seeds for ${WHARF_SIM_SECONDS:-120} s (a failure prints its seed and replay command)"
 cargo run --release --locked -q -p wharf-tests --bin sim -- --seconds "${WHARF_SIM_SECONDS:-120}" > target/sim-random-seeds.log 2>&1 \
   || { tail -n 20 target/sim-random-seeds.log; echo "simulator failed (see target/sim-random-seeds.log)"; exit 1; }
