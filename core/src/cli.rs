@@ -90,7 +90,8 @@ pub enum TopicCommand {
         #[arg(long, default_value_t = 1)]
         replication_factor: u16,
         /// Topic setting KEY=VALUE (repeatable): flush, flush_interval_ms, segment_bytes,
-        /// segment_ms, retention_bytes, retention_ms, min_insync_replicas, preallocate.
+        /// segment_ms, retention_bytes, retention_ms, min_insync_replicas, preallocate,
+        /// recent_bytes_max.
         #[arg(long = "config", value_name = "KEY=VALUE")]
         configs: Vec<String>,
     },

@@ -282,6 +282,10 @@ pub struct TopicDefaults {
     pub min_insync_replicas: u16,
     /// Preallocate segment files (faster O_DIRECT writes; costs disk space up front).
     pub preallocate: bool,
+    /// Memory per partition that keeps the newest flushed (and in-flight) write buffers, so
+    /// followers and consumers at the tail read from memory instead of the disk. 0 reads
+    /// everything flushed from disk (and data whose flush is still running only afterwards).
+    pub recent_bytes_max: u64,
 }
 
 impl Default for TopicDefaults {
@@ -295,14 +299,19 @@ impl Default for TopicDefaults {
             retention_ms: 7 * 24 * 3600 * 1000,
             min_insync_replicas: 2,
             preallocate: true,
+            recent_bytes_max: LogConfig::default().recent_bytes_max as u64,
         }
     }
 }
 
 pub type TopicConfig = TopicDefaults;
 
+/// The most memory one partition may keep for reads of recent data (`recent_bytes_max`): a
+/// typo of a few digits should not let a topic pin the host's memory.
+pub const RECENT_BYTES_MAX_LIMIT: u64 = 1 << 30;
+
 /// The keys `wharf topic create --config KEY=VALUE` accepts.
-pub const TOPIC_CONFIG_KEYS: [&str; 8] = [
+pub const TOPIC_CONFIG_KEYS: [&str; 9] = [
     "flush",
     "flush_interval_ms",
     "segment_bytes",
@@ -311,6 +320,7 @@ pub const TOPIC_CONFIG_KEYS: [&str; 8] = [
     "retention_ms",
     "min_insync_replicas",
     "preallocate",
+    "recent_bytes_max",
 ];
 
 impl TopicConfig {
@@ -347,6 +357,7 @@ impl TopicConfig {
                         .parse::<bool>()
                         .map_err(|_| format!("preallocate must be true or false, not {value:?}"))?
                 }
+                "recent_bytes_max" => config.recent_bytes_max = number()?,
                 _ => {
                     return Err(format!(
                         "unknown topic config {key:?}; known: {}",
@@ -361,6 +372,12 @@ impl TopicConfig {
         }
         if config.min_insync_replicas == 0 {
             return Err("min_insync_replicas must be at least 1".to_string());
+        }
+        if config.recent_bytes_max > RECENT_BYTES_MAX_LIMIT {
+            return Err(format!(
+                "recent_bytes_max {} is above the limit of {RECENT_BYTES_MAX_LIMIT} bytes per partition",
+                config.recent_bytes_max
+            ));
         }
         Ok(config)
     }
@@ -385,6 +402,7 @@ impl TopicConfig {
             entry("retention_ms", self.retention_ms.to_string()),
             entry("min_insync_replicas", self.min_insync_replicas.to_string()),
             entry("preallocate", self.preallocate.to_string()),
+            entry("recent_bytes_max", self.recent_bytes_max.to_string()),
         ]
     }
 
@@ -405,6 +423,8 @@ impl TopicConfig {
                 },
             },
             preallocate: self.preallocate,
+            // Checked to fit by `with_entries` and `ServerConfig::validate`.
+            recent_bytes_max: usize::try_from(self.recent_bytes_max).unwrap_or(usize::MAX),
             ..LogConfig::default()
         }
     }
@@ -647,10 +667,16 @@ mod tests {
             .with_entries(&[
                 entry("flush", "interval"),
                 entry("segment_bytes", "1048576"),
+                entry("recent_bytes_max", "0"),
             ])
             .expect("valid");
         assert_eq!(config.flush, FlushMode::Interval);
         assert_eq!(config.log_config().segment_bytes_max, 1 << 20);
+        assert_eq!(config.log_config().recent_bytes_max, 0);
+        assert_eq!(
+            TopicDefaults::default().log_config().recent_bytes_max,
+            LogConfig::default().recent_bytes_max
+        );
         assert_eq!(
             TopicDefaults::default()
                 .with_entries(&config.entries())
@@ -663,6 +689,11 @@ mod tests {
             entry("segment_bytes", "-1"),
             entry("colour", "blue"),
             entry("min_insync_replicas", "0"),
+            entry("recent_bytes_max", "many"),
+            entry(
+                "recent_bytes_max",
+                &(RECENT_BYTES_MAX_LIMIT + 1).to_string(),
+            ),
         ] {
             assert!(
                 TopicDefaults::default()
