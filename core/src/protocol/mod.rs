@@ -148,10 +148,22 @@ pub enum ErrorCode {
     DivergingLog = 25,
     /// Another broker of the cluster did not answer.
     BrokerUnavailable = 26,
+    /// An inter-broker API was sent to a client listener; only the internal listener serves it.
+    InternalApiRefused = 27,
+    /// A peer of the internal listener did not prove the cluster secret.
+    AuthenticationFailed = 28,
+    /// The data directory's free space is below the guard: produce is refused, reads work.
+    DiskFull = 29,
+    /// A follower reported offsets the leader cannot accept (not on a batch boundary, durable
+    /// above fetched, fetched above the leader's end).
+    InvalidReplicaOffsets = 30,
+    /// A named per-broker or per-partition limit was reached (waiters, topics, partitions,
+    /// connections); the message names the limit.
+    LimitReached = 31,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::CorruptFrame,
@@ -179,6 +191,11 @@ impl ErrorCode {
         ErrorCode::FencedLeaderEpoch,
         ErrorCode::DivergingLog,
         ErrorCode::BrokerUnavailable,
+        ErrorCode::InternalApiRefused,
+        ErrorCode::AuthenticationFailed,
+        ErrorCode::DiskFull,
+        ErrorCode::InvalidReplicaOffsets,
+        ErrorCode::LimitReached,
     ];
 
     /// Unknown numbers (from a newer peer) map to `Unknown`.
@@ -202,6 +219,8 @@ impl ErrorCode {
                 | ErrorCode::NotEnoughReplicasAfterAppend
                 | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::BrokerUnavailable
+                | ErrorCode::DiskFull
+                | ErrorCode::LimitReached
         )
     }
 
@@ -234,6 +253,11 @@ impl ErrorCode {
             ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::DivergingLog => "diverging_log",
             ErrorCode::BrokerUnavailable => "broker_unavailable",
+            ErrorCode::InternalApiRefused => "internal_api_refused",
+            ErrorCode::AuthenticationFailed => "authentication_failed",
+            ErrorCode::DiskFull => "disk_full",
+            ErrorCode::InvalidReplicaOffsets => "invalid_replica_offsets",
+            ErrorCode::LimitReached => "limit_reached",
         }
     }
 }
