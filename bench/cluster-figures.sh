@@ -33,7 +33,7 @@ def free(port):
         except OSError:
             return False
 for base in range(29092, 29092 + 10 * 200, 10):  # At most 200 candidates.
-    if all(free(p) for p in (base, base + 1, base + 2, base + 552, base + 553, base + 554)):
+    if all(free(p) for p in (base, base + 1, base + 2, base + 100, base + 101, base + 102, base + 552, base + 553, base + 554)):
         print(base)
         break
 else:

@@ -6,7 +6,10 @@
 #   deploy/cluster-local.sh restart DIR N   restart broker N with the same settings
 #
 # Client ports BASE_PORT, BASE_PORT+1, BASE_PORT+2 (env BASE_PORT, default 9092); admin HTTP
-# ports ADMIN_BASE_PORT.. (default BASE_PORT+552, i.e. 9644..); data in DIR/broker-N, logs in
+# ports ADMIN_BASE_PORT.. (default BASE_PORT+552, i.e. 9644..); internal listeners (replication
+# and topic changes between brokers, peers authenticated with the cluster secret in
+# DIR/cluster.secret, made once with mode 600) INTERNAL_BASE_PORT.. (default BASE_PORT+100,
+# i.e. 9192..); data in DIR/broker-N, logs in
 # DIR/broker-N.log, pids in DIR/broker-N.pid, configs in DIR/broker-N.toml. WHARF_BIN picks the
 # binary (default target/release/wharf, built if missing); SHARDS (default 1) shards per broker;
 # CPU_SET (default unbound: three brokers on one host must not all pin their shard 0 to CPU 0);
@@ -14,18 +17,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 2 ]] || usage
 command=$1
 dir=$2
 base_port=${BASE_PORT:-9092}
 admin_base_port=${ADMIN_BASE_PORT:-$((base_port + 552))}
+internal_base_port=${INTERNAL_BASE_PORT:-$((base_port + 100))}
 shards=${SHARDS:-1}
 bin=${WHARF_BIN:-target/release/wharf}
 brokers=(1 2 3)
 
 client_port() { echo $((base_port + $1 - 1)); }
 admin_port() { echo $((admin_base_port + $1 - 1)); }
+internal_port() { echo $((internal_base_port + $1 - 1)); }
+
+# The cluster secret every broker proves on the others' internal listeners.
+write_secret() {
+  [[ -s "$dir/cluster.secret" ]] && return
+  (umask 077; head -c 32 /dev/urandom | base64 > "$dir/cluster.secret")
+}
 
 write_config() {
   local id=$1
@@ -40,10 +51,13 @@ write_config() {
     echo "min_insync_replicas = ${MIN_INSYNC:-2}"
     echo "[cluster]"
     echo "replica_lag_max_ms = ${REPLICA_LAG_MAX_MS:-10000}"
+    echo "internal_listen = \"127.0.0.1:$(internal_port "$id")\""
+    echo "secret_file = \"$dir/cluster.secret\""
     for b in "${brokers[@]}"; do
       echo "[[cluster.brokers]]"
       echo "id = $b"
       echo "address = \"127.0.0.1:$(client_port "$b")\""
+      echo "internal_address = \"127.0.0.1:$(internal_port "$b")\""
     done
   } > "$dir/broker-$id.toml"
 }
@@ -55,11 +69,12 @@ start() {
   if running "$id"; then echo "broker $id already runs (pid $(cat "$dir/broker-$id.pid"))"; return; fi
   # Another process on our ports would answer the readiness check for a broker that failed.
   local port
-  for port in "$(client_port "$id")" "$(admin_port "$id")"; do
+  for port in "$(client_port "$id")" "$(admin_port "$id")" "$(internal_port "$id")"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "broker $id: 127.0.0.1:$port is in use by another process" >&2; return 1
     fi
   done
+  write_secret
   write_config "$id"
   mkdir -p "$dir/broker-$id"
   nohup "$bin" serve --config "$dir/broker-$id.toml" >> "$dir/broker-$id.log" 2>&1 &

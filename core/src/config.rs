@@ -41,7 +41,24 @@ pub struct ServerConfig {
     /// Registered DMA memory per shard (locked memory; the default limit is 8 MiB per process).
     pub io_memory_bytes: usize,
     pub frame_bytes_max: usize,
+    /// Bytes of request frames being read or admitted on one shard at once: a frame's bytes
+    /// are read only while this budget allows (the socket is not read otherwise), so many
+    /// connections announcing large frames cannot exhaust memory. At least `frame_bytes_max`.
+    pub request_bytes_max_per_shard: usize,
+    /// Connections one shard keeps open (client and internal together).
     pub connections_per_shard_max: usize,
+    /// Of `connections_per_shard_max`, slots only the internal listener may use, so clients
+    /// filling the broker cannot cut replication off.
+    pub connections_reserved_internal: usize,
+    /// Client connections one source IP address may hold open per shard.
+    pub connections_per_address_max: usize,
+    /// Topics this broker keeps (creation beyond it is refused with `limit_reached`).
+    pub topics_max: usize,
+    /// Partitions (all topics, all replicas hosted here) this broker keeps.
+    pub partitions_max: usize,
+    /// Produce is refused with `disk_full` while the data directory's filesystem has less
+    /// free space than this (reads go on; nothing is poisoned). 0 turns the guard off.
+    pub disk_free_bytes_min: u64,
     /// Requests read from one connection but not yet answered.
     pub requests_in_flight_max: usize,
     /// A frame must arrive whole within this time once its first byte did (slow clients).
@@ -56,6 +73,9 @@ pub struct ServerConfig {
     pub fetch_bytes_max: usize,
     /// On SIGTERM, in-flight requests get this long to finish before logs are flushed.
     pub shutdown_timeout_ms: u64,
+    /// At start-up, how long to wait for a port that still answers (a killed predecessor's
+    /// listener being torn down) before giving up.
+    pub port_wait_ms: u64,
     /// Capacity of each shard-to-shard channel.
     pub shard_channel_capacity: usize,
     /// How often each partition applies its retention limits.
@@ -81,6 +101,16 @@ pub struct ClusterConfig {
     pub replica_fetch_backoff_ms: u64,
     /// Timeout of broker-to-broker admin calls (topic creation on the other brokers).
     pub broker_call_timeout_ms: u64,
+    /// The internal listener: inter-broker APIs (replica fetch, topic changes) are served here
+    /// only, to peers that prove the cluster secret; client listeners refuse them. Required
+    /// when `brokers` lists more than this broker. Every shard accepts here (SO_REUSEPORT).
+    pub internal_listen: Option<String>,
+    /// Each shard's own internal port (peers fetch straight from a partition's owner shard):
+    /// shard i uses `internal_shard_port_base + i`, or an ephemeral port when 0.
+    pub internal_shard_port_base: u16,
+    /// File holding the cluster secret (at least 16 bytes; mode 600): peers authenticate with
+    /// an HMAC-SHA256 challenge/response over it. Required with `internal_listen`.
+    pub secret_file: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -92,6 +122,9 @@ impl Default for ClusterConfig {
             replica_fetch_bytes_max: 4 * 1024 * 1024,
             replica_fetch_backoff_ms: 100,
             broker_call_timeout_ms: 5_000,
+            internal_listen: None,
+            internal_shard_port_base: 0,
+            secret_file: None,
         }
     }
 }
@@ -102,15 +135,12 @@ pub struct ClusterBroker {
     pub id: u32,
     /// Where clients reach this broker (its `listen` address as seen from others).
     pub address: String,
-    /// Where followers fetch from this broker; defaults to `address`. Replication speaks the
-    /// same protocol (a `ReplicaFetch` request), so this must be one of the broker's listeners.
-    pub replication_address: Option<String>,
-}
-
-impl ClusterBroker {
-    pub fn replication_address(&self) -> &str {
-        self.replication_address.as_deref().unwrap_or(&self.address)
-    }
+    /// This broker's internal listener (its `cluster.internal_listen` as seen from the other
+    /// brokers): followers fetch and topic changes arrive there. Required in a cluster of more
+    /// than one broker. (`replication_address`, its name before the internal listener existed,
+    /// is still read.)
+    #[serde(alias = "replication_address")]
+    pub internal_address: Option<String>,
 }
 
 /// CPUs a shard thread may be pinned to (config `cpu_set`). Written as a string in TOML and
@@ -220,7 +250,13 @@ impl Default for ServerConfig {
             spin_before_park_us: 0,
             io_memory_bytes: crate::runtime::IO_MEMORY_BYTES_DEFAULT,
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            request_bytes_max_per_shard: 256 * 1024 * 1024,
             connections_per_shard_max: 4096,
+            connections_reserved_internal: 64,
+            connections_per_address_max: 1024,
+            topics_max: 10_000,
+            partitions_max: 100_000,
+            disk_free_bytes_min: 1024 * 1024 * 1024,
             requests_in_flight_max: 128,
             request_read_timeout_ms: 30_000,
             response_write_timeout_ms: 30_000,
@@ -228,6 +264,7 @@ impl Default for ServerConfig {
             request_wait_ms_max: 60_000,
             fetch_bytes_max: 16 * 1024 * 1024,
             shutdown_timeout_ms: 10_000,
+            port_wait_ms: 10_000,
             shard_channel_capacity: 1024,
             retention_check_interval_ms: 10_000,
             log: LogSettings::default(),
@@ -479,6 +516,12 @@ impl ServerConfig {
             ("requests_in_flight_max", self.requests_in_flight_max),
             ("shard_channel_capacity", self.shard_channel_capacity),
             (
+                "connections_per_address_max",
+                self.connections_per_address_max,
+            ),
+            ("topics_max", self.topics_max),
+            ("partitions_max", self.partitions_max),
+            (
                 "retention_check_interval_ms",
                 self.retention_check_interval_ms as usize,
             ),
@@ -486,6 +529,19 @@ impl ServerConfig {
             if value == 0 {
                 return Err(format!("{key} must be positive"));
             }
+        }
+        if self.request_bytes_max_per_shard < self.frame_bytes_max {
+            return Err(format!(
+                "request_bytes_max_per_shard ({}) must be at least frame_bytes_max ({}): a frame \
+                 larger than the budget could never be read",
+                self.request_bytes_max_per_shard, self.frame_bytes_max
+            ));
+        }
+        if self.connections_reserved_internal >= self.connections_per_shard_max {
+            return Err(format!(
+                "connections_reserved_internal ({}) must be below connections_per_shard_max ({})",
+                self.connections_reserved_internal, self.connections_per_shard_max
+            ));
         }
         if self.io_memory_bytes < 1024 * 1024 {
             return Err("io_memory_bytes must be at least 1 MiB".to_string());
@@ -505,10 +561,35 @@ impl ServerConfig {
                 return Err(format!("cluster.brokers lists broker {} twice", broker.id));
             }
             parse_host_port("cluster.brokers.address", &broker.address)?;
-            parse_host_port(
-                "cluster.brokers.replication_address",
-                broker.replication_address(),
-            )?;
+            if let Some(internal) = &broker.internal_address {
+                parse_host_port("cluster.brokers.internal_address", internal)?;
+            } else if self.cluster.brokers.len() > 1 {
+                return Err(format!(
+                    "cluster.brokers: broker {} has no internal_address (its cluster.internal_listen)",
+                    broker.id
+                ));
+            }
+        }
+        if self.cluster.brokers.len() > 1 && self.cluster.internal_listen.is_none() {
+            return Err(
+                "cluster.internal_listen is required in a cluster of more than one broker: \
+                 inter-broker APIs are served only there"
+                    .to_string(),
+            );
+        }
+        if let Some(internal) = &self.cluster.internal_listen {
+            let (_, internal_port) = parse_host_port("cluster.internal_listen", internal)?;
+            let (_, client_port) = parse_host_port("listen", &self.listen)?;
+            if internal_port != 0 && internal_port == client_port {
+                return Err("cluster.internal_listen must use another port than listen".to_string());
+            }
+            if self.cluster.secret_file.is_none() {
+                return Err(
+                    "cluster.secret_file is required with cluster.internal_listen: peers prove \
+                     the cluster secret before any inter-broker request"
+                        .to_string(),
+                );
+            }
         }
         if !self.cluster.brokers.is_empty() && !ids.contains(&self.broker_id) {
             return Err(format!(
@@ -546,6 +627,14 @@ impl ServerConfig {
             }
         }
         Ok(self)
+    }
+
+    /// The host other brokers reach the internal listener at (`None` without one, or when it
+    /// listens on every address: then the advertised host).
+    pub fn internal_host(&self) -> Option<String> {
+        let internal = self.cluster.internal_listen.as_deref()?;
+        let (host, _) = parse_host_port("cluster.internal_listen", internal).ok()?;
+        (host != "0.0.0.0" && host != "::" && host != "[::]").then_some(host)
     }
 
     pub fn advertised_host(&self) -> String {

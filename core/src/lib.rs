@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod dma_disk;
 pub mod metadata;
+pub mod peer_auth;
 pub mod protocol;
 pub mod runtime;
 pub mod server;

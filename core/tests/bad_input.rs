@@ -7,68 +7,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use common::wire::{batch, connect, error_message, produce_frame, read_response, request};
 use common::Broker;
 use wharf::protocol::*;
 use wharf_storage::batch::BatchBuilder;
-
-fn connect(broker: &Broker) -> TcpStream {
-    let stream = TcpStream::connect(broker.bootstrap()).expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-}
-
-fn request<T: Message>(api: ApiKey, id: u32, body: &T, payload: &[u8]) -> Vec<u8> {
-    let mut frame = encode_frame(FrameKind::request(api, id), body, &[payload])
-        .expect("encode")
-        .to_vec();
-    frame.extend_from_slice(payload);
-    frame
-}
-
-/// Reads one frame, `None` on a clean close.
-fn read_response(stream: &mut TcpStream) -> Option<Frame> {
-    let mut reader = futures_lite::io::AssertAsync::new(stream);
-    futures_lite::future::block_on(read_frame(&mut reader, FRAME_BYTES_MAX_DEFAULT))
-        .ok()
-        .flatten()
-}
-
-fn error_message(frame: &Frame) -> String {
-    frame
-        .decode_body::<ErrorBody>()
-        .map(|b| b.message)
-        .unwrap_or_default()
-}
-
-fn batch(values: &[&[u8]]) -> Vec<u8> {
-    let mut builder = BatchBuilder::new(Default::default());
-    for value in values {
-        builder
-            .push(1_700_000_000_000, None, value, &[])
-            .expect("push");
-    }
-    builder.finish().expect("finish").to_vec()
-}
-
-fn produce_frame(id: u32, topic: &str, partition: u32, payload: &[u8]) -> Vec<u8> {
-    request(
-        ApiKey::Produce,
-        id,
-        &ProduceRequest {
-            acks: Acks::Leader,
-            timeout_ms: 5000,
-            topic: topic.to_string(),
-            partitions: vec![ProducePartition {
-                partition,
-                batch_bytes: payload.len() as u32,
-            }],
-        },
-        payload,
-    )
-}
 
 fn produce(
     stream: &mut TcpStream,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use common::{run, Broker};
+use common::{run, Broker, Cluster};
 use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
 use wharf::client::{Client, ClientConfig, ClientError};
 use wharf::dma_disk::DmaDisk;
@@ -22,53 +22,6 @@ const TOPIC: &str = "replicated";
 const REPLICA_LAG_MAX_MS: u64 = 1_500;
 /// Polls (every 100 ms) while waiting for the cluster to reach a state.
 const STATE_POLLS_MAX: usize = 300;
-
-struct Cluster {
-    brokers: Vec<Broker>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut brokers: Vec<Broker> = (1..=3)
-            .map(|id| {
-                let path = dir.path().join(format!("broker-{id}"));
-                std::fs::create_dir_all(&path).expect("broker dir");
-                Broker::prepare(&path, 1, "")
-            })
-            .collect();
-        let list: String = brokers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                format!(
-                    "[[cluster.brokers]]\nid = {}\naddress = \"127.0.0.1:{}\"\n",
-                    i + 1,
-                    b.port
-                )
-            })
-            .collect();
-        for (i, broker) in brokers.iter_mut().enumerate() {
-            broker.set_extra_config(format!(
-                "broker_id = {}\ncpu_set = \"unbound\"\n[cluster]\nreplica_lag_max_ms = {REPLICA_LAG_MAX_MS}\nreplica_fetch_wait_ms = 200\nreplica_fetch_backoff_ms = 50\n{list}",
-                i + 1
-            ));
-        }
-        for broker in &mut brokers {
-            broker.launch();
-        }
-        Cluster { brokers, _dir: dir }
-    }
-
-    fn broker(&mut self, id: u32) -> &mut Broker {
-        &mut self.brokers[(id - 1) as usize]
-    }
-
-    fn bootstrap(&self, id: u32) -> String {
-        self.brokers[(id - 1) as usize].bootstrap()
-    }
-}
 
 fn client_config(bootstrap: &str) -> ClientConfig {
     let mut config = ClientConfig::new(bootstrap);
@@ -247,7 +200,7 @@ fn all_acknowledged(results: &[Result<u64, ClientError>], what: &str) {
 
 #[test]
 fn acks_all_survives_follower_failures_and_replicas_converge() {
-    let mut cluster = Cluster::start();
+    let mut cluster = Cluster::start(REPLICA_LAG_MAX_MS);
     let first = cluster.bootstrap(1);
     run(async {
         let client = Client::connect(client_config(&first))
@@ -385,7 +338,7 @@ fn acks_all_survives_follower_failures_and_replicas_converge() {
 
 #[test]
 fn topic_creation_needs_enough_brokers_and_reaches_all_of_them() {
-    let mut cluster = Cluster::start();
+    let mut cluster = Cluster::start(REPLICA_LAG_MAX_MS);
     let bootstrap = cluster.bootstrap(2);
     run(async {
         let client = Client::connect(client_config(&bootstrap))

@@ -16,6 +16,7 @@ use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpStream;
 use glommio::task::JoinHandle;
 
+use crate::peer_auth::PeerCredentials;
 use crate::protocol::*;
 
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
@@ -198,6 +199,75 @@ impl Connection {
         self.failure.borrow().is_some()
     }
 
+    /// Connects and, with credentials, proves the cluster secret to a broker's internal
+    /// listener (and checks the broker's own proof): `crate::peer_auth` has the handshake.
+    pub async fn connect_peer(
+        address: &str,
+        frame_bytes_max: usize,
+        peer: Option<&PeerCredentials>,
+    ) -> Result<Rc<Connection>, ClientError> {
+        let connection = Connection::connect(address, frame_bytes_max).await?;
+        if let Some(peer) = peer {
+            connection.authenticate(peer).await?;
+        }
+        Ok(connection)
+    }
+
+    async fn authenticate(&self, peer: &PeerCredentials) -> Result<(), ClientError> {
+        let client_nonce = crate::peer_auth::nonce().map_err(ClientError::Invalid)?;
+        let frame = self
+            .call(
+                ApiKey::PeerAuthBegin,
+                &PeerAuthBeginRequest {
+                    broker_id: peer.broker_id,
+                    client_nonce: client_nonce.to_vec(),
+                },
+                Vec::new(),
+                REQUEST_TIMEOUT_MS_DEFAULT,
+            )
+            .await?;
+        let begin: PeerAuthBeginResponse = decode(&frame)?;
+        if begin.error != 0 {
+            return Err(ClientError::server(
+                ErrorCode::from_u16(begin.error),
+                begin.message,
+            ));
+        }
+        if !peer.secret.verify_server(
+            &client_nonce,
+            &begin.server_nonce,
+            begin.broker_id,
+            &begin.server_proof,
+        ) {
+            return Err(ClientError::server(
+                ErrorCode::AuthenticationFailed,
+                format!(
+                    "the broker at {} did not prove the cluster secret",
+                    self.address
+                ),
+            ));
+        }
+        let proof = peer
+            .secret
+            .client_proof(&begin.server_nonce, &client_nonce, peer.broker_id);
+        let frame = self
+            .call(
+                ApiKey::PeerAuthProve,
+                &PeerAuthProveRequest { proof },
+                Vec::new(),
+                REQUEST_TIMEOUT_MS_DEFAULT,
+            )
+            .await?;
+        let result: TopicResult = decode(&frame)?;
+        if result.error != 0 {
+            return Err(ClientError::server(
+                ErrorCode::from_u16(result.error),
+                result.message,
+            ));
+        }
+        Ok(())
+    }
+
     fn closed_error(&self) -> ClientError {
         ClientError::Closed {
             address: self.address.clone(),
@@ -335,6 +405,8 @@ pub struct ClientConfig {
     pub frame_bytes_max: usize,
     /// Connect to each partition's owner shard directly (else everything goes to bootstrap).
     pub shard_aware: bool,
+    /// Brokers only: authenticate every connection as this peer (internal listeners).
+    pub peer: Option<PeerCredentials>,
 }
 
 impl ClientConfig {
@@ -344,6 +416,7 @@ impl ClientConfig {
             request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             shard_aware: true,
+            peer: None,
         }
     }
 }
@@ -399,7 +472,12 @@ impl Client {
                 return Ok(Rc::clone(connection));
             }
         }
-        let connection = Connection::connect(address, self.config.frame_bytes_max).await?;
+        let connection = Connection::connect_peer(
+            address,
+            self.config.frame_bytes_max,
+            self.config.peer.as_ref(),
+        )
+        .await?;
         self.connections
             .borrow_mut()
             .insert(address.to_string(), Rc::clone(&connection));

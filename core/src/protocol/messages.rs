@@ -40,6 +40,9 @@ messages!(
     ReplicaFetchRequest,
     ReplicaFetchResponse,
     ApplyTopicRequest,
+    PeerAuthBeginRequest,
+    PeerAuthBeginResponse,
+    PeerAuthProveRequest,
 );
 
 /// Body of a response whose header carries a frame-level error code.
@@ -376,4 +379,34 @@ pub struct ApplyTopicRequest {
     pub configs: Vec<ConfigEntry>,
     /// Per partition, the replica set (the first replica leads).
     pub replicas: Vec<Vec<u32>>,
+}
+
+/// First step of the internal listener's handshake (HMAC-SHA256 challenge/response over the
+/// cluster secret; `server::peer_auth` has the scheme).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthBeginRequest {
+    /// The connecting broker's id (must be listed in `cluster.brokers`).
+    pub broker_id: u32,
+    /// Fresh random bytes from the connecting broker.
+    pub client_nonce: Vec<u8>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthBeginResponse {
+    pub error: u16,
+    pub message: String,
+    /// The answering broker's id.
+    pub broker_id: u32,
+    /// Fresh random bytes from the answering broker: the peer's proof covers them.
+    pub server_nonce: Vec<u8>,
+    /// The answering broker's proof that it holds the secret (the peer checks it, so a
+    /// follower cannot be fed by an impostor leader).
+    pub server_proof: Vec<u8>,
+}
+
+/// Second step: the connecting broker's proof. Answered with a `TopicResult` (error code and
+/// message); on failure the connection is closed.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthProveRequest {
+    pub proof: Vec<u8>,
 }

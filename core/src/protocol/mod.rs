@@ -64,10 +64,15 @@ pub enum ApiKey {
     /// Broker to broker: install (or remove) a topic with the assignment the creating broker
     /// chose, so every broker of a static cluster knows it.
     ApplyTopic = 9,
+    /// Internal listener: a peer names itself and sends a nonce; the broker answers with its
+    /// own nonce and a proof that it holds the cluster secret.
+    PeerAuthBegin = 10,
+    /// Internal listener: the peer's proof that it holds the cluster secret.
+    PeerAuthProve = 11,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 10] = [
+    pub const ALL: [ApiKey; 12] = [
         ApiKey::Versions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -78,7 +83,20 @@ impl ApiKey {
         ApiKey::ListOffsets,
         ApiKey::ReplicaFetch,
         ApiKey::ApplyTopic,
+        ApiKey::PeerAuthBegin,
+        ApiKey::PeerAuthProve,
     ];
+
+    /// Broker-to-broker APIs: served only on the internal listener, to authenticated peers.
+    pub fn is_internal(self) -> bool {
+        matches!(self, ApiKey::ReplicaFetch | ApiKey::ApplyTopic)
+    }
+
+    /// The peer handshake of the internal listener (the only APIs before it completes, with
+    /// `Versions`).
+    pub fn is_peer_auth(self) -> bool {
+        matches!(self, ApiKey::PeerAuthBegin | ApiKey::PeerAuthProve)
+    }
 
     pub fn from_u16(value: u16) -> Option<ApiKey> {
         ApiKey::ALL.into_iter().find(|k| *k as u16 == value)
@@ -101,6 +119,8 @@ impl ApiKey {
             ApiKey::ListOffsets => "list_offsets",
             ApiKey::ReplicaFetch => "replica_fetch",
             ApiKey::ApplyTopic => "apply_topic",
+            ApiKey::PeerAuthBegin => "peer_auth_begin",
+            ApiKey::PeerAuthProve => "peer_auth_prove",
         }
     }
 }
@@ -552,6 +572,9 @@ pub fn encode_frame<T: Message>(
     Ok(buffer)
 }
 
+/// What a frame read failed with: the header when it was trustworthy, and why.
+pub type FrameReadError = (Option<FrameHeader>, FrameError);
+
 /// Reads one frame. `Ok(None)` on a clean end of stream between frames. The header is checked
 /// (CRC, lengths, `frame_bytes_max`) before the rest is allocated and read; the body CRC is
 /// checked after. On [`FrameError::BodyCrc`] the whole frame was consumed and the header is
@@ -559,7 +582,25 @@ pub fn encode_frame<T: Message>(
 pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     frame_bytes_max: usize,
-) -> Result<Option<Frame>, (Option<FrameHeader>, FrameError)> {
+) -> Result<Option<Frame>, FrameReadError> {
+    let Some((header, header_bytes)) = read_frame_header(reader, frame_bytes_max).await? else {
+        return Ok(None);
+    };
+    let frame_bytes = header.frame_bytes as usize;
+    let mut bytes = FrameBuf::with_capacity(frame_bytes);
+    bytes.extend_from_slice(&header_bytes);
+    bytes.resize(frame_bytes, 0);
+    read_frame_bytes(reader, &header, &mut bytes, FRAME_HEADER_BYTES).await?;
+    finish_frame(header, bytes).map(Some)
+}
+
+/// Reads and checks a frame header (CRC, lengths, `frame_bytes_max`). `Ok(None)` on a clean
+/// end of stream. Nothing of the body is read, so a server can decide whether it has room
+/// for the frame before reading it.
+pub async fn read_frame_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    frame_bytes_max: usize,
+) -> Result<Option<(FrameHeader, [u8; FRAME_HEADER_BYTES])>, FrameReadError> {
     let mut header_bytes = [0u8; FRAME_HEADER_BYTES];
     let mut filled = 0;
     while filled < FRAME_HEADER_BYTES {
@@ -586,19 +627,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         let trusted = !matches!(e, FrameError::HeaderCrc { .. });
         (trusted.then(|| FrameHeader::parse(&header_bytes)), e)
     })?;
-    let frame_bytes = header.frame_bytes as usize;
-    let mut bytes = FrameBuf::with_capacity(frame_bytes);
-    bytes.extend_from_slice(&header_bytes);
-    bytes.resize(frame_bytes, 0);
-    let mut filled = FRAME_HEADER_BYTES;
+    Ok(Some((header, header_bytes)))
+}
+
+/// Fills `bytes[filled..]` (sized to the whole frame by the caller) from `reader`.
+pub async fn read_frame_bytes<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    header: &FrameHeader,
+    bytes: &mut [u8],
+    mut filled: usize,
+) -> Result<(), FrameReadError> {
+    let frame_bytes = bytes.len();
     while filled < frame_bytes {
         let n = reader
             .read(&mut bytes[filled..])
             .await
-            .map_err(|e| (Some(header), FrameError::Io(e.to_string())))?;
+            .map_err(|e| (Some(*header), FrameError::Io(e.to_string())))?;
         if n == 0 {
             return Err((
-                Some(header),
+                Some(*header),
                 FrameError::Truncated {
                     received_bytes: filled,
                     expected_bytes: frame_bytes,
@@ -607,6 +654,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         }
         filled += n;
     }
+    Ok(())
+}
+
+/// Checks the body CRC of a whole frame (header included in `bytes`).
+pub fn finish_frame(header: FrameHeader, bytes: FrameBuf) -> Result<Frame, FrameReadError> {
+    assert_eq!(bytes.len(), header.frame_bytes as usize, "frame not whole");
     let body_end = FRAME_HEADER_BYTES + padded_body_bytes(header.body_bytes as usize);
     let computed = crc32c::crc32c(&bytes[FRAME_HEADER_BYTES..body_end]);
     if computed != header.body_crc {
@@ -618,7 +671,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             },
         ));
     }
-    Ok(Some(Frame { header, bytes }))
+    Ok(Frame { header, bytes })
 }
 
 /// The byte range of each partition's batches in a produce payload, from the lengths the body

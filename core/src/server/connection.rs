@@ -2,18 +2,28 @@
 //! sends their responses in the same order, batching small ones into few writes. At most
 //! `requests_in_flight_max` requests are admitted but unanswered; beyond that the reader stops
 //! reading (TCP pushes back on the client).
+//!
+//! A frame's bytes count against the shard's request budget (`request_bytes_max_per_shard`)
+//! from the moment they are read until the request is admitted: when the budget is spent, the
+//! reader stops reading its socket until other requests finish.
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_lite::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use futures_lite::io::{AsyncBufReadExt, AsyncWriteExt, BufWriter};
 use futures_util::future::LocalBoxFuture;
 use glommio::channels::local_channel;
 use glommio::net::TcpStream;
+use glommio::sync::Semaphore;
 
 use super::partition::FetchData;
 use super::shard::{error_frame, Shard};
-use crate::protocol::{read_frame, FrameBuf, FrameError, FrameHeader, FRAME_HEADER_BYTES};
+use crate::peer_auth::NONCE_BYTES;
+use crate::protocol::{
+    finish_frame, read_frame_bytes, read_frame_header, Frame, FrameBuf, FrameError, FrameHeader,
+    FrameReadError, FRAME_HEADER_BYTES,
+};
 
 /// Reads are at least this large, so a small request costs one read.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -44,13 +54,168 @@ pub struct Outgoing {
 /// A response still being worked on; `None` means the request gets no response (acks=none).
 pub type Pending = LocalBoxFuture<'static, Option<Outgoing>>;
 
-pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+/// Which listener a connection came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Client listeners: every API but the inter-broker ones.
+    Client,
+    /// `cluster.internal_listen`: peers that proved the cluster secret.
+    Internal,
+}
+
+/// Where a connection of the internal listener is in the peer handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerAuthState {
+    NotStarted,
+    /// `PeerAuthBegin` answered: the peer must now prove the secret over both nonces.
+    Challenged {
+        broker_id: u32,
+        client_nonce: [u8; NONCE_BYTES],
+        server_nonce: [u8; NONCE_BYTES],
+    },
+    Authenticated {
+        broker_id: u32,
+    },
+}
+
+/// What the request handlers know about the connection a request came on.
+pub struct ConnectionContext {
+    pub listener: ListenerKind,
+    pub peer: String,
+    pub auth: RefCell<PeerAuthState>,
+    /// Set by a handler to close the connection once the response is written (failed
+    /// authentication).
+    pub close_after_response: Cell<bool>,
+}
+
+impl ConnectionContext {
+    pub fn authenticated_peer(&self) -> Option<u32> {
+        match *self.auth.borrow() {
+            PeerAuthState::Authenticated { broker_id } => Some(broker_id),
+            _ => None,
+        }
+    }
+}
+
+/// The shard's budget of request bytes being read or admitted (`request_bytes_max_per_shard`).
+pub struct RequestBudget {
+    semaphore: Rc<Semaphore>,
+    bytes_max: u64,
+}
+
+impl RequestBudget {
+    pub fn new(bytes_max: usize) -> RequestBudget {
+        RequestBudget {
+            semaphore: Rc::new(Semaphore::new(bytes_max as u64)),
+            bytes_max: bytes_max as u64,
+        }
+    }
+}
+
+/// Budget bytes held by one frame; given back when dropped.
+struct BudgetHold {
+    semaphore: Rc<Semaphore>,
+    bytes: u64,
+}
+
+impl BudgetHold {
+    fn new(budget: &RequestBudget) -> BudgetHold {
+        BudgetHold {
+            semaphore: Rc::clone(&budget.semaphore),
+            bytes: 0,
+        }
+    }
+
+    async fn grow(&mut self, bytes: u64) -> Result<(), FrameError> {
+        self.semaphore
+            .acquire(bytes)
+            .await
+            .map_err(|_| FrameError::Io("shutting down".to_string()))?;
+        self.bytes += bytes;
+        Ok(())
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.semaphore.signal(self.bytes);
+        }
+    }
+}
+
+/// Reads the rest of a frame whose header was read, holding budget for its bytes.
+///
+/// While most of the budget is free, the frame reserves its whole size at once and is read
+/// straight into its buffer (no copy). Otherwise its bytes are taken as they arrive, each
+/// read only once the budget has room for it: a connection that announced a large frame and
+/// sends nothing holds nothing, so such connections cannot starve the others. Reservations
+/// of whole frames are only made while half the budget stays free, so they can take at most
+/// half of it.
+async fn read_body<R: futures_lite::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    header: FrameHeader,
+    header_bytes: &[u8; FRAME_HEADER_BYTES],
+    budget: &RequestBudget,
+    hold: &mut BudgetHold,
+) -> Result<Frame, FrameReadError> {
+    let frame_bytes = header.frame_bytes as usize;
+    let rest = (frame_bytes - FRAME_HEADER_BYTES) as u64;
+    let mut bytes = FrameBuf::with_capacity(frame_bytes.min(READ_BUFFER_BYTES * 2));
+    bytes.extend_from_slice(header_bytes);
+    if budget.semaphore.available() >= budget.bytes_max / 2 + rest
+        && budget.semaphore.try_acquire(rest).unwrap_or(false)
+    {
+        hold.bytes += rest;
+        bytes.reserve_exact(frame_bytes - FRAME_HEADER_BYTES);
+        bytes.resize(frame_bytes, 0);
+        read_frame_bytes(reader, &header, &mut bytes, FRAME_HEADER_BYTES).await?;
+        return finish_frame(header, bytes);
+    }
+    while bytes.len() < frame_bytes {
+        // Wait for bytes before taking budget for them.
+        let available = reader
+            .fill_buf()
+            .await
+            .map_err(|e| (Some(header), FrameError::Io(e.to_string())))?
+            .len();
+        if available == 0 {
+            return Err((
+                Some(header),
+                FrameError::Truncated {
+                    received_bytes: bytes.len(),
+                    expected_bytes: frame_bytes,
+                },
+            ));
+        }
+        let take = available.min(frame_bytes - bytes.len());
+        hold.grow(take as u64)
+            .await
+            .map_err(|e| (Some(header), e))?;
+        let buffered = reader
+            .fill_buf()
+            .await
+            .map_err(|e| (Some(header), FrameError::Io(e.to_string())))?;
+        assert!(buffered.len() >= take, "buffered bytes vanished");
+        bytes.extend_from_slice(&buffered[..take]);
+        reader.consume(take);
+    }
+    finish_frame(header, bytes)
+}
+
+pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream, listener: ListenerKind) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+    let context = Rc::new(ConnectionContext {
+        listener,
+        peer: peer.clone(),
+        auth: RefCell::new(PeerAuthState::NotStarted),
+        close_after_response: Cell::new(false),
+    });
     let config = &shard.shared.config;
     let idle = Duration::from_millis(config.idle_timeout_ms);
     let read_timeout = Duration::from_millis(config.request_read_timeout_ms);
@@ -72,19 +237,19 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let mut stop = shard.stop_signal();
     loop {
         enum Next {
-            Bytes(usize, [u8; FRAME_HEADER_BYTES]),
+            Ready,
             Closed,
             Stop,
         }
         // Wait (up to the idle timeout) for the first bytes of the next frame.
         let first = futures_lite::future::or(
             async {
-                let mut start = [0u8; FRAME_HEADER_BYTES];
-                let read =
-                    glommio::timer::timeout(idle, async { Ok(reader.read(&mut start).await) })
-                        .await;
+                let read = glommio::timer::timeout(idle, async {
+                    Ok(reader.fill_buf().await.map(|b| b.len()))
+                })
+                .await;
                 match read {
-                    Ok(Ok(n)) if n > 0 => Next::Bytes(n, start),
+                    Ok(Ok(n)) if n > 0 => Next::Ready,
                     _ => Next::Closed,
                 }
             },
@@ -99,14 +264,29 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             },
         )
         .await;
-        let (n, start) = match first {
-            Next::Bytes(n, start) => (n, start),
+        match first {
+            Next::Ready => {}
             Next::Closed | Next::Stop => break,
-        };
-        // The rest of the frame must arrive within the read timeout (slow or stuck clients).
+        }
+        // The rest of the frame must arrive within the read timeout (slow or stuck clients),
+        // waits for the request budget included.
+        let mut hold = BudgetHold::new(&shard.request_budget);
         let result = glommio::timer::timeout(read_timeout, async {
-            let mut chained = futures_lite::io::Cursor::new(&start[..n]).chain(&mut reader);
-            Ok(read_frame(&mut chained, frame_bytes_max).await)
+            Ok(
+                match read_frame_header(&mut reader, frame_bytes_max).await {
+                    Ok(None) => Ok(None),
+                    Err(error) => Err(error),
+                    Ok(Some((header, header_bytes))) => read_body(
+                        &mut reader,
+                        header,
+                        &header_bytes,
+                        &shard.request_budget,
+                        &mut hold,
+                    )
+                    .await
+                    .map(Some),
+                },
+            )
         })
         .await;
         let frame = match result {
@@ -117,6 +297,7 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             Ok(Ok(Some(frame))) => frame,
             Ok(Ok(None)) => break,
             Ok(Err((header, error))) => {
+                drop(hold);
                 let keeps_framing = error.keeps_framing();
                 tracing::debug!(%peer, %error, "bad frame");
                 if let Some(response) = frame_error_response(header, &error) {
@@ -131,9 +312,14 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                 break;
             }
         };
-        let pending = shard.admit(frame).await;
+        let pending = shard.admit(frame, &context).await;
+        // Admitted: a produce's bytes are in the log's buffers, other requests were decoded.
+        drop(hold);
         queued.set(queued.get() + 1);
         if queue.send(pending).await.is_err() {
+            break;
+        }
+        if context.close_after_response.get() {
             break;
         }
     }

@@ -67,6 +67,9 @@ pub struct Metrics {
     pub flush_latency: HistogramFamily<ShardLabels>,
     pub connections: Family<ShardLabels, Gauge>,
     pub task_queue_runtime: Family<QueueLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub connections_refused: Family<ShardLabels, Counter>,
+    pub peer_auth_failures: Family<ShardLabels, Counter>,
+    pub disk_full: Family<ShardLabels, Gauge>,
 }
 
 impl Metrics {
@@ -90,9 +93,27 @@ impl Metrics {
             flush_latency: Family::new_with_constructor(latency_histogram),
             connections: Family::default(),
             task_queue_runtime: Family::default(),
+            connections_refused: Family::default(),
+            peer_auth_failures: Family::default(),
+            disk_full: Family::default(),
         };
         let mut metrics = metrics;
         let registry = &mut metrics.registry;
+        registry.register(
+            "connections_refused",
+            "Connections closed at once: a connection limit was reached",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "peer_auth_failures",
+            "Internal-listener connections that failed to prove the cluster secret",
+            metrics.peer_auth_failures.clone(),
+        );
+        registry.register(
+            "disk_full",
+            "1 while the data directory's free space is below disk_free_bytes_min (produce refused)",
+            metrics.disk_full.clone(),
+        );
         registry.register(
             "partition_end_offset",
             "Offset after the last appended record",
@@ -280,6 +301,9 @@ pub struct ShardMetrics {
     pub latency: Vec<Histogram>,
     pub flush_latency: Histogram,
     pub connections: Gauge,
+    pub connections_refused: Counter,
+    pub peer_auth_failures: Counter,
+    pub disk_full: Gauge,
 }
 
 impl ShardMetrics {
@@ -302,6 +326,15 @@ impl ShardMetrics {
                 .get_or_create_owned(&ShardLabels { shard }),
             connections: metrics
                 .connections
+                .get_or_create_owned(&ShardLabels { shard }),
+            connections_refused: metrics
+                .connections_refused
+                .get_or_create_owned(&ShardLabels { shard }),
+            peer_auth_failures: metrics
+                .peer_auth_failures
+                .get_or_create_owned(&ShardLabels { shard }),
+            disk_full: metrics
+                .disk_full
                 .get_or_create_owned(&ShardLabels { shard }),
         }
     }

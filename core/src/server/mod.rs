@@ -24,6 +24,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::ServerConfig;
 use crate::metadata::{self, BrokerMetadata};
+use crate::peer_auth::ClusterSecret;
 use metrics::Metrics;
 pub use shard::{ShardReply, ShardRequest};
 
@@ -34,6 +35,12 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Each shard's direct listener, set once it is bound.
     pub shard_addresses: Vec<OnceLock<SocketAddr>>,
+    /// Each shard's direct internal listener (with `cluster.internal_listen`).
+    pub internal_shard_addresses: Vec<OnceLock<SocketAddr>>,
+    /// The cluster secret peers of the internal listener prove (`cluster.secret_file`).
+    pub secret: Option<ClusterSecret>,
+    /// Set while the data directory's free space is below `disk_free_bytes_min`.
+    pub disk_full: AtomicBool,
     /// Shards that recovered their partitions and are accepting connections.
     pub ready_shards: AtomicUsize,
     pub shutting_down: AtomicBool,
@@ -56,6 +63,38 @@ impl Shared {
             && !self.shutting_down.load(Ordering::Acquire)
     }
 }
+
+/// The exit status after a shard panic (the Rust panic convention).
+pub const EXIT_SHARD_PANIC: i32 = 101;
+
+/// Makes a shard panic stop the whole process. A panicking task unwinds its executor and the
+/// shard's thread ends, while the other shards would go on serving: the broker would look
+/// alive with a dead shard (its partitions unavailable, connections to its port reset). A
+/// crashed broker is the safe state: what was acknowledged is durable, and systemd
+/// (`Restart=on-failure`) starts it again, recovering every partition. Installed once per
+/// process, around the default hook (which prints the panic and its backtrace first).
+fn exit_on_shard_panic() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            let thread = std::thread::current();
+            let name = thread.name().unwrap_or_default();
+            if name.starts_with(SHARD_THREAD_PREFIX) {
+                // Printed directly: the log writer thread may not run again before the exit.
+                eprintln!(
+                    "wharf: {name}: shard panicked; stopping the broker (exit {EXIT_SHARD_PANIC})"
+                );
+                tracing::error!(thread = name, "shard panicked; stopping the broker");
+                std::process::exit(EXIT_SHARD_PANIC);
+            }
+        }));
+    });
+}
+
+/// Shard threads are named `wharf-shard-<id>` (glommio may append a suffix).
+const SHARD_THREAD_PREFIX: &str = "wharf-shard-";
 
 /// Runs the broker until SIGTERM or SIGINT stops it (a second signal exits at once).
 pub fn serve(config: ServerConfig) -> Result<(), String> {
@@ -115,13 +154,25 @@ impl RunningServer {
 /// Starts the broker and returns once every shard serves (or the first start error).
 pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
     let mut config = config.validate()?;
-    for (what, address) in [
-        ("listen", &mut config.listen),
-        ("admin_listen", &mut config.admin_listen),
-    ] {
-        *address = claim_address(what, address)?;
-    }
+    exit_on_shard_panic();
+    let secret = match &config.cluster.secret_file {
+        Some(path) => Some(ClusterSecret::load(path)?),
+        None => None,
+    };
+    // The lock first: holding it proves no live broker owns this data, so a listener still
+    // answering on our ports is a dead predecessor's, being torn down (kill -9, then an
+    // immediate restart): wait for it instead of failing.
     let lock = metadata::lock_data_dir(&config.data_dir)?;
+    let port_wait = std::time::Duration::from_millis(config.port_wait_ms);
+    config.listen = claim_address("listen", &config.listen, port_wait)?;
+    config.admin_listen = claim_address("admin_listen", &config.admin_listen, port_wait)?;
+    if let Some(internal) = config.cluster.internal_listen.clone() {
+        config.cluster.internal_listen = Some(claim_address(
+            "cluster.internal_listen",
+            &internal,
+            port_wait,
+        )?);
+    }
     let mut broker_metadata = match metadata::load(&config.data_dir)? {
         Some(existing) => {
             if existing.broker_id != config.broker_id {
@@ -153,6 +204,9 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
     let shards = config.shards;
     let shared = Arc::new(Shared {
         shard_addresses: (0..shards).map(|_| OnceLock::new()).collect(),
+        internal_shard_addresses: (0..shards).map(|_| OnceLock::new()).collect(),
+        secret,
+        disk_full: AtomicBool::new(false),
         ready_shards: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),
         heartbeats_ms: (0..shards).map(|_| AtomicU64::new(0)).collect(),
@@ -193,7 +247,7 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
             .spin_before_park(std::time::Duration::from_micros(
                 shared.config.spin_before_park_us,
             ))
-            .name(&format!("wharf-shard-{id}"))
+            .name(&format!("{SHARD_THREAD_PREFIX}{id}"))
             .io_memory(shared.config.io_memory_bytes)
             .ring_depth(crate::runtime::RING_DEPTH_DEFAULT)
             .spawn(move || shard::run(id as u32, shared, mesh, broker_metadata, stopped, started))
@@ -224,22 +278,51 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
     Ok(server)
 }
 
-/// Checks that nobody listens on `address` yet (the shards bind it with SO_REUSEPORT, which
-/// would silently share the port with another broker) and resolves port 0 to a free port.
-fn claim_address(what: &str, address: &str) -> Result<String, String> {
+/// Checks that nobody listens on `address` (the shards bind it with SO_REUSEPORT, which
+/// would silently share the port with another broker) and resolves port 0 to a free port. A
+/// listener still answering is waited for up to `wait` (the caller holds the data-directory
+/// lock, so it can only be a dead broker's socket being torn down), with a log line.
+fn claim_address(what: &str, address: &str, wait: std::time::Duration) -> Result<String, String> {
     use std::net::ToSocketAddrs;
+    /// How often a busy port is tried again.
+    const PORT_RETRY_MS: u64 = 20;
     let resolved = address
         .to_socket_addrs()
         .map_err(|e| format!("{what} {address}: {e}"))?
         .next()
         .ok_or_else(|| format!("{what} {address}: no address"))?;
-    if resolved.port() != 0
+    let waiting_since = Instant::now();
+    let mut logged = false;
+    while resolved.port() != 0
         && std::net::TcpStream::connect_timeout(&resolved, std::time::Duration::from_millis(200))
             .is_ok()
     {
-        return Err(format!(
-            "cannot listen on {address} ({what}): another process already listens there"
-        ));
+        if waiting_since.elapsed() >= wait {
+            return Err(format!(
+                "cannot listen on {address} ({what}): another process already listens there \
+                 (waited {} ms for it to go away)",
+                wait.as_millis()
+            ));
+        }
+        if !logged {
+            tracing::warn!(
+                what,
+                address,
+                wait_ms = wait.as_millis() as u64,
+                "a listener still answers on this port although this broker holds the data \
+                 directory lock (a killed broker's socket being torn down?): waiting for it"
+            );
+            logged = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(PORT_RETRY_MS));
+    }
+    if logged {
+        tracing::info!(
+            what,
+            address,
+            waited_ms = waiting_since.elapsed().as_millis() as u64,
+            "the port is free"
+        );
     }
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(resolved),

@@ -77,6 +77,8 @@ pub struct ReplicationSettings {
     pub broker_id: BrokerId,
     /// Where each broker of the cluster takes replica fetches.
     pub replication_addresses: Rc<HashMap<BrokerId, String>>,
+    /// What this broker proves on the leaders' internal listeners.
+    pub peer: Option<crate::peer_auth::PeerCredentials>,
     pub replica_lag_max_ms: u64,
     pub fetch_wait_ms: u64,
     pub fetch_bytes_max: usize,
@@ -838,7 +840,9 @@ impl Partition {
                 .replication_addresses
                 .get(&leader)
                 .ok_or_else(|| format!("broker {leader} is not in cluster.brokers"))?;
-            let client = Client::connect(ClientConfig::new(address.clone()))
+            let mut client_config = ClientConfig::new(address.clone());
+            client_config.peer = settings.peer.clone();
+            let client = Client::connect(client_config)
                 .await
                 .map_err(|e| e.to_string())?;
             let owner = client
@@ -846,7 +850,7 @@ impl Partition {
                 .await
                 .map_err(|e| e.to_string())?;
             *connection = Some(
-                Connection::connect(&owner, settings.frame_bytes_max)
+                Connection::connect_peer(&owner, settings.frame_bytes_max, settings.peer.as_ref())
                     .await
                     .map_err(|e| e.to_string())?,
             );

@@ -18,7 +18,10 @@ use glommio::sync::{Gate, Semaphore};
 use glommio::{Latency, Shares, TaskQueueHandle};
 use wharf_storage::{Epoch, Offset};
 
-use super::connection::{self, OutPayload, Outgoing, Pending};
+use super::connection::{
+    self, ConnectionContext, ListenerKind, OutPayload, Outgoing, PeerAuthState, Pending,
+    RequestBudget,
+};
 use super::metrics::{QueueLabels, ShardMetrics};
 use super::partition::{FetchData, Partition, PartitionError, ReplicationSettings};
 use super::Shared;
@@ -30,6 +33,8 @@ use wharf_replication::Ack;
 /// Upper bounds on list sizes in one request.
 const PARTITIONS_PER_REQUEST_MAX: usize = 10_000;
 const HEARTBEAT_MS: u64 = 250;
+/// Environment variable (tests only): shard 0 panics this many milliseconds after start.
+pub const FAILPOINT_SHARD_PANIC_MS: &str = "WHARF_FAILPOINT_SHARD_PANIC_MS";
 /// How often replicas get a tick: the resolution of ack deadlines and ISR lag.
 const REPLICA_TICK_MS: u64 = 20;
 
@@ -118,8 +123,35 @@ pub struct Shard {
     stopping: Cell<bool>,
     stop_waiters: RefCell<Vec<oneshot::Sender<()>>>,
     pub connections: Gate,
+    /// Open connections of this shard: all, and per source address (client listeners).
     open_connections: Cell<usize>,
+    connections_by_address: RefCell<HashMap<std::net::IpAddr, usize>>,
+    /// Request bytes being read or admitted (`request_bytes_max_per_shard`).
+    pub request_budget: RequestBudget,
+    /// Each broker's internal listener (`cluster.brokers[].internal_address`).
     replication_addresses: Rc<HashMap<u32, String>>,
+}
+
+/// One counted connection; gives its slot back when the connection ends.
+struct ConnectionSlot {
+    shard: Rc<Shard>,
+    address: Option<std::net::IpAddr>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let shard = &self.shard;
+        shard.open_connections.set(shard.open_connections.get() - 1);
+        if let Some(address) = self.address {
+            let mut by_address = shard.connections_by_address.borrow_mut();
+            if let Some(count) = by_address.get_mut(&address) {
+                *count -= 1;
+                if *count == 0 {
+                    by_address.remove(&address);
+                }
+            }
+        }
+    }
 }
 
 fn unavailable(message: &str) -> PartitionError {
@@ -217,13 +249,15 @@ async fn start(
         stop_waiters: RefCell::new(Vec::new()),
         connections: Gate::new(),
         open_connections: Cell::new(0),
+        connections_by_address: RefCell::new(HashMap::new()),
+        request_budget: RequestBudget::new(shared.config.request_bytes_max_per_shard),
         replication_addresses: Rc::new(
             shared
                 .config
                 .cluster
                 .brokers
                 .iter()
-                .map(|b| (b.id, b.replication_address().to_string()))
+                .filter_map(|b| Some((b.id, b.internal_address.clone()?)))
                 .collect(),
         ),
         shared,
@@ -254,6 +288,28 @@ async fn start(
         .local_addr()
         .map_err(|e| format!("listener address: {e}"))?;
     let _ = shard.shared.shard_addresses[id as usize].set(direct_address);
+    let mut listeners = vec![
+        (shared_listener, ListenerKind::Client),
+        (direct_listener, ListenerKind::Client),
+    ];
+    if let Some(internal) = &config.cluster.internal_listen {
+        let shared_internal = TcpListener::bind(internal.as_str())
+            .map_err(|e| format!("cannot listen on {internal} (cluster.internal_listen): {e}"))?;
+        let (internal_host, _) = parse_host_port("cluster.internal_listen", internal)?;
+        let port = if config.cluster.internal_shard_port_base == 0 {
+            0
+        } else {
+            config.cluster.internal_shard_port_base + id as u16
+        };
+        let direct_internal = TcpListener::bind((internal_host.as_str(), port))
+            .map_err(|e| format!("cannot listen on {internal_host}:{port}: {e}"))?;
+        let address = direct_internal
+            .local_addr()
+            .map_err(|e| format!("listener address: {e}"))?;
+        let _ = shard.shared.internal_shard_addresses[id as usize].set(address);
+        listeners.push((shared_internal, ListenerKind::Internal));
+        listeners.push((direct_internal, ListenerKind::Internal));
+    }
 
     let mut tasks = Vec::new();
     for (peer, receiver) in receivers.streams() {
@@ -271,10 +327,10 @@ async fn start(
             .map_err(|e| format!("spawn: {e}"))?,
         );
     }
-    for listener in [shared_listener, direct_listener] {
+    for (listener, kind) in listeners {
         let shard_for_accept = Rc::clone(&shard);
         glommio::spawn_local_into(
-            async move { shard_for_accept.accept_loop(listener).await },
+            async move { shard_for_accept.accept_loop(listener, kind).await },
             shard.queues.client,
         )
         .map_err(|e| format!("spawn: {e}"))?
@@ -306,6 +362,23 @@ async fn start(
         )
         .map_err(|e| format!("spawn: {e}"))?
         .detach();
+    }
+    if id == 0 {
+        if let Some(delay_ms) = std::env::var(FAILPOINT_SHARD_PANIC_MS)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Test-only failpoint: proves a shard panic stops the whole broker.
+            tracing::warn!(
+                delay_ms,
+                "failpoint {FAILPOINT_SHARD_PANIC_MS} set: shard 0 will panic"
+            );
+            glommio::spawn_local(async move {
+                glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+                panic!("failpoint {FAILPOINT_SHARD_PANIC_MS}: shard 0 panics on purpose");
+            })
+            .detach();
+        }
     }
     shard.shared.ready_shards.fetch_add(1, Ordering::AcqRel);
     tracing::info!(shard = id, direct = %direct_address, partitions = shard.partition_count(), "shard ready");
@@ -352,7 +425,7 @@ impl Shard {
         .boxed_local()
     }
 
-    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener, kind: ListenerKind) {
         loop {
             let accepted =
                 futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -371,21 +444,16 @@ impl Shard {
                     continue;
                 }
             };
-            if self.open_connections.get() >= self.shared.config.connections_per_shard_max {
-                tracing::warn!(
-                    shard = self.id,
-                    "connection limit reached; refusing a connection"
-                );
+            let Some(slot) = self.take_connection_slot(&stream, kind) else {
                 drop(stream);
                 continue;
-            }
+            };
             let shard = Rc::clone(&self);
             let spawned = self.connections.spawn(async move {
-                shard.open_connections.set(shard.open_connections.get() + 1);
                 shard.metrics.connections.inc();
-                connection::serve(Rc::clone(&shard), stream).await;
+                connection::serve(Rc::clone(&shard), stream, kind).await;
                 shard.metrics.connections.dec();
-                shard.open_connections.set(shard.open_connections.get() - 1);
+                drop(slot);
             });
             match spawned {
                 Ok(task) => {
@@ -394,6 +462,56 @@ impl Shard {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Counts a new connection against the limits, or refuses it (with a log line): the
+    /// shard's `connections_per_shard_max`, of which `connections_reserved_internal` only
+    /// the internal listener may use, and `connections_per_address_max` per client address.
+    fn take_connection_slot(
+        self: &Rc<Self>,
+        stream: &glommio::net::TcpStream,
+        kind: ListenerKind,
+    ) -> Option<ConnectionSlot> {
+        let config = &self.shared.config;
+        let peer = stream.peer_addr().ok();
+        let open = self.open_connections.get();
+        let limit = match kind {
+            ListenerKind::Client => {
+                config.connections_per_shard_max - config.connections_reserved_internal
+            }
+            ListenerKind::Internal => config.connections_per_shard_max,
+        };
+        if open >= limit {
+            tracing::warn!(
+                shard = self.id,
+                ?peer,
+                ?kind,
+                open,
+                limit,
+                "connection limit reached; closing a new connection"
+            );
+            self.metrics.connections_refused.inc();
+            return None;
+        }
+        let address = match (kind, peer) {
+            (ListenerKind::Client, Some(peer)) => {
+                let mut by_address = self.connections_by_address.borrow_mut();
+                let count = by_address.entry(peer.ip()).or_insert(0);
+                if *count >= config.connections_per_address_max {
+                    tracing::warn!(shard = self.id, %peer, limit = config.connections_per_address_max, "connection limit per address reached; closing a new connection");
+                    self.metrics.connections_refused.inc();
+                    return None;
+                }
+                *count += 1;
+                Some(peer.ip())
+            }
+            _ => None,
+        };
+        self.open_connections.set(open + 1);
+        Some(ConnectionSlot {
+            shard: Rc::clone(self),
+            address,
+        })
     }
 
     async fn tick_loop(self: Rc<Self>) {
@@ -427,7 +545,39 @@ impl Shard {
                     }
                 }
             }
+            if self.id == 0 {
+                self.check_disk_space();
+            }
             glommio::timer::sleep(Duration::from_millis(HEARTBEAT_MS)).await;
+        }
+    }
+
+    /// The disk-space guard: produce is refused with `disk_full` while the data directory's
+    /// filesystem has less than `disk_free_bytes_min` available, so the disk never fills up
+    /// under the logs (a failed write would poison them); reads go on.
+    fn check_disk_space(&self) {
+        let config = &self.shared.config;
+        if config.disk_free_bytes_min == 0 {
+            return;
+        }
+        let free_bytes = match free_disk_bytes(&config.data_dir) {
+            Ok(free) => free,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the data directory's free space");
+                return;
+            }
+        };
+        let full = free_bytes < config.disk_free_bytes_min;
+        let was_full = self.shared.disk_full.swap(full, Ordering::AcqRel);
+        self.metrics.disk_full.set(i64::from(full));
+        if full && !was_full {
+            tracing::error!(
+                free_bytes,
+                disk_free_bytes_min = config.disk_free_bytes_min,
+                "the data directory is almost full: refusing produce until space is freed"
+            );
+        } else if !full && was_full {
+            tracing::info!(free_bytes, "disk space freed: accepting produce again");
         }
     }
 
@@ -470,11 +620,23 @@ impl Shard {
         Ok(())
     }
 
+    /// What this broker presents on other brokers' internal listeners.
+    fn peer_credentials(&self) -> Option<crate::peer_auth::PeerCredentials> {
+        self.shared
+            .secret
+            .clone()
+            .map(|secret| crate::peer_auth::PeerCredentials {
+                broker_id: self.shared.config.broker_id,
+                secret,
+            })
+    }
+
     fn replication_settings(&self) -> ReplicationSettings {
         let config = &self.shared.config;
         ReplicationSettings {
             broker_id: config.broker_id,
             replication_addresses: Rc::clone(&self.replication_addresses),
+            peer: self.peer_credentials(),
             replica_lag_max_ms: config.cluster.replica_lag_max_ms,
             fetch_wait_ms: config.cluster.replica_fetch_wait_ms,
             fetch_bytes_max: config
@@ -788,8 +950,14 @@ impl Shard {
             .iter()
             .filter(|b| b.id != me)
         {
-            match self.call_broker(&broker.address, &apply).await {
-                Ok(()) => applied.push(broker.address.clone()),
+            let Some(address) = broker.internal_address.as_deref() else {
+                return topic_error(
+                    ErrorCode::BrokerUnavailable,
+                    format!("broker {} has no internal_address", broker.id),
+                );
+            };
+            match self.call_broker(address, &apply).await {
+                Ok(()) => applied.push(address.to_string()),
                 Err(message) => {
                     let undo = ApplyTopicRequest {
                         delete: true,
@@ -817,10 +985,13 @@ impl Shard {
     /// Sends an `ApplyTopic` to another broker of the cluster.
     async fn call_broker(&self, address: &str, request: &ApplyTopicRequest) -> Result<(), String> {
         let timeout_ms = self.shared.config.cluster.broker_call_timeout_ms;
-        let connection =
-            crate::client::Connection::connect(address, self.shared.config.frame_bytes_max)
-                .await
-                .map_err(|e| e.to_string())?;
+        let connection = crate::client::Connection::connect_peer(
+            address,
+            self.shared.config.frame_bytes_max,
+            self.peer_credentials().as_ref(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let frame = connection
             .call(ApiKey::ApplyTopic, request, Vec::new(), timeout_ms)
             .await
@@ -887,6 +1058,84 @@ impl Shard {
 
     /// Persists a topic with the given id and assignment, opens the partitions this broker
     /// hosts and publishes the metadata to every shard.
+    /// Checks a topic before it is installed (created here or sent by another broker): the
+    /// broker's topic and partition caps, and an assignment every broker can open — each
+    /// replica set non-empty, at most `REPLICAS_MAX` distinct brokers of `cluster.brokers`
+    /// (or this broker alone), as long as the replication factor. Anything else would be
+    /// stored and then fail every start.
+    fn check_new_topic(&self, request: &ApplyTopicRequest) -> Result<(), PartitionError> {
+        let config = &self.shared.config;
+        let metadata = self.metadata.borrow();
+        if metadata.topics.len() >= config.topics_max {
+            return Err(PartitionError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "this broker keeps at most topics_max = {} topics",
+                    config.topics_max
+                ),
+            ));
+        }
+        let me = config.broker_id;
+        let hosted = |replicas: &[u32]| replicas.contains(&me);
+        let partitions_now: usize = metadata
+            .topics
+            .values()
+            .map(|t| t.partitions.iter().filter(|p| hosted(&p.replicas)).count())
+            .sum();
+        let partitions_new = request.replicas.iter().filter(|r| hosted(r)).count();
+        if partitions_now + partitions_new > config.partitions_max {
+            return Err(PartitionError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "this broker hosts {partitions_now} partitions; {partitions_new} more would \
+                     exceed partitions_max = {}",
+                    config.partitions_max
+                ),
+            ));
+        }
+        let known = |id: u32| {
+            config.cluster.brokers.iter().any(|b| b.id == id)
+                || (config.cluster.brokers.is_empty() && id == me)
+        };
+        for (partition, replicas) in request.replicas.iter().enumerate() {
+            let mut distinct = replicas.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let problem = if replicas.is_empty() {
+                Some("has no replicas".to_string())
+            } else if replicas.len() > wharf_replication::replica::REPLICAS_MAX {
+                Some(format!(
+                    "has {} replicas (at most {})",
+                    replicas.len(),
+                    wharf_replication::replica::REPLICAS_MAX
+                ))
+            } else if distinct.len() != replicas.len() {
+                Some("lists a broker twice".to_string())
+            } else if replicas.len() != usize::from(request.replication_factor.max(1)) {
+                Some(format!(
+                    "has {} replicas for replication factor {}",
+                    replicas.len(),
+                    request.replication_factor
+                ))
+            } else {
+                replicas
+                    .iter()
+                    .find(|&&id| !known(id))
+                    .map(|id| format!("names broker {id}, which is not in cluster.brokers"))
+            };
+            if let Some(problem) = problem {
+                return Err(PartitionError::new(
+                    ErrorCode::InvalidReplicationFactor,
+                    format!(
+                        "partition {partition} of topic {:?} {problem}",
+                        request.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     async fn install_topic(self: &Rc<Self>, request: &ApplyTopicRequest) -> TopicResult {
         let config = match self
             .shared
@@ -897,6 +1146,9 @@ impl Shard {
             Ok(config) => config,
             Err(message) => return topic_error(ErrorCode::InvalidConfig, message),
         };
+        if let Err(error) = self.check_new_topic(request) {
+            return topic_error(error.code, error.message);
+        }
         let name = request.name.clone();
         let shards = self.shared.shards() as u32;
         let topic = TopicMeta {
@@ -988,7 +1240,10 @@ impl Shard {
             .iter()
             .filter(|b| b.id != me)
         {
-            if let Err(message) = self.call_broker(&broker.address, &undo).await {
+            let Some(address) = broker.internal_address.as_deref() else {
+                continue;
+            };
+            if let Err(message) = self.call_broker(address, &undo).await {
                 failed.push(format!("broker {}: {message}", broker.id));
             }
         }
@@ -1063,7 +1318,7 @@ impl Shard {
 
     /// Admits one request: does what must happen in arrival order (produce appends) and
     /// returns the future of its response.
-    pub async fn admit(self: &Rc<Self>, mut frame: Frame) -> Pending {
+    pub async fn admit(self: &Rc<Self>, mut frame: Frame, context: &ConnectionContext) -> Pending {
         let header = frame.header;
         let Some(api) = header.api() else {
             return ready(error_frame(
@@ -1095,8 +1350,12 @@ impl Shard {
                 "a response was sent as a request".to_string(),
             ));
         }
+        if let Err(error) = self.check_access(api, context) {
+            self.shared.metrics.record_error(self.id, api, error.code);
+            return ready(error_frame(&header, error.code, error.message));
+        }
         let started = Instant::now();
-        let pending = match self.admit_api(api, &mut frame).await {
+        let pending = match self.admit_api(api, &mut frame, context).await {
             Ok(pending) => pending,
             Err(error) => {
                 self.shared.metrics.record_error(self.id, api, error.code);
@@ -1112,10 +1371,148 @@ impl Shard {
         .boxed_local()
     }
 
+    /// The trust boundary: inter-broker APIs only on the internal listener, and there only
+    /// after the peer proved the cluster secret (anything else closes the connection).
+    fn check_access(&self, api: ApiKey, context: &ConnectionContext) -> Result<(), PartitionError> {
+        match context.listener {
+            ListenerKind::Client if api.is_internal() || api.is_peer_auth() => {
+                Err(PartitionError::new(
+                    ErrorCode::InternalApiRefused,
+                    format!(
+                        "{} is an inter-broker API: it is served only on the internal listener \
+                         (cluster.internal_listen), to brokers that prove the cluster secret",
+                        api.name()
+                    ),
+                ))
+            }
+            ListenerKind::Client => Ok(()),
+            ListenerKind::Internal
+                if api == ApiKey::Versions
+                    || api.is_peer_auth()
+                    || context.authenticated_peer().is_some() =>
+            {
+                Ok(())
+            }
+            ListenerKind::Internal => {
+                context.close_after_response.set(true);
+                self.metrics.peer_auth_failures.inc();
+                tracing::warn!(shard = self.id, peer = %context.peer, api = api.name(), "refused a request from an unauthenticated peer of the internal listener; closing");
+                Err(PartitionError::new(
+                    ErrorCode::AuthenticationFailed,
+                    format!(
+                        "{}: the internal listener serves only peers that proved the cluster \
+                         secret (PeerAuthBegin, PeerAuthProve)",
+                        api.name()
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// The broker's side of the peer handshake (`crate::peer_auth` has the scheme).
+    fn peer_auth_begin(
+        &self,
+        request: PeerAuthBeginRequest,
+        context: &ConnectionContext,
+    ) -> PeerAuthBeginResponse {
+        let config = &self.shared.config;
+        let refuse = |message: String| {
+            context.close_after_response.set(true);
+            self.metrics.peer_auth_failures.inc();
+            tracing::warn!(shard = self.id, peer = %context.peer, broker_id = request.broker_id, %message, "peer authentication refused; closing");
+            PeerAuthBeginResponse {
+                error: ErrorCode::AuthenticationFailed as u16,
+                message,
+                broker_id: config.broker_id,
+                server_nonce: Vec::new(),
+                server_proof: Vec::new(),
+            }
+        };
+        let Some(secret) = &self.shared.secret else {
+            return refuse("this broker has no cluster secret".to_string());
+        };
+        if *context.auth.borrow() != PeerAuthState::NotStarted {
+            return refuse("the handshake was already begun on this connection".to_string());
+        }
+        if !config
+            .cluster
+            .brokers
+            .iter()
+            .any(|b| b.id == request.broker_id)
+        {
+            return refuse(format!(
+                "broker {} is not listed in cluster.brokers",
+                request.broker_id
+            ));
+        }
+        let Ok(client_nonce) =
+            <[u8; crate::peer_auth::NONCE_BYTES]>::try_from(request.client_nonce.as_slice())
+        else {
+            return refuse(format!(
+                "the nonce must have {} bytes",
+                crate::peer_auth::NONCE_BYTES
+            ));
+        };
+        let server_nonce = match crate::peer_auth::nonce() {
+            Ok(nonce) => nonce,
+            Err(message) => return refuse(message),
+        };
+        *context.auth.borrow_mut() = PeerAuthState::Challenged {
+            broker_id: request.broker_id,
+            client_nonce,
+            server_nonce,
+        };
+        PeerAuthBeginResponse {
+            error: 0,
+            message: String::new(),
+            broker_id: config.broker_id,
+            server_nonce: server_nonce.to_vec(),
+            server_proof: secret.server_proof(&client_nonce, &server_nonce, config.broker_id),
+        }
+    }
+
+    fn peer_auth_prove(
+        &self,
+        request: PeerAuthProveRequest,
+        context: &ConnectionContext,
+    ) -> TopicResult {
+        let state = *context.auth.borrow();
+        let verified = match (state, &self.shared.secret) {
+            (
+                PeerAuthState::Challenged {
+                    broker_id,
+                    client_nonce,
+                    server_nonce,
+                },
+                Some(secret),
+            ) => secret
+                .verify_client(&server_nonce, &client_nonce, broker_id, &request.proof)
+                .then_some(broker_id),
+            _ => None,
+        };
+        match verified {
+            Some(broker_id) => {
+                *context.auth.borrow_mut() = PeerAuthState::Authenticated { broker_id };
+                tracing::debug!(shard = self.id, peer = %context.peer, broker_id, "peer authenticated");
+                topic_error(ErrorCode::None, "")
+            }
+            None => {
+                context.close_after_response.set(true);
+                self.metrics.peer_auth_failures.inc();
+                tracing::warn!(shard = self.id, peer = %context.peer, "a peer failed to prove the cluster secret; closing");
+                topic_error(
+                    ErrorCode::AuthenticationFailed,
+                    "the proof does not match the cluster secret",
+                )
+            }
+        }
+    }
+
     async fn admit_api(
         self: &Rc<Self>,
         api: ApiKey,
         frame: &mut Frame,
+        context: &ConnectionContext,
     ) -> Result<Pending, PartitionError> {
         let header = frame.header;
         let invalid = |e: BodyError| PartitionError::new(ErrorCode::InvalidRequest, e.to_string());
@@ -1143,7 +1540,7 @@ impl Shard {
                 let request: MetadataRequest = frame.decode_body().map_err(invalid)?;
                 ready(respond(
                     &header,
-                    &self.metadata_response(request),
+                    &self.metadata_response(request, context.listener),
                     Vec::new(),
                 ))
             }
@@ -1175,8 +1572,35 @@ impl Shard {
                 .boxed_local()
             }
             ApiKey::Produce => self.admit_produce(frame).await?,
+            ApiKey::PeerAuthBegin => {
+                let request: PeerAuthBeginRequest = frame.decode_body().map_err(invalid)?;
+                ready(respond(
+                    &header,
+                    &self.peer_auth_begin(request, context),
+                    Vec::new(),
+                ))
+            }
+            ApiKey::PeerAuthProve => {
+                let request: PeerAuthProveRequest = frame.decode_body().map_err(invalid)?;
+                ready(respond(
+                    &header,
+                    &self.peer_auth_prove(request, context),
+                    Vec::new(),
+                ))
+            }
             ApiKey::ReplicaFetch => {
                 let request: ReplicaFetchRequest = frame.decode_body().map_err(invalid)?;
+                // A peer fetches as itself only: its progress moves the high watermark.
+                if context.authenticated_peer() != Some(request.replica_id) {
+                    return Err(PartitionError::new(
+                        ErrorCode::AuthenticationFailed,
+                        format!(
+                            "replica {} fetched on a connection authenticated as {:?}",
+                            request.replica_id,
+                            context.authenticated_peer()
+                        ),
+                    ));
+                }
                 let local = self
                     .local_partition(&request.topic, request.partition)
                     .filter(|p| p.topic_id == request.topic_id)
@@ -1276,13 +1700,24 @@ impl Shard {
         })
     }
 
-    fn metadata_response(&self, request: MetadataRequest) -> MetadataResponse {
+    /// The metadata; asked on the internal listener, it names the shards' internal ports (a
+    /// follower then fetches straight from the owner shard).
+    fn metadata_response(
+        &self,
+        request: MetadataRequest,
+        listener: ListenerKind,
+    ) -> MetadataResponse {
         let config = &self.shared.config;
         let host = config.advertised_host();
         let port = parse_host_port("listen", &config.listen).map_or(0, |(_, p)| p);
-        let shards = self
-            .shared
-            .shard_addresses
+        let (shard_addresses, host) = match listener {
+            ListenerKind::Client => (&self.shared.shard_addresses, host),
+            ListenerKind::Internal => (
+                &self.shared.internal_shard_addresses,
+                config.internal_host().unwrap_or(host),
+            ),
+        };
+        let shards = shard_addresses
             .iter()
             .enumerate()
             .filter_map(|(shard, address)| {
@@ -1332,7 +1767,7 @@ impl Shard {
         };
         let mut brokers = vec![BrokerInfo {
             broker_id: config.broker_id,
-            host,
+            host: config.advertised_host(),
             port,
             shards,
         }];
@@ -1413,6 +1848,16 @@ impl Shard {
 
     async fn admit_produce(self: &Rc<Self>, frame: &mut Frame) -> Result<Pending, PartitionError> {
         let header = frame.header;
+        if self.shared.disk_full.load(Ordering::Acquire) {
+            return Err(PartitionError::new(
+                ErrorCode::DiskFull,
+                format!(
+                    "the data directory has less than disk_free_bytes_min = {} bytes free; \
+                     nothing was appended",
+                    self.shared.config.disk_free_bytes_min
+                ),
+            ));
+        }
         let request: ProduceRequest = frame
             .decode_body()
             .map_err(|e| PartitionError::new(ErrorCode::InvalidRequest, e.to_string()))?;
@@ -1559,7 +2004,8 @@ impl Shard {
         let wait_ms = u64::from(request.max_wait_ms).min(config.request_wait_ms_max);
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         let budget = (request.max_bytes as usize).min(config.fetch_bytes_max);
-        let min_bytes = (request.min_bytes as usize).max(1);
+        // More than the response may carry could never be reached.
+        let min_bytes = (request.min_bytes as usize).clamp(1, budget.max(1));
         // Bounded by the deadline: every pass either answers or waits for new data.
         loop {
             let mut partitions = Vec::with_capacity(request.partitions.len());
@@ -1615,12 +2061,17 @@ impl Shard {
                 return respond(&header, &FetchResponse { partitions }, payload);
             }
             drop(payload);
+            // Wait for data beyond what this pass saw: waiting for the fetch offset alone
+            // would return at once while the high watermark is past it (fewer bytes than
+            // `min_bytes` already there), and the loop would spin until the deadline.
             let waits: Vec<LocalBoxFuture<'static, ()>> = request
                 .partitions
                 .iter()
-                .map(|p| {
+                .zip(&partitions)
+                .map(|(p, seen)| {
+                    let beyond = p.fetch_offset.max(seen.high_watermark);
                     Rc::clone(&self)
-                        .wait_partition(p.topic.clone(), p.partition, p.fetch_offset, deadline)
+                        .wait_partition(p.topic.clone(), p.partition, beyond, deadline)
                         .boxed_local()
                 })
                 .collect();
@@ -1689,6 +2140,26 @@ async fn complete_produce(
         },
         Err(e) => failed(e),
     }
+}
+
+/// Bytes available to this (unprivileged) process on the filesystem holding `path`.
+fn free_disk_bytes(path: &std::path::Path) -> Result<u64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a valid C string and `stats` is large enough for the result.
+    let status = unsafe { libc::statvfs(c_path.as_ptr(), stats.as_mut_ptr()) };
+    if status != 0 {
+        return Err(format!(
+            "statvfs {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: statvfs succeeded, so it filled `stats`.
+    let stats = unsafe { stats.assume_init() };
+    Ok(u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)))
 }
 
 fn topic_error(code: ErrorCode, message: impl Into<String>) -> TopicResult {

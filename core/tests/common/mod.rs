@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod good_client;
+pub mod wire;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,8 +36,12 @@ pub struct Broker {
     pub dir: PathBuf,
     pub port: u16,
     pub admin_port: u16,
+    /// The internal listener's port (used when the config names `cluster.internal_listen`).
+    pub internal_port: u16,
     pub shards: usize,
     extra_config: String,
+    /// Environment variables set for the broker process (failpoints).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     starts: usize,
 }
@@ -53,8 +60,10 @@ impl Broker {
             dir: dir.to_path_buf(),
             port: free_port(),
             admin_port: free_port(),
+            internal_port: free_port(),
             shards,
             extra_config: extra_config.to_string(),
+            env: Vec::new(),
             child: None,
             starts: 0,
         }
@@ -104,6 +113,7 @@ impl Broker {
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone().expect("clone log")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -159,6 +169,42 @@ impl Broker {
         panic!("wharf did not stop after SIGTERM:\n{}", self.log());
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits (bounded) for the process to exit on its own; its exit code (-1 for a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Every log this broker wrote (all starts).
+    pub fn all_logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                std::fs::read_to_string(self.dir.join(format!("broker-{n}.log")))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// Resident memory of the broker process, from /proc.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("running");
         let _ = child.kill();
@@ -199,4 +245,83 @@ pub fn http_get(admin_port: u16, path: &str) -> Option<(u16, String)> {
 
 pub fn run<T>(future: impl std::future::Future<Output = T>) -> T {
     wharf::runtime::run_local("test-client", future).expect("glommio executor (io_uring)")
+}
+
+/// Writes a cluster secret file (mode 600) in `dir` and returns its path.
+pub fn write_secret(dir: &Path, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("cluster.secret");
+    std::fs::write(&path, secret).expect("write secret");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// A static cluster of three real brokers on 127.0.0.1 (ids 1, 2, 3), each with an internal
+/// listener and the same cluster secret.
+pub struct Cluster {
+    pub brokers: Vec<Broker>,
+    pub secret_path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start(replica_lag_max_ms: u64) -> Cluster {
+        Cluster::start_with(replica_lag_max_ms, "")
+    }
+
+    /// `extra_config` goes before the `[cluster]` section of every broker's config.
+    pub fn start_with(replica_lag_max_ms: u64, extra_config: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret_path = write_secret(dir.path(), "the test cluster's shared secret\n");
+        let mut brokers: Vec<Broker> = (1..=3)
+            .map(|id| {
+                let path = dir.path().join(format!("broker-{id}"));
+                std::fs::create_dir_all(&path).expect("broker dir");
+                Broker::prepare(&path, 1, "")
+            })
+            .collect();
+        let list: String = brokers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                format!(
+                    "[[cluster.brokers]]\nid = {}\naddress = \"127.0.0.1:{}\"\ninternal_address = \"127.0.0.1:{}\"\n",
+                    i + 1,
+                    b.port,
+                    b.internal_port
+                )
+            })
+            .collect();
+        for (i, broker) in brokers.iter_mut().enumerate() {
+            let internal_port = broker.internal_port;
+            broker.set_extra_config(format!(
+                "broker_id = {}\ncpu_set = \"unbound\"\n{extra_config}\n[cluster]\nreplica_lag_max_ms = {replica_lag_max_ms}\nreplica_fetch_wait_ms = 200\nreplica_fetch_backoff_ms = 50\ninternal_listen = \"127.0.0.1:{internal_port}\"\nsecret_file = {:?}\n{list}",
+                i + 1,
+                secret_path.display().to_string(),
+            ));
+        }
+        for broker in &mut brokers {
+            broker.launch();
+        }
+        Cluster {
+            brokers,
+            secret_path,
+            dir,
+        }
+    }
+
+    pub fn broker(&mut self, id: u32) -> &mut Broker {
+        &mut self.brokers[(id - 1) as usize]
+    }
+
+    pub fn bootstrap(&self, id: u32) -> String {
+        self.brokers[(id - 1) as usize].bootstrap()
+    }
+
+    pub fn internal(&self, id: u32) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.brokers[(id - 1) as usize].internal_port
+        )
+    }
 }

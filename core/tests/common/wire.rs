@@ -1,0 +1,84 @@
+//! Raw wire helpers on blocking sockets: frames built and read with the codec, no client
+//! library, so tests can send exactly the bytes a hostile or broken client would.
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use super::Broker;
+use wharf::protocol::*;
+use wharf_storage::batch::BatchBuilder;
+
+pub fn connect_to(address: &str) -> TcpStream {
+    let stream = TcpStream::connect(address).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+}
+
+/// Connects from a chosen local address (127.0.0.x), so a test can play several hosts.
+pub fn connect_from(address: &str, source: std::net::Ipv4Addr) -> std::io::Result<TcpStream> {
+    let target: std::net::SocketAddr = address.parse().expect("address");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::from((source, 0)).into())?;
+    socket.connect_timeout(&target.into(), Duration::from_secs(5))?;
+    let stream: TcpStream = socket.into();
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
+pub fn connect(broker: &Broker) -> TcpStream {
+    connect_to(&broker.bootstrap())
+}
+
+pub fn request<T: Message>(api: ApiKey, id: u32, body: &T, payload: &[u8]) -> Vec<u8> {
+    let mut frame = encode_frame(FrameKind::request(api, id), body, &[payload])
+        .expect("encode")
+        .to_vec();
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Reads one frame, `None` on a clean close.
+pub fn read_response(stream: &mut TcpStream) -> Option<Frame> {
+    let mut reader = futures_lite::io::AssertAsync::new(stream);
+    futures_lite::future::block_on(read_frame(&mut reader, FRAME_BYTES_MAX_DEFAULT))
+        .ok()
+        .flatten()
+}
+
+pub fn error_message(frame: &Frame) -> String {
+    frame
+        .decode_body::<ErrorBody>()
+        .map(|b| b.message)
+        .unwrap_or_default()
+}
+
+pub fn batch(values: &[&[u8]]) -> Vec<u8> {
+    let mut builder = BatchBuilder::new(Default::default());
+    for value in values {
+        builder
+            .push(1_700_000_000_000, None, value, &[])
+            .expect("push");
+    }
+    builder.finish().expect("finish").to_vec()
+}
+
+pub fn produce_frame(id: u32, topic: &str, partition: u32, payload: &[u8]) -> Vec<u8> {
+    request(
+        ApiKey::Produce,
+        id,
+        &ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 5000,
+            topic: topic.to_string(),
+            partitions: vec![ProducePartition {
+                partition,
+                batch_bytes: payload.len() as u32,
+            }],
+        },
+        payload,
+    )
+}
