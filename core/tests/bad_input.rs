@@ -5,12 +5,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 
 use common::wire::{batch, connect, error_message, produce_frame, read_response, request};
 use common::Broker;
 use wharf::protocol::*;
-use wharf_storage::batch::BatchBuilder;
 
 fn produce(
     stream: &mut TcpStream,

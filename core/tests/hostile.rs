@@ -544,8 +544,13 @@ fn kill9_then_immediate_restart_50_times_under_load_loses_nothing() {
         (0..all.len() as u64).collect::<Vec<_>>(),
         "dense offsets"
     );
+    let waits = broker
+        .all_logs()
+        .matches("a listener still answers on this port")
+        .count();
     println!(
-        "{CYCLES} kill -9 / restart cycles: {} acknowledged, {} kept",
+        "{CYCLES} kill -9 / restart cycles: {} acknowledged, {} kept; {waits} restarts waited \
+         for the dead broker's port",
         acknowledged.len(),
         all.len()
     );

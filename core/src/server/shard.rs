@@ -2159,7 +2159,7 @@ fn free_disk_bytes(path: &std::path::Path) -> Result<u64, String> {
     }
     // SAFETY: statvfs succeeded, so it filled `stats`.
     let stats = unsafe { stats.assume_init() };
-    Ok(u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)))
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 fn topic_error(code: ErrorCode, message: impl Into<String>) -> TopicResult {
