@@ -265,6 +265,24 @@ fn inter_broker_apis_are_refused_to_clients_and_to_peers_without_the_secret() {
         after.partitions[0].high_watermark < end,
         "HW did not cover the leader-only record"
     );
+    // Metadata reports the live epoch and ISR (it used to report epoch 0 and every replica).
+    let answer = call(
+        &mut client,
+        &request(
+            ApiKey::Metadata,
+            8,
+            &MetadataRequest {
+                topics: Some(vec!["t".to_string()]),
+            },
+            &[],
+        ),
+    )
+    .expect("metadata answered");
+    let metadata: MetadataResponse = answer.decode_body().expect("metadata body");
+    let live = &metadata.topics[0].partitions[0];
+    assert_eq!(live.isr, vec![leader], "metadata ISR");
+    assert_eq!(live.leader_epoch, after.partitions[0].leader_epoch);
+    assert!(live.leader_epoch >= 1, "a leader's epoch starts at 1");
     let refused = produce_acks(&mut producer, "t", Acks::All, b"needs two replicas");
     assert_eq!(
         ErrorCode::from_u16(refused.error),

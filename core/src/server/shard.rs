@@ -1538,11 +1538,13 @@ impl Shard {
             }
             ApiKey::Metadata => {
                 let request: MetadataRequest = frame.decode_body().map_err(invalid)?;
-                ready(respond(
-                    &header,
-                    &self.metadata_response(request, context.listener),
-                    Vec::new(),
-                ))
+                let mut response = self.metadata_response(request, context.listener);
+                let shard = Rc::clone(self);
+                async move {
+                    shard.fill_live_partition_state(&mut response).await;
+                    respond(&header, &response, Vec::new())
+                }
+                .boxed_local()
             }
             ApiKey::CreateTopic => {
                 let request: CreateTopicRequest = frame.decode_body().map_err(invalid)?;
@@ -1698,6 +1700,35 @@ impl Shard {
                 .boxed_local()
             }
         })
+    }
+
+    /// Replaces the stored leader, epoch and ISR of every partition this broker hosts with its
+    /// replica's live view (the stored metadata only knows the initial assignment: epoch 0 and
+    /// every replica in sync). A leader reports its ISR; a follower reports the epoch it
+    /// follows and the ISR it knows (none: the leader's metadata has it).
+    async fn fill_live_partition_state(self: &Rc<Self>, response: &mut MetadataResponse) {
+        let me = self.shared.config.broker_id;
+        for topic in &mut response.topics {
+            for partition in &mut topic.partitions {
+                if !partition.replicas.contains(&me) {
+                    continue;
+                }
+                let reply = self
+                    .to_shard(
+                        partition.shard,
+                        ShardRequest::Describe {
+                            topic: topic.name.clone(),
+                            partition: partition.partition,
+                        },
+                    )
+                    .await;
+                if let Some(ShardReply::Described(Ok(live))) = reply {
+                    partition.leader = live.leader;
+                    partition.leader_epoch = live.leader_epoch;
+                    partition.isr = live.isr;
+                }
+            }
+        }
     }
 
     /// The metadata; asked on the internal listener, it names the shards' internal ports (a
