@@ -8,7 +8,8 @@
 # message saying so when either is missing, rather than passing silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# e2fsprogs and mount: the disk-full test loop-mounts a small ext4 filesystem (as root).
+bash scripts/setup.sh e2fsprogs mount
 export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "== rustfmt"

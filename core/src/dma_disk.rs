@@ -277,10 +277,43 @@ impl DiskFile for DmaDiskFile {
             .map_err(with_path("ftruncate", &self.path))
     }
 
+    /// Preallocation is only an optimization (writes into allocated extents are cheaper): it
+    /// is skipped when the filesystem has less room than it asks for, so it can never be what
+    /// fills the disk (a failed fallocate would poison the log; the disk-space guard refuses
+    /// produce before the data itself needs the space).
     async fn allocate(&self, bytes: u64) -> io::Result<()> {
+        let directory = self.path.parent().unwrap_or(std::path::Path::new("."));
+        match free_disk_bytes(directory) {
+            Ok(free_bytes) if free_bytes < bytes.saturating_mul(2) => {
+                tracing::warn!(path = %self.path.display(), bytes, free_bytes, "not preallocating a segment: the disk has too little room");
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "cannot read free space; preallocating anyway"),
+        }
         self.file
             .pre_allocate(bytes, false)
             .await
             .map_err(with_path("fallocate", &self.path))
     }
+}
+
+/// Bytes available to this (unprivileged) process on the filesystem holding `path`.
+pub fn free_disk_bytes(path: &std::path::Path) -> Result<u64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a valid C string and `stats` is large enough for the result.
+    let status = unsafe { libc::statvfs(c_path.as_ptr(), stats.as_mut_ptr()) };
+    if status != 0 {
+        return Err(format!(
+            "statvfs {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: statvfs succeeded, so it filled `stats`.
+    let stats = unsafe { stats.assume_init() };
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }

@@ -50,6 +50,16 @@ fn describe(address: &str, topic: &str) -> TopicDescription {
 }
 
 fn create(address: &str, topic: &str, partitions: u32, replication_factor: u16) -> TopicResult {
+    create_with(address, topic, partitions, replication_factor, &[])
+}
+
+fn create_with(
+    address: &str,
+    topic: &str,
+    partitions: u32,
+    replication_factor: u16,
+    configs: &[(&str, &str)],
+) -> TopicResult {
     let mut stream = connect_to(address);
     let frame = call(
         &mut stream,
@@ -60,7 +70,13 @@ fn create(address: &str, topic: &str, partitions: u32, replication_factor: u16) 
                 name: topic.to_string(),
                 partitions,
                 replication_factor,
-                configs: Vec::new(),
+                configs: configs
+                    .iter()
+                    .map(|(key, value)| ConfigEntry {
+                        key: key.to_string(),
+                        value: value.to_string(),
+                    })
+                    .collect(),
             },
             &[],
         ),
@@ -587,8 +603,16 @@ fn a_nearly_full_disk_refuses_produce_with_disk_full_and_keeps_serving_reads() {
     let mount = LoopMount::new(dir.path(), 96);
     let broker_dir = mount.path.join("broker");
     std::fs::create_dir_all(&broker_dir).expect("broker dir");
-    let broker = Broker::start(&broker_dir, 1, "disk_free_bytes_min = 33554432\n");
-    let created = create(&broker.bootstrap(), "t", 1, 1);
+    let broker = Broker::start(&broker_dir, 1, "disk_free_bytes_min = 8388608\n");
+    // Segments preallocated at 48 MiB: the second preallocation asks for more than
+    // is left (before: fallocate failed with ENOSPC and poisoned the log).
+    let created = create_with(
+        &broker.bootstrap(),
+        "t",
+        1,
+        1,
+        &[("segment_bytes", "50331648"), ("preallocate", "true")],
+    );
     assert_eq!(created.error, 0, "{}", created.message);
     let mut stream = connect_to(&broker.bootstrap());
     let value = vec![b'x'; 512 * 1024];
@@ -626,7 +650,12 @@ fn a_nearly_full_disk_refuses_produce_with_disk_full_and_keeps_serving_reads() {
         metrics.contains("wharf_disk_full{shard=\"0\"} 1"),
         "{metrics}"
     );
-    assert!(!broker.log().contains("poison"), "{}", broker.log());
+    let log = broker.log();
+    assert!(
+        !log.contains("poison") && !log.contains("storage_error"),
+        "{log}"
+    );
+    assert!(log.contains("not preallocating a segment"), "{log}");
     assert_no_panic(&broker);
     drop(broker);
 }

@@ -560,7 +560,7 @@ impl Shard {
         if config.disk_free_bytes_min == 0 {
             return;
         }
-        let free_bytes = match free_disk_bytes(&config.data_dir) {
+        let free_bytes = match crate::dma_disk::free_disk_bytes(&config.data_dir) {
             Ok(free) => free,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the data directory's free space");
@@ -2171,26 +2171,6 @@ async fn complete_produce(
         },
         Err(e) => failed(e),
     }
-}
-
-/// Bytes available to this (unprivileged) process on the filesystem holding `path`.
-fn free_disk_bytes(path: &std::path::Path) -> Result<u64, String> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
-    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c_path` is a valid C string and `stats` is large enough for the result.
-    let status = unsafe { libc::statvfs(c_path.as_ptr(), stats.as_mut_ptr()) };
-    if status != 0 {
-        return Err(format!(
-            "statvfs {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: statvfs succeeded, so it filled `stats`.
-    let stats = unsafe { stats.assume_init() };
-    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 fn topic_error(code: ErrorCode, message: impl Into<String>) -> TopicResult {
