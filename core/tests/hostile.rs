@@ -360,6 +360,14 @@ fn many_connections_announcing_huge_frames_cannot_exhaust_memory() {
     let bound = baseline + 2 * BUDGET_BYTES + 64 * 1024 * 1024;
     println!("rss: baseline {baseline} B, with {ATTACKERS} attackers {rss} B, bound {bound} B");
     assert!(rss < bound, "broker RSS {rss} B over {bound} B");
+    let (_, metrics) = broker.http_get("/metrics").expect("metrics");
+    let used: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("wharf_request_budget_used_bytes{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("budget gauge");
+    println!("request budget in use: {used} B of {BUDGET_BYTES} B");
+    assert!(used <= BUDGET_BYTES as f64);
     let report = good.finish();
     report.assert_served("huge frame announcements");
     drop(attackers);

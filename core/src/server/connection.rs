@@ -110,6 +110,11 @@ impl RequestBudget {
             bytes_max: bytes_max as u64,
         }
     }
+
+    /// Bytes of the budget held by frames being read or admitted.
+    pub fn used_bytes(&self) -> u64 {
+        self.bytes_max - self.semaphore.available()
+    }
 }
 
 /// Budget bytes held by one frame; given back when dropped.

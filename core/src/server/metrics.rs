@@ -70,6 +70,7 @@ pub struct Metrics {
     pub connections_refused: Family<ShardLabels, Counter>,
     pub peer_auth_failures: Family<ShardLabels, Counter>,
     pub disk_full: Family<ShardLabels, Gauge>,
+    pub request_budget_used_bytes: Family<ShardLabels, Gauge>,
 }
 
 impl Metrics {
@@ -96,6 +97,7 @@ impl Metrics {
             connections_refused: Family::default(),
             peer_auth_failures: Family::default(),
             disk_full: Family::default(),
+            request_budget_used_bytes: Family::default(),
         };
         let mut metrics = metrics;
         let registry = &mut metrics.registry;
@@ -113,6 +115,11 @@ impl Metrics {
             "disk_full",
             "1 while the data directory's free space is below disk_free_bytes_min (produce refused)",
             metrics.disk_full.clone(),
+        );
+        registry.register(
+            "request_budget_used_bytes",
+            "Request bytes being read or admitted on the shard (of request_bytes_max_per_shard)",
+            metrics.request_budget_used_bytes.clone(),
         );
         registry.register(
             "partition_end_offset",
@@ -304,6 +311,7 @@ pub struct ShardMetrics {
     pub connections_refused: Counter,
     pub peer_auth_failures: Counter,
     pub disk_full: Gauge,
+    pub request_budget_used_bytes: Gauge,
 }
 
 impl ShardMetrics {
@@ -335,6 +343,9 @@ impl ShardMetrics {
                 .get_or_create_owned(&ShardLabels { shard }),
             disk_full: metrics
                 .disk_full
+                .get_or_create_owned(&ShardLabels { shard }),
+            request_budget_used_bytes: metrics
+                .request_budget_used_bytes
                 .get_or_create_owned(&ShardLabels { shard }),
         }
     }

@@ -545,6 +545,9 @@ impl Shard {
                     }
                 }
             }
+            self.metrics
+                .request_budget_used_bytes
+                .set(self.request_budget.used_bytes() as i64);
             if self.id == 0 {
                 self.check_disk_space();
             }
