@@ -6,7 +6,9 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use common::wire::{batch, connect, error_message, produce_frame, read_response, request};
+use common::wire::{
+    batch, connect, error_message, produce_frame, produce_with, read_response, request,
+};
 use common::Broker;
 use wharf::protocol::*;
 
@@ -17,19 +19,7 @@ fn produce(
     partition: u32,
     payload: &[u8],
 ) -> ProducePartitionResponse {
-    stream
-        .write_all(&produce_frame(id, topic, partition, payload))
-        .expect("send");
-    let frame = read_response(stream).expect("a response");
-    assert_eq!(frame.header.correlation_id, id);
-    assert_eq!(
-        frame.header.error(),
-        ErrorCode::None,
-        "{}",
-        error_message(&frame)
-    );
-    let mut response: ProduceResponse = frame.decode_body().expect("produce response");
-    response.partitions.remove(0)
+    produce_with(stream, id, topic, partition, Acks::Leader, payload)
 }
 
 /// The end offsets of `topic`'s partitions, as describe reports them.

@@ -91,30 +91,7 @@ fn produce_acks(
     acks: Acks,
     value: &[u8],
 ) -> ProducePartitionResponse {
-    let payload = batch(&[value]);
-    let frame = request(
-        ApiKey::Produce,
-        7,
-        &ProduceRequest {
-            acks,
-            timeout_ms: 5_000,
-            topic: topic.to_string(),
-            partitions: vec![ProducePartition {
-                partition: 0,
-                batch_bytes: payload.len() as u32,
-            }],
-        },
-        &payload,
-    );
-    let answer = call(stream, &frame).expect("produce answered");
-    assert_eq!(
-        answer.header.error(),
-        ErrorCode::None,
-        "{}",
-        error_message(&answer)
-    );
-    let mut response: ProduceResponse = answer.decode_body().expect("produce body");
-    response.partitions.remove(0)
+    common::wire::produce_with(stream, 7, topic, 0, acks, &batch(&[value]))
 }
 
 /// A forged follower fetch claiming everything up to `offset` is durable on `replica`.

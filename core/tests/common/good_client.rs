@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::wire::{
-    batch, connect_from, connect_to, error_message, produce_frame, read_response, request,
+    answered, batch, connect_from, connect_to, error_message, produce_frame, read_response, request,
 };
 use wharf::protocol::*;
 
@@ -196,20 +196,17 @@ fn run(address: &str, topic: &str, stop: &AtomicBool, requests: &AtomicUsize) ->
 fn produce_one(stream: &mut TcpStream, id: u32, topic: &str, value: &[u8]) -> Result<u64, String> {
     std::io::Write::write_all(stream, &produce_frame(id, topic, 0, &batch(&[value])))
         .map_err(|e| format!("send produce: {e}"))?;
-    let frame = read_response(stream).ok_or("produce not answered")?;
-    if frame.header.error() != ErrorCode::None {
-        return Err(format!("produce: {}", error_message(&frame)));
-    }
-    let response: ProduceResponse = frame.decode_body().map_err(|e| e.to_string())?;
+    let response: ProduceResponse = answered(stream, "produce")?;
     let partition = response.partitions.first().ok_or("no partition")?;
-    if partition.error != 0 {
-        return Err(format!(
-            "produce: {}: {}",
-            ErrorCode::from_u16(partition.error),
-            partition.message
-        ));
-    }
+    partition_ok("produce", partition.error, &partition.message)?;
     Ok(partition.base_offset)
+}
+
+fn partition_ok(what: &str, error: u16, message: &str) -> Result<(), String> {
+    if error == 0 {
+        return Ok(());
+    }
+    Err(format!("{what}: {}: {message}", ErrorCode::from_u16(error)))
 }
 
 /// (offset, value) of the records a fetch from `offset` returns.
@@ -241,18 +238,13 @@ pub fn fetch_values(
     )
     .map_err(|e| format!("send fetch: {e}"))?;
     let frame = read_response(stream).ok_or("fetch not answered")?;
-    if frame.header.error() != ErrorCode::None {
+    let response: FetchResponse = if frame.header.error() == ErrorCode::None {
+        frame.decode_body().map_err(|e| e.to_string())?
+    } else {
         return Err(format!("fetch: {}", error_message(&frame)));
-    }
-    let response: FetchResponse = frame.decode_body().map_err(|e| e.to_string())?;
+    };
     let partition = response.partitions.first().ok_or("no partition")?;
-    if partition.error != 0 {
-        return Err(format!(
-            "fetch: {}: {}",
-            ErrorCode::from_u16(partition.error),
-            partition.message
-        ));
-    }
+    partition_ok("fetch", partition.error, &partition.message)?;
     let mut values = Vec::new();
     for checked in wharf_storage::batch::batches(frame.payload()) {
         let checked = checked.map_err(|e| format!("fetched batch: {e}"))?;

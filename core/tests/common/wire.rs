@@ -67,11 +67,21 @@ pub fn batch(values: &[&[u8]]) -> Vec<u8> {
 }
 
 pub fn produce_frame(id: u32, topic: &str, partition: u32, payload: &[u8]) -> Vec<u8> {
+    produce_frame_with(id, topic, partition, Acks::Leader, payload)
+}
+
+pub fn produce_frame_with(
+    id: u32,
+    topic: &str,
+    partition: u32,
+    acks: Acks,
+    payload: &[u8],
+) -> Vec<u8> {
     request(
         ApiKey::Produce,
         id,
         &ProduceRequest {
-            acks: Acks::Leader,
+            acks,
             timeout_ms: 5000,
             topic: topic.to_string(),
             partitions: vec![ProducePartition {
@@ -81,4 +91,40 @@ pub fn produce_frame(id: u32, topic: &str, partition: u32, payload: &[u8]) -> Ve
         },
         payload,
     )
+}
+
+/// Produces `payload` (whole batches) with `acks` and returns the partition's answer; the
+/// frame itself must succeed.
+pub fn produce_with(
+    stream: &mut TcpStream,
+    id: u32,
+    topic: &str,
+    partition: u32,
+    acks: Acks,
+    payload: &[u8],
+) -> ProducePartitionResponse {
+    std::io::Write::write_all(
+        stream,
+        &produce_frame_with(id, topic, partition, acks, payload),
+    )
+    .expect("send");
+    let frame = read_response(stream).expect("a response");
+    assert_eq!(frame.header.correlation_id, id);
+    assert_eq!(
+        frame.header.error(),
+        ErrorCode::None,
+        "{}",
+        error_message(&frame)
+    );
+    let mut response: ProduceResponse = frame.decode_body().expect("produce response");
+    response.partitions.remove(0)
+}
+
+/// Reads one answer and decodes its body; an error if there is none or the frame failed.
+pub fn answered<T: Message>(stream: &mut TcpStream, what: &str) -> Result<T, String> {
+    let frame = read_response(stream).ok_or_else(|| format!("{what} not answered"))?;
+    if frame.header.error() != ErrorCode::None {
+        return Err(format!("{what}: {}", error_message(&frame)));
+    }
+    frame.decode_body().map_err(|e| format!("{what}: {e}"))
 }
