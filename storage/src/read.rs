@@ -1,6 +1,7 @@
 //! The read path of a partition log: whole batches from memory (staged) or disk (durable),
 //! planned synchronously and executed without borrowing the log.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use rkyv::util::AlignedVec;
@@ -8,7 +9,7 @@ use rkyv::util::AlignedVec;
 use crate::batch::{self, BatchError, BATCH_ALIGNMENT_BYTES};
 use crate::disk::{page_ceil, page_floor, Disk, DiskFile, PAGE_BYTES};
 use crate::ids::Offset;
-use crate::log::{io_context, segment_file_name, PartitionLog, ReadError};
+use crate::log::{io_context, segment_file_name, PartitionLog, ReadError, StagedBatch};
 
 /// Bytes returned by a read: whole batches, starting with the one that holds the requested
 /// offset. Empty when there is nothing (yet) to read at that offset.
@@ -129,6 +130,45 @@ impl<D: Disk> PartitionLog<D> {
         max_bytes: usize,
     ) -> Result<LogRead<<D::File as DiskFile>::ReadBuffer>, ReadError> {
         self.plan_read(from, max_bytes)?.execute().await
+    }
+
+    /// Whether a batch starts at `offset` (the log end counts), as far as the log knows without
+    /// reading: `Some(true)` or `Some(false)` when segment bases, index entries or the batches
+    /// in memory (staged and recent) tell, `None` when only reading the batch at `offset` can
+    /// (the first batch a read from `offset` returns starts there exactly when it is one).
+    /// A leader checks followers' reported offsets with it.
+    pub fn batch_boundary(&self, offset: Offset) -> Option<bool> {
+        let end = self.end_offset();
+        if offset == end {
+            return Some(true);
+        }
+        if offset < self.log_start || offset > end {
+            return Some(false);
+        }
+        let in_memory = |batches: &VecDeque<StagedBatch>| {
+            let at = batches.partition_point(|b| b.next_offset <= offset);
+            batches
+                .get(at)
+                .filter(|b| b.base_offset <= offset)
+                .map(|b| b.base_offset == offset)
+        };
+        if let Some(known) =
+            in_memory(&self.recent_batches).or_else(|| in_memory(&self.staged_batches))
+        {
+            return Some(known);
+        }
+        let at = self.segments.partition_point(|s| s.base_offset <= offset);
+        let segment = &self.segments[at.checked_sub(1)?];
+        if segment.base_offset == offset {
+            return Some(true);
+        }
+        let relative = u32::try_from(offset.0 - segment.base_offset.0).ok()?;
+        let entries = segment.index.entries();
+        let indexed = entries.partition_point(|e| e.relative_offset < relative);
+        entries
+            .get(indexed)
+            .filter(|e| e.relative_offset == relative)
+            .map(|_| true)
     }
 
     /// The synchronous half of a read: checks the range and either answers from memory or

@@ -930,3 +930,125 @@ fn kept_buffers_count_with_the_memory_they_hold() {
         "ten small flushes hold ten staging buffers: the oldest are read from disk"
     );
 }
+
+#[test]
+fn batch_boundary_is_known_from_memory_bases_and_the_index_else_unknown() {
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    for tag in 0..120 {
+        log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    // Staged: every batch start is known, and every offset inside a batch.
+    assert_eq!(log.batch_boundary(Offset(0)), Some(true));
+    assert_eq!(log.batch_boundary(Offset(10)), Some(true));
+    assert_eq!(log.batch_boundary(Offset(11)), Some(false));
+    assert_eq!(log.batch_boundary(Offset(240)), Some(true), "the log end");
+    assert_eq!(
+        log.batch_boundary(Offset(241)),
+        Some(false),
+        "beyond the end"
+    );
+    block_on(log.flush()).expect("flush");
+    drop(log);
+    // After a restart nothing is in memory: segment bases and index entries are known, any
+    // other offset needs a read.
+    let (log, _) = open(&disk, small_config());
+    let bases = log.segment_bases();
+    assert!(bases.len() > 2);
+    for base in &bases {
+        assert_eq!(log.batch_boundary(*base), Some(true));
+    }
+    let inside = bases[1].plus(1);
+    assert_eq!(log.batch_boundary(inside), None);
+    assert_eq!(log.batch_boundary(Offset(240)), Some(true));
+    assert_eq!(log.batch_boundary(Offset(300)), Some(false));
+}
+
+#[test]
+fn reset_restarts_the_log_empty_at_a_start_and_survives_a_crash() {
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    for tag in 0..60 {
+        log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    block_on(log.flush()).expect("flush");
+    // Staged data is dropped with the rest.
+    log.append(&mut make_batch(2, 900, 99, 0), EPOCH, 0)
+        .expect("append");
+    let start = Offset(1000);
+    block_on(log.reset(start, 0)).expect("reset");
+    assert_eq!(log.log_start_offset(), start);
+    assert_eq!(log.end_offset(), start);
+    assert_eq!(log.durable_offset(), start);
+    assert_eq!(log.segment_count(), 1);
+    assert!(read_all(&log).is_empty());
+    // Crash right after the reset: the log reopens empty at `start`.
+    disk.crash(CrashMode::LoseUnsynced);
+    drop(log);
+    let (mut log, report) = open(&disk, small_config());
+    assert!(report.corrupt.is_empty(), "{report:?}");
+    assert_eq!(
+        (log.log_start_offset(), log.end_offset()),
+        (start, start),
+        "{report:?}"
+    );
+    // Replicated batches continue at `start`.
+    for tag in 0..5u64 {
+        log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    block_on(log.flush()).expect("flush");
+    let expected = read_all(&log);
+    assert_eq!(expected[0].0, start);
+    drop(log);
+    disk.crash(CrashMode::LoseUnsynced);
+    let (log, _) = open(&disk, small_config());
+    assert_eq!(log.log_start_offset(), start);
+    assert_eq!(log.end_offset(), start.plus(10));
+    assert_same_batches(&read_all(&log), &expected);
+}
+
+#[test]
+fn interrupted_reset_yields_the_old_log_or_the_empty_one() {
+    // Fail each sync of the reset in turn (checkpoint, directory, checkpoint), then crash with
+    // random loss: recovery must see either the old log whole or the empty log at `start`.
+    let start = Offset(1000);
+    for fail_at in 1..5u64 {
+        let disk = MemDisk::new();
+        let (mut log, _) = open(&disk, small_config());
+        for tag in 0..60 {
+            log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+                .expect("append");
+        }
+        block_on(log.flush()).expect("flush");
+        let old = read_all(&log);
+        disk.fail_syncs_after(Some(fail_at));
+        let result = block_on(log.reset(start, 0));
+        disk.fail_syncs_after(None);
+        if result.is_err() {
+            assert!(log.poisoned().is_some(), "a failed reset poisons the log");
+        }
+        drop(log);
+        disk.crash(CrashMode::Random {
+            seed: fail_at,
+            tear_bytes: wharf_storage::mem_disk::SECTOR_BYTES,
+        });
+        let (log, report) = open(&disk, small_config());
+        assert!(report.corrupt.is_empty(), "fail_at {fail_at}: {report:?}");
+        let reset = (log.log_start_offset(), log.end_offset()) == (start, start);
+        assert!(
+            reset || (result.is_err() && log.log_start_offset() == Offset(0)),
+            "fail_at {fail_at}: [{}, {}) {result:?} {report:?}",
+            log.log_start_offset(),
+            log.end_offset()
+        );
+        if report.finished_reset || result.is_ok() {
+            assert!(reset, "fail_at {fail_at}: {report:?}");
+        }
+        if !reset {
+            assert_same_batches(&read_all(&log), &old);
+        }
+    }
+}
