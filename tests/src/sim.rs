@@ -88,6 +88,8 @@ pub struct SimReport {
     pub crashes: usize,
     pub leader_changes: usize,
     pub truncations: usize,
+    /// Follower logs emptied to restart at the leader's log start (`ResetLog`).
+    pub resets: usize,
     pub final_end_offset: u64,
 }
 
@@ -332,7 +334,8 @@ impl Sim {
             durable: log.durable_offset(),
             high_watermark: Offset::ZERO,
         };
-        let replica = Replica::new(config, state, epochs, now);
+        let replica = Replica::new(config, state, epochs, now)
+            .map_err(|e| format!("node {id}: cannot create the replica: {e}"))?;
         node.live = Some(Live {
             log,
             replica,
@@ -505,6 +508,14 @@ impl Sim {
                 self.report.truncations += 1;
                 self.trace(|| format!("broker {id} truncated to {to}"));
                 Some(Input::Truncated { end, durable })
+            }
+            Output::ResetLog { start } => {
+                let live = self.node(id).live.as_mut()?;
+                block_on(live.log.reset(start, now))
+                    .unwrap_or_else(|e| panic!("node {id}: reset to {start} failed: {e}"));
+                self.report.resets += 1;
+                self.trace(|| format!("broker {id} reset its log to start at {start}"));
+                Some(Input::LogReset { start })
             }
             Output::EpochHistoryChanged => {
                 let node = self.node(id);

@@ -62,10 +62,21 @@ impl PartitionError {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch: for what really is a timestamp (batch and
+/// segment times, retention by time), never for durations.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds on a monotonic clock (since the first call in this process): what the replica
+/// measures ISR lag, produce deadlines and fetch backoff with. The wall clock can jump (NTP,
+/// an operator): backwards, the replica's time stands still and deadlines stretch; forwards,
+/// every follower leaves the ISR and every waiter times out at once.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// The file (in the partition directory) that keeps the leader-epoch history.
@@ -115,6 +126,7 @@ fn produce_error(error: ProduceError) -> PartitionError {
         }
         ProduceError::InvalidAcks(..) => ErrorCode::InvalidRequest,
         ProduceError::Timeout { .. } => ErrorCode::RequestTimeout,
+        ProduceError::TooManyWaiters { .. } => ErrorCode::LimitReached,
     };
     PartitionError::new(code, error.to_string())
 }
@@ -208,6 +220,8 @@ pub struct Partition {
     /// The last fetch response's frame and its batches, CRC-checked on arrival.
     fetched: RefCell<Option<(FrameBuf, Vec<CheckedRange>)>>,
     fetcher: RefCell<Option<Task<()>>>,
+    /// Follower: the fetch offset the leader last reported corrupt (logged once per offset).
+    corrupt_fetch_logged: Cell<Option<Offset>>,
     this: RefCell<std::rc::Weak<Partition>>,
     wake_flusher: LocalSender<()>,
     closing: Cell<bool>,
@@ -301,8 +315,9 @@ impl Partition {
                 high_watermark: Offset::ZERO,
             },
             epochs,
-            now_ms(),
-        );
+            monotonic_ms(),
+        )
+        .map_err(|e| format!("{topic}/{index}: {e}"))?;
         let (wake_flusher, wake) = local_channel::new_bounded(1);
         let (wake_fetcher, fetcher_wake) = local_channel::new_bounded(1);
         let partition_metrics = PartitionMetrics::new(metrics, topic, index);
@@ -331,6 +346,7 @@ impl Partition {
             wake_fetcher,
             fetched: RefCell::new(None),
             fetcher: RefCell::new(None),
+            corrupt_fetch_logged: Cell::new(None),
             this: RefCell::new(std::rc::Weak::new()),
             wake_flusher,
             closing: Cell::new(false),
@@ -459,6 +475,15 @@ impl Partition {
                 .map_err(|e| format!("cannot start truncation: {e}"))?;
                 task.detach();
             }
+            Output::ResetLog { start } => {
+                let partition = self.self_rc();
+                let task = glommio::spawn_local_into(
+                    async move { partition.reset_log(start).await },
+                    self.replication.queue,
+                )
+                .map_err(|e| format!("cannot start the log reset: {e}"))?;
+                task.detach();
+            }
             Output::EpochHistoryChanged => {
                 let entries = self.replica.borrow().epochs().entries().to_vec();
                 store_epochs(&self.dir, &entries)?;
@@ -515,8 +540,43 @@ impl Partition {
         }
     }
 
+    /// Follower: the leader's log starts above this log's end, so nothing here can be continued:
+    /// empties the log durably (after the flushes in flight) and restarts it at `start`.
+    // The write side of `maintenance` keeps produce and reads out while the log is replaced.
+    #[allow(clippy::await_holding_refcell_ref)]
+    async fn reset_log(self: Rc<Self>, start: Offset) {
+        let Ok(_exclusive) = self.maintenance.write().await else {
+            return;
+        };
+        for _ in 0..10_000 {
+            if self.log.borrow().flushes_in_flight() == 0 {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let result = {
+            let mut log = self.log.borrow_mut();
+            log.reset(start, now_ms()).await
+        };
+        match result {
+            Ok(()) => {
+                tracing::warn!(topic = %self.topic, partition = self.index, %start, "the leader's log starts above this log's end: emptied the log to copy it again from the leader's log start");
+                self.metrics.end_offset.set(start.0 as i64);
+                self.metrics.log_start_offset.set(start.0 as i64);
+                if let Err(error) = self.step(Input::LogReset { start }) {
+                    tracing::error!(%error, "after the log reset");
+                }
+            }
+            Err(error) => {
+                tracing::error!(topic = %self.topic, partition = self.index, %error, "log reset failed; the partition stops replicating until restart");
+            }
+        }
+    }
+
     pub fn tick(&self) {
-        if let Err(error) = self.step(Input::Tick { now_ms: now_ms() }) {
+        if let Err(error) = self.step(Input::Tick {
+            now_ms: monotonic_ms(),
+        }) {
             tracing::error!(topic = %self.topic, partition = self.index, %error, "replica tick failed");
         }
         let replica = self.replica.borrow();
@@ -571,7 +631,7 @@ impl Partition {
             .step(Input::Produce {
                 waiter,
                 acks: ack_level(acks),
-                deadline_ms: now_ms().saturating_add(timeout_ms),
+                deadline_ms: monotonic_ms().saturating_add(timeout_ms),
             })
             .map_err(|e| PartitionError::new(ErrorCode::StorageError, e))?;
         let leader_epoch = match outputs.as_slice() {
@@ -726,7 +786,7 @@ impl Partition {
             diverging_end_offset: 0,
             batch_bytes: 0,
         };
-        let input = Input::FetchRequest(FetchRequest {
+        let fetch = FetchRequest {
             replica: request.replica_id,
             leader_epoch: Epoch(request.leader_epoch),
             fetch_id: request.fetch_id,
@@ -734,8 +794,18 @@ impl Partition {
             last_fetched_epoch: request.last_fetched_epoch.map(Epoch),
             durable_offset: Offset(request.durable_offset),
             may_wait: request.max_wait_ms > 0,
-        });
-        let outputs = match self.step(input) {
+        };
+        if let Some(offset) = self.offset_inside_a_batch(&fetch).await {
+            // Refused before the replica sees it: no progress, HW or ISR change.
+            response.leader_epoch = self.replica.borrow().leader_epoch().0;
+            response.error = ErrorCode::InvalidReplicaOffsets as u16;
+            response.message = format!(
+                "offset {offset} reported by replica {} does not start a batch here",
+                request.replica_id
+            );
+            return (response, None);
+        }
+        let outputs = match self.step(Input::FetchRequest(fetch)) {
             Ok(outputs) => outputs,
             Err(message) => {
                 response.error = ErrorCode::StorageError as u16;
@@ -758,8 +828,14 @@ impl Partition {
                         response.diverging_end_offset = end_offset.0;
                         ErrorCode::DivergingLog
                     }
-                    FetchError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+                    FetchError::OffsetOutOfRange { log_start, .. } => {
+                        // The follower starts again there (`ResetLog`).
+                        response.log_start_offset = log_start.0;
+                        ErrorCode::OffsetOutOfRange
+                    }
                     FetchError::UnknownReplica(_) => ErrorCode::InvalidRequest,
+                    FetchError::InvalidOffsets { .. } => ErrorCode::InvalidReplicaOffsets,
+                    FetchError::CorruptData { .. } => ErrorCode::CorruptData,
                 };
                 response.error = code as u16;
                 response.message = error.to_string();
@@ -792,6 +868,48 @@ impl Partition {
         response.log_start_offset = data.log_start_offset.0;
         response.batch_bytes = data.bytes as u32;
         (response, Some(data))
+    }
+
+    /// Leader: the first of a follower's reported offsets (fetch, then durable) that lies inside
+    /// one of this log's batches. The replica checks the offsets' order and range but does not
+    /// know batches; an offset inside a batch would let the HW (and consumers' reads, which
+    /// return whole batches below it) land inside a batch. Only fetches the replica would serve
+    /// are checked: a diverging follower's offsets mean nothing in this log.
+    async fn offset_inside_a_batch(&self, fetch: &FetchRequest) -> Option<Offset> {
+        if self.replica.borrow().validate_fetch(fetch).is_err() {
+            return None; // The replica answers it (rejects it) itself.
+        }
+        let offsets = [fetch.fetch_offset, fetch.durable_offset];
+        for (i, &offset) in offsets.iter().enumerate() {
+            if i > 0 && offset == offsets[0] {
+                continue;
+            }
+            let plan = {
+                let _guard = self.shared().await?;
+                let log = self.log.borrow();
+                if offset < log.log_start_offset() {
+                    // Durable data retention already deleted here: nothing to check against.
+                    continue;
+                }
+                match log.batch_boundary(offset) {
+                    Some(true) => continue,
+                    Some(false) => return Some(offset),
+                    None => log.plan_read(offset, 1),
+                }
+            };
+            // Only a read tells: the first batch it returns holds `offset`. A read that fails
+            // is left to the serving read to report.
+            let Ok(read) = (match plan {
+                Ok(plan) => plan.execute().await,
+                Err(error) => Err(error),
+            }) else {
+                continue;
+            };
+            if batch::decode_header(read.bytes()).is_ok_and(|h| h.base_offset != offset) {
+                return Some(offset);
+            }
+        }
+        None
     }
 
     /// Follower: sends the fetches the replica asks for, one at a time, to the leader's owning
@@ -880,6 +998,7 @@ impl Partition {
         let epoch = Epoch(response.leader_epoch);
         let reply = match ErrorCode::from_u16(response.error) {
             ErrorCode::None => {
+                self.corrupt_fetch_logged.set(None);
                 let payload = frame.payload();
                 let payload_start = frame.bytes.len() - payload.len();
                 let bytes = payload
@@ -924,6 +1043,25 @@ impl Partition {
                 requested: request.leader_epoch,
                 current: epoch,
             }),
+            ErrorCode::OffsetOutOfRange => FetchReply::Error(FetchError::OffsetOutOfRange {
+                requested: request.fetch_offset,
+                log_start: Offset(response.log_start_offset),
+            }),
+            ErrorCode::CorruptData => {
+                self.metrics.replica_fetch_corrupt.inc();
+                // Once per range: the replica retries slowly (CORRUPT_FETCH_BACKOFF_MS), and
+                // every retry fails the same way until the leader's copy is repaired.
+                if self
+                    .corrupt_fetch_logged
+                    .replace(Some(request.fetch_offset))
+                    != Some(request.fetch_offset)
+                {
+                    tracing::error!(topic = %self.topic, partition = self.index, leader, offset = %request.fetch_offset, message = %response.message, "the leader's copy of the data this follower needs is corrupt; retrying slowly until it is repaired");
+                }
+                FetchReply::Error(FetchError::CorruptData {
+                    offset: request.fetch_offset,
+                })
+            }
             code => {
                 tracing::debug!(topic = %self.topic, partition = self.index, code = code.name(), message = %response.message, "replica fetch refused");
                 FetchReply::Error(FetchError::NotLeader { epoch })
