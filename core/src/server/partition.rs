@@ -161,8 +161,8 @@ fn load_epochs(dir: &std::path::Path) -> Result<Option<Vec<(Epoch, Offset)>>, St
     Ok(Some(entries))
 }
 
-/// Writes the epoch history durably (temp file, fsync, rename, fsync the directory). Epochs
-/// change once per leader change, so this small synchronous write is rare.
+/// Writes the epoch history durably (temp file, fsync, rename, fsync the directory). Blocking:
+/// runs on glommio's blocking thread pool (`spawn_blocking`), never on the reactor.
 fn store_epochs(dir: &std::path::Path, entries: &[(Epoch, Offset)]) -> Result<(), String> {
     use std::io::Write;
     let path = dir.join(EPOCHS_FILE);
@@ -220,6 +220,12 @@ pub struct Partition {
     /// The last fetch response's frame and its batches, CRC-checked on arrival.
     fetched: RefCell<Option<(FrameBuf, Vec<CheckedRange>)>>,
     fetcher: RefCell<Option<Task<()>>>,
+    /// Epoch-history generations: asked for by the replica, and durable in the file.
+    epochs_wanted: Cell<u64>,
+    epochs_stored: Cell<u64>,
+    epochs_writing: Cell<bool>,
+    epochs_failed: RefCell<Option<String>>,
+    epochs_waiters: RefCell<Vec<oneshot::Sender<()>>>,
     /// Follower: the fetch offset the leader last reported corrupt (logged once per offset).
     corrupt_fetch_logged: Cell<Option<Offset>>,
     this: RefCell<std::rc::Weak<Partition>>,
@@ -346,6 +352,11 @@ impl Partition {
             wake_fetcher,
             fetched: RefCell::new(None),
             fetcher: RefCell::new(None),
+            epochs_wanted: Cell::new(0),
+            epochs_stored: Cell::new(0),
+            epochs_writing: Cell::new(false),
+            epochs_failed: RefCell::new(None),
+            epochs_waiters: RefCell::new(Vec::new()),
             corrupt_fetch_logged: Cell::new(None),
             this: RefCell::new(std::rc::Weak::new()),
             wake_flusher,
@@ -484,10 +495,7 @@ impl Partition {
                 .map_err(|e| format!("cannot start the log reset: {e}"))?;
                 task.detach();
             }
-            Output::EpochHistoryChanged => {
-                let entries = self.replica.borrow().epochs().entries().to_vec();
-                store_epochs(&self.dir, &entries)?;
-            }
+            Output::EpochHistoryChanged => self.persist_epochs()?,
             Output::HighWatermark(offset) => self.advance_high_watermark(offset),
             Output::IsrChanged(isr) => {
                 let replicas = self.replicas.len().max(1);
@@ -501,6 +509,75 @@ impl Partition {
         Ok(None)
     }
 
+    /// Starts writing the epoch history (or makes the write in progress run once more). Until
+    /// the file holds it, no flush begins (`epochs_durable`): data of an epoch the file lacks
+    /// must never become durable, or a restart would reuse that epoch (the leader starts at the
+    /// file's latest + 1) for other data. Staged data is not on disk, so appends may go on.
+    fn persist_epochs(&self) -> Result<(), String> {
+        self.epochs_wanted.set(self.epochs_wanted.get() + 1);
+        if self.epochs_writing.replace(true) {
+            return Ok(()); // The running writer sees the new generation.
+        }
+        let partition = self.self_rc();
+        glommio::spawn_local_into(partition.write_epochs(), self.replication.queue)
+            .map_err(|e| format!("cannot start writing the epoch history: {e}"))?
+            .detach();
+        Ok(())
+    }
+
+    /// Writes the epoch history until the file holds the latest generation, one write at a
+    /// time (so an older history never replaces a newer one).
+    async fn write_epochs(self: Rc<Self>) {
+        loop {
+            let wanted = self.epochs_wanted.get();
+            if self.epochs_stored.get() >= wanted {
+                break;
+            }
+            // Taken now: at least as new as generation `wanted`.
+            let entries = self.replica.borrow().epochs().entries().to_vec();
+            let dir = self.dir.clone();
+            let stored = glommio::executor()
+                .spawn_blocking(move || store_epochs(&dir, &entries))
+                .await;
+            match stored {
+                Ok(()) => self.epochs_stored.set(wanted),
+                Err(error) => {
+                    tracing::error!(topic = %self.topic, partition = self.index, %error, "cannot write the epoch history; the partition flushes nothing until restart");
+                    *self.epochs_failed.borrow_mut() = Some(error.clone());
+                    self.fail_waiters(PartitionError::new(ErrorCode::StorageError, error));
+                    break;
+                }
+            }
+        }
+        self.epochs_writing.set(false);
+        for waiter in self.epochs_waiters.borrow_mut().drain(..) {
+            let _ = waiter.send(());
+        }
+        let _ = self.wake_flusher.try_send(());
+    }
+
+    /// Whether the epoch history file holds the replica's current history.
+    fn epochs_durable(&self) -> bool {
+        self.epochs_stored.get() >= self.epochs_wanted.get()
+    }
+
+    /// Waits until the epoch history file is current; false if writing it failed.
+    async fn wait_epochs_durable(&self) -> bool {
+        while !self.epochs_durable() {
+            if self.epochs_failed.borrow().is_some() {
+                return false;
+            }
+            let woken = park(&self.epochs_waiters);
+            if self.epochs_writing.get() {
+                let _ = woken.await;
+            } else {
+                // Unreachable (a wanted generation always has a writer), but never hang here.
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        true
+    }
+
     fn self_rc(&self) -> Rc<Partition> {
         self.this
             .borrow()
@@ -512,6 +589,10 @@ impl Partition {
     // The write side of `maintenance` keeps produce and reads out while the log is cut.
     #[allow(clippy::await_holding_refcell_ref)]
     async fn truncate(self: Rc<Self>, to: Offset) {
+        // Truncation flushes what is staged below the cut: its epochs must be in the file.
+        if !self.wait_epochs_durable().await {
+            return;
+        }
         let Ok(_exclusive) = self.maintenance.write().await else {
             return;
         };
@@ -602,6 +683,12 @@ impl Partition {
             return Err(PartitionError::new(
                 ErrorCode::ShuttingDown,
                 "broker is shutting down",
+            ));
+        }
+        if let Some(error) = self.epochs_failed.borrow().as_ref() {
+            return Err(PartitionError::new(
+                ErrorCode::StorageError,
+                format!("the epoch history could not be written ({error}); restart to recover"),
             ));
         }
         // Check every batch before appending any, so a bad one changes nothing.
@@ -1273,6 +1360,9 @@ impl Partition {
             let closing = self.closing.get();
             while in_flight.len() < FLUSHES_IN_FLIGHT_MAX {
                 let now = now_ms();
+                if !self.epochs_durable() {
+                    break; // `write_epochs` wakes this loop when the file is current.
+                }
                 let job = {
                     let mut log = self.log.borrow_mut();
                     if log.poisoned().is_some()
@@ -1352,6 +1442,9 @@ impl Partition {
     }
 
     async fn flush_now(&self, queue: TaskQueueHandle) {
+        if !self.wait_epochs_durable().await {
+            return;
+        }
         let begun = self.log.borrow_mut().begin_flush();
         let job = match begun {
             Ok(Some(job)) => job,
