@@ -1,12 +1,15 @@
 //! The driver of one partition on its owning shard: appends, group-commit flushing,
 //! durable-ack waiters, long-poll wake-ups, reads below the high watermark, retention.
 //!
-//! The log sits in a `RefCell` and is only borrowed synchronously (plan a read, append, begin
-//! or complete a flush), never across an await — except by retention, which first takes the
-//! write side of `maintenance`; every other path takes its read side (uncontended: a
-//! synchronous `try_read`).
+//! The log sits in a [`LogSlot`] and is only borrowed synchronously (plan a read, append, begin
+//! or complete a flush), never across an await (`clippy::await_holding_refcell_ref` is denied
+//! in the workspace). Maintenance (truncation, reset, retention) needs the log across awaits:
+//! it takes the write side of `maintenance`, then takes the log out of its slot and puts it
+//! back when done. Paths that change or read the log take the read side first (uncontended: a
+//! synchronous `try_read`), so they never see the slot empty; the few synchronous paths that
+//! cannot wait (the flusher, describe) find it empty and skip, instead of panicking on a borrow.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, Ref, RefCell, RefMut};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -181,6 +184,61 @@ fn store_epochs(dir: &std::path::Path, entries: &[(Epoch, Offset)]) -> Result<()
     write().map_err(|e| format!("write {}: {e}", path.display()))
 }
 
+/// The partition's log, or nothing while a maintenance operation holds it (see the module
+/// docs). Borrows of the slot are synchronous; the taken log is owned by the maintenance task.
+struct LogSlot(RefCell<Option<PartitionLog<DmaDisk>>>);
+
+impl LogSlot {
+    fn get(&self) -> Option<Ref<'_, PartitionLog<DmaDisk>>> {
+        Ref::filter_map(self.0.borrow(), Option::as_ref).ok()
+    }
+
+    fn get_mut(&self) -> Option<RefMut<'_, PartitionLog<DmaDisk>>> {
+        RefMut::filter_map(self.0.borrow_mut(), Option::as_mut).ok()
+    }
+
+    /// Takes the log out until the returned guard drops (also when its task is cancelled).
+    fn take(&self) -> Option<TakenLog<'_>> {
+        let log = self.0.borrow_mut().take()?;
+        Some(TakenLog {
+            slot: self,
+            log: Some(log),
+        })
+    }
+}
+
+/// The log taken out of its slot by a maintenance operation; put back on drop.
+struct TakenLog<'a> {
+    slot: &'a LogSlot,
+    log: Option<PartitionLog<DmaDisk>>,
+}
+
+impl std::ops::Deref for TakenLog<'_> {
+    type Target = PartitionLog<DmaDisk>;
+    fn deref(&self) -> &Self::Target {
+        self.log.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for TakenLog<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.log.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for TakenLog<'_> {
+    fn drop(&mut self) {
+        *self.slot.0.borrow_mut() = self.log.take();
+    }
+}
+
+fn log_busy() -> PartitionError {
+    PartitionError::new(
+        ErrorCode::PartitionUnavailable,
+        "the log is under maintenance (truncation, reset or retention); retry",
+    )
+}
+
 /// Bytes to serve from one partition: whole batches below the high watermark.
 pub struct FetchData {
     pub high_watermark: Offset,
@@ -203,7 +261,7 @@ pub struct Partition {
     pub replicas: Vec<u32>,
     dir: std::path::PathBuf,
     log_config: LogConfig,
-    log: RefCell<PartitionLog<DmaDisk>>,
+    log: LogSlot,
     maintenance: RwLock<()>,
     high_watermark: Cell<Offset>,
     replica: RefCell<Replica>,
@@ -240,7 +298,10 @@ pub struct Partition {
 impl Partition {
     /// Opens (recovering) the log in `dir`, starts its flusher on `queue` and takes up its role:
     /// the first replica leads (with a new epoch each time it starts), the others follow it.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site (the shard); the arguments are the partition's identity and its shard's services"
+    )]
     pub async fn open(
         dir: std::path::PathBuf,
         topic: &str,
@@ -339,7 +400,7 @@ impl Partition {
             replicas,
             dir,
             log_config,
-            log: RefCell::new(log),
+            log: LogSlot(RefCell::new(Some(log))),
             maintenance: RwLock::new(()),
             high_watermark: Cell::new(Offset::ZERO),
             replica: RefCell::new(replica),
@@ -455,7 +516,10 @@ impl Partition {
                     return Err("AppendFetched without fetched batches".to_string());
                 };
                 let now = now_ms();
-                let mut log = self.log.borrow_mut();
+                // `fetch_once` holds the read side of `maintenance` while it steps the reply.
+                let Some(mut log) = self.log.get_mut() else {
+                    return Err("AppendFetched while the log is under maintenance".to_string());
+                };
                 for (range, verified) in ranges.into_iter().take(count) {
                     let batch = &mut frame[range];
                     if let Err(error) =
@@ -585,9 +649,23 @@ impl Partition {
             .expect("a partition in use is alive")
     }
 
+    /// Under the write side of `maintenance`: waits until no flush is in flight (the flusher
+    /// begins none meanwhile: nothing new is appended, and it skips while the log is out), then
+    /// takes the log out of its slot. `None` when closing.
+    async fn take_quiet_log(&self) -> Option<TakenLog<'_>> {
+        loop {
+            if self.closing.get() {
+                return None;
+            }
+            let quiet = self.log.get()?.flushes_in_flight() == 0;
+            if quiet {
+                return self.log.take();
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Follower: drops a divergent suffix (after the flushes in flight), then fetches again.
-    // The write side of `maintenance` keeps produce and reads out while the log is cut.
-    #[allow(clippy::await_holding_refcell_ref)]
     async fn truncate(self: Rc<Self>, to: Offset) {
         // Truncation flushes what is staged below the cut: its epochs must be in the file.
         if !self.wait_epochs_durable().await {
@@ -596,17 +674,12 @@ impl Partition {
         let Ok(_exclusive) = self.maintenance.write().await else {
             return;
         };
-        for _ in 0..10_000 {
-            if self.log.borrow().flushes_in_flight() == 0 {
-                break;
-            }
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
-        let result = {
-            let mut log = self.log.borrow_mut();
-            let result = log.truncate_suffix(to).await;
-            (result, (log.end_offset(), log.durable_offset()))
+        let Some(mut log) = self.take_quiet_log().await else {
+            return;
         };
+        let result = log.truncate_suffix(to).await;
+        let result = (result, (log.end_offset(), log.durable_offset()));
+        drop(log);
         match result {
             (Ok(()), (end, durable)) => {
                 tracing::warn!(topic = %self.topic, partition = self.index, %to, "truncated a divergent suffix");
@@ -623,22 +696,15 @@ impl Partition {
 
     /// Follower: the leader's log starts above this log's end, so nothing here can be continued:
     /// empties the log durably (after the flushes in flight) and restarts it at `start`.
-    // The write side of `maintenance` keeps produce and reads out while the log is replaced.
-    #[allow(clippy::await_holding_refcell_ref)]
     async fn reset_log(self: Rc<Self>, start: Offset) {
         let Ok(_exclusive) = self.maintenance.write().await else {
             return;
         };
-        for _ in 0..10_000 {
-            if self.log.borrow().flushes_in_flight() == 0 {
-                break;
-            }
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
-        let result = {
-            let mut log = self.log.borrow_mut();
-            log.reset(start, now_ms()).await
+        let Some(mut log) = self.take_quiet_log().await else {
+            return;
         };
+        let result = log.reset(start, now_ms()).await;
+        drop(log);
         match result {
             Ok(()) => {
                 tracing::warn!(topic = %self.topic, partition = self.index, %start, "the leader's log starts above this log's end: emptied the log to copy it again from the leader's log start");
@@ -778,7 +844,7 @@ impl Partition {
         bounds: Vec<CheckedRange>,
         leader_epoch: Epoch,
     ) -> Result<(Offset, Offset, Offset), PartitionError> {
-        let mut log = self.log.borrow_mut();
+        let mut log = self.log.get_mut().ok_or_else(log_busy)?;
         if let Some(reason) = log.poisoned() {
             return Err(PartitionError::new(
                 ErrorCode::StorageError,
@@ -932,7 +998,8 @@ impl Partition {
         };
         let wait_ms = u64::from(request.max_wait_ms).min(wait_ms_max);
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
-        if self.log.borrow().end_offset() <= from && !self.closing.get() {
+        let nothing_new = self.log.get().is_some_and(|log| log.end_offset() <= from);
+        if nothing_new && !self.closing.get() {
             let woken = park(&self.append_waiters);
             let remaining = deadline.saturating_duration_since(Instant::now());
             let _ = glommio::timer::timeout(remaining, async {
@@ -973,7 +1040,7 @@ impl Partition {
             }
             let plan = {
                 let _guard = self.shared().await?;
-                let log = self.log.borrow();
+                let log = self.log.get()?;
                 if offset < log.log_start_offset() {
                     // Durable data retention already deleted here: nothing to check against.
                     continue;
@@ -1154,6 +1221,11 @@ impl Partition {
                 FetchReply::Error(FetchError::NotLeader { epoch })
             }
         };
+        // The reply may be appended (`AppendFetched`, synchronously in this step): keep
+        // maintenance out while it is.
+        let Some(_guard) = self.shared().await else {
+            return Err("partition closed".to_string());
+        };
         self.step(Input::FetchReply {
             fetch_id: request.fetch_id,
             leader_epoch: epoch,
@@ -1209,7 +1281,7 @@ impl Partition {
                         "partition closed",
                     ));
                 };
-                let log = self.log.borrow();
+                let log = self.log.get().ok_or_else(log_busy)?;
                 let log_start = log.log_start_offset();
                 let end = log.end_offset();
                 let high_watermark = limit.unwrap_or(end);
@@ -1251,9 +1323,20 @@ impl Partition {
         ))
     }
 
+    async fn log_start(&self) -> Result<Offset, PartitionError> {
+        let Some(_guard) = self.shared().await else {
+            return Err(PartitionError::new(
+                ErrorCode::PartitionUnavailable,
+                "partition closed",
+            ));
+        };
+        let log = self.log.get().ok_or_else(log_busy)?;
+        Ok(log.log_start_offset())
+    }
+
     pub async fn list_offset(&self, spec: OffsetSpec) -> Result<Offset, PartitionError> {
         match spec {
-            OffsetSpec::Earliest => Ok(self.log.borrow().log_start_offset()),
+            OffsetSpec::Earliest => self.log_start().await,
             OffsetSpec::Latest => Ok(self.high_watermark.get()),
             OffsetSpec::Timestamp(timestamp_ms) => self.offset_for_timestamp(timestamp_ms).await,
         }
@@ -1262,7 +1345,7 @@ impl Partition {
     /// Scans batch headers from the log start (no time index yet) for the first record at or
     /// after `timestamp_ms`; the high watermark when there is none.
     async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Offset, PartitionError> {
-        let mut at = self.log.borrow().log_start_offset();
+        let mut at = self.log_start().await?;
         loop {
             let data = self.read(at, TIMESTAMP_SCAN_BYTES).await?;
             let bytes = data.slice();
@@ -1290,9 +1373,9 @@ impl Partition {
     }
 
     pub fn describe(&self) -> PartitionDescription {
-        let log = self.log.try_borrow();
+        let log = self.log.get();
         let (log_start, end, error) = match &log {
-            Ok(log) => (
+            Some(log) => (
                 log.log_start_offset().0,
                 log.end_offset().0,
                 if log.poisoned().is_some() {
@@ -1301,8 +1384,8 @@ impl Partition {
                     0
                 },
             ),
-            // Retention is running: report what the metrics last saw.
-            Err(_) => (
+            // Maintenance is running: report what the metrics last saw.
+            None => (
                 self.metrics.log_start_offset.get() as u64,
                 self.metrics.end_offset.get() as u64,
                 0,
@@ -1364,7 +1447,10 @@ impl Partition {
                     break; // `write_epochs` wakes this loop when the file is current.
                 }
                 let job = {
-                    let mut log = self.log.borrow_mut();
+                    // Out of its slot while maintenance runs: nothing to flush meanwhile.
+                    let Some(mut log) = self.log.get_mut() else {
+                        break;
+                    };
                     if log.poisoned().is_some()
                         || !(closing || log.staged_bytes() > 0 && log.flush_due(last_flush_ms, now))
                     {
@@ -1414,7 +1500,7 @@ impl Partition {
                 self.apply_retention().await;
             }
             let wait_ms = match self.config.flush {
-                FlushMode::Interval if self.log.borrow().staged_bytes() > 0 => self
+                FlushMode::Interval if self.staged_bytes() > 0 => self
                     .config
                     .flush_interval_ms
                     .saturating_sub(now_ms().saturating_sub(last_flush_ms))
@@ -1425,27 +1511,39 @@ impl Partition {
                 Ok(wake.recv().await)
             })
             .await;
-            if woken.is_err() && flushed_since_checkpoint && self.log.borrow().staged_bytes() == 0 {
+            if woken.is_err() && flushed_since_checkpoint && self.staged_bytes() == 0 {
                 // Idle: make the checkpoint current so recovery knows the whole log is
                 // acknowledged data (see storage/README.md).
-                self.log.borrow_mut().request_checkpoint();
-                flushed_since_checkpoint = false;
+                if let Some(mut log) = self.log.get_mut() {
+                    log.request_checkpoint();
+                    flushed_since_checkpoint = false;
+                }
                 self.flush_now(queue).await;
             }
         }
         // Closing: everything staged was flushed above; write a current checkpoint (twice, as
         // `PartitionLog::close` does: the second also covers index files sealed by the first).
         for _ in 0..2 {
-            self.log.borrow_mut().request_checkpoint();
+            if let Some(mut log) = self.log.get_mut() {
+                log.request_checkpoint();
+            }
             self.flush_now(queue).await;
         }
+    }
+
+    /// Bytes appended and not yet handed to a flush (0 while maintenance holds the log).
+    fn staged_bytes(&self) -> usize {
+        self.log.get().map_or(0, |log| log.staged_bytes())
     }
 
     async fn flush_now(&self, queue: TaskQueueHandle) {
         if !self.wait_epochs_durable().await {
             return;
         }
-        let begun = self.log.borrow_mut().begin_flush();
+        let begun = match self.log.get_mut() {
+            Some(mut log) => log.begin_flush(),
+            None => return,
+        };
         let job = match begun {
             Ok(Some(job)) => job,
             Ok(None) | Err(_) => return,
@@ -1462,7 +1560,15 @@ impl Partition {
 
     fn complete(&self, outcome: FlushOutcome, started: Instant) {
         self.flush_latency.observe(started.elapsed().as_secs_f64());
-        let result = self.log.borrow_mut().complete_flush(outcome);
+        // Maintenance takes the log only with no flush in flight, so it is here.
+        let Some(result) = self
+            .log
+            .get_mut()
+            .map(|mut log| log.complete_flush(outcome))
+        else {
+            tracing::error!(topic = %self.topic, partition = self.index, "a flush completed while maintenance held the log");
+            return;
+        };
         match result {
             Ok(durable) => self.on_durable(durable),
             Err(error) => {
@@ -1475,21 +1581,20 @@ impl Partition {
         }
     }
 
-    // The write side of `maintenance` keeps every other user of the log out while this borrow
-    // spans awaits (they all take the read side first).
-    #[allow(clippy::await_holding_refcell_ref)]
+    /// Runs from the flusher between flushes, so no flush is in flight; the log is taken out
+    /// of its slot under the write side of `maintenance`.
     async fn apply_retention(&self) {
         let Ok(_exclusive) = self.maintenance.write().await else {
             return;
         };
-        let result = {
-            let mut log = self.log.borrow_mut();
-            let result = log.apply_retention(now_ms()).await;
-            self.metrics
-                .log_start_offset
-                .set(log.log_start_offset().0 as i64);
-            result
+        let Some(mut log) = self.take_quiet_log().await else {
+            return;
         };
+        let result = log.apply_retention(now_ms()).await;
+        self.metrics
+            .log_start_offset
+            .set(log.log_start_offset().0 as i64);
+        drop(log);
         match result {
             Ok(0) => {}
             Ok(deleted) => {
