@@ -328,7 +328,7 @@ pub fn index_file_name(base_offset: Offset) -> String {
 
 pub use crate::flush::{FlushJob, FlushOutcome};
 use crate::flush::{SegmentCreate, SegmentWrite};
-pub use crate::read::{DiskRead, LogRead, ReadPlan};
+pub use crate::read::{BoundaryCheck, DiskRead, LogRead, ReadPlan};
 
 /// Flushes that may be in flight at once: one syncing while the next one writes.
 pub const FLUSHES_IN_FLIGHT_MAX: usize = 2;

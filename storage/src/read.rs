@@ -114,7 +114,54 @@ fn check_contiguous(bytes: &[u8], from: Offset) -> Result<(), ReadError> {
     Ok(())
 }
 
+/// Whether a batch starts at an offset: known from memory, or the read that tells.
+pub enum BoundaryCheck<F: DiskFile> {
+    Known(bool),
+    /// Read the batch holding the offset: a batch starts there exactly when it starts there.
+    Read {
+        offset: Offset,
+        plan: ReadPlan<F>,
+    },
+}
+
+impl<F: DiskFile> BoundaryCheck<F> {
+    /// Resolves the check, reading if needed (without the log borrowed). `None` when the
+    /// batch cannot be read yet (in a flush in flight whose buffers are not kept: see
+    /// `LogConfig::recent_bytes_max`).
+    pub async fn resolve(self) -> Result<Option<bool>, ReadError> {
+        match self {
+            BoundaryCheck::Known(known) => Ok(Some(known)),
+            BoundaryCheck::Read { offset, plan } => {
+                let read = plan.execute().await?;
+                if read.bytes().is_empty() {
+                    return Ok(None);
+                }
+                match batch::decode_header(read.bytes()) {
+                    Ok(header) => Ok(Some(header.base_offset == offset)),
+                    Err(error) => Err(ReadError::Corrupt {
+                        from: offset,
+                        to: offset.plus(1),
+                        detail: error.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+}
+
 impl<D: Disk> PartitionLog<D> {
+    /// The synchronous half of "does a batch start at `offset`?": [`PartitionLog::batch_boundary`]
+    /// when memory tells, else the read to perform ([`BoundaryCheck::resolve`]).
+    pub fn plan_boundary_check(&self, offset: Offset) -> Result<BoundaryCheck<D::File>, ReadError> {
+        match self.batch_boundary(offset) {
+            Some(known) => Ok(BoundaryCheck::Known(known)),
+            None => Ok(BoundaryCheck::Read {
+                offset,
+                plan: self.plan_read(offset, 1)?,
+            }),
+        }
+    }
+
     /// Reads whole batches starting with the one holding `from`, up to about `max_bytes` (at
     /// least one batch, so a consumer always progresses). The newest data comes from memory:
     /// staged batches, and those in flushes in flight or flushed recently while their buffers are

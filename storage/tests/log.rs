@@ -961,6 +961,15 @@ fn batch_boundary_is_known_from_memory_bases_and_the_index_else_unknown() {
     }
     let inside = bases[1].plus(1);
     assert_eq!(log.batch_boundary(inside), None);
+    // The read resolves it: offset `inside` lies in the batch starting at `bases[1]`.
+    let check = log.plan_boundary_check(inside).expect("in range");
+    assert_eq!(block_on(check.resolve()).expect("read"), Some(false));
+    let next_batch = bases[1].plus(2);
+    let check = log.plan_boundary_check(next_batch).expect("in range");
+    assert_eq!(block_on(check.resolve()).expect("read"), Some(true));
+    assert!(log
+        .plan_boundary_check(Offset(300))
+        .is_ok_and(|c| matches!(c, wharf_storage::log::BoundaryCheck::Known(false))));
     assert_eq!(log.batch_boundary(Offset(240)), Some(true));
     assert_eq!(log.batch_boundary(Offset(300)), Some(false));
 }

@@ -1038,28 +1038,21 @@ impl Partition {
             if i > 0 && offset == offsets[0] {
                 continue;
             }
-            let plan = {
+            let check = {
                 let _guard = self.shared().await?;
                 let log = self.log.get()?;
                 if offset < log.log_start_offset() {
                     // Durable data retention already deleted here: nothing to check against.
                     continue;
                 }
-                match log.batch_boundary(offset) {
-                    Some(true) => continue,
-                    Some(false) => return Some(offset),
-                    None => log.plan_read(offset, 1),
-                }
+                log.plan_boundary_check(offset)
             };
-            // Only a read tells: the first batch it returns holds `offset`. A read that fails
-            // is left to the serving read to report.
-            let Ok(read) = (match plan {
-                Ok(plan) => plan.execute().await,
+            // A read that fails, or cannot tell yet, is left to the serving read to report.
+            let resolved = match check {
+                Ok(check) => check.resolve().await,
                 Err(error) => Err(error),
-            }) else {
-                continue;
             };
-            if batch::decode_header(read.bytes()).is_ok_and(|h| h.base_offset != offset) {
+            if let Ok(Some(false)) = resolved {
                 return Some(offset);
             }
         }
