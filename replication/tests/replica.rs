@@ -1232,3 +1232,31 @@ fn corrupt_data_at_the_leader_backs_off_slowly() {
         "{out:?}"
     );
 }
+
+/// A restarted leader starts from the high watermark it stored (the driver passes it in
+/// `LogState`), clamped to what it holds durably, and keeps it while the followers have not
+/// fetched in its new epoch: ListOffsets and describe see committed data at once.
+#[test]
+fn a_restarted_leader_starts_from_its_stored_high_watermark() {
+    let start = |stored: u64| {
+        let log = LogState {
+            log_start: Offset(0),
+            end: Offset(20),
+            durable: Offset(15),
+            high_watermark: Offset(stored),
+        };
+        let history = EpochHistory::new(vec![(Epoch(1), Offset(0))], log.end).expect("history");
+        let mut r = Replica::new(config(1), log, history, 0).expect("replica");
+        step(
+            &mut r,
+            Input::BecomeLeader {
+                epoch: Epoch(2),
+                isr: vec![1, 2, 3],
+            },
+        );
+        r.high_watermark()
+    };
+    assert_eq!(start(12), Offset(12));
+    // Never above what this replica holds durably.
+    assert_eq!(start(30), Offset(15));
+}

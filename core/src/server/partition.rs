@@ -30,12 +30,15 @@ use wharf_storage::{AppendMode, Epoch, LogConfig, Offset, PartitionLog};
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::metrics::{Metrics, PartitionMetrics};
+
+mod files;
 use crate::config::{FlushMode, TopicConfig};
 use crate::dma_disk::DmaDisk;
 use crate::protocol::{
     Acks, ErrorCode, FrameBuf, OffsetSpec, PartitionDescription, ReplicaFetchRequest,
     ReplicaFetchResponse,
 };
+use files::{load_epochs, load_high_watermark, store_epochs, store_high_watermark};
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
@@ -46,6 +49,10 @@ type CheckedRange = (std::ops::Range<usize>, BodyVerified);
 const IDLE_CHECKPOINT_MS: u64 = 1000;
 /// Reads retried after racing retention before giving up.
 const READ_RETRIES_MAX: usize = 3;
+/// How often a leader stores a high watermark that moved (`files::HIGH_WATERMARK_FILE`): a
+/// restarted leader starts from it, so ListOffsets and describe report committed data at once.
+/// An older value is always safe, so this only bounds how far behind it can be.
+const HIGH_WATERMARK_STORE_INTERVAL_MS: u64 = 5_000;
 /// Bytes scanned per step of a timestamp lookup.
 const TIMESTAMP_SCAN_BYTES: usize = 1024 * 1024;
 
@@ -81,9 +88,6 @@ pub fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
-
-/// The file (in the partition directory) that keeps the leader-epoch history.
-const EPOCHS_FILE: &str = "leader-epochs";
 
 /// How this broker takes part in replicating the partition.
 #[derive(Clone)]
@@ -142,46 +146,6 @@ pub fn ack_level(acks: Acks) -> AckLevel {
         Acks::All => AckLevel::All,
         Acks::Replicas(n) => AckLevel::Replicas(n),
     }
-}
-
-fn load_epochs(dir: &std::path::Path) -> Result<Option<Vec<(Epoch, Offset)>>, String> {
-    let path = dir.join(EPOCHS_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("read {}: {e}", path.display())),
-    };
-    let mut entries = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut fields = line.split_whitespace().map(str::parse::<u64>);
-        match (fields.next(), fields.next(), fields.next()) {
-            (Some(Ok(epoch)), Some(Ok(start)), None) if epoch <= u64::from(u32::MAX) => {
-                entries.push((Epoch(epoch as u32), Offset(start)));
-            }
-            _ => return Err(format!("{}: malformed line {line:?}", path.display())),
-        }
-    }
-    Ok(Some(entries))
-}
-
-/// Writes the epoch history durably (temp file, fsync, rename, fsync the directory). Blocking:
-/// runs on glommio's blocking thread pool (`spawn_blocking`), never on the reactor.
-fn store_epochs(dir: &std::path::Path, entries: &[(Epoch, Offset)]) -> Result<(), String> {
-    use std::io::Write;
-    let path = dir.join(EPOCHS_FILE);
-    let temp = dir.join(format!("{EPOCHS_FILE}.tmp"));
-    let text: String = entries
-        .iter()
-        .map(|(epoch, start)| format!("{epoch} {start}\n"))
-        .collect();
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_data()?;
-        std::fs::rename(&temp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// The partition's log, or nothing while a maintenance operation holds it (see the module
@@ -284,6 +248,10 @@ pub struct Partition {
     epochs_writing: Cell<bool>,
     epochs_failed: RefCell<Option<String>>,
     epochs_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Leader: the high watermark last stored, when, and whether a store is running.
+    hw_stored: Cell<Offset>,
+    hw_stored_at_ms: Cell<u64>,
+    hw_storing: Cell<bool>,
     /// Follower: the fetch offset the leader last reported corrupt (logged once per offset).
     corrupt_fetch_logged: Cell<Option<Offset>>,
     this: RefCell<std::rc::Weak<Partition>>,
@@ -345,7 +313,21 @@ impl Partition {
                     .map_err(|e| format!("{topic}/{index}: cannot drop the corrupt suffix: {e}"))?;
             }
         }
-        let entries = match load_epochs(&dir)? {
+        let files_dir = dir.clone();
+        let (entries, stored_high_watermark) = glommio::executor()
+            .spawn_blocking(move || (load_epochs(&files_dir), load_high_watermark(&files_dir)))
+            .await;
+        let stored_high_watermark = match stored_high_watermark {
+            // Only a leader uses it: it computed it itself, from what a quorum held durably, and
+            // a leader never truncates. A follower learns the HW from its leader.
+            Ok(high_watermark) if leader == me => high_watermark,
+            Ok(_) => Offset::ZERO,
+            Err(error) => {
+                tracing::warn!(topic, partition = index, %error, "ignoring the stored high watermark");
+                Offset::ZERO
+            }
+        };
+        let entries = match entries? {
             Some(entries) => entries,
             // Logs written before replication existed carry the metadata epoch.
             None if log.end_offset() > log.log_start_offset() => {
@@ -379,7 +361,9 @@ impl Partition {
                 log_start: log.log_start_offset(),
                 end,
                 durable,
-                high_watermark: Offset::ZERO,
+                // Clamped to [log start, durable] by the replica: consumers and ListOffsets see
+                // committed data at once instead of 0 until the followers fetch again.
+                high_watermark: stored_high_watermark,
             },
             epochs,
             monotonic_ms(),
@@ -389,6 +373,9 @@ impl Partition {
         let (wake_fetcher, fetcher_wake) = local_channel::new_bounded(1);
         let partition_metrics = PartitionMetrics::new(metrics, topic, index);
         partition_metrics.end_offset.set(end.0 as i64);
+        partition_metrics
+            .high_watermark
+            .set(replica.high_watermark().0 as i64);
         partition_metrics
             .log_start_offset
             .set(log.log_start_offset().0 as i64);
@@ -402,7 +389,7 @@ impl Partition {
             log_config,
             log: LogSlot(RefCell::new(Some(log))),
             maintenance: RwLock::new(()),
-            high_watermark: Cell::new(Offset::ZERO),
+            high_watermark: Cell::new(replica.high_watermark()),
             replica: RefCell::new(replica),
             replication,
             next_waiter: Cell::new(1),
@@ -419,6 +406,9 @@ impl Partition {
             epochs_failed: RefCell::new(None),
             epochs_waiters: RefCell::new(Vec::new()),
             corrupt_fetch_logged: Cell::new(None),
+            hw_stored: Cell::new(stored_high_watermark),
+            hw_stored_at_ms: Cell::new(0),
+            hw_storing: Cell::new(false),
             this: RefCell::new(std::rc::Weak::new()),
             wake_flusher,
             closing: Cell::new(false),
@@ -735,6 +725,55 @@ impl Partition {
             });
         self.metrics.follower_lag_offsets.set(lag_offsets as i64);
         self.metrics.follower_lag_ms.set(lag_ms as i64);
+        let is_leader = replica.is_leader();
+        drop(replica);
+        if is_leader {
+            self.maybe_store_high_watermark();
+        }
+    }
+
+    /// Leader: stores the high watermark if it moved and the last store is old enough.
+    fn maybe_store_high_watermark(&self) {
+        let high_watermark = self.high_watermark.get();
+        let now = monotonic_ms();
+        if self.hw_storing.get()
+            || high_watermark <= self.hw_stored.get()
+            || now.saturating_sub(self.hw_stored_at_ms.get()) < HIGH_WATERMARK_STORE_INTERVAL_MS
+        {
+            return;
+        }
+        self.hw_storing.set(true);
+        self.hw_stored_at_ms.set(now);
+        let partition = self.self_rc();
+        let spawned = glommio::spawn_local_into(
+            async move {
+                partition.store_high_watermark(high_watermark).await;
+                partition.hw_storing.set(false);
+            },
+            self.replication.queue,
+        );
+        match spawned {
+            Ok(task) => {
+                task.detach();
+            }
+            Err(error) => {
+                self.hw_storing.set(false);
+                tracing::warn!(topic = %self.topic, partition = self.index, %error, "cannot start storing the high watermark");
+            }
+        }
+    }
+
+    async fn store_high_watermark(&self, high_watermark: Offset) {
+        let dir = self.dir.clone();
+        let stored = glommio::executor()
+            .spawn_blocking(move || store_high_watermark(&dir, high_watermark))
+            .await;
+        match stored {
+            Ok(()) => self.hw_stored.set(self.hw_stored.get().max(high_watermark)),
+            Err(error) => {
+                tracing::warn!(topic = %self.topic, partition = self.index, %error, "cannot store the high watermark")
+            }
+        }
     }
 
     /// Validates and appends the batches in `payload` (all or none), returning the assigned
@@ -1425,6 +1464,10 @@ impl Partition {
             ErrorCode::ShuttingDown,
             "partition closed before the write was durable",
         ));
+        let high_watermark = self.high_watermark.get();
+        if self.replica.borrow().is_leader() && high_watermark > self.hw_stored.get() {
+            self.store_high_watermark(high_watermark).await;
+        }
     }
 
     async fn run_flusher(self: Rc<Self>, wake: LocalReceiver<()>, queue: TaskQueueHandle) {
