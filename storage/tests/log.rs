@@ -1022,9 +1022,11 @@ fn reset_restarts_the_log_empty_at_a_start_and_survives_a_crash() {
 #[test]
 fn interrupted_reset_yields_the_old_log_or_the_empty_one() {
     // Fail each sync of the reset in turn (checkpoint, directory, checkpoint), then crash with
-    // random loss: recovery must see either the old log whole or the empty log at `start`.
+    // random loss (each unsynced removal kept or lost): recovery must see either the old log
+    // whole or the empty log at `start`, never some segments without the others.
     let start = Offset(1000);
-    for fail_at in 1..5u64 {
+    for (fail_at, seed) in (1..5u64).flat_map(|f| (0..16u64).map(move |s| (f, s))) {
+        println!("fail_at {fail_at} seed {seed}");
         let disk = MemDisk::new();
         let (mut log, _) = open(&disk, small_config());
         for tag in 0..60 {
@@ -1041,7 +1043,7 @@ fn interrupted_reset_yields_the_old_log_or_the_empty_one() {
         }
         drop(log);
         disk.crash(CrashMode::Random {
-            seed: fail_at,
+            seed,
             tear_bytes: wharf_storage::mem_disk::SECTOR_BYTES,
         });
         let (log, report) = open(&disk, small_config());
@@ -1060,4 +1062,60 @@ fn interrupted_reset_yields_the_old_log_or_the_empty_one() {
             assert_same_batches(&read_all(&log), &old);
         }
     }
+}
+
+/// A crash in the middle of a reset: the `Resetting` checkpoint is durable and the first
+/// segment's removal too, the others not. Recovery must finish the reset (an empty log at its
+/// offset), not open the remaining segments as a log that starts at the second segment.
+#[test]
+fn recovery_finishes_a_reset_interrupted_after_some_removals() {
+    use wharf_storage::checkpoint::{Checkpoint, CheckpointState, CHECKPOINT_FILE_NAME};
+    use wharf_storage::disk::{Disk, DiskFile, PAGE_BYTES};
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    for tag in 0..120 {
+        log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    block_on(log.flush()).expect("flush");
+    let bases = log.segment_bases();
+    assert!(bases.len() >= 3, "{bases:?}");
+    drop(log);
+    // Newer than any checkpoint the log wrote (rolls write them), so recovery takes it.
+    let sequence = disk
+        .contents(CHECKPOINT_FILE_NAME)
+        .and_then(|bytes| Checkpoint::decode_file(&bytes))
+        .map_or(1, |c| c.sequence + 1);
+    let start = Offset(1000);
+    let resetting = Checkpoint {
+        sequence,
+        state: CheckpointState::Resetting,
+        segment_base: start,
+        position: 0,
+        next_offset: start,
+    };
+    block_on(async {
+        let file = disk.open(CHECKPOINT_FILE_NAME).await.expect("open");
+        let mut buffer = disk.alloc_buffer(PAGE_BYTES);
+        buffer.as_mut().copy_from_slice(&resetting.encode());
+        file.write_at(buffer, (resetting.slot() * PAGE_BYTES) as u64)
+            .await
+            .expect("write");
+        file.sync().await.expect("sync");
+        disk.remove(&segment_file_name(bases[0]))
+            .await
+            .expect("remove");
+        disk.sync_dir().await.expect("sync dir");
+    });
+    let (log, report) = open(&disk, small_config());
+    assert!(report.finished_reset, "{report:?}");
+    assert!(report.corrupt.is_empty(), "{report:?}");
+    assert_eq!((log.log_start_offset(), log.end_offset()), (start, start));
+    assert!(
+        disk.file_names()
+            .iter()
+            .all(|n| !n.ends_with(".log") && !n.ends_with(".index")),
+        "{:?}",
+        disk.file_names()
+    );
 }
