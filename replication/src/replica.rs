@@ -251,6 +251,9 @@ pub enum Input {
     /// Follower: the driver emptied the log as told by `ResetLog`: it now starts, ends and is
     /// durable at `start`.
     LogReset { start: Offset },
+    /// Retention deleted the log below `log_start`. A leader answers fetches below it with
+    /// `OffsetOutOfRange` (and accepts a follower's empty log starting there).
+    LogStartMoved { log_start: Offset },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -553,6 +556,10 @@ impl Replica {
                 self.epochs.truncate(end);
                 self.phase = FetchPhase::Idle;
                 self.maybe_fetch(outbox);
+            }
+            Input::LogStartMoved { log_start } => {
+                // Retention keeps the active segment: the start never passes the end.
+                self.log_start = self.log_start.max(log_start.min(self.end));
             }
             Input::LogReset { start } => {
                 assert_eq!(self.phase, FetchPhase::Resetting, "unexpected log reset");

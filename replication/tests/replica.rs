@@ -1260,3 +1260,51 @@ fn a_restarted_leader_starts_from_its_stored_high_watermark() {
     // Never above what this replica holds durably.
     assert_eq!(start(30), Offset(15));
 }
+
+/// Regression (simulator with retention, seed 3 at 20‰ in `retention_makes_lagging_followers_
+/// reset_and_rejoin`): the leader's replica never learned that retention moved its log start,
+/// so a follower that reset to the leader's log start fetched there with no epoch and was told
+/// it diverged at 0; it reset to 0, was refused below the log start, reset again, for ever.
+#[test]
+fn a_leader_learns_its_log_start_from_retention() {
+    let mut r = leader();
+    produce(&mut r, 1, AckLevel::Leader, 60);
+    step(
+        &mut r,
+        Input::Flushed {
+            durable: Offset(60),
+        },
+    );
+    step(
+        &mut r,
+        Input::LogStartMoved {
+            log_start: Offset(50),
+        },
+    );
+    let out = step(&mut r, forged(2, 20, Some(1), 20));
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Output::RejectFetch {
+                error: FetchError::OffsetOutOfRange {
+                    log_start: Offset(50),
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    // A follower whose log was emptied to start there fetches with no epoch: served.
+    let out = step(&mut r, forged(2, 50, None, 50));
+    assert!(
+        matches!(
+            out.last(),
+            Some(Output::ServeFetch {
+                fetch_offset: Offset(50),
+                ..
+            })
+        ),
+        "{out:?}"
+    );
+}

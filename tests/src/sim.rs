@@ -23,8 +23,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rkyv::util::AlignedVec;
 use wharf_replication::{
-    AckLevel, BatchInfo, BrokerId, EpochHistory, FetchReply, FetchRequest, Input, LogState, Output,
-    ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+    AckLevel, BatchInfo, BrokerId, EpochHistory, FetchError, FetchReply, FetchRequest, Input,
+    LogState, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
 };
 use wharf_storage::batch;
 use wharf_storage::conformance::make_batch;
@@ -40,6 +40,9 @@ const FETCH_WAIT_MS: u64 = 20;
 const SETTLE_STEPS_MAX: usize = 20_000;
 /// Produces in flight from the simulated client.
 const PRODUCES_IN_FLIGHT_MAX: usize = 32;
+/// What retention keeps of a leader's log when a run applies it (`retention_per_mille`): a few
+/// segments, so followers that were down a while fall below the leader's log start.
+const RETENTION_BYTES_MAX: u64 = 192 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -56,6 +59,10 @@ pub struct SimConfig {
     pub partition_per_mille: u32,
     pub leader_move_per_mille: u32,
     pub produce_per_mille: u32,
+    /// Per-step chance that the leader applies retention (only while everything it holds is
+    /// committed, so it deletes nothing above the HW). 0 draws nothing from the RNG, so runs
+    /// without retention replay as before.
+    pub retention_per_mille: u32,
     /// Print every step's events.
     pub trace: bool,
 }
@@ -74,6 +81,7 @@ impl SimConfig {
             partition_per_mille: 6,
             leader_move_per_mille: 4,
             produce_per_mille: 400,
+            retention_per_mille: 0,
             trace: false,
         }
     }
@@ -88,6 +96,8 @@ pub struct SimReport {
     pub crashes: usize,
     pub leader_changes: usize,
     pub truncations: usize,
+    /// Segments the leaders' retention deleted.
+    pub retention_deletes: usize,
     /// Follower logs emptied to restart at the leader's log start (`ResetLog`).
     pub resets: usize,
     pub final_end_offset: u64,
@@ -203,6 +213,11 @@ fn log_config() -> LogConfig {
         staged_bytes_max: 16 * 1024 * 1024,
         // Small, so reads come from both memory (recent batches) and disk.
         recent_bytes_max: 24 * 1024,
+        // Applied only when a run asks for it (`SimConfig::retention_per_mille`).
+        retention: wharf_storage::policy::RetentionLimits {
+            retention_bytes_max: Some(RETENTION_BYTES_MAX),
+            retention_ms_max: None,
+        },
         ..LogConfig::default()
     }
 }
@@ -667,6 +682,17 @@ impl Sim {
             let Some(live) = self.node(id).live.as_mut() else {
                 return;
             };
+            let log_start = live.log.log_start_offset();
+            if offset < log_start {
+                // Retention moved the log start while the fetch was parked (the driver's read
+                // answers the same).
+                let reply = FetchReply::Error(FetchError::OffsetOutOfRange {
+                    requested: offset,
+                    log_start,
+                });
+                self.send_reply(id, replica, fetch_id, reply, Vec::new());
+                continue;
+            }
             let mut batches = Vec::new();
             let mut infos = Vec::new();
             if offset < end {
@@ -809,6 +835,35 @@ impl Sim {
         );
     }
 
+    /// The leader applies retention, when everything it holds is committed (the driver's
+    /// retention is not capped at the HW; deleting uncommitted data is not what this tests).
+    fn apply_retention(&mut self) {
+        let Some(leader) = self.controller.leader else {
+            return;
+        };
+        let now = self.now_ms;
+        let Some(live) = self.node(leader).live.as_mut() else {
+            return;
+        };
+        let end = live.log.end_offset();
+        if !live.replica.is_leader()
+            || live.replica.high_watermark() != end
+            || live.log.durable_offset() != end
+        {
+            return;
+        }
+        let deleted = block_on(live.log.apply_retention(now))
+            .unwrap_or_else(|e| panic!("leader {leader}: retention failed: {e}"));
+        let log_start = live.log.log_start_offset();
+        if deleted > 0 {
+            self.report.retention_deletes += deleted;
+            self.trace(|| {
+                format!("leader {leader} deleted {deleted} segment(s): log starts at {log_start}")
+            });
+            self.input(leader, Input::LogStartMoved { log_start });
+        }
+    }
+
     fn crash(&mut self, id: BrokerId) {
         let seed = self.rng.random();
         let mode = if self.rng.random_bool(0.5) {
@@ -892,6 +947,12 @@ impl Sim {
             } else if roll < threshold + self.config.produce_per_mille {
                 self.produce();
             }
+        }
+        if faults
+            && self.config.retention_per_mille > 0
+            && self.rng.random_range(0..1000) < self.config.retention_per_mille
+        {
+            self.apply_retention();
         }
         self.deliver();
         let now = self.now_ms;
@@ -1008,7 +1069,10 @@ impl Sim {
                 .as_ref()
                 .expect("checked");
             let end = live.log.end_offset();
-            for (&offset, bytes) in self.committed.range(..self.consumer_at.min(end)) {
+            // Retention deleted what lies below the leader's log start.
+            let log_start = live.log.log_start_offset();
+            let below = self.consumer_at.min(end).max(log_start);
+            for (&offset, bytes) in self.committed.range(log_start..below) {
                 let read = read_batches(&live.log, offset, offset.plus(1))?;
                 if read.first().map(|(o, b)| (*o, b)) != Some((offset, bytes)) {
                     return Err(format!(
@@ -1017,7 +1081,7 @@ impl Sim {
                 }
             }
             // No acknowledged acks=all write is lost on the leader.
-            for (&offset, bytes) in &self.must_keep {
+            for (&offset, bytes) in self.must_keep.range(log_start..) {
                 let read = read_batches(&live.log, offset, offset.plus(1))?;
                 if read.first().map(|(o, b)| (*o, b)) != Some((offset, bytes)) {
                     return Err(format!(
@@ -1110,10 +1174,17 @@ impl Sim {
     }
 
     fn compare_logs(&mut self) -> Check {
+        // Above every log start (retention, resets): a segment base, so a batch boundary.
+        let start = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.live.as_ref().map(|l| l.log.log_start_offset()))
+            .max()
+            .unwrap_or(Offset::ZERO);
         let mut reference: Option<Vec<(Offset, Vec<u8>)>> = None;
         for n in &self.nodes {
             let l = n.live.as_ref().expect("settled nodes are alive");
-            let batches = read_batches(&l.log, Offset::ZERO, l.log.end_offset())?;
+            let batches = read_batches(&l.log, start, l.log.end_offset())?;
             match &reference {
                 None => reference = Some(batches),
                 Some(r) if r != &batches => {
@@ -1127,12 +1198,12 @@ impl Sim {
         }
         let log = reference.unwrap_or_default();
         let index: BTreeMap<Offset, &Vec<u8>> = log.iter().map(|(o, b)| (*o, b)).collect();
-        for (offset, bytes) in &self.must_keep {
+        for (offset, bytes) in self.must_keep.range(start..) {
             if index.get(offset) != Some(&bytes) {
                 return Err(format!("acks=all batch at {offset} missing after settling"));
             }
         }
-        for (offset, bytes) in &self.committed {
+        for (offset, bytes) in self.committed.range(start..) {
             if index.get(offset) != Some(&bytes) {
                 return Err(format!(
                     "committed batch at {offset} missing after settling"

@@ -1050,6 +1050,13 @@ impl Partition {
         let data = match self.read_to(from, request.max_bytes as usize, None).await {
             Ok(data) => data,
             Err(error) => {
+                if error.code == ErrorCode::OffsetOutOfRange {
+                    // Retention moved the log start during the long poll: the follower starts
+                    // again there (`ResetLog`).
+                    if let Some(log) = self.log.get() {
+                        response.log_start_offset = log.log_start_offset().0;
+                    }
+                }
                 response.error = error.code as u16;
                 response.message = error.message;
                 return (response, None);
@@ -1627,10 +1634,15 @@ impl Partition {
             return;
         };
         let result = log.apply_retention(now_ms()).await;
-        self.metrics
-            .log_start_offset
-            .set(log.log_start_offset().0 as i64);
+        let log_start = log.log_start_offset();
+        self.metrics.log_start_offset.set(log_start.0 as i64);
         drop(log);
+        if matches!(result, Ok(deleted) if deleted > 0) {
+            // The leader's replica answers fetches below it with `OffsetOutOfRange`.
+            if let Err(error) = self.step(Input::LogStartMoved { log_start }) {
+                tracing::error!(topic = %self.topic, partition = self.index, %error, "after retention");
+            }
+        }
         match result {
             Ok(0) => {}
             Ok(deleted) => {
