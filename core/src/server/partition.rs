@@ -736,7 +736,8 @@ impl Partition {
     fn maybe_store_high_watermark(&self) {
         let high_watermark = self.high_watermark.get();
         let now = monotonic_ms();
-        if self.hw_storing.get()
+        if self.closing.get()
+            || self.hw_storing.get()
             || high_watermark <= self.hw_stored.get()
             || now.saturating_sub(self.hw_stored_at_ms.get()) < HIGH_WATERMARK_STORE_INTERVAL_MS
         {
@@ -1471,6 +1472,10 @@ impl Partition {
             ErrorCode::ShuttingDown,
             "partition closed before the write was durable",
         ));
+        // One store at a time (they share a temp file); `closing` stops new periodic ones.
+        while self.hw_storing.get() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
         let high_watermark = self.high_watermark.get();
         if self.replica.borrow().is_leader() && high_watermark > self.hw_stored.get() {
             self.store_high_watermark(high_watermark).await;
