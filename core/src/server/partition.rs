@@ -1484,13 +1484,14 @@ impl Partition {
 
     async fn run_flusher(self: Rc<Self>, wake: LocalReceiver<()>, queue: TaskQueueHandle) {
         let mut in_flight: VecDeque<(Instant, Task<FlushOutcome>)> = VecDeque::new();
-        let mut last_flush_ms = now_ms();
+        // Flush timing is a duration: the monotonic clock, like the replica's.
+        let mut last_flush_ms = monotonic_ms();
         let mut flushed_since_checkpoint = false;
         let mut last_retention = Instant::now();
         loop {
             let closing = self.closing.get();
             while in_flight.len() < FLUSHES_IN_FLIGHT_MAX {
-                let now = now_ms();
+                let now = monotonic_ms();
                 if !self.epochs_durable() {
                     break; // `write_epochs` wakes this loop when the file is current.
                 }
@@ -1551,7 +1552,7 @@ impl Partition {
                 FlushMode::Interval if self.staged_bytes() > 0 => self
                     .config
                     .flush_interval_ms
-                    .saturating_sub(now_ms().saturating_sub(last_flush_ms))
+                    .saturating_sub(monotonic_ms().saturating_sub(last_flush_ms))
                     .max(1),
                 _ => IDLE_CHECKPOINT_MS.min(self.retention_check_ms),
             };
