@@ -434,3 +434,67 @@ fn topic_creation_needs_enough_brokers_and_reaches_all_of_them() {
         );
     });
 }
+
+/// Regression: a restarted leader reported a high watermark of 0 (describe, ListOffsets latest)
+/// until its followers fetched again in its new epoch — for ever with them down. It now starts
+/// from the high watermark it stored (at its clean stop here), clamped to its durable log.
+#[test]
+fn a_restarted_leader_reports_its_committed_data_at_once() {
+    let mut cluster = Cluster::start();
+    let first = cluster.bootstrap(1);
+    run(async {
+        let client = Client::connect(client_config(&first))
+            .await
+            .expect("connect");
+        client
+            .create_topic(
+                TOPIC,
+                1,
+                3,
+                vec![ConfigEntry {
+                    key: "min_insync_replicas".into(),
+                    value: "2".into(),
+                }],
+            )
+            .await
+            .expect("create topic on every broker");
+    });
+    let described = wait_for(&first, "all three replicas in sync", |d| d.isr.len() == 3);
+    let leader = described.leader;
+    let at_leader = cluster.bootstrap(leader);
+    all_acknowledged(
+        &run(produce(
+            &at_leader,
+            &values("before", 200),
+            Acks::All,
+            20_000,
+        )),
+        "healthy cluster",
+    );
+    let committed = wait_for(&at_leader, "HW at the end", |d| {
+        d.end_offset > 0 && d.high_watermark == d.end_offset
+    })
+    .high_watermark;
+    // The followers first, so nothing can move the HW after the leader stores it at its stop.
+    for id in (1..=3).filter(|&id| id != leader) {
+        assert_eq!(cluster.broker(id).stop(), 0, "clean stop");
+    }
+    assert_eq!(cluster.broker(leader).stop(), 0, "clean stop");
+    cluster.broker(leader).restart_same_ports();
+    let described = wait_for(&at_leader, "the leader describes the partition", |_| true);
+    assert_eq!(
+        (described.high_watermark, described.end_offset),
+        (committed, committed),
+        "HW right after the restart, with every follower down"
+    );
+    let latest = run(async {
+        let client = Client::connect(client_config(&at_leader))
+            .await
+            .expect("connect");
+        client
+            .list_offsets(TOPIC, &[0], wharf::protocol::OffsetSpec::Latest)
+            .await
+            .expect("list offsets")
+    });
+    assert_eq!(latest, vec![(0, committed)]);
+}
