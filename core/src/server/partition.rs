@@ -9,6 +9,8 @@
 //! synchronous `try_read`), so they never see the slot empty; the few synchronous paths that
 //! cannot wait (the flusher, describe) find it empty and skip, instead of panicking on a borrow.
 
+mod files;
+
 use std::cell::{Cell, Ref, RefCell, RefMut};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -30,8 +32,6 @@ use wharf_storage::{AppendMode, Epoch, LogConfig, Offset, PartitionLog};
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::metrics::{Metrics, PartitionMetrics};
-
-mod files;
 use crate::config::{FlushMode, TopicConfig};
 use crate::dma_disk::DmaDisk;
 use crate::protocol::{
