@@ -10,8 +10,11 @@
 //! cannot wait (the flusher, describe) find it empty and skip, instead of panicking on a borrow.
 
 mod files;
+mod log_slot;
+mod maintenance;
+mod persist;
 
-use std::cell::{Cell, Ref, RefCell, RefMut};
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -38,7 +41,8 @@ use crate::protocol::{
     Acks, ErrorCode, FrameBuf, OffsetSpec, PartitionDescription, ReplicaFetchRequest,
     ReplicaFetchResponse,
 };
-use files::{load_epochs, load_high_watermark, store_epochs, store_high_watermark};
+use files::{load_epochs, load_high_watermark};
+use log_slot::{log_busy, LogSlot};
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
@@ -49,10 +53,6 @@ type CheckedRange = (std::ops::Range<usize>, BodyVerified);
 const IDLE_CHECKPOINT_MS: u64 = 1000;
 /// Reads retried after racing retention before giving up.
 const READ_RETRIES_MAX: usize = 3;
-/// How often a leader stores a high watermark that moved (`files::HIGH_WATERMARK_FILE`): a
-/// restarted leader starts from it, so ListOffsets and describe report committed data at once.
-/// An older value is always safe, so this only bounds how far behind it can be.
-const HIGH_WATERMARK_STORE_INTERVAL_MS: u64 = 5_000;
 /// Bytes scanned per step of a timestamp lookup.
 const TIMESTAMP_SCAN_BYTES: usize = 1024 * 1024;
 
@@ -146,61 +146,6 @@ pub fn ack_level(acks: Acks) -> AckLevel {
         Acks::All => AckLevel::All,
         Acks::Replicas(n) => AckLevel::Replicas(n),
     }
-}
-
-/// The partition's log, or nothing while a maintenance operation holds it (see the module
-/// docs). Borrows of the slot are synchronous; the taken log is owned by the maintenance task.
-struct LogSlot(RefCell<Option<PartitionLog<DmaDisk>>>);
-
-impl LogSlot {
-    fn get(&self) -> Option<Ref<'_, PartitionLog<DmaDisk>>> {
-        Ref::filter_map(self.0.borrow(), Option::as_ref).ok()
-    }
-
-    fn get_mut(&self) -> Option<RefMut<'_, PartitionLog<DmaDisk>>> {
-        RefMut::filter_map(self.0.borrow_mut(), Option::as_mut).ok()
-    }
-
-    /// Takes the log out until the returned guard drops (also when its task is cancelled).
-    fn take(&self) -> Option<TakenLog<'_>> {
-        let log = self.0.borrow_mut().take()?;
-        Some(TakenLog {
-            slot: self,
-            log: Some(log),
-        })
-    }
-}
-
-/// The log taken out of its slot by a maintenance operation; put back on drop.
-struct TakenLog<'a> {
-    slot: &'a LogSlot,
-    log: Option<PartitionLog<DmaDisk>>,
-}
-
-impl std::ops::Deref for TakenLog<'_> {
-    type Target = PartitionLog<DmaDisk>;
-    fn deref(&self) -> &Self::Target {
-        self.log.as_ref().expect("present until dropped")
-    }
-}
-
-impl std::ops::DerefMut for TakenLog<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.log.as_mut().expect("present until dropped")
-    }
-}
-
-impl Drop for TakenLog<'_> {
-    fn drop(&mut self) {
-        *self.slot.0.borrow_mut() = self.log.take();
-    }
-}
-
-fn log_busy() -> PartitionError {
-    PartitionError::new(
-        ErrorCode::PartitionUnavailable,
-        "the log is under maintenance (truncation, reset or retention); retry",
-    )
 }
 
 /// Bytes to serve from one partition: whole batches below the high watermark.
@@ -387,7 +332,7 @@ impl Partition {
             replicas,
             dir,
             log_config,
-            log: LogSlot(RefCell::new(Some(log))),
+            log: LogSlot::new(log),
             maintenance: RwLock::new(()),
             high_watermark: Cell::new(replica.high_watermark()),
             replica: RefCell::new(replica),
@@ -563,151 +508,11 @@ impl Partition {
         Ok(None)
     }
 
-    /// Starts writing the epoch history (or makes the write in progress run once more). Until
-    /// the file holds it, no flush begins (`epochs_durable`): data of an epoch the file lacks
-    /// must never become durable, or a restart would reuse that epoch (the leader starts at the
-    /// file's latest + 1) for other data. Staged data is not on disk, so appends may go on.
-    fn persist_epochs(&self) -> Result<(), String> {
-        self.epochs_wanted.set(self.epochs_wanted.get() + 1);
-        if self.epochs_writing.replace(true) {
-            return Ok(()); // The running writer sees the new generation.
-        }
-        let partition = self.self_rc();
-        glommio::spawn_local_into(partition.write_epochs(), self.replication.queue)
-            .map_err(|e| format!("cannot start writing the epoch history: {e}"))?
-            .detach();
-        Ok(())
-    }
-
-    /// Writes the epoch history until the file holds the latest generation, one write at a
-    /// time (so an older history never replaces a newer one).
-    async fn write_epochs(self: Rc<Self>) {
-        loop {
-            let wanted = self.epochs_wanted.get();
-            if self.epochs_stored.get() >= wanted {
-                break;
-            }
-            // Taken now: at least as new as generation `wanted`.
-            let entries = self.replica.borrow().epochs().entries().to_vec();
-            let dir = self.dir.clone();
-            let stored = glommio::executor()
-                .spawn_blocking(move || store_epochs(&dir, &entries))
-                .await;
-            match stored {
-                Ok(()) => self.epochs_stored.set(wanted),
-                Err(error) => {
-                    tracing::error!(topic = %self.topic, partition = self.index, %error, "cannot write the epoch history; the partition flushes nothing until restart");
-                    *self.epochs_failed.borrow_mut() = Some(error.clone());
-                    self.fail_waiters(PartitionError::new(ErrorCode::StorageError, error));
-                    break;
-                }
-            }
-        }
-        self.epochs_writing.set(false);
-        for waiter in self.epochs_waiters.borrow_mut().drain(..) {
-            let _ = waiter.send(());
-        }
-        let _ = self.wake_flusher.try_send(());
-    }
-
-    /// Whether the epoch history file holds the replica's current history.
-    fn epochs_durable(&self) -> bool {
-        self.epochs_stored.get() >= self.epochs_wanted.get()
-    }
-
-    /// Waits until the epoch history file is current; false if writing it failed.
-    async fn wait_epochs_durable(&self) -> bool {
-        while !self.epochs_durable() {
-            if self.epochs_failed.borrow().is_some() {
-                return false;
-            }
-            let woken = park(&self.epochs_waiters);
-            if self.epochs_writing.get() {
-                let _ = woken.await;
-            } else {
-                // Unreachable (a wanted generation always has a writer), but never hang here.
-                glommio::timer::sleep(Duration::from_millis(1)).await;
-            }
-        }
-        true
-    }
-
     fn self_rc(&self) -> Rc<Partition> {
         self.this
             .borrow()
             .upgrade()
             .expect("a partition in use is alive")
-    }
-
-    /// Under the write side of `maintenance`: waits until no flush is in flight (the flusher
-    /// begins none meanwhile: nothing new is appended, and it skips while the log is out), then
-    /// takes the log out of its slot. `None` when closing.
-    async fn take_quiet_log(&self) -> Option<TakenLog<'_>> {
-        loop {
-            if self.closing.get() {
-                return None;
-            }
-            let quiet = self.log.get()?.flushes_in_flight() == 0;
-            if quiet {
-                return self.log.take();
-            }
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
-    }
-
-    /// Follower: drops a divergent suffix (after the flushes in flight), then fetches again.
-    async fn truncate(self: Rc<Self>, to: Offset) {
-        // Truncation flushes what is staged below the cut: its epochs must be in the file.
-        if !self.wait_epochs_durable().await {
-            return;
-        }
-        let Ok(_exclusive) = self.maintenance.write().await else {
-            return;
-        };
-        let Some(mut log) = self.take_quiet_log().await else {
-            return;
-        };
-        let result = log.truncate_suffix(to).await;
-        let result = (result, (log.end_offset(), log.durable_offset()));
-        drop(log);
-        match result {
-            (Ok(()), (end, durable)) => {
-                tracing::warn!(topic = %self.topic, partition = self.index, %to, "truncated a divergent suffix");
-                self.metrics.end_offset.set(end.0 as i64);
-                if let Err(error) = self.step(Input::Truncated { end, durable }) {
-                    tracing::error!(%error, "after truncation");
-                }
-            }
-            (Err(error), _) => {
-                tracing::error!(topic = %self.topic, partition = self.index, %error, "truncation failed; the partition stops replicating until restart");
-            }
-        }
-    }
-
-    /// Follower: the leader's log starts above this log's end, so nothing here can be continued:
-    /// empties the log durably (after the flushes in flight) and restarts it at `start`.
-    async fn reset_log(self: Rc<Self>, start: Offset) {
-        let Ok(_exclusive) = self.maintenance.write().await else {
-            return;
-        };
-        let Some(mut log) = self.take_quiet_log().await else {
-            return;
-        };
-        let result = log.reset(start, now_ms()).await;
-        drop(log);
-        match result {
-            Ok(()) => {
-                tracing::warn!(topic = %self.topic, partition = self.index, %start, "the leader's log starts above this log's end: emptied the log to copy it again from the leader's log start");
-                self.metrics.end_offset.set(start.0 as i64);
-                self.metrics.log_start_offset.set(start.0 as i64);
-                if let Err(error) = self.step(Input::LogReset { start }) {
-                    tracing::error!(%error, "after the log reset");
-                }
-            }
-            Err(error) => {
-                tracing::error!(topic = %self.topic, partition = self.index, %error, "log reset failed; the partition stops replicating until restart");
-            }
-        }
     }
 
     pub fn tick(&self) {
@@ -729,51 +534,6 @@ impl Partition {
         drop(replica);
         if is_leader {
             self.maybe_store_high_watermark();
-        }
-    }
-
-    /// Leader: stores the high watermark if it moved and the last store is old enough.
-    fn maybe_store_high_watermark(&self) {
-        let high_watermark = self.high_watermark.get();
-        let now = monotonic_ms();
-        if self.closing.get()
-            || self.hw_storing.get()
-            || high_watermark <= self.hw_stored.get()
-            || now.saturating_sub(self.hw_stored_at_ms.get()) < HIGH_WATERMARK_STORE_INTERVAL_MS
-        {
-            return;
-        }
-        self.hw_storing.set(true);
-        self.hw_stored_at_ms.set(now);
-        let partition = self.self_rc();
-        let spawned = glommio::spawn_local_into(
-            async move {
-                partition.store_high_watermark(high_watermark).await;
-                partition.hw_storing.set(false);
-            },
-            self.replication.queue,
-        );
-        match spawned {
-            Ok(task) => {
-                task.detach();
-            }
-            Err(error) => {
-                self.hw_storing.set(false);
-                tracing::warn!(topic = %self.topic, partition = self.index, %error, "cannot start storing the high watermark");
-            }
-        }
-    }
-
-    async fn store_high_watermark(&self, high_watermark: Offset) {
-        let dir = self.dir.clone();
-        let stored = glommio::executor()
-            .spawn_blocking(move || store_high_watermark(&dir, high_watermark))
-            .await;
-        match stored {
-            Ok(()) => self.hw_stored.set(self.hw_stored.get().max(high_watermark)),
-            Err(error) => {
-                tracing::warn!(topic = %self.topic, partition = self.index, %error, "cannot store the high watermark")
-            }
         }
     }
 
@@ -1626,36 +1386,6 @@ impl Partition {
                     ErrorCode::StorageError,
                     error.to_string(),
                 ));
-            }
-        }
-    }
-
-    /// Runs from the flusher between flushes, so no flush is in flight; the log is taken out
-    /// of its slot under the write side of `maintenance`.
-    async fn apply_retention(&self) {
-        let Ok(_exclusive) = self.maintenance.write().await else {
-            return;
-        };
-        let Some(mut log) = self.take_quiet_log().await else {
-            return;
-        };
-        let result = log.apply_retention(now_ms()).await;
-        let log_start = log.log_start_offset();
-        self.metrics.log_start_offset.set(log_start.0 as i64);
-        drop(log);
-        if matches!(result, Ok(deleted) if deleted > 0) {
-            // The leader's replica answers fetches below it with `OffsetOutOfRange`.
-            if let Err(error) = self.step(Input::LogStartMoved { log_start }) {
-                tracing::error!(topic = %self.topic, partition = self.index, %error, "after retention");
-            }
-        }
-        match result {
-            Ok(0) => {}
-            Ok(deleted) => {
-                tracing::info!(topic = %self.topic, partition = self.index, deleted, "retention deleted segments")
-            }
-            Err(error) => {
-                tracing::error!(topic = %self.topic, partition = self.index, %error, "retention failed")
             }
         }
     }
