@@ -53,6 +53,8 @@ type CheckedRange = (std::ops::Range<usize>, BodyVerified);
 const IDLE_CHECKPOINT_MS: u64 = 1000;
 /// Reads retried after racing retention before giving up.
 const READ_RETRIES_MAX: usize = 3;
+/// Reply ends a leader remembers per follower (`remember_served_end`).
+const SERVED_ENDS_KEPT: usize = 16;
 /// Bytes scanned per step of a timestamp lookup.
 const TIMESTAMP_SCAN_BYTES: usize = 1024 * 1024;
 
@@ -197,6 +199,8 @@ pub struct Partition {
     hw_stored: Cell<Offset>,
     hw_stored_at_ms: Cell<u64>,
     hw_storing: Cell<bool>,
+    /// Leader: where the last replies to each follower ended (batch boundaries).
+    served_ends: RefCell<HashMap<BrokerId, VecDeque<Offset>>>,
     /// Follower: the fetch offset the leader last reported corrupt (logged once per offset).
     corrupt_fetch_logged: Cell<Option<Offset>>,
     this: RefCell<std::rc::Weak<Partition>>,
@@ -350,6 +354,7 @@ impl Partition {
             epochs_writing: Cell::new(false),
             epochs_failed: RefCell::new(None),
             epochs_waiters: RefCell::new(Vec::new()),
+            served_ends: RefCell::new(HashMap::new()),
             corrupt_fetch_logged: Cell::new(None),
             hw_stored: Cell::new(stored_high_watermark),
             hw_stored_at_ms: Cell::new(0),
@@ -823,12 +828,30 @@ impl Partition {
                 return (response, None);
             }
         };
+        if let Some(read) = data.read.as_ref().filter(|r| data.bytes == r.bytes().len()) {
+            self.remember_served_end(request.replica_id, read.next_offset);
+        }
         let replica = self.replica.borrow();
         response.leader_epoch = replica.leader_epoch().0;
         response.high_watermark = replica.high_watermark().0;
         response.log_start_offset = data.log_start_offset.0;
         response.batch_bytes = data.bytes as u32;
         (response, Some(data))
+    }
+
+    /// Leader: remembers where a reply to `replica` ended (a batch boundary of this log). The
+    /// follower's next fetch offset, and its durable offset (it flushes what it appended, one
+    /// reply at a time), are almost always such an end, so checking them against the log's
+    /// batches rarely needs a read.
+    fn remember_served_end(&self, replica: BrokerId, end: Offset) {
+        let mut served = self.served_ends.borrow_mut();
+        let ends = served.entry(replica).or_default();
+        if ends.back() != Some(&end) {
+            if ends.len() == SERVED_ENDS_KEPT {
+                ends.pop_front();
+            }
+            ends.push_back(end);
+        }
     }
 
     /// Leader: the first of a follower's reported offsets (fetch, then durable) that lies inside
@@ -842,7 +865,12 @@ impl Partition {
         }
         let offsets = [fetch.fetch_offset, fetch.durable_offset];
         for (i, &offset) in offsets.iter().enumerate() {
-            if i > 0 && offset == offsets[0] {
+            let served = self
+                .served_ends
+                .borrow()
+                .get(&fetch.replica)
+                .is_some_and(|ends| ends.contains(&offset));
+            if served || (i > 0 && offset == offsets[0]) {
                 continue;
             }
             let check = {
