@@ -108,18 +108,24 @@ pub struct SimFailure {
     pub seed: u64,
     pub step: usize,
     pub message: String,
+    /// The run's `SimConfig::retention_per_mille` (part of the replay command).
+    pub retention_per_mille: u32,
 }
 
 impl std::fmt::Display for SimFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {})",
+            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {}{})",
             self.seed,
             self.step,
             self.message,
             self.seed,
-            self.step + 1
+            self.step + 1,
+            match self.retention_per_mille {
+                0 => String::new(),
+                r => format!(" --retention-per-mille {r}"),
+            }
         )
     }
 }
@@ -305,6 +311,7 @@ impl Sim {
             seed: self.config.seed,
             step: self.step,
             message,
+            retention_per_mille: self.config.retention_per_mille,
         }
     }
 
@@ -1219,6 +1226,7 @@ impl Sim {
 pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
     let steps = config.steps;
     let seed = config.seed;
+    let retention_per_mille = config.retention_per_mille;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let mut sim = Sim::new(config);
         for step in 0..steps {
@@ -1234,6 +1242,7 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
         Ok(result) => result,
         Err(panic) => Err(SimFailure {
             seed,
+            retention_per_mille,
             step: CURRENT_STEP.with(|c| c.get()),
             message: format!(
                 "panicked: {}",
