@@ -22,6 +22,15 @@ pub enum EpochHistoryError {
     },
 }
 
+/// Why persisted history entries cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EpochHistoryLoadError {
+    #[error("epoch history out of order: ({0}, {1}) then ({2}, {3})")]
+    OutOfOrder(Epoch, Offset, Epoch, Offset),
+    #[error("epoch history has {count} entries (limit {limit})")]
+    TooMany { count: usize, limit: usize },
+}
+
 /// `(epoch, start offset)` pairs, both strictly increasing. Epoch `e` covers
 /// `[start(e), start(next entry))`, the last one up to the log end.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,18 +41,23 @@ pub struct EpochHistory {
 impl EpochHistory {
     /// Builds a history from persisted entries, dropping any that start beyond `log_end` (their
     /// data was lost in a crash) and checking the order.
-    pub fn new(mut entries: Vec<(Epoch, Offset)>, log_end: Offset) -> Result<Self, String> {
+    pub fn new(
+        mut entries: Vec<(Epoch, Offset)>,
+        log_end: Offset,
+    ) -> Result<Self, EpochHistoryLoadError> {
         for pair in entries.windows(2) {
             if pair[0].0 >= pair[1].0 || pair[0].1 > pair[1].1 {
-                return Err(format!("epoch history out of order: {pair:?}"));
+                return Err(EpochHistoryLoadError::OutOfOrder(
+                    pair[0].0, pair[0].1, pair[1].0, pair[1].1,
+                ));
             }
         }
         entries.retain(|&(_, start)| start <= log_end);
         if entries.len() > EPOCH_HISTORY_ENTRIES_MAX {
-            return Err(format!(
-                "epoch history has {} entries (limit {EPOCH_HISTORY_ENTRIES_MAX})",
-                entries.len()
-            ));
+            return Err(EpochHistoryLoadError::TooMany {
+                count: entries.len(),
+                limit: EPOCH_HISTORY_ENTRIES_MAX,
+            });
         }
         Ok(EpochHistory { entries })
     }
@@ -303,12 +317,29 @@ mod tests {
 
     #[test]
     fn new_rejects_disorder_and_drops_lost_epochs() {
-        assert!(EpochHistory::new(
-            vec![(Epoch(2), Offset(0)), (Epoch(1), Offset(5))],
-            Offset(9)
-        )
-        .is_err());
+        assert_eq!(
+            EpochHistory::new(
+                vec![(Epoch(2), Offset(0)), (Epoch(1), Offset(5))],
+                Offset(9)
+            ),
+            Err(EpochHistoryLoadError::OutOfOrder(
+                Epoch(2),
+                Offset(0),
+                Epoch(1),
+                Offset(5)
+            ))
+        );
         let h = history(&[(1, 0), (2, 10)], 7);
         assert_eq!(h.entries(), &[(Epoch(1), Offset(0))]);
+        let too_many: Vec<_> = (0..=EPOCH_HISTORY_ENTRIES_MAX as u64)
+            .map(|i| (Epoch(i as u32 + 1), Offset(i)))
+            .collect();
+        assert_eq!(
+            EpochHistory::new(too_many, Offset(u64::MAX)),
+            Err(EpochHistoryLoadError::TooMany {
+                count: EPOCH_HISTORY_ENTRIES_MAX + 1,
+                limit: EPOCH_HISTORY_ENTRIES_MAX
+            })
+        );
     }
 }

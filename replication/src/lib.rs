@@ -8,7 +8,7 @@
 pub mod epochs;
 pub mod replica;
 
-pub use epochs::{EpochHistory, EpochHistoryError};
+pub use epochs::{EpochHistory, EpochHistoryError, EpochHistoryLoadError};
 pub use replica::{
     high_watermark, Ack, AckLevel, BatchInfo, BrokerId, FetchError, FetchReply, FetchRequest,
     Input, LogState, Outbox, Output, ProduceError, Replica, ReplicaConfig, ReplicaConfigError,
