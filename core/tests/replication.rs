@@ -387,3 +387,172 @@ fn topic_creation_needs_enough_brokers_and_reaches_all_of_them() {
         );
     });
 }
+
+/// Regression: a restarted leader reported a high watermark of 0 (describe, ListOffsets latest)
+/// until its followers fetched again in its new epoch — for ever with them down. It now starts
+/// from the high watermark it stored (at its clean stop here), clamped to its durable log.
+#[test]
+fn a_restarted_leader_reports_its_committed_data_at_once() {
+    let mut cluster = Cluster::start();
+    let first = cluster.bootstrap(1);
+    run(async {
+        let client = Client::connect(client_config(&first))
+            .await
+            .expect("connect");
+        client
+            .create_topic(
+                TOPIC,
+                1,
+                3,
+                vec![ConfigEntry {
+                    key: "min_insync_replicas".into(),
+                    value: "2".into(),
+                }],
+            )
+            .await
+            .expect("create topic on every broker");
+    });
+    let described = wait_for(&first, "all three replicas in sync", |d| d.isr.len() == 3);
+    let leader = described.leader;
+    let at_leader = cluster.bootstrap(leader);
+    all_acknowledged(
+        &run(produce(
+            &at_leader,
+            &values("before", 200),
+            Acks::All,
+            20_000,
+        )),
+        "healthy cluster",
+    );
+    let committed = wait_for(&at_leader, "HW at the end", |d| {
+        d.end_offset > 0 && d.high_watermark == d.end_offset
+    })
+    .high_watermark;
+    // The followers first, so nothing can move the HW after the leader stores it at its stop.
+    for id in (1..=3).filter(|&id| id != leader) {
+        assert_eq!(cluster.broker(id).stop(), 0, "clean stop");
+    }
+    assert_eq!(cluster.broker(leader).stop(), 0, "clean stop");
+    cluster.broker(leader).restart_same_ports();
+    let described = wait_for(&at_leader, "the leader describes the partition", |_| true);
+    assert_eq!(
+        (described.high_watermark, described.end_offset),
+        (committed, committed),
+        "HW right after the restart, with every follower down"
+    );
+    let latest = run(async {
+        let client = Client::connect(client_config(&at_leader))
+            .await
+            .expect("connect");
+        client
+            .list_offsets(TOPIC, &[0], wharf::protocol::OffsetSpec::Latest)
+            .await
+            .expect("list offsets")
+    });
+    assert_eq!(latest, vec![(0, committed)]);
+}
+
+/// A follower's fetch offset inside one of the leader's batches (the replica state machine
+/// does not know batches; the driver checks) is refused with `InvalidReplicaOffsets` and
+/// changes nothing; so is a durable offset above the fetch offset. Before, the first was
+/// served (and counted as the follower's progress), the second clamped and counted.
+#[test]
+fn forged_replica_fetch_offsets_are_refused_and_change_nothing() {
+    use wharf::client::{decode, Connection};
+    use wharf::protocol::{ApiKey, ReplicaFetchRequest, ReplicaFetchResponse};
+    let mut cluster = Cluster::start();
+    let first = cluster.bootstrap(1);
+    let topic_id = run(async {
+        let client = Client::connect(client_config(&first))
+            .await
+            .expect("connect");
+        client
+            .create_topic(
+                TOPIC,
+                1,
+                3,
+                vec![ConfigEntry {
+                    key: "min_insync_replicas".into(),
+                    value: "2".into(),
+                }],
+            )
+            .await
+            .expect("create topic on every broker");
+        client
+            .describe_topic(TOPIC)
+            .await
+            .expect("describe")
+            .topic_id
+    });
+    let described = wait_for(&first, "all three replicas in sync", |d| d.isr.len() == 3);
+    let leader = described.leader;
+    let at_leader = cluster.bootstrap(leader);
+    all_acknowledged(
+        &run(produce(&at_leader, &values("v", 300), Acks::All, 20_000)),
+        "healthy cluster",
+    );
+    let before = wait_for(&at_leader, "HW at the end", |d| {
+        d.end_offset > 0 && d.high_watermark == d.end_offset && d.isr.len() == 3
+    });
+    // A stopped follower's copy shows where the batches start (the leader's are the same).
+    let forger = described
+        .replicas
+        .iter()
+        .copied()
+        .find(|&r| r != leader)
+        .expect("a follower");
+    assert_eq!(cluster.broker(forger).stop(), 0, "clean stop");
+    let log = read_log(&partition_dir(cluster.broker(forger)));
+    let (base, bytes) = log
+        .iter()
+        .find(|(_, bytes)| {
+            wharf_storage::batch::check_batch(bytes).is_ok_and(|b| b.header.record_count > 1)
+        })
+        .expect("a batch of several records");
+    let inside = base + 1;
+    assert!(wharf_storage::batch::check_batch(bytes).is_ok());
+    let fetch = |fetch_offset: u64, durable_offset: u64| {
+        let at_leader = at_leader.clone();
+        run(async move {
+            let connection = Connection::connect(&at_leader, 16 * 1024 * 1024)
+                .await
+                .expect("connect");
+            let request = ReplicaFetchRequest {
+                replica_id: forger,
+                topic: TOPIC.to_string(),
+                topic_id,
+                partition: 0,
+                leader_epoch: described.leader_epoch,
+                fetch_id: 1,
+                fetch_offset,
+                last_fetched_epoch: Some(described.leader_epoch),
+                durable_offset,
+                max_wait_ms: 0,
+                max_bytes: 1024 * 1024,
+            };
+            let frame = connection
+                .call(ApiKey::ReplicaFetch, &request, Vec::new(), 10_000)
+                .await
+                .expect("replica fetch");
+            let response: ReplicaFetchResponse = decode(&frame).expect("decode");
+            ErrorCode::from_u16(response.error)
+        })
+    };
+    assert_eq!(
+        fetch(inside, *base),
+        ErrorCode::InvalidReplicaOffsets,
+        "fetch offset inside a batch"
+    );
+    assert_eq!(
+        fetch(*base, inside),
+        ErrorCode::InvalidReplicaOffsets,
+        "durable offset above the fetch offset"
+    );
+    let after = describe(&at_leader).expect("describe");
+    assert_eq!(
+        (after.high_watermark, after.end_offset),
+        (before.high_watermark, before.end_offset)
+    );
+    // An honest fetch is still served.
+    assert_eq!(fetch(*base, *base), ErrorCode::None);
+}

@@ -8,6 +8,29 @@ use wharf_storage::{Epoch, Offset};
 /// anything a real partition reaches (the driver persists the history as one small file).
 pub const EPOCH_HISTORY_ENTRIES_MAX: usize = 4096;
 
+/// Why an epoch could not be recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EpochHistoryError {
+    #[error("epoch history full ({limit} epochs); make room first")]
+    Full { limit: usize },
+    #[error("epoch {epoch} starts at {start}, before epoch {latest} at {latest_start}")]
+    StartsBeforeLatest {
+        epoch: Epoch,
+        start: Offset,
+        latest: Epoch,
+        latest_start: Offset,
+    },
+}
+
+/// Why persisted history entries cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EpochHistoryLoadError {
+    #[error("epoch history out of order: ({0}, {1}) then ({2}, {3})")]
+    OutOfOrder(Epoch, Offset, Epoch, Offset),
+    #[error("epoch history has {count} entries (limit {limit})")]
+    TooMany { count: usize, limit: usize },
+}
+
 /// `(epoch, start offset)` pairs, both strictly increasing. Epoch `e` covers
 /// `[start(e), start(next entry))`, the last one up to the log end.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,18 +41,23 @@ pub struct EpochHistory {
 impl EpochHistory {
     /// Builds a history from persisted entries, dropping any that start beyond `log_end` (their
     /// data was lost in a crash) and checking the order.
-    pub fn new(mut entries: Vec<(Epoch, Offset)>, log_end: Offset) -> Result<Self, String> {
+    pub fn new(
+        mut entries: Vec<(Epoch, Offset)>,
+        log_end: Offset,
+    ) -> Result<Self, EpochHistoryLoadError> {
         for pair in entries.windows(2) {
             if pair[0].0 >= pair[1].0 || pair[0].1 > pair[1].1 {
-                return Err(format!("epoch history out of order: {pair:?}"));
+                return Err(EpochHistoryLoadError::OutOfOrder(
+                    pair[0].0, pair[0].1, pair[1].0, pair[1].1,
+                ));
             }
         }
         entries.retain(|&(_, start)| start <= log_end);
         if entries.len() > EPOCH_HISTORY_ENTRIES_MAX {
-            return Err(format!(
-                "epoch history has {} entries (limit {EPOCH_HISTORY_ENTRIES_MAX})",
-                entries.len()
-            ));
+            return Err(EpochHistoryLoadError::TooMany {
+                count: entries.len(),
+                limit: EPOCH_HISTORY_ENTRIES_MAX,
+            });
         }
         Ok(EpochHistory { entries })
     }
@@ -53,28 +81,62 @@ impl EpochHistory {
             .map(|&(epoch, _)| epoch)
     }
 
-    /// Records that `epoch` starts at `start`. Returns false (and changes nothing) when the
-    /// epoch is not newer than the latest one.
-    pub fn begin(&mut self, epoch: Epoch, start: Offset) -> bool {
+    /// Records that `epoch` starts at `start`. Returns `Ok(false)` (and changes nothing) when
+    /// the epoch is not newer than the latest one. Epochs and offsets of fetched batches come
+    /// from the network, so a history that cannot take them is an error, not a crash.
+    pub fn begin(&mut self, epoch: Epoch, start: Offset) -> Result<bool, EpochHistoryError> {
         if let Some(&(latest, latest_start)) = self.entries.last() {
             if epoch <= latest {
-                return false;
+                return Ok(false);
             }
-            assert!(
-                start >= latest_start,
-                "epoch {epoch} starts at {start}, before epoch {latest} at {latest_start}"
-            );
+            if start < latest_start {
+                return Err(EpochHistoryError::StartsBeforeLatest {
+                    epoch,
+                    start,
+                    latest,
+                    latest_start,
+                });
+            }
             if start == latest_start {
                 // The previous epoch wrote nothing here: it no longer covers any offset.
                 self.entries.pop();
             }
         }
-        assert!(
-            self.entries.len() < EPOCH_HISTORY_ENTRIES_MAX,
-            "epoch history full"
-        );
+        if self.entries.len() >= EPOCH_HISTORY_ENTRIES_MAX {
+            return Err(EpochHistoryError::Full {
+                limit: EPOCH_HISTORY_ENTRIES_MAX,
+            });
+        }
         self.entries.push((epoch, start));
+        Ok(true)
+    }
+
+    /// Makes room for one more epoch when the history is full: first drops epochs that cover
+    /// nothing at or above `log_start` (retention deleted their data), then, if still full, the
+    /// oldest epoch. Forgetting an old epoch is safe, only slower: a follower whose last epoch
+    /// is older than every epoch kept here is answered `Diverging` at the log start and fetches
+    /// again from there; a follower that lacks it truncates to its own older epochs.
+    /// Returns whether anything was dropped.
+    pub fn make_room(&mut self, log_start: Offset) -> bool {
+        if self.entries.len() < EPOCH_HISTORY_ENTRIES_MAX {
+            return false;
+        }
+        // Keep the epoch that covers `log_start`: the last one starting at or below it.
+        let covering = self
+            .entries
+            .partition_point(|&(_, start)| start <= log_start);
+        let below = covering.saturating_sub(1);
+        if below > 0 {
+            self.entries.drain(..below);
+        } else {
+            self.entries.remove(0);
+        }
         true
+    }
+
+    /// Forgets every epoch (the log was emptied: nothing is covered any more).
+    pub fn clear(&mut self) {
+        self.entries.clear();
     }
 
     /// Drops the epochs that start at or above `to` after the log was truncated to `to`.
@@ -205,11 +267,11 @@ mod tests {
     #[test]
     fn begin_truncate_and_last_epoch() {
         let mut h = EpochHistory::default();
-        assert!(h.begin(Epoch(1), Offset(0)));
-        assert!(!h.begin(Epoch(1), Offset(5)));
-        assert!(h.begin(Epoch(2), Offset(5)));
+        assert_eq!(h.begin(Epoch(1), Offset(0)), Ok(true));
+        assert_eq!(h.begin(Epoch(1), Offset(5)), Ok(false));
+        assert_eq!(h.begin(Epoch(2), Offset(5)), Ok(true));
         // Epoch 3 starts where 2 did: 2 wrote nothing and disappears.
-        assert!(h.begin(Epoch(3), Offset(5)));
+        assert_eq!(h.begin(Epoch(3), Offset(5)), Ok(true));
         assert_eq!(h.entries(), &[(Epoch(1), Offset(0)), (Epoch(3), Offset(5))]);
         assert_eq!(h.last_epoch_below(Offset(5)), Some(Epoch(1)));
         assert_eq!(h.last_epoch_below(Offset(6)), Some(Epoch(3)));
@@ -218,14 +280,66 @@ mod tests {
         assert_eq!(h.latest(), Some(Epoch(1)));
     }
 
+    /// Regression: a full history used to be an assert, reachable from batches a leader sends
+    /// (each new epoch in a fetch reply begins an entry) and from a restart of a leader whose
+    /// persisted history was at the limit (a crash loop).
+    #[test]
+    fn a_full_history_is_an_error_and_make_room_frees_an_entry() {
+        let mut h = EpochHistory::default();
+        for i in 0..EPOCH_HISTORY_ENTRIES_MAX as u64 {
+            assert_eq!(h.begin(Epoch(i as u32 + 1), Offset(i * 10)), Ok(true));
+        }
+        let next = Epoch(EPOCH_HISTORY_ENTRIES_MAX as u32 + 1);
+        let at = Offset(EPOCH_HISTORY_ENTRIES_MAX as u64 * 10);
+        assert_eq!(
+            h.begin(next, at),
+            Err(EpochHistoryError::Full {
+                limit: EPOCH_HISTORY_ENTRIES_MAX
+            })
+        );
+        // Retention deleted everything below 35: epochs 1..=3 cover nothing any more.
+        assert!(h.make_room(Offset(35)));
+        assert_eq!(h.entries()[0], (Epoch(4), Offset(30)));
+        assert_eq!(h.begin(next, at), Ok(true));
+        for i in 1..=2u64 {
+            assert_eq!(h.begin(Epoch(next.0 + i as u32), at.plus(i)), Ok(true));
+        }
+        // Full again with nothing below the log start: the oldest epoch goes.
+        assert!(h.make_room(Offset(0)));
+        assert_eq!(h.entries()[0], (Epoch(5), Offset(40)));
+        assert!(!h.make_room(Offset(0)));
+        // A start before the latest epoch's is refused, not asserted.
+        assert!(matches!(
+            h.begin(Epoch(u32::MAX), Offset(1)),
+            Err(EpochHistoryError::StartsBeforeLatest { .. })
+        ));
+    }
+
     #[test]
     fn new_rejects_disorder_and_drops_lost_epochs() {
-        assert!(EpochHistory::new(
-            vec![(Epoch(2), Offset(0)), (Epoch(1), Offset(5))],
-            Offset(9)
-        )
-        .is_err());
+        assert_eq!(
+            EpochHistory::new(
+                vec![(Epoch(2), Offset(0)), (Epoch(1), Offset(5))],
+                Offset(9)
+            ),
+            Err(EpochHistoryLoadError::OutOfOrder(
+                Epoch(2),
+                Offset(0),
+                Epoch(1),
+                Offset(5)
+            ))
+        );
         let h = history(&[(1, 0), (2, 10)], 7);
         assert_eq!(h.entries(), &[(Epoch(1), Offset(0))]);
+        let too_many: Vec<_> = (0..=EPOCH_HISTORY_ENTRIES_MAX as u64)
+            .map(|i| (Epoch(i as u32 + 1), Offset(i)))
+            .collect();
+        assert_eq!(
+            EpochHistory::new(too_many, Offset(u64::MAX)),
+            Err(EpochHistoryLoadError::TooMany {
+                count: EPOCH_HISTORY_ENTRIES_MAX + 1,
+                limit: EPOCH_HISTORY_ENTRIES_MAX
+            })
+        );
     }
 }

@@ -8,8 +8,9 @@
 pub mod epochs;
 pub mod replica;
 
-pub use epochs::EpochHistory;
+pub use epochs::{EpochHistory, EpochHistoryError, EpochHistoryLoadError};
 pub use replica::{
     high_watermark, Ack, AckLevel, BatchInfo, BrokerId, FetchError, FetchReply, FetchRequest,
-    Input, LogState, Outbox, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+    Input, LogState, Outbox, Output, ProduceError, Replica, ReplicaConfig, ReplicaConfigError,
+    Role, WaiterId, CORRUPT_FETCH_BACKOFF_MS, REPLICAS_MAX, WAITERS_MAX,
 };

@@ -23,11 +23,38 @@ use crate::epochs::EpochHistory;
 /// A broker in the cluster.
 pub type BrokerId = u32;
 
-/// Produce waiters a leader holds at once. The driver bounds in-flight produce requests well
-/// below this; reaching it is a bug in the driver.
+/// Produces a leader holds at once, appended or about to be (pending appends plus waiters).
+/// Producers reach it with enough requests in flight, so beyond it a produce is refused with
+/// [`ProduceError::TooManyWaiters`] before anything is appended.
 pub const WAITERS_MAX: usize = 1 << 16;
 /// Replicas in one replica set.
 pub const REPLICAS_MAX: usize = 16;
+/// How long a follower waits before fetching a range again that the leader reported corrupt:
+/// the leader cannot serve it until repaired, and a tight retry would only load both brokers.
+pub const CORRUPT_FETCH_BACKOFF_MS: u64 = 5_000;
+
+/// Why a replica cannot be created (its configuration comes from topic metadata and its log
+/// state from recovery: both are input, so neither may crash the broker).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaConfigError {
+    #[error("the replica set is empty")]
+    NoReplicas,
+    #[error("the replica set has {count} replicas (limit {limit})")]
+    TooManyReplicas { count: usize, limit: usize },
+    #[error("broker {broker} is not in replica set {replicas:?}")]
+    NotAReplica {
+        broker: BrokerId,
+        replicas: Vec<BrokerId>,
+    },
+    #[error("broker {0} appears more than once in the replica set")]
+    DuplicateReplica(BrokerId),
+    #[error("log state out of order: start {log_start}, durable {durable}, end {end}")]
+    InvalidLogState {
+        log_start: Offset,
+        durable: Offset,
+        end: Offset,
+    },
+}
 
 /// How many replicas must hold a produce durably before it is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +127,8 @@ pub enum ProduceError {
         "leadership moved to epoch {epoch} before the batch was acknowledged; outcome unknown"
     )]
     LeaderChanged { epoch: Epoch },
+    #[error("{limit} produces already wait on this partition (WAITERS_MAX); nothing was appended")]
+    TooManyWaiters { limit: usize },
 }
 
 impl ProduceError {
@@ -143,6 +172,22 @@ pub enum FetchError {
     },
     #[error("broker {0} is not a replica of this partition")]
     UnknownReplica(BrokerId),
+    /// The follower reported offsets no follower of this leader can have: durable above
+    /// fetched, fetched above the leader's end, or (checked by the driver, which knows the
+    /// batches) an offset inside a batch.
+    #[error(
+        "invalid replica offsets: fetch offset {fetch_offset}, durable offset {durable_offset}, \
+         leader log end {log_end}"
+    )]
+    InvalidOffsets {
+        fetch_offset: Offset,
+        durable_offset: Offset,
+        log_end: Offset,
+    },
+    /// The leader's copy of the range starting at `offset` is corrupt: it cannot serve it
+    /// until that range is repaired.
+    #[error("the leader's data at offset {offset} is corrupt")]
+    CorruptData { offset: Offset },
 }
 
 /// One batch of a fetch reply, as the follower's driver decoded it from the bytes.
@@ -203,6 +248,12 @@ pub enum Input {
     /// below `durable` (truncation flushes what was staged below the cut, so this is usually
     /// `end`, and no later flush will report it).
     Truncated { end: Offset, durable: Offset },
+    /// Follower: the driver emptied the log as told by `ResetLog`: it now starts, ends and is
+    /// durable at `start`.
+    LogReset { start: Offset },
+    /// Retention deleted the log below `log_start`. A leader answers fetches below it with
+    /// `OffsetOutOfRange` (and accepts a follower's empty log starting there).
+    LogStartMoved { log_start: Offset },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -241,6 +292,10 @@ pub enum Output {
     AppendFetched { count: usize },
     /// Follower: truncate the log to `to` (a batch boundary), then report `Truncated`.
     Truncate { to: Offset },
+    /// Follower: the leader's log starts above this log's end (retention deleted what it would
+    /// fetch): discard the whole log durably, restart it empty at `start`, then report
+    /// `LogReset` (Kafka's truncate-fully-and-start-at).
+    ResetLog { start: Offset },
     /// Persist the epoch history before acting on later outputs (it changed).
     EpochHistoryChanged,
     /// The high watermark moved: wake consumers waiting for data.
@@ -298,6 +353,8 @@ enum FetchPhase {
         last_reply_empty: bool,
     },
     Truncating,
+    /// The driver empties the log (`ResetLog`).
+    Resetting,
     /// Fetch again at this time.
     Backoff {
         until_ms: u64,
@@ -329,19 +386,45 @@ pub struct Replica {
 
 impl Replica {
     /// A replica that neither leads nor follows until told to (`BecomeLeader`/`BecomeFollower`).
-    pub fn new(config: ReplicaConfig, log: LogState, epochs: EpochHistory, now_ms: u64) -> Replica {
-        assert!(!config.replicas.is_empty() && config.replicas.len() <= REPLICAS_MAX);
-        assert!(
-            config.replicas.contains(&config.broker_id),
-            "broker {} is not in replica set {:?}",
-            config.broker_id,
-            config.replicas
-        );
-        assert!(log.log_start <= log.durable && log.durable <= log.end);
+    /// Fails on a replica set or log state no replica can work with (a forged or damaged topic
+    /// must fail that partition, not crash the broker at every start).
+    pub fn new(
+        config: ReplicaConfig,
+        log: LogState,
+        epochs: EpochHistory,
+        now_ms: u64,
+    ) -> Result<Replica, ReplicaConfigError> {
+        if config.replicas.is_empty() {
+            return Err(ReplicaConfigError::NoReplicas);
+        }
+        if config.replicas.len() > REPLICAS_MAX {
+            return Err(ReplicaConfigError::TooManyReplicas {
+                count: config.replicas.len(),
+                limit: REPLICAS_MAX,
+            });
+        }
+        if !config.replicas.contains(&config.broker_id) {
+            return Err(ReplicaConfigError::NotAReplica {
+                broker: config.broker_id,
+                replicas: config.replicas,
+            });
+        }
+        for (i, r) in config.replicas.iter().enumerate() {
+            if config.replicas[..i].contains(r) {
+                return Err(ReplicaConfigError::DuplicateReplica(*r));
+            }
+        }
+        if !(log.log_start <= log.durable && log.durable <= log.end) {
+            return Err(ReplicaConfigError::InvalidLogState {
+                log_start: log.log_start,
+                durable: log.durable,
+                end: log.end,
+            });
+        }
         let mut config = config;
         config.min_insync_replicas = config.min_insync_replicas.clamp(1, config.replicas.len());
         let high_watermark = log.high_watermark.min(log.durable).max(log.log_start);
-        Replica {
+        Ok(Replica {
             epoch: epochs.latest().unwrap_or(Epoch(0)),
             role: Role::Follower {
                 leader: config.broker_id,
@@ -360,7 +443,7 @@ impl Replica {
             phase: FetchPhase::Idle,
             next_fetch_id: 1,
             leader_high_watermark: high_watermark,
-        }
+        })
     }
 
     pub fn role(&self) -> Role {
@@ -474,6 +557,25 @@ impl Replica {
                 self.phase = FetchPhase::Idle;
                 self.maybe_fetch(outbox);
             }
+            Input::LogStartMoved { log_start } => {
+                // Retention keeps the active segment: the start never passes the end.
+                self.log_start = self.log_start.max(log_start.min(self.end));
+            }
+            Input::LogReset { start } => {
+                assert_eq!(self.phase, FetchPhase::Resetting, "unexpected log reset");
+                self.log_start = start;
+                self.end = start;
+                self.durable = start;
+                // Nothing is left for any epoch to cover; the next batches begin entries again.
+                if !self.epochs.entries().is_empty() {
+                    self.epochs.clear();
+                    outbox.push(Output::EpochHistoryChanged);
+                }
+                // The high watermark stays where it was (possibly below the new start): only
+                // the leader's next answer moves it, so it never runs ahead of the leader's.
+                self.phase = FetchPhase::Idle;
+                self.maybe_fetch(outbox);
+            }
         }
     }
 
@@ -521,17 +623,24 @@ impl Replica {
             "leader outside its ISR"
         );
         assert!(isr.iter().all(|r| self.config.replicas.contains(r)));
-        if self.phase == FetchPhase::Truncating
-            || matches!(self.phase, FetchPhase::Appending { .. })
-        {
+        if matches!(
+            self.phase,
+            FetchPhase::Truncating | FetchPhase::Resetting | FetchPhase::Appending { .. }
+        ) {
             // The driver finishes the operation in progress before acting on this input.
             panic!("BecomeLeader while the follower log is being changed");
         }
         self.fail_waiters(epoch, outbox);
         self.role = Role::Leader;
         self.epoch = epoch;
-        if self.epochs.begin(epoch, self.end) {
-            outbox.push(Output::EpochHistoryChanged);
+        // A history at its limit (persisted so, say) must not stop a leader from starting:
+        // forgetting old epochs only makes followers that still have them fetch again.
+        self.epochs.make_room(self.log_start);
+        match self.epochs.begin(epoch, self.end) {
+            Ok(true) => outbox.push(Output::EpochHistoryChanged),
+            Ok(false) => {}
+            // Entries never start beyond the log end (dropped at recovery and truncation).
+            Err(error) => panic!("cannot begin epoch {epoch} at {}: {error}", self.end),
         }
         self.phase = FetchPhase::Idle;
         let now = self.now_ms;
@@ -582,6 +691,7 @@ impl Replica {
             // Let the log operation in progress finish; the next fetch uses the new epoch.
             FetchPhase::Appending { .. }
             | FetchPhase::Truncating
+            | FetchPhase::Resetting
             | FetchPhase::AwaitingFlush { .. } => {}
             _ => self.phase = FetchPhase::Idle,
         }
@@ -608,6 +718,19 @@ impl Replica {
         }
     }
 
+    /// In-sync replicas (the leader included) an ack level needs: what it counts, and never
+    /// fewer than `min_insync_replicas` for the levels that wait for followers (DESIGN §1:
+    /// below it `quorum`, `N` and `all` are refused, they never silently degrade).
+    fn isr_needed(&self, acks: AckLevel) -> Result<usize, ProduceError> {
+        let required = self.required(acks)?;
+        Ok(match acks {
+            AckLevel::None | AckLevel::Leader => required,
+            AckLevel::Quorum | AckLevel::Replicas(_) | AckLevel::All => {
+                required.max(self.config.min_insync_replicas)
+            }
+        })
+    }
+
     fn on_produce(
         &mut self,
         waiter: WaiterId,
@@ -620,12 +743,14 @@ impl Replica {
                 leader: (leader != self.config.broker_id).then_some(leader),
                 epoch: self.epoch,
             }),
-            Role::Leader => self.required(acks).and_then(|required| {
+            Role::Leader => self.isr_needed(acks).and_then(|required| {
                 if self.isr.len() < required {
                     Err(ProduceError::NotEnoughReplicas {
                         required,
                         in_sync: self.isr.len(),
                     })
+                } else if self.pending.len() + self.waiters.len() >= WAITERS_MAX {
+                    Err(ProduceError::TooManyWaiters { limit: WAITERS_MAX })
                 } else {
                     Ok(())
                 }
@@ -633,7 +758,6 @@ impl Replica {
         };
         match result {
             Ok(()) => {
-                assert!(self.pending.len() < WAITERS_MAX, "too many appends pending");
                 let previous = self.pending.insert(waiter, (acks, deadline_ms));
                 assert!(previous.is_none(), "waiter id {waiter:?} reused");
                 outbox.push(Output::Append {
@@ -673,6 +797,7 @@ impl Replica {
         );
         assert!(next_offset > base_offset);
         self.end = next_offset;
+        // `on_produce` admits no more than WAITERS_MAX pending appends and waiters together.
         assert!(self.waiters.len() < WAITERS_MAX, "too many produce waiters");
         self.waiters.push(ProduceWaiter {
             id: waiter,
@@ -706,26 +831,36 @@ impl Replica {
         }
     }
 
-    fn on_fetch_request(&mut self, request: FetchRequest, outbox: &mut Outbox) {
-        let reject = |error| Output::RejectFetch {
-            replica: request.replica,
-            fetch_id: request.fetch_id,
-            error,
-        };
+    /// Leader: whether `request` would be served, without changing anything. The driver calls
+    /// it to know whether the offsets are worth checking against the log's batches (a diverging
+    /// follower's offsets mean nothing in this log); `step` checks the same.
+    pub fn validate_fetch(&self, request: &FetchRequest) -> Result<(), FetchError> {
         if !self.is_leader() {
-            outbox.push(reject(FetchError::NotLeader { epoch: self.epoch }));
-            return;
+            return Err(FetchError::NotLeader { epoch: self.epoch });
         }
         if request.leader_epoch != self.epoch {
-            outbox.push(reject(FetchError::FencedEpoch {
+            return Err(FetchError::FencedEpoch {
                 requested: request.leader_epoch,
                 current: self.epoch,
-            }));
-            return;
+            });
         }
         if !self.followers.contains_key(&request.replica) {
-            outbox.push(reject(FetchError::UnknownReplica(request.replica)));
-            return;
+            return Err(FetchError::UnknownReplica(request.replica));
+        }
+        let invalid = FetchError::InvalidOffsets {
+            fetch_offset: request.fetch_offset,
+            durable_offset: request.durable_offset,
+            log_end: self.end,
+        };
+        // A follower holds what it made durable: durable above fetched is a forged or broken
+        // report, and counting it would move the HW over data the follower does not have.
+        if request.durable_offset > request.fetch_offset {
+            return Err(invalid);
+        }
+        // Only this leader writes its epoch, so a follower's copy of it is a prefix of ours;
+        // anything longer is not divergence but a false report.
+        if request.last_fetched_epoch == Some(self.epoch) && request.fetch_offset > self.end {
+            return Err(invalid);
         }
         if let Some(last_epoch) = request.last_fetched_epoch {
             let diverging = match self.epochs.end_of(last_epoch, self.end) {
@@ -741,28 +876,39 @@ impl Replica {
                 None => Some((last_epoch, self.log_start)),
             };
             if let Some((epoch, end_offset)) = diverging {
-                outbox.push(reject(FetchError::Diverging { epoch, end_offset }));
-                return;
+                return Err(FetchError::Diverging { epoch, end_offset });
             }
         } else if request.fetch_offset > self.log_start {
             // No epoch for a non-empty log is a malformed request: treat it as diverging.
-            outbox.push(reject(FetchError::Diverging {
+            return Err(FetchError::Diverging {
                 epoch: Epoch(0),
                 end_offset: self.log_start,
-            }));
-            return;
+            });
         }
         if request.fetch_offset < self.log_start {
-            outbox.push(reject(FetchError::OffsetOutOfRange {
+            return Err(FetchError::OffsetOutOfRange {
                 requested: request.fetch_offset,
                 log_start: self.log_start,
-            }));
+            });
+        }
+        // The epoch check bounds the fetch offset by our end; kept as a check, not an assert,
+        // because every field here comes from the network.
+        if request.fetch_offset > self.end {
+            return Err(invalid);
+        }
+        Ok(())
+    }
+
+    fn on_fetch_request(&mut self, request: FetchRequest, outbox: &mut Outbox) {
+        if let Err(error) = self.validate_fetch(&request) {
+            // Rejected: no progress, HW or ISR change.
+            outbox.push(Output::RejectFetch {
+                replica: request.replica,
+                fetch_id: request.fetch_id,
+                error,
+            });
             return;
         }
-        assert!(
-            request.fetch_offset <= self.end,
-            "epoch check let an overlong log through"
-        );
         let now = self.now_ms;
         let end = self.end;
         let high_watermark = self.high_watermark;
@@ -771,7 +917,7 @@ impl Replica {
             .get_mut(&request.replica)
             .expect("checked above");
         progress.fetch_offset = request.fetch_offset;
-        progress.durable_offset = request.durable_offset.min(request.fetch_offset);
+        progress.durable_offset = request.durable_offset;
         progress.fetched_this_epoch = true;
         if request.fetch_offset >= end {
             progress.last_caught_up_ms = now;
@@ -850,7 +996,13 @@ impl Replica {
                         history_changed = true;
                     }
                     if self.epochs.latest().is_none_or(|e| batch.leader_epoch > e) {
-                        history_changed |= self.epochs.begin(batch.leader_epoch, batch.base_offset);
+                        self.epochs.make_room(self.log_start);
+                        match self.epochs.begin(batch.leader_epoch, batch.base_offset) {
+                            Ok(changed) => history_changed |= changed,
+                            // Batches start at our end, above every entry: cannot happen, but
+                            // the epochs come from the network, so stop here rather than crash.
+                            Err(_) => break,
+                        }
                     } else if self.epochs.latest().is_some_and(|e| batch.leader_epoch < e) {
                         break; // Epochs never go back inside a log.
                     }
@@ -887,12 +1039,33 @@ impl Replica {
                 if to < self.end {
                     self.phase = FetchPhase::Truncating;
                     outbox.push(Output::Truncate { to });
+                } else if self.log_start == self.end && end_offset < self.log_start {
+                    // Nothing left to truncate, and the leader wants this log to start lower
+                    // than it does (an empty log reset at a start another leader's log is
+                    // below): start again where the leader says.
+                    self.phase = FetchPhase::Resetting;
+                    outbox.push(Output::ResetLog { start: end_offset });
                 } else {
                     // Nothing above the point: the leader's answer was for an older state.
                     self.phase = FetchPhase::Backoff {
                         until_ms: self.now_ms + self.config.fetch_backoff_ms,
                     };
                 }
+            }
+            FetchReply::Error(FetchError::OffsetOutOfRange { log_start, .. })
+                if log_start > self.end =>
+            {
+                // Retention on the leader deleted what this log would fetch next: nothing of
+                // it can be copied, so drop the whole log and start at the leader's log start.
+                self.phase = FetchPhase::Resetting;
+                outbox.push(Output::ResetLog { start: log_start });
+            }
+            FetchReply::Error(FetchError::CorruptData { .. }) => {
+                // The leader cannot serve this range until it is repaired: ask again slowly.
+                self.phase = FetchPhase::Backoff {
+                    until_ms: self.now_ms
+                        + CORRUPT_FETCH_BACKOFF_MS.max(self.config.fetch_backoff_ms),
+                };
             }
             FetchReply::Error(_) => {
                 self.phase = FetchPhase::Backoff {
@@ -1010,21 +1183,24 @@ impl Replica {
             let waiter = self.waiters[index];
             let durable_replicas = self.durable_count(waiter.next_offset);
             let required = self.required(waiter.acks).unwrap_or(usize::MAX);
+            let isr_needed = self.isr_needed(waiter.acks).unwrap_or(usize::MAX);
+            let stranded = Some(Err(ProduceError::NotEnoughReplicasAfterAppend {
+                required: isr_needed,
+                in_sync,
+            }));
             let result = match waiter.acks {
                 AckLevel::None => Some(Ok(())),
                 AckLevel::Leader => (self.durable >= waiter.next_offset).then_some(Ok(())),
+                // Checked before the count: an ack given while fewer than min_insync_replicas
+                // are in sync would promise more than the ISR can keep.
+                AckLevel::Quorum | AckLevel::Replicas(_) if in_sync < isr_needed => stranded,
                 // The leader must hold it too: a static leader that restarts (or, with the
                 // controller, a leader elected from the ISR) keeps what it holds.
                 AckLevel::Quorum | AckLevel::Replicas(_) => (self.durable >= waiter.next_offset
                     && usize::from(durable_replicas) >= required)
                     .then_some(Ok(())),
                 AckLevel::All if self.high_watermark >= waiter.next_offset => Some(Ok(())),
-                AckLevel::All if in_sync < required => {
-                    Some(Err(ProduceError::NotEnoughReplicasAfterAppend {
-                        required,
-                        in_sync,
-                    }))
-                }
+                AckLevel::All if in_sync < isr_needed => stranded,
                 AckLevel::All => None,
             };
             match result {

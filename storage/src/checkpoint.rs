@@ -15,8 +15,10 @@
 //!  +------+----+-----+------+-----------+-----------+--------------+-----------+------------+
 //! ```
 //!
-//! `state` is `Normal` or `Truncating`: a suffix truncation writes `Truncating` first, so a crash
-//! in the middle of it finishes the truncation on recovery instead of resurrecting the suffix.
+//! `state` is `Normal`, `Truncating` or `Resetting`: a suffix truncation writes `Truncating`
+//! first, so a crash in the middle of it finishes the truncation on recovery instead of
+//! resurrecting the suffix; a reset (the whole log discarded, restarted empty at
+//! `next_offset`) writes `Resetting` first, so recovery removes every segment file left.
 
 use crate::disk::PAGE_BYTES;
 use crate::ids::Offset;
@@ -33,6 +35,8 @@ pub enum CheckpointState {
     Normal,
     /// A suffix truncation to (`segment_base`, `position`) was in progress.
     Truncating,
+    /// A reset was in progress: every segment goes, the log restarts empty at `next_offset`.
+    Resetting,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +65,7 @@ impl Checkpoint {
         let state: u16 = match self.state {
             CheckpointState::Normal => 0,
             CheckpointState::Truncating => 1,
+            CheckpointState::Resetting => 2,
         };
         page[6..8].copy_from_slice(&state.to_le_bytes());
         page[16..24].copy_from_slice(&self.sequence.to_le_bytes());
@@ -94,6 +99,7 @@ impl Checkpoint {
         let state = match u16::from_le_bytes([page[6], page[7]]) {
             0 => CheckpointState::Normal,
             1 => CheckpointState::Truncating,
+            2 => CheckpointState::Resetting,
             _ => return None,
         };
         Some(Checkpoint {

@@ -21,5 +21,5 @@ mod read;
 pub mod recovery;
 
 pub use ids::{Epoch, Offset, ProducerId};
-pub use log::{AppendMode, Appended, LogConfig, PartitionLog};
+pub use log::{AppendMode, Appended, LogConfig, PartitionLog, ResetError};
 pub use recovery::{OpenError, RecoveryReport};

@@ -204,6 +204,14 @@ pub enum ReadError {
 }
 
 #[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("log is poisoned after an earlier I/O error ({0}); restart to recover")]
+    Poisoned(String),
+    #[error(transparent)]
+    Io(#[from] LogIoError),
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum TruncateError {
     #[error("log is poisoned after an earlier I/O error ({0}); restart to recover")]
     Poisoned(String),
@@ -320,7 +328,7 @@ pub fn index_file_name(base_offset: Offset) -> String {
 
 pub use crate::flush::{FlushJob, FlushOutcome};
 use crate::flush::{SegmentCreate, SegmentWrite};
-pub use crate::read::{DiskRead, LogRead, ReadPlan};
+pub use crate::read::{BoundaryCheck, DiskRead, LogRead, ReadPlan};
 
 /// Flushes that may be in flight at once: one syncing while the next one writes.
 pub const FLUSHES_IN_FLIGHT_MAX: usize = 2;
@@ -1198,6 +1206,80 @@ impl<D: Disk> PartitionLog<D> {
         });
         self.staged_batches.clear();
         self.forget_recent();
+        checkpoint.sequence += 1;
+        checkpoint.state = CheckpointState::Normal;
+        write_checkpoint(&*self.disk, &self.checkpoint_file, &checkpoint).await?;
+        self.checkpoint_durable = Some(checkpoint);
+        self.checkpoint_planned = Some(checkpoint);
+        Ok(())
+    }
+
+    /// Discards every segment and restarts the log empty at `start` (log start = end = durable
+    /// = `start`), durably: a follower whose leader deleted (retention) everything it would
+    /// fetch next starts again at the leader's log start. Staged data is dropped, not flushed.
+    ///
+    /// Crash safety: a `Resetting` checkpoint naming `start` is synced first; recovery that sees
+    /// it removes every segment file left and opens the log empty at `start`. Then the segment
+    /// files go, then a `Normal` checkpoint at `start` (position 0) is synced: recovery that
+    /// finds no segment opens the log empty at the checkpoint's offset. So a crash at any point
+    /// yields either the old log or the empty one, never a mix.
+    pub async fn reset(&mut self, start: Offset, now_ms: u64) -> Result<(), ResetError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(ResetError::Poisoned(reason.clone()));
+        }
+        assert!(
+            self.flush_targets.is_empty(),
+            "reset with flushes in flight: complete them first"
+        );
+        let result = self.reset_files(start).await;
+        match &result {
+            Ok(()) => {
+                self.segments = vec![Segment::new(
+                    start,
+                    self.config.index_interval_bytes,
+                    now_ms,
+                )];
+                self.log_start = start;
+                self.durable = LogPoint {
+                    segment_base: start,
+                    position: 0,
+                    next_offset: start,
+                };
+                self.staged.clear();
+                self.staged_bytes = 0;
+                self.staged_batches.clear();
+                self.forget_recent();
+                self.tail_page = None;
+                self.writes_done = None;
+                self.corrupt.clear();
+            }
+            Err(error) => self.poisoned = Some(error.to_string()),
+        }
+        result.map_err(ResetError::Io)
+    }
+
+    /// The file side of [`PartitionLog::reset`].
+    async fn reset_files(&mut self, start: Offset) -> Result<(), LogIoError> {
+        let mut checkpoint = Checkpoint {
+            sequence: self.next_checkpoint_sequence(),
+            state: CheckpointState::Resetting,
+            segment_base: start,
+            position: 0,
+            next_offset: start,
+        };
+        write_checkpoint(&*self.disk, &self.checkpoint_file, &checkpoint).await?;
+        self.checkpoint_durable = Some(checkpoint);
+        self.checkpoint_planned = Some(checkpoint);
+        // The segments stay in memory until the files are gone: a failure here poisons the log,
+        // which must still answer its offsets.
+        let bases: Vec<Offset> = self.segments.iter().map(|s| s.base_offset).collect();
+        for base in bases {
+            remove_segment_files(&*self.disk, base).await?;
+        }
+        self.disk
+            .sync_dir()
+            .await
+            .map_err(io_context("fsync directory", "."))?;
         checkpoint.sequence += 1;
         checkpoint.state = CheckpointState::Normal;
         write_checkpoint(&*self.disk, &self.checkpoint_file, &checkpoint).await?;

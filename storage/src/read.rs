@@ -1,6 +1,7 @@
 //! The read path of a partition log: whole batches from memory (staged) or disk (durable),
 //! planned synchronously and executed without borrowing the log.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use rkyv::util::AlignedVec;
@@ -8,7 +9,7 @@ use rkyv::util::AlignedVec;
 use crate::batch::{self, BatchError, BATCH_ALIGNMENT_BYTES};
 use crate::disk::{page_ceil, page_floor, Disk, DiskFile, PAGE_BYTES};
 use crate::ids::Offset;
-use crate::log::{io_context, segment_file_name, PartitionLog, ReadError};
+use crate::log::{io_context, segment_file_name, PartitionLog, ReadError, StagedBatch};
 
 /// Bytes returned by a read: whole batches, starting with the one that holds the requested
 /// offset. Empty when there is nothing (yet) to read at that offset.
@@ -113,7 +114,54 @@ fn check_contiguous(bytes: &[u8], from: Offset) -> Result<(), ReadError> {
     Ok(())
 }
 
+/// Whether a batch starts at an offset: known from memory, or the read that tells.
+pub enum BoundaryCheck<F: DiskFile> {
+    Known(bool),
+    /// Read the batch holding the offset: a batch starts there exactly when it starts there.
+    Read {
+        offset: Offset,
+        plan: ReadPlan<F>,
+    },
+}
+
+impl<F: DiskFile> BoundaryCheck<F> {
+    /// Resolves the check, reading if needed (without the log borrowed). `None` when the
+    /// batch cannot be read yet (in a flush in flight whose buffers are not kept: see
+    /// `LogConfig::recent_bytes_max`).
+    pub async fn resolve(self) -> Result<Option<bool>, ReadError> {
+        match self {
+            BoundaryCheck::Known(known) => Ok(Some(known)),
+            BoundaryCheck::Read { offset, plan } => {
+                let read = plan.execute().await?;
+                if read.bytes().is_empty() {
+                    return Ok(None);
+                }
+                match batch::decode_header(read.bytes()) {
+                    Ok(header) => Ok(Some(header.base_offset == offset)),
+                    Err(error) => Err(ReadError::Corrupt {
+                        from: offset,
+                        to: offset.plus(1),
+                        detail: error.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+}
+
 impl<D: Disk> PartitionLog<D> {
+    /// The synchronous half of "does a batch start at `offset`?": [`PartitionLog::batch_boundary`]
+    /// when memory tells, else the read to perform ([`BoundaryCheck::resolve`]).
+    pub fn plan_boundary_check(&self, offset: Offset) -> Result<BoundaryCheck<D::File>, ReadError> {
+        match self.batch_boundary(offset) {
+            Some(known) => Ok(BoundaryCheck::Known(known)),
+            None => Ok(BoundaryCheck::Read {
+                offset,
+                plan: self.plan_read(offset, 1)?,
+            }),
+        }
+    }
+
     /// Reads whole batches starting with the one holding `from`, up to about `max_bytes` (at
     /// least one batch, so a consumer always progresses). The newest data comes from memory:
     /// staged batches, and those in flushes in flight or flushed recently while their buffers are
@@ -129,6 +177,45 @@ impl<D: Disk> PartitionLog<D> {
         max_bytes: usize,
     ) -> Result<LogRead<<D::File as DiskFile>::ReadBuffer>, ReadError> {
         self.plan_read(from, max_bytes)?.execute().await
+    }
+
+    /// Whether a batch starts at `offset` (the log end counts), as far as the log knows without
+    /// reading: `Some(true)` or `Some(false)` when segment bases, index entries or the batches
+    /// in memory (staged and recent) tell, `None` when only reading the batch at `offset` can
+    /// (the first batch a read from `offset` returns starts there exactly when it is one).
+    /// A leader checks followers' reported offsets with it.
+    pub fn batch_boundary(&self, offset: Offset) -> Option<bool> {
+        let end = self.end_offset();
+        if offset == end {
+            return Some(true);
+        }
+        if offset < self.log_start || offset > end {
+            return Some(false);
+        }
+        let in_memory = |batches: &VecDeque<StagedBatch>| {
+            let at = batches.partition_point(|b| b.next_offset <= offset);
+            batches
+                .get(at)
+                .filter(|b| b.base_offset <= offset)
+                .map(|b| b.base_offset == offset)
+        };
+        if let Some(known) =
+            in_memory(&self.recent_batches).or_else(|| in_memory(&self.staged_batches))
+        {
+            return Some(known);
+        }
+        let at = self.segments.partition_point(|s| s.base_offset <= offset);
+        let segment = &self.segments[at.checked_sub(1)?];
+        if segment.base_offset == offset {
+            return Some(true);
+        }
+        let relative = u32::try_from(offset.0 - segment.base_offset.0).ok()?;
+        let entries = segment.index.entries();
+        let indexed = entries.partition_point(|e| e.relative_offset < relative);
+        entries
+            .get(indexed)
+            .filter(|e| e.relative_offset == relative)
+            .map(|_| true)
     }
 
     /// The synchronous half of a read: checks the range and either answers from memory or

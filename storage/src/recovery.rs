@@ -55,6 +55,8 @@ pub struct RecoveryReport {
     pub corrupt: Vec<CorruptRange>,
     /// An interrupted suffix truncation was completed.
     pub finished_truncation: bool,
+    /// An interrupted reset (`PartitionLog::reset`) was completed: every segment was removed.
+    pub finished_reset: bool,
 }
 
 /// Durable knowledge about one segment being scanned.
@@ -363,6 +365,17 @@ impl<D: Disk> PartitionLog<D> {
         let mut report = RecoveryReport::default();
         let mut bases = segment_bases(&names);
 
+        // An interrupted reset is finished first: no segment survives it.
+        if checkpoint.is_some_and(|c| c.state == CheckpointState::Resetting) {
+            for base in bases.drain(..) {
+                remove_segment_files(&*disk, base).await?;
+                report.removed_segments.push(base);
+            }
+            disk.sync_dir()
+                .await
+                .map_err(io_context("fsync directory", "."))?;
+            report.finished_reset = true;
+        }
         // An interrupted truncation is finished before anything else looks at the segments.
         let truncation = checkpoint.filter(|c| c.state == CheckpointState::Truncating);
         if let Some(truncating) = truncation {

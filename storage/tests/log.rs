@@ -930,3 +930,192 @@ fn kept_buffers_count_with_the_memory_they_hold() {
         "ten small flushes hold ten staging buffers: the oldest are read from disk"
     );
 }
+
+#[test]
+fn batch_boundary_is_known_from_memory_bases_and_the_index_else_unknown() {
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    for tag in 0..120 {
+        log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    // Staged: every batch start is known, and every offset inside a batch.
+    assert_eq!(log.batch_boundary(Offset(0)), Some(true));
+    assert_eq!(log.batch_boundary(Offset(10)), Some(true));
+    assert_eq!(log.batch_boundary(Offset(11)), Some(false));
+    assert_eq!(log.batch_boundary(Offset(240)), Some(true), "the log end");
+    assert_eq!(
+        log.batch_boundary(Offset(241)),
+        Some(false),
+        "beyond the end"
+    );
+    block_on(log.flush()).expect("flush");
+    drop(log);
+    // After a restart nothing is in memory: segment bases and index entries are known, any
+    // other offset needs a read.
+    let (log, _) = open(&disk, small_config());
+    let bases = log.segment_bases();
+    assert!(bases.len() > 2);
+    for base in &bases {
+        assert_eq!(log.batch_boundary(*base), Some(true));
+    }
+    let inside = bases[1].plus(1);
+    assert_eq!(log.batch_boundary(inside), None);
+    // The read resolves it: offset `inside` lies in the batch starting at `bases[1]`.
+    let check = log.plan_boundary_check(inside).expect("in range");
+    assert_eq!(block_on(check.resolve()).expect("read"), Some(false));
+    let next_batch = bases[1].plus(2);
+    let check = log.plan_boundary_check(next_batch).expect("in range");
+    assert_eq!(block_on(check.resolve()).expect("read"), Some(true));
+    assert!(log
+        .plan_boundary_check(Offset(300))
+        .is_ok_and(|c| matches!(c, wharf_storage::log::BoundaryCheck::Known(false))));
+    assert_eq!(log.batch_boundary(Offset(240)), Some(true));
+    assert_eq!(log.batch_boundary(Offset(300)), Some(false));
+}
+
+#[test]
+fn reset_restarts_the_log_empty_at_a_start_and_survives_a_crash() {
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    for tag in 0..60 {
+        log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    block_on(log.flush()).expect("flush");
+    // Staged data is dropped with the rest.
+    log.append(&mut make_batch(2, 900, 99, 0), EPOCH, 0)
+        .expect("append");
+    let start = Offset(1000);
+    block_on(log.reset(start, 0)).expect("reset");
+    assert_eq!(log.log_start_offset(), start);
+    assert_eq!(log.end_offset(), start);
+    assert_eq!(log.durable_offset(), start);
+    assert_eq!(log.segment_count(), 1);
+    assert!(read_all(&log).is_empty());
+    // Crash right after the reset: the log reopens empty at `start`.
+    disk.crash(CrashMode::LoseUnsynced);
+    drop(log);
+    let (mut log, report) = open(&disk, small_config());
+    assert!(report.corrupt.is_empty(), "{report:?}");
+    assert_eq!(
+        (log.log_start_offset(), log.end_offset()),
+        (start, start),
+        "{report:?}"
+    );
+    // Replicated batches continue at `start`.
+    for tag in 0..5u64 {
+        log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    block_on(log.flush()).expect("flush");
+    let expected = read_all(&log);
+    assert_eq!(expected[0].0, start);
+    drop(log);
+    disk.crash(CrashMode::LoseUnsynced);
+    let (log, _) = open(&disk, small_config());
+    assert_eq!(log.log_start_offset(), start);
+    assert_eq!(log.end_offset(), start.plus(10));
+    assert_same_batches(&read_all(&log), &expected);
+}
+
+#[test]
+fn interrupted_reset_yields_the_old_log_or_the_empty_one() {
+    // Fail each sync of the reset in turn (checkpoint, directory, checkpoint), then crash with
+    // random loss (each unsynced removal kept or lost): recovery must see either the old log
+    // whole or the empty log at `start`, never some segments without the others.
+    let start = Offset(1000);
+    for (fail_at, seed) in (1..5u64).flat_map(|f| (0..16u64).map(move |s| (f, s))) {
+        println!("fail_at {fail_at} seed {seed}");
+        let disk = MemDisk::new();
+        let (mut log, _) = open(&disk, small_config());
+        for tag in 0..60 {
+            log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+                .expect("append");
+        }
+        block_on(log.flush()).expect("flush");
+        let old = read_all(&log);
+        disk.fail_syncs_after(Some(fail_at));
+        let result = block_on(log.reset(start, 0));
+        disk.fail_syncs_after(None);
+        if result.is_err() {
+            assert!(log.poisoned().is_some(), "a failed reset poisons the log");
+        }
+        drop(log);
+        disk.crash(CrashMode::Random {
+            seed,
+            tear_bytes: wharf_storage::mem_disk::SECTOR_BYTES,
+        });
+        let (log, report) = open(&disk, small_config());
+        assert!(report.corrupt.is_empty(), "fail_at {fail_at}: {report:?}");
+        let reset = (log.log_start_offset(), log.end_offset()) == (start, start);
+        assert!(
+            reset || (result.is_err() && log.log_start_offset() == Offset(0)),
+            "fail_at {fail_at}: [{}, {}) {result:?} {report:?}",
+            log.log_start_offset(),
+            log.end_offset()
+        );
+        if report.finished_reset || result.is_ok() {
+            assert!(reset, "fail_at {fail_at}: {report:?}");
+        }
+        if !reset {
+            assert_same_batches(&read_all(&log), &old);
+        }
+    }
+}
+
+/// A crash in the middle of a reset: the `Resetting` checkpoint is durable and the first
+/// segment's removal too, the others not. Recovery must finish the reset (an empty log at its
+/// offset), not open the remaining segments as a log that starts at the second segment.
+#[test]
+fn recovery_finishes_a_reset_interrupted_after_some_removals() {
+    use wharf_storage::checkpoint::{Checkpoint, CheckpointState, CHECKPOINT_FILE_NAME};
+    use wharf_storage::disk::{Disk, DiskFile, PAGE_BYTES};
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    for tag in 0..120 {
+        log.append(&mut make_batch(2, 900, tag, 0), EPOCH, 0)
+            .expect("append");
+    }
+    block_on(log.flush()).expect("flush");
+    let bases = log.segment_bases();
+    assert!(bases.len() >= 3, "{bases:?}");
+    drop(log);
+    // Newer than any checkpoint the log wrote (rolls write them), so recovery takes it.
+    let sequence = disk
+        .contents(CHECKPOINT_FILE_NAME)
+        .and_then(|bytes| Checkpoint::decode_file(&bytes))
+        .map_or(1, |c| c.sequence + 1);
+    let start = Offset(1000);
+    let resetting = Checkpoint {
+        sequence,
+        state: CheckpointState::Resetting,
+        segment_base: start,
+        position: 0,
+        next_offset: start,
+    };
+    block_on(async {
+        let file = disk.open(CHECKPOINT_FILE_NAME).await.expect("open");
+        let mut buffer = disk.alloc_buffer(PAGE_BYTES);
+        buffer.as_mut().copy_from_slice(&resetting.encode());
+        file.write_at(buffer, (resetting.slot() * PAGE_BYTES) as u64)
+            .await
+            .expect("write");
+        file.sync().await.expect("sync");
+        disk.remove(&segment_file_name(bases[0]))
+            .await
+            .expect("remove");
+        disk.sync_dir().await.expect("sync dir");
+    });
+    let (log, report) = open(&disk, small_config());
+    assert!(report.finished_reset, "{report:?}");
+    assert!(report.corrupt.is_empty(), "{report:?}");
+    assert_eq!((log.log_start_offset(), log.end_offset()), (start, start));
+    assert!(
+        disk.file_names()
+            .iter()
+            .all(|n| !n.ends_with(".log") && !n.ends_with(".index")),
+        "{:?}",
+        disk.file_names()
+    );
+}

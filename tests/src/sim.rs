@@ -23,8 +23,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rkyv::util::AlignedVec;
 use wharf_replication::{
-    AckLevel, BatchInfo, BrokerId, EpochHistory, FetchReply, FetchRequest, Input, LogState, Output,
-    ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+    AckLevel, BatchInfo, BrokerId, EpochHistory, FetchError, FetchReply, FetchRequest, Input,
+    LogState, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
 };
 use wharf_storage::batch;
 use wharf_storage::conformance::make_batch;
@@ -40,6 +40,9 @@ const FETCH_WAIT_MS: u64 = 20;
 const SETTLE_STEPS_MAX: usize = 20_000;
 /// Produces in flight from the simulated client.
 const PRODUCES_IN_FLIGHT_MAX: usize = 32;
+/// What retention keeps of a leader's log when a run applies it (`retention_per_mille`): a few
+/// segments, so followers that were down a while fall below the leader's log start.
+const RETENTION_BYTES_MAX: u64 = 192 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -56,6 +59,10 @@ pub struct SimConfig {
     pub partition_per_mille: u32,
     pub leader_move_per_mille: u32,
     pub produce_per_mille: u32,
+    /// Per-step chance that the leader applies retention (only while everything it holds is
+    /// committed, so it deletes nothing above the HW). 0 draws nothing from the RNG, so runs
+    /// without retention replay as before.
+    pub retention_per_mille: u32,
     /// Print every step's events.
     pub trace: bool,
 }
@@ -74,6 +81,7 @@ impl SimConfig {
             partition_per_mille: 6,
             leader_move_per_mille: 4,
             produce_per_mille: 400,
+            retention_per_mille: 0,
             trace: false,
         }
     }
@@ -88,6 +96,10 @@ pub struct SimReport {
     pub crashes: usize,
     pub leader_changes: usize,
     pub truncations: usize,
+    /// Segments the leaders' retention deleted.
+    pub retention_deletes: usize,
+    /// Follower logs emptied to restart at the leader's log start (`ResetLog`).
+    pub resets: usize,
     pub final_end_offset: u64,
 }
 
@@ -96,18 +108,24 @@ pub struct SimFailure {
     pub seed: u64,
     pub step: usize,
     pub message: String,
+    /// The run's `SimConfig::retention_per_mille` (part of the replay command).
+    pub retention_per_mille: u32,
 }
 
 impl std::fmt::Display for SimFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {})",
+            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {}{})",
             self.seed,
             self.step,
             self.message,
             self.seed,
-            self.step + 1
+            self.step + 1,
+            match self.retention_per_mille {
+                0 => String::new(),
+                r => format!(" --retention-per-mille {r}"),
+            }
         )
     }
 }
@@ -201,6 +219,11 @@ fn log_config() -> LogConfig {
         staged_bytes_max: 16 * 1024 * 1024,
         // Small, so reads come from both memory (recent batches) and disk.
         recent_bytes_max: 24 * 1024,
+        // Applied only when a run asks for it (`SimConfig::retention_per_mille`).
+        retention: wharf_storage::policy::RetentionLimits {
+            retention_bytes_max: Some(RETENTION_BYTES_MAX),
+            retention_ms_max: None,
+        },
         ..LogConfig::default()
     }
 }
@@ -288,6 +311,7 @@ impl Sim {
             seed: self.config.seed,
             step: self.step,
             message,
+            retention_per_mille: self.config.retention_per_mille,
         }
     }
 
@@ -332,7 +356,8 @@ impl Sim {
             durable: log.durable_offset(),
             high_watermark: Offset::ZERO,
         };
-        let replica = Replica::new(config, state, epochs, now);
+        let replica = Replica::new(config, state, epochs, now)
+            .map_err(|e| format!("node {id}: cannot create the replica: {e}"))?;
         node.live = Some(Live {
             log,
             replica,
@@ -506,6 +531,14 @@ impl Sim {
                 self.trace(|| format!("broker {id} truncated to {to}"));
                 Some(Input::Truncated { end, durable })
             }
+            Output::ResetLog { start } => {
+                let live = self.node(id).live.as_mut()?;
+                block_on(live.log.reset(start, now))
+                    .unwrap_or_else(|e| panic!("node {id}: reset to {start} failed: {e}"));
+                self.report.resets += 1;
+                self.trace(|| format!("broker {id} reset its log to start at {start}"));
+                Some(Input::LogReset { start })
+            }
             Output::EpochHistoryChanged => {
                 let node = self.node(id);
                 let entries = node.live.as_ref()?.replica.epochs().entries().to_vec();
@@ -656,6 +689,17 @@ impl Sim {
             let Some(live) = self.node(id).live.as_mut() else {
                 return;
             };
+            let log_start = live.log.log_start_offset();
+            if offset < log_start {
+                // Retention moved the log start while the fetch was parked (the driver's read
+                // answers the same).
+                let reply = FetchReply::Error(FetchError::OffsetOutOfRange {
+                    requested: offset,
+                    log_start,
+                });
+                self.send_reply(id, replica, fetch_id, reply, Vec::new());
+                continue;
+            }
             let mut batches = Vec::new();
             let mut infos = Vec::new();
             if offset < end {
@@ -798,6 +842,35 @@ impl Sim {
         );
     }
 
+    /// The leader applies retention, when everything it holds is committed (the driver's
+    /// retention is not capped at the HW; deleting uncommitted data is not what this tests).
+    fn apply_retention(&mut self) {
+        let Some(leader) = self.controller.leader else {
+            return;
+        };
+        let now = self.now_ms;
+        let Some(live) = self.node(leader).live.as_mut() else {
+            return;
+        };
+        let end = live.log.end_offset();
+        if !live.replica.is_leader()
+            || live.replica.high_watermark() != end
+            || live.log.durable_offset() != end
+        {
+            return;
+        }
+        let deleted = block_on(live.log.apply_retention(now))
+            .unwrap_or_else(|e| panic!("leader {leader}: retention failed: {e}"));
+        let log_start = live.log.log_start_offset();
+        if deleted > 0 {
+            self.report.retention_deletes += deleted;
+            self.trace(|| {
+                format!("leader {leader} deleted {deleted} segment(s): log starts at {log_start}")
+            });
+            self.input(leader, Input::LogStartMoved { log_start });
+        }
+    }
+
     fn crash(&mut self, id: BrokerId) {
         let seed = self.rng.random();
         let mode = if self.rng.random_bool(0.5) {
@@ -881,6 +954,12 @@ impl Sim {
             } else if roll < threshold + self.config.produce_per_mille {
                 self.produce();
             }
+        }
+        if faults
+            && self.config.retention_per_mille > 0
+            && self.rng.random_range(0..1000) < self.config.retention_per_mille
+        {
+            self.apply_retention();
         }
         self.deliver();
         let now = self.now_ms;
@@ -997,7 +1076,10 @@ impl Sim {
                 .as_ref()
                 .expect("checked");
             let end = live.log.end_offset();
-            for (&offset, bytes) in self.committed.range(..self.consumer_at.min(end)) {
+            // Retention deleted what lies below the leader's log start.
+            let log_start = live.log.log_start_offset();
+            let below = self.consumer_at.min(end).max(log_start);
+            for (&offset, bytes) in self.committed.range(log_start..below) {
                 let read = read_batches(&live.log, offset, offset.plus(1))?;
                 if read.first().map(|(o, b)| (*o, b)) != Some((offset, bytes)) {
                     return Err(format!(
@@ -1006,7 +1088,7 @@ impl Sim {
                 }
             }
             // No acknowledged acks=all write is lost on the leader.
-            for (&offset, bytes) in &self.must_keep {
+            for (&offset, bytes) in self.must_keep.range(log_start..) {
                 let read = read_batches(&live.log, offset, offset.plus(1))?;
                 if read.first().map(|(o, b)| (*o, b)) != Some((offset, bytes)) {
                     return Err(format!(
@@ -1099,10 +1181,17 @@ impl Sim {
     }
 
     fn compare_logs(&mut self) -> Check {
+        // Above every log start (retention, resets): a segment base, so a batch boundary.
+        let start = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.live.as_ref().map(|l| l.log.log_start_offset()))
+            .max()
+            .unwrap_or(Offset::ZERO);
         let mut reference: Option<Vec<(Offset, Vec<u8>)>> = None;
         for n in &self.nodes {
             let l = n.live.as_ref().expect("settled nodes are alive");
-            let batches = read_batches(&l.log, Offset::ZERO, l.log.end_offset())?;
+            let batches = read_batches(&l.log, start, l.log.end_offset())?;
             match &reference {
                 None => reference = Some(batches),
                 Some(r) if r != &batches => {
@@ -1116,12 +1205,12 @@ impl Sim {
         }
         let log = reference.unwrap_or_default();
         let index: BTreeMap<Offset, &Vec<u8>> = log.iter().map(|(o, b)| (*o, b)).collect();
-        for (offset, bytes) in &self.must_keep {
+        for (offset, bytes) in self.must_keep.range(start..) {
             if index.get(offset) != Some(&bytes) {
                 return Err(format!("acks=all batch at {offset} missing after settling"));
             }
         }
-        for (offset, bytes) in &self.committed {
+        for (offset, bytes) in self.committed.range(start..) {
             if index.get(offset) != Some(&bytes) {
                 return Err(format!(
                     "committed batch at {offset} missing after settling"
@@ -1137,6 +1226,7 @@ impl Sim {
 pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
     let steps = config.steps;
     let seed = config.seed;
+    let retention_per_mille = config.retention_per_mille;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let mut sim = Sim::new(config);
         for step in 0..steps {
@@ -1152,6 +1242,7 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
         Ok(result) => result,
         Err(panic) => Err(SimFailure {
             seed,
+            retention_per_mille,
             step: CURRENT_STEP.with(|c| c.get()),
             message: format!(
                 "panicked: {}",

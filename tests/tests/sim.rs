@@ -50,3 +50,29 @@ fn regression_seeds_keep_every_invariant() {
             .unwrap_or_else(|failure| panic!("{failure}\n(this seed once found: {found})"));
     }
 }
+
+/// With retention on the leaders, followers that were down fall below the leader's log start:
+/// they must empty their logs (`ResetLog`), copy from the leader's log start and rejoin, with
+/// every invariant kept. Before `ResetLog` they retried `OffsetOutOfRange` for ever and the run
+/// never settled.
+#[test]
+fn retention_makes_lagging_followers_reset_and_rejoin() {
+    let seeds: u64 = std::env::var("WHARF_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let (mut deletes, mut resets) = (0, 0);
+    for seed in 0..seeds {
+        println!("seed {seed}");
+        let mut config = SimConfig::new(seed, 3000);
+        config.retention_per_mille = 20;
+        let report = run(config).unwrap_or_else(|failure| panic!("{failure}"));
+        deletes += report.retention_deletes;
+        resets += report.resets;
+    }
+    println!("retention deleted {deletes} segment(s); {resets} follower reset(s)");
+    assert!(
+        deletes > 0 && resets > 0,
+        "deletes {deletes}, resets {resets}"
+    );
+}

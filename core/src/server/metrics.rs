@@ -61,6 +61,7 @@ pub struct Metrics {
     pub partition_follower_lag_ms: Family<PartitionLabels, Gauge>,
     pub partition_ack_wait: HistogramFamily<PartitionLabels>,
     pub partition_fetches_waiting: Family<PartitionLabels, Gauge>,
+    pub replica_fetch_corrupt: Family<PartitionLabels, Counter>,
     pub requests: Family<ApiLabels, Counter>,
     pub request_errors: Family<ErrorLabels, Counter>,
     pub request_latency: HistogramFamily<ApiLabels>,
@@ -88,6 +89,7 @@ impl Metrics {
             partition_follower_lag_ms: Family::default(),
             partition_ack_wait: Family::new_with_constructor(latency_histogram),
             partition_fetches_waiting: Family::default(),
+            replica_fetch_corrupt: Family::default(),
             requests: Family::default(),
             request_errors: Family::default(),
             request_latency: Family::new_with_constructor(latency_histogram),
@@ -145,6 +147,11 @@ impl Metrics {
             "partition_fetched_bytes",
             "Batch bytes served to consumers",
             metrics.partition_fetched_bytes.clone(),
+        );
+        registry.register(
+            "replica_fetch_corrupt",
+            "Replica fetches the leader answered with corrupt data (the follower backs off)",
+            metrics.replica_fetch_corrupt.clone(),
         );
         registry.register(
             "partition_isr_size",
@@ -248,6 +255,7 @@ pub struct PartitionMetrics {
     pub follower_lag_ms: Gauge,
     pub ack_wait: Histogram,
     pub fetches_waiting: Gauge,
+    pub replica_fetch_corrupt: Counter,
 }
 
 impl PartitionMetrics {
@@ -282,6 +290,7 @@ impl PartitionMetrics {
             fetches_waiting: metrics
                 .partition_fetches_waiting
                 .get_or_create_owned(&labels),
+            replica_fetch_corrupt: metrics.replica_fetch_corrupt.get_or_create_owned(&labels),
             labels,
         }
     }
@@ -299,6 +308,7 @@ impl PartitionMetrics {
         metrics.partition_follower_lag_ms.remove(&self.labels);
         metrics.partition_ack_wait.remove(&self.labels);
         metrics.partition_fetches_waiting.remove(&self.labels);
+        metrics.replica_fetch_corrupt.remove(&self.labels);
     }
 }
 

@@ -1,10 +1,18 @@
 //! The driver of one partition on its owning shard: appends, group-commit flushing,
 //! durable-ack waiters, long-poll wake-ups, reads below the high watermark, retention.
 //!
-//! The log sits in a `RefCell` and is only borrowed synchronously (plan a read, append, begin
-//! or complete a flush), never across an await — except by retention, which first takes the
-//! write side of `maintenance`; every other path takes its read side (uncontended: a
-//! synchronous `try_read`).
+//! The log sits in a [`LogSlot`] and is only borrowed synchronously (plan a read, append, begin
+//! or complete a flush), never across an await (`clippy::await_holding_refcell_ref` is denied
+//! in the workspace). Maintenance (truncation, reset, retention) needs the log across awaits:
+//! it takes the write side of `maintenance`, then takes the log out of its slot and puts it
+//! back when done. Paths that change or read the log take the read side first (uncontended: a
+//! synchronous `try_read`), so they never see the slot empty; the few synchronous paths that
+//! cannot wait (the flusher, describe) find it empty and skip, instead of panicking on a borrow.
+
+mod files;
+mod log_slot;
+mod maintenance;
+mod persist;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -33,6 +41,8 @@ use crate::protocol::{
     Acks, ErrorCode, FrameBuf, OffsetSpec, PartitionDescription, ReplicaFetchRequest,
     ReplicaFetchResponse,
 };
+use files::{load_epochs, load_high_watermark};
+use log_slot::{log_busy, LogSlot};
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
@@ -43,6 +53,8 @@ type CheckedRange = (std::ops::Range<usize>, BodyVerified);
 const IDLE_CHECKPOINT_MS: u64 = 1000;
 /// Reads retried after racing retention before giving up.
 const READ_RETRIES_MAX: usize = 3;
+/// Reply ends a leader remembers per follower (`remember_served_end`).
+const SERVED_ENDS_KEPT: usize = 16;
 /// Bytes scanned per step of a timestamp lookup.
 const TIMESTAMP_SCAN_BYTES: usize = 1024 * 1024;
 
@@ -62,14 +74,22 @@ impl PartitionError {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch: for what really is a timestamp (batch and
+/// segment times, retention by time), never for durations.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The file (in the partition directory) that keeps the leader-epoch history.
-const EPOCHS_FILE: &str = "leader-epochs";
+/// Milliseconds on a monotonic clock (since the first call in this process): what the replica
+/// measures ISR lag, produce deadlines and fetch backoff with. The wall clock can jump (NTP,
+/// an operator): backwards, the replica's time stands still and deadlines stretch; forwards,
+/// every follower leaves the ISR and every waiter times out at once.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
 
 /// How this broker takes part in replicating the partition.
 #[derive(Clone)]
@@ -117,6 +137,7 @@ fn produce_error(error: ProduceError) -> PartitionError {
         }
         ProduceError::InvalidAcks(..) => ErrorCode::InvalidRequest,
         ProduceError::Timeout { .. } => ErrorCode::RequestTimeout,
+        ProduceError::TooManyWaiters { .. } => ErrorCode::LimitReached,
     };
     PartitionError::new(code, error.to_string())
 }
@@ -129,46 +150,6 @@ pub fn ack_level(acks: Acks) -> AckLevel {
         Acks::All => AckLevel::All,
         Acks::Replicas(n) => AckLevel::Replicas(n),
     }
-}
-
-fn load_epochs(dir: &std::path::Path) -> Result<Option<Vec<(Epoch, Offset)>>, String> {
-    let path = dir.join(EPOCHS_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("read {}: {e}", path.display())),
-    };
-    let mut entries = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut fields = line.split_whitespace().map(str::parse::<u64>);
-        match (fields.next(), fields.next(), fields.next()) {
-            (Some(Ok(epoch)), Some(Ok(start)), None) if epoch <= u64::from(u32::MAX) => {
-                entries.push((Epoch(epoch as u32), Offset(start)));
-            }
-            _ => return Err(format!("{}: malformed line {line:?}", path.display())),
-        }
-    }
-    Ok(Some(entries))
-}
-
-/// Writes the epoch history durably (temp file, fsync, rename, fsync the directory). Epochs
-/// change once per leader change, so this small synchronous write is rare.
-fn store_epochs(dir: &std::path::Path, entries: &[(Epoch, Offset)]) -> Result<(), String> {
-    use std::io::Write;
-    let path = dir.join(EPOCHS_FILE);
-    let temp = dir.join(format!("{EPOCHS_FILE}.tmp"));
-    let text: String = entries
-        .iter()
-        .map(|(epoch, start)| format!("{epoch} {start}\n"))
-        .collect();
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_data()?;
-        std::fs::rename(&temp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// Bytes to serve from one partition: whole batches below the high watermark.
@@ -193,7 +174,7 @@ pub struct Partition {
     pub replicas: Vec<u32>,
     dir: std::path::PathBuf,
     log_config: LogConfig,
-    log: RefCell<PartitionLog<DmaDisk>>,
+    log: LogSlot,
     maintenance: RwLock<()>,
     high_watermark: Cell<Offset>,
     replica: RefCell<Replica>,
@@ -210,6 +191,20 @@ pub struct Partition {
     /// The last fetch response's frame and its batches, CRC-checked on arrival.
     fetched: RefCell<Option<(FrameBuf, Vec<CheckedRange>)>>,
     fetcher: RefCell<Option<Task<()>>>,
+    /// Epoch-history generations: asked for by the replica, and durable in the file.
+    epochs_wanted: Cell<u64>,
+    epochs_stored: Cell<u64>,
+    epochs_writing: Cell<bool>,
+    epochs_failed: RefCell<Option<String>>,
+    epochs_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Leader: the high watermark last stored, when, and whether a store is running.
+    hw_stored: Cell<Offset>,
+    hw_stored_at_ms: Cell<u64>,
+    hw_storing: Cell<bool>,
+    /// Leader: where the last replies to each follower ended (batch boundaries).
+    served_ends: RefCell<HashMap<BrokerId, VecDeque<Offset>>>,
+    /// Follower: the fetch offset the leader last reported corrupt (logged once per offset).
+    corrupt_fetch_logged: Cell<Option<Offset>>,
     this: RefCell<std::rc::Weak<Partition>>,
     wake_flusher: LocalSender<()>,
     closing: Cell<bool>,
@@ -222,7 +217,10 @@ pub struct Partition {
 impl Partition {
     /// Opens (recovering) the log in `dir`, starts its flusher on `queue` and takes up its role:
     /// the first replica leads (with a new epoch each time it starts), the others follow it.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site (the shard); the arguments are the partition's identity and its shard's services"
+    )]
     pub async fn open(
         dir: std::path::PathBuf,
         topic: &str,
@@ -266,7 +264,21 @@ impl Partition {
                     .map_err(|e| format!("{topic}/{index}: cannot drop the corrupt suffix: {e}"))?;
             }
         }
-        let entries = match load_epochs(&dir)? {
+        let files_dir = dir.clone();
+        let (entries, stored_high_watermark) = glommio::executor()
+            .spawn_blocking(move || (load_epochs(&files_dir), load_high_watermark(&files_dir)))
+            .await;
+        let stored_high_watermark = match stored_high_watermark {
+            // Only a leader uses it: it computed it itself, from what a quorum held durably, and
+            // a leader never truncates. A follower learns the HW from its leader.
+            Ok(high_watermark) if leader == me => high_watermark,
+            Ok(_) => Offset::ZERO,
+            Err(error) => {
+                tracing::warn!(topic, partition = index, %error, "ignoring the stored high watermark");
+                Offset::ZERO
+            }
+        };
+        let entries = match entries? {
             Some(entries) => entries,
             // Logs written before replication existed carry the metadata epoch.
             None if log.end_offset() > log.log_start_offset() => {
@@ -300,15 +312,21 @@ impl Partition {
                 log_start: log.log_start_offset(),
                 end,
                 durable,
-                high_watermark: Offset::ZERO,
+                // Clamped to [log start, durable] by the replica: consumers and ListOffsets see
+                // committed data at once instead of 0 until the followers fetch again.
+                high_watermark: stored_high_watermark,
             },
             epochs,
-            now_ms(),
-        );
+            monotonic_ms(),
+        )
+        .map_err(|e| format!("{topic}/{index}: {e}"))?;
         let (wake_flusher, wake) = local_channel::new_bounded(1);
         let (wake_fetcher, fetcher_wake) = local_channel::new_bounded(1);
         let partition_metrics = PartitionMetrics::new(metrics, topic, index);
         partition_metrics.end_offset.set(end.0 as i64);
+        partition_metrics
+            .high_watermark
+            .set(replica.high_watermark().0 as i64);
         partition_metrics
             .log_start_offset
             .set(log.log_start_offset().0 as i64);
@@ -320,9 +338,9 @@ impl Partition {
             replicas,
             dir,
             log_config,
-            log: RefCell::new(log),
+            log: LogSlot::new(log),
             maintenance: RwLock::new(()),
-            high_watermark: Cell::new(Offset::ZERO),
+            high_watermark: Cell::new(replica.high_watermark()),
             replica: RefCell::new(replica),
             replication,
             next_waiter: Cell::new(1),
@@ -333,6 +351,16 @@ impl Partition {
             wake_fetcher,
             fetched: RefCell::new(None),
             fetcher: RefCell::new(None),
+            epochs_wanted: Cell::new(0),
+            epochs_stored: Cell::new(0),
+            epochs_writing: Cell::new(false),
+            epochs_failed: RefCell::new(None),
+            epochs_waiters: RefCell::new(Vec::new()),
+            served_ends: RefCell::new(HashMap::new()),
+            corrupt_fetch_logged: Cell::new(None),
+            hw_stored: Cell::new(stored_high_watermark),
+            hw_stored_at_ms: Cell::new(0),
+            hw_storing: Cell::new(false),
             this: RefCell::new(std::rc::Weak::new()),
             wake_flusher,
             closing: Cell::new(false),
@@ -430,7 +458,10 @@ impl Partition {
                     return Err("AppendFetched without fetched batches".to_string());
                 };
                 let now = now_ms();
-                let mut log = self.log.borrow_mut();
+                // `fetch_once` holds the read side of `maintenance` while it steps the reply.
+                let Some(mut log) = self.log.get_mut() else {
+                    return Err("AppendFetched while the log is under maintenance".to_string());
+                };
                 for (range, verified) in ranges.into_iter().take(count) {
                     let batch = &mut frame[range];
                     if let Err(error) =
@@ -461,10 +492,16 @@ impl Partition {
                 .map_err(|e| format!("cannot start truncation: {e}"))?;
                 task.detach();
             }
-            Output::EpochHistoryChanged => {
-                let entries = self.replica.borrow().epochs().entries().to_vec();
-                store_epochs(&self.dir, &entries)?;
+            Output::ResetLog { start } => {
+                let partition = self.self_rc();
+                let task = glommio::spawn_local_into(
+                    async move { partition.reset_log(start).await },
+                    self.replication.queue,
+                )
+                .map_err(|e| format!("cannot start the log reset: {e}"))?;
+                task.detach();
             }
+            Output::EpochHistoryChanged => self.persist_epochs()?,
             Output::HighWatermark(offset) => self.advance_high_watermark(offset),
             Output::IsrChanged(isr) => {
                 let replicas = self.replicas.len().max(1);
@@ -485,40 +522,10 @@ impl Partition {
             .expect("a partition in use is alive")
     }
 
-    /// Follower: drops a divergent suffix (after the flushes in flight), then fetches again.
-    // The write side of `maintenance` keeps produce and reads out while the log is cut.
-    #[allow(clippy::await_holding_refcell_ref)]
-    async fn truncate(self: Rc<Self>, to: Offset) {
-        let Ok(_exclusive) = self.maintenance.write().await else {
-            return;
-        };
-        for _ in 0..10_000 {
-            if self.log.borrow().flushes_in_flight() == 0 {
-                break;
-            }
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
-        let result = {
-            let mut log = self.log.borrow_mut();
-            let result = log.truncate_suffix(to).await;
-            (result, (log.end_offset(), log.durable_offset()))
-        };
-        match result {
-            (Ok(()), (end, durable)) => {
-                tracing::warn!(topic = %self.topic, partition = self.index, %to, "truncated a divergent suffix");
-                self.metrics.end_offset.set(end.0 as i64);
-                if let Err(error) = self.step(Input::Truncated { end, durable }) {
-                    tracing::error!(%error, "after truncation");
-                }
-            }
-            (Err(error), _) => {
-                tracing::error!(topic = %self.topic, partition = self.index, %error, "truncation failed; the partition stops replicating until restart");
-            }
-        }
-    }
-
     pub fn tick(&self) {
-        if let Err(error) = self.step(Input::Tick { now_ms: now_ms() }) {
+        if let Err(error) = self.step(Input::Tick {
+            now_ms: monotonic_ms(),
+        }) {
             tracing::error!(topic = %self.topic, partition = self.index, %error, "replica tick failed");
         }
         let replica = self.replica.borrow();
@@ -530,6 +537,11 @@ impl Partition {
             });
         self.metrics.follower_lag_offsets.set(lag_offsets as i64);
         self.metrics.follower_lag_ms.set(lag_ms as i64);
+        let is_leader = replica.is_leader();
+        drop(replica);
+        if is_leader {
+            self.maybe_store_high_watermark();
+        }
     }
 
     /// Validates and appends the batches in `payload` (all or none), returning the assigned
@@ -544,6 +556,12 @@ impl Partition {
             return Err(PartitionError::new(
                 ErrorCode::ShuttingDown,
                 "broker is shutting down",
+            ));
+        }
+        if let Some(error) = self.epochs_failed.borrow().as_ref() {
+            return Err(PartitionError::new(
+                ErrorCode::StorageError,
+                format!("the epoch history could not be written ({error}); restart to recover"),
             ));
         }
         // Check every batch before appending any, so a bad one changes nothing.
@@ -573,7 +591,7 @@ impl Partition {
             .step(Input::Produce {
                 waiter,
                 acks: ack_level(acks),
-                deadline_ms: now_ms().saturating_add(timeout_ms),
+                deadline_ms: monotonic_ms().saturating_add(timeout_ms),
             })
             .map_err(|e| PartitionError::new(ErrorCode::StorageError, e))?;
         let leader_epoch = match outputs.as_slice() {
@@ -633,7 +651,7 @@ impl Partition {
         bounds: Vec<CheckedRange>,
         leader_epoch: Epoch,
     ) -> Result<(Offset, Offset, Offset), PartitionError> {
-        let mut log = self.log.borrow_mut();
+        let mut log = self.log.get_mut().ok_or_else(log_busy)?;
         if let Some(reason) = log.poisoned() {
             return Err(PartitionError::new(
                 ErrorCode::StorageError,
@@ -728,7 +746,7 @@ impl Partition {
             diverging_end_offset: 0,
             batch_bytes: 0,
         };
-        let input = Input::FetchRequest(FetchRequest {
+        let fetch = FetchRequest {
             replica: request.replica_id,
             leader_epoch: Epoch(request.leader_epoch),
             fetch_id: request.fetch_id,
@@ -736,8 +754,18 @@ impl Partition {
             last_fetched_epoch: request.last_fetched_epoch.map(Epoch),
             durable_offset: Offset(request.durable_offset),
             may_wait: request.max_wait_ms > 0,
-        });
-        let outputs = match self.step(input) {
+        };
+        if let Some(offset) = self.offset_inside_a_batch(&fetch).await {
+            // Refused before the replica sees it: no progress, HW or ISR change.
+            response.leader_epoch = self.replica.borrow().leader_epoch().0;
+            response.error = ErrorCode::InvalidReplicaOffsets as u16;
+            response.message = format!(
+                "offset {offset} reported by replica {} does not start a batch here",
+                request.replica_id
+            );
+            return (response, None);
+        }
+        let outputs = match self.step(Input::FetchRequest(fetch)) {
             Ok(outputs) => outputs,
             Err(message) => {
                 response.error = ErrorCode::StorageError as u16;
@@ -760,8 +788,14 @@ impl Partition {
                         response.diverging_end_offset = end_offset.0;
                         ErrorCode::DivergingLog
                     }
-                    FetchError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+                    FetchError::OffsetOutOfRange { log_start, .. } => {
+                        // The follower starts again there (`ResetLog`).
+                        response.log_start_offset = log_start.0;
+                        ErrorCode::OffsetOutOfRange
+                    }
                     FetchError::UnknownReplica(_) => ErrorCode::InvalidRequest,
+                    FetchError::InvalidOffsets { .. } => ErrorCode::InvalidReplicaOffsets,
+                    FetchError::CorruptData { .. } => ErrorCode::CorruptData,
                 };
                 response.error = code as u16;
                 response.message = error.to_string();
@@ -771,7 +805,8 @@ impl Partition {
         };
         let wait_ms = u64::from(request.max_wait_ms).min(wait_ms_max);
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
-        if self.log.borrow().end_offset() <= from && !self.closing.get() {
+        let nothing_new = self.log.get().is_some_and(|log| log.end_offset() <= from);
+        if nothing_new && !self.closing.get() {
             let woken = park(&self.append_waiters);
             let remaining = deadline.saturating_duration_since(Instant::now());
             let _ = glommio::timer::timeout(remaining, async {
@@ -783,17 +818,82 @@ impl Partition {
         let data = match self.read_to(from, request.max_bytes as usize, None).await {
             Ok(data) => data,
             Err(error) => {
+                if error.code == ErrorCode::OffsetOutOfRange {
+                    // Retention moved the log start during the long poll: the follower starts
+                    // again there (`ResetLog`).
+                    if let Some(log) = self.log.get() {
+                        response.log_start_offset = log.log_start_offset().0;
+                    }
+                }
                 response.error = error.code as u16;
                 response.message = error.message;
                 return (response, None);
             }
         };
+        if let Some(read) = data.read.as_ref().filter(|r| data.bytes == r.bytes().len()) {
+            self.remember_served_end(request.replica_id, read.next_offset);
+        }
         let replica = self.replica.borrow();
         response.leader_epoch = replica.leader_epoch().0;
         response.high_watermark = replica.high_watermark().0;
         response.log_start_offset = data.log_start_offset.0;
         response.batch_bytes = data.bytes as u32;
         (response, Some(data))
+    }
+
+    /// Leader: remembers where a reply to `replica` ended (a batch boundary of this log). The
+    /// follower's next fetch offset, and its durable offset (it flushes what it appended, one
+    /// reply at a time), are almost always such an end, so checking them against the log's
+    /// batches rarely needs a read.
+    fn remember_served_end(&self, replica: BrokerId, end: Offset) {
+        let mut served = self.served_ends.borrow_mut();
+        let ends = served.entry(replica).or_default();
+        if ends.back() != Some(&end) {
+            if ends.len() == SERVED_ENDS_KEPT {
+                ends.pop_front();
+            }
+            ends.push_back(end);
+        }
+    }
+
+    /// Leader: the first of a follower's reported offsets (fetch, then durable) that lies inside
+    /// one of this log's batches. The replica checks the offsets' order and range but does not
+    /// know batches; an offset inside a batch would let the HW (and consumers' reads, which
+    /// return whole batches below it) land inside a batch. Only fetches the replica would serve
+    /// are checked: a diverging follower's offsets mean nothing in this log.
+    async fn offset_inside_a_batch(&self, fetch: &FetchRequest) -> Option<Offset> {
+        if self.replica.borrow().validate_fetch(fetch).is_err() {
+            return None; // The replica answers it (rejects it) itself.
+        }
+        let offsets = [fetch.fetch_offset, fetch.durable_offset];
+        for (i, &offset) in offsets.iter().enumerate() {
+            let served = self
+                .served_ends
+                .borrow()
+                .get(&fetch.replica)
+                .is_some_and(|ends| ends.contains(&offset));
+            if served || (i > 0 && offset == offsets[0]) {
+                continue;
+            }
+            let check = {
+                let _guard = self.shared().await?;
+                let log = self.log.get()?;
+                if offset < log.log_start_offset() {
+                    // Durable data retention already deleted here: nothing to check against.
+                    continue;
+                }
+                log.plan_boundary_check(offset)
+            };
+            // A read that fails, or cannot tell yet, is left to the serving read to report.
+            let resolved = match check {
+                Ok(check) => check.resolve().await,
+                Err(error) => Err(error),
+            };
+            if let Ok(Some(false)) = resolved {
+                return Some(offset);
+            }
+        }
+        None
     }
 
     /// Follower: sends the fetches the replica asks for, one at a time, to the leader's owning
@@ -884,6 +984,7 @@ impl Partition {
         let epoch = Epoch(response.leader_epoch);
         let reply = match ErrorCode::from_u16(response.error) {
             ErrorCode::None => {
+                self.corrupt_fetch_logged.set(None);
                 let payload = frame.payload();
                 let payload_start = frame.bytes.len() - payload.len();
                 let bytes = payload
@@ -928,10 +1029,34 @@ impl Partition {
                 requested: request.leader_epoch,
                 current: epoch,
             }),
+            ErrorCode::OffsetOutOfRange => FetchReply::Error(FetchError::OffsetOutOfRange {
+                requested: request.fetch_offset,
+                log_start: Offset(response.log_start_offset),
+            }),
+            ErrorCode::CorruptData => {
+                self.metrics.replica_fetch_corrupt.inc();
+                // Once per range: the replica retries slowly (CORRUPT_FETCH_BACKOFF_MS), and
+                // every retry fails the same way until the leader's copy is repaired.
+                if self
+                    .corrupt_fetch_logged
+                    .replace(Some(request.fetch_offset))
+                    != Some(request.fetch_offset)
+                {
+                    tracing::error!(topic = %self.topic, partition = self.index, leader, offset = %request.fetch_offset, message = %response.message, "the leader's copy of the data this follower needs is corrupt; retrying slowly until it is repaired");
+                }
+                FetchReply::Error(FetchError::CorruptData {
+                    offset: request.fetch_offset,
+                })
+            }
             code => {
                 tracing::debug!(topic = %self.topic, partition = self.index, code = code.name(), message = %response.message, "replica fetch refused");
                 FetchReply::Error(FetchError::NotLeader { epoch })
             }
+        };
+        // The reply may be appended (`AppendFetched`, synchronously in this step): keep
+        // maintenance out while it is.
+        let Some(_guard) = self.shared().await else {
+            return Err("partition closed".to_string());
         };
         self.step(Input::FetchReply {
             fetch_id: request.fetch_id,
@@ -988,7 +1113,7 @@ impl Partition {
                         "partition closed",
                     ));
                 };
-                let log = self.log.borrow();
+                let log = self.log.get().ok_or_else(log_busy)?;
                 let log_start = log.log_start_offset();
                 let end = log.end_offset();
                 let high_watermark = limit.unwrap_or(end);
@@ -1030,9 +1155,20 @@ impl Partition {
         ))
     }
 
+    async fn log_start(&self) -> Result<Offset, PartitionError> {
+        let Some(_guard) = self.shared().await else {
+            return Err(PartitionError::new(
+                ErrorCode::PartitionUnavailable,
+                "partition closed",
+            ));
+        };
+        let log = self.log.get().ok_or_else(log_busy)?;
+        Ok(log.log_start_offset())
+    }
+
     pub async fn list_offset(&self, spec: OffsetSpec) -> Result<Offset, PartitionError> {
         match spec {
-            OffsetSpec::Earliest => Ok(self.log.borrow().log_start_offset()),
+            OffsetSpec::Earliest => self.log_start().await,
             OffsetSpec::Latest => Ok(self.high_watermark.get()),
             OffsetSpec::Timestamp(timestamp_ms) => self.offset_for_timestamp(timestamp_ms).await,
         }
@@ -1041,7 +1177,7 @@ impl Partition {
     /// Scans batch headers from the log start (no time index yet) for the first record at or
     /// after `timestamp_ms`; the high watermark when there is none.
     async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Offset, PartitionError> {
-        let mut at = self.log.borrow().log_start_offset();
+        let mut at = self.log_start().await?;
         loop {
             let data = self.read(at, TIMESTAMP_SCAN_BYTES).await?;
             let bytes = data.slice();
@@ -1069,9 +1205,9 @@ impl Partition {
     }
 
     pub fn describe(&self) -> PartitionDescription {
-        let log = self.log.try_borrow();
+        let log = self.log.get();
         let (log_start, end, error) = match &log {
-            Ok(log) => (
+            Some(log) => (
                 log.log_start_offset().0,
                 log.end_offset().0,
                 if log.poisoned().is_some() {
@@ -1080,8 +1216,8 @@ impl Partition {
                     0
                 },
             ),
-            // Retention is running: report what the metrics last saw.
-            Err(_) => (
+            // Maintenance is running: report what the metrics last saw.
+            None => (
                 self.metrics.log_start_offset.get() as u64,
                 self.metrics.end_offset.get() as u64,
                 0,
@@ -1128,19 +1264,34 @@ impl Partition {
             ErrorCode::ShuttingDown,
             "partition closed before the write was durable",
         ));
+        // One store at a time (they share a temp file); `closing` stops new periodic ones.
+        while self.hw_storing.get() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let high_watermark = self.high_watermark.get();
+        if self.replica.borrow().is_leader() && high_watermark > self.hw_stored.get() {
+            self.store_high_watermark(high_watermark).await;
+        }
     }
 
     async fn run_flusher(self: Rc<Self>, wake: LocalReceiver<()>, queue: TaskQueueHandle) {
         let mut in_flight: VecDeque<(Instant, Task<FlushOutcome>)> = VecDeque::new();
-        let mut last_flush_ms = now_ms();
+        // Flush timing is a duration: the monotonic clock, like the replica's.
+        let mut last_flush_ms = monotonic_ms();
         let mut flushed_since_checkpoint = false;
         let mut last_retention = Instant::now();
         loop {
             let closing = self.closing.get();
             while in_flight.len() < FLUSHES_IN_FLIGHT_MAX {
-                let now = now_ms();
+                let now = monotonic_ms();
+                if !self.epochs_durable() {
+                    break; // `write_epochs` wakes this loop when the file is current.
+                }
                 let job = {
-                    let mut log = self.log.borrow_mut();
+                    // Out of its slot while maintenance runs: nothing to flush meanwhile.
+                    let Some(mut log) = self.log.get_mut() else {
+                        break;
+                    };
                     if log.poisoned().is_some()
                         || !(closing || log.staged_bytes() > 0 && log.flush_due(last_flush_ms, now))
                     {
@@ -1190,10 +1341,10 @@ impl Partition {
                 self.apply_retention().await;
             }
             let wait_ms = match self.config.flush {
-                FlushMode::Interval if self.log.borrow().staged_bytes() > 0 => self
+                FlushMode::Interval if self.staged_bytes() > 0 => self
                     .config
                     .flush_interval_ms
-                    .saturating_sub(now_ms().saturating_sub(last_flush_ms))
+                    .saturating_sub(monotonic_ms().saturating_sub(last_flush_ms))
                     .max(1),
                 _ => IDLE_CHECKPOINT_MS.min(self.retention_check_ms),
             };
@@ -1201,24 +1352,39 @@ impl Partition {
                 Ok(wake.recv().await)
             })
             .await;
-            if woken.is_err() && flushed_since_checkpoint && self.log.borrow().staged_bytes() == 0 {
+            if woken.is_err() && flushed_since_checkpoint && self.staged_bytes() == 0 {
                 // Idle: make the checkpoint current so recovery knows the whole log is
                 // acknowledged data (see storage/README.md).
-                self.log.borrow_mut().request_checkpoint();
-                flushed_since_checkpoint = false;
+                if let Some(mut log) = self.log.get_mut() {
+                    log.request_checkpoint();
+                    flushed_since_checkpoint = false;
+                }
                 self.flush_now(queue).await;
             }
         }
         // Closing: everything staged was flushed above; write a current checkpoint (twice, as
         // `PartitionLog::close` does: the second also covers index files sealed by the first).
         for _ in 0..2 {
-            self.log.borrow_mut().request_checkpoint();
+            if let Some(mut log) = self.log.get_mut() {
+                log.request_checkpoint();
+            }
             self.flush_now(queue).await;
         }
     }
 
+    /// Bytes appended and not yet handed to a flush (0 while maintenance holds the log).
+    fn staged_bytes(&self) -> usize {
+        self.log.get().map_or(0, |log| log.staged_bytes())
+    }
+
     async fn flush_now(&self, queue: TaskQueueHandle) {
-        let begun = self.log.borrow_mut().begin_flush();
+        if !self.wait_epochs_durable().await {
+            return;
+        }
+        let begun = match self.log.get_mut() {
+            Some(mut log) => log.begin_flush(),
+            None => return,
+        };
         let job = match begun {
             Ok(Some(job)) => job,
             Ok(None) | Err(_) => return,
@@ -1235,7 +1401,15 @@ impl Partition {
 
     fn complete(&self, outcome: FlushOutcome, started: Instant) {
         self.flush_latency.observe(started.elapsed().as_secs_f64());
-        let result = self.log.borrow_mut().complete_flush(outcome);
+        // Maintenance takes the log only with no flush in flight, so it is here.
+        let Some(result) = self
+            .log
+            .get_mut()
+            .map(|mut log| log.complete_flush(outcome))
+        else {
+            tracing::error!(topic = %self.topic, partition = self.index, "a flush completed while maintenance held the log");
+            return;
+        };
         match result {
             Ok(durable) => self.on_durable(durable),
             Err(error) => {
@@ -1244,32 +1418,6 @@ impl Partition {
                     ErrorCode::StorageError,
                     error.to_string(),
                 ));
-            }
-        }
-    }
-
-    // The write side of `maintenance` keeps every other user of the log out while this borrow
-    // spans awaits (they all take the read side first).
-    #[allow(clippy::await_holding_refcell_ref)]
-    async fn apply_retention(&self) {
-        let Ok(_exclusive) = self.maintenance.write().await else {
-            return;
-        };
-        let result = {
-            let mut log = self.log.borrow_mut();
-            let result = log.apply_retention(now_ms()).await;
-            self.metrics
-                .log_start_offset
-                .set(log.log_start_offset().0 as i64);
-            result
-        };
-        match result {
-            Ok(0) => {}
-            Ok(deleted) => {
-                tracing::info!(topic = %self.topic, partition = self.index, deleted, "retention deleted segments")
-            }
-            Err(error) => {
-                tracing::error!(topic = %self.topic, partition = self.index, %error, "retention failed")
             }
         }
     }

@@ -21,6 +21,9 @@ struct Args {
     /// Keep running random seeds until this many seconds have passed (overrides --seeds).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Per-step chance (per mille) that the leader applies retention (0: never).
+    #[arg(long, default_value_t = 0)]
+    retention_per_mille: u32,
     /// Print every event of the run.
     #[arg(long)]
     trace: bool,
@@ -40,6 +43,7 @@ fn main() {
         };
         let mut config = SimConfig::new(seed, args.steps);
         config.trace = args.trace;
+        config.retention_per_mille = args.retention_per_mille;
         match run(config) {
             Ok(report) => println!("seed {seed}: ok {report:?}"),
             Err(failure) => {
