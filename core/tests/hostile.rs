@@ -679,3 +679,41 @@ impl Drop for LoopMount {
             .status();
     }
 }
+
+/// A topic stored before assignments were checked (or written by hand) whose replica set no
+/// replica can use: before, opening it failed the start-up (first a panic, then an error), so
+/// the broker was down at every start. Now that partition answers `storage_error` and the
+/// others are served.
+#[test]
+fn a_stored_partition_that_cannot_open_does_not_keep_the_broker_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Broker::start(dir.path(), 1, "");
+    for topic in ["good", "poisoned"] {
+        let created = create(&broker.bootstrap(), topic, 1, 1);
+        assert_eq!(created.error, 0, "{}", created.message);
+    }
+    assert_eq!(broker.stop(), 0);
+    let path = dir.path().join("data").join("metadata.json");
+    let mut stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("metadata")).expect("json");
+    stored["topics"]["poisoned"]["partitions"][0]["replicas"] = (1..=17).collect();
+    std::fs::write(&path, serde_json::to_string_pretty(&stored).expect("json")).expect("write");
+    broker.restart();
+    let mut stream = connect_to(&broker.bootstrap());
+    let served = produce_acks(&mut stream, "good", Acks::Leader, b"still served");
+    assert_eq!(served.error, 0, "{}", served.message);
+    let refused = produce_acks(&mut stream, "poisoned", Acks::Leader, b"cannot open");
+    assert_eq!(
+        ErrorCode::from_u16(refused.error),
+        ErrorCode::StorageError,
+        "{}",
+        refused.message
+    );
+    assert!(
+        refused.message.contains("could not be opened"),
+        "{}",
+        refused.message
+    );
+    assert!(broker.log().contains("cannot open this partition"));
+    assert_no_panic(&broker);
+}

@@ -393,7 +393,7 @@ fn topic_creation_needs_enough_brokers_and_reaches_all_of_them() {
 /// from the high watermark it stored (at its clean stop here), clamped to its durable log.
 #[test]
 fn a_restarted_leader_reports_its_committed_data_at_once() {
-    let mut cluster = Cluster::start();
+    let mut cluster = Cluster::start(REPLICA_LAG_MAX_MS);
     let first = cluster.bootstrap(1);
     run(async {
         let client = Client::connect(client_config(&first))
@@ -460,7 +460,7 @@ fn a_restarted_leader_reports_its_committed_data_at_once() {
 fn forged_replica_fetch_offsets_are_refused_and_change_nothing() {
     use wharf::client::{decode, Connection};
     use wharf::protocol::{ApiKey, ReplicaFetchRequest, ReplicaFetchResponse};
-    let mut cluster = Cluster::start();
+    let mut cluster = Cluster::start(REPLICA_LAG_MAX_MS);
     let first = cluster.bootstrap(1);
     let topic_id = run(async {
         let client = Client::connect(client_config(&first))
@@ -511,12 +511,21 @@ fn forged_replica_fetch_offsets_are_refused_and_change_nothing() {
         .expect("a batch of several records");
     let inside = base + 1;
     assert!(wharf_storage::batch::check_batch(bytes).is_ok());
+    // The forger is a real peer (it holds the cluster secret): only the internal listener
+    // serves replica fetches, to authenticated brokers fetching as themselves.
+    let internal = cluster.internal(leader);
+    let credentials = wharf::peer_auth::PeerCredentials {
+        broker_id: forger,
+        secret: wharf::peer_auth::ClusterSecret::load(&cluster.secret_path).expect("secret"),
+    };
     let fetch = |fetch_offset: u64, durable_offset: u64| {
-        let at_leader = at_leader.clone();
+        let internal = internal.clone();
+        let credentials = credentials.clone();
         run(async move {
-            let connection = Connection::connect(&at_leader, 16 * 1024 * 1024)
-                .await
-                .expect("connect");
+            let connection =
+                Connection::connect_peer(&internal, 16 * 1024 * 1024, Some(&credentials))
+                    .await
+                    .expect("connect and authenticate");
             let request = ReplicaFetchRequest {
                 replica_id: forger,
                 topic: TOPIC.to_string(),

@@ -128,8 +128,20 @@ pub struct Shard {
     connections_by_address: RefCell<HashMap<std::net::IpAddr, usize>>,
     /// Request bytes being read or admitted (`request_bytes_max_per_shard`).
     pub request_budget: RequestBudget,
+    /// Partitions that failed to open at start-up, and why (they answer `storage_error`).
+    failed_opens: RefCell<HashMap<(String, u32), String>>,
     /// Each broker's internal listener (`cluster.brokers[].internal_address`).
     replication_addresses: Rc<HashMap<u32, String>>,
+}
+
+/// What a partition that cannot be opened does to the caller.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenFailure {
+    /// Topic creation: the error fails (and undoes) the creation.
+    Fail,
+    /// Start-up: logged, the partition stays unavailable, the broker serves the others (one
+    /// bad partition must not keep the whole broker down at every start).
+    Report,
 }
 
 /// One counted connection; gives its slot back when the connection ends.
@@ -251,6 +263,7 @@ async fn start(
         open_connections: Cell::new(0),
         connections_by_address: RefCell::new(HashMap::new()),
         request_budget: RequestBudget::new(shared.config.request_bytes_max_per_shard),
+        failed_opens: RefCell::new(HashMap::new()),
         replication_addresses: Rc::new(
             shared
                 .config
@@ -271,7 +284,9 @@ async fn start(
             .filter(|(_, p)| p.shard == id)
             .map(|(i, _)| i as u32)
             .collect();
-        shard.open_partitions(name, topic, &owned).await?;
+        shard
+            .open_partitions(name, topic, &owned, OpenFailure::Report)
+            .await?;
     }
     let config = &shard.shared.config;
     let shared_listener = TcpListener::bind(config.listen.as_str())
@@ -589,6 +604,7 @@ impl Shard {
         name: &str,
         topic: &TopicMeta,
         partitions: &[u32],
+        on_failure: OpenFailure,
     ) -> Result<(), String> {
         let count = topic.partitions.len();
         let me = self.shared.config.broker_id;
@@ -613,7 +629,18 @@ impl Shard {
                 self.queues.background,
                 self.replication_settings(),
             )
-            .await?;
+            .await;
+            let partition = match (partition, on_failure) {
+                (Ok(partition), _) => partition,
+                (Err(error), OpenFailure::Fail) => return Err(error),
+                (Err(error), OpenFailure::Report) => {
+                    tracing::error!(topic = name, partition = index, %error, "cannot open this partition; it stays unavailable, the others are served");
+                    self.failed_opens
+                        .borrow_mut()
+                        .insert((name.to_string(), index), error);
+                    continue;
+                }
+            };
             let mut map = self.partitions.borrow_mut();
             let slots = map
                 .entry(name.to_string())
@@ -810,7 +837,10 @@ impl Shard {
                 topic,
                 meta,
                 partitions,
-            } => ShardReply::Done(self.open_partitions(&topic, &meta, &partitions).await),
+            } => ShardReply::Done(
+                self.open_partitions(&topic, &meta, &partitions, OpenFailure::Fail)
+                    .await,
+            ),
             ShardRequest::ClosePartitions { topic } => {
                 let removed = self.partitions.borrow_mut().remove(&topic);
                 for partition in removed.into_iter().flatten().flatten() {
@@ -827,6 +857,16 @@ impl Shard {
     }
 
     fn missing(&self, topic: &str, partition: u32) -> PartitionError {
+        if let Some(error) = self
+            .failed_opens
+            .borrow()
+            .get(&(topic.to_string(), partition))
+        {
+            return PartitionError::new(
+                ErrorCode::StorageError,
+                format!("{topic}/{partition} could not be opened at start-up: {error}"),
+            );
+        }
         match self.owner(topic, partition) {
             Err(error) => error,
             Ok(_) => PartitionError::new(
