@@ -717,3 +717,46 @@ fn a_stored_partition_that_cannot_open_does_not_keep_the_broker_down() {
     assert!(broker.log().contains("cannot open this partition"));
     assert_no_panic(&broker);
 }
+
+/// Topic and partition caps: creation beyond them is refused with `limit_reached` and
+/// creates nothing; what exists keeps working.
+#[test]
+fn topic_and_partition_caps_refuse_creation_beyond_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 1, "topics_max = 3\npartitions_max = 6\n");
+    for (topic, partitions) in [("a", 2), ("b", 2)] {
+        let created = create(&broker.bootstrap(), topic, partitions, 1);
+        assert_eq!(created.error, 0, "{}", created.message);
+    }
+    let too_many_partitions = create(&broker.bootstrap(), "c", 3, 1);
+    assert_eq!(
+        ErrorCode::from_u16(too_many_partitions.error),
+        ErrorCode::LimitReached,
+        "{}",
+        too_many_partitions.message
+    );
+    assert!(too_many_partitions.message.contains("partitions_max"));
+    let created = create(&broker.bootstrap(), "c", 2, 1);
+    assert_eq!(created.error, 0, "{}", created.message);
+    let too_many_topics = create(&broker.bootstrap(), "d", 1, 1);
+    assert_eq!(
+        ErrorCode::from_u16(too_many_topics.error),
+        ErrorCode::LimitReached,
+        "{}",
+        too_many_topics.message
+    );
+    assert!(too_many_topics.message.contains("topics_max"));
+    let mut stream = connect_to(&broker.bootstrap());
+    let frame = call(
+        &mut stream,
+        &request(ApiKey::Metadata, 3, &MetadataRequest { topics: None }, &[]),
+    )
+    .expect("metadata");
+    let metadata: MetadataResponse = frame.decode_body().expect("metadata body");
+    let mut names: Vec<&str> = metadata.topics.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["a", "b", "c"], "the refused creations left nothing");
+    let served = produce_acks(&mut stream, "c", Acks::Leader, b"still served");
+    assert_eq!(served.error, 0, "{}", served.message);
+    assert_no_panic(&broker);
+}
