@@ -174,6 +174,8 @@ async fn scan_segment<F: DiskFile>(
         Durability::Whole { .. } => u64::MAX,
     };
     let mut position = 0u64;
+    // Set after skipping corrupt bytes: the next batch gets an index entry of its own.
+    let mut resynced = false;
     loop {
         if let Durability::Whole { next_offset } = durability {
             // A sealed segment is complete once it reaches the next segment's first offset; what
@@ -185,9 +187,12 @@ async fn scan_segment<F: DiskFile>(
         if let Some(header) = batch_at(&mut window, position, Some(result.next_offset)).await? {
             let relative =
                 u32::try_from(header.base_offset.0 - base.0).expect("segment offsets fit u32");
-            result
-                .index
-                .observe(relative, u32::try_from(position).expect("segment fits u32"));
+            let indexed = u32::try_from(position).expect("segment fits u32");
+            if std::mem::take(&mut resynced) {
+                result.index.observe_always(relative, indexed);
+            } else {
+                result.index.observe(relative, indexed);
+            }
             result.max_timestamp_ms = result.max_timestamp_ms.max(header.max_timestamp_ms);
             result.next_offset = header.next_offset();
             position += header.batch_bytes() as u64;
@@ -230,6 +235,7 @@ async fn scan_segment<F: DiskFile>(
                 });
                 result.next_offset = header.base_offset;
                 position = at;
+                resynced = true;
             }
             (
                 None,
@@ -249,6 +255,7 @@ async fn scan_segment<F: DiskFile>(
                 result.next_offset = next_offset;
                 position = end;
                 result.data_bytes = end;
+                resynced = true;
                 if end >= file_bytes {
                     return Ok(result);
                 }
@@ -440,7 +447,13 @@ impl<D: Disk> PartitionLog<D> {
                 segments.push(segment);
                 break;
             }
-            if next_base.is_some() {
+            if !scan.corrupt.is_empty() {
+                // No index file for a segment with corrupt ranges: it would make the segment
+                // trusted on the next open, which would then forget the ranges (reads of them
+                // would come back empty instead of failing as corrupt). Marked as written so the
+                // flush below skips it; every open scans it again.
+                segment.index_durable = true;
+            } else if next_base.is_some() {
                 report.rebuilt_indexes += 1;
             }
             file.sync().await.map_err(io_context("fdatasync", &name))?;
