@@ -142,6 +142,16 @@ async fn batch_at<F: DiskFile>(
     Ok(batch::check_batch(bytes).ok().map(|checked| checked.header))
 }
 
+/// Whether a batch found in the segment starting at `base` has offsets the segment can index
+/// (32 bits relative to its base). A CRC-valid batch far beyond is not this segment's data.
+fn fits_segment(header: &batch::BatchHeader, base: Offset) -> bool {
+    header
+        .next_offset()
+        .0
+        .checked_sub(base.0)
+        .is_some_and(|relative| relative <= u64::from(u32::MAX))
+}
+
 async fn scan_segment<F: DiskFile>(
     file: &F,
     name: &str,
@@ -184,7 +194,8 @@ async fn scan_segment<F: DiskFile>(
                 return Ok(result);
             }
         }
-        if let Some(header) = batch_at(&mut window, position, Some(result.next_offset)).await? {
+        let found = batch_at(&mut window, position, Some(result.next_offset)).await?;
+        if let Some(header) = found.filter(|h| fits_segment(h, base)) {
             let relative =
                 u32::try_from(header.base_offset.0 - base.0).expect("segment offsets fit u32");
             let indexed = u32::try_from(position).expect("segment fits u32");
@@ -210,6 +221,17 @@ async fn scan_segment<F: DiskFile>(
             {
                 result.torn = head.iter().any(|&b| b != 0);
             }
+            if let Durability::Upto { next_offset, .. } = durability {
+                // The checkpoint vouches for offsets up to `next_offset`: if the durable bytes
+                // end before them, they are lost acknowledged data, never offsets to reuse.
+                if result.next_offset < next_offset {
+                    result.corrupt.push(CorruptRange {
+                        from: result.next_offset,
+                        to: next_offset,
+                    });
+                    result.next_offset = next_offset;
+                }
+            }
             return Ok(result);
         }
         // Invalid bytes inside the durable prefix: corruption. Resynchronise at the next valid
@@ -219,7 +241,7 @@ async fn scan_segment<F: DiskFile>(
         let mut candidate = position + BATCH_ALIGNMENT_BYTES as u64;
         while candidate < search_end {
             if let Some(header) = batch_at(&mut window, candidate, None).await? {
-                if header.base_offset > result.next_offset {
+                if header.base_offset > result.next_offset && fits_segment(&header, base) {
                     found = Some((candidate, header));
                     break;
                 }

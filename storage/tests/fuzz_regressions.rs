@@ -7,11 +7,16 @@ mod common;
 use common::*;
 use futures_lite::future::block_on;
 use rkyv::util::AlignedVec;
-use wharf_storage::batch::{check_batch, validate_batch, BatchBuilder, BatchError, ProducerStamp};
-use wharf_storage::disk::Disk;
+use wharf_storage::batch::{
+    check_batch, stamp, validate_batch, BatchBuilder, BatchError, ProducerStamp,
+};
+use wharf_storage::checkpoint::{
+    Checkpoint, CheckpointState, CHECKPOINT_FILE_BYTES, CHECKPOINT_FILE_NAME,
+};
+use wharf_storage::disk::{Disk, DiskFile, PAGE_BYTES};
 use wharf_storage::log::{index_file_name, segment_file_name, ReadError};
 use wharf_storage::mem_disk::MemDisk;
-use wharf_storage::Offset;
+use wharf_storage::{Epoch, Offset};
 
 fn aligned(hex: &[&str]) -> AlignedVec<16> {
     let hex: String = hex.concat();
@@ -141,4 +146,74 @@ fn fuzz_corrupt_ranges_are_reported_again_after_a_reopen() {
         block_on(log.read(Offset(last_of_first), 64 * 1024)),
         Err(ReadError::Corrupt { .. })
     ));
+}
+
+/// Writes `contents` as file `name` (zero-padded to a page) and syncs it.
+fn write_file(disk: &MemDisk, name: &str, contents: &[u8]) {
+    block_on(async {
+        let file = disk.create(name).await.expect("create");
+        let padded = contents.len().next_multiple_of(PAGE_BYTES);
+        if padded > 0 {
+            let mut buffer = disk.alloc_buffer(padded);
+            buffer.as_mut_slice().fill(0);
+            buffer[..contents.len()].copy_from_slice(contents);
+            file.write_at(buffer, 0).await.expect("write");
+        }
+        file.sync().await.expect("sync");
+        disk.sync_dir().await.expect("sync_dir");
+    });
+}
+
+fn write_checkpoint(disk: &MemDisk, segment_base: Offset, position: u64, next_offset: Offset) {
+    let checkpoint = Checkpoint {
+        sequence: 5,
+        state: CheckpointState::Normal,
+        segment_base,
+        position,
+        next_offset,
+    };
+    let mut file = vec![0u8; CHECKPOINT_FILE_BYTES];
+    let slot = checkpoint.slot() * PAGE_BYTES;
+    file[slot..slot + PAGE_BYTES].copy_from_slice(&checkpoint.encode());
+    write_file(disk, CHECKPOINT_FILE_NAME, &file);
+}
+
+/// `fuzz/regressions/recovery_scan/end-offset-goes-back-on-reopen`: both segment files empty
+/// and a checkpoint vouching for offset 0 in segment 1. The first open reported [0, 1) corrupt
+/// and ended the log at 1, then wrote a checkpoint (segment 0, position 0, next offset 1); the
+/// second open stopped at position 0 without looking at that next offset and ended the log at 0,
+/// so offset 0 would have been assigned again.
+#[test]
+fn fuzz_end_offset_never_goes_back_on_reopen() {
+    let disk = MemDisk::new();
+    write_file(&disk, &segment_file_name(Offset(0)), &[]);
+    write_file(&disk, &segment_file_name(Offset(1)), &[]);
+    write_checkpoint(&disk, Offset(1), 3328, Offset(1));
+    let (log, report) = open(&disk, small_config());
+    assert_eq!(log.end_offset(), Offset(1), "{report:?}");
+    drop(log);
+    let (log, again) = open(&disk, small_config());
+    assert_eq!(log.end_offset(), Offset(1), "{again:?}");
+    assert_eq!(again.corrupt, report.corrupt);
+}
+
+/// `fuzz/regressions/recovery_scan/batch-offsets-beyond-the-segment-range`: a CRC-valid batch
+/// whose offsets lie more than 2^32 past the segment's base, found while resynchronising after
+/// corrupt bytes in the durable prefix, panicked recovery ("segment offsets fit u32"). It is not
+/// this segment's data: the scan skips it.
+#[test]
+fn fuzz_recovery_skips_a_batch_beyond_the_segment_offset_range() {
+    let mut first = make_batch(1, 8, 1, 0);
+    stamp(&mut first, Offset(0), Epoch(1));
+    let mut far = make_batch(1, 8, 2, 0);
+    stamp(&mut far, Offset(5_000_000_000), Epoch(1));
+    let mut segment = first.to_vec();
+    segment.extend_from_slice(&[0x55; 16]);
+    segment.extend_from_slice(&far);
+    let disk = MemDisk::new();
+    write_file(&disk, &segment_file_name(Offset(0)), &segment);
+    write_checkpoint(&disk, Offset(0), segment.len() as u64, Offset(1));
+    let (log, report) = open(&disk, small_config());
+    assert_eq!(log.end_offset(), Offset(1), "{report:?}");
+    assert_eq!(read_all(&log).len(), 1);
 }
