@@ -183,6 +183,15 @@ async fn scan_segment<F: DiskFile>(
         Durability::Upto { position, .. } => position,
         Durability::Whole { .. } => u64::MAX,
     };
+    // A batch belongs to this segment if the segment can index it and, when the next segment's
+    // base is known, it ends by then (batches running past it are not this segment's data).
+    let fits = |header: &batch::BatchHeader| {
+        fits_segment(header, base)
+            && match durability {
+                Durability::Whole { next_offset } => header.next_offset() <= next_offset,
+                _ => true,
+            }
+    };
     let mut position = 0u64;
     // Set after skipping corrupt bytes: the next batch gets an index entry of its own.
     let mut resynced = false;
@@ -195,7 +204,7 @@ async fn scan_segment<F: DiskFile>(
             }
         }
         let found = batch_at(&mut window, position, Some(result.next_offset)).await?;
-        if let Some(header) = found.filter(|h| fits_segment(h, base)) {
+        if let Some(header) = found.filter(|h| fits(h)) {
             let relative =
                 u32::try_from(header.base_offset.0 - base.0).expect("segment offsets fit u32");
             let indexed = u32::try_from(position).expect("segment fits u32");
@@ -241,7 +250,7 @@ async fn scan_segment<F: DiskFile>(
         let mut candidate = position + BATCH_ALIGNMENT_BYTES as u64;
         while candidate < search_end {
             if let Some(header) = batch_at(&mut window, candidate, None).await? {
-                if header.base_offset > result.next_offset && fits_segment(&header, base) {
+                if header.base_offset > result.next_offset && fits(&header) {
                     found = Some((candidate, header));
                     break;
                 }
@@ -482,8 +491,13 @@ impl<D: Disk> PartitionLog<D> {
             segments.push(segment);
         }
         // Drop an empty, non-first last segment (a roll whose data never became durable) so that
-        // the next append re-creates it cleanly.
-        if segments.len() > 1 && segments.last().is_some_and(|s| s.data_bytes == 0) {
+        // the next append re-creates it cleanly. Not one the checkpoint vouches offsets for (its
+        // next offset is past its base): those offsets are reported corrupt, never reused.
+        if segments.len() > 1
+            && segments
+                .last()
+                .is_some_and(|s| s.data_bytes == 0 && s.next_offset == s.base_offset)
+        {
             let empty = segments.pop().expect("checked");
             remove_segment_files(&*disk, empty.base_offset).await?;
             disk.sync_dir()

@@ -217,3 +217,43 @@ fn fuzz_recovery_skips_a_batch_beyond_the_segment_offset_range() {
     assert_eq!(log.end_offset(), Offset(1), "{report:?}");
     assert_eq!(read_all(&log).len(), 1);
 }
+
+/// `fuzz/regressions/recovery_scan/vouched-empty-last-segment-dropped`: empty segment files and
+/// a checkpoint vouching for offsets up to 7 at the start of segment 1. Recovery reported [1, 7)
+/// corrupt, then dropped segment 1 as an empty roll, so the log ended at 1 with a corrupt range
+/// beyond its end, and a reopen forgot the range.
+#[test]
+fn fuzz_an_empty_last_segment_the_checkpoint_vouches_for_is_kept() {
+    let disk = MemDisk::new();
+    write_file(&disk, &segment_file_name(Offset(0)), &[]);
+    write_file(&disk, &segment_file_name(Offset(1)), &[]);
+    write_checkpoint(&disk, Offset(1), 0, Offset(7));
+    let (log, report) = open(&disk, small_config());
+    assert_eq!(log.end_offset(), Offset(7), "{report:?}");
+    assert!(report.removed_segments.is_empty(), "{report:?}");
+    drop(log);
+    let (log, again) = open(&disk, small_config());
+    assert_eq!(log.end_offset(), Offset(7), "{again:?}");
+    assert_eq!(again.corrupt, report.corrupt);
+}
+
+/// `fuzz/regressions/recovery_scan/sealed-segment-runs-past-next-base`: a segment the checkpoint
+/// proves wholly durable whose batches run past the next segment's base offset panicked recovery
+/// ("complete segments return above"). Such a batch is not this segment's data: its offsets are
+/// reported corrupt up to the next base.
+#[test]
+fn fuzz_a_sealed_segment_running_past_the_next_base_is_corrupt_not_a_panic() {
+    let mut batch = make_batch(4, 8, 1, 0);
+    stamp(&mut batch, Offset(0), Epoch(1));
+    let disk = MemDisk::new();
+    write_file(&disk, &segment_file_name(Offset(0)), &batch);
+    write_file(&disk, &segment_file_name(Offset(2)), &[]);
+    write_checkpoint(&disk, Offset(2), 0, Offset(2));
+    let (log, report) = open(&disk, small_config());
+    assert_eq!(report.corrupt.len(), 1, "{report:?}");
+    assert_eq!(
+        (report.corrupt[0].from, report.corrupt[0].to),
+        (Offset(0), Offset(2))
+    );
+    assert_eq!(log.end_offset(), Offset(2));
+}
