@@ -353,6 +353,11 @@ async fn read_batches<F: DiskFile>(
                 position = read_start + cursor as u64;
                 continue;
             }
+            // A batch that does not continue the offsets (a CRC-valid batch inside a range
+            // recovery reported corrupt) ends the read; the next read starts at its offset.
+            if first.is_some() && header.base_offset != next_offset {
+                break;
+            }
             if cursor + header.batch_bytes() > valid_end {
                 break;
             }

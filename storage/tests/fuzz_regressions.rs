@@ -257,3 +257,31 @@ fn fuzz_a_sealed_segment_running_past_the_next_base_is_corrupt_not_a_panic() {
     );
     assert_eq!(log.end_offset(), Offset(2));
 }
+
+/// `fuzz/regressions/recovery_scan/read-retries-forever-on-a-misplaced-batch`: a CRC-valid batch
+/// with the wrong offsets between two good ones (recovery reports its range corrupt) made every
+/// read from before it fail with `Retry` ("the segment changed while it was read"), so a
+/// consumer retried forever. Reads now end before a batch that does not continue the offsets.
+#[test]
+fn fuzz_a_misplaced_batch_ends_a_read_instead_of_a_retry() {
+    let mut first = make_batch(2, 8, 1, 0);
+    stamp(&mut first, Offset(0), Epoch(1));
+    let mut misplaced = make_batch(1, 8, 2, 0);
+    stamp(&mut misplaced, Offset(1 << 40), Epoch(1));
+    let mut last = make_batch(3, 8, 3, 0);
+    stamp(&mut last, Offset(3), Epoch(1));
+    let segment = [first.to_vec(), misplaced.to_vec(), last.to_vec()].concat();
+    let disk = MemDisk::new();
+    write_file(&disk, &segment_file_name(Offset(0)), &segment);
+    write_checkpoint(&disk, Offset(0), segment.len() as u64, Offset(6));
+    let (log, report) = open(&disk, small_config());
+    assert_eq!(report.corrupt.len(), 1, "{report:?}");
+    let read = block_on(log.read(Offset(0), 64 * 1024)).expect("the first batch");
+    assert_eq!(read.next_offset, Offset(2));
+    assert!(matches!(
+        block_on(log.read(Offset(2), 64 * 1024)),
+        Err(ReadError::Corrupt { .. })
+    ));
+    let read = block_on(log.read(Offset(3), 64 * 1024)).expect("the last batch");
+    assert_eq!(read.next_offset, Offset(6));
+}
