@@ -71,7 +71,7 @@ for target in $targets; do
     continue
   fi
   if [ "$keep" = 1 ]; then
-    "$bin_dir/$target" -merge=1 "fuzz/corpus/$target" "$work" >"$log.merge" 2>&1
+    "$bin_dir/$target" -set_cover_merge=1 "fuzz/corpus/$target" "$work" >"$log.merge" 2>&1
     echo "fuzz: $target: merged new coverage into fuzz/corpus/$target"
   fi
 done
