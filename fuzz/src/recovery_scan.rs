@@ -23,7 +23,8 @@
 //! - with any checkpoint, everything between log start and end reads back as CRC-valid batches
 //!   with dense offsets, except ranges that recovery reported corrupt (reads there fail as
 //!   corrupt), and opening again finds the same log (recovery is idempotent: no torn tail, no
-//!   removed segment, the same corrupt ranges and batches).
+//!   removed segment, the same corrupt ranges and batches; after finishing a truncation, see the
+//!   comment in `run` for the one allowed difference).
 
 use std::rc::Rc;
 
@@ -170,11 +171,32 @@ pub fn run(data: &[u8]) {
         report_again.removed_segments.is_empty(),
         "reopen: {report_again:?}"
     );
+    let batches_again = read_everything(&again, &report);
+    if report.finished_truncation {
+        // Finishing a truncation scans only up to the truncation point, then zeroes the file
+        // after it. A (fuzzed, CRC-valid) batch that straddles that point with zero padding
+        // after it is invalid to the first scan and valid to the next: the reopen may then find
+        // more good batches and narrower corrupt ranges, never fewer batches or new ranges.
+        // (A real truncation point is a batch boundary, so a real log never gets here.)
+        assert!(
+            report_again.corrupt.iter().all(|c| report
+                .corrupt
+                .iter()
+                .any(|r| r.from <= c.from && c.to <= r.to)),
+            "reopen: corrupt ranges {:?} not within the first {:?}",
+            report_again.corrupt,
+            report.corrupt
+        );
+        assert!(
+            batches.iter().all(|b| batches_again.contains(b)),
+            "reopen: batches lost"
+        );
+        return;
+    }
     assert_eq!(
         report_again.corrupt, report.corrupt,
         "reopen: corrupt ranges"
     );
-    let batches_again = read_everything(&again, &report);
     assert!(batches_again == batches, "reopen: batches differ");
 }
 
