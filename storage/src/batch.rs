@@ -461,6 +461,25 @@ impl<'a> CheckedBatch<'a> {
                 ),
             });
         }
+        // Readers compute `first_timestamp_ms + timestamp_delta_ms` and skip batches by
+        // `max_timestamp_ms` (list offsets by time, retention): both must hold for every record.
+        for record in archived.records.iter() {
+            let delta_ms = record.timestamp_delta_ms.to_native();
+            let in_bounds = self
+                .header
+                .first_timestamp_ms
+                .checked_add(delta_ms)
+                .is_some_and(|timestamp_ms| timestamp_ms <= self.header.max_timestamp_ms);
+            if !in_bounds {
+                return Err(BatchError::BadHeader {
+                    field: "max_timestamp_ms",
+                    detail: format!(
+                        "a record's timestamp (first {} + delta {delta_ms}) is above it ({})",
+                        self.header.first_timestamp_ms, self.header.max_timestamp_ms
+                    ),
+                });
+            }
+        }
         Ok(&archived.records)
     }
 }
@@ -608,6 +627,16 @@ impl BatchBuilder {
                 detail: format!("at most {BATCH_RECORDS_MAX} records per batch"),
             });
         }
+        // Each record's timestamp is stored as a delta from the first: it must be representable.
+        if !self.records.is_empty() && timestamp_ms.checked_sub(self.first_timestamp_ms).is_none() {
+            return Err(BatchError::BadHeader {
+                field: "timestamp_ms",
+                detail: format!(
+                    "{timestamp_ms} is too far from the batch's first timestamp {}",
+                    self.first_timestamp_ms
+                ),
+            });
+        }
         if self.records.is_empty() {
             self.first_timestamp_ms = timestamp_ms;
             self.max_timestamp_ms = timestamp_ms;
@@ -622,7 +651,7 @@ impl BatchBuilder {
         let key = key.map(&mut keep);
         let value = keep(value);
         self.records.push(PendingRecord {
-            timestamp_delta_ms: timestamp_ms.wrapping_sub(self.first_timestamp_ms),
+            timestamp_delta_ms: timestamp_ms - self.first_timestamp_ms,
             key,
             value,
             headers: if headers.is_empty() {

@@ -92,6 +92,21 @@ impl SparseIndex {
         }
     }
 
+    /// Records a batch that lookups must find even if the last entry is less than the interval
+    /// behind: the first batch after a corrupt range, which reads cannot reach by walking batch
+    /// headers from an earlier entry.
+    pub fn observe_always(&mut self, relative_offset: u32, position: u32) {
+        if let Some(last) = self.entries.last() {
+            assert!(relative_offset > last.relative_offset && position > last.position);
+        }
+        if position > 0 {
+            self.entries.push(IndexEntry {
+                relative_offset,
+                position,
+            });
+        }
+    }
+
     /// The position of the latest indexed batch starting at or before `relative_offset`.
     pub fn lookup(&self, relative_offset: u32) -> u32 {
         let at = self

@@ -426,6 +426,8 @@ async fn read_batches<F: DiskFile>(
             let header = match batch::decode_header(&buffer[cursor..valid_end]) {
                 Ok(header) => header,
                 Err(BatchError::Truncated { .. }) => break,
+                // Return the good batches before a bad one; the next read reports it.
+                Err(_) if first.is_some() => break,
                 Err(error) => {
                     return Err(corrupt(format!(
                         "at position {}: {error}",
@@ -438,18 +440,27 @@ async fn read_batches<F: DiskFile>(
                 position = read_start + cursor as u64;
                 continue;
             }
+            // A batch that does not continue the offsets (a CRC-valid batch inside a range
+            // recovery reported corrupt) ends the read; the next read starts at its offset.
+            if first.is_some() && header.base_offset != next_offset {
+                break;
+            }
             if cursor + header.batch_bytes() > valid_end {
                 break;
             }
             if first.is_some_and(|f| cursor - f + header.batch_bytes() > max_bytes) {
                 break;
             }
-            batch::check_batch(&buffer[cursor..valid_end]).map_err(|error| {
-                corrupt(format!(
-                    "at position {}: {error}",
-                    read_start + cursor as u64
-                ))
-            })?;
+            match batch::check_batch(&buffer[cursor..valid_end]) {
+                Ok(_) => {}
+                Err(_) if first.is_some() => break,
+                Err(error) => {
+                    return Err(corrupt(format!(
+                        "at position {}: {error}",
+                        read_start + cursor as u64
+                    )))
+                }
+            }
             first.get_or_insert(cursor);
             next_offset = header.next_offset();
             cursor += header.batch_bytes();

@@ -144,6 +144,16 @@ async fn batch_at<F: DiskFile>(
     Ok(batch::check_batch(bytes).ok().map(|checked| checked.header))
 }
 
+/// Whether a batch found in the segment starting at `base` has offsets the segment can index
+/// (32 bits relative to its base). A CRC-valid batch far beyond is not this segment's data.
+fn fits_segment(header: &batch::BatchHeader, base: Offset) -> bool {
+    header
+        .next_offset()
+        .0
+        .checked_sub(base.0)
+        .is_some_and(|relative| relative <= u64::from(u32::MAX))
+}
+
 async fn scan_segment<F: DiskFile>(
     file: &F,
     name: &str,
@@ -175,7 +185,18 @@ async fn scan_segment<F: DiskFile>(
         Durability::Upto { position, .. } => position,
         Durability::Whole { .. } => u64::MAX,
     };
+    // A batch belongs to this segment if the segment can index it and, when the next segment's
+    // base is known, it ends by then (batches running past it are not this segment's data).
+    let fits = |header: &batch::BatchHeader| {
+        fits_segment(header, base)
+            && match durability {
+                Durability::Whole { next_offset } => header.next_offset() <= next_offset,
+                _ => true,
+            }
+    };
     let mut position = 0u64;
+    // Set after skipping corrupt bytes: the next batch gets an index entry of its own.
+    let mut resynced = false;
     loop {
         if let Durability::Whole { next_offset } = durability {
             // A sealed segment is complete once it reaches the next segment's first offset; what
@@ -184,12 +205,16 @@ async fn scan_segment<F: DiskFile>(
                 return Ok(result);
             }
         }
-        if let Some(header) = batch_at(&mut window, position, Some(result.next_offset)).await? {
+        let found = batch_at(&mut window, position, Some(result.next_offset)).await?;
+        if let Some(header) = found.filter(|h| fits(h)) {
             let relative =
                 u32::try_from(header.base_offset.0 - base.0).expect("segment offsets fit u32");
-            result
-                .index
-                .observe(relative, u32::try_from(position).expect("segment fits u32"));
+            let indexed = u32::try_from(position).expect("segment fits u32");
+            if std::mem::take(&mut resynced) {
+                result.index.observe_always(relative, indexed);
+            } else {
+                result.index.observe(relative, indexed);
+            }
             result.max_timestamp_ms = result.max_timestamp_ms.max(header.max_timestamp_ms);
             result.next_offset = header.next_offset();
             position += header.batch_bytes() as u64;
@@ -207,6 +232,17 @@ async fn scan_segment<F: DiskFile>(
             {
                 result.torn = head.iter().any(|&b| b != 0);
             }
+            if let Durability::Upto { next_offset, .. } = durability {
+                // The checkpoint vouches for offsets up to `next_offset`: if the durable bytes
+                // end before them, they are lost acknowledged data, never offsets to reuse.
+                if result.next_offset < next_offset {
+                    result.corrupt.push(CorruptRange {
+                        from: result.next_offset,
+                        to: next_offset,
+                    });
+                    result.next_offset = next_offset;
+                }
+            }
             return Ok(result);
         }
         // Invalid bytes inside the durable prefix: corruption. Resynchronise at the next valid
@@ -216,7 +252,7 @@ async fn scan_segment<F: DiskFile>(
         let mut candidate = position + BATCH_ALIGNMENT_BYTES as u64;
         while candidate < search_end {
             if let Some(header) = batch_at(&mut window, candidate, None).await? {
-                if header.base_offset > result.next_offset {
+                if header.base_offset > result.next_offset && fits(&header) {
                     found = Some((candidate, header));
                     break;
                 }
@@ -232,6 +268,7 @@ async fn scan_segment<F: DiskFile>(
                 });
                 result.next_offset = header.base_offset;
                 position = at;
+                resynced = true;
             }
             (
                 None,
@@ -251,6 +288,7 @@ async fn scan_segment<F: DiskFile>(
                 result.next_offset = next_offset;
                 position = end;
                 result.data_bytes = end;
+                resynced = true;
                 if end >= file_bytes {
                     return Ok(result);
                 }
@@ -453,15 +491,26 @@ impl<D: Disk> PartitionLog<D> {
                 segments.push(segment);
                 break;
             }
-            if next_base.is_some() {
+            if !scan.corrupt.is_empty() {
+                // No index file for a segment with corrupt ranges: it would make the segment
+                // trusted on the next open, which would then forget the ranges (reads of them
+                // would come back empty instead of failing as corrupt). Marked as written so the
+                // flush below skips it; every open scans it again.
+                segment.index_durable = true;
+            } else if next_base.is_some() {
                 report.rebuilt_indexes += 1;
             }
             file.sync().await.map_err(io_context("fdatasync", &name))?;
             segments.push(segment);
         }
         // Drop an empty, non-first last segment (a roll whose data never became durable) so that
-        // the next append re-creates it cleanly.
-        if segments.len() > 1 && segments.last().is_some_and(|s| s.data_bytes == 0) {
+        // the next append re-creates it cleanly. Not one the checkpoint vouches offsets for (its
+        // next offset is past its base): those offsets are reported corrupt, never reused.
+        if segments.len() > 1
+            && segments
+                .last()
+                .is_some_and(|s| s.data_bytes == 0 && s.next_offset == s.base_offset)
+        {
             let empty = segments.pop().expect("checked");
             remove_segment_files(&*disk, empty.base_offset).await?;
             disk.sync_dir()
