@@ -2,7 +2,7 @@
 //! a client decodes, through `decode_body::<T>()`, plus `payload_ranges` on the lengths a
 //! produce request or fetch response declares.
 //!
-//! One target for all 19 body types, not one per type: one build, one corpus and one time slot in
+//! One target for all 22 body types, not one per type: one build, one corpus and one time slot in
 //! CI instead of nineteen, and libFuzzer's coverage feedback still tells the types apart (they are
 //! different code). The corpus holds a valid body of every type.
 //!
@@ -25,7 +25,7 @@ use crate::protocol::*;
 
 /// The body types, in selector order. Requests first (the server decodes them), then responses
 /// (the client decodes them), then the error body of any failed response.
-pub const BODY_TYPES: [&str; 19] = [
+pub const BODY_TYPES: [&str; 22] = [
     "VersionsRequest",
     "MetadataRequest",
     "CreateTopicRequest",
@@ -45,6 +45,9 @@ pub const BODY_TYPES: [&str; 19] = [
     "ListOffsetsResponse",
     "ReplicaFetchResponse",
     "ErrorBody",
+    "PeerAuthBeginRequest",
+    "PeerAuthProveRequest",
+    "PeerAuthBeginResponse",
 ];
 
 /// Frame-size limit for the re-encoded frames (bodies are at most `BODY_BYTES_MAX`).
@@ -97,6 +100,9 @@ pub fn check_selected(index: usize, body: &[u8], payload_bytes: usize, misaligne
         16 => drop(c.check::<ListOffsetsResponse>()),
         17 => drop(c.check::<ReplicaFetchResponse>()),
         18 => drop(c.check::<ErrorBody>()),
+        19 => drop(c.check::<PeerAuthBeginRequest>()),
+        20 => drop(c.check::<PeerAuthProveRequest>()),
+        21 => drop(c.check::<PeerAuthBeginResponse>()),
         _ => unreachable!("index < BODY_TYPES.len()"),
     }
 }
@@ -121,6 +127,8 @@ pub fn body_type_of(header: &FrameHeader) -> Option<usize> {
         ApiKey::ListOffsets => (7, 16),
         ApiKey::ReplicaFetch => (8, 17),
         ApiKey::ApplyTopic => (9, 12),
+        ApiKey::PeerAuthBegin => (19, 21),
+        ApiKey::PeerAuthProve => (20, 12),
         _ => return None,
     };
     Some(if header.is_response() {

@@ -214,6 +214,20 @@ pub fn bodies() -> Vec<Vec<u8>> {
         archive(&ErrorBody {
             message: "frame header CRC mismatch".to_string(),
         }),
+        archive(&PeerAuthBeginRequest {
+            broker_id: 2,
+            client_nonce: vec![7; 32],
+        }),
+        archive(&PeerAuthProveRequest {
+            proof: vec![9; 32],
+        }),
+        archive(&PeerAuthBeginResponse {
+            error: 0,
+            message: String::new(),
+            broker_id: 1,
+            server_nonce: vec![5; 32],
+            server_proof: vec![3; 32],
+        }),
     ];
     assert_eq!(bodies.len(), BODY_TYPES.len());
     bodies
