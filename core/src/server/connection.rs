@@ -166,17 +166,19 @@ async fn read_body<R: futures_lite::AsyncBufRead + Unpin>(
 ) -> Result<Frame, FrameReadError> {
     let frame_bytes = header.frame_bytes as usize;
     let rest = (frame_bytes - FRAME_HEADER_BYTES) as u64;
-    let mut bytes = FrameBuf::with_capacity(frame_bytes.min(READ_BUFFER_BYTES * 2));
-    bytes.extend_from_slice(header_bytes);
     if budget.semaphore.available() >= budget.bytes_max / 2 + rest
         && budget.semaphore.try_acquire(rest).unwrap_or(false)
     {
         hold.bytes += rest;
-        bytes.reserve_exact(frame_bytes - FRAME_HEADER_BYTES);
+        // Allocated once at its full size: growing it would copy what was read so far.
+        let mut bytes = FrameBuf::with_capacity(frame_bytes);
+        bytes.extend_from_slice(header_bytes);
         bytes.resize(frame_bytes, 0);
         read_frame_bytes(reader, &header, &mut bytes, FRAME_HEADER_BYTES).await?;
         return finish_frame(header, bytes);
     }
+    let mut bytes = FrameBuf::with_capacity(frame_bytes.min(READ_BUFFER_BYTES * 2));
+    bytes.extend_from_slice(header_bytes);
     while bytes.len() < frame_bytes {
         // Wait for bytes before taking budget for them.
         let available = reader
