@@ -198,9 +198,10 @@ fn all_acknowledged(results: &[Result<u64, ClientError>], what: &str) {
     }
 }
 
-#[test]
-fn acks_all_survives_follower_failures_and_replicas_converge() {
-    let mut cluster = Cluster::start(REPLICA_LAG_MAX_MS);
+/// The test cluster with `TOPIC` (one partition, RF 3, min_insync_replicas 2) created on
+/// broker 1 and all three replicas in sync: the cluster, broker 1's address, the partition.
+fn cluster_with_topic() -> (Cluster, String, PartitionDescription) {
+    let cluster = Cluster::start(REPLICA_LAG_MAX_MS);
     let first = cluster.bootstrap(1);
     run(async {
         let client = Client::connect(client_config(&first))
@@ -220,6 +221,12 @@ fn acks_all_survives_follower_failures_and_replicas_converge() {
             .expect("create topic on every broker");
     });
     let described = wait_for(&first, "all three replicas in sync", |d| d.isr.len() == 3);
+    (cluster, first, described)
+}
+
+#[test]
+fn acks_all_survives_follower_failures_and_replicas_converge() {
+    let (mut cluster, _, described) = cluster_with_topic();
     let leader = described.leader;
     assert_eq!(described.replicas.len(), 3);
     let followers: Vec<u32> = described
@@ -393,26 +400,7 @@ fn topic_creation_needs_enough_brokers_and_reaches_all_of_them() {
 /// from the high watermark it stored (at its clean stop here), clamped to its durable log.
 #[test]
 fn a_restarted_leader_reports_its_committed_data_at_once() {
-    let mut cluster = Cluster::start(REPLICA_LAG_MAX_MS);
-    let first = cluster.bootstrap(1);
-    run(async {
-        let client = Client::connect(client_config(&first))
-            .await
-            .expect("connect");
-        client
-            .create_topic(
-                TOPIC,
-                1,
-                3,
-                vec![ConfigEntry {
-                    key: "min_insync_replicas".into(),
-                    value: "2".into(),
-                }],
-            )
-            .await
-            .expect("create topic on every broker");
-    });
-    let described = wait_for(&first, "all three replicas in sync", |d| d.isr.len() == 3);
+    let (mut cluster, _, described) = cluster_with_topic();
     let leader = described.leader;
     let at_leader = cluster.bootstrap(leader);
     all_acknowledged(
@@ -460,31 +448,17 @@ fn a_restarted_leader_reports_its_committed_data_at_once() {
 fn forged_replica_fetch_offsets_are_refused_and_change_nothing() {
     use wharf::client::{decode, Connection};
     use wharf::protocol::{ApiKey, ReplicaFetchRequest, ReplicaFetchResponse};
-    let mut cluster = Cluster::start(REPLICA_LAG_MAX_MS);
-    let first = cluster.bootstrap(1);
+    let (mut cluster, first, described) = cluster_with_topic();
     let topic_id = run(async {
         let client = Client::connect(client_config(&first))
             .await
             .expect("connect");
-        client
-            .create_topic(
-                TOPIC,
-                1,
-                3,
-                vec![ConfigEntry {
-                    key: "min_insync_replicas".into(),
-                    value: "2".into(),
-                }],
-            )
-            .await
-            .expect("create topic on every broker");
         client
             .describe_topic(TOPIC)
             .await
             .expect("describe")
             .topic_id
     });
-    let described = wait_for(&first, "all three replicas in sync", |d| d.isr.len() == 3);
     let leader = described.leader;
     let at_leader = cluster.bootstrap(leader);
     all_acknowledged(
