@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use common::good_client::{create_topic, read_all, GoodClient};
 use common::wire::{batch, connect_to, error_message, produce_frame, read_response, request};
 use common::{Broker, Cluster};
+
+/// Polls (every 100 ms) while waiting for a broker to reach a state.
+const STATE_POLLS_MAX: usize = 300;
 use wharf::peer_auth::ClusterSecret;
 use wharf::protocol::*;
 
@@ -242,10 +245,17 @@ fn inter_broker_apis_are_refused_to_clients_and_to_peers_without_the_secret() {
 
     // Keep forging (client port) past the ISR lag limit: the dead followers still leave the
     // ISR, the high watermark never covers what only the leader holds, acks=all is refused.
-    let deadline = Instant::now() + Duration::from_millis(3_000);
-    while Instant::now() < deadline {
+    // Forge every 100 ms until the ISR shrinks (bounded: the lag limit is 1.5 s).
+    for _ in 0..STATE_POLLS_MAX {
         let answer = call(&mut client, &forged_fetch(&topic, followers[0], end)).expect("answered");
         assert_eq!(answer.header.error(), ErrorCode::InternalApiRefused);
+        if describe(&cluster.bootstrap(leader), "t").partitions[0]
+            .isr
+            .len()
+            == 1
+        {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     let after = describe(&cluster.bootstrap(leader), "t");
@@ -330,7 +340,22 @@ fn many_connections_announcing_huge_frames_cannot_exhaust_memory() {
             .expect("send header");
         attackers.push(stream);
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // Measure once the broker holds every attacker's connection (and so has read its header).
+    let holding = format!("wharf_connections{{shard=\"0\"}} {}", ATTACKERS + 1);
+    let held = (0..STATE_POLLS_MAX).any(|_| {
+        let found = broker
+            .http_get("/metrics")
+            .is_some_and(|(_, metrics)| metrics.contains(&holding));
+        if !found {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        found
+    });
+    assert!(
+        held,
+        "the broker never held all {ATTACKERS} attackers' connections"
+    );
+    good.serve_more(300);
     let rss = broker.rss_bytes().expect("rss");
     // Whole-frame reservations take at most half the budget; the rest is held byte for byte
     // as it arrives; buffers may be up to twice what they hold.

@@ -56,6 +56,27 @@ pub enum ReplicaConfigError {
     },
 }
 
+/// The shape every replica set must have, wherever it comes from (stored topic metadata, a
+/// topic being created, a peer's `ApplyTopic`): non-empty, at most `REPLICAS_MAX` brokers,
+/// none twice.
+pub fn check_replica_set(replicas: &[BrokerId]) -> Result<(), ReplicaConfigError> {
+    if replicas.is_empty() {
+        return Err(ReplicaConfigError::NoReplicas);
+    }
+    if replicas.len() > REPLICAS_MAX {
+        return Err(ReplicaConfigError::TooManyReplicas {
+            count: replicas.len(),
+            limit: REPLICAS_MAX,
+        });
+    }
+    for (i, r) in replicas.iter().enumerate() {
+        if replicas[..i].contains(r) {
+            return Err(ReplicaConfigError::DuplicateReplica(*r));
+        }
+    }
+    Ok(())
+}
+
 /// How many replicas must hold a produce durably before it is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AckLevel {
@@ -394,25 +415,12 @@ impl Replica {
         epochs: EpochHistory,
         now_ms: u64,
     ) -> Result<Replica, ReplicaConfigError> {
-        if config.replicas.is_empty() {
-            return Err(ReplicaConfigError::NoReplicas);
-        }
-        if config.replicas.len() > REPLICAS_MAX {
-            return Err(ReplicaConfigError::TooManyReplicas {
-                count: config.replicas.len(),
-                limit: REPLICAS_MAX,
-            });
-        }
+        check_replica_set(&config.replicas)?;
         if !config.replicas.contains(&config.broker_id) {
             return Err(ReplicaConfigError::NotAReplica {
                 broker: config.broker_id,
                 replicas: config.replicas,
             });
-        }
-        for (i, r) in config.replicas.iter().enumerate() {
-            if config.replicas[..i].contains(r) {
-                return Err(ReplicaConfigError::DuplicateReplica(*r));
-            }
         }
         if !(log.log_start <= log.durable && log.durable <= log.end) {
             return Err(ReplicaConfigError::InvalidLogState {

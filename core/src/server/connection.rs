@@ -217,12 +217,12 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream, listener: Listene
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
-    let context = Rc::new(ConnectionContext {
+    let context = ConnectionContext {
         listener,
         peer: peer.clone(),
         auth: RefCell::new(PeerAuthState::NotStarted),
         close_after_response: Cell::new(false),
-    });
+    };
     let config = &shard.shared.config;
     let idle = Duration::from_millis(config.idle_timeout_ms);
     let read_timeout = Duration::from_millis(config.request_read_timeout_ms);

@@ -96,7 +96,7 @@ pub fn monotonic_ms() -> u64 {
 pub struct ReplicationSettings {
     pub broker_id: BrokerId,
     /// Where each broker of the cluster takes replica fetches.
-    pub replication_addresses: Rc<HashMap<BrokerId, String>>,
+    pub internal_addresses: Rc<HashMap<BrokerId, String>>,
     /// What this broker proves on the leaders' internal listeners.
     pub peer: Option<crate::peer_auth::PeerCredentials>,
     pub replica_lag_max_ms: u64,
@@ -937,7 +937,7 @@ impl Partition {
         let settings = &self.replication;
         if connection.as_ref().is_none_or(|c| c.is_closed()) {
             let address = settings
-                .replication_addresses
+                .internal_addresses
                 .get(&leader)
                 .ok_or_else(|| format!("broker {leader} is not in cluster.brokers"))?;
             let mut client_config = ClientConfig::new(address.clone());

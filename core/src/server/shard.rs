@@ -131,7 +131,7 @@ pub struct Shard {
     /// Partitions that failed to open at start-up, and why (they answer `storage_error`).
     failed_opens: RefCell<HashMap<(String, u32), String>>,
     /// Each broker's internal listener (`cluster.brokers[].internal_address`).
-    replication_addresses: Rc<HashMap<u32, String>>,
+    internal_addresses: Rc<HashMap<u32, String>>,
 }
 
 /// What a partition that cannot be opened does to the caller.
@@ -264,7 +264,7 @@ async fn start(
         connections_by_address: RefCell::new(HashMap::new()),
         request_budget: RequestBudget::new(shared.config.request_bytes_max_per_shard),
         failed_opens: RefCell::new(HashMap::new()),
-        replication_addresses: Rc::new(
+        internal_addresses: Rc::new(
             shared
                 .config
                 .cluster
@@ -586,7 +586,11 @@ impl Shard {
             }
         };
         let full = free_bytes < config.disk_free_bytes_min;
-        let was_full = self.shared.disk_full.swap(full, Ordering::AcqRel);
+        // Written only when it changes: every produce on every shard reads it.
+        let was_full = self.shared.disk_full.load(Ordering::Acquire);
+        if full != was_full {
+            self.shared.disk_full.store(full, Ordering::Release);
+        }
         self.metrics.disk_full.set(i64::from(full));
         if full && !was_full {
             tracing::error!(
@@ -665,7 +669,7 @@ impl Shard {
         let config = &self.shared.config;
         ReplicationSettings {
             broker_id: config.broker_id,
-            replication_addresses: Rc::clone(&self.replication_addresses),
+            internal_addresses: Rc::clone(&self.internal_addresses),
             peer: self.peer_credentials(),
             replica_lag_max_ms: config.cluster.replica_lag_max_ms,
             fetch_wait_ms: config.cluster.replica_fetch_wait_ms,
@@ -1141,36 +1145,26 @@ impl Shard {
                 || (config.cluster.brokers.is_empty() && id == me)
         };
         for (partition, replicas) in request.replicas.iter().enumerate() {
-            let mut distinct = replicas.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            let problem = if replicas.is_empty() {
-                Some("has no replicas".to_string())
-            } else if replicas.len() > wharf_replication::replica::REPLICAS_MAX {
-                Some(format!(
-                    "has {} replicas (at most {})",
-                    replicas.len(),
-                    wharf_replication::replica::REPLICAS_MAX
-                ))
-            } else if distinct.len() != replicas.len() {
-                Some("lists a broker twice".to_string())
-            } else if replicas.len() != usize::from(request.replication_factor.max(1)) {
-                Some(format!(
-                    "has {} replicas for replication factor {}",
-                    replicas.len(),
-                    request.replication_factor
-                ))
-            } else {
-                replicas
-                    .iter()
-                    .find(|&&id| !known(id))
-                    .map(|id| format!("names broker {id}, which is not in cluster.brokers"))
-            };
+            let problem =
+                if let Err(error) = wharf_replication::replica::check_replica_set(replicas) {
+                    Some(error.to_string())
+                } else if replicas.len() != usize::from(request.replication_factor.max(1)) {
+                    Some(format!(
+                        "{} replicas for replication factor {}",
+                        replicas.len(),
+                        request.replication_factor
+                    ))
+                } else {
+                    replicas
+                        .iter()
+                        .find(|&&id| !known(id))
+                        .map(|id| format!("broker {id} is not in cluster.brokers"))
+                };
             if let Some(problem) = problem {
                 return Err(PartitionError::new(
                     ErrorCode::InvalidReplicationFactor,
                     format!(
-                        "partition {partition} of topic {:?} {problem}",
+                        "partition {partition} of topic {:?}: {problem}",
                         request.name
                     ),
                 ));

@@ -122,6 +122,16 @@ impl GoodClient {
         }
     }
 
+    /// Waits (bounded) until the good client made `count` more requests: an attack is then
+    /// measured over a real stretch of the good client's traffic.
+    pub fn serve_more(&self, count: usize) {
+        let target = self.requests.load(Ordering::Acquire) + count;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.requests.load(Ordering::Acquire) < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(ROUND_PAUSE_MS));
+        }
+    }
+
     pub fn finish(mut self) -> GoodReport {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.requests.load(Ordering::Acquire) < REQUESTS_MIN && Instant::now() < deadline {
