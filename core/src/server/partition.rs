@@ -841,10 +841,11 @@ impl Partition {
         (response, Some(data))
     }
 
-    /// Leader: remembers where a reply to `replica` ended (a batch boundary of this log). The
-    /// follower's next fetch offset, and its durable offset (it flushes what it appended, one
-    /// reply at a time), are almost always such an end, so checking them against the log's
-    /// batches rarely needs a read.
+    /// Leader: remembers a batch boundary of this log that `replica` will report: where a reply
+    /// to it ended, or an offset it reported that was checked. The follower's next fetch offset
+    /// is such an end, and its durable offset usually is (or repeats while nothing new is
+    /// durable, with `flush = "interval"`), so checking them against the log's batches rarely
+    /// needs a read. Forgotten when the log is truncated or reset.
     fn remember_served_end(&self, replica: BrokerId, end: Offset) {
         let mut served = self.served_ends.borrow_mut();
         let ends = served.entry(replica).or_default();
@@ -889,8 +890,10 @@ impl Partition {
                 Ok(check) => check.resolve().await,
                 Err(error) => Err(error),
             };
-            if let Ok(Some(false)) = resolved {
-                return Some(offset);
+            match resolved {
+                Ok(Some(false)) => return Some(offset),
+                Ok(Some(true)) => self.remember_served_end(fetch.replica, offset),
+                _ => {}
             }
         }
         None

@@ -40,6 +40,8 @@ impl Partition {
         let Some(mut log) = self.take_quiet_log().await else {
             return;
         };
+        // Reply ends remembered while leading may not be batch boundaries of the new log.
+        self.served_ends.borrow_mut().clear();
         let result = log.truncate_suffix(to).await;
         let result = (result, (log.end_offset(), log.durable_offset()));
         drop(log);
@@ -66,6 +68,7 @@ impl Partition {
         let Some(mut log) = self.take_quiet_log().await else {
             return;
         };
+        self.served_ends.borrow_mut().clear();
         let result = log.reset(start, now_ms()).await;
         drop(log);
         match result {
