@@ -17,8 +17,9 @@ use glommio::channels::local_channel;
 use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
+use super::dispatch::error_frame;
 use super::partition::FetchData;
-use super::shard::{error_frame, Shard};
+use super::shard::Shard;
 use crate::peer_auth::NONCE_BYTES;
 use crate::protocol::{
     finish_frame, read_frame_bytes, read_frame_header, Frame, FrameBuf, FrameError, FrameHeader,

@@ -9,6 +9,9 @@
 
 mod admin;
 mod connection;
+mod control;
+mod dispatch;
+mod handlers;
 pub mod metrics;
 pub mod partition;
 mod shard;

@@ -1,0 +1,237 @@
+//! A request from a connection, in arrival order: the API key and version are checked, then the
+//! trust boundary (`check_access`), then the body is decoded and handed to its API's handler
+//! (`super::handlers`, `super::control`), which returns the future of the response. The
+//! response helpers (`respond`, `error_frame`) are here too.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use futures_util::FutureExt;
+
+use super::connection::{ConnectionContext, ListenerKind, OutPayload, Outgoing, Pending};
+use super::partition::PartitionError;
+use super::shard::Shard;
+use crate::protocol::*;
+
+impl Shard {
+    /// Admits one request: does what must happen in arrival order (produce appends) and
+    /// returns the future of its response.
+    pub async fn admit(self: &Rc<Self>, mut frame: Frame, context: &ConnectionContext) -> Pending {
+        let header = frame.header;
+        let Some(api) = header.api() else {
+            return ready(error_frame(
+                &header,
+                ErrorCode::UnknownApi,
+                format!("unknown api key {}", header.api_key),
+            ));
+        };
+        self.metrics.requests[api as usize].inc();
+        let (min, max) = api.supported_versions();
+        if header.api_version < min || header.api_version > max {
+            self.shared
+                .metrics
+                .record_error(self.id, api, ErrorCode::UnsupportedVersion);
+            return ready(error_frame(
+                &header,
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "{} version {} is not supported (this broker speaks {min}..={max})",
+                    api.name(),
+                    header.api_version
+                ),
+            ));
+        }
+        if header.is_response() {
+            return ready(error_frame(
+                &header,
+                ErrorCode::InvalidRequest,
+                "a response was sent as a request".to_string(),
+            ));
+        }
+        if let Err(error) = self.check_access(api, context) {
+            self.shared.metrics.record_error(self.id, api, error.code);
+            return ready(error_frame(&header, error.code, error.message));
+        }
+        let started = Instant::now();
+        let pending = match self.admit_api(api, &mut frame, context).await {
+            Ok(pending) => pending,
+            Err(error) => {
+                self.shared.metrics.record_error(self.id, api, error.code);
+                return ready(error_frame(&header, error.code, error.message));
+            }
+        };
+        let latency = self.metrics.latency[api as usize].clone();
+        async move {
+            let response = pending.await;
+            latency.observe(started.elapsed().as_secs_f64());
+            response
+        }
+        .boxed_local()
+    }
+
+    /// The trust boundary: inter-broker APIs only on the internal listener, and there only
+    /// after the peer proved the cluster secret (anything else closes the connection).
+    fn check_access(&self, api: ApiKey, context: &ConnectionContext) -> Result<(), PartitionError> {
+        match context.listener {
+            ListenerKind::Client if api.is_internal() || api.is_peer_auth() => {
+                Err(PartitionError::new(
+                    ErrorCode::InternalApiRefused,
+                    format!(
+                        "{} is an inter-broker API: it is served only on the internal listener \
+                         (cluster.internal_listen), to brokers that prove the cluster secret",
+                        api.name()
+                    ),
+                ))
+            }
+            ListenerKind::Client => Ok(()),
+            ListenerKind::Internal
+                if api == ApiKey::Versions
+                    || api.is_peer_auth()
+                    || context.authenticated_peer().is_some() =>
+            {
+                Ok(())
+            }
+            ListenerKind::Internal => {
+                context.close_after_response.set(true);
+                self.metrics.peer_auth_failures.inc();
+                tracing::warn!(shard = self.id, peer = %context.peer, api = api.name(), "refused a request from an unauthenticated peer of the internal listener; closing");
+                Err(PartitionError::new(
+                    ErrorCode::AuthenticationFailed,
+                    format!(
+                        "{}: the internal listener serves only peers that proved the cluster \
+                         secret (PeerAuthBegin, PeerAuthProve)",
+                        api.name()
+                    ),
+                ))
+            }
+        }
+    }
+
+    async fn admit_api(
+        self: &Rc<Self>,
+        api: ApiKey,
+        frame: &mut Frame,
+        context: &ConnectionContext,
+    ) -> Result<Pending, PartitionError> {
+        let header = frame.header;
+        let invalid = |e: BodyError| PartitionError::new(ErrorCode::InvalidRequest, e.to_string());
+        Ok(match api {
+            ApiKey::Versions => {
+                let _request: VersionsRequest = frame.decode_body().map_err(invalid)?;
+                ready(respond(&header, &self.versions(), Vec::new()))
+            }
+            ApiKey::Metadata => {
+                let request: MetadataRequest = frame.decode_body().map_err(invalid)?;
+                let mut response = self.metadata_response(request, context.listener);
+                let shard = Rc::clone(self);
+                async move {
+                    shard.fill_live_partition_state(&mut response).await;
+                    respond(&header, &response, Vec::new())
+                }
+                .boxed_local()
+            }
+            ApiKey::CreateTopic => {
+                let request: CreateTopicRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    let result = shard.create_topic(request).await;
+                    respond(&header, &result, Vec::new())
+                }
+                .boxed_local()
+            }
+            ApiKey::DeleteTopic => {
+                let request: DeleteTopicRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    let result = shard.delete_topic(request.name).await;
+                    respond(&header, &result, Vec::new())
+                }
+                .boxed_local()
+            }
+            ApiKey::DescribeTopic => {
+                let request: DescribeTopicRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    let body = shard.describe_topic(request.name).await;
+                    respond(&header, &body, Vec::new())
+                }
+                .boxed_local()
+            }
+            ApiKey::Produce => self.admit_produce(frame).await?,
+            ApiKey::PeerAuthBegin => {
+                let request: PeerAuthBeginRequest = frame.decode_body().map_err(invalid)?;
+                ready(respond(
+                    &header,
+                    &self.peer_auth_begin(request, context),
+                    Vec::new(),
+                ))
+            }
+            ApiKey::PeerAuthProve => {
+                let request: PeerAuthProveRequest = frame.decode_body().map_err(invalid)?;
+                ready(respond(
+                    &header,
+                    &self.peer_auth_prove(request, context),
+                    Vec::new(),
+                ))
+            }
+            ApiKey::ReplicaFetch => {
+                let request: ReplicaFetchRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_replica_fetch(header, request, context)?
+            }
+            ApiKey::ApplyTopic => {
+                let request: ApplyTopicRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    let result = shard.apply_topic(request).await;
+                    respond(&header, &result, Vec::new())
+                }
+                .boxed_local()
+            }
+            ApiKey::Fetch => {
+                let request: FetchRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_fetch(header, request)?
+            }
+            ApiKey::ListOffsets => {
+                let request: ListOffsetsRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_list_offsets(header, request)?
+            }
+        })
+    }
+}
+
+pub(crate) fn topic_error(code: ErrorCode, message: impl Into<String>) -> TopicResult {
+    TopicResult {
+        error: code as u16,
+        message: message.into(),
+    }
+}
+
+pub(crate) fn ready(outgoing: Option<Outgoing>) -> Pending {
+    futures_util::future::ready(outgoing).boxed_local()
+}
+
+/// A response frame; an encoding failure (a body over the limit) becomes a frame-level error.
+pub fn respond<T: Message>(
+    header: &FrameHeader,
+    body: &T,
+    payload: Vec<OutPayload>,
+) -> Option<Outgoing> {
+    let slices: Vec<&[u8]> = payload.iter().map(OutPayload::bytes).collect();
+    match encode_frame(FrameKind::response(header, ErrorCode::None), body, &slices) {
+        Ok(head) => Some(Outgoing { head, payload }),
+        Err(error) => error_frame(header, ErrorCode::Unknown, error.to_string()),
+    }
+}
+
+pub fn error_frame(header: &FrameHeader, code: ErrorCode, message: String) -> Option<Outgoing> {
+    encode_frame(
+        FrameKind::response(header, code),
+        &ErrorBody { message },
+        &[],
+    )
+    .ok()
+    .map(|head| Outgoing {
+        head,
+        payload: Vec::new(),
+    })
+}

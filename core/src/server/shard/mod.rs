@@ -1,0 +1,184 @@
+//! One shard: its partitions, listeners, the channel mesh to the other shards, and the request
+//! handlers. Requests for partitions owned by another shard are forwarded over the mesh; the
+//! Wharf client avoids that hop by connecting to the owner's direct port (metadata names it).
+//!
+//! A request's path through the shard, one module per step:
+//! 1. `runtime`: start-up and shutdown, the listeners and their connection slots, the tick
+//!    loops, opening the partitions the shard owns.
+//! 2. `super::connection`: reads frames and hands each to `Shard::admit` in arrival order.
+//! 3. `super::dispatch`: the access check, the body's decoding and the handler by API key, and
+//!    the response helpers.
+//! 4. `super::handlers`: one module per API family (produce, fetch, offsets, metadata, the
+//!    inter-broker replica fetch and peer handshake).
+//! 5. `routing`: which shard owns a partition, and the requests shards send each other.
+//! 6. `super::control`: everything that changes or applies the cluster metadata.
+
+mod routing;
+mod runtime;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_channel::oneshot;
+use glommio::channels::channel_mesh::Senders;
+use glommio::sync::{Gate, Semaphore};
+use glommio::TaskQueueHandle;
+
+use super::connection::RequestBudget;
+use super::metrics::ShardMetrics;
+use super::partition::{Partition, PartitionError, ReplicationSettings};
+use super::Shared;
+use crate::metadata::{BrokerMetadata, TopicMeta};
+use crate::protocol::*;
+use wharf_replication::Ack;
+
+pub(crate) use runtime::{run, OpenFailure};
+
+/// A request from another shard.
+pub enum ShardRequest {
+    Produce {
+        topic: String,
+        partition: u32,
+        acks: Acks,
+        timeout_ms: u64,
+        batches: FrameBuf,
+    },
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+    },
+    WaitForData {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        deadline: Instant,
+    },
+    ListOffset {
+        topic: String,
+        partition: u32,
+        spec: OffsetSpec,
+    },
+    Describe {
+        topic: String,
+        partition: u32,
+    },
+    CreateTopic(CreateTopicRequest),
+    DeleteTopic(String),
+    ApplyTopic(ApplyTopicRequest),
+    OpenPartitions {
+        topic: String,
+        meta: TopicMeta,
+        partitions: Vec<u32>,
+    },
+    ClosePartitions {
+        topic: String,
+    },
+    Metadata(Arc<BrokerMetadata>),
+}
+
+pub struct RemoteAdmitted {
+    pub base_offset: u64,
+    pub last_offset: u64,
+    pub leader_epoch: u32,
+    pub completion: Option<oneshot::Receiver<Result<Ack, PartitionError>>>,
+}
+
+pub enum ShardReply {
+    Admitted(Result<RemoteAdmitted, PartitionError>),
+    Fetched(Result<(u64, u64, FrameBuf), PartitionError>),
+    Woken,
+    Offset(Result<u64, PartitionError>),
+    Described(Result<PartitionDescription, PartitionError>),
+    Topic(TopicResult),
+    Done(Result<(), String>),
+}
+
+pub struct Envelope {
+    request: ShardRequest,
+    reply: oneshot::Sender<ShardReply>,
+}
+
+pub struct Queues {
+    pub client: TaskQueueHandle,
+    pub replication: TaskQueueHandle,
+    pub background: TaskQueueHandle,
+}
+
+pub struct Shard {
+    pub id: u32,
+    pub shared: Arc<Shared>,
+    pub(super) metadata: RefCell<Arc<BrokerMetadata>>,
+    pub(super) partitions: RefCell<HashMap<String, Vec<Option<Rc<Partition>>>>>,
+    senders: Senders<Envelope>,
+    peer_of_shard: Vec<usize>,
+    pub queues: Queues,
+    pub metrics: ShardMetrics,
+    /// Serializes metadata changes (on shard 0).
+    pub(super) admin_lock: Semaphore,
+    pub(super) stopping: Cell<bool>,
+    stop_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    pub connections: Gate,
+    /// Open connections of this shard: all, and per source address (client listeners).
+    open_connections: Cell<usize>,
+    connections_by_address: RefCell<HashMap<std::net::IpAddr, usize>>,
+    /// Request bytes being read or admitted (`request_bytes_max_per_shard`).
+    pub request_budget: RequestBudget,
+    /// Partitions that failed to open at start-up, and why (they answer `storage_error`).
+    failed_opens: RefCell<HashMap<(String, u32), String>>,
+    /// Each broker's internal listener (`cluster.brokers[].internal_address`).
+    internal_addresses: Rc<HashMap<u32, String>>,
+}
+
+impl Shard {
+    /// Every partition this shard has open (a snapshot: no borrow is held afterwards).
+    pub(super) fn local_partitions(&self) -> Vec<Rc<Partition>> {
+        self.partitions
+            .borrow()
+            .values()
+            .flatten()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn local_partition(&self, topic: &str, partition: u32) -> Option<Rc<Partition>> {
+        self.partitions
+            .borrow()
+            .get(topic)
+            .and_then(|slots| slots.get(partition as usize).cloned().flatten())
+    }
+
+    /// What this broker presents on other brokers' internal listeners.
+    pub(super) fn peer_credentials(&self) -> Option<crate::peer_auth::PeerCredentials> {
+        self.shared
+            .secret
+            .clone()
+            .map(|secret| crate::peer_auth::PeerCredentials {
+                broker_id: self.shared.config.broker_id,
+                secret,
+            })
+    }
+
+    fn replication_settings(&self) -> ReplicationSettings {
+        let config = &self.shared.config;
+        ReplicationSettings {
+            broker_id: config.broker_id,
+            internal_addresses: Rc::clone(&self.internal_addresses),
+            peer: self.peer_credentials(),
+            replica_lag_max_ms: config.cluster.replica_lag_max_ms,
+            fetch_wait_ms: config.cluster.replica_fetch_wait_ms,
+            fetch_bytes_max: config
+                .cluster
+                .replica_fetch_bytes_max
+                .min(config.fetch_bytes_max),
+            fetch_backoff_ms: config.cluster.replica_fetch_backoff_ms,
+            frame_bytes_max: config.frame_bytes_max,
+            queue: self.queues.replication,
+        }
+    }
+}
