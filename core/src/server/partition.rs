@@ -8,11 +8,24 @@
 //! back when done. Paths that change or read the log take the read side first (uncontended: a
 //! synchronous `try_read`), so they never see the slot empty; the few synchronous paths that
 //! cannot wait (the flusher, describe) find it empty and skip, instead of panicking on a borrow.
+//!
+//! This file holds the partition's state, opening, produce, describe and close. The rest:
+//! - `outputs`: the one place the replica is stepped and its outputs are carried out.
+//! - `flusher`: group commit, retention checks and checkpoints.
+//! - `read`: consumer reads, long polls and offset lookups.
+//! - `replica_fetch` (leader) and `follower`: the two ends of replication.
+//! - `maintenance`: truncation, reset and retention; `persist` and `files`: the epoch history
+//!   and high watermark files; `log_slot`: where the log lives.
 
 mod files;
+mod flusher;
+mod follower;
 mod log_slot;
 mod maintenance;
+mod outputs;
 mod persist;
+mod read;
+mod replica_fetch;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -20,16 +33,16 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
-use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::channels::local_channel::{self, LocalSender};
 use glommio::sync::{RwLock, RwLockReadGuard};
 use glommio::{Task, TaskQueueHandle};
 use wharf_replication::{
-    Ack, AckLevel, BatchInfo, BrokerId, EpochHistory, FetchError, FetchReply, FetchRequest, Input,
-    LogState, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+    Ack, AckLevel, BrokerId, EpochHistory, FetchRequest, Input, LogState, ProduceError, Replica,
+    ReplicaConfig, Role, WaiterId,
 };
-use wharf_storage::batch::{self, BatchError, BodyVerified};
+use wharf_storage::batch::{self, BodyVerified};
 use wharf_storage::disk::{Disk, DiskFile};
-use wharf_storage::log::{AppendError, FlushOutcome, LogRead, FLUSHES_IN_FLIGHT_MAX};
+use wharf_storage::log::{AppendError, LogRead};
 use wharf_storage::{AppendMode, Epoch, LogConfig, Offset, PartitionLog};
 
 use prometheus_client::metrics::histogram::Histogram;
@@ -37,26 +50,15 @@ use prometheus_client::metrics::histogram::Histogram;
 use super::metrics::{Metrics, PartitionMetrics};
 use crate::config::{FlushMode, TopicConfig};
 use crate::dma_disk::DmaDisk;
-use crate::protocol::{
-    Acks, ErrorCode, FrameBuf, OffsetSpec, PartitionDescription, ReplicaFetchRequest,
-    ReplicaFetchResponse,
-};
+use crate::protocol::{Acks, ErrorCode, FrameBuf, PartitionDescription};
 use files::{load_epochs, load_high_watermark};
 use log_slot::{log_busy, LogSlot};
+use outputs::Answer;
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
 /// Where one batch sits in a request or fetch frame, and the proof its body was CRC-checked.
 type CheckedRange = (std::ops::Range<usize>, BodyVerified);
-
-/// How long an idle partition waits before bringing its checkpoint up to date.
-const IDLE_CHECKPOINT_MS: u64 = 1000;
-/// Reads retried after racing retention before giving up.
-const READ_RETRIES_MAX: usize = 3;
-/// Reply ends a leader remembers per follower (`remember_served_end`).
-const SERVED_ENDS_KEPT: usize = 16;
-/// Bytes scanned per step of a timestamp lookup.
-const TIMESTAMP_SCAN_BYTES: usize = 1024 * 1024;
 
 /// An error for one partition, as sent to the client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -405,116 +407,6 @@ impl Partition {
         }
     }
 
-    /// Feeds `input` to the replica and carries out its outputs (and the inputs they lead to).
-    /// Returns the outputs the caller must act on: `Append`, fetch answers, and completions of
-    /// produces not registered yet (refusals).
-    fn step(&self, input: Input) -> Result<Vec<Output>, String> {
-        let mut inputs = VecDeque::from([input]);
-        let mut unhandled = Vec::new();
-        // Each output leads to at most one input; a chain longer than this is a bug.
-        for _ in 0..1024 {
-            let Some(input) = inputs.pop_front() else {
-                return Ok(unhandled);
-            };
-            let mut outbox = Vec::new();
-            self.replica.borrow_mut().step(input, &mut outbox);
-            for output in outbox {
-                if let Some(next) = self.execute(output, &mut unhandled)? {
-                    inputs.push_back(next);
-                }
-            }
-        }
-        panic!("replica step chain did not end");
-    }
-
-    fn execute(
-        &self,
-        output: Output,
-        unhandled: &mut Vec<Output>,
-    ) -> Result<Option<Input>, String> {
-        match output {
-            Output::Complete { waiter, result } => {
-                let entry = self.produce_waiters.borrow_mut().remove(&waiter.0);
-                match entry {
-                    Some((appended_at, done)) => {
-                        self.metrics
-                            .ack_wait
-                            .observe(appended_at.elapsed().as_secs_f64());
-                        let _ = done.send(result.map_err(produce_error));
-                    }
-                    None => unhandled.push(Output::Complete { waiter, result }),
-                }
-            }
-            Output::Append { .. } | Output::ServeFetch { .. } | Output::RejectFetch { .. } => {
-                unhandled.push(output)
-            }
-            Output::SendFetch { request, .. } => {
-                *self.outgoing_fetch.borrow_mut() = Some(request);
-                let _ = self.wake_fetcher.try_send(());
-            }
-            Output::AppendFetched { count } => {
-                let fetched = self.fetched.borrow_mut().take();
-                let Some((mut frame, ranges)) = fetched else {
-                    return Err("AppendFetched without fetched batches".to_string());
-                };
-                let now = now_ms();
-                // `fetch_once` holds the read side of `maintenance` while it steps the reply.
-                let Some(mut log) = self.log.get_mut() else {
-                    return Err("AppendFetched while the log is under maintenance".to_string());
-                };
-                for (range, verified) in ranges.into_iter().take(count) {
-                    let batch = &mut frame[range];
-                    if let Err(error) =
-                        log.append_verified(batch, verified, AppendMode::Replica, now)
-                    {
-                        // Poisoned or inconsistent: the partition stops replicating until restart.
-                        tracing::error!(topic = %self.topic, partition = self.index, %error, "cannot append fetched batches");
-                        return Err(error.to_string());
-                    }
-                }
-                let end = log.end_offset();
-                drop(log);
-                self.metrics.end_offset.set(end.0 as i64);
-                let _ = self.wake_flusher.try_send(());
-                if self.config.flush == FlushMode::Interval {
-                    // Appended counts as held for this topic: report it with the append.
-                    self.step(Input::FetchedAppended { next_offset: end })?;
-                    return Ok(Some(Input::Flushed { durable: end }));
-                }
-                return Ok(Some(Input::FetchedAppended { next_offset: end }));
-            }
-            Output::Truncate { to } => {
-                let partition = self.self_rc();
-                let task = glommio::spawn_local_into(
-                    async move { partition.truncate(to).await },
-                    self.replication.queue,
-                )
-                .map_err(|e| format!("cannot start truncation: {e}"))?;
-                task.detach();
-            }
-            Output::ResetLog { start } => {
-                let partition = self.self_rc();
-                let task = glommio::spawn_local_into(
-                    async move { partition.reset_log(start).await },
-                    self.replication.queue,
-                )
-                .map_err(|e| format!("cannot start the log reset: {e}"))?;
-                task.detach();
-            }
-            Output::EpochHistoryChanged => self.persist_epochs()?,
-            Output::HighWatermark(offset) => self.advance_high_watermark(offset),
-            Output::IsrChanged(isr) => {
-                let replicas = self.replicas.len().max(1);
-                self.metrics.isr_size.set(isr.len() as i64);
-                self.metrics
-                    .under_replicated
-                    .set(i64::from(isr.len() < replicas));
-                tracing::info!(topic = %self.topic, partition = self.index, ?isr, "ISR changed");
-            }
-        }
-        Ok(None)
-    }
-
     fn self_rc(&self) -> Rc<Partition> {
         self.this
             .borrow()
@@ -587,18 +479,16 @@ impl Partition {
         // From here to the append nothing awaits: the replica's decision holds.
         let waiter = WaiterId(self.next_waiter.get());
         self.next_waiter.set(waiter.0 + 1);
-        let outputs = self
+        let answers = self
             .step(Input::Produce {
                 waiter,
                 acks: ack_level(acks),
                 deadline_ms: monotonic_ms().saturating_add(timeout_ms),
             })
             .map_err(|e| PartitionError::new(ErrorCode::StorageError, e))?;
-        let leader_epoch = match outputs.as_slice() {
-            [Output::Append { leader_epoch, .. }] => *leader_epoch,
-            [Output::Complete {
-                result: Err(error), ..
-            }] => return Err(produce_error(error.clone())),
+        let leader_epoch = match answers.as_slice() {
+            [Answer::Append { leader_epoch }] => *leader_epoch,
+            [Answer::Complete { result: Err(error) }] => return Err(produce_error(error.clone())),
             other => panic!("unexpected answer to Produce: {other:?}"),
         };
         let appended = self.append_produce(payload, bounds, leader_epoch);
@@ -728,485 +618,6 @@ impl Partition {
         }
     }
 
-    /// Leader: answers a follower's fetch (long-polling up to its max wait when there is
-    /// nothing new). Returns the response and the bytes to send with it.
-    pub async fn replica_fetch(
-        &self,
-        request: &ReplicaFetchRequest,
-        wait_ms_max: u64,
-    ) -> (ReplicaFetchResponse, Option<FetchData>) {
-        let mut response = ReplicaFetchResponse {
-            error: 0,
-            message: String::new(),
-            fetch_id: request.fetch_id,
-            leader_epoch: 0,
-            high_watermark: 0,
-            log_start_offset: 0,
-            diverging_epoch: 0,
-            diverging_end_offset: 0,
-            batch_bytes: 0,
-        };
-        let fetch = FetchRequest {
-            replica: request.replica_id,
-            leader_epoch: Epoch(request.leader_epoch),
-            fetch_id: request.fetch_id,
-            fetch_offset: Offset(request.fetch_offset),
-            last_fetched_epoch: request.last_fetched_epoch.map(Epoch),
-            durable_offset: Offset(request.durable_offset),
-            may_wait: request.max_wait_ms > 0,
-        };
-        if let Some(offset) = self.offset_inside_a_batch(&fetch).await {
-            // Refused before the replica sees it: no progress, HW or ISR change.
-            response.leader_epoch = self.replica.borrow().leader_epoch().0;
-            response.error = ErrorCode::InvalidReplicaOffsets as u16;
-            response.message = format!(
-                "offset {offset} reported by replica {} does not start a batch here",
-                request.replica_id
-            );
-            return (response, None);
-        }
-        let outputs = match self.step(Input::FetchRequest(fetch)) {
-            Ok(outputs) => outputs,
-            Err(message) => {
-                response.error = ErrorCode::StorageError as u16;
-                response.message = message;
-                return (response, None);
-            }
-        };
-        response.leader_epoch = self.replica.borrow().leader_epoch().0;
-        let answer = outputs.into_iter().find(|o| {
-            matches!(o, Output::ServeFetch { fetch_id, .. } | Output::RejectFetch { fetch_id, .. } if *fetch_id == request.fetch_id)
-        });
-        let from = match answer {
-            Some(Output::ServeFetch { fetch_offset, .. }) => fetch_offset,
-            Some(Output::RejectFetch { error, .. }) => {
-                let code = match error {
-                    FetchError::NotLeader { .. } => ErrorCode::NotLeader,
-                    FetchError::FencedEpoch { .. } => ErrorCode::FencedLeaderEpoch,
-                    FetchError::Diverging { epoch, end_offset } => {
-                        response.diverging_epoch = epoch.0;
-                        response.diverging_end_offset = end_offset.0;
-                        ErrorCode::DivergingLog
-                    }
-                    FetchError::OffsetOutOfRange { log_start, .. } => {
-                        // The follower starts again there (`ResetLog`).
-                        response.log_start_offset = log_start.0;
-                        ErrorCode::OffsetOutOfRange
-                    }
-                    FetchError::UnknownReplica(_) => ErrorCode::InvalidRequest,
-                    FetchError::InvalidOffsets { .. } => ErrorCode::InvalidReplicaOffsets,
-                    FetchError::CorruptData { .. } => ErrorCode::CorruptData,
-                };
-                response.error = code as u16;
-                response.message = error.to_string();
-                return (response, None);
-            }
-            _ => panic!("the replica did not answer fetch {}", request.fetch_id),
-        };
-        let wait_ms = u64::from(request.max_wait_ms).min(wait_ms_max);
-        let deadline = Instant::now() + Duration::from_millis(wait_ms);
-        let nothing_new = self.log.get().is_some_and(|log| log.end_offset() <= from);
-        if nothing_new && !self.closing.get() {
-            let woken = park(&self.append_waiters);
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let _ = glommio::timer::timeout(remaining, async {
-                let _ = woken.await;
-                Ok(())
-            })
-            .await;
-        }
-        let data = match self.read_to(from, request.max_bytes as usize, None).await {
-            Ok(data) => data,
-            Err(error) => {
-                if error.code == ErrorCode::OffsetOutOfRange {
-                    // Retention moved the log start during the long poll: the follower starts
-                    // again there (`ResetLog`).
-                    if let Some(log) = self.log.get() {
-                        response.log_start_offset = log.log_start_offset().0;
-                    }
-                }
-                response.error = error.code as u16;
-                response.message = error.message;
-                return (response, None);
-            }
-        };
-        if let Some(read) = data.read.as_ref().filter(|r| data.bytes == r.bytes().len()) {
-            self.remember_served_end(request.replica_id, read.next_offset);
-        }
-        let replica = self.replica.borrow();
-        response.leader_epoch = replica.leader_epoch().0;
-        response.high_watermark = replica.high_watermark().0;
-        response.log_start_offset = data.log_start_offset.0;
-        response.batch_bytes = data.bytes as u32;
-        (response, Some(data))
-    }
-
-    /// Leader: remembers a batch boundary of this log that `replica` will report: where a reply
-    /// to it ended, or an offset it reported that was checked. The follower's next fetch offset
-    /// is such an end, and its durable offset usually is (or repeats while nothing new is
-    /// durable, with `flush = "interval"`), so checking them against the log's batches rarely
-    /// needs a read. Forgotten when the log is truncated or reset.
-    fn remember_served_end(&self, replica: BrokerId, end: Offset) {
-        let mut served = self.served_ends.borrow_mut();
-        let ends = served.entry(replica).or_default();
-        if ends.back() != Some(&end) {
-            if ends.len() == SERVED_ENDS_KEPT {
-                ends.pop_front();
-            }
-            ends.push_back(end);
-        }
-    }
-
-    /// Leader: the first of a follower's reported offsets (fetch, then durable) that lies inside
-    /// one of this log's batches. The replica checks the offsets' order and range but does not
-    /// know batches; an offset inside a batch would let the HW (and consumers' reads, which
-    /// return whole batches below it) land inside a batch. Only fetches the replica would serve
-    /// are checked: a diverging follower's offsets mean nothing in this log.
-    async fn offset_inside_a_batch(&self, fetch: &FetchRequest) -> Option<Offset> {
-        if self.replica.borrow().validate_fetch(fetch).is_err() {
-            return None; // The replica answers it (rejects it) itself.
-        }
-        let offsets = [fetch.fetch_offset, fetch.durable_offset];
-        for (i, &offset) in offsets.iter().enumerate() {
-            let served = self
-                .served_ends
-                .borrow()
-                .get(&fetch.replica)
-                .is_some_and(|ends| ends.contains(&offset));
-            if served || (i > 0 && offset == offsets[0]) {
-                continue;
-            }
-            let check = {
-                let _guard = self.shared().await?;
-                let log = self.log.get()?;
-                if offset < log.log_start_offset() {
-                    // Durable data retention already deleted here: nothing to check against.
-                    continue;
-                }
-                log.plan_boundary_check(offset)
-            };
-            // A read that fails, or cannot tell yet, is left to the serving read to report.
-            let resolved = match check {
-                Ok(check) => check.resolve().await,
-                Err(error) => Err(error),
-            };
-            match resolved {
-                Ok(Some(false)) => return Some(offset),
-                Ok(Some(true)) => self.remember_served_end(fetch.replica, offset),
-                _ => {}
-            }
-        }
-        None
-    }
-
-    /// Follower: sends the fetches the replica asks for, one at a time, to the leader's owning
-    /// shard, and feeds the answers back.
-    async fn run_fetcher(self: Rc<Self>, wake: LocalReceiver<()>) {
-        let mut connection: Option<Rc<crate::client::Connection>> = None;
-        loop {
-            if self.closing.get() {
-                return;
-            }
-            let request = self.outgoing_fetch.borrow_mut().take();
-            let Some(request) = request else {
-                if wake.recv().await.is_none() {
-                    return;
-                }
-                continue;
-            };
-            let Role::Follower { leader } = self.replica.borrow().role() else {
-                continue;
-            };
-            if let Err(error) = self.fetch_once(&mut connection, leader, request).await {
-                tracing::debug!(topic = %self.topic, partition = self.index, leader, %error, "replica fetch failed");
-                connection = None;
-                if let Err(error) = self.step(Input::FetchFailed {
-                    fetch_id: request.fetch_id,
-                }) {
-                    tracing::error!(%error, "replica step failed");
-                }
-            }
-        }
-    }
-
-    async fn fetch_once(
-        &self,
-        connection: &mut Option<Rc<crate::client::Connection>>,
-        leader: BrokerId,
-        request: FetchRequest,
-    ) -> Result<(), String> {
-        use crate::client::{decode, Client, ClientConfig, Connection};
-        use crate::protocol::ApiKey;
-        let settings = &self.replication;
-        if connection.as_ref().is_none_or(|c| c.is_closed()) {
-            let address = settings
-                .internal_addresses
-                .get(&leader)
-                .ok_or_else(|| format!("broker {leader} is not in cluster.brokers"))?;
-            let mut client_config = ClientConfig::new(address.clone());
-            client_config.peer = settings.peer.clone();
-            let client = Client::connect(client_config)
-                .await
-                .map_err(|e| e.to_string())?;
-            let owner = client
-                .partition_address(&self.topic, self.index)
-                .await
-                .map_err(|e| e.to_string())?;
-            *connection = Some(
-                Connection::connect_peer(&owner, settings.frame_bytes_max, settings.peer.as_ref())
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        let Some(conn) = connection.as_ref() else {
-            unreachable!("connected above");
-        };
-        let body = ReplicaFetchRequest {
-            replica_id: settings.broker_id,
-            topic: self.topic.clone(),
-            topic_id: self.topic_id,
-            partition: self.index,
-            leader_epoch: request.leader_epoch.0,
-            fetch_id: request.fetch_id,
-            fetch_offset: request.fetch_offset.0,
-            last_fetched_epoch: request.last_fetched_epoch.map(|e| e.0),
-            durable_offset: request.durable_offset.0,
-            max_wait_ms: if request.may_wait {
-                settings.fetch_wait_ms as u32
-            } else {
-                0
-            },
-            max_bytes: settings.fetch_bytes_max as u32,
-        };
-        let timeout_ms = settings.fetch_wait_ms + 10_000;
-        let frame = conn
-            .call(ApiKey::ReplicaFetch, &body, Vec::new(), timeout_ms)
-            .await
-            .map_err(|e| e.to_string())?;
-        let response: ReplicaFetchResponse = decode(&frame).map_err(|e| e.to_string())?;
-        let epoch = Epoch(response.leader_epoch);
-        let reply = match ErrorCode::from_u16(response.error) {
-            ErrorCode::None => {
-                self.corrupt_fetch_logged.set(None);
-                let payload = frame.payload();
-                let payload_start = frame.bytes.len() - payload.len();
-                let bytes = payload
-                    .get(..response.batch_bytes as usize)
-                    .ok_or("replica fetch payload shorter than declared")?;
-                let mut batches = Vec::new();
-                let mut ranges = Vec::new();
-                let mut at = 0usize;
-                for checked in batch::batches(bytes) {
-                    // A batch that fails its CRC is not appended: the next fetch asks again.
-                    let Ok(checked) = checked else { break };
-                    let header = checked.header;
-                    batches.push(BatchInfo {
-                        base_offset: header.base_offset,
-                        next_offset: header.next_offset(),
-                        leader_epoch: header.leader_epoch,
-                    });
-                    ranges.push((
-                        payload_start + at..payload_start + at + checked.bytes.len(),
-                        checked.body_verified(),
-                    ));
-                    at += checked.bytes.len();
-                }
-                *self.fetched.borrow_mut() = Some((frame.bytes, ranges));
-                FetchReply::Data {
-                    high_watermark: Offset(response.high_watermark),
-                    log_start: Offset(response.log_start_offset),
-                    batches,
-                }
-            }
-            ErrorCode::FencedLeaderEpoch if epoch > self.replica.borrow().leader_epoch() => {
-                // Static cluster: the leader restarted with a new epoch; follow it there.
-                tracing::info!(topic = %self.topic, partition = self.index, leader, %epoch, "following the leader's new epoch");
-                self.step(Input::BecomeFollower { epoch, leader })?;
-                return Ok(());
-            }
-            ErrorCode::DivergingLog => FetchReply::Error(FetchError::Diverging {
-                epoch: Epoch(response.diverging_epoch),
-                end_offset: Offset(response.diverging_end_offset),
-            }),
-            ErrorCode::FencedLeaderEpoch => FetchReply::Error(FetchError::FencedEpoch {
-                requested: request.leader_epoch,
-                current: epoch,
-            }),
-            ErrorCode::OffsetOutOfRange => FetchReply::Error(FetchError::OffsetOutOfRange {
-                requested: request.fetch_offset,
-                log_start: Offset(response.log_start_offset),
-            }),
-            ErrorCode::CorruptData => {
-                self.metrics.replica_fetch_corrupt.inc();
-                // Once per range: the replica retries slowly (CORRUPT_FETCH_BACKOFF_MS), and
-                // every retry fails the same way until the leader's copy is repaired.
-                if self
-                    .corrupt_fetch_logged
-                    .replace(Some(request.fetch_offset))
-                    != Some(request.fetch_offset)
-                {
-                    tracing::error!(topic = %self.topic, partition = self.index, leader, offset = %request.fetch_offset, message = %response.message, "the leader's copy of the data this follower needs is corrupt; retrying slowly until it is repaired");
-                }
-                FetchReply::Error(FetchError::CorruptData {
-                    offset: request.fetch_offset,
-                })
-            }
-            code => {
-                tracing::debug!(topic = %self.topic, partition = self.index, code = code.name(), message = %response.message, "replica fetch refused");
-                FetchReply::Error(FetchError::NotLeader { epoch })
-            }
-        };
-        // The reply may be appended (`AppendFetched`, synchronously in this step): keep
-        // maintenance out while it is.
-        let Some(_guard) = self.shared().await else {
-            return Err("partition closed".to_string());
-        };
-        self.step(Input::FetchReply {
-            fetch_id: request.fetch_id,
-            leader_epoch: epoch,
-            reply,
-        })?;
-        Ok(())
-    }
-
-    /// Resolves once the high watermark passes `offset`, or at `deadline`.
-    pub async fn wait_for_data(&self, offset: Offset, deadline: Instant) {
-        if self.high_watermark.get() > offset || self.closing.get() {
-            return;
-        }
-        let woken = park(&self.data_waiters);
-        // Counts this fetch as parked until it returns or is dropped.
-        struct Parked<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-        impl Drop for Parked<'_> {
-            fn drop(&mut self) {
-                self.0.dec();
-            }
-        }
-        self.metrics.fetches_waiting.inc();
-        let _parked = Parked(&self.metrics.fetches_waiting);
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let _ = glommio::timer::timeout(remaining, async {
-            let _ = woken.await;
-            Ok(())
-        })
-        .await;
-    }
-
-    /// Whole batches from `from`, up to `max_bytes` (at least one batch if any), below the high
-    /// watermark.
-    pub async fn read(&self, from: Offset, max_bytes: usize) -> Result<FetchData, PartitionError> {
-        self.read_to(from, max_bytes, Some(self.high_watermark.get()))
-            .await
-    }
-
-    /// Whole batches from `from` that start below `limit` (the log end when `None`: followers
-    /// copy what consumers cannot see yet).
-    async fn read_to(
-        &self,
-        from: Offset,
-        max_bytes: usize,
-        limit: Option<Offset>,
-    ) -> Result<FetchData, PartitionError> {
-        for _ in 0..READ_RETRIES_MAX {
-            let reported_high_watermark = self.high_watermark.get();
-            let plan = {
-                let Some(_guard) = self.shared().await else {
-                    return Err(PartitionError::new(
-                        ErrorCode::PartitionUnavailable,
-                        "partition closed",
-                    ));
-                };
-                let log = self.log.get().ok_or_else(log_busy)?;
-                let log_start = log.log_start_offset();
-                let end = log.end_offset();
-                let high_watermark = limit.unwrap_or(end);
-                if from < log_start || from > end {
-                    return Err(PartitionError::new(
-                        ErrorCode::OffsetOutOfRange,
-                        format!("offset {from} is outside [{log_start}, {end}]"),
-                    ));
-                }
-                if from >= high_watermark {
-                    return Ok(FetchData {
-                        high_watermark: reported_high_watermark,
-                        log_start_offset: log_start,
-                        read: None,
-                        bytes: 0,
-                    });
-                }
-                (log.plan_read(from, max_bytes), log_start, high_watermark)
-            };
-            let (plan, log_start, high_watermark) = plan;
-            let plan = plan.map_err(read_error)?;
-            let read = match plan.execute().await {
-                Ok(read) => read,
-                Err(wharf_storage::log::ReadError::Retry { .. }) => continue,
-                Err(e) => return Err(read_error(e)),
-            };
-            let bytes = bytes_below(read.bytes(), high_watermark);
-            self.metrics.fetched_bytes.inc_by(bytes as u64);
-            return Ok(FetchData {
-                high_watermark: reported_high_watermark,
-                log_start_offset: log_start,
-                read: Some(read),
-                bytes,
-            });
-        }
-        Err(PartitionError::new(
-            ErrorCode::PartitionUnavailable,
-            "the log kept changing under the read (retention); retry",
-        ))
-    }
-
-    async fn log_start(&self) -> Result<Offset, PartitionError> {
-        let Some(_guard) = self.shared().await else {
-            return Err(PartitionError::new(
-                ErrorCode::PartitionUnavailable,
-                "partition closed",
-            ));
-        };
-        let log = self.log.get().ok_or_else(log_busy)?;
-        Ok(log.log_start_offset())
-    }
-
-    pub async fn list_offset(&self, spec: OffsetSpec) -> Result<Offset, PartitionError> {
-        match spec {
-            OffsetSpec::Earliest => self.log_start().await,
-            OffsetSpec::Latest => Ok(self.high_watermark.get()),
-            OffsetSpec::Timestamp(timestamp_ms) => self.offset_for_timestamp(timestamp_ms).await,
-        }
-    }
-
-    /// Scans batch headers from the log start (no time index yet) for the first record at or
-    /// after `timestamp_ms`; the high watermark when there is none.
-    async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Offset, PartitionError> {
-        let mut at = self.log_start().await?;
-        loop {
-            let data = self.read(at, TIMESTAMP_SCAN_BYTES).await?;
-            let bytes = data.slice();
-            if bytes.is_empty() {
-                return Ok(data.high_watermark);
-            }
-            for checked in batch::batches(bytes) {
-                let checked = checked
-                    .map_err(|e| PartitionError::new(ErrorCode::CorruptData, e.to_string()))?;
-                let header = checked.header;
-                if header.max_timestamp_ms >= timestamp_ms {
-                    let records = checked
-                        .records()
-                        .map_err(|e| PartitionError::new(ErrorCode::CorruptData, e.to_string()))?;
-                    for (i, record) in records.iter().enumerate() {
-                        let ts = header.first_timestamp_ms + record.timestamp_delta_ms.to_native();
-                        if ts >= timestamp_ms {
-                            return Ok(header.base_offset.plus(i as u64));
-                        }
-                    }
-                }
-                at = header.next_offset();
-            }
-        }
-    }
-
     pub fn describe(&self) -> PartitionDescription {
         let log = self.log.get();
         let (log_start, end, error) = match &log {
@@ -1276,179 +687,4 @@ impl Partition {
             self.store_high_watermark(high_watermark).await;
         }
     }
-
-    async fn run_flusher(self: Rc<Self>, wake: LocalReceiver<()>, queue: TaskQueueHandle) {
-        let mut in_flight: VecDeque<(Instant, Task<FlushOutcome>)> = VecDeque::new();
-        // Flush timing is a duration: the monotonic clock, like the replica's.
-        let mut last_flush_ms = monotonic_ms();
-        let mut flushed_since_checkpoint = false;
-        let mut last_retention = Instant::now();
-        loop {
-            let closing = self.closing.get();
-            while in_flight.len() < FLUSHES_IN_FLIGHT_MAX {
-                let now = monotonic_ms();
-                if !self.epochs_durable() {
-                    break; // `write_epochs` wakes this loop when the file is current.
-                }
-                let job = {
-                    // Out of its slot while maintenance runs: nothing to flush meanwhile.
-                    let Some(mut log) = self.log.get_mut() else {
-                        break;
-                    };
-                    if log.poisoned().is_some()
-                        || !(closing || log.staged_bytes() > 0 && log.flush_due(last_flush_ms, now))
-                    {
-                        break;
-                    }
-                    match log.begin_flush() {
-                        Ok(Some(job)) => job,
-                        Ok(None) => break,
-                        Err(error) => {
-                            drop(log);
-                            self.fail_waiters(PartitionError::new(
-                                ErrorCode::StorageError,
-                                error.to_string(),
-                            ));
-                            break;
-                        }
-                    }
-                };
-                last_flush_ms = now;
-                flushed_since_checkpoint = true;
-                match glommio::spawn_local_into(job.run(), queue) {
-                    Ok(task) => in_flight.push_back((Instant::now(), task)),
-                    Err(error) => {
-                        tracing::error!(%error, "cannot spawn a flush");
-                        break;
-                    }
-                }
-            }
-            if let Some((_, front)) = in_flight.front_mut() {
-                let flushed = futures_lite::future::or(async { Some(front.await) }, async {
-                    let _ = wake.recv().await;
-                    None
-                })
-                .await;
-                if let Some(outcome) = flushed {
-                    if let Some((started, _)) = in_flight.pop_front() {
-                        self.complete(outcome, started);
-                    }
-                }
-                continue;
-            }
-            if closing {
-                break;
-            }
-            if last_retention.elapsed() >= Duration::from_millis(self.retention_check_ms) {
-                last_retention = Instant::now();
-                self.apply_retention().await;
-            }
-            let wait_ms = match self.config.flush {
-                FlushMode::Interval if self.staged_bytes() > 0 => self
-                    .config
-                    .flush_interval_ms
-                    .saturating_sub(monotonic_ms().saturating_sub(last_flush_ms))
-                    .max(1),
-                _ => IDLE_CHECKPOINT_MS.min(self.retention_check_ms),
-            };
-            let woken = glommio::timer::timeout(Duration::from_millis(wait_ms), async {
-                Ok(wake.recv().await)
-            })
-            .await;
-            if woken.is_err() && flushed_since_checkpoint && self.staged_bytes() == 0 {
-                // Idle: make the checkpoint current so recovery knows the whole log is
-                // acknowledged data (see storage/README.md).
-                if let Some(mut log) = self.log.get_mut() {
-                    log.request_checkpoint();
-                    flushed_since_checkpoint = false;
-                }
-                self.flush_now(queue).await;
-            }
-        }
-        // Closing: everything staged was flushed above; write a current checkpoint (twice, as
-        // `PartitionLog::close` does: the second also covers index files sealed by the first).
-        for _ in 0..2 {
-            if let Some(mut log) = self.log.get_mut() {
-                log.request_checkpoint();
-            }
-            self.flush_now(queue).await;
-        }
-    }
-
-    /// Bytes appended and not yet handed to a flush (0 while maintenance holds the log).
-    fn staged_bytes(&self) -> usize {
-        self.log.get().map_or(0, |log| log.staged_bytes())
-    }
-
-    async fn flush_now(&self, queue: TaskQueueHandle) {
-        if !self.wait_epochs_durable().await {
-            return;
-        }
-        let begun = match self.log.get_mut() {
-            Some(mut log) => log.begin_flush(),
-            None => return,
-        };
-        let job = match begun {
-            Ok(Some(job)) => job,
-            Ok(None) | Err(_) => return,
-        };
-        let started = Instant::now();
-        match glommio::spawn_local_into(job.run(), queue) {
-            Ok(task) => {
-                let outcome = task.await;
-                self.complete(outcome, started);
-            }
-            Err(error) => tracing::error!(%error, "cannot spawn a flush"),
-        }
-    }
-
-    fn complete(&self, outcome: FlushOutcome, started: Instant) {
-        self.flush_latency.observe(started.elapsed().as_secs_f64());
-        // Maintenance takes the log only with no flush in flight, so it is here.
-        let Some(result) = self
-            .log
-            .get_mut()
-            .map(|mut log| log.complete_flush(outcome))
-        else {
-            tracing::error!(topic = %self.topic, partition = self.index, "a flush completed while maintenance held the log");
-            return;
-        };
-        match result {
-            Ok(durable) => self.on_durable(durable),
-            Err(error) => {
-                tracing::error!(topic = %self.topic, partition = self.index, %error, "flush failed; the partition refuses writes until restart");
-                self.fail_waiters(PartitionError::new(
-                    ErrorCode::StorageError,
-                    error.to_string(),
-                ));
-            }
-        }
-    }
-}
-
-fn read_error(error: wharf_storage::log::ReadError) -> PartitionError {
-    use wharf_storage::log::ReadError;
-    match error {
-        ReadError::OutOfRange { .. } => {
-            PartitionError::new(ErrorCode::OffsetOutOfRange, error.to_string())
-        }
-        ReadError::Corrupt { .. } => PartitionError::new(ErrorCode::CorruptData, error.to_string()),
-        ReadError::Retry { .. } => {
-            PartitionError::new(ErrorCode::PartitionUnavailable, error.to_string())
-        }
-        ReadError::Io(_) => PartitionError::new(ErrorCode::StorageError, error.to_string()),
-    }
-}
-
-/// Bytes of the leading whole batches in `bytes` that start below `high_watermark`.
-fn bytes_below(bytes: &[u8], high_watermark: Offset) -> usize {
-    let mut at = 0;
-    while at < bytes.len() {
-        match batch::decode_header(&bytes[at..]) {
-            Ok(header) if header.base_offset < high_watermark => at += header.batch_bytes(),
-            Ok(_) | Err(BatchError::Truncated { .. }) => break,
-            Err(_) => break,
-        }
-    }
-    at.min(bytes.len())
 }

@@ -1,0 +1,185 @@
+//! Follower: the fetcher task sends the fetches the replica asks for to the leader's owning
+//! shard, checks the batches of each reply and feeds the reply back to the replica (which asks
+//! for them to be appended: `Output::AppendFetched`).
+
+use std::rc::Rc;
+
+use glommio::channels::local_channel::LocalReceiver;
+use wharf_replication::{BatchInfo, BrokerId, FetchError, FetchReply, FetchRequest, Input, Role};
+use wharf_storage::batch;
+use wharf_storage::{Epoch, Offset};
+
+use super::Partition;
+use crate::protocol::{ErrorCode, ReplicaFetchRequest, ReplicaFetchResponse};
+
+impl Partition {
+    /// Follower: sends the fetches the replica asks for, one at a time, to the leader's owning
+    /// shard, and feeds the answers back.
+    pub(super) async fn run_fetcher(self: Rc<Self>, wake: LocalReceiver<()>) {
+        let mut connection: Option<Rc<crate::client::Connection>> = None;
+        loop {
+            if self.closing.get() {
+                return;
+            }
+            let request = self.outgoing_fetch.borrow_mut().take();
+            let Some(request) = request else {
+                if wake.recv().await.is_none() {
+                    return;
+                }
+                continue;
+            };
+            let Role::Follower { leader } = self.replica.borrow().role() else {
+                continue;
+            };
+            if let Err(error) = self.fetch_once(&mut connection, leader, request).await {
+                tracing::debug!(topic = %self.topic, partition = self.index, leader, %error, "replica fetch failed");
+                connection = None;
+                if let Err(error) = self.step(Input::FetchFailed {
+                    fetch_id: request.fetch_id,
+                }) {
+                    tracing::error!(%error, "replica step failed");
+                }
+            }
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        connection: &mut Option<Rc<crate::client::Connection>>,
+        leader: BrokerId,
+        request: FetchRequest,
+    ) -> Result<(), String> {
+        use crate::client::{decode, Client, ClientConfig, Connection};
+        use crate::protocol::ApiKey;
+        let settings = &self.replication;
+        if connection.as_ref().is_none_or(|c| c.is_closed()) {
+            let address = settings
+                .internal_addresses
+                .get(&leader)
+                .ok_or_else(|| format!("broker {leader} is not in cluster.brokers"))?;
+            let mut client_config = ClientConfig::new(address.clone());
+            client_config.peer = settings.peer.clone();
+            let client = Client::connect(client_config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let owner = client
+                .partition_address(&self.topic, self.index)
+                .await
+                .map_err(|e| e.to_string())?;
+            *connection = Some(
+                Connection::connect_peer(&owner, settings.frame_bytes_max, settings.peer.as_ref())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let Some(conn) = connection.as_ref() else {
+            unreachable!("connected above");
+        };
+        let body = ReplicaFetchRequest {
+            replica_id: settings.broker_id,
+            topic: self.topic.clone(),
+            topic_id: self.topic_id,
+            partition: self.index,
+            leader_epoch: request.leader_epoch.0,
+            fetch_id: request.fetch_id,
+            fetch_offset: request.fetch_offset.0,
+            last_fetched_epoch: request.last_fetched_epoch.map(|e| e.0),
+            durable_offset: request.durable_offset.0,
+            max_wait_ms: if request.may_wait {
+                settings.fetch_wait_ms as u32
+            } else {
+                0
+            },
+            max_bytes: settings.fetch_bytes_max as u32,
+        };
+        let timeout_ms = settings.fetch_wait_ms + 10_000;
+        let frame = conn
+            .call(ApiKey::ReplicaFetch, &body, Vec::new(), timeout_ms)
+            .await
+            .map_err(|e| e.to_string())?;
+        let response: ReplicaFetchResponse = decode(&frame).map_err(|e| e.to_string())?;
+        let epoch = Epoch(response.leader_epoch);
+        let reply = match ErrorCode::from_u16(response.error) {
+            ErrorCode::None => {
+                self.corrupt_fetch_logged.set(None);
+                let payload = frame.payload();
+                let payload_start = frame.bytes.len() - payload.len();
+                let bytes = payload
+                    .get(..response.batch_bytes as usize)
+                    .ok_or("replica fetch payload shorter than declared")?;
+                let mut batches = Vec::new();
+                let mut ranges = Vec::new();
+                let mut at = 0usize;
+                for checked in batch::batches(bytes) {
+                    // A batch that fails its CRC is not appended: the next fetch asks again.
+                    let Ok(checked) = checked else { break };
+                    let header = checked.header;
+                    batches.push(BatchInfo {
+                        base_offset: header.base_offset,
+                        next_offset: header.next_offset(),
+                        leader_epoch: header.leader_epoch,
+                    });
+                    ranges.push((
+                        payload_start + at..payload_start + at + checked.bytes.len(),
+                        checked.body_verified(),
+                    ));
+                    at += checked.bytes.len();
+                }
+                *self.fetched.borrow_mut() = Some((frame.bytes, ranges));
+                FetchReply::Data {
+                    high_watermark: Offset(response.high_watermark),
+                    log_start: Offset(response.log_start_offset),
+                    batches,
+                }
+            }
+            ErrorCode::FencedLeaderEpoch if epoch > self.replica.borrow().leader_epoch() => {
+                // Static cluster: the leader restarted with a new epoch; follow it there.
+                tracing::info!(topic = %self.topic, partition = self.index, leader, %epoch, "following the leader's new epoch");
+                self.step(Input::BecomeFollower { epoch, leader })?;
+                return Ok(());
+            }
+            ErrorCode::DivergingLog => FetchReply::Error(FetchError::Diverging {
+                epoch: Epoch(response.diverging_epoch),
+                end_offset: Offset(response.diverging_end_offset),
+            }),
+            ErrorCode::FencedLeaderEpoch => FetchReply::Error(FetchError::FencedEpoch {
+                requested: request.leader_epoch,
+                current: epoch,
+            }),
+            ErrorCode::OffsetOutOfRange => FetchReply::Error(FetchError::OffsetOutOfRange {
+                requested: request.fetch_offset,
+                log_start: Offset(response.log_start_offset),
+            }),
+            ErrorCode::CorruptData => {
+                self.metrics.replica_fetch_corrupt.inc();
+                // Once per range: the replica retries slowly (CORRUPT_FETCH_BACKOFF_MS), and
+                // every retry fails the same way until the leader's copy is repaired.
+                if self
+                    .corrupt_fetch_logged
+                    .replace(Some(request.fetch_offset))
+                    != Some(request.fetch_offset)
+                {
+                    tracing::error!(topic = %self.topic, partition = self.index, leader, offset = %request.fetch_offset, message = %response.message, "the leader's copy of the data this follower needs is corrupt; retrying slowly until it is repaired");
+                }
+                FetchReply::Error(FetchError::CorruptData {
+                    offset: request.fetch_offset,
+                })
+            }
+            code => {
+                tracing::debug!(topic = %self.topic, partition = self.index, code = code.name(), message = %response.message, "replica fetch refused");
+                FetchReply::Error(FetchError::NotLeader { epoch })
+            }
+        };
+        // The reply may be appended (`AppendFetched`, synchronously in this step): keep
+        // maintenance out while it is.
+        let Some(_guard) = self.shared().await else {
+            return Err("partition closed".to_string());
+        };
+        self.step(Input::FetchReply {
+            fetch_id: request.fetch_id,
+            leader_epoch: epoch,
+            reply,
+        })?;
+        Ok(())
+    }
+}
