@@ -6,9 +6,11 @@
 //! carries out and reports back.
 
 pub mod epochs;
+pub mod isr;
 pub mod replica;
 
 pub use epochs::{EpochHistory, EpochHistoryError, EpochHistoryLoadError};
+pub use isr::{IsrRejection, ISR_PROPOSAL_RETRY_MS};
 pub use replica::{
     high_watermark, Ack, AckLevel, BatchInfo, BrokerId, FetchError, FetchReply, FetchRequest,
     Input, LogState, Outbox, Output, ProduceError, Replica, ReplicaConfig, ReplicaConfigError,

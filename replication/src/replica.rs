@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use wharf_storage::{Epoch, Offset};
 
 use crate::epochs::EpochHistory;
+use crate::isr::{self, FollowerView, IsrProposal, IsrRejection, ISR_PROPOSAL_RETRY_MS};
 
 /// A broker in the cluster.
 pub type BrokerId = u32;
@@ -107,6 +108,12 @@ pub struct ReplicaConfig {
     pub replica_lag_max_ms: u64,
     /// How long a follower waits before fetching again after a failed fetch.
     pub fetch_backoff_ms: u64,
+    /// Controller mode (DESIGN §6, KIP-497/KIP-966; see [`crate::isr`]): the leader proposes
+    /// ISR changes (`ProposeIsr`) and adopts only what the controller commits
+    /// (`IsrCommitted`), and it acknowledges `quorum`/`N`/`all` and advances the high
+    /// watermark only while its controller lease (`LeaseRenewed`) lasts. False (static mode):
+    /// the leader changes the ISR itself and has no lease.
+    pub isr_via_controller: bool,
 }
 
 /// Where the log stands when the replica is created (after recovery).
@@ -150,6 +157,11 @@ pub enum ProduceError {
     LeaderChanged { epoch: Epoch },
     #[error("{limit} produces already wait on this partition (WAITERS_MAX); nothing was appended")]
     TooManyWaiters { limit: usize },
+    /// Controller mode: the leader's controller lease ran out (the controller may be electing
+    /// another leader), so it acknowledges no `quorum`, `N` or `all` produce. Refused before
+    /// appending (nothing was appended), or failing a waiter (outcome unknown).
+    #[error("the leader's controller lease expired at {until_ms} ms; it may have been replaced")]
+    LeaderLeaseExpired { until_ms: u64 },
 }
 
 impl ProduceError {
@@ -233,8 +245,14 @@ pub enum FetchReply {
 pub enum Input {
     /// Time passes (milliseconds on the driver's monotonic clock).
     Tick { now_ms: u64 },
-    /// Lead `epoch`, starting with `isr` in sync (the controller's ISR; the leader included).
-    BecomeLeader { epoch: Epoch, isr: Vec<BrokerId> },
+    /// Lead `epoch`, starting with `isr` in sync (the controller's ISR; the leader included)
+    /// at the controller's `partition_epoch` (the version of the partition's leader and ISR
+    /// state, which ISR proposals are based on; static mode passes 0).
+    BecomeLeader {
+        epoch: Epoch,
+        isr: Vec<BrokerId>,
+        partition_epoch: u64,
+    },
     /// Follow `leader` in `epoch`.
     BecomeFollower { epoch: Epoch, leader: BrokerId },
     /// A produce arrives. Answered with `Append` or a failed `Complete`.
@@ -275,6 +293,27 @@ pub enum Input {
     /// Retention deleted the log below `log_start`. A leader answers fetches below it with
     /// `OffsetOutOfRange` (and accepts a follower's empty log starting there).
     LogStartMoved { log_start: Offset },
+    /// Controller mode: the controller committed this ISR at `partition_epoch` (this leader's
+    /// proposal, or its own change, say after fencing a broker). Every committed change of the
+    /// partition within the current leader epoch must reach the leader (from the metadata log),
+    /// even if an answer to a proposal was lost. Older or repeated epochs are ignored; so is
+    /// the input on a follower and in static mode.
+    IsrCommitted {
+        isr: Vec<BrokerId>,
+        partition_epoch: u64,
+    },
+    /// Controller mode: the controller refused the proposal based on `partition_epoch` (the
+    /// epoch the `ProposeIsr` carried; answers to other proposals are ignored).
+    IsrRejected {
+        partition_epoch: u64,
+        reason: IsrRejection,
+    },
+    /// Controller mode: the controller granted this broker a lease up to `until_ms` (on the
+    /// driver's clock, as `Tick`). Measure it from when the heartbeat was *sent*, minus a
+    /// margin for clock-rate drift and the tick interval (the replica judges it by its last
+    /// `Tick`), so that it always ends before the controller's session timeout fences this
+    /// broker. Leases only grow; ignored in static mode.
+    LeaseRenewed { until_ms: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -321,8 +360,20 @@ pub enum Output {
     EpochHistoryChanged,
     /// The high watermark moved: wake consumers waiting for data.
     HighWatermark(Offset),
-    /// Leader: the ISR changed (for the controller, describe and metrics).
+    /// Leader: the ISR changed (static mode: the leader decided; controller mode: the
+    /// controller committed it). For describe and metrics; in static mode also for the
+    /// controller.
     IsrChanged(Vec<BrokerId>),
+    /// Controller mode, leader: ask the controller to make `isr` the ISR (Kafka
+    /// AlterPartition), applicable only while the partition is at `partition_epoch` and
+    /// `leader_epoch`. Answer with `IsrCommitted` or `IsrRejected`; the replica sends the same
+    /// proposal again after `ISR_PROPOSAL_RETRY_MS` without an answer, and never has more than
+    /// one outstanding.
+    ProposeIsr {
+        isr: Vec<BrokerId>,
+        leader_epoch: Epoch,
+        partition_epoch: u64,
+    },
 }
 
 /// The outputs of a step, in the order the driver must carry them out.
@@ -394,7 +445,20 @@ pub struct Replica {
     durable: Offset,
     high_watermark: Offset,
     // Leader state.
+    /// The committed ISR (in static mode, the one the leader decided).
     isr: Vec<BrokerId>,
+    /// Controller mode: the committed partition epoch (ISR proposals are based on it).
+    partition_epoch: u64,
+    /// Controller mode: the one ISR proposal not yet superseded.
+    proposal: Option<IsrProposal>,
+    /// Controller mode: no new proposal before this time (the last one was refused).
+    proposal_blocked_until_ms: u64,
+    /// Controller mode: the controller lease ends here (`LeaseRenewed`; survives role changes:
+    /// it is the broker's lease).
+    lease_until_ms: u64,
+    /// Controller mode: the controller said a newer leader epoch exists; acknowledge nothing
+    /// until the next role change.
+    fenced: bool,
     followers: BTreeMap<BrokerId, FollowerProgress>,
     waiters: Vec<ProduceWaiter>,
     /// Produces told to `Append`, not yet reported appended: their ack level and deadline.
@@ -445,6 +509,11 @@ impl Replica {
             durable: log.durable,
             high_watermark,
             isr: Vec::new(),
+            partition_epoch: 0,
+            proposal: None,
+            proposal_blocked_until_ms: 0,
+            lease_until_ms: 0,
+            fenced: false,
             followers: BTreeMap::new(),
             waiters: Vec::new(),
             pending: BTreeMap::new(),
@@ -481,9 +550,33 @@ impl Replica {
     pub fn min_insync_replicas(&self) -> usize {
         self.config.min_insync_replicas
     }
-    /// The in-sync replicas (leader only; empty on a follower).
+    /// The in-sync replicas (leader only; empty on a follower). In controller mode, the
+    /// committed ISR.
     pub fn isr(&self) -> &[BrokerId] {
         &self.isr
+    }
+    /// Controller mode: the ISR proposal not yet superseded, if any.
+    pub fn proposed_isr(&self) -> Option<&[BrokerId]> {
+        self.proposal.as_ref().map(|p| p.isr.as_slice())
+    }
+    /// The ISR the high watermark waits for: the committed ISR, plus in controller mode the
+    /// members of a pending proposal.
+    pub fn maximal_isr(&self) -> Vec<BrokerId> {
+        isr::maximal_isr(&self.isr, self.proposed_isr())
+    }
+    /// Controller mode: the committed partition epoch this replica knows.
+    pub fn partition_epoch(&self) -> u64 {
+        self.partition_epoch
+    }
+    /// Controller mode: when the controller lease ends (0: never granted).
+    pub fn lease_until_ms(&self) -> u64 {
+        self.lease_until_ms
+    }
+    /// Whether this leader may acknowledge `quorum`/`N`/`all` produces and advance its high
+    /// watermark now: always in static mode; in controller mode while its lease lasts and the
+    /// controller has not fenced its epoch.
+    pub fn may_acknowledge(&self) -> bool {
+        !self.config.isr_via_controller || (!self.fenced && self.now_ms < self.lease_until_ms)
     }
     pub fn waiting_produces(&self) -> usize {
         self.waiters.len()
@@ -507,7 +600,11 @@ impl Replica {
     pub fn step(&mut self, input: Input, outbox: &mut Outbox) {
         match input {
             Input::Tick { now_ms } => self.on_tick(now_ms, outbox),
-            Input::BecomeLeader { epoch, isr } => self.become_leader(epoch, isr, outbox),
+            Input::BecomeLeader {
+                epoch,
+                isr,
+                partition_epoch,
+            } => self.become_leader(epoch, isr, partition_epoch, outbox),
             Input::BecomeFollower { epoch, leader } => self.become_follower(epoch, leader, outbox),
             Input::Produce {
                 waiter,
@@ -584,6 +681,24 @@ impl Replica {
                 self.phase = FetchPhase::Idle;
                 self.maybe_fetch(outbox);
             }
+            Input::IsrCommitted {
+                isr,
+                partition_epoch,
+            } => self.on_isr_committed(isr, partition_epoch, outbox),
+            Input::IsrRejected {
+                partition_epoch,
+                reason,
+            } => self.on_isr_rejected(partition_epoch, reason, outbox),
+            Input::LeaseRenewed { until_ms } => {
+                if !self.config.isr_via_controller || until_ms <= self.lease_until_ms {
+                    return;
+                }
+                self.lease_until_ms = until_ms;
+                if self.is_leader() {
+                    self.update_high_watermark(outbox);
+                    self.complete_waiters(outbox);
+                }
+            }
         }
     }
 
@@ -591,7 +706,15 @@ impl Replica {
         self.now_ms = self.now_ms.max(now_ms);
         match self.role {
             Role::Leader => {
-                self.shrink_isr(outbox);
+                if self.config.isr_via_controller {
+                    self.maybe_propose_isr(outbox);
+                    if !self.may_acknowledge() {
+                        // The lease ran out: fail what waits for followers (`complete_waiters`).
+                        self.complete_waiters(outbox);
+                    }
+                } else {
+                    self.shrink_isr(outbox);
+                }
                 let now = self.now_ms;
                 let mut expired = Vec::new();
                 self.waiters.retain(|w| {
@@ -620,7 +743,13 @@ impl Replica {
         }
     }
 
-    fn become_leader(&mut self, epoch: Epoch, isr: Vec<BrokerId>, outbox: &mut Outbox) {
+    fn become_leader(
+        &mut self,
+        epoch: Epoch,
+        isr: Vec<BrokerId>,
+        partition_epoch: u64,
+        outbox: &mut Outbox,
+    ) {
         assert!(
             epoch >= self.epoch,
             "epoch went back from {} to {epoch}",
@@ -677,6 +806,10 @@ impl Replica {
         isr.sort_unstable();
         isr.dedup();
         self.isr = isr;
+        self.partition_epoch = partition_epoch;
+        self.proposal = None;
+        self.proposal_blocked_until_ms = 0;
+        self.fenced = false;
         outbox.push(Output::IsrChanged(self.isr.clone()));
         self.update_high_watermark(outbox);
     }
@@ -694,6 +827,8 @@ impl Replica {
         self.epoch = epoch;
         self.isr.clear();
         self.followers.clear();
+        self.proposal = None;
+        self.fenced = false;
         self.leader_high_watermark = self.high_watermark;
         match self.phase {
             // Let the log operation in progress finish; the next fetch uses the new epoch.
@@ -751,8 +886,16 @@ impl Replica {
                 leader: (leader != self.config.broker_id).then_some(leader),
                 epoch: self.epoch,
             }),
+            Role::Leader if self.fenced => Err(ProduceError::NotLeader {
+                leader: None,
+                epoch: self.epoch,
+            }),
             Role::Leader => self.isr_needed(acks).and_then(|required| {
-                if self.isr.len() < required {
+                if self.waits_for_followers(acks) && !self.may_acknowledge() {
+                    Err(ProduceError::LeaderLeaseExpired {
+                        until_ms: self.lease_until_ms,
+                    })
+                } else if self.isr.len() < required {
                     Err(ProduceError::NotEnoughReplicas {
                         required,
                         in_sync: self.isr.len(),
@@ -791,7 +934,7 @@ impl Replica {
             .pending
             .remove(&waiter)
             .expect("ProduceAppended for a produce that was not told to Append");
-        if !self.is_leader() {
+        if !self.is_leader() || self.fenced {
             // Leadership moved between Append and now: the append happened in the old epoch.
             outbox.push(Output::Complete {
                 waiter,
@@ -937,7 +1080,12 @@ impl Replica {
         let rejoins = !self.isr.contains(&request.replica)
             && request.fetch_offset >= end
             && progress.durable_offset >= high_watermark;
-        if rejoins {
+        if self.config.isr_via_controller {
+            // The controller decides; `maybe_propose_isr` judges the join rule again.
+            if rejoins {
+                self.maybe_propose_isr(outbox);
+            }
+        } else if rejoins {
             self.isr.push(request.replica);
             self.isr.sort_unstable();
             outbox.push(Output::IsrChanged(self.isr.clone()));
@@ -1139,18 +1287,34 @@ impl Replica {
 
     /// In-sync replicas (the leader included) that hold everything below `next_offset`
     /// durably. Only in-sync replicas count: an out-of-sync follower may never be elected, so
-    /// its copy does not protect an acknowledged write.
+    /// its copy does not protect an acknowledged write. With an ISR proposal pending, only the
+    /// members that stay in sync whichever way the controller decides count (the minimal ISR).
     fn durable_count(&self, next_offset: Offset) -> u8 {
-        self.isr
+        isr::minimal_isr(&self.isr, self.proposed_isr())
             .iter()
             .filter(|&&r| self.durable_of(r) >= next_offset)
             .count() as u8
     }
 
+    /// Whether `acks` waits for followers (and so for `min_insync_replicas` and the lease).
+    fn waits_for_followers(&self, acks: AckLevel) -> bool {
+        !matches!(acks, AckLevel::None | AckLevel::Leader)
+    }
+
+    /// Moves the HW to the largest offset durable on every member of the maximal ISR and on
+    /// `min_insync_replicas` replicas, but only while the committed ISR holds at least
+    /// `min_insync_replicas` (strict min ISR, KIP-966: with fewer in sync nothing becomes
+    /// committed, even what out-of-sync followers happen to hold) and, in controller mode,
+    /// while the lease lasts and the epoch is not fenced.
     fn update_high_watermark(&mut self, outbox: &mut Outbox) {
+        if self.isr.len() < self.config.min_insync_replicas || !self.may_acknowledge() {
+            return;
+        }
+        let maximal = self.maximal_isr();
+        debug_assert!(self.isr.iter().all(|r| maximal.contains(r)));
         let candidate = high_watermark(
             &self.config.replicas,
-            &self.isr,
+            &maximal,
             self.config.min_insync_replicas,
             |r| self.durable_of(r),
         )
@@ -1181,11 +1345,145 @@ impl Replica {
         }
     }
 
+    /// Controller mode, leader: proposes the ISR it wants when it differs from the committed
+    /// one and no proposal is outstanding; sends an unanswered proposal again after
+    /// `ISR_PROPOSAL_RETRY_MS`.
+    fn maybe_propose_isr(&mut self, outbox: &mut Outbox) {
+        if !self.config.isr_via_controller || !self.is_leader() || self.fenced {
+            return;
+        }
+        let now = self.now_ms;
+        if let Some(proposal) = &mut self.proposal {
+            if !proposal.awaiting_metadata
+                && now >= proposal.sent_ms.saturating_add(ISR_PROPOSAL_RETRY_MS)
+            {
+                proposal.sent_ms = now;
+                outbox.push(Output::ProposeIsr {
+                    isr: proposal.isr.clone(),
+                    leader_epoch: proposal.leader_epoch,
+                    partition_epoch: proposal.partition_epoch,
+                });
+            }
+            return;
+        }
+        if now < self.proposal_blocked_until_ms {
+            return;
+        }
+        let lag_max = self.config.replica_lag_max_ms;
+        let views: Vec<FollowerView> = self
+            .followers
+            .iter()
+            .map(|(&broker, p)| FollowerView {
+                broker,
+                keeps_up: now.saturating_sub(p.last_caught_up_ms) <= lag_max,
+                may_join: p.fetched_this_epoch
+                    && p.fetch_offset >= p.last_fetch_leader_end
+                    && p.durable_offset >= self.high_watermark,
+            })
+            .collect();
+        let wanted = isr::wanted_isr(self.config.broker_id, &self.isr, &views);
+        if wanted == self.isr {
+            return;
+        }
+        assert!(wanted.contains(&self.config.broker_id));
+        self.proposal = Some(IsrProposal {
+            isr: wanted.clone(),
+            leader_epoch: self.epoch,
+            partition_epoch: self.partition_epoch,
+            sent_ms: now,
+            awaiting_metadata: false,
+        });
+        outbox.push(Output::ProposeIsr {
+            isr: wanted,
+            leader_epoch: self.epoch,
+            partition_epoch: self.partition_epoch,
+        });
+    }
+
+    fn on_isr_committed(&mut self, isr: Vec<BrokerId>, partition_epoch: u64, outbox: &mut Outbox) {
+        if !self.config.isr_via_controller || partition_epoch <= self.partition_epoch {
+            return; // Static mode, or an older or repeated state.
+        }
+        if !self.is_leader() {
+            self.partition_epoch = partition_epoch;
+            return;
+        }
+        let mut isr = isr;
+        isr.sort_unstable();
+        isr.dedup();
+        if isr.is_empty() || !isr.iter().all(|r| self.config.replicas.contains(r)) {
+            return; // Not an ISR of this partition: a broken or forged message changes nothing.
+        }
+        self.partition_epoch = partition_epoch;
+        // The controller refuses proposals based on an older partition epoch: whatever was
+        // pending is either this change or can no longer be applied.
+        self.proposal = None;
+        if !isr.contains(&self.config.broker_id) {
+            // The controller removed the leader from its own ISR: it is being replaced.
+            self.fence(outbox);
+            return;
+        }
+        self.isr = isr;
+        outbox.push(Output::IsrChanged(self.isr.clone()));
+        // A smaller ISR may let the HW move (or strand waiters); a larger one may let the
+        // leader propose what it still wants.
+        self.update_high_watermark(outbox);
+        self.complete_waiters(outbox);
+        self.maybe_propose_isr(outbox);
+    }
+
+    fn on_isr_rejected(&mut self, partition_epoch: u64, reason: IsrRejection, outbox: &mut Outbox) {
+        let is_leader = self.is_leader();
+        let Some(proposal) = &mut self.proposal else {
+            return;
+        };
+        if proposal.partition_epoch != partition_epoch || !is_leader {
+            return; // The answer to an earlier proposal.
+        }
+        match reason {
+            IsrRejection::FencedLeaderEpoch => self.fence(outbox),
+            IsrRejection::StalePartitionEpoch => proposal.awaiting_metadata = true,
+            IsrRejection::IneligibleReplica | IsrRejection::NotApplied => {
+                debug_assert!(reason.certainly_not_applied());
+                // Not applied: it leaves the maximal ISR now; the next proposal waits one
+                // retry delay (the reason may persist).
+                let retry_at = proposal.sent_ms.saturating_add(ISR_PROPOSAL_RETRY_MS);
+                self.proposal = None;
+                if self.now_ms >= retry_at {
+                    self.maybe_propose_isr(outbox);
+                } else {
+                    self.proposal_blocked_until_ms = retry_at;
+                }
+                self.update_high_watermark(outbox);
+                self.complete_waiters(outbox);
+            }
+        }
+    }
+
+    /// Controller mode: a newer leader epoch exists. Fail every waiter (retriable) and
+    /// acknowledge nothing until the next role change.
+    fn fence(&mut self, outbox: &mut Outbox) {
+        self.fenced = true;
+        for waiter in self.waiters.drain(..) {
+            outbox.push(Output::Complete {
+                waiter: waiter.id,
+                result: Err(ProduceError::NotLeader {
+                    leader: None,
+                    epoch: self.epoch,
+                }),
+            });
+        }
+    }
+
     fn complete_waiters(&mut self, outbox: &mut Outbox) {
         if self.waiters.is_empty() {
             return;
         }
         let in_sync = self.isr.len();
+        let lease_expired =
+            (!self.may_acknowledge()).then_some(Err(ProduceError::LeaderLeaseExpired {
+                until_ms: self.lease_until_ms,
+            }));
         let mut index = 0;
         while index < self.waiters.len() {
             let waiter = self.waiters[index];
@@ -1199,6 +1497,14 @@ impl Replica {
             let result = match waiter.acks {
                 AckLevel::None => Some(Ok(())),
                 AckLevel::Leader => (self.durable >= waiter.next_offset).then_some(Ok(())),
+                // Controller mode: a leader past its lease (or fenced) may have been replaced;
+                // nothing that waits for followers is acknowledged, and its waiters fail fast
+                // (retriable; the producer finds the leader again) instead of timing out.
+                AckLevel::Quorum | AckLevel::Replicas(_) | AckLevel::All
+                    if lease_expired.is_some() =>
+                {
+                    lease_expired.clone()
+                }
                 // Checked before the count: an ack given while fewer than min_insync_replicas
                 // are in sync would promise more than the ISR can keep.
                 AckLevel::Quorum | AckLevel::Replicas(_) if in_sync < isr_needed => stranded,

@@ -12,6 +12,7 @@ fn config(me: BrokerId) -> ReplicaConfig {
         min_insync_replicas: 2,
         replica_lag_max_ms: 1000,
         fetch_backoff_ms: 50,
+        isr_via_controller: false,
     }
 }
 
@@ -32,6 +33,7 @@ fn leader() -> Replica {
         Input::BecomeLeader {
             epoch: Epoch(1),
             isr: vec![1, 2, 3],
+            partition_epoch: 0,
         },
         &mut out,
     );
@@ -455,6 +457,7 @@ fn a_diverged_follower_truncates_to_the_leaders_epoch_end() {
         Input::BecomeLeader {
             epoch: Epoch(3),
             isr: vec![2, 3],
+            partition_epoch: 0,
         },
     );
     let answer = step(&mut leader, Input::FetchRequest(request));
@@ -567,6 +570,7 @@ fn a_last_epoch_unknown_to_the_leader_is_divergence() {
         Input::BecomeLeader {
             epoch: Epoch(3),
             isr: vec![1, 2, 3],
+            partition_epoch: 0,
         },
     );
     let request = FetchRequest {
@@ -789,6 +793,7 @@ fn a_longer_log_from_an_older_epoch_is_divergence_not_invalid() {
         Input::BecomeLeader {
             epoch: Epoch(2),
             isr: vec![1, 2, 3],
+            partition_epoch: 0,
         },
     );
     let out = step(
@@ -827,6 +832,7 @@ fn leader_with_min_insync(min_insync_replicas: usize) -> Replica {
         Input::BecomeLeader {
             epoch: Epoch(1),
             isr: vec![1, 2, 3],
+            partition_epoch: 0,
         },
     );
     r
@@ -1004,6 +1010,7 @@ fn a_full_epoch_history_makes_room_instead_of_crashing() {
         Input::BecomeLeader {
             epoch: next,
             isr: vec![1, 2, 3],
+            partition_epoch: 0,
         },
     );
     assert!(out.contains(&Output::EpochHistoryChanged));
@@ -1106,6 +1113,7 @@ fn a_follower_below_the_leaders_log_start_resets_its_log_and_rejoins() {
         Input::BecomeLeader {
             epoch: Epoch(3),
             isr: vec![1, 3],
+            partition_epoch: 0,
         },
     );
     let out = step(&mut leader, Input::FetchRequest(request));
@@ -1252,6 +1260,7 @@ fn a_restarted_leader_starts_from_its_stored_high_watermark() {
             Input::BecomeLeader {
                 epoch: Epoch(2),
                 isr: vec![1, 2, 3],
+                partition_epoch: 0,
             },
         );
         r.high_watermark()

@@ -335,6 +335,7 @@ impl Sim {
             min_insync_replicas: self.config.min_insync,
             replica_lag_max_ms: 100,
             fetch_backoff_ms: 10,
+            isr_via_controller: false,
         };
         let log_config = self.log_config.clone();
         let now = self.now_ms;
@@ -409,6 +410,7 @@ impl Sim {
                 Input::BecomeLeader {
                     epoch,
                     isr: isr.clone(),
+                    partition_epoch: 0,
                 }
             } else {
                 Input::BecomeFollower { epoch, leader }
@@ -558,6 +560,7 @@ impl Sim {
                 }
                 None
             }
+            Output::ProposeIsr { .. } => unreachable!("static mode proposes nothing"),
         }
     }
 

@@ -132,7 +132,9 @@ pub struct Admitted {
 
 fn produce_error(error: ProduceError) -> PartitionError {
     let code = match &error {
-        ProduceError::NotLeader { .. } | ProduceError::LeaderChanged { .. } => ErrorCode::NotLeader,
+        ProduceError::NotLeader { .. }
+        | ProduceError::LeaderChanged { .. }
+        | ProduceError::LeaderLeaseExpired { .. } => ErrorCode::NotLeader,
         ProduceError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
         ProduceError::NotEnoughReplicasAfterAppend { .. } => {
             ErrorCode::NotEnoughReplicasAfterAppend
@@ -306,6 +308,7 @@ impl Partition {
             min_insync_replicas: usize::from(config.min_insync_replicas),
             replica_lag_max_ms: replication.replica_lag_max_ms,
             fetch_backoff_ms: replication.fetch_backoff_ms,
+            isr_via_controller: false,
         };
         let current_epoch = epochs.latest().unwrap_or(Epoch(0)).max(meta_epoch);
         let replica = Replica::new(
@@ -378,7 +381,11 @@ impl Partition {
         if leader == me {
             let isr = partition.replica.borrow().replicas().to_vec();
             let epoch = Epoch(current_epoch.0 + 1);
-            partition.step(Input::BecomeLeader { epoch, isr })?;
+            partition.step(Input::BecomeLeader {
+                epoch,
+                isr,
+                partition_epoch: 0,
+            })?;
             tracing::info!(topic, partition = index, %epoch, "leading");
         } else {
             let fetcher = glommio::spawn_local_into(

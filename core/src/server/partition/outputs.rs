@@ -142,6 +142,8 @@ impl Partition {
                     .set(i64::from(isr.len() < replicas));
                 tracing::info!(topic = %self.topic, partition = self.index, ?isr, "ISR changed");
             }
+            // Only controller mode proposes; this driver runs the static mode.
+            Output::ProposeIsr { .. } => {}
         }
         Ok(None)
     }
