@@ -1,0 +1,2 @@
+pub mod decisions;
+pub mod records;
