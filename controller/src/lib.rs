@@ -1,0 +1,4 @@
+pub mod decisions;
+mod mirror;
+pub mod records;
+pub mod store;
