@@ -145,7 +145,10 @@ scenario() {
     netns-*)
       if [[ $(id -u) != 0 ]]; then result SKIPPED "$name" "$flush" "$started" "(needs root): network namespaces and iptables"; return; fi
       if [[ ! -x scripts/chaos/netns.sh ]]; then result SKIPPED "$name" "$flush" "$started" "not implemented yet: scripts/chaos/netns.sh"; return; fi ;;
-    leader-kill|follower-kill|controller-kill|random-kills|leader-stop|all-kill|rolling-restart) ;;
+    controller-kill)
+      local why
+      if ! why=$(CHAOS_BROKERS=() chaos_controller_leader); then result FAIL "$name" "$flush" "$started" "$why"; return; fi ;;
+    leader-kill|follower-kill|random-kills|leader-stop|all-kill|rolling-restart) ;;
     *) result FAIL "$name" "$flush" "$started" "unknown scenario"; return ;;
   esac
   CHAOS_RUN=$ROOT/$name-$flush
