@@ -4,9 +4,11 @@
 //! was kept. See the README section "Load generator" for the options and the JSON keys.
 
 mod audit;
+mod gaps;
 mod plot;
 mod rate;
 mod report;
+mod resilient;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
@@ -21,18 +23,22 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
-use wharf::client::producer::{Delivery, Partitioner, Producer, ProducerConfig};
-use wharf::client::{Client, ClientConfig, ClientError};
+use wharf::client::producer::{Delivery, Partitioner, Producer, ProducerConfig, RecordMetadata};
+use wharf::client::{Client, ClientError};
 use wharf::protocol::{Acks, ConfigEntry, ErrorCode};
 
-use audit::{Audit, Stamp, VerifyReport, RECORD_HEADER_BYTES};
+use audit::{AckLog, OffsetMap, Stamp, VerifyReport, RECORD_HEADER_BYTES};
+use gaps::AckTimes;
 use rate::{Rate, Schedule};
 use report::{human_us, new_histogram, percentiles, Percentiles};
+use resilient::ClientSlot;
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "wharf-loadgen", version, about = "Load generator for Wharf")]
 struct Args {
-    /// A broker of the cluster to drive. Without it, a broker is started in this process.
+    /// Brokers of the cluster to drive, comma-separated (`a:9092,b:9092`): the first that
+    /// answers bootstraps the client, the next ones take over when it stops answering.
+    /// Without it, a broker is started in this process.
     #[arg(long)]
     bootstrap: Option<String>,
     /// Start a broker in this process with a temporary data directory (default without
@@ -119,9 +125,32 @@ struct Args {
     /// Draw the latency percentile curves into this SVG file.
     #[arg(long)]
     plot: Option<String>,
-    /// Read everything back after the run and check no acknowledged record was lost.
+    /// Read everything back after the run and check no acknowledged record was lost or
+    /// moved, no offset held two records and the log is dense below the high watermark; failed
+    /// deliveries are sent again (same id) until the run ends.
     #[arg(long)]
     verify: bool,
+    /// With --verify: consumers tailing every partition from the start during the run, booking
+    /// the record they see at each offset (checked against each other and the read-back).
+    #[arg(long, default_value_t = 0)]
+    tail_consumers: usize,
+    /// With --verify: at most this many records are sent (8 bytes each per audit table); the
+    /// producers stop early when it is reached.
+    #[arg(long, default_value_t = 20_000_000)]
+    audit_records_max: u64,
+    /// With --verify: seconds the read-back may take (retrying) before unread partitions fail.
+    #[arg(long, default_value_t = 60.0)]
+    verify_timeout: f64,
+    /// Write the acknowledgement times per partition and their largest gaps (JSON) here; also
+    /// sends failed deliveries again until the run ends.
+    #[arg(long)]
+    gap_report: Option<PathBuf>,
+    /// How long the broker may take to answer one request.
+    #[arg(long, default_value_t = 30_000)]
+    request_timeout_ms: u64,
+    /// How long the producer retries a record before it counts as failed.
+    #[arg(long, default_value_t = 120_000)]
+    delivery_timeout_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +167,11 @@ enum Workload {
 const PACING_AHEAD_MAX: Duration = Duration::from_millis(1);
 /// A sleeping sender wakes this much before the record it slept for is due (timer lateness).
 const PACING_WAKE_EARLY: Duration = Duration::from_micros(50);
+/// How often each client thread refreshes its metadata (and so notices a dead bootstrap
+/// broker) when the run must survive failures.
+const METADATA_REFRESH_INTERVAL: Duration = Duration::from_millis(250);
+/// A failed delivery is sent again no sooner than this after it failed.
+const RESEND_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Live counters shared with the progress printer.
 #[derive(Default)]
@@ -161,7 +195,13 @@ struct ThreadResult {
     received_measured: u64,
     received_measured_bytes: u64,
     errors: BTreeMap<String, u64>,
-    acked_ids: Vec<(u32, u64)>,
+    acks: AckLog,
+    ack_times: AckTimes,
+    /// What this thread's tailing consumers saw.
+    tail_seen: Option<OffsetMap>,
+    /// Records sent again after a failed delivery.
+    resent: u64,
+    reconnections: u64,
     cpu_busy: f64,
 }
 
@@ -171,6 +211,7 @@ struct Plan {
     acks: Acks,
     rate: Rate,
     bootstrap: String,
+    addresses: Vec<String>,
     run_id: u32,
     seed: u64,
     start: Instant,
@@ -178,6 +219,16 @@ struct Plan {
     end: Instant,
     measure_from_wall_us: u64,
     progress: Arc<Progress>,
+    /// Records sent so far (bounded by --audit-records-max with --verify).
+    audit_sent: AtomicU64,
+    audit_truncated: std::sync::atomic::AtomicBool,
+}
+
+impl Plan {
+    /// Failed deliveries are sent again (same id) until the run ends.
+    fn resends(&self) -> bool {
+        self.args.verify || self.args.gap_report.is_some()
+    }
 }
 
 fn wall_us() -> u64 {
@@ -306,7 +357,19 @@ fn run(args: Args) -> Result<ExitCode, String> {
         }
     };
 
-    let fsync = prepare_topic(&args, &bootstrap)?;
+    let addresses: Vec<String> = bootstrap
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    if addresses.is_empty() {
+        return Err("--bootstrap names no address".to_string());
+    }
+    if args.tail_consumers > 0 && !args.verify {
+        return Err("--tail-consumers needs --verify".to_string());
+    }
+    let fsync = prepare_topic(&args, &addresses)?;
     let progress = Arc::new(Progress {
         p99_us: (0..threads).map(|_| AtomicU64::new(0)).collect(),
         ..Progress::default()
@@ -327,6 +390,9 @@ fn run(args: Args) -> Result<ExitCode, String> {
         measure_from_wall_us: wall_us() + (measure_from - Instant::now()).as_micros() as u64,
         progress: Arc::clone(&progress),
         args: args.clone(),
+        addresses: addresses.clone(),
+        audit_sent: AtomicU64::new(0),
+        audit_truncated: std::sync::atomic::AtomicBool::new(false),
     });
     eprintln!(
         "wharf-loadgen: seed {seed}, {} on {bootstrap} ({}), topic {} acks={} fsync={fsync}",
@@ -365,19 +431,40 @@ fn run(args: Args) -> Result<ExitCode, String> {
         );
     }
 
+    let mut acks = AckLog::default();
+    let mut ack_times = AckTimes::default();
+    let mut tails = Vec::new();
+    for result in &mut results {
+        acks.merge(std::mem::take(&mut result.acks));
+        ack_times.merge(std::mem::take(&mut result.ack_times));
+        tails.extend(result.tail_seen.take());
+    }
     let verify = if args.verify {
-        let mut audit = Audit::new(plan.run_id);
-        for result in &results {
-            for (producer, sequence) in &result.acked_ids {
-                audit.acknowledged(*producer, *sequence);
-            }
-        }
-        Some(read_back(&plan, audit)?)
+        let mut report = read_back(&plan, &acks, &tails)?;
+        report.truncated = plan.audit_truncated.load(Ordering::Relaxed);
+        Some(report)
     } else {
         None
     };
-    let summary = summarize(&plan, &fsync, threads, embedded.is_some(), results, verify);
+    drop(tails);
+    let gap_report = args
+        .gap_report
+        .as_ref()
+        .map(|_| ack_times.report(args.partitions, &plan.acks.to_string()));
+    let summary = summarize(
+        &plan,
+        &fsync,
+        threads,
+        embedded.is_some(),
+        results,
+        verify,
+        gap_report.as_ref(),
+    );
     print_report(&summary);
+    if let (Some(path), Some(gaps)) = (&args.gap_report, &gap_report) {
+        std::fs::write(path, serde_json::to_string(gaps).unwrap_or_default())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     if let Some(path) = &args.json {
         std::fs::write(
             path,
@@ -413,24 +500,29 @@ fn run(args: Args) -> Result<ExitCode, String> {
         server.join()?;
     }
     drop(temporary);
-    if summary.verify.is_some_and(|v| v.lost > 0) {
-        eprintln!("wharf-loadgen: AUDIT FAILED: acknowledged records were lost");
+    if let Some(v) = summary.verify.as_ref().filter(|v| v.failed()) {
+        eprintln!("wharf-loadgen: AUDIT FAILED: {}", v.human());
+        for example in &v.examples {
+            eprintln!("wharf-loadgen:   {example}");
+        }
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Creates the topic if needed; returns its fsync mode.
-fn prepare_topic(args: &Args, bootstrap: &str) -> Result<String, String> {
+fn prepare_topic(args: &Args, addresses: &[String]) -> Result<String, String> {
     let topic = args.topic.clone();
     let partitions = args.partitions;
     let replication_factor = args.replication_factor;
     let fsync = args.fsync.clone();
-    let bootstrap = bootstrap.to_string();
+    let addresses = addresses.to_vec();
+    let request_timeout_ms = args.request_timeout_ms;
     wharf::runtime::run_local("loadgen-setup", async move {
-        let client = Client::connect(ClientConfig::new(bootstrap))
-            .await
-            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = ClientSlot::connect(&addresses, request_timeout_ms, deadline)
+            .await?
+            .client();
         match client.describe_topic(&topic).await {
             Ok(description) => {
                 if description.partitions.len() as u32 != partitions {
@@ -528,9 +620,14 @@ async fn client_thread(
 ) -> Result<ThreadResult, String> {
     let cpu_started = thread_cpu_seconds();
     let wall_started = Instant::now();
-    let mut config = ClientConfig::new(plan.bootstrap.clone());
-    config.request_timeout_ms = 30_000;
-    let client = Client::connect(config).await.map_err(|e| e.to_string())?;
+    let args = &plan.args;
+    let slot = ClientSlot::connect(
+        &plan.addresses,
+        args.request_timeout_ms,
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await?;
+    let client = slot.client();
     let result = Rc::new(RefCell::new(ThreadResult {
         produce: Some(new_histogram()),
         e2e: Some(new_histogram()),
@@ -538,7 +635,38 @@ async fn client_thread(
     }));
     let interval = Rc::new(RefCell::new(new_histogram()));
     let mut tasks = Vec::new();
-    let args = &plan.args;
+    // Drains (tailing consumers catching up, retried deliveries) end by then.
+    let drain_until = plan.end + Duration::from_secs(10);
+    // Keeps the metadata fresh and moves to another bootstrap broker when this one stops
+    // answering (the producers' own refreshes go to the bootstrap broker only).
+    let watcher = (plan.addresses.len() > 1 || plan.resends()).then(|| {
+        let slot = Rc::clone(&slot);
+        glommio::spawn_local(async move {
+            while Instant::now() < drain_until {
+                glommio::timer::sleep(METADATA_REFRESH_INTERVAL).await;
+                slot.refresh().await;
+            }
+        })
+    });
+    let tail_seen = Rc::new(RefCell::new(OffsetMap::default()));
+    let mut tails = Vec::new();
+    for _ in (0..args.tail_consumers).filter(|c| c % threads == thread) {
+        let partitions = client
+            .partition_count(&args.topic)
+            .await
+            .map_err(|e| e.to_string())?;
+        for partition in 0..partitions {
+            tails.push(glommio::spawn_local(resilient::tail(
+                Rc::clone(&slot),
+                args.topic.clone(),
+                partition,
+                plan.run_id,
+                Rc::clone(&tail_seen),
+                plan.end,
+                drain_until,
+            )));
+        }
+    }
     for consumer in (0..args.consumers).filter(|c| c % threads == thread) {
         tasks.push(glommio::spawn_local(consume(
             Rc::clone(&client),
@@ -550,7 +678,7 @@ async fn client_thread(
     if plan.workload != Workload::Consume {
         for producer in (0..args.producers).filter(|p| p % threads == thread) {
             tasks.push(glommio::spawn_local(produce(
-                Rc::clone(&client),
+                Rc::clone(&slot),
                 Arc::clone(&plan),
                 producer as u32,
                 Rc::clone(&result),
@@ -577,10 +705,28 @@ async fn client_thread(
     for task in tasks {
         task.await;
     }
+    let mut tail_errors = 0;
+    for task in tails {
+        let (errors, _) = task.await;
+        tail_errors += errors;
+    }
     publisher.await;
+    if let Some(watcher) = watcher {
+        watcher.cancel().await;
+    }
     let mut result = Rc::try_unwrap(result)
         .map_err(|_| "result still shared".to_string())?
         .into_inner();
+    if args.tail_consumers > 0 {
+        result.tail_seen = Rc::try_unwrap(tail_seen).ok().map(RefCell::into_inner);
+        if tail_errors > 0 {
+            *result
+                .errors
+                .entry("tail_consumer".to_string())
+                .or_default() += tail_errors;
+        }
+    }
+    result.reconnections = slot.reconnections.get();
     let wall = wall_started.elapsed().as_secs_f64();
     result.cpu_busy = if wall > 0.0 {
         (thread_cpu_seconds() - cpu_started) / wall
@@ -591,29 +737,33 @@ async fn client_thread(
 }
 
 async fn produce(
-    client: Rc<Client>,
+    slot: Rc<ClientSlot>,
     plan: Arc<Plan>,
     producer_id: u32,
     result: Rc<RefCell<ThreadResult>>,
     interval: Rc<RefCell<Histogram<u64>>>,
 ) {
     let args = &plan.args;
-    let producer = Rc::new(Producer::new(
-        Rc::clone(&client),
-        ProducerConfig {
-            acks: plan.acks,
-            linger_ms: args.linger_ms,
-            batch_bytes: args.batch_bytes,
-            buffer_bytes_max: args.buffer_bytes,
-            max_in_flight_per_partition: args.requests_in_flight,
-            partitioner: if args.partitioner == "round-robin" {
-                Partitioner::RoundRobin
-            } else {
-                Partitioner::KeyHash
-            },
-            ..ProducerConfig::default()
+    let config = ProducerConfig {
+        acks: plan.acks,
+        linger_ms: args.linger_ms,
+        batch_bytes: args.batch_bytes,
+        buffer_bytes_max: args.buffer_bytes,
+        max_in_flight_per_partition: args.requests_in_flight,
+        request_timeout_ms: args.request_timeout_ms,
+        delivery_timeout_ms: args.delivery_timeout_ms,
+        partitioner: if args.partitioner == "round-robin" {
+            Partitioner::RoundRobin
+        } else {
+            Partitioner::KeyHash
         },
-    ));
+        ..ProducerConfig::default()
+    };
+    // A new producer each time the slot's client changes (another bootstrap broker); the
+    // retired ones finish (or fail) what they hold and are flushed at the end.
+    let mut generation = slot.generation();
+    let mut producer = Rc::new(Producer::new(slot.client(), config.clone()));
+    let mut retired: Vec<Rc<Producer>> = Vec::new();
     let per_producer = match plan.rate {
         Rate::Max => Rate::Max,
         Rate::PerSecond(total) => Rate::PerSecond(total / args.producers as f64),
@@ -626,6 +776,8 @@ async fn produce(
     rng.fill(&mut value[RECORD_HEADER_BYTES..]);
     let in_flight: Rc<RefCell<VecDeque<(Instant, u64, Delivery)>>> =
         Rc::new(RefCell::new(VecDeque::new()));
+    // Sequences whose delivery failed, with when they may be sent again (same id).
+    let resend: Rc<RefCell<VecDeque<(Instant, u64)>>> = Rc::new(RefCell::new(VecDeque::new()));
     let window = if args.max_in_flight == 0 {
         usize::MAX
     } else {
@@ -643,6 +795,7 @@ async fn produce(
         let done = Rc::clone(&producing_done);
         let outstanding = Rc::clone(&outstanding);
         let interval = Rc::clone(&interval);
+        let resend = Rc::clone(&resend);
         glommio::spawn_local(async move {
             let mut last_finished = Instant::now();
             loop {
@@ -671,16 +824,16 @@ async fn produce(
                     &plan,
                     &result,
                     &interval,
-                    producer_id,
-                    sequence,
+                    &resend,
+                    (producer_id, sequence),
                     intended,
                     finished,
-                    outcome.map(|_| ()),
+                    outcome,
                 );
             }
         })
     };
-    let mut sequence = 0u64;
+    let mut next_sequence = 0u64;
     loop {
         // Closed loop: wait for room in the window first, then the operation starts now. Open
         // loop: the schedule says when it should have started, waits included.
@@ -707,6 +860,35 @@ async fn produce(
         while outstanding.get() >= window {
             wait_completed.recv().await;
         }
+        if slot.generation() != generation {
+            generation = slot.generation();
+            let fresh = Rc::new(Producer::new(slot.client(), config.clone()));
+            retired.push(std::mem::replace(&mut producer, fresh));
+        }
+        // A failed record due again takes this slot of the schedule; else a new record.
+        let due = {
+            let mut resend = resend.borrow_mut();
+            match resend.front() {
+                Some((at, _)) if *at <= intended => resend.pop_front().map(|(_, s)| s),
+                _ => None,
+            }
+        };
+        let sequence = match due {
+            Some(sequence) => {
+                result.borrow_mut().resent += 1;
+                sequence
+            }
+            None if args.verify
+                && plan.audit_sent.fetch_add(1, Ordering::Relaxed) >= args.audit_records_max =>
+            {
+                plan.audit_truncated.store(true, Ordering::Relaxed);
+                break;
+            }
+            None => {
+                next_sequence += 1;
+                next_sequence - 1
+            }
+        };
         let ids = Stamp {
             sent_us: wall_us(),
             run_id: plan.run_id,
@@ -732,13 +914,12 @@ async fn produce(
                     &plan,
                     &result,
                     &interval,
-                    producer_id,
-                    sequence,
+                    &resend,
+                    (producer_id, sequence),
                     intended,
                     Instant::now(),
-                    outcome.map(|_| ()),
+                    outcome,
                 );
-                sequence += 1;
             }
             Ok(delivery) => {
                 in_flight
@@ -746,7 +927,6 @@ async fn produce(
                     .push_back((intended, sequence, delivery));
                 outstanding.set(outstanding.get() + 1);
                 let _ = wake_collector.try_send(());
-                sequence += 1;
                 result.borrow_mut().sent += 1;
             }
             Err(error) => {
@@ -754,41 +934,57 @@ async fn produce(
                     .borrow_mut()
                     .errors
                     .entry(error.kind().to_string())
-                    .or_default() += 1
+                    .or_default() += 1;
+                if plan.resends() {
+                    resend
+                        .borrow_mut()
+                        .push_back((Instant::now() + RESEND_BACKOFF, sequence));
+                    glommio::timer::sleep(RESEND_BACKOFF).await;
+                }
             }
         }
     }
-    producer.flush().await;
+    for producer in retired.iter().chain(std::iter::once(&producer)) {
+        producer.flush().await;
+    }
     producing_done.set(true);
     let _ = wake_collector.try_send(());
     collector.await;
-    producer.close().await;
+    for producer in retired.iter().chain(std::iter::once(&producer)) {
+        producer.close().await;
+    }
 }
 
-/// Books one delivery's outcome: counters, the audit's acknowledged set, and (inside the
-/// measured window) its latency from the intended start.
+/// Books one delivery's outcome: counters, the audit's acknowledgements and the ack times,
+/// (inside the measured window) its latency from the intended start, and (when the run
+/// resends) a failed record for sending again.
 #[allow(clippy::too_many_arguments)]
 fn record_outcome(
     plan: &Plan,
     result: &RefCell<ThreadResult>,
     interval: &RefCell<Histogram<u64>>,
-    producer_id: u32,
-    sequence: u64,
+    resend: &RefCell<VecDeque<(Instant, u64)>>,
+    (producer_id, sequence): (u32, u64),
     intended: Instant,
     finished: Instant,
-    outcome: Result<(), ClientError>,
+    outcome: Result<RecordMetadata, ClientError>,
 ) {
     let message_bytes = plan.args.message_bytes as u64;
     let mut r = result.borrow_mut();
     match outcome {
-        Ok(()) => {
+        Ok(metadata) => {
             r.acked += 1;
             plan.progress.acked.fetch_add(1, Ordering::Relaxed);
             plan.progress
                 .acked_bytes
                 .fetch_add(message_bytes, Ordering::Relaxed);
-            if plan.args.verify {
-                r.acked_ids.push((producer_id, sequence));
+            if let (true, Some(offset)) = (plan.args.verify, metadata.offset) {
+                r.acks
+                    .acknowledged(producer_id, sequence, metadata.partition, offset);
+            }
+            if plan.args.gap_report.is_some() {
+                r.ack_times
+                    .acknowledged(metadata.partition, wall_us() / 1000);
             }
             if intended >= plan.measure_from && intended < plan.end {
                 let latency = rate::corrected_latency(intended, finished).as_micros() as u64;
@@ -800,7 +996,14 @@ fn record_outcome(
                 r.acked_measured_bytes += message_bytes;
             }
         }
-        Err(error) => *r.errors.entry(error.kind().to_string()).or_default() += 1,
+        Err(error) => {
+            *r.errors.entry(error.kind().to_string()).or_default() += 1;
+            if plan.resends() && Instant::now() < plan.end {
+                resend
+                    .borrow_mut()
+                    .push_back((Instant::now() + RESEND_BACKOFF, sequence));
+            }
+        }
     }
 }
 
@@ -896,39 +1099,21 @@ async fn consume(
     }
 }
 
-/// Reads every partition from the earliest offset into the audit.
-fn read_back(plan: &Plan, mut audit: Audit) -> Result<VerifyReport, String> {
-    let bootstrap = plan.bootstrap.clone();
+/// Reads every partition back (retrying until --verify-timeout) and checks it against the
+/// acknowledgements and what the tailing consumers saw.
+fn read_back(plan: &Plan, acks: &AckLog, tails: &[OffsetMap]) -> Result<VerifyReport, String> {
+    let addresses = plan.addresses.clone();
     let topic = plan.args.topic.clone();
-    wharf::runtime::run_local("loadgen-verify", async move {
-        let client = Client::connect(ClientConfig::new(bootstrap))
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut consumer = Consumer::new(
-            Rc::clone(&client),
-            &topic,
-            ConsumerConfig {
-                max_wait_ms: 50,
-                ..ConsumerConfig::default()
-            },
-        );
-        consumer
-            .assign(None, SeekTo::Earliest)
-            .await
-            .map_err(|e| e.to_string())?;
-        // Bounded by the log size: every poll advances or the partitions are caught up.
-        loop {
-            let records = consumer.poll().await.map_err(|e| e.to_string())?;
-            records
-                .for_each(|record| audit.found(record.partition, record.value))
-                .map_err(|e| e.to_string())?;
-            if consumer.caught_up() {
-                break;
-            }
-        }
-        Ok(audit.finish())
+    let run_id = plan.run_id;
+    let request_timeout_ms = plan.args.request_timeout_ms;
+    let deadline = Instant::now() + Duration::from_secs_f64(plan.args.verify_timeout);
+    let (read, reads, notes) = wharf::runtime::run_local("loadgen-verify", async move {
+        resilient::read_back(&addresses, request_timeout_ms, &topic, run_id, deadline).await
     })
-    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())??;
+    let mut report = audit::check(acks, read, &reads, tails);
+    report.examples.extend(notes);
+    Ok(report)
 }
 
 struct Summary {
@@ -946,6 +1131,7 @@ fn summarize(
     embedded: bool,
     results: Vec<ThreadResult>,
     verify: Option<VerifyReport>,
+    gaps: Option<&gaps::GapReport>,
 ) -> Summary {
     let args = &plan.args;
     let mut produce = new_histogram();
@@ -960,7 +1146,10 @@ fn summarize(
         mut received_bytes,
     ) = (0, 0, 0, 0, 0, 0);
     let mut busiest = 0.0f64;
+    let (mut resent, mut reconnections) = (0u64, 0u64);
     for r in results {
+        resent += r.resent;
+        reconnections += r.reconnections;
         if let Some(h) = &r.produce {
             let _ = produce.add(h);
         }
@@ -1017,13 +1206,22 @@ fn summarize(
             "acked": acked,
             "errors": error_count,
             "errors_by_kind": errors,
+            "resent": resent,
+            "client_reconnections": reconnections,
             "msgs_per_s": msgs_per_s,
             "mb_per_s": mb_per_s,
             "latency_us": latency(&produce_p),
         },
         "e2e": { "latency_us": latency(&e2e_p) },
         "consume": { "received": received, "msgs_per_s": consume_msgs, "mb_per_s": consume_mb },
-        "verify": verify.map(|v| serde_json::to_value(v).unwrap_or_default()),
+        "verify": verify.as_ref().map(|v| {
+            let mut value = serde_json::to_value(v).unwrap_or_default();
+            if let Some(object) = value.as_object_mut() {
+                object.insert("failed".to_string(), serde_json::Value::Bool(v.failed()));
+            }
+            value
+        }),
+        "gaps": gaps.map(gaps::GapReport::summary_json),
         "client_cpu_busy_max": busiest,
     });
     let mut text = String::new();
@@ -1072,12 +1270,20 @@ fn summarize(
     if !errors.is_empty() {
         let _ = writeln!(text, "errors by kind: {errors:?}");
     }
-    if let Some(v) = verify {
+    if resent > 0 || reconnections > 0 {
         let _ = writeln!(
             text,
-            "verify: acked {} found {} lost {} duplicated {} reordered {} corrupt {}",
-            v.acked, v.found, v.lost, v.duplicated, v.reordered, v.corrupt
+            "resilience: {resent} records sent again after a failed delivery, {reconnections} moves to another bootstrap broker"
         );
+    }
+    if let Some(v) = &verify {
+        let _ = writeln!(text, "{}", v.human());
+        for example in &v.examples {
+            let _ = writeln!(text, "  {example}");
+        }
+    }
+    if let Some(gaps) = gaps {
+        let _ = writeln!(text, "{}", gaps.human());
     }
     if busiest > 0.9 {
         let _ = writeln!(
