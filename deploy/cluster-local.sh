@@ -13,11 +13,13 @@
 # DIR/broker-N.log, pids in DIR/broker-N.pid, configs in DIR/broker-N.toml. WHARF_BIN picks the
 # binary (default target/release/wharf, built if missing); SHARDS (default 1) shards per broker;
 # CPU_SET (default unbound: three brokers on one host must not all pin their shard 0 to CPU 0);
-# REPLICA_LAG_MAX_MS (default 10000) the ISR lag limit; MIN_INSYNC (default 2).
+# REPLICA_LAG_MAX_MS (default 10000) the ISR lag limit; MIN_INSYNC (default 2); CONTROLLER
+# (default 1: brokers 1, 2, 3 run the Raft controller and partitions fail over automatically;
+# 0: a static cluster whose leaders never move).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 2 ]] || usage
 command=$1
 dir=$2
@@ -53,6 +55,9 @@ write_config() {
     echo "replica_lag_max_ms = ${REPLICA_LAG_MAX_MS:-10000}"
     echo "internal_listen = \"127.0.0.1:$(internal_port "$id")\""
     echo "secret_file = \"$dir/cluster.secret\""
+    if [[ ${CONTROLLER:-1} == 1 ]]; then
+      echo "controller_voters = [1, 2, 3]"
+    fi
     for b in "${brokers[@]}"; do
       echo "[[cluster.brokers]]"
       echo "id = $b"

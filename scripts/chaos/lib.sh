@@ -84,6 +84,7 @@ chaos_cluster_init() {
       echo "replica_lag_max_ms = $REPLICA_LAG_MAX_MS"
       echo "internal_listen = \"$(chaos_host "$id"):$((CHAOS_PORT + 100))\""
       echo "secret_file = \"$CHAOS_DIR/cluster.secret\""
+      echo "controller_voters = [$(IFS=,; echo "${CHAOS_BROKERS[*]}")]"
       for b in "${CHAOS_BROKERS[@]}"; do
         echo "[[cluster.brokers]]"
         echo "id = $b"
