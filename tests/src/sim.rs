@@ -14,6 +14,14 @@
 //!   one replica;
 //! - consumers (reading from the leader below its HW) see a prefix of the committed log;
 //! - at the end, with faults healed, every replica holds the same log.
+//!
+//! Controller mode (`SimConfig::isr_via_controller`): the replicas run with
+//! `isr_via_controller`, and the [`StandInController`] (a stand-in, not the product's Raft
+//! controller) replaces the instant controller: brokers heartbeat over the simulated network
+//! (links to the controller are cut like any other), learn leadership, ISR and leases from the
+//! answers, send ISR proposals; the controller fences silent brokers and fails over. Added
+//! invariants: one leader per epoch; a leader acknowledges `quorum`/`N`/`all` only before its
+//! lease ends, never advances its HW past it, and is replaced only after it ended.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -24,13 +32,17 @@ use rand::{Rng, SeedableRng};
 use rkyv::util::AlignedVec;
 use wharf_replication::{
     AckLevel, BatchInfo, BrokerId, EpochHistory, FetchError, FetchReply, FetchRequest, Input,
-    LogState, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+    IsrRejection, LogState, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
 };
 use wharf_storage::batch;
 use wharf_storage::conformance::make_batch;
 use wharf_storage::log::{AppendError, LogConfig, PartitionLog};
 use wharf_storage::mem_disk::{CrashMode, MemDisk, SECTOR_BYTES};
 use wharf_storage::{AppendMode, Epoch, Offset};
+
+use crate::stand_in_controller::{PartitionState, StandInController};
+
+mod controller_mode;
 
 /// Bytes a leader returns per fetch.
 const FETCH_BYTES_MAX: usize = 16 * 1024;
@@ -43,6 +55,11 @@ const PRODUCES_IN_FLIGHT_MAX: usize = 32;
 /// What retention keeps of a leader's log when a run applies it (`retention_per_mille`): a few
 /// segments, so followers that were down a while fall below the leader's log start.
 const RETENTION_BYTES_MAX: u64 = 192 * 1024;
+/// Controller mode: the controller's node id on the simulated network.
+const CONTROLLER_NODE: BrokerId = 0;
+/// Controller mode: how long committing an ISR change takes (a Raft round), on top of the
+/// network delay of the answer.
+const CONTROLLER_COMMIT_DELAY_MS: u64 = 5;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -63,6 +80,9 @@ pub struct SimConfig {
     /// committed, so it deletes nothing above the HW). 0 draws nothing from the RNG, so runs
     /// without retention replay as before.
     pub retention_per_mille: u32,
+    /// Controller mode: replicas with `isr_via_controller`, driven by the stand-in controller
+    /// over the network (see the module docs). False: the instant controller, as before.
+    pub isr_via_controller: bool,
     /// Print every step's events.
     pub trace: bool,
 }
@@ -82,6 +102,7 @@ impl SimConfig {
             leader_move_per_mille: 4,
             produce_per_mille: 400,
             retention_per_mille: 0,
+            isr_via_controller: false,
             trace: false,
         }
     }
@@ -100,6 +121,13 @@ pub struct SimReport {
     pub retention_deletes: usize,
     /// Follower logs emptied to restart at the leader's log start (`ResetLog`).
     pub resets: usize,
+    /// Controller mode: leaders replaced because the controller fenced them.
+    pub failovers: usize,
+    /// Controller mode: ISR proposals committed / refused.
+    pub isr_commits: usize,
+    pub isr_rejections: usize,
+    /// Controller mode: produces refused or failed because the leader's lease had ended.
+    pub lease_refusals: usize,
     pub final_end_offset: u64,
 }
 
@@ -110,13 +138,15 @@ pub struct SimFailure {
     pub message: String,
     /// The run's `SimConfig::retention_per_mille` (part of the replay command).
     pub retention_per_mille: u32,
+    /// The run's `SimConfig::isr_via_controller` (part of the replay command).
+    pub isr_via_controller: bool,
 }
 
 impl std::fmt::Display for SimFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {}{})",
+            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {}{}{})",
             self.seed,
             self.step,
             self.message,
@@ -125,6 +155,11 @@ impl std::fmt::Display for SimFailure {
             match self.retention_per_mille {
                 0 => String::new(),
                 r => format!(" --retention-per-mille {r}"),
+            },
+            if self.isr_via_controller {
+                " --controller"
+            } else {
+                ""
             }
         )
     }
@@ -138,6 +173,31 @@ enum Message {
         leader_epoch: Epoch,
         reply: FetchReply,
         batches: Vec<AlignedVec<16>>,
+    },
+    /// Controller mode, broker → controller.
+    Heartbeat {
+        incarnation: u64,
+        sent_ms: u64,
+    },
+    /// Controller mode, broker → controller.
+    ProposeIsr {
+        incarnation: u64,
+        isr: Vec<BrokerId>,
+        leader_epoch: Epoch,
+        partition_epoch: u64,
+    },
+    /// Controller mode, controller → broker: the partition's state (the metadata log), with a
+    /// lease when it answers a heartbeat.
+    Metadata {
+        incarnation: u64,
+        state: PartitionState,
+        lease_until_ms: Option<u64>,
+    },
+    /// Controller mode, controller → broker.
+    IsrRejected {
+        incarnation: u64,
+        partition_epoch: u64,
+        reason: IsrRejection,
     },
 }
 
@@ -160,6 +220,10 @@ struct Live {
     /// This follower's outstanding fetch and when it was sent.
     outstanding: Option<(u64, u64)>,
     last_high_watermark: Offset,
+    /// The epoch it led at the last check, if it led.
+    led_epoch: Option<Epoch>,
+    /// Controller mode: when it last sent a heartbeat.
+    heartbeat_sent_ms: Option<u64>,
 }
 
 struct Node {
@@ -168,6 +232,9 @@ struct Node {
     /// The epoch-history file (written durably by the driver whenever it changes).
     epochs_file: Vec<(Epoch, Offset)>,
     live: Option<Live>,
+    /// Counts starts; messages to an earlier incarnation are not delivered (a new process has
+    /// new connections).
+    incarnation: u64,
 }
 
 struct Controller {
@@ -189,7 +256,14 @@ pub struct Sim {
     nodes: Vec<Node>,
     network: Vec<InFlight>,
     cut: BTreeSet<(BrokerId, BrokerId)>,
+    /// In controller mode, a view of the stand-in's state (leader, epoch, ISR) for the checks.
     controller: Controller,
+    /// Controller mode only.
+    stand_in: Option<StandInController>,
+    /// Every leader each epoch had (one leader per epoch).
+    leaders_by_epoch: BTreeMap<Epoch, BrokerId>,
+    /// An invariant broken where no `Check` can be returned; reported by the next check.
+    violation: Option<String>,
     next_waiter: u64,
     produces: BTreeMap<u64, PendingProduce>,
     /// Batches acknowledged with acks=all, by base offset (stamped bytes).
@@ -269,6 +343,7 @@ impl Sim {
                 disk: MemDisk::new(),
                 epochs_file: Vec::new(),
                 live: None,
+                incarnation: 0,
             })
             .collect();
         let mut sim = Sim {
@@ -283,6 +358,9 @@ impl Sim {
                 epoch: Epoch(0),
                 isr: (1..=config.replicas as BrokerId).collect(),
             },
+            stand_in: None,
+            leaders_by_epoch: BTreeMap::new(),
+            violation: None,
             next_waiter: 1,
             produces: BTreeMap::new(),
             must_keep: BTreeMap::new(),
@@ -296,8 +374,43 @@ impl Sim {
         for id in 1..=sim.config.replicas as BrokerId {
             sim.start(id).expect("a fresh node starts");
         }
-        sim.elect(Some(1));
+        if sim.config.isr_via_controller {
+            // Broker 1 leads; the brokers learn it from their first heartbeats.
+            let replicas: Vec<BrokerId> = (1..=sim.config.replicas as BrokerId).collect();
+            sim.stand_in = Some(StandInController::new(&replicas, 1, 0));
+            sim.sync_controller_view();
+        } else {
+            sim.elect(Some(1));
+        }
         sim
+    }
+
+    /// Controller mode: copies the stand-in's state into the view the checks read.
+    fn sync_controller_view(&mut self) {
+        let Some(stand_in) = &self.stand_in else {
+            return;
+        };
+        let state = stand_in.state.clone();
+        if self.controller.epoch != state.leader_epoch && state.leader.is_some() {
+            self.report.leader_changes += 1;
+            let (leader, epoch, isr) = (state.leader, state.leader_epoch, state.isr.clone());
+            self.trace(|| format!("controller: {leader:?} leads epoch {epoch}, ISR {isr:?}"));
+        }
+        self.report.failovers = stand_in.failovers;
+        self.controller.leader = state.leader;
+        self.controller.epoch = state.leader_epoch;
+        self.controller.isr = state.isr;
+    }
+
+    /// Records that `id` leads `epoch`: no epoch ever has two leaders.
+    fn note_leader(&mut self, id: BrokerId, epoch: Epoch) {
+        match self.leaders_by_epoch.insert(epoch, id) {
+            Some(other) if other != id => {
+                self.violation
+                    .get_or_insert(format!("epoch {epoch} has two leaders: {other} and {id}"));
+            }
+            _ => {}
+        }
     }
 
     fn trace(&self, what: impl FnOnce() -> String) {
@@ -312,6 +425,7 @@ impl Sim {
             step: self.step,
             message,
             retention_per_mille: self.config.retention_per_mille,
+            isr_via_controller: self.config.isr_via_controller,
         }
     }
 
@@ -335,11 +449,12 @@ impl Sim {
             min_insync_replicas: self.config.min_insync,
             replica_lag_max_ms: 100,
             fetch_backoff_ms: 10,
-            isr_via_controller: false,
+            isr_via_controller: self.config.isr_via_controller,
         };
         let log_config = self.log_config.clone();
         let now = self.now_ms;
         let node = self.node(id);
+        node.incarnation += 1;
         let (log, report) = block_on(PartitionLog::open(
             Rc::new(node.disk.clone()),
             log_config,
@@ -367,6 +482,8 @@ impl Sim {
             parked: Vec::new(),
             outstanding: None,
             last_high_watermark: Offset::ZERO,
+            led_epoch: None,
+            heartbeat_sent_ms: None,
         });
         Ok(())
     }
@@ -407,6 +524,7 @@ impl Sim {
                 continue;
             }
             let input = if id == leader {
+                self.note_leader(id, epoch);
                 Input::BecomeLeader {
                     epoch,
                     isr: isr.clone(),
@@ -553,6 +671,10 @@ impl Sim {
             }
             Output::IsrChanged(isr) => {
                 let epoch = self.node(id).live.as_ref()?.replica.leader_epoch();
+                if self.stand_in.is_some() {
+                    self.trace(|| format!("broker {id} adopted the ISR {isr:?} (epoch {epoch})"));
+                    return None;
+                }
                 // The controller takes ISR changes only from the current leader and epoch.
                 if self.controller.leader == Some(id) && self.controller.epoch == epoch {
                     self.trace(|| format!("ISR of epoch {epoch} is now {isr:?}"));
@@ -560,7 +682,23 @@ impl Sim {
                 }
                 None
             }
-            Output::ProposeIsr { .. } => unreachable!("static mode proposes nothing"),
+            Output::ProposeIsr {
+                isr,
+                leader_epoch,
+                partition_epoch,
+            } => {
+                assert!(self.stand_in.is_some(), "static mode proposes nothing");
+                let incarnation = self.node(id).incarnation;
+                self.trace(|| format!("broker {id} proposes the ISR {isr:?}"));
+                let message = Message::ProposeIsr {
+                    incarnation,
+                    isr,
+                    leader_epoch,
+                    partition_epoch,
+                };
+                self.send(id, CONTROLLER_NODE, message);
+                None
+            }
         }
     }
 
@@ -578,6 +716,23 @@ impl Sim {
                 let Some(bytes) = bytes else {
                     panic!("acknowledged produce {waiter:?} without its bytes");
                 };
+                if let Some(stand_in) = &self.stand_in {
+                    // A leader acknowledges what waits for followers only within its lease.
+                    let granted = stand_in.lease_granted(leader);
+                    let held = self.nodes[(leader - 1) as usize]
+                        .live
+                        .as_ref()
+                        .map_or(0, |l| l.replica.lease_until_ms());
+                    if !matches!(produce.acks, AckLevel::None | AckLevel::Leader)
+                        && (self.now_ms >= held || self.now_ms >= granted)
+                    {
+                        self.violation.get_or_insert(format!(
+                            "leader {leader} acknowledged {waiter:?} (acks={:?}) at {} ms with \
+                             its lease until {held} ms (granted {granted} ms)",
+                            produce.acks, self.now_ms
+                        ));
+                    }
+                }
                 self.trace(|| {
                     format!(
                         "ack {:?} acks={:?} [{}, {}) epoch {} held by {}",
@@ -626,11 +781,16 @@ impl Sim {
             Err(ProduceError::NotEnoughReplicas { .. } | ProduceError::NotLeader { .. }) => {
                 self.report.refused += 1;
             }
+            Err(ProduceError::LeaderLeaseExpired { .. }) => self.report.lease_refusals += 1,
             Err(_) => self.report.timed_out += 1,
         }
     }
 
     fn send(&mut self, from: BrokerId, to: BrokerId, message: Message) {
+        self.send_after(from, to, message, 0);
+    }
+
+    fn send_after(&mut self, from: BrokerId, to: BrokerId, message: Message, extra_ms: u64) {
         if self.cut.contains(&(from.min(to), from.max(to)))
             || self.rng.random_range(0..100) < self.config.drop_percent
         {
@@ -644,7 +804,7 @@ impl Sim {
         for _ in 0..copies {
             let delay = self.rng.random_range(0..=self.config.delay_ms_max);
             self.network.push(InFlight {
-                deliver_at_ms: self.now_ms + delay,
+                deliver_at_ms: self.now_ms + extra_ms + delay,
                 from,
                 to,
                 message: message.clone(),
@@ -753,8 +913,42 @@ impl Sim {
                 continue;
             }
             let to = message.to;
+            let from = message.from;
             match message.message {
                 Message::Fetch(request) => self.input(to, Input::FetchRequest(request)),
+                Message::Heartbeat { .. } | Message::ProposeIsr { .. } => {
+                    self.at_controller(from, message.message);
+                }
+                Message::Metadata {
+                    incarnation,
+                    state,
+                    lease_until_ms,
+                } => {
+                    if self.node(to).incarnation != incarnation || !self.alive(to) {
+                        continue;
+                    }
+                    self.apply_metadata(to, &state);
+                    if let Some(until_ms) = lease_until_ms {
+                        self.input(to, Input::LeaseRenewed { until_ms });
+                    }
+                }
+                Message::IsrRejected {
+                    incarnation,
+                    partition_epoch,
+                    reason,
+                } => {
+                    if self.node(to).incarnation != incarnation {
+                        continue;
+                    }
+                    self.trace(|| format!("broker {to}: ISR proposal refused: {reason:?}"));
+                    self.input(
+                        to,
+                        Input::IsrRejected {
+                            partition_epoch,
+                            reason,
+                        },
+                    );
+                }
                 Message::Reply {
                     fetch_id,
                     leader_epoch,
@@ -900,7 +1094,8 @@ impl Sim {
             self.produces.remove(&waiter);
             self.report.timed_out += 1;
         }
-        if self.controller.leader == Some(id) {
+        // The stand-in controller notices on its own (the session times out).
+        if self.stand_in.is_none() && self.controller.leader == Some(id) {
             self.elect(None);
         }
     }
@@ -908,6 +1103,9 @@ impl Sim {
     fn restart(&mut self, id: BrokerId) -> Check {
         self.trace(|| format!("restart broker {id}"));
         self.start(id)?;
+        if self.stand_in.is_some() {
+            return Ok(()); // It learns its role from its first heartbeat's answer.
+        }
         let epoch = self.controller.epoch;
         match self.controller.leader {
             Some(leader) if leader != id => self.input(id, Input::BecomeFollower { epoch, leader }),
@@ -922,6 +1120,9 @@ impl Sim {
     /// One step of the simulation: time passes, faults happen, messages arrive, disks flush.
     fn step_once(&mut self, faults: bool) -> Check {
         self.now_ms += self.rng.random_range(1..=3);
+        if self.stand_in.is_some() {
+            self.controller_step()?;
+        }
         let fault_budget = self.config.replicas - self.config.min_insync;
         if faults {
             let roll = self.rng.random_range(0..1000);
@@ -939,8 +1140,14 @@ impl Sim {
                 threshold += self.config.partition_per_mille;
                 threshold
             } {
-                let a = self.rng.random_range(1..=self.config.replicas as BrokerId);
-                let b = self.rng.random_range(1..=self.config.replicas as BrokerId);
+                // Controller mode: links to the controller (node 0) are cut as well.
+                let first = BrokerId::from(self.stand_in.is_none());
+                let a = self
+                    .rng
+                    .random_range(first..=self.config.replicas as BrokerId);
+                let b = self
+                    .rng
+                    .random_range(first..=self.config.replicas as BrokerId);
                 if a != b {
                     let link = (a.min(b), a.max(b));
                     if !self.cut.remove(&link) {
@@ -953,7 +1160,16 @@ impl Sim {
                 threshold
             } {
                 let prefer = self.rng.random_range(1..=self.config.replicas as BrokerId);
-                self.elect(Some(prefer));
+                let now = self.now_ms;
+                match self.stand_in.as_mut() {
+                    Some(stand_in) => {
+                        stand_in.move_leader(prefer, now)?;
+                        self.sync_controller_view();
+                    }
+                    None => {
+                        self.elect(Some(prefer));
+                    }
+                }
             } else if roll < threshold + self.config.produce_per_mille {
                 self.produce();
             }
@@ -999,10 +1215,24 @@ impl Sim {
 
     /// The invariants that must hold after every step.
     fn check(&mut self) -> Check {
-        let Some(leader) = self.controller.leader else {
-            return Ok(());
-        };
-        let epoch = self.controller.epoch;
+        if let Some(violation) = self.violation.take() {
+            return Err(violation);
+        }
+        let controller_mode = self.stand_in.is_some();
+        let now = self.now_ms;
+        // One leader per epoch, among live replicas too.
+        let mut leading = BTreeMap::new();
+        for node in &self.nodes {
+            if let Some(live) = node.live.as_ref().filter(|l| l.replica.is_leader()) {
+                let epoch = live.replica.leader_epoch();
+                if let Some(other) = leading.insert(epoch, node.id) {
+                    return Err(format!(
+                        "brokers {other} and {} both lead epoch {epoch}",
+                        node.id
+                    ));
+                }
+            }
+        }
         // HW never goes back on a replica.
         for node in &mut self.nodes {
             if let Some(live) = node.live.as_mut() {
@@ -1013,6 +1243,25 @@ impl Sim {
                         node.id, live.last_high_watermark
                     ));
                 }
+                // A leader whose lease ended (time is fixed within a step, leases only grow:
+                // it ended for the whole step) did not move its HW during the step.
+                let epoch = live.replica.leader_epoch();
+                let led = live.replica.is_leader().then_some(epoch);
+                if controller_mode
+                    && led.is_some()
+                    && live.led_epoch == led
+                    && hw > live.last_high_watermark
+                    && now >= live.replica.lease_until_ms()
+                {
+                    return Err(format!(
+                        "broker {}: leader of epoch {epoch} moved its HW from {} to {hw} at \
+                         {now} ms, its lease ended at {} ms",
+                        node.id,
+                        live.last_high_watermark,
+                        live.replica.lease_until_ms()
+                    ));
+                }
+                live.led_epoch = led;
                 live.last_high_watermark = hw;
                 if hw > live.log.end_offset() {
                     return Err(format!(
@@ -1023,17 +1272,32 @@ impl Sim {
                 }
             }
         }
+        let Some(leader) = self.controller.leader else {
+            return Ok(());
+        };
+        let epoch = self.controller.epoch;
         let Some(live) = self.nodes[(leader - 1) as usize].live.as_ref() else {
             return Ok(());
         };
+        if controller_mode && !(live.replica.is_leader() && live.replica.leader_epoch() == epoch) {
+            // It has not heard of its election yet (or restarted since: the controller
+            // replaces it when its first heartbeat arrives).
+            return Ok(());
+        }
         if live.replica.role() != Role::Leader || live.replica.leader_epoch() != epoch {
             return Err(format!(
                 "controller leader {leader} is not leading epoch {epoch}"
             ));
         }
         let hw = live.replica.high_watermark();
-        // HW never exceeds what an ISR member holds durably.
-        for &member in live.replica.isr() {
+        // HW never exceeds what an ISR member holds durably: a member of the leader's ISR or,
+        // in controller mode, of the controller's (any of them may be elected next; a change
+        // the leader has not heard of yet is in its maximal ISR).
+        let mut members = live.replica.isr().to_vec();
+        if controller_mode {
+            members.extend(&self.controller.isr);
+        }
+        for &member in &members {
             if let Some(m) = self.nodes[(member - 1) as usize].live.as_ref() {
                 if m.log.durable_offset() < hw {
                     return Err(format!(
@@ -1113,7 +1377,7 @@ impl Sim {
                 self.restart(id)?;
             }
         }
-        if self.controller.leader.is_none() {
+        if self.stand_in.is_none() && self.controller.leader.is_none() {
             self.elect(None);
         }
         for _ in 0..SETTLE_STEPS_MAX {
@@ -1149,6 +1413,8 @@ impl Sim {
         };
         let end = l.log.end_offset();
         self.produces.is_empty()
+            && l.replica.is_leader()
+            && l.replica.leader_epoch() == self.controller.epoch
             && l.replica.high_watermark() == end
             && l.replica.isr().len() == self.config.replicas
             && self.nodes.iter().all(|n| {
@@ -1230,6 +1496,7 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
     let steps = config.steps;
     let seed = config.seed;
     let retention_per_mille = config.retention_per_mille;
+    let isr_via_controller = config.isr_via_controller;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let mut sim = Sim::new(config);
         for step in 0..steps {
@@ -1246,6 +1513,7 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
         Err(panic) => Err(SimFailure {
             seed,
             retention_per_mille,
+            isr_via_controller,
             step: CURRENT_STEP.with(|c| c.get()),
             message: format!(
                 "panicked: {}",

@@ -1,5 +1,6 @@
 //! Replays or explores simulator runs: `sim --seed N --steps M [--trace]`, or
-//! `sim --seeds K --start S` for a batch, or `sim --seconds T` for a time-boxed random batch.
+//! `sim --seeds K --start S` for a batch, or `sim --seconds T` for a time-boxed random batch;
+//! `--controller` runs the controller mode (the stand-in controller, leases, ISR proposals).
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ struct Args {
     /// Per-step chance (per mille) that the leader applies retention (0: never).
     #[arg(long, default_value_t = 0)]
     retention_per_mille: u32,
+    /// Controller mode: replicas with `isr_via_controller`, driven by the stand-in controller.
+    #[arg(long)]
+    controller: bool,
     /// Print every event of the run.
     #[arg(long)]
     trace: bool,
@@ -44,6 +48,7 @@ fn main() {
         let mut config = SimConfig::new(seed, args.steps);
         config.trace = args.trace;
         config.retention_per_mille = args.retention_per_mille;
+        config.isr_via_controller = args.controller;
         match run(config) {
             Ok(report) => println!("seed {seed}: ok {report:?}"),
             Err(failure) => {
