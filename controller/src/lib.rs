@@ -1,4 +1,5 @@
 pub mod decisions;
 mod mirror;
+pub mod node;
 pub mod records;
 pub mod store;

@@ -136,7 +136,10 @@ pub enum StoreError {
     EntryTooLarge(usize),
 }
 
-fn io_error<'a>(operation: &'static str, file: &'a str) -> impl FnOnce(io::Error) -> StoreError + 'a {
+fn io_error<'a>(
+    operation: &'static str,
+    file: &'a str,
+) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
         operation,
         file: file.to_string(),
@@ -206,7 +209,8 @@ impl<D: Disk> ControllerStore<D> {
         } else {
             (None, HardStateRecord::default(), 0)
         };
-        let (snapshot_index, snapshot_term) = snapshot.as_ref().map_or((0, 0), |s| (s.index, s.term));
+        let (snapshot_index, snapshot_term) =
+            snapshot.as_ref().map_or((0, 0), |s| (s.index, s.term));
         let mut store = if has(LOG_FILE_NAME) {
             let log = disk
                 .open(LOG_FILE_NAME)
@@ -240,7 +244,9 @@ impl<D: Disk> ControllerStore<D> {
         let (entries, torn_tail_bytes) = store.scan_log().await?;
         // Entries up to the snapshot are dropped; a log that does not follow the snapshot (one
         // installed from the leader, or a compaction cut short by a crash) is rewritten.
-        let entries = store.reconcile_with_snapshot(snapshot_index, snapshot_term, entries).await?;
+        let entries = store
+            .reconcile_with_snapshot(snapshot_index, snapshot_term, entries)
+            .await?;
         let last_index = store.last_index();
         if hard_state.commit > last_index {
             return Err(corrupt(
@@ -451,7 +457,9 @@ impl<D: Disk> ControllerStore<D> {
         let mut entries = Vec::new();
         let mut position = PAGE_BYTES;
         // Bounded: each iteration consumes at least a frame header of a bounded file.
-        while let Some((index, term, frame_prev_term, payload)) = decode_frame(&bytes[position.min(bytes.len())..]) {
+        while let Some((index, term, frame_prev_term, payload)) =
+            decode_frame(&bytes[position.min(bytes.len())..])
+        {
             // A frame extends the log or replaces a suffix (truncation on conflict); either way
             // it must follow the entry before it (log matching).
             let last_index = base_index + entries.len() as u64;
@@ -502,7 +510,10 @@ impl<D: Disk> ControllerStore<D> {
     ) -> Result<Vec<Entry>, StoreError> {
         if self.base_index == snapshot_index {
             if self.base_term != snapshot_term {
-                return Err(corrupt(LOG_FILE_NAME, "base term differs from the snapshot's"));
+                return Err(corrupt(
+                    LOG_FILE_NAME,
+                    "base term differs from the snapshot's",
+                ));
             }
             return Ok(entries);
         }
@@ -572,7 +583,10 @@ async fn write_log_file<D: Disk>(
 async fn write_snapshot<D: Disk>(disk: &D, snapshot: &SnapshotRecord) -> Result<(), StoreError> {
     assert!(snapshot.voters.len() <= VOTERS_MAX, "too many voters");
     if snapshot.data.len() > SNAPSHOT_BODY_BYTES_MAX {
-        return Err(corrupt(SNAPSHOT_FILE_NAME, "snapshot body too large to write"));
+        return Err(corrupt(
+            SNAPSHOT_FILE_NAME,
+            "snapshot body too large to write",
+        ));
     }
     let tmp = format!("{SNAPSHOT_FILE_NAME}{TMP_SUFFIX}");
     let file = disk.create(&tmp).await.map_err(io_error("create", &tmp))?;
