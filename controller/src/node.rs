@@ -30,6 +30,9 @@ pub const TICKS_OWED_MAX: u64 = 64;
 pub const RAFT_MESSAGE_BYTES_MAX: u64 = 1024 * 1024;
 /// Append messages in flight to one follower.
 pub const RAFT_INFLIGHT_MESSAGES_MAX: usize = 64;
+/// A snapshot sent to a follower that has not caught up after this long is reported failed,
+/// so raft sends it again (raft-rs waits for that report; a lost snapshot would stall it).
+pub const SNAPSHOT_RESEND_MS: u64 = 1000;
 
 const _: () = assert!(BATCH_BYTES_TARGET < crate::store::ENTRY_BYTES_MAX);
 
@@ -295,6 +298,8 @@ pub struct ControllerNode {
     pending_completed: Vec<(ProposalId, ProposalResult)>,
     pending_snapshot: Option<SnapshotRecord>,
     commit_dirty: bool,
+    /// Followers sent a snapshot, and when.
+    snapshots_sent_ms: BTreeMap<u64, u64>,
 }
 
 fn discard_logger() -> slog::Logger {
@@ -309,8 +314,7 @@ impl ControllerNode {
         now_ms: u64,
     ) -> Result<ControllerNode, NodeError> {
         config.check()?;
-        let mut conf_state = ConfState::default();
-        conf_state.voters = config.voters.iter().map(|v| u64::from(*v)).collect();
+        let conf_state = voters_conf_state(&config.voters);
         let mut snapshot = Snapshot::default();
         let image = match &recovered.snapshot {
             Some(record) => {
@@ -360,6 +364,7 @@ impl ControllerNode {
             pending_completed: Vec::new(),
             pending_snapshot: None,
             commit_dirty: false,
+            snapshots_sent_ms: BTreeMap::new(),
         })
     }
 
@@ -488,6 +493,7 @@ impl ControllerNode {
             "advance the previous ready before asking for the next"
         );
         self.feed_raft();
+        self.retry_snapshots();
         self.observe_role();
         self.expire_sessions();
         self.decide_and_propose();
@@ -498,8 +504,7 @@ impl ControllerNode {
         };
         if self.raw.has_ready() {
             let mut ready = self.raw.ready();
-            self.pending_messages
-                .extend(encode_messages(ready.take_messages()));
+            self.queue_messages(ready.take_messages());
             if !ready.snapshot().is_empty() {
                 self.install_snapshot(ready.snapshot().clone(), &mut persist);
             }
@@ -513,8 +518,7 @@ impl ControllerNode {
                 self.raw.mut_store().set_hard_state(hard_state.clone());
                 persist.hard_state = Some(self.hard_state_record());
             }
-            self.pending_messages
-                .extend(encode_messages(ready.take_persisted_messages()));
+            self.queue_messages(ready.take_persisted_messages());
             self.raw_ready = Some(ready);
         }
         // A commit index learnt after the last persist rides along with the next one (it is
@@ -564,8 +568,7 @@ impl ControllerNode {
             self.raw.mut_store().set_hard_state(hard_state);
             self.commit_dirty = true;
         }
-        self.pending_messages
-            .extend(encode_messages(light.take_messages()));
+        self.queue_messages(light.take_messages());
         for entry in light.take_committed_entries() {
             self.apply_entry(&entry);
         }
@@ -640,6 +643,40 @@ impl ControllerNode {
         self.proposal_id_next += 1;
         self.requests.push_back((Some(id), request));
         Ok(id)
+    }
+
+    fn queue_messages(&mut self, messages: Vec<Message>) {
+        for message in &messages {
+            if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                self.snapshots_sent_ms.insert(message.to, self.now_ms);
+            }
+        }
+        self.pending_messages.extend(encode_messages(messages));
+    }
+
+    /// Reports snapshots that did not get their follower going as failed (raft resends them).
+    fn retry_snapshots(&mut self) {
+        let now_ms = self.now_ms;
+        let due: Vec<u64> = self
+            .snapshots_sent_ms
+            .iter()
+            .filter(|(_, sent_ms)| now_ms.saturating_sub(**sent_ms) >= SNAPSHOT_RESEND_MS)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in due {
+            self.snapshots_sent_ms.remove(&peer);
+            let waiting = self.is_leader()
+                && self
+                    .raw
+                    .raft
+                    .prs()
+                    .get(peer)
+                    .is_some_and(|progress| progress.state == raft::ProgressState::Snapshot);
+            if waiting {
+                self.raw
+                    .report_snapshot(peer, raft::SnapshotStatus::Failure);
+            }
+        }
     }
 
     fn feed_raft(&mut self) {
@@ -898,13 +935,14 @@ impl ControllerNode {
         }
         let term = raft::Storage::term(store, applied).expect("applied entries are in the log");
         let data = serde_json::to_vec(&self.image).expect("images serialize");
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data.clone().into();
+        let mut snapshot = Snapshot {
+            data: data.clone().into(),
+            ..Snapshot::default()
+        };
         let metadata = snapshot.mut_metadata();
         metadata.index = applied;
         metadata.term = term;
-        let mut conf_state = ConfState::default();
-        conf_state.voters = self.config.voters.iter().map(|v| u64::from(*v)).collect();
+        let conf_state = voters_conf_state(&self.config.voters);
         metadata.set_conf_state(conf_state.clone());
         self.raw.mut_store().compact(snapshot);
         self.pending_snapshot = Some(SnapshotRecord {
@@ -927,6 +965,13 @@ impl ControllerNode {
 
 /// Records carried by one heartbeat reply, at most (whole entries).
 pub const HEARTBEAT_RECORDS_MAX: usize = 1024;
+
+fn voters_conf_state(voters: &[u32]) -> ConfState {
+    ConfState {
+        voters: voters.iter().map(|v| u64::from(*v)).collect(),
+        ..ConfState::default()
+    }
+}
 
 fn encode_messages(messages: Vec<Message>) -> impl Iterator<Item = (u32, Vec<u8>)> {
     messages.into_iter().map(|message| {

@@ -9,11 +9,12 @@ use wharf_storage::mem_disk::{CrashMode, MemDisk, SECTOR_BYTES, TEAR_PAGE_BYTES}
 use super::*;
 
 fn entry(index: u64, term: u64, payload_bytes: usize) -> Entry {
-    let mut entry = Entry::default();
-    entry.index = index;
-    entry.term = term;
-    entry.data = vec![(index % 251) as u8; payload_bytes].into();
-    entry
+    Entry {
+        index,
+        term,
+        data: vec![(index % 251) as u8; payload_bytes].into(),
+        ..Entry::default()
+    }
 }
 
 fn open(disk: &MemDisk) -> (ControllerStore<MemDisk>, Recovered) {
