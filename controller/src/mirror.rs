@@ -100,7 +100,8 @@ impl MirrorStorage {
             Some(snapshot.get_metadata().term),
             "snapshot term"
         );
-        self.entries.drain(..(index - self.snapshot_index()) as usize);
+        self.entries
+            .drain(..(index - self.snapshot_index()) as usize);
         self.snapshot = snapshot;
     }
 }

@@ -23,9 +23,11 @@
 //!   all synced: raft may then count them as persisted and the driver may send the messages.
 //! - The snapshot and a rewritten (compacted) log are written to `*.tmp`, synced, renamed over
 //!   the old file and the directory synced, so either the old or the new file survives a crash.
-//! - Frames chain by `prev_term` (raft's log matching): recovery accepts a frame only if it
-//!   follows the previous one, so after a truncation on conflict a stale frame left beyond the
-//!   new end is never taken for part of the log.
+//! - The log file is append-only: a truncation on conflict appends the replacing frames after
+//!   the old ones (a frame whose index is at or below the last one replaces the suffix from it),
+//!   so a torn write can only damage frames that were never reported persisted. Frames chain by
+//!   `prev_term` (raft's log matching): recovery accepts a frame only if it follows the entry
+//!   before its index.
 //!
 //! Recovery ([`ControllerStore::open`]): removes `*.tmp`, loads the snapshot and the newest valid
 //! hard-state slot, then scans frames up to the first torn or invalid one (a torn tail is normal
@@ -134,7 +136,10 @@ pub enum StoreError {
     EntryTooLarge(usize),
 }
 
-fn io_error<'a>(operation: &'static str, file: &'a str) -> impl FnOnce(io::Error) -> StoreError + 'a {
+fn io_error<'a>(
+    operation: &'static str,
+    file: &'a str,
+) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
         operation,
         file: file.to_string(),
@@ -204,7 +209,8 @@ impl<D: Disk> ControllerStore<D> {
         } else {
             (None, HardStateRecord::default(), 0)
         };
-        let (snapshot_index, snapshot_term) = snapshot.as_ref().map_or((0, 0), |s| (s.index, s.term));
+        let (snapshot_index, snapshot_term) =
+            snapshot.as_ref().map_or((0, 0), |s| (s.index, s.term));
         let mut store = if has(LOG_FILE_NAME) {
             let log = disk
                 .open(LOG_FILE_NAME)
@@ -238,7 +244,9 @@ impl<D: Disk> ControllerStore<D> {
         let (entries, torn_tail_bytes) = store.scan_log().await?;
         // Entries up to the snapshot are dropped; a log that does not follow the snapshot (one
         // installed from the leader, or a compaction cut short by a crash) is rewritten.
-        let entries = store.reconcile_with_snapshot(snapshot_index, snapshot_term, entries).await?;
+        let entries = store
+            .reconcile_with_snapshot(snapshot_index, snapshot_term, entries)
+            .await?;
         let last_index = store.last_index();
         if hard_state.commit > last_index {
             return Err(corrupt(
@@ -313,10 +321,9 @@ impl<D: Disk> ControllerStore<D> {
             self.last_index() + 1
         );
         if first <= self.last_index() {
-            // A conflicting suffix: the new frames overwrite it from its first byte.
-            let keep = (first - self.base_index - 1) as usize;
-            self.log_end_bytes = self.frames[keep].position;
-            self.frames.truncate(keep);
+            // A conflicting suffix: the new frames are appended after it and replace it (the
+            // log file is append-only, so a torn write never damages acknowledged frames).
+            self.frames.truncate((first - self.base_index - 1) as usize);
         }
         let mut prev_term = self.term_at(first - 1).expect("first - 1 is in the log");
         let mut frames = Vec::new();
@@ -363,34 +370,28 @@ impl<D: Disk> ControllerStore<D> {
     /// log to a temporary file renamed over it.
     async fn compact(&mut self, index: u64, term: u64) -> Result<(), StoreError> {
         assert!(index >= self.base_index, "snapshots never go back");
-        let kept_bytes = if self.term_at(index) == Some(term) && index < self.last_index() {
-            let from = self.frames[(index - self.base_index) as usize].position;
-            self.read_log(from, self.log_end_bytes).await?
-        } else {
-            Vec::new()
-        };
-        let kept_terms: Vec<u64> = if kept_bytes.is_empty() {
-            Vec::new()
-        } else {
-            self.frames[(index - self.base_index) as usize..]
-                .iter()
-                .map(|f| f.term)
-                .collect()
-        };
-        self.log = write_log_file(&self.disk, index, term, &kept_bytes).await?;
+        // Frames after `index`, copied one by one (replaced frames in between are left out).
+        let mut kept = Vec::new();
+        let mut kept_frames = Vec::new();
+        if self.term_at(index) == Some(term) && index < self.last_index() {
+            let first = (index - self.base_index) as usize;
+            let from = self.frames[first].position;
+            let bytes = self.read_log(from, self.log_end_bytes).await?;
+            for frame in &self.frames[first..] {
+                let at = (frame.position - from) as usize;
+                let length = FRAME_HEADER_BYTES + frame_payload_bytes(&bytes[at..]);
+                kept_frames.push(FramePosition {
+                    position: PAGE_BYTES as u64 + kept.len() as u64,
+                    term: frame.term,
+                });
+                kept.extend_from_slice(&bytes[at..at + length]);
+            }
+        }
+        self.log = write_log_file(&self.disk, index, term, &kept).await?;
         self.base_index = index;
         self.base_term = term;
-        self.frames.clear();
-        let mut position = PAGE_BYTES as u64;
-        for frame_term in kept_terms {
-            self.frames.push(FramePosition {
-                position,
-                term: frame_term,
-            });
-            let payload_bytes = frame_payload_bytes(&kept_bytes[(position - PAGE_BYTES as u64) as usize..]);
-            position += (FRAME_HEADER_BYTES + payload_bytes) as u64;
-        }
-        self.log_end_bytes = position;
+        self.frames = kept_frames;
+        self.log_end_bytes = PAGE_BYTES as u64 + kept.len() as u64;
         Ok(())
     }
 
@@ -455,11 +456,18 @@ impl<D: Disk> ControllerStore<D> {
         self.frames.clear();
         let mut entries = Vec::new();
         let mut position = PAGE_BYTES;
-        let mut prev_term = base_term;
         // Bounded: each iteration consumes at least a frame header of a bounded file.
-        while let Some((index, term, frame_prev_term, payload)) = decode_frame(&bytes[position.min(bytes.len())..]) {
-            let expected_index = base_index + 1 + entries.len() as u64;
-            if index != expected_index || frame_prev_term != prev_term || term < prev_term {
+        while let Some((index, term, frame_prev_term, payload)) =
+            decode_frame(&bytes[position.min(bytes.len())..])
+        {
+            // A frame extends the log or replaces a suffix (truncation on conflict); either way
+            // it must follow the entry before it (log matching).
+            let last_index = base_index + entries.len() as u64;
+            if index <= base_index
+                || index > last_index + 1
+                || self.term_at(index - 1) != Some(frame_prev_term)
+                || term < frame_prev_term
+            {
                 break;
             }
             let Ok(entry) = Entry::parse_from_bytes(payload) else {
@@ -468,12 +476,14 @@ impl<D: Disk> ControllerStore<D> {
             if entry.index != index || entry.term != term {
                 break;
             }
+            let keep = (index - base_index - 1) as usize;
+            self.frames.truncate(keep);
+            entries.truncate(keep);
             self.frames.push(FramePosition {
                 position: position as u64,
                 term,
             });
             entries.push(entry);
-            prev_term = term;
             position += FRAME_HEADER_BYTES + payload.len();
         }
         self.log_end_bytes = position as u64;
@@ -500,7 +510,10 @@ impl<D: Disk> ControllerStore<D> {
     ) -> Result<Vec<Entry>, StoreError> {
         if self.base_index == snapshot_index {
             if self.base_term != snapshot_term {
-                return Err(corrupt(LOG_FILE_NAME, "base term differs from the snapshot's"));
+                return Err(corrupt(
+                    LOG_FILE_NAME,
+                    "base term differs from the snapshot's",
+                ));
             }
             return Ok(entries);
         }
@@ -570,7 +583,10 @@ async fn write_log_file<D: Disk>(
 async fn write_snapshot<D: Disk>(disk: &D, snapshot: &SnapshotRecord) -> Result<(), StoreError> {
     assert!(snapshot.voters.len() <= VOTERS_MAX, "too many voters");
     if snapshot.data.len() > SNAPSHOT_BODY_BYTES_MAX {
-        return Err(corrupt(SNAPSHOT_FILE_NAME, "snapshot body too large to write"));
+        return Err(corrupt(
+            SNAPSHOT_FILE_NAME,
+            "snapshot body too large to write",
+        ));
     }
     let tmp = format!("{SNAPSHOT_FILE_NAME}{TMP_SUFFIX}");
     let file = disk.create(&tmp).await.map_err(io_error("create", &tmp))?;
