@@ -205,6 +205,10 @@ pub enum ApplyError {
 /// One topic: its configuration and its partitions, indexed by partition number.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicImage {
+    /// The index of the record that created the topic: unique for ever, so a topic deleted
+    /// and created again under the same name gets new files on every broker.
+    #[serde(default)]
+    pub topic_id: u64,
     pub topic: TopicRecord,
     pub partitions: Vec<PartitionRecord>,
 }
@@ -278,12 +282,12 @@ impl ClusterImage {
                 applied_index: self.applied_index,
             });
         }
-        self.apply_record(record)?;
+        self.apply_record(index, record)?;
         self.applied_index = index;
         Ok(())
     }
 
-    fn apply_record(&mut self, record: &Record) -> Result<(), ApplyError> {
+    fn apply_record(&mut self, index: u64, record: &Record) -> Result<(), ApplyError> {
         match record {
             Record::RegisterBroker {
                 id,
@@ -322,7 +326,9 @@ impl ClusterImage {
                 let broker = self.broker_mut(*id, *incarnation)?;
                 broker.shutting_down = true;
             }
-            Record::CreateTopic { topic, partitions } => self.create_topic(topic, partitions)?,
+            Record::CreateTopic { topic, partitions } => {
+                self.create_topic(index, topic, partitions)?
+            }
             Record::DeleteTopic { name } => {
                 if self.topics.remove(name).is_none() {
                     return Err(ApplyError::UnknownTopic(name.clone()));
@@ -392,6 +398,7 @@ impl ClusterImage {
 
     fn create_topic(
         &mut self,
+        topic_id: u64,
         topic: &TopicRecord,
         partitions: &[PartitionRecord],
     ) -> Result<(), ApplyError> {
@@ -421,6 +428,7 @@ impl ClusterImage {
         self.topics.insert(
             topic.name.clone(),
             TopicImage {
+                topic_id,
                 topic: topic.clone(),
                 partitions: partitions.to_vec(),
             },

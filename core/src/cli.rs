@@ -29,6 +29,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The cluster: brokers (alive, fenced, shutting down) and the controller.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Send each line of stdin as one record.
     Produce(ProduceArgs),
     /// Print records, one value per line, in offset order per partition.
@@ -102,6 +109,13 @@ pub enum TopicCommand {
     Delete {
         topic: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Brokers with their state and leader count, the controller voters, leader and log
+    /// position, as the bootstrap broker has applied them.
+    Status,
 }
 
 #[derive(Args, Debug)]
@@ -278,6 +292,69 @@ pub async fn topic(command: TopicCommand, args: ClientArgs) -> Result<(), Failur
     Ok(())
 }
 
+pub async fn cluster(command: ClusterCommand, args: ClientArgs) -> Result<(), Failure> {
+    let client = connect(&args).await?;
+    match command {
+        ClusterCommand::Status => {
+            let status = client.cluster_status().await?;
+            match args.format {
+                Format::Text => {
+                    println!(
+                        "controller voters {}, leader {}, term {}, commit index {}; this broker applied {}",
+                        list(&status.voters),
+                        status
+                            .controller_leader
+                            .map_or_else(|| "unknown".to_string(), |l| l.to_string()),
+                        status.raft_term,
+                        status.raft_commit_index,
+                        status.applied_index
+                    );
+                    let mut table = comfy_table::Table::new();
+                    table.load_preset(comfy_table::presets::NOTHING);
+                    table.set_header(["BROKER", "STATE", "LEADERS", "INCARNATION", "ADDRESS"]);
+                    for b in &status.brokers {
+                        table.add_row([
+                            b.broker_id.to_string(),
+                            b.state.clone(),
+                            b.leaders.to_string(),
+                            b.incarnation.to_string(),
+                            b.client_address.clone(),
+                        ]);
+                    }
+                    println!("{table}");
+                }
+                Format::Json => {
+                    let brokers: Vec<_> = status
+                        .brokers
+                        .iter()
+                        .map(|b| {
+                            serde_json::json!({
+                                "broker_id": b.broker_id,
+                                "state": b.state,
+                                "leaders": b.leaders,
+                                "incarnation": b.incarnation,
+                                "address": b.client_address,
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "voters": status.voters,
+                            "controller_leader": status.controller_leader,
+                            "raft_term": status.raft_term,
+                            "raft_commit_index": status.raft_commit_index,
+                            "applied_index": status.applied_index,
+                            "brokers": brokers,
+                        })
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn list(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
@@ -310,7 +387,11 @@ fn print_description(d: &TopicDescription) {
     for p in &d.partitions {
         table.add_row([
             p.partition.to_string(),
-            p.leader.to_string(),
+            if p.leader == u32::MAX {
+                "none".to_string()
+            } else {
+                p.leader.to_string()
+            },
             p.leader_epoch.to_string(),
             p.shard.to_string(),
             list(&p.replicas),

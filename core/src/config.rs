@@ -111,6 +111,23 @@ pub struct ClusterConfig {
     /// File holding the cluster secret (at least 16 bytes; mode 600): peers authenticate with
     /// an HMAC-SHA256 challenge/response over it. Required with `internal_listen`.
     pub secret_file: Option<PathBuf>,
+    /// The brokers that run the Raft controller (an odd number, e.g. 3; each must be in
+    /// `brokers`). Empty: a static cluster (no failover; leaders are fixed at topic creation).
+    pub controller_voters: Vec<u32>,
+    /// The controller's Raft tick; elections start after `controller_election_ticks` ticks
+    /// without a leader, and the leader sends Raft heartbeats every 2 ticks.
+    pub controller_tick_ms: u64,
+    pub controller_election_ticks: usize,
+    /// How often a broker heartbeats to the controller leader (which also carries it the
+    /// metadata records it has not applied).
+    pub broker_heartbeat_interval_ms: u64,
+    /// A broker whose heartbeats stop for this long is fenced: it leaves every ISR and its
+    /// partitions get new leaders. A leader stops acknowledging `acks=quorum|all` once its own
+    /// last answered heartbeat is this old (minus a margin), before it can be fenced.
+    pub broker_session_timeout_ms: u64,
+    /// How long SIGTERM waits for the controller to move this broker's leadership away before
+    /// the broker stops anyway (controlled shutdown).
+    pub controlled_shutdown_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -125,6 +142,12 @@ impl Default for ClusterConfig {
             internal_listen: None,
             internal_shard_port_base: 0,
             secret_file: None,
+            controller_voters: Vec::new(),
+            controller_tick_ms: 50,
+            controller_election_ticks: 10,
+            broker_heartbeat_interval_ms: 100,
+            broker_session_timeout_ms: 600,
+            controlled_shutdown_timeout_ms: 10_000,
         }
     }
 }
@@ -323,6 +346,9 @@ pub struct TopicDefaults {
     /// followers and consumers at the tail read from memory instead of the disk. 0 reads
     /// everything flushed from disk (and data whose flush is still running only afterwards).
     pub recent_bytes_max: u64,
+    /// Controller mode: when every in-sync and eligible replica is fenced, elect a live
+    /// replica that may lack acknowledged records (availability over durability). Off.
+    pub unclean_leader_election: bool,
 }
 
 impl Default for TopicDefaults {
@@ -337,6 +363,7 @@ impl Default for TopicDefaults {
             min_insync_replicas: 2,
             preallocate: true,
             recent_bytes_max: LogConfig::default().recent_bytes_max as u64,
+            unclean_leader_election: false,
         }
     }
 }
@@ -348,7 +375,7 @@ pub type TopicConfig = TopicDefaults;
 pub const RECENT_BYTES_MAX_LIMIT: u64 = 1 << 30;
 
 /// The keys `wharf topic create --config KEY=VALUE` accepts.
-pub const TOPIC_CONFIG_KEYS: [&str; 9] = [
+pub const TOPIC_CONFIG_KEYS: [&str; 10] = [
     "flush",
     "flush_interval_ms",
     "segment_bytes",
@@ -358,6 +385,7 @@ pub const TOPIC_CONFIG_KEYS: [&str; 9] = [
     "min_insync_replicas",
     "preallocate",
     "recent_bytes_max",
+    "unclean_leader_election",
 ];
 
 impl TopicConfig {
@@ -395,6 +423,11 @@ impl TopicConfig {
                         .map_err(|_| format!("preallocate must be true or false, not {value:?}"))?
                 }
                 "recent_bytes_max" => config.recent_bytes_max = number()?,
+                "unclean_leader_election" => {
+                    config.unclean_leader_election = value.parse::<bool>().map_err(|_| {
+                        format!("unclean_leader_election must be true or false, not {value:?}")
+                    })?
+                }
                 _ => {
                     return Err(format!(
                         "unknown topic config {key:?}; known: {}",
@@ -440,6 +473,10 @@ impl TopicConfig {
             entry("min_insync_replicas", self.min_insync_replicas.to_string()),
             entry("preallocate", self.preallocate.to_string()),
             entry("recent_bytes_max", self.recent_bytes_max.to_string()),
+            entry(
+                "unclean_leader_election",
+                self.unclean_leader_election.to_string(),
+            ),
         ]
     }
 
@@ -596,6 +633,42 @@ impl ServerConfig {
                 "cluster.brokers does not list this broker (broker_id = {})",
                 self.broker_id
             ));
+        }
+        let mut voters = std::collections::BTreeSet::new();
+        for voter in &self.cluster.controller_voters {
+            if !ids.contains(voter) {
+                return Err(format!(
+                    "cluster.controller_voters names broker {voter}, which cluster.brokers does not list"
+                ));
+            }
+            if !voters.insert(*voter) {
+                return Err(format!(
+                    "cluster.controller_voters lists broker {voter} twice"
+                ));
+            }
+        }
+        if !self.cluster.controller_voters.is_empty() {
+            if self.cluster.internal_listen.is_none() {
+                return Err(
+                    "cluster.controller_voters needs cluster.internal_listen: the controller \
+                     and broker heartbeats use the internal listener"
+                        .to_string(),
+                );
+            }
+            let session = self.cluster.broker_session_timeout_ms;
+            let interval = self.cluster.broker_heartbeat_interval_ms;
+            if interval == 0 || session < 3 * interval {
+                return Err(format!(
+                    "cluster.broker_session_timeout_ms ({session}) must be at least 3 heartbeat \
+                     intervals (cluster.broker_heartbeat_interval_ms = {interval}, > 0)"
+                ));
+            }
+            if self.cluster.controller_tick_ms == 0 || self.cluster.controller_election_ticks < 3 {
+                return Err(
+                    "cluster.controller_tick_ms must be > 0 and controller_election_ticks >= 3"
+                        .to_string(),
+                );
+            }
         }
         if self.cluster.brokers.len() > wharf_replication::replica::REPLICAS_MAX {
             return Err(format!(

@@ -264,10 +264,22 @@ impl DiskFile for DmaDiskFile {
     }
 
     async fn file_bytes(&self) -> io::Result<u64> {
-        self.file
-            .file_size()
-            .await
-            .map_err(with_path("stat", &self.path))
+        // fstat on the descriptor, not a stat of the path glommio remembers: a file renamed
+        // after it was opened (a snapshot's temporary file) no longer lives at that path.
+        use std::os::fd::AsRawFd;
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: the descriptor is open for the life of `self.file`; fstat writes `stat`.
+        let rc = unsafe { libc::fstat(self.file.as_raw_fd(), stat.as_mut_ptr()) };
+        if rc != 0 {
+            let error = io::Error::last_os_error();
+            return Err(io::Error::new(
+                error.kind(),
+                format!("stat {}: {error}", self.path.display()),
+            ));
+        }
+        // SAFETY: fstat returned 0, so it filled `stat`.
+        let stat = unsafe { stat.assume_init() };
+        Ok(stat.st_size as u64)
     }
 
     async fn set_len(&self, bytes: u64) -> io::Result<()> {

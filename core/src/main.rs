@@ -36,6 +36,9 @@ fn main() -> ExitCode {
         Command::Topic { command, client } => {
             client_command(async move { cli::topic(command, client).await })
         }
+        Command::Cluster { command, client } => {
+            client_command(async move { cli::cluster(command, client).await })
+        }
         Command::Produce(args) => client_command(async move { cli::produce(args).await }),
         Command::Consume(args) => client_command(async move { cli::consume(args).await }),
         Command::Selftest { dir } => {

@@ -43,6 +43,9 @@ pub struct PartitionMeta {
     pub leader: u32,
     pub leader_epoch: u32,
     pub replicas: Vec<u32>,
+    /// Controller mode: the ISR the controller committed (empty in a static cluster).
+    #[serde(default)]
+    pub isr: Vec<u32>,
 }
 
 impl BrokerMetadata {
@@ -276,6 +279,7 @@ mod tests {
                     leader: 1,
                     leader_epoch: 0,
                     replicas: vec![1],
+                    isr: Vec::new(),
                 }],
             },
         );

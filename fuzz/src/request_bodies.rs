@@ -25,7 +25,7 @@ use crate::protocol::*;
 
 /// The body types, in selector order. Requests first (the server decodes them), then responses
 /// (the client decodes them), then the error body of any failed response.
-pub const BODY_TYPES: [&str; 22] = [
+pub const BODY_TYPES: [&str; 30] = [
     "VersionsRequest",
     "MetadataRequest",
     "CreateTopicRequest",
@@ -48,6 +48,14 @@ pub const BODY_TYPES: [&str; 22] = [
     "PeerAuthBeginRequest",
     "PeerAuthProveRequest",
     "PeerAuthBeginResponse",
+    "ControllerRaftRequest",
+    "ControllerRaftResponse",
+    "BrokerHeartbeatRequest",
+    "BrokerHeartbeatResponse",
+    "ControllerCommandRequest",
+    "ControllerCommandResponse",
+    "ClusterStatusRequest",
+    "ClusterStatusResponse",
 ];
 
 /// Frame-size limit for the re-encoded frames (bodies are at most `BODY_BYTES_MAX`).
@@ -103,6 +111,14 @@ pub fn check_selected(index: usize, body: &[u8], payload_bytes: usize, misaligne
         19 => drop(c.check::<PeerAuthBeginRequest>()),
         20 => drop(c.check::<PeerAuthProveRequest>()),
         21 => drop(c.check::<PeerAuthBeginResponse>()),
+        22 => drop(c.check::<ControllerRaftRequest>()),
+        23 => drop(c.check::<ControllerRaftResponse>()),
+        24 => drop(c.check::<BrokerHeartbeatRequest>()),
+        25 => drop(c.check::<BrokerHeartbeatResponse>()),
+        26 => drop(c.check::<ControllerCommandRequest>()),
+        27 => drop(c.check::<ControllerCommandResponse>()),
+        28 => drop(c.check::<ClusterStatusRequest>()),
+        29 => drop(c.check::<ClusterStatusResponse>()),
         _ => unreachable!("index < BODY_TYPES.len()"),
     }
 }
@@ -129,6 +145,10 @@ pub fn body_type_of(header: &FrameHeader) -> Option<usize> {
         ApiKey::ApplyTopic => (9, 12),
         ApiKey::PeerAuthBegin => (19, 21),
         ApiKey::PeerAuthProve => (20, 12),
+        ApiKey::ControllerRaft => (22, 23),
+        ApiKey::BrokerHeartbeat => (24, 25),
+        ApiKey::ControllerCommand => (26, 27),
+        ApiKey::ClusterStatus => (28, 29),
         _ => return None,
     };
     Some(if header.is_response() {

@@ -556,7 +556,10 @@ mod tests {
         map.observe(RUN, 0, 2, &value(0, 2));
         map.observe(RUN, 0, 2, &value(0, 3));
         map.observe(RUN, 0, 2, &value(0, 2));
-        assert_eq!(map.conflicts, 1, "counted against the first record seen there");
+        assert_eq!(
+            map.conflicts, 1,
+            "counted against the first record seen there"
+        );
     }
 
     #[test]

@@ -677,6 +677,27 @@ impl Client {
         }
     }
 
+    /// The cluster as the bootstrap broker sees it: brokers (alive, fenced, shutting down) and
+    /// the controller (controller mode only).
+    pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
+        let bootstrap = self.bootstrap().await?;
+        let frame = bootstrap
+            .call(
+                ApiKey::ClusterStatus,
+                &ClusterStatusRequest {},
+                Vec::new(),
+                self.config.request_timeout_ms,
+            )
+            .await?;
+        let response: ClusterStatusResponse = decode(&frame)?;
+        let code = ErrorCode::from_u16(response.error);
+        if code == ErrorCode::None {
+            Ok(response)
+        } else {
+            Err(ClientError::server(code, response.message))
+        }
+    }
+
     /// Offsets of `partitions` of `topic` per `spec`.
     pub async fn list_offsets(
         &self,

@@ -43,6 +43,14 @@ messages!(
     PeerAuthBeginRequest,
     PeerAuthBeginResponse,
     PeerAuthProveRequest,
+    ControllerRaftRequest,
+    ControllerRaftResponse,
+    BrokerHeartbeatRequest,
+    BrokerHeartbeatResponse,
+    ControllerCommandRequest,
+    ControllerCommandResponse,
+    ClusterStatusRequest,
+    ClusterStatusResponse,
 );
 
 /// Body of a response whose header carries a frame-level error code.
@@ -409,4 +417,87 @@ pub struct PeerAuthBeginResponse {
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct PeerAuthProveRequest {
     pub proof: Vec<u8>,
+}
+
+/// Raft messages (raft-rs protobuf encoding, opaque here) from controller voter `from`.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ControllerRaftRequest {
+    pub from: u32,
+    pub messages: Vec<Vec<u8>>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ControllerRaftResponse {
+    pub error: u16,
+    pub message: String,
+}
+
+/// A broker's heartbeat. The first one with a new `incarnation` registers the broker.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BrokerHeartbeatRequest {
+    pub broker_id: u32,
+    /// New at every start of the broker process (its registration epoch).
+    pub incarnation: u64,
+    pub client_address: String,
+    pub internal_address: String,
+    /// The last metadata log index this broker applied.
+    pub applied_index: u64,
+    /// The broker is stopping (SIGTERM); informational (the move is a controller command).
+    pub shutting_down: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BrokerHeartbeatResponse {
+    pub error: u16,
+    pub message: String,
+    /// With `not_controller`: the controller leader, when known.
+    pub leader_hint: Option<u32>,
+    /// Metadata records after `applied_index`, or a snapshot (JSON of the controller's delta).
+    pub delta_json: Vec<u8>,
+    /// With `shutting_down`: the broker leads nothing any more and may stop.
+    pub shutdown_ready: bool,
+}
+
+/// A command for the controller leader (JSON of the controller's command type).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ControllerCommandRequest {
+    pub command_json: Vec<u8>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ControllerCommandResponse {
+    pub error: u16,
+    pub message: String,
+    pub leader_hint: Option<u32>,
+    /// The metadata index at which the command's records were committed (0 on error).
+    pub committed_index: u64,
+    /// Controlled shutdown: the broker still leads partitions (no other eligible replica yet).
+    pub still_leading: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ClusterStatusRequest {}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BrokerStatus {
+    pub broker_id: u32,
+    pub incarnation: u64,
+    pub client_address: String,
+    /// "alive", "fenced" or "shutting_down".
+    pub state: String,
+    pub leaders: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ClusterStatusResponse {
+    pub error: u16,
+    pub message: String,
+    /// The controller voters, and the leader as this broker knows it.
+    pub voters: Vec<u32>,
+    pub controller_leader: Option<u32>,
+    /// This broker's view: the metadata index it applied; on a voter, the Raft term and commit.
+    pub applied_index: u64,
+    pub raft_term: u64,
+    pub raft_commit_index: u64,
+    pub brokers: Vec<BrokerStatus>,
 }

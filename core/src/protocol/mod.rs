@@ -69,10 +69,20 @@ pub enum ApiKey {
     PeerAuthBegin = 10,
     /// Internal listener: the peer's proof that it holds the cluster secret.
     PeerAuthProve = 11,
+    /// Internal: Raft messages from one controller voter to another.
+    ControllerRaft = 12,
+    /// Internal: a broker's heartbeat to the controller leader; the answer renews the broker's
+    /// session and carries the metadata records it has not applied yet.
+    BrokerHeartbeat = 13,
+    /// Internal: a command for the controller leader (create or delete a topic, alter a
+    /// partition's ISR, controlled shutdown), JSON-encoded.
+    ControllerCommand = 14,
+    /// Client: the brokers (alive, fenced, shutting down) and the controller's state.
+    ClusterStatus = 15,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 12] = [
+    pub const ALL: [ApiKey; 16] = [
         ApiKey::Versions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -85,11 +95,22 @@ impl ApiKey {
         ApiKey::ApplyTopic,
         ApiKey::PeerAuthBegin,
         ApiKey::PeerAuthProve,
+        ApiKey::ControllerRaft,
+        ApiKey::BrokerHeartbeat,
+        ApiKey::ControllerCommand,
+        ApiKey::ClusterStatus,
     ];
 
     /// Broker-to-broker APIs: served only on the internal listener, to authenticated peers.
     pub fn is_internal(self) -> bool {
-        matches!(self, ApiKey::ReplicaFetch | ApiKey::ApplyTopic)
+        matches!(
+            self,
+            ApiKey::ReplicaFetch
+                | ApiKey::ApplyTopic
+                | ApiKey::ControllerRaft
+                | ApiKey::BrokerHeartbeat
+                | ApiKey::ControllerCommand
+        )
     }
 
     /// The peer handshake of the internal listener (the only APIs before it completes, with
@@ -121,6 +142,10 @@ impl ApiKey {
             ApiKey::ApplyTopic => "apply_topic",
             ApiKey::PeerAuthBegin => "peer_auth_begin",
             ApiKey::PeerAuthProve => "peer_auth_prove",
+            ApiKey::ControllerRaft => "controller_raft",
+            ApiKey::BrokerHeartbeat => "broker_heartbeat",
+            ApiKey::ControllerCommand => "controller_command",
+            ApiKey::ClusterStatus => "cluster_status",
         }
     }
 }
@@ -180,10 +205,21 @@ pub enum ErrorCode {
     /// A named per-broker or per-partition limit was reached (waiters, topics, partitions,
     /// connections); the message names the limit.
     LimitReached = 31,
+    /// This broker is not the controller leader (or no controller runs here); the answer names
+    /// the leader when known. Retriable.
+    NotController = 32,
+    /// The broker's registration is stale: the controller fenced it. It re-registers with a new
+    /// incarnation (a restart) before it may lead or join an ISR again.
+    BrokerFenced = 33,
+    /// An ISR change based on a partition epoch that is no longer the controller's (the
+    /// partition changed meanwhile, perhaps by this very change, whose answer was lost).
+    InvalidPartitionEpoch = 34,
+    /// An ISR change adds a replica that may not join (fenced, shutting down, unknown).
+    IneligibleReplica = 35,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 32] = [
+    pub const ALL: [ErrorCode; 36] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::CorruptFrame,
@@ -216,6 +252,10 @@ impl ErrorCode {
         ErrorCode::DiskFull,
         ErrorCode::InvalidReplicaOffsets,
         ErrorCode::LimitReached,
+        ErrorCode::NotController,
+        ErrorCode::BrokerFenced,
+        ErrorCode::InvalidPartitionEpoch,
+        ErrorCode::IneligibleReplica,
     ];
 
     /// Unknown numbers (from a newer peer) map to `Unknown`.
@@ -241,6 +281,7 @@ impl ErrorCode {
                 | ErrorCode::BrokerUnavailable
                 | ErrorCode::DiskFull
                 | ErrorCode::LimitReached
+                | ErrorCode::NotController
         )
     }
 
@@ -278,6 +319,10 @@ impl ErrorCode {
             ErrorCode::DiskFull => "disk_full",
             ErrorCode::InvalidReplicaOffsets => "invalid_replica_offsets",
             ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::NotController => "not_controller",
+            ErrorCode::BrokerFenced => "broker_fenced",
+            ErrorCode::InvalidPartitionEpoch => "invalid_partition_epoch",
+            ErrorCode::IneligibleReplica => "ineligible_replica",
         }
     }
 }

@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 
 use super::connection::{ConnectionContext, ListenerKind, OutPayload, Outgoing, Pending};
 use super::partition::PartitionError;
-use super::shard::Shard;
+use super::shard::{Shard, ShardReply, ShardRequest};
 use crate::protocol::*;
 
 impl Shard {
@@ -195,7 +195,42 @@ impl Shard {
                 let request: ListOffsetsRequest = frame.decode_body().map_err(invalid)?;
                 self.admit_list_offsets(header, request)?
             }
+            ApiKey::ControllerRaft => {
+                let request: ControllerRaftRequest = frame.decode_body().map_err(invalid)?;
+                self.on_controller_shard(header, ShardRequest::ControllerRaft(request))
+            }
+            ApiKey::BrokerHeartbeat => {
+                let request: BrokerHeartbeatRequest = frame.decode_body().map_err(invalid)?;
+                self.on_controller_shard(header, ShardRequest::BrokerHeartbeat(request))
+            }
+            ApiKey::ControllerCommand => {
+                let request: ControllerCommandRequest = frame.decode_body().map_err(invalid)?;
+                self.on_controller_shard(header, ShardRequest::ControllerCommand(request))
+            }
+            ApiKey::ClusterStatus => {
+                let _request: ClusterStatusRequest = frame.decode_body().map_err(invalid)?;
+                self.on_controller_shard(header, ShardRequest::ClusterStatus)
+            }
         })
+    }
+
+    /// Controller APIs are served by shard 0 (where the controller and its client live).
+    fn on_controller_shard(self: &Rc<Self>, header: FrameHeader, request: ShardRequest) -> Pending {
+        let shard = Rc::clone(self);
+        async move {
+            match shard.to_shard(0, request).await {
+                Some(ShardReply::ControllerRaft(body)) => respond(&header, &body, Vec::new()),
+                Some(ShardReply::BrokerHeartbeat(body)) => respond(&header, &body, Vec::new()),
+                Some(ShardReply::ControllerCommand(body)) => respond(&header, &body, Vec::new()),
+                Some(ShardReply::ClusterStatus(body)) => respond(&header, &body, Vec::new()),
+                _ => error_frame(
+                    &header,
+                    ErrorCode::ShuttingDown,
+                    "shard 0 is not answering".to_string(),
+                ),
+            }
+        }
+        .boxed_local()
     }
 }
 

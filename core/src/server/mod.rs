@@ -47,6 +47,11 @@ pub struct Shared {
     /// Shards that recovered their partitions and are accepting connections.
     pub ready_shards: AtomicUsize,
     pub shutting_down: AtomicBool,
+    /// Controller mode: shard 0 finished moving leadership away at shutdown.
+    pub controlled_shutdown_done: AtomicBool,
+    /// Controller mode: the controller registered this broker and it applied the metadata
+    /// (readiness waits for it, so a started cluster can create topics at once).
+    pub controller_registered: AtomicBool,
     /// Per shard: milliseconds since `started` of its last heartbeat (liveness).
     pub heartbeats_ms: Vec<AtomicU64>,
     pub started: Instant,
@@ -64,6 +69,8 @@ impl Shared {
     pub fn is_ready(&self) -> bool {
         self.ready_shards.load(Ordering::Acquire) == self.shards()
             && !self.shutting_down.load(Ordering::Acquire)
+            && (self.config.cluster.controller_voters.is_empty()
+                || self.controller_registered.load(Ordering::Acquire))
     }
 }
 
@@ -212,6 +219,8 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
         disk_full: AtomicBool::new(false),
         ready_shards: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),
+        controlled_shutdown_done: AtomicBool::new(false),
+        controller_registered: AtomicBool::new(false),
         heartbeats_ms: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         started: Instant::now(),
         peer_ids: (0..shards).map(|_| OnceLock::new()).collect(),

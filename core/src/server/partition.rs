@@ -17,6 +17,7 @@
 //! - `maintenance`: truncation, reset and retention; `persist` and `files`: the epoch history
 //!   and high watermark files; `log_slot`: where the log lives.
 
+mod control;
 mod files;
 mod flusher;
 mod follower;
@@ -107,6 +108,69 @@ pub struct ReplicationSettings {
     pub fetch_backoff_ms: u64,
     pub frame_bytes_max: usize,
     pub queue: TaskQueueHandle,
+    /// Controller mode: roles, epochs and the ISR come from the controller
+    /// (`Partition::apply_state`); the leader proposes ISR changes through `isr_proposals`.
+    pub controller_mode: bool,
+    pub isr_proposals: Rc<IsrProposals>,
+}
+
+/// The controller's state of one partition (controller mode), applied by
+/// [`Partition::apply_state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionState {
+    pub leader: Option<BrokerId>,
+    pub leader_epoch: Epoch,
+    pub partition_epoch: u64,
+    pub isr: Vec<BrokerId>,
+}
+
+/// A leader's request to the controller to change a partition's ISR (Kafka's AlterPartition).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IsrProposal {
+    pub topic: String,
+    pub partition: u32,
+    pub leader: BrokerId,
+    pub leader_epoch: Epoch,
+    pub partition_epoch: u64,
+    pub isr: Vec<BrokerId>,
+}
+
+/// Proposals queued on their way to the controller, per shard. Each leader has at most one
+/// outstanding and re-proposes after `ISR_PROPOSAL_RETRY_MS`, so dropping the oldest when full
+/// loses nothing for good.
+#[derive(Default)]
+pub struct IsrProposals {
+    queue: RefCell<VecDeque<IsrProposal>>,
+    waiters: RefCell<Vec<oneshot::Sender<()>>>,
+}
+
+/// Proposals a shard holds before the oldest is dropped.
+pub const ISR_PROPOSALS_QUEUED_MAX: usize = 4096;
+
+impl IsrProposals {
+    pub fn push(&self, proposal: IsrProposal) {
+        let mut queue = self.queue.borrow_mut();
+        if queue.len() >= ISR_PROPOSALS_QUEUED_MAX {
+            queue.pop_front();
+        }
+        queue.push_back(proposal);
+        drop(queue);
+        for waiter in self.waiters.borrow_mut().drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+
+    /// Everything queued, waiting for the first proposal when there is none.
+    pub async fn take(&self) -> Vec<IsrProposal> {
+        loop {
+            let taken: Vec<IsrProposal> = self.queue.borrow_mut().drain(..).collect();
+            if !taken.is_empty() {
+                return taken;
+            }
+            let woken = park(&self.waiters);
+            let _ = woken.await;
+        }
+    }
 }
 
 type AckSender = oneshot::Sender<Result<Ack, PartitionError>>;
@@ -195,6 +259,9 @@ pub struct Partition {
     /// The last fetch response's frame and its batches, CRC-checked on arrival.
     fetched: RefCell<Option<(FrameBuf, Vec<CheckedRange>)>>,
     fetcher: RefCell<Option<Task<()>>>,
+    /// Follower: woken when the controller changes this replica's leader or epoch, so a fetch
+    /// in flight to the old leader is abandoned at once.
+    role_waiters: RefCell<Vec<oneshot::Sender<()>>>,
     /// Epoch-history generations: asked for by the replica, and durable in the file.
     epochs_wanted: Cell<u64>,
     epochs_stored: Cell<u64>,
@@ -247,7 +314,14 @@ impl Partition {
             .await
             .map_err(|e| format!("{topic}/{index}: recovery failed: {e}"))?;
         let me = replication.broker_id;
-        let leader = replicas.first().copied().unwrap_or(me);
+        // Static mode: the first replica leads. Controller mode: nobody until the controller's
+        // state arrives (`apply_state`); until then the partition may become the leader, so it
+        // treats itself as one below (keeps its suffix and its stored high watermark).
+        let leader = if replication.controller_mode {
+            me
+        } else {
+            replicas.first().copied().unwrap_or(me)
+        };
         if !report.corrupt.is_empty() || report.torn_tail_at.is_some() {
             tracing::warn!(
                 topic,
@@ -308,7 +382,7 @@ impl Partition {
             min_insync_replicas: usize::from(config.min_insync_replicas),
             replica_lag_max_ms: replication.replica_lag_max_ms,
             fetch_backoff_ms: replication.fetch_backoff_ms,
-            isr_via_controller: false,
+            isr_via_controller: replication.controller_mode,
         };
         let current_epoch = epochs.latest().unwrap_or(Epoch(0)).max(meta_epoch);
         let replica = Replica::new(
@@ -356,6 +430,7 @@ impl Partition {
             wake_fetcher,
             fetched: RefCell::new(None),
             fetcher: RefCell::new(None),
+            role_waiters: RefCell::new(Vec::new()),
             epochs_wanted: Cell::new(0),
             epochs_stored: Cell::new(0),
             epochs_writing: Cell::new(false),
@@ -378,7 +453,22 @@ impl Partition {
         let task = glommio::spawn_local_into(Rc::clone(&partition).run_flusher(wake, queue), queue)
             .map_err(|e| format!("cannot start flusher: {e}"))?;
         *partition.flusher.borrow_mut() = Some(task);
-        if leader == me {
+        if partition.replication.controller_mode {
+            if partition.replicas.len() > 1 {
+                // Idle until the controller makes this replica a follower.
+                let fetcher = glommio::spawn_local_into(
+                    Rc::clone(&partition).run_fetcher(fetcher_wake),
+                    partition.replication.queue,
+                )
+                .map_err(|e| format!("cannot start fetcher: {e}"))?;
+                *partition.fetcher.borrow_mut() = Some(fetcher);
+            }
+            tracing::info!(
+                topic,
+                partition = index,
+                "opened; waiting for the controller's leader and ISR"
+            );
+        } else if leader == me {
             let isr = partition.replica.borrow().replicas().to_vec();
             let epoch = Epoch(current_epoch.0 + 1);
             partition.step(Input::BecomeLeader {

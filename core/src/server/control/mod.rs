@@ -3,10 +3,17 @@
 //! published to every shard; `topics` has the topic life cycle (create, apply, delete). The
 //! controller will live here too.
 
+mod cluster;
+mod host;
 mod topics;
 
+pub use cluster::{Cluster, Command, CommandError};
+pub use host::ControllerHost;
+
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 
@@ -49,6 +56,108 @@ impl Shard {
         for partition in removed.into_iter().flatten().flatten() {
             partition.close().await;
             partition.metrics.remove(&self.shared.metrics);
+        }
+    }
+}
+
+/// How long a create waits for this broker to apply the new topic after the controller
+/// committed it.
+const APPLY_WAIT_MS: u64 = 5_000;
+/// How often the other shards look whether shard 0 finished the controlled shutdown.
+const SHUTDOWN_POLL_MS: u64 = 10;
+
+impl Shard {
+    /// Shard 0, controller mode: starts the controller voter (on voters) and the heartbeat.
+    pub(crate) async fn start_cluster(self: &Rc<Self>) -> Result<(), String> {
+        let config = &self.shared.config;
+        let host = if config.cluster.controller_voters.contains(&config.broker_id) {
+            Some(ControllerHost::start(self).await?)
+        } else {
+            None
+        };
+        let cluster = Rc::new(Cluster::new(self, host));
+        *self.cluster.borrow_mut() = Some(Rc::clone(&cluster));
+        let beating = Rc::clone(self);
+        glommio::spawn_local_into(
+            async move { beating.heartbeat_loop().await },
+            self.queues.replication,
+        )
+        .map_err(|e| format!("spawn: {e}"))?
+        .detach();
+        Ok(())
+    }
+
+    /// Controller mode, at SIGTERM: shard 0 moves this broker's leadership away; the other
+    /// shards keep serving until it is done (bounded), so no partition stops early.
+    pub(crate) async fn finish_controlled_shutdown(self: &Rc<Self>) {
+        if self.id == 0 {
+            self.controlled_shutdown().await;
+            self.shared
+                .controlled_shutdown_done
+                .store(true, Ordering::Release);
+            return;
+        }
+        let limit_ms = self.shared.config.cluster.controlled_shutdown_timeout_ms + 1_000;
+        for _ in 0..limit_ms / SHUTDOWN_POLL_MS {
+            if self.shared.controlled_shutdown_done.load(Ordering::Acquire) {
+                return;
+            }
+            glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+        }
+    }
+
+    /// Shard 0, controller mode: creates a topic through the controller and answers once this
+    /// broker applied it (its partitions here are open).
+    pub(crate) async fn create_topic_via_controller(
+        self: &Rc<Self>,
+        name: String,
+        partitions: u32,
+        replication_factor: u16,
+        config: crate::config::TopicConfig,
+    ) -> TopicResult {
+        let command = Command::CreateTopic {
+            name,
+            partitions,
+            replication_factor,
+            min_insync_replicas: config.min_insync_replicas.min(replication_factor),
+            unclean_leader_election: config.unclean_leader_election,
+            config: config
+                .entries()
+                .into_iter()
+                .map(|e| (e.key, e.value))
+                .collect(),
+        };
+        self.run_controller_command(command).await
+    }
+
+    /// Shard 0: sends `command` to the controller leader and waits until this broker applied
+    /// its records.
+    pub(crate) async fn run_controller_command(self: &Rc<Self>, command: Command) -> TopicResult {
+        let Some(cluster) = self.cluster.borrow().clone() else {
+            return topic_error(
+                ErrorCode::ShuttingDown,
+                "the controller client is not running",
+            );
+        };
+        match cluster.command(&command, APPLY_WAIT_MS).await {
+            Ok(response) => {
+                let index = response.committed_index;
+                if cluster.wait_applied(index, APPLY_WAIT_MS).await {
+                    TopicResult {
+                        error: 0,
+                        message: String::new(),
+                    }
+                } else {
+                    topic_error(
+                        ErrorCode::RequestTimeout,
+                        format!(
+                            "the controller committed the change at index {index}, but this \
+                             broker has not applied it within {APPLY_WAIT_MS} ms"
+                        ),
+                    )
+                }
+            }
+            Err(CommandError(code, message)) => topic_error(code, message),
         }
     }
 }

@@ -15,27 +15,66 @@ use crate::server::partition::PartitionError;
 use crate::server::shard::{Shard, ShardReply, ShardRequest};
 
 impl Shard {
-    pub(crate) async fn create_topic(self: &Rc<Self>, request: CreateTopicRequest) -> TopicResult {
-        if self.id != 0 {
-            return self.on_shard_zero(ShardRequest::CreateTopic(request)).await;
-        }
-        let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
-            return topic_error(ErrorCode::ShuttingDown, "shutting down");
-        };
-        let name = request.name;
+    /// The checks every create makes, static or through the controller: a valid name and
+    /// partition count, a config that parses, `min_insync_replicas` within the replication
+    /// factor. Returns the name, the replication factor and the topic's config.
+    fn validate_new_topic(
+        &self,
+        request: &CreateTopicRequest,
+    ) -> Result<(String, u16, crate::config::TopicConfig), TopicResult> {
+        let name = request.name.clone();
         if let Err(message) = metadata::validate_topic_name(&name) {
-            return topic_error(ErrorCode::InvalidTopic, message);
+            return Err(topic_error(ErrorCode::InvalidTopic, message));
         }
         if request.partitions == 0 || request.partitions > metadata::PARTITIONS_PER_TOPIC_MAX {
-            return topic_error(
+            return Err(topic_error(
                 ErrorCode::InvalidRequest,
                 format!(
                     "partitions must be 1..={}, not {}",
                     metadata::PARTITIONS_PER_TOPIC_MAX,
                     request.partitions
                 ),
-            );
+            ));
         }
+        let replication_factor = request.replication_factor.max(1);
+        let config = self
+            .shared
+            .config
+            .topic_defaults
+            .with_entries(&request.configs)
+            .map_err(|message| topic_error(ErrorCode::InvalidConfig, message))?;
+        let explicit_min_insync = request
+            .configs
+            .iter()
+            .any(|c| c.key == "min_insync_replicas");
+        if explicit_min_insync && config.min_insync_replicas > replication_factor {
+            return Err(topic_error(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "min_insync_replicas {} exceeds the replication factor {replication_factor}",
+                    config.min_insync_replicas
+                ),
+            ));
+        }
+        Ok((name, replication_factor, config))
+    }
+
+    pub(crate) async fn create_topic(self: &Rc<Self>, request: CreateTopicRequest) -> TopicResult {
+        if self.id != 0 {
+            return self.on_shard_zero(ShardRequest::CreateTopic(request)).await;
+        }
+        let (name, replication_factor, config) = match self.validate_new_topic(&request) {
+            Ok(valid) => valid,
+            Err(result) => return result,
+        };
+        if self.controller_mode() {
+            return self
+                .create_topic_via_controller(name, request.partitions, replication_factor, config)
+                .await;
+        }
+        let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
+            return topic_error(ErrorCode::ShuttingDown, "shutting down");
+        };
         let me = self.shared.config.broker_id;
         let mut brokers: Vec<u32> = self
             .shared
@@ -49,33 +88,10 @@ impl Shard {
             brokers.push(me);
         }
         brokers.sort_unstable();
-        let replication_factor = request.replication_factor.max(1);
         if usize::from(replication_factor) > brokers.len() {
             return topic_error(
                 ErrorCode::InvalidReplicationFactor,
                 format!("replication factor {replication_factor} needs {replication_factor} brokers; this cluster has {}", brokers.len()),
-            );
-        }
-        let config = match self
-            .shared
-            .config
-            .topic_defaults
-            .with_entries(&request.configs)
-        {
-            Ok(config) => config,
-            Err(message) => return topic_error(ErrorCode::InvalidConfig, message),
-        };
-        let explicit_min_insync = request
-            .configs
-            .iter()
-            .any(|c| c.key == "min_insync_replicas");
-        if explicit_min_insync && config.min_insync_replicas > replication_factor {
-            return topic_error(
-                ErrorCode::InvalidConfig,
-                format!(
-                    "min_insync_replicas {} exceeds the replication factor {replication_factor}",
-                    config.min_insync_replicas
-                ),
             );
         }
         let mut next = (**self.metadata.borrow()).clone();
@@ -329,6 +345,7 @@ impl Shard {
                         .unwrap_or(self.shared.config.broker_id),
                     leader_epoch: 0,
                     replicas: replicas.clone(),
+                    isr: Vec::new(),
                 })
                 .collect(),
         };
@@ -374,6 +391,11 @@ impl Shard {
     pub(crate) async fn delete_topic(self: &Rc<Self>, name: String) -> TopicResult {
         if self.id != 0 {
             return self.on_shard_zero(ShardRequest::DeleteTopic(name)).await;
+        }
+        if self.controller_mode() {
+            return self
+                .run_controller_command(super::Command::DeleteTopic { name })
+                .await;
         }
         let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
             return topic_error(ErrorCode::ShuttingDown, "shutting down");

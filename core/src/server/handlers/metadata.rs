@@ -38,6 +38,10 @@ impl Shard {
         self: &Rc<Self>,
         response: &mut MetadataResponse,
     ) {
+        if self.controller_mode() {
+            // The stored metadata is the controller's: leader, epoch and ISR are current.
+            return;
+        }
         let me = self.shared.config.broker_id;
         for topic in &mut response.topics {
             for partition in &mut topic.partitions {
@@ -104,7 +108,11 @@ impl Shard {
                     leader_epoch: p.leader_epoch,
                     shard: p.shard,
                     replicas: p.replicas.clone(),
-                    isr: p.replicas.clone(),
+                    isr: if p.isr.is_empty() {
+                        p.replicas.clone()
+                    } else {
+                        p.isr.clone()
+                    },
                 })
                 .collect(),
         };
@@ -173,8 +181,17 @@ impl Shard {
                     },
                 )
                 .await;
+            let controller_mode = self.controller_mode();
             partitions.push(match reply {
-                Some(ShardReply::Described(Ok(description))) => description,
+                Some(ShardReply::Described(Ok(mut description))) => {
+                    if controller_mode {
+                        // The controller's leader, epoch and ISR; the offsets are this replica's.
+                        description.leader = meta.leader;
+                        description.leader_epoch = meta.leader_epoch;
+                        description.isr = meta.isr.clone();
+                    }
+                    description
+                }
                 other => {
                     let error = match other {
                         Some(ShardReply::Described(Err(e))) => e.code,
@@ -186,7 +203,11 @@ impl Shard {
                         leader_epoch: meta.leader_epoch,
                         shard: meta.shard,
                         replicas: meta.replicas.clone(),
-                        isr: Vec::new(),
+                        isr: if controller_mode {
+                            meta.isr.clone()
+                        } else {
+                            Vec::new()
+                        },
                         log_start_offset: 0,
                         high_watermark: 0,
                         end_offset: 0,

@@ -17,6 +17,8 @@ impl Partition {
     /// shard, and feeds the answers back.
     pub(super) async fn run_fetcher(self: Rc<Self>, wake: LocalReceiver<()>) {
         let mut connection: Option<Rc<crate::client::Connection>> = None;
+        // The leader `connection` goes to: a new leader (failover) needs a new connection.
+        let mut connected_to: Option<BrokerId> = None;
         loop {
             if self.closing.get() {
                 return;
@@ -31,7 +33,21 @@ impl Partition {
             let Role::Follower { leader } = self.replica.borrow().role() else {
                 continue;
             };
-            if let Err(error) = self.fetch_once(&mut connection, leader, request).await {
+            if connected_to != Some(leader) {
+                connection = None;
+                connected_to = Some(leader);
+            }
+            // A role change abandons the fetch: the old leader may be gone or hanging.
+            let role_changed = self.role_changed();
+            let fetched = futures_lite::future::or(
+                self.fetch_once(&mut connection, leader, request),
+                async {
+                    let _ = role_changed.await;
+                    Err("the leader changed".to_string())
+                },
+            )
+            .await;
+            if let Err(error) = fetched {
                 tracing::debug!(topic = %self.topic, partition = self.index, leader, %error, "replica fetch failed");
                 connection = None;
                 if let Err(error) = self.step(Input::FetchFailed {
@@ -132,7 +148,10 @@ impl Partition {
                     batches,
                 }
             }
-            ErrorCode::FencedLeaderEpoch if epoch > self.replica.borrow().leader_epoch() => {
+            ErrorCode::FencedLeaderEpoch
+                if !self.replication.controller_mode
+                    && epoch > self.replica.borrow().leader_epoch() =>
+            {
                 // Static cluster: the leader restarted with a new epoch; follow it there.
                 tracing::info!(topic = %self.topic, partition = self.index, leader, %epoch, "following the leader's new epoch");
                 self.step(Input::BecomeFollower { epoch, leader })?;

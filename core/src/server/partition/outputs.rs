@@ -142,8 +142,23 @@ impl Partition {
                     .set(i64::from(isr.len() < replicas));
                 tracing::info!(topic = %self.topic, partition = self.index, ?isr, "ISR changed");
             }
-            // Only controller mode proposes; this driver runs the static mode.
-            Output::ProposeIsr { .. } => {}
+            // Controller mode: the shard forwards it to the controller; the answer comes back
+            // as `IsrCommitted` (through the metadata log) or `IsrRejected`.
+            Output::ProposeIsr {
+                isr,
+                leader_epoch,
+                partition_epoch,
+            } => {
+                tracing::info!(topic = %self.topic, partition = self.index, ?isr, partition_epoch, "proposing an ISR change to the controller");
+                self.replication.isr_proposals.push(super::IsrProposal {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                    leader: self.replication.broker_id,
+                    leader_epoch,
+                    partition_epoch,
+                    isr,
+                });
+            }
         }
         Ok(None)
     }

@@ -28,12 +28,15 @@ use glommio::sync::{Gate, Semaphore};
 use glommio::TaskQueueHandle;
 
 use super::connection::RequestBudget;
+use super::control::Cluster;
 use super::metrics::ShardMetrics;
-use super::partition::{Partition, PartitionError, ReplicationSettings};
+use super::partition::{
+    IsrProposal, IsrProposals, Partition, PartitionError, PartitionState, ReplicationSettings,
+};
 use super::Shared;
 use crate::metadata::{BrokerMetadata, TopicMeta};
 use crate::protocol::*;
-use wharf_replication::Ack;
+use wharf_replication::{Ack, IsrRejection};
 
 pub(crate) use runtime::{run, OpenFailure};
 
@@ -79,6 +82,27 @@ pub enum ShardRequest {
         topic: String,
     },
     Metadata(Arc<BrokerMetadata>),
+    /// Controller mode: the controller's leader, epoch and ISR of partitions this shard owns.
+    PartitionStates(Vec<(String, u32, PartitionState)>),
+    /// Controller mode: this broker's session lease was renewed up to `until_ms`.
+    Lease {
+        until_ms: u64,
+    },
+    /// Controller mode, to shard 0: ISR proposals of another shard's leaders.
+    AlterPartitions(Vec<IsrProposal>),
+    /// Controller APIs arrive on any shard's internal listener; the controller and the
+    /// broker's controller client live on shard 0.
+    ControllerRaft(ControllerRaftRequest),
+    BrokerHeartbeat(BrokerHeartbeatRequest),
+    ControllerCommand(ControllerCommandRequest),
+    ClusterStatus,
+    /// Controller mode: the controller refused a leader's ISR proposal.
+    IsrRejected {
+        topic: String,
+        partition: u32,
+        partition_epoch: u64,
+        reason: IsrRejection,
+    },
 }
 
 pub struct RemoteAdmitted {
@@ -96,6 +120,10 @@ pub enum ShardReply {
     Described(Result<PartitionDescription, PartitionError>),
     Topic(TopicResult),
     Done(Result<(), String>),
+    ControllerRaft(ControllerRaftResponse),
+    BrokerHeartbeat(BrokerHeartbeatResponse),
+    ControllerCommand(ControllerCommandResponse),
+    ClusterStatus(ClusterStatusResponse),
 }
 
 pub struct Envelope {
@@ -132,6 +160,11 @@ pub struct Shard {
     failed_opens: RefCell<HashMap<(String, u32), String>>,
     /// Each broker's internal listener (`cluster.brokers[].internal_address`).
     internal_addresses: Rc<HashMap<u32, String>>,
+    /// Controller mode: this shard's leaders' ISR proposals, on their way to the controller.
+    pub(super) isr_proposals: Rc<IsrProposals>,
+    /// Controller mode, shard 0: the broker's side of the controller protocol (and the
+    /// controller voter, on voters).
+    pub(super) cluster: RefCell<Option<Rc<Cluster>>>,
 }
 
 impl Shard {
@@ -164,7 +197,7 @@ impl Shard {
             })
     }
 
-    fn replication_settings(&self) -> ReplicationSettings {
+    pub(super) fn replication_settings(&self) -> ReplicationSettings {
         let config = &self.shared.config;
         ReplicationSettings {
             broker_id: config.broker_id,
@@ -179,6 +212,13 @@ impl Shard {
             fetch_backoff_ms: config.cluster.replica_fetch_backoff_ms,
             frame_bytes_max: config.frame_bytes_max,
             queue: self.queues.replication,
+            controller_mode: self.controller_mode(),
+            isr_proposals: Rc::clone(&self.isr_proposals),
         }
+    }
+
+    /// Whether a Raft controller runs this cluster (`cluster.controller_voters`).
+    pub(super) fn controller_mode(&self) -> bool {
+        !self.shared.config.cluster.controller_voters.is_empty()
     }
 }

@@ -170,6 +170,37 @@ impl Shard {
                 self.install_metadata(metadata);
                 ShardReply::Done(Ok(()))
             }
+            ShardRequest::PartitionStates(states) => {
+                self.apply_partition_states(states);
+                ShardReply::Done(Ok(()))
+            }
+            ShardRequest::Lease { until_ms } => {
+                self.renew_leases(until_ms);
+                ShardReply::Done(Ok(()))
+            }
+            ShardRequest::AlterPartitions(proposals) => {
+                self.send_isr_proposals(proposals).await;
+                ShardReply::Done(Ok(()))
+            }
+            ShardRequest::ControllerRaft(request) => {
+                ShardReply::ControllerRaft(self.controller_raft(request))
+            }
+            ShardRequest::BrokerHeartbeat(request) => {
+                ShardReply::BrokerHeartbeat(self.broker_heartbeat(request))
+            }
+            ShardRequest::ControllerCommand(request) => {
+                ShardReply::ControllerCommand(self.controller_command(request).await)
+            }
+            ShardRequest::ClusterStatus => ShardReply::ClusterStatus(self.cluster_status()),
+            ShardRequest::IsrRejected {
+                topic,
+                partition,
+                partition_epoch,
+                reason,
+            } => {
+                self.reject_isr_proposal(&topic, partition, partition_epoch, reason);
+                ShardReply::Done(Ok(()))
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use crate::config::parse_host_port;
 use crate::metadata::{self, BrokerMetadata, TopicMeta};
 use crate::server::connection::{self, ListenerKind, RequestBudget};
 use crate::server::metrics::{QueueLabels, ShardMetrics};
-use crate::server::partition::Partition;
+use crate::server::partition::{IsrProposals, Partition};
 use crate::server::Shared;
 
 const HEARTBEAT_MS: u64 = 250;
@@ -85,6 +85,9 @@ pub(crate) async fn run(
         }
     };
     let _ = stopped.await;
+    if shard.controller_mode() {
+        shard.finish_controlled_shutdown().await;
+    }
     shard.begin_stop();
     let drain = Duration::from_millis(shard.shared.config.shutdown_timeout_ms);
     if glommio::timer::timeout(drain, async {
@@ -167,6 +170,8 @@ async fn start(
                 .filter_map(|b| Some((b.id, b.internal_address.clone()?)))
                 .collect(),
         ),
+        isr_proposals: Rc::new(IsrProposals::default()),
+        cluster: RefCell::new(None),
         shared,
     });
     // Recover every partition this shard owns.
@@ -260,6 +265,18 @@ async fn start(
         )
         .map_err(|e| format!("spawn: {e}"))?
         .detach();
+    }
+    if shard.controller_mode() {
+        let proposing = Rc::clone(&shard);
+        glommio::spawn_local_into(
+            async move { proposing.isr_proposal_loop().await },
+            shard.queues.replication,
+        )
+        .map_err(|e| format!("spawn: {e}"))?
+        .detach();
+        if id == 0 {
+            shard.start_cluster().await?;
+        }
     }
     if id == 0 {
         let admin = crate::server::admin::bind(&shard.shared.config.admin_listen)?;

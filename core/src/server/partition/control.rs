@@ -1,0 +1,94 @@
+//! Controller mode: the controller's decisions reach the partition here. The leader, its epoch
+//! and the ISR come from the metadata log (`apply_state`), the broker's session with the
+//! controller bounds how long a leader may acknowledge (`renew_lease`), and the leader's ISR
+//! proposals leave through the shard's `IsrProposals` queue (`outputs.rs`).
+
+use wharf_replication::{Input, IsrRejection, Role};
+
+use super::{park, Partition, PartitionState};
+
+impl Partition {
+    /// Brings the replica to the controller's state: leads or follows in the given epoch, or
+    /// adopts a committed ISR within the current one. Older epochs are ignored (the metadata
+    /// log is applied in order, but a restarted broker may replay what it already applied).
+    pub fn apply_state(&self, state: &PartitionState) -> Result<(), String> {
+        if !self.replication.controller_mode {
+            return Ok(());
+        }
+        let me = self.replication.broker_id;
+        let (role, epoch, leading) = {
+            let replica = self.replica.borrow();
+            (replica.role(), replica.leader_epoch(), replica.is_leader())
+        };
+        if state.leader_epoch < epoch {
+            return Ok(());
+        }
+        match state.leader {
+            Some(leader) if leader == me => {
+                if leading && state.leader_epoch == epoch {
+                    self.step(Input::IsrCommitted {
+                        isr: state.isr.clone(),
+                        partition_epoch: state.partition_epoch,
+                    })?;
+                } else {
+                    tracing::info!(topic = %self.topic, partition = self.index, epoch = %state.leader_epoch, isr = ?state.isr, "leading (controller)");
+                    self.step(Input::BecomeLeader {
+                        epoch: state.leader_epoch,
+                        isr: state.isr.clone(),
+                        partition_epoch: state.partition_epoch,
+                    })?;
+                    self.wake_role_waiters();
+                }
+            }
+            Some(leader) => {
+                let same = role == Role::Follower { leader } && state.leader_epoch == epoch;
+                if !same {
+                    tracing::info!(topic = %self.topic, partition = self.index, leader, epoch = %state.leader_epoch, "following (controller)");
+                    self.step(Input::BecomeFollower {
+                        epoch: state.leader_epoch,
+                        leader,
+                    })?;
+                    self.wake_role_waiters();
+                    let _ = self.wake_fetcher.try_send(());
+                }
+            }
+            // No eligible leader (every ISR member is fenced): nobody serves until one returns.
+            // A deposed leader of an older epoch stops acknowledging when its lease ends.
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The controller answered this leader's ISR proposal with a refusal.
+    pub fn reject_isr_proposal(
+        &self,
+        partition_epoch: u64,
+        reason: IsrRejection,
+    ) -> Result<(), String> {
+        self.step(Input::IsrRejected {
+            partition_epoch,
+            reason,
+        })
+        .map(|_| ())
+    }
+
+    /// The controller renewed this broker's session: a leader may acknowledge until
+    /// `until_ms` (monotonic clock).
+    pub fn renew_lease(&self, until_ms: u64) -> Result<(), String> {
+        if !self.replication.controller_mode {
+            return Ok(());
+        }
+        self.step(Input::LeaseRenewed { until_ms }).map(|_| ())
+    }
+
+    /// Resolves at the next role change (the fetcher abandons a fetch to the old leader).
+    pub(super) fn role_changed(&self) -> futures_channel::oneshot::Receiver<()> {
+        park(&self.role_waiters)
+    }
+
+    fn wake_role_waiters(&self) {
+        for waiter in self.role_waiters.borrow_mut().drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+}
