@@ -144,7 +144,7 @@ chaos_netns_up() {
 # netns_ping N: the root namespace resolves broker N's address at layer 2 (arp through the
 # bridge) — no ping binary needed: a TCP connect to a closed port answers with RST at once.
 netns_ping() {
-  timeout 1 bash -c "exec 3<>/dev/tcp/$(netns_addr "$1")/9" 2>/dev/null
+  timeout 1 bash -c "exec 3<>/dev/tcp/$(netns_addr "$1")/9" 2>/dev/null || true
   ip neigh show "$(netns_addr "$1")" dev "$NETNS_HOSTIF" 2>/dev/null | grep -q 'lladdr'
 }
 
@@ -157,7 +157,7 @@ chaos_netns_down() {
   for b in ${NETNS_BROKERS:-1 2 3}; do spaces+=("$(netns_ns "$b")"); done
   for ns in "${spaces[@]}"; do
     [[ -e /run/netns/$ns ]] || continue
-    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -CONT "$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null; done
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -CONT "$pid" 2>/dev/null || true; kill -KILL "$pid" 2>/dev/null || true; done
   done
   for ns in "${spaces[@]}"; do
     [[ -e /run/netns/$ns ]] || continue
@@ -253,6 +253,7 @@ netns_selftest() {
   check() { if "${@:2}"; then echo "ok    $1"; else echo "FAIL  $1"; status=1; fi; }
   not() { ! "$@"; }
   check "brokers start in their namespaces and answer /readyz from the root namespace" chaos_up
+  if (( status )); then echo "FAIL  (the rest needs the brokers; see $run/cluster/broker-*.log)"; trap - EXIT; CHAOS_RUN=$run chaos_cleanup; chaos_netns_down "$run"; return 1; fi
   local b
   for b in 1 2 3; do
     check "broker $b listens on $(chaos_addr "$b") inside $(netns_ns "$b") only" \
@@ -293,7 +294,7 @@ netns_selftest() {
   return "$status"
 }
 
-if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+if [[ ${#BASH_SOURCE[@]} -eq 1 && ${BASH_SOURCE[0]} == "$0" ]]; then  # run, not sourced
   set -uo pipefail
   cmd=${1:-}; shift || true
   case $cmd in
