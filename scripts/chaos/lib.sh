@@ -302,17 +302,28 @@ chaos_cleanup() {
 
 # chaos_gaps GAPS_JSON EVENTS PARTITION: per fault (KILL/TERM/STOP/ISOLATE events), the failover
 # gap on PARTITION: last ack before the fault to the first after it, and whether an ack arrived
-# before the victim was started, continued or healed again. One JSON object per line.
+# before the victim was started, continued or healed again. With SETTLE_MS (4th argument) also
+# whether acks still arrived later than SETTLE_MS after the fault and before the victim came
+# back ("served_after_settle": a partition isolated from its leader may see an in-flight ack
+# or two while the ISR shrinks; only a new leader keeps them coming), and the largest gap in
+# that window, its edges included ("window_max_gap_ms"). One JSON object per line.
 chaos_gaps() {
   python3 - "$@" <<'PY'
 import bisect, json, sys
 gaps, events, partition = sys.argv[1], sys.argv[2], int(sys.argv[3])
+settle = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 times = json.load(open(gaps))["partitions"][partition]["ack_unix_ms"]
 evs = [l.split() for l in open(events) if l.strip()]
 for i, (sig, broker, ms) in enumerate(evs):
     if sig not in ("KILL", "TERM", "STOP", "ISOLATE"):
         continue
     ms = int(ms)
+
+    def window_max_gap(start, end):
+        if end is None:
+            return None
+        w = [start] + [t for t in times if start < t < end] + [end]
+        return max(b - a for a, b in zip(w, w[1:]))
     back = next((int(m) for s, b, m in evs[i + 1:] if b == broker and s in ("START", "CONT", "HEAL")), None)
     before = times[bisect.bisect_left(times, ms) - 1] if bisect.bisect_left(times, ms) > 0 else None
     j = bisect.bisect_right(times, ms)
@@ -321,6 +332,8 @@ for i, (sig, broker, ms) in enumerate(evs):
         "signal": sig, "broker": int(broker), "at_unix_ms": ms, "back_unix_ms": back,
         "gap_ms": (after - before) if (after is not None and before is not None) else None,
         "served_while_down": after is not None and (back is None or after < back),
+        "served_after_settle": any(ms + settle < t and (back is None or t < back) for t in times),
+        "window_max_gap_ms": window_max_gap(ms, back),
     }))
 PY
 }
