@@ -56,8 +56,9 @@ cleanup_all() {
   done
   return 0
 }
-trap cleanup_all EXIT
-trap 'exit 130' INT TERM
+exec 9>&2  # The terminal's stderr: a signal may arrive while a fault's goes to harness.log.
+trap 'cleanup_all 2>&9' EXIT
+trap 'echo "chaos: interrupted; stopping brokers, removing namespaces" >&9; exit 130' INT TERM
 
 # --- faults: each may set FAULT_FAIL (why the scenario cannot pass) and MUST_SERVE (partitions
 # that must have been acknowledged while the victim was down).
@@ -217,7 +218,7 @@ fault_netns-flap() {
 # result STATUS NAME FLUSH START REASON
 result() {
   local line
-  line=$(printf '%-8s %-18s flush=%-8s %4ss  %s' "$1" "$2" "$3" "$(( $(date +%s) - $4 ))" "$5")
+  line=$(printf '%-8s %-25s flush=%-8s %4ss  %s' "$1" "$2" "$3" "$(( $(date +%s) - $4 ))" "$5")
   echo "$line" | tee -a "$ROOT/results.txt"
 }
 
