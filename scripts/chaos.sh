@@ -228,12 +228,12 @@ scenario() {
     netns-leader-isolated|netns-controller-isolated|netns-flap)
       local why
       if ! why=$(chaos_netns_check); then result SKIPPED "$name" "$flush" "$started" "$why"; return; fi
-      if [[ $name == netns-controller-isolated ]] && ! why=$(CHAOS_BROKERS=() chaos_controller_leader); then
+      if [[ $name == netns-controller-isolated ]] && ! why=$(chaos_has_cluster_status); then
         result FAIL "$name" "$flush" "$started" "$why"; return
       fi ;;
     controller-kill)
       local why
-      if ! why=$(CHAOS_BROKERS=() chaos_controller_leader); then result FAIL "$name" "$flush" "$started" "$why"; return; fi ;;
+      if ! why=$(chaos_has_cluster_status); then result FAIL "$name" "$flush" "$started" "$why"; return; fi ;;
     leader-kill|follower-kill|random-kills|leader-stop|all-kill|rolling-restart) ;;
     *) result FAIL "$name" "$flush" "$started" "unknown scenario"; return ;;
   esac

@@ -245,11 +245,15 @@ sys.exit(0 if p["leader"] != int(sys.argv[2]) and p["error"] == "none" else 1)' 
 # ("controller_leader", "leader_id", "leader"), or text with "leader ... <id>".
 chaos_controller_leader() {
   local b
-  if ! "$WHARF_BIN" cluster status --help >/dev/null 2>&1; then
-    echo "not available yet: this wharf has no 'cluster status' command"; return 1
-  fi
+  chaos_has_cluster_status || return 1
   for b in $(chaos_not_isolated); do chaos_controller_leader_from "$b" && return 0; done
   echo "not available yet: 'wharf cluster status' names no controller leader"; return 1
+}
+
+# chaos_has_cluster_status: true when this wharf has `cluster status`; else prints why not.
+chaos_has_cluster_status() {
+  "$WHARF_BIN" cluster status --help >/dev/null 2>&1 && return 0
+  echo "not available yet: this wharf has no 'cluster status' command"; return 1
 }
 
 # chaos_controller_leader_from BROKER: the controller leader as BROKER reports it.
