@@ -10,16 +10,18 @@
 #   scripts/chaos.sh [scenario...]        default: all; CHAOS_QUICK=1: the CI subset
 #
 # Scenarios: leader-kill (a), follower-kill (b), controller-kill (c), random-kills (d),
-# leader-stop (e: SIGSTOP beyond the session timeout, then SIGCONT), netns-leader,
-# netns-controller, netns-flap (f: network partitions, root only; see scripts/chaos/netns.sh),
-# all-kill (g), rolling-restart (h).
+# leader-stop (e: SIGSTOP beyond the session timeout, then SIGCONT), netns-leader-isolated,
+# netns-controller-isolated, netns-flap (f: network partitions in network namespaces, root only,
+# else SKIPPED; see scripts/chaos/netns.sh), all-kill (g), rolling-restart (h).
 # One line per scenario and flush mode: PASS|FAIL|SKIPPED, the reason, the duration; then a
 # summary. Exit 0 all passed; 1 a scenario failed; 3 none failed but some did not run.
 # Environment: CHAOS_QUICK (0), CHAOS_SECONDS (load per scenario: 40, quick 20), CHAOS_DOWN_S
 # (how long a victim stays down: 10, quick 6), CHAOS_FAILOVER_WAIT_S (5: a new leader must
 # appear by then), CHAOS_STOP_S (SIGSTOP length, beyond the session timeout: 12), CHAOS_RATE
 # (records/s: 1000), CHAOS_FLUSH ("always interval"; quick: always), CHAOS_KEEP=1 keeps the
-# data of passed scenarios. Reports and logs: target/chaos/run-PID/SCENARIO-FLUSH/.
+# data of passed scenarios, CHAOS_FLAP_S (netns-flap: how long the link flaps, 10),
+# CHAOS_CONTROLLER_WAIT_S (a new controller leader by then: 10), CHAOS_CONTROLLER=0 (brokers
+# without controller_voters, for a wharf without the controller). Reports and logs: target/chaos/run-PID/SCENARIO-FLUSH/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/chaos/lib.sh
@@ -28,14 +30,16 @@ source scripts/chaos/lib.sh
 QUICK=${CHAOS_QUICK:-0}
 if [[ $QUICK == 1 ]]; then
   SECONDS_LOAD=${CHAOS_SECONDS:-20}; DOWN_S=${CHAOS_DOWN_S:-6}; FLUSHES=${CHAOS_FLUSH:-always}
-  DEFAULT_SCENARIOS=(follower-kill leader-kill leader-stop all-kill rolling-restart)
+  DEFAULT_SCENARIOS=(follower-kill leader-kill leader-stop all-kill rolling-restart netns-leader-isolated)
 else
   SECONDS_LOAD=${CHAOS_SECONDS:-40}; DOWN_S=${CHAOS_DOWN_S:-10}; FLUSHES=${CHAOS_FLUSH:-always interval}
   DEFAULT_SCENARIOS=(leader-kill follower-kill controller-kill random-kills leader-stop
-    all-kill rolling-restart netns-leader netns-controller netns-flap)
+    all-kill rolling-restart netns-leader-isolated netns-controller-isolated netns-flap)
 fi
 WAIT_S=${CHAOS_FAILOVER_WAIT_S:-5}
 STOP_S=${CHAOS_STOP_S:-12}
+FLAP_S=${CHAOS_FLAP_S:-10}
+CONTROLLER_WAIT_S=${CHAOS_CONTROLLER_WAIT_S:-10}
 RATE=${CHAOS_RATE:-1000}
 LEAD_S=5  # Load before the fault.
 ROOT=$PWD/target/chaos/run-$$
@@ -48,12 +52,13 @@ cleanup_all() {
   local run
   for run in "${RUNS[@]}"; do
     CHAOS_RUN=$run chaos_cleanup
-    [[ -x scripts/chaos/netns.sh && -f $run/netns ]] && bash scripts/chaos/netns.sh down "$run" >/dev/null 2>&1
+    [[ -f $run/netns ]] && { chaos_netns_down "$run" || true; }
   done
   return 0
 }
-trap cleanup_all EXIT
-trap 'exit 130' INT TERM
+exec 9>&2  # The terminal's stderr: a signal may arrive while a fault's goes to harness.log.
+trap 'cleanup_all 2>&9' EXIT
+trap 'echo "chaos: interrupted; stopping brokers, removing namespaces" >&9; exit 130' INT TERM
 
 # --- faults: each may set FAULT_FAIL (why the scenario cannot pass) and MUST_SERVE (partitions
 # that must have been acknowledged while the victim was down).
@@ -130,40 +135,127 @@ fault_rolling-restart() {
   done
 }
 
+# (f) Network partitions: each broker in its own namespace (scenario() sets them up).
+
+# A partition heals: rules removed, describe asks every broker again.
+netns_heal() {
+  chaos_log "heal broker $1"
+  chaos_netns_heal "$1" || FAULT_FAIL="iptables: cannot heal broker $1"
+  CHAOS_ISOLATED=''
+}
+
+# After healing, VICTIM must agree with the others on partition 0's leader (it rejoined as a
+# follower, or leads again after a legitimate election: no second leader), bounded.
+netns_agree() {
+  local victim=$1 other=$2 deadline=$(( $(date +%s) + CHAOS_ISR_WAIT_S )) mine theirs
+  while (( $(date +%s) < deadline )); do
+    mine=$(chaos_describe_from "$victim" "$TOPIC" | python3 -c 'import json,sys; print([p["leader"] for p in json.load(sys.stdin)["partitions"]])' 2>/dev/null) || mine=unknown
+    theirs=$(chaos_describe_from "$other" "$TOPIC" | python3 -c 'import json,sys; print([p["leader"] for p in json.load(sys.stdin)["partitions"]])' 2>/dev/null) || theirs=unknown
+    [[ $mine != unknown && $mine == "$theirs" ]] && return 0
+    sleep 0.5
+  done
+  FAULT_FAIL+="${FAULT_FAIL:+; }after healing broker $victim reports leaders $mine, broker $other $theirs (${CHAOS_ISR_WAIT_S} s)"
+}
+
+fault_netns-leader-isolated() {
+  local victim other; victim=$(chaos_leader "$TOPIC" 0)
+  other=$(( victim % 3 + 1 ))
+  chaos_log "isolate broker $victim (leader of partition 0) from the other brokers, not from clients, for $DOWN_S s"
+  chaos_netns_isolate "$victim" peers || { FAULT_FAIL="iptables: cannot isolate broker $victim"; return; }
+  chaos_netns_rules "$victim" >&2 || true
+  CHAOS_ISOLATED=$victim
+  MUST_SERVE=0
+  chaos_wait_new_leader "$TOPIC" 0 "$victim" "$WAIT_S" ||
+    FAULT_FAIL="no failover: brokers $(chaos_not_isolated | tr '\n' ' ')still name isolated broker $victim leader of partition 0 after $WAIT_S s"
+  sleep "$DOWN_S"
+  netns_heal "$victim"
+  chaos_wait_full_isr "$TOPIC" || FAULT_FAIL+="${FAULT_FAIL:+; }broker $victim did not rejoin the ISR"
+  netns_agree "$victim" "$other"
+}
+
+fault_netns-controller-isolated() {
+  local victim new='' deadline
+  if ! victim=$(chaos_controller_leader); then FAULT_FAIL=$victim; return; fi
+  chaos_log "isolate broker $victim (controller leader) from the other brokers, not from clients, for $DOWN_S s"
+  chaos_netns_isolate "$victim" peers || { FAULT_FAIL="iptables: cannot isolate broker $victim"; return; }
+  CHAOS_ISOLATED=$victim
+  MUST_SERVE="0 1 2"
+  deadline=$(( $(date +%s) + CONTROLLER_WAIT_S ))
+  while (( $(date +%s) < deadline )); do
+    new=$(chaos_controller_leader 2>/dev/null) && [[ $new != "$victim" ]] && break
+    new=''; sleep 0.2
+  done
+  if [[ -n $new ]]; then chaos_log "controller leader now broker $new"
+  else FAULT_FAIL="no new controller leader among brokers $(chaos_not_isolated | tr '\n' ' ')within $CONTROLLER_WAIT_S s of isolating broker $victim"
+  fi
+  sleep "$DOWN_S"
+  netns_heal "$victim"
+  chaos_wait_full_isr "$TOPIC" || FAULT_FAIL+="${FAULT_FAIL:+; }broker $victim did not rejoin the ISR"
+  # The old controller leader follows the new one once healed (bounded).
+  deadline=$(( $(date +%s) + CHAOS_ISR_WAIT_S ))
+  local theirs mine
+  while (( $(date +%s) < deadline )); do
+    theirs=$(chaos_controller_leader 2>/dev/null) || theirs=unknown
+    mine=$(chaos_controller_leader_from "$victim" 2>/dev/null) || mine=unknown
+    [[ $mine != unknown && $mine == "$theirs" ]] && return
+    sleep 0.5
+  done
+  FAULT_FAIL+="${FAULT_FAIL:+; }after healing broker $victim names controller leader $mine, the others $theirs"
+}
+
+fault_netns-flap() {
+  local victim other; victim=$(chaos_leader "$TOPIC" 0)
+  other=$(( victim % 3 + 1 ))
+  chaos_log "flap broker $victim's link to the other brokers (leader of partition 0) for $FLAP_S s"
+  chaos_netns_flap "$victim" "$FLAP_S" peers || FAULT_FAIL="iptables: flapping broker $victim failed"
+  chaos_netns_heal "$victim" || true
+  chaos_wait_full_isr "$TOPIC" || FAULT_FAIL+="${FAULT_FAIL:+; }no full ISR after the link settled"
+  netns_agree "$victim" "$other"
+}
+
 # --- one scenario in one flush mode
 
 # result STATUS NAME FLUSH START REASON
 result() {
   local line
-  line=$(printf '%-8s %-18s flush=%-8s %4ss  %s' "$1" "$2" "$3" "$(( $(date +%s) - $4 ))" "$5")
+  line=$(printf '%-8s %-25s flush=%-8s %4ss  %s' "$1" "$2" "$3" "$(( $(date +%s) - $4 ))" "$5")
   echo "$line" | tee -a "$ROOT/results.txt"
 }
 
 scenario() {
   local name=$1 flush=$2 started; started=$(date +%s)
   case $name in
-    netns-*)
-      if [[ $(id -u) != 0 ]]; then result SKIPPED "$name" "$flush" "$started" "(needs root): network namespaces and iptables"; return; fi
-      if [[ ! -x scripts/chaos/netns.sh ]]; then result SKIPPED "$name" "$flush" "$started" "not implemented yet: scripts/chaos/netns.sh"; return; fi ;;
+    netns-leader-isolated|netns-controller-isolated|netns-flap)
+      local why
+      if ! why=$(chaos_netns_check); then result SKIPPED "$name" "$flush" "$started" "$why"; return; fi
+      if [[ $name == netns-controller-isolated ]] && ! why=$(chaos_has_cluster_status); then
+        result FAIL "$name" "$flush" "$started" "$why"; return
+      fi ;;
     controller-kill)
       local why
-      if ! why=$(CHAOS_BROKERS=() chaos_controller_leader); then result FAIL "$name" "$flush" "$started" "$why"; return; fi ;;
+      if ! why=$(chaos_has_cluster_status); then result FAIL "$name" "$flush" "$started" "$why"; return; fi ;;
     leader-kill|follower-kill|random-kills|leader-stop|all-kill|rolling-restart) ;;
     *) result FAIL "$name" "$flush" "$started" "unknown scenario"; return ;;
   esac
   CHAOS_RUN=$ROOT/$name-$flush
   RUNS+=("$CHAOS_RUN")
   mkdir -p "$CHAOS_RUN"; : > "$CHAOS_RUN/pids"; : > "$CHAOS_RUN/events"
+  CHAOS_ISOLATED=''
+  if [[ $name == netns-* ]] && ! chaos_netns_up "$CHAOS_RUN" 2>> "$CHAOS_RUN/harness.log"; then
+    result FAIL "$name" "$flush" "$started" "network namespaces did not come up (see $CHAOS_RUN/harness.log)"; return
+  fi
   chaos_cluster_init "$CHAOS_RUN/cluster"
   if ! chaos_up 2>> "$CHAOS_RUN/harness.log"; then
-    result FAIL "$name" "$flush" "$started" "cluster did not start (see $CHAOS_RUN)"; chaos_cleanup; return
+    result FAIL "$name" "$flush" "$started" "cluster did not start (see $CHAOS_RUN)"; chaos_cleanup
+    chaos_netns_down "$CHAOS_RUN" 2>> "$CHAOS_RUN/harness.log" || true; return
   fi
   TOPIC=chaos-$name-$$
   local partitions=3
-  [[ $name == leader-* || $name == follower-* ]] && partitions=1
+  [[ $name == leader-* || $name == follower-* || $name == netns-leader-* || $name == netns-flap ]] && partitions=1
   if ! "$WHARF_BIN" topic create "$TOPIC" --partitions "$partitions" --replication-factor 3 \
       --config min_insync_replicas=2 --config "flush=$flush" --bootstrap "$(chaos_addr 1)" >/dev/null 2>> "$CHAOS_RUN/harness.log"; then
-    result FAIL "$name" "$flush" "$started" "topic creation failed"; chaos_cleanup; return
+    result FAIL "$name" "$flush" "$started" "topic creation failed"; chaos_cleanup
+    chaos_netns_down "$CHAOS_RUN" 2>> "$CHAOS_RUN/harness.log" || true; return
   fi
   local bounded=$(( SECONDS_LOAD + 120 ))  # Load, drains and the read-back, at most.
   timeout -s KILL "$bounded" "$LOADGEN_BIN" --bootstrap "$(chaos_bootstrap)" --topic "$TOPIC" \
@@ -184,11 +276,15 @@ scenario() {
   chaos_wait_full_isr "$TOPIC" 2>> "$CHAOS_RUN/harness.log" || isr="ISR not full ${CHAOS_ISR_WAIT_S} s after the fault healed"
   chaos_down 2>> "$CHAOS_RUN/harness.log"
   chaos_cleanup
+  if [[ -f $CHAOS_RUN/netns ]] && ! chaos_netns_down "$CHAOS_RUN" 2>> "$CHAOS_RUN/harness.log"; then
+    FAULT_FAIL+="${FAULT_FAIL:+; }teardown of the namespaces left something (see harness.log)"
+  fi
 
   local verdict reasons=()
-  verdict=$(python3 - "$CHAOS_RUN" "$code" "$flush" "$name" "${MUST_SERVE:-}" <<'PY'
+  verdict=$(python3 - "$CHAOS_RUN" "$code" "$flush" "$name" "${MUST_SERVE:-}" "$WAIT_S" <<'PY'
 import json, os, sys
 run, code, flush, name, must = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+settle_ms = int(sys.argv[6]) * 1000  # A new leader within CHAOS_FAILOVER_WAIT_S.
 out = []
 try:
     v = json.load(open(f"{run}/loadgen.json"))["verify"]
@@ -202,15 +298,22 @@ if bad and expected_loss:
 elif bad or code not in (0,):
     out.append("audit: " + ", ".join(f"{k} {n}" for k, n in bad.items()) if bad else f"loadgen exit {code}")
     out.extend(v.get("examples", [])[:3])
-if must != "" and os.path.exists(f"{run}/gaps.json"):
+for part in must.split() if os.path.exists(f"{run}/gaps.json") else []:
     import subprocess
-    rows = subprocess.run(["bash", "-c", f'source scripts/chaos/lib.sh; chaos_gaps "{run}/gaps.json" "{run}/fault-events" {must}'],
+    rows = subprocess.run(["bash", "-c", f'source scripts/chaos/lib.sh; chaos_gaps "{run}/gaps.json" "{run}/fault-events" {part} {settle_ms}'],
                           capture_output=True, text=True).stdout.split("\n")
     for r in (json.loads(l) for l in rows if l.strip()):
         gap = r["gap_ms"]
-        info += f"; partition {must} gap {gap} ms after SIG{r['signal']} of broker {r['broker']}"
-        if not r["served_while_down"]:
-            out.append(f"partition {must} unavailable while broker {r['broker']} was down (no ack until it returned)")
+        cut = r["signal"] == "ISOLATE"
+        info += f"; partition {part} gap {gap} ms after " + (f"isolating broker {r['broker']} (largest while isolated {r['window_max_gap_ms']} ms)" if cut else f"SIG{r['signal']} of broker {r['broker']}")
+        if cut and not r["served_after_settle"]:
+            out.append(f"partition {part}: no ack from {settle_ms} ms after isolating broker {r['broker']} until it was healed (acks stopped, nobody took over)")
+        elif not cut and not r["served_while_down"]:
+            out.append(f"partition {part} unavailable while broker {r['broker']} was " + ("isolated (no ack until it was healed)" if cut else "down (no ack until it returned)"))
+if name == "netns-flap" and os.path.exists(f"{run}/gaps.json"):
+    p0 = json.load(open(f"{run}/gaps.json"))["partitions"][0]
+    flaps = sum(1 for l in open(f"{run}/fault-events") if l.startswith("ISOLATE"))
+    info += f"; {flaps} flaps, partition 0 largest ack gap {p0.get('max_gap_ms')} ms"
 print(("FAIL|" if out else "PASS|") + "; ".join(out + [info]))
 PY
 )

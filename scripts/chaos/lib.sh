@@ -4,13 +4,17 @@
 # only (and the variables below). Every process it starts is recorded in $CHAOS_RUN/pids so
 # chaos_cleanup (the callers' EXIT trap) can stop them all.
 #
-# Brokers bind 127.0.0.<10+id> (one loopback address per broker, so a rule between two
-# brokers' addresses can isolate them; see scripts/chaos/netns.sh for network namespaces)
-# on port $CHAOS_PORT (client), +100 (internal), +200 (admin).
+# Brokers bind 127.0.0.<10+id> (one loopback address per broker) on port $CHAOS_PORT (client),
+# +100 (internal), +200 (admin). In network namespaces (scripts/chaos/netns.sh, sourced below:
+# chaos_netns_up sets CHAOS_NETNS_PREFIX and CHAOS_HOST_PREFIX) each broker runs in its own
+# namespace on 10.x.y.<10+id>; clients stay in the root namespace.
 #
 # Environment: WHARF_BIN, LOADGEN_BIN (default: $CARGO_TARGET_DIR or target, release);
 # CHAOS_PORT (default: a free port from 31092 up); REPLICA_LAG_MAX_MS (3000: a dead follower
-# leaves the ISR after this); CHAOS_ISR_WAIT_S (60: bound on the wait for a full ISR).
+# leaves the ISR after this); CHAOS_ISR_WAIT_S (60: bound on the wait for a full ISR);
+# CHAOS_ISOLATED (broker ids, space-separated: cut off by a partition, so describe and cluster
+# status ask the others); CHAOS_CONTROLLER (1: brokers 1-3 run the Raft controller,
+# `controller_voters`; 0: a static cluster, for a wharf without the controller; default $CONTROLLER).
 
 CHAOS_BROKERS=(1 2 3)
 : "${REPLICA_LAG_MAX_MS:=3000}"
@@ -84,7 +88,9 @@ chaos_cluster_init() {
       echo "replica_lag_max_ms = $REPLICA_LAG_MAX_MS"
       echo "internal_listen = \"$(chaos_host "$id"):$((CHAOS_PORT + 100))\""
       echo "secret_file = \"$CHAOS_DIR/cluster.secret\""
-      echo "controller_voters = [$(IFS=,; echo "${CHAOS_BROKERS[*]}")]"
+      if [[ ${CHAOS_CONTROLLER:-${CONTROLLER:-1}} == 1 ]]; then
+        echo "controller_voters = [$(IFS=,; echo "${CHAOS_BROKERS[*]}")]"
+      fi
       for b in "${CHAOS_BROKERS[@]}"; do
         echo "[[cluster.brokers]]"
         echo "id = $b"
@@ -167,12 +173,23 @@ chaos_down() {
   done
 }
 
-# chaos_describe TOPIC: `wharf topic describe --format json` from the first broker that answers.
-chaos_describe() {
+# chaos_not_isolated: the brokers not named in CHAOS_ISOLATED, one per line.
+chaos_not_isolated() {
   local b
   for b in "${CHAOS_BROKERS[@]}"; do
-    timeout 10 "$WHARF_BIN" topic describe "$1" --bootstrap "$(chaos_addr "$b")" --format json 2>/dev/null && return 0
+    [[ " ${CHAOS_ISOLATED:-} " == *" $b "* ]] || echo "$b"
   done
+}
+
+# chaos_describe_from BROKER TOPIC: `wharf topic describe --format json` as BROKER answers it.
+chaos_describe_from() {
+  timeout 10 "$WHARF_BIN" topic describe "$2" --bootstrap "$(chaos_addr "$1")" --format json 2>/dev/null
+}
+
+# chaos_describe TOPIC: the description from the first broker (not isolated) that answers.
+chaos_describe() {
+  local b
+  for b in $(chaos_not_isolated); do chaos_describe_from "$b" "$1" && return 0; done
   return 1
 }
 
@@ -223,18 +240,28 @@ sys.exit(0 if p["leader"] != int(sys.argv[2]) and p["error"] == "none" else 1)' 
 }
 
 # chaos_controller_leader: the controller leader's broker id from `wharf cluster status`
-# (being added with the controller). Fails, printing "not available yet", without it.
-# Accepted output: JSON with a key naming the leader ("leader", "controller_leader",
-# "leader_id"), or text with "leader ... <id>".
+# (being added with the controller), asked of the brokers not isolated. Fails, printing "not
+# available yet", without it. Accepted output: JSON with a key naming the leader
+# ("controller_leader", "leader_id", "leader"), or text with "leader ... <id>".
 chaos_controller_leader() {
-  local b out
-  if ! "$WHARF_BIN" cluster status --help >/dev/null 2>&1; then
-    echo "not available yet: this wharf has no 'cluster status' command"; return 1
-  fi
-  for b in "${CHAOS_BROKERS[@]}"; do
-    out=$(timeout 10 "$WHARF_BIN" cluster status --bootstrap "$(chaos_addr "$b")" --format json 2>/dev/null) ||
-      out=$(timeout 10 "$WHARF_BIN" cluster status --bootstrap "$(chaos_addr "$b")" 2>/dev/null) || continue
-    python3 - "$out" <<'PY' && return 0
+  local b
+  chaos_has_cluster_status || return 1
+  for b in $(chaos_not_isolated); do chaos_controller_leader_from "$b" && return 0; done
+  echo "not available yet: 'wharf cluster status' names no controller leader"; return 1
+}
+
+# chaos_has_cluster_status: true when this wharf has `cluster status`; else prints why not.
+chaos_has_cluster_status() {
+  "$WHARF_BIN" cluster status --help >/dev/null 2>&1 && return 0
+  echo "not available yet: this wharf has no 'cluster status' command"; return 1
+}
+
+# chaos_controller_leader_from BROKER: the controller leader as BROKER reports it.
+chaos_controller_leader_from() {
+  local out
+  out=$(timeout 10 "$WHARF_BIN" cluster status --bootstrap "$(chaos_addr "$1")" --format json 2>/dev/null) ||
+    out=$(timeout 10 "$WHARF_BIN" cluster status --bootstrap "$(chaos_addr "$1")" 2>/dev/null) || return 1
+  python3 - "$out" <<'PY'
 import json, re, sys
 out = sys.argv[1]
 try:
@@ -257,8 +284,6 @@ if r is None:
     sys.exit(1)
 print(r)
 PY
-  done
-  echo "not available yet: 'wharf cluster status' names no controller leader"; return 1
 }
 
 # chaos_cleanup: stops every process this run started (SIGCONT first: a stopped process
@@ -279,20 +304,31 @@ chaos_cleanup() {
   while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$CHAOS_RUN/pids"
 }
 
-# chaos_gaps GAPS_JSON EVENTS PARTITION: per fault (KILL/TERM/STOP events), the failover gap on
-# PARTITION: last ack before the fault to the first after it, and whether an ack arrived before
-# the victim was started (or continued) again. One JSON object per line.
+# chaos_gaps GAPS_JSON EVENTS PARTITION: per fault (KILL/TERM/STOP/ISOLATE events), the failover
+# gap on PARTITION: last ack before the fault to the first after it, and whether an ack arrived
+# before the victim was started, continued or healed again. With SETTLE_MS (4th argument) also
+# whether acks still arrived later than SETTLE_MS after the fault and before the victim came
+# back ("served_after_settle": a partition isolated from its leader may see an in-flight ack
+# or two while the ISR shrinks; only a new leader keeps them coming), and the largest gap in
+# that window, its edges included ("window_max_gap_ms"). One JSON object per line.
 chaos_gaps() {
   python3 - "$@" <<'PY'
 import bisect, json, sys
 gaps, events, partition = sys.argv[1], sys.argv[2], int(sys.argv[3])
+settle = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 times = json.load(open(gaps))["partitions"][partition]["ack_unix_ms"]
 evs = [l.split() for l in open(events) if l.strip()]
 for i, (sig, broker, ms) in enumerate(evs):
-    if sig not in ("KILL", "TERM", "STOP"):
+    if sig not in ("KILL", "TERM", "STOP", "ISOLATE"):
         continue
     ms = int(ms)
-    back = next((int(m) for s, b, m in evs[i + 1:] if b == broker and s in ("START", "CONT")), None)
+
+    def window_max_gap(start, end):
+        if end is None:
+            return None
+        w = [start] + [t for t in times if start < t < end] + [end]
+        return max(b - a for a, b in zip(w, w[1:]))
+    back = next((int(m) for s, b, m in evs[i + 1:] if b == broker and s in ("START", "CONT", "HEAL")), None)
     before = times[bisect.bisect_left(times, ms) - 1] if bisect.bisect_left(times, ms) > 0 else None
     j = bisect.bisect_right(times, ms)
     after = times[j] if j < len(times) else None
@@ -300,6 +336,11 @@ for i, (sig, broker, ms) in enumerate(evs):
         "signal": sig, "broker": int(broker), "at_unix_ms": ms, "back_unix_ms": back,
         "gap_ms": (after - before) if (after is not None and before is not None) else None,
         "served_while_down": after is not None and (back is None or after < back),
+        "served_after_settle": any(ms + settle < t and (back is None or t < back) for t in times),
+        "window_max_gap_ms": window_max_gap(ms, back),
     }))
 PY
 }
+
+# shellcheck source=scripts/chaos/netns.sh
+source "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
