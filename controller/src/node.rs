@@ -600,6 +600,26 @@ impl ControllerNode {
         MetadataDelta::Records(records)
     }
 
+    /// Hands Raft leadership to the most caught-up other voter (the active controller's broker
+    /// is shutting down), so the quorum does not wait out an election timeout without a
+    /// leader. Returns the transferee; raft-rs carries it out through the next `ready`s.
+    pub fn transfer_leadership(&mut self) -> Option<u32> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.config.node_id;
+        let progress = self.raw.raft.prs();
+        let target = self
+            .config
+            .voters
+            .iter()
+            .copied()
+            .filter(|voter| *voter != me)
+            .max_by_key(|voter| progress.get(u64::from(*voter)).map_or(0, |p| p.matched))?;
+        self.raw.transfer_leader(u64::from(target));
+        Some(target)
+    }
+
     pub fn leader_id(&self) -> Option<u32> {
         u32::try_from(self.raw.raft.leader_id)
             .ok()

@@ -523,6 +523,15 @@ impl Replica {
         })
     }
 
+    /// Whether the driver is changing the follower log (appending fetched batches, truncating,
+    /// resetting): `BecomeLeader` must wait until it reported the change done.
+    pub fn changing_log(&self) -> bool {
+        matches!(
+            self.phase,
+            FetchPhase::Truncating | FetchPhase::Resetting | FetchPhase::Appending { .. }
+        )
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }

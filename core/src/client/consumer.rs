@@ -55,7 +55,15 @@ pub struct Consumer {
     topic: String,
     config: ConsumerConfig,
     assigned: Vec<Assigned>,
+    /// Polls in a row in which a leader could not be reached (failover in progress).
+    polls_failed: u32,
 }
+
+/// Polls in a row that may fail to reach a partition's leader (each after a metadata refresh
+/// and `POLL_RETRY_BACKOFF_MS`) before `poll` reports the error: a failover takes well under
+/// this, a cluster that is down does not.
+pub const POLL_FAILURES_MAX: u32 = 50;
+const POLL_RETRY_BACKOFF_MS: u64 = 100;
 
 /// One record, borrowed from a fetch response.
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +136,7 @@ impl Consumer {
             topic: topic.to_string(),
             config,
             assigned: Vec::new(),
+            polls_failed: 0,
         }
     }
 
@@ -225,8 +234,17 @@ impl Consumer {
             by_address.entry(address).or_default().push(*assigned);
         }
         let mut requests = Vec::new();
+        let mut unreachable: Option<ClientError> = None;
         for (address, assigned) in by_address {
-            let connection: Rc<Connection> = self.client.connection(&address).await?;
+            // A leader that died (or stopped) fails only its own partitions, for this poll.
+            let connection: Rc<Connection> = match self.client.connection(&address).await {
+                Ok(connection) => connection,
+                Err(error) if error.is_retriable() => {
+                    unreachable = Some(error);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let request = FetchRequest {
                 max_wait_ms: self.config.max_wait_ms,
                 min_bytes: self.config.min_bytes,
@@ -251,7 +269,14 @@ impl Consumer {
         }
         let mut fetched = Vec::new();
         for frame in join_all(requests).await {
-            let frame = Rc::new(frame?);
+            let frame = match frame {
+                Ok(frame) => Rc::new(frame),
+                Err(error) if error.is_retriable() => {
+                    unreachable = Some(error);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let response: FetchResponse = decode(&frame)?;
             let mut at = 0usize;
             for p in response.partitions {
@@ -299,6 +324,21 @@ impl Consumer {
                     end: at + len,
                 });
                 at += len;
+            }
+        }
+        match unreachable {
+            None => self.polls_failed = 0,
+            Some(error) => {
+                self.polls_failed += 1;
+                if self.polls_failed > POLL_FAILURES_MAX {
+                    return Err(error);
+                }
+                // The partitions move to a new leader: learn it, and do not spin meanwhile.
+                let _ = self.client.refresh_metadata().await;
+                if fetched.is_empty() {
+                    glommio::timer::sleep(std::time::Duration::from_millis(POLL_RETRY_BACKOFF_MS))
+                        .await;
+                }
             }
         }
         Ok(Records { fetched })

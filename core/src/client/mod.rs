@@ -426,7 +426,13 @@ pub struct Client {
     pub config: ClientConfig,
     connections: RefCell<HashMap<String, Rc<Connection>>>,
     metadata: RefCell<Option<Rc<MetadataResponse>>>,
+    /// The broker that answered the last bootstrap call (any broker serves metadata).
+    bootstrap_last: RefCell<Option<String>>,
 }
+
+/// How long a metadata refresh waits for one broker before trying the next: a stopped
+/// broker must not hold a client's failover for a whole request timeout.
+pub const METADATA_TIMEOUT_MS: u64 = 2_000;
 
 impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Rc<Client>, ClientError> {
@@ -434,8 +440,9 @@ impl Client {
             config,
             connections: RefCell::new(HashMap::new()),
             metadata: RefCell::new(None),
+            bootstrap_last: RefCell::new(None),
         });
-        let bootstrap = client.connection(&client.config.bootstrap.clone()).await?;
+        let bootstrap = client.bootstrap().await?;
         let frame = bootstrap
             .call(
                 ApiKey::Versions,
@@ -484,24 +491,89 @@ impl Client {
         Ok(connection)
     }
 
-    pub async fn bootstrap(&self) -> Result<Rc<Connection>, ClientError> {
-        let address = self.config.bootstrap.clone();
-        self.connection(&address).await
+    /// The brokers to ask for cluster-wide answers, in order: the one that answered last, the
+    /// configured bootstrap list (comma-separated), then every broker the metadata named. A
+    /// client outlives the death of its bootstrap broker this way.
+    fn bootstrap_candidates(&self) -> Vec<String> {
+        let mut candidates: Vec<String> = Vec::new();
+        let mut add = |address: String| {
+            if !address.is_empty() && !candidates.contains(&address) {
+                candidates.push(address);
+            }
+        };
+        if let Some(last) = self.bootstrap_last.borrow().clone() {
+            add(last);
+        }
+        for address in self.config.bootstrap.split(',') {
+            add(address.trim().to_string());
+        }
+        if let Some(metadata) = self.metadata.borrow().as_ref() {
+            for broker in &metadata.brokers {
+                add(format!("{}:{}", broker.host, broker.port));
+            }
+        }
+        candidates
     }
 
+    /// The broker that answered last, else the first configured one.
+    fn bootstrap_address(&self) -> String {
+        self.bootstrap_last
+            .borrow()
+            .clone()
+            .or_else(|| self.bootstrap_candidates().into_iter().next())
+            .unwrap_or_default()
+    }
+
+    /// A connection to a live broker of the cluster (see `bootstrap_candidates`).
+    pub async fn bootstrap(&self) -> Result<Rc<Connection>, ClientError> {
+        let mut last_error = None;
+        for address in self.bootstrap_candidates() {
+            match self.connection(&address).await {
+                Ok(connection) => {
+                    *self.bootstrap_last.borrow_mut() = Some(address);
+                    return Ok(connection);
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ClientError::Invalid("no bootstrap address".into())))
+    }
+
+    /// Asks the brokers in turn (each for at most `METADATA_TIMEOUT_MS`) until one answers.
     pub async fn refresh_metadata(&self) -> Result<Rc<MetadataResponse>, ClientError> {
-        let connection = self.bootstrap().await?;
-        let frame = connection
-            .call(
-                ApiKey::Metadata,
-                &MetadataRequest { topics: None },
-                Vec::new(),
-                self.config.request_timeout_ms,
-            )
-            .await?;
-        let metadata = Rc::new(decode::<MetadataResponse>(&frame)?);
-        *self.metadata.borrow_mut() = Some(Rc::clone(&metadata));
-        Ok(metadata)
+        let timeout_ms = self.config.request_timeout_ms.min(METADATA_TIMEOUT_MS);
+        let mut last_error = None;
+        for address in self.bootstrap_candidates() {
+            let connection = match self.connection(&address).await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+            let answered = connection
+                .call(
+                    ApiKey::Metadata,
+                    &MetadataRequest { topics: None },
+                    Vec::new(),
+                    timeout_ms,
+                )
+                .await
+                .and_then(|frame| decode::<MetadataResponse>(&frame));
+            match answered {
+                Ok(metadata) => {
+                    let metadata = Rc::new(metadata);
+                    *self.metadata.borrow_mut() = Some(Rc::clone(&metadata));
+                    *self.bootstrap_last.borrow_mut() = Some(address);
+                    return Ok(metadata);
+                }
+                Err(error) => {
+                    self.connections.borrow_mut().remove(&address);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ClientError::Invalid("no bootstrap address".into())))
     }
 
     pub async fn metadata(&self) -> Result<Rc<MetadataResponse>, ClientError> {
@@ -549,7 +621,7 @@ impl Client {
         partition: u32,
     ) -> Result<String, ClientError> {
         if !self.config.shard_aware {
-            return Ok(self.config.bootstrap.clone());
+            return Ok(self.bootstrap_address());
         }
         let metadata = self.metadata().await?;
         let owner = metadata
@@ -565,7 +637,33 @@ impl Client {
                     None => format!("{}:{}", broker.host, broker.port),
                 })
             });
-        Ok(owner.unwrap_or_else(|| self.config.bootstrap.clone()))
+        Ok(owner.unwrap_or_else(|| self.bootstrap_address()))
+    }
+
+    /// The address of `broker`'s shard that owns `topic`/`partition` (a follower fetches from
+    /// the leader it was told to follow, whatever the metadata it asks says leads).
+    pub async fn partition_address_on(
+        &self,
+        topic: &str,
+        partition: u32,
+        broker: u32,
+    ) -> Result<Option<String>, ClientError> {
+        let metadata = self.metadata().await?;
+        let shard = metadata
+            .topics
+            .iter()
+            .find(|t| t.name == topic)
+            .and_then(|t| t.partitions.iter().find(|p| p.partition == partition))
+            .map(|p| p.shard);
+        let Some(shard) = shard else {
+            return Ok(None);
+        };
+        Ok(metadata
+            .brokers
+            .iter()
+            .find(|b| b.broker_id == broker)
+            .and_then(|b| b.shards.iter().find(|s| s.shard == shard))
+            .map(|s| format!("{}:{}", s.host, s.port)))
     }
 
     pub async fn partition_connection(

@@ -46,6 +46,10 @@ pub struct ProducerConfig {
     pub delivery_timeout_ms: u64,
     pub retry_backoff_ms: u64,
     pub retry_backoff_max_ms: u64,
+    /// The backoff limit while the partition has no reachable leader (`not_leader`, a lost
+    /// connection): failover takes well under a second, and the next try should find the new
+    /// leader soon after, not a whole `retry_backoff_max_ms` later.
+    pub leader_retry_backoff_max_ms: u64,
     pub partitioner: Partitioner,
     /// Produce requests of one partition in flight at once. 1 keeps a partition's records in
     /// order whatever fails; more raises throughput (more data per fsync on the broker), but a
@@ -64,6 +68,7 @@ impl Default for ProducerConfig {
             delivery_timeout_ms: 120_000,
             retry_backoff_ms: 100,
             retry_backoff_max_ms: 1_000,
+            leader_retry_backoff_max_ms: 200,
             partitioner: Partitioner::KeyHash,
             max_in_flight_per_partition: 1,
         }
@@ -635,18 +640,7 @@ async fn send_with_retries(
             Err(error) if error.is_retriable() => error,
             Err(error) => return Err(error),
         };
-        let backoff_ms = config
-            .retry_backoff_ms
-            .saturating_mul(1u64 << attempt.min(16))
-            .min(config.retry_backoff_max_ms);
-        // Jitter between half and all of the backoff, so clients do not retry in step.
-        let backoff = Duration::from_millis(rng.random_range(backoff_ms / 2..=backoff_ms.max(1)));
-        if Instant::now() + backoff >= delivery_deadline {
-            return Err(error);
-        }
-        tracing::debug!(topic, partition, attempt, %error, "retrying a batch");
-        glommio::timer::sleep(backoff).await;
-        if matches!(
+        let leader_lost = matches!(
             error,
             ClientError::Connect { .. }
                 | ClientError::Closed { .. }
@@ -654,7 +648,24 @@ async fn send_with_retries(
                     code: ErrorCode::NotLeader | ErrorCode::PartitionUnavailable,
                     ..
                 }
-        ) {
+        );
+        let backoff_max_ms = if leader_lost {
+            config.leader_retry_backoff_max_ms
+        } else {
+            config.retry_backoff_max_ms
+        };
+        let backoff_ms = config
+            .retry_backoff_ms
+            .saturating_mul(1u64 << attempt.min(16))
+            .min(backoff_max_ms);
+        // Jitter between half and all of the backoff, so clients do not retry in step.
+        let backoff = Duration::from_millis(rng.random_range(backoff_ms / 2..=backoff_ms.max(1)));
+        if Instant::now() + backoff >= delivery_deadline {
+            return Err(error);
+        }
+        tracing::debug!(topic, partition, attempt, %error, "retrying a batch");
+        glommio::timer::sleep(backoff).await;
+        if leader_lost {
             let _ = inner.client.refresh_metadata().await;
         }
         attempt += 1;

@@ -262,6 +262,9 @@ pub struct Partition {
     /// Follower: woken when the controller changes this replica's leader or epoch, so a fetch
     /// in flight to the old leader is abandoned at once.
     role_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Controller mode: a state to apply once the follower log change in progress (truncation,
+    /// reset) is done; the replica cannot lead in the middle of one.
+    pending_state: RefCell<Option<PartitionState>>,
     /// Epoch-history generations: asked for by the replica, and durable in the file.
     epochs_wanted: Cell<u64>,
     epochs_stored: Cell<u64>,
@@ -431,6 +434,7 @@ impl Partition {
             fetched: RefCell::new(None),
             fetcher: RefCell::new(None),
             role_waiters: RefCell::new(Vec::new()),
+            pending_state: RefCell::new(None),
             epochs_wanted: Cell::new(0),
             epochs_stored: Cell::new(0),
             epochs_writing: Cell::new(false),

@@ -97,10 +97,17 @@ impl Broker {
     }
 
     pub fn launch(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Starts the process without waiting for readiness (brokers of a controller quorum are
+    /// ready only once a quorum runs: start them all, then `wait_ready` each).
+    pub fn spawn(&mut self) {
         self.starts += 1;
         let config_path = self.dir.join("wharf.toml");
         let config = format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nshards = {}\n{}\n[log]\nformat = \"text\"\nlevel = \"info\"\n\n[topic_defaults]\nsegment_bytes = 4194304\npreallocate = false\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nshards = {}\n{}\n[log]\nformat = \"text\"\nlevel = \"info,wharf::server::partition=debug\"\n\n[topic_defaults]\nsegment_bytes = 4194304\npreallocate = false\n",
             self.dir.join("data").display().to_string(),
             self.port,
             self.admin_port,
@@ -119,6 +126,10 @@ impl Broker {
             .spawn()
             .expect("spawn wharf serve");
         self.child = Some(child);
+    }
+
+    /// Waits (bounded) until `/readyz` answers 200; panics with the log otherwise.
+    pub fn wait_ready(&mut self) {
         for _ in 0..READY_POLLS_MAX {
             if let Some(status) = self
                 .child
@@ -143,7 +154,7 @@ impl Broker {
         http_get(self.admin_port, path)
     }
 
-    fn signal(&self, signal: i32) {
+    pub fn signal(&self, signal: i32) {
         if let Some(child) = &self.child {
             // SAFETY: sending a signal to our own child process.
             unsafe { libc::kill(child.id() as i32, signal) };
@@ -271,6 +282,20 @@ impl Cluster {
 
     /// `extra_config` goes before the `[cluster]` section of every broker's config.
     pub fn start_with(replica_lag_max_ms: u64, extra_config: &str) -> Cluster {
+        Cluster::start_full(replica_lag_max_ms, extra_config, "")
+    }
+
+    /// A cluster whose three brokers run the Raft controller (`controller_voters = [1, 2, 3]`),
+    /// with `cluster_config` added to the `[cluster]` section.
+    pub fn start_controlled(replica_lag_max_ms: u64, cluster_config: &str) -> Cluster {
+        Cluster::start_full(
+            replica_lag_max_ms,
+            "",
+            &format!("controller_voters = [1, 2, 3]\n{cluster_config}"),
+        )
+    }
+
+    fn start_full(replica_lag_max_ms: u64, extra_config: &str, cluster_config: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret_path = write_secret(dir.path(), "the test cluster's shared secret\n");
         let mut brokers: Vec<Broker> = (1..=3)
@@ -295,13 +320,16 @@ impl Cluster {
         for (i, broker) in brokers.iter_mut().enumerate() {
             let internal_port = broker.internal_port;
             broker.set_extra_config(format!(
-                "broker_id = {}\ncpu_set = \"unbound\"\n{extra_config}\n[cluster]\nreplica_lag_max_ms = {replica_lag_max_ms}\nreplica_fetch_wait_ms = 200\nreplica_fetch_backoff_ms = 50\ninternal_listen = \"127.0.0.1:{internal_port}\"\nsecret_file = {:?}\n{list}",
+                "broker_id = {}\ncpu_set = \"unbound\"\n{extra_config}\n[cluster]\nreplica_lag_max_ms = {replica_lag_max_ms}\nreplica_fetch_wait_ms = 200\nreplica_fetch_backoff_ms = 50\ninternal_listen = \"127.0.0.1:{internal_port}\"\nsecret_file = {:?}\n{cluster_config}\n{list}",
                 i + 1,
                 secret_path.display().to_string(),
             ));
         }
         for broker in &mut brokers {
-            broker.launch();
+            broker.spawn();
+        }
+        for broker in &mut brokers {
+            broker.wait_ready();
         }
         Cluster {
             brokers,
@@ -323,5 +351,22 @@ impl Cluster {
             "127.0.0.1:{}",
             self.brokers[(id - 1) as usize].internal_port
         )
+    }
+}
+
+impl Drop for Cluster {
+    /// A failing test shows the end of every broker's logs (they go with the temporary dir).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, broker) in self.brokers.iter().enumerate() {
+            let logs = broker.all_logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("---- broker {} (last {} lines)", i + 1, tail.len());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }

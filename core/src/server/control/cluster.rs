@@ -800,6 +800,11 @@ impl Shard {
                 }
             }
         }
+        if let Some(host) = &cluster.host {
+            // The active controller goes last: a new one is elected at once instead of the
+            // brokers' sessions and leases waiting out an election timeout.
+            host.step_down(cluster.session_timeout_ms).await;
+        }
         cluster.shutdown_ready.set(done);
         if done {
             tracing::info!("controlled shutdown: this broker leads nothing; stopping");

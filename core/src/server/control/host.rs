@@ -158,6 +158,28 @@ impl ControllerHost {
         self.node.borrow().leader_id()
     }
 
+    /// Controlled shutdown of the active controller's broker: hands Raft leadership to another
+    /// voter and waits (bounded) until it took over.
+    pub async fn step_down(&self, timeout_ms: u64) {
+        let target = self.node.borrow_mut().transfer_leadership();
+        let Some(target) = target else {
+            return;
+        };
+        tracing::info!(
+            to = target,
+            "controlled shutdown: handing controller leadership over"
+        );
+        self.kick();
+        for _ in 0..timeout_ms / self.tick_ms.max(1) {
+            if self.leader_id().is_some_and(|l| l != self.broker_id) {
+                return;
+            }
+            glommio::timer::sleep(Duration::from_millis(self.tick_ms)).await;
+            self.kick();
+        }
+        tracing::warn!("the controller leadership did not move in time; stopping anyway");
+    }
+
     /// (term, commit index) for `wharf cluster status`.
     pub fn raft_position(&self) -> (u64, u64) {
         let node = self.node.borrow();

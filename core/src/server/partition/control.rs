@@ -16,6 +16,12 @@ impl Partition {
             return Ok(());
         }
         let me = self.replication.broker_id;
+        if self.replica.borrow().changing_log() {
+            // Applied when the change is done (`apply_pending_state`); a newer state replaces
+            // an older one waiting.
+            *self.pending_state.borrow_mut() = Some(state.clone());
+            return Ok(());
+        }
         let (role, epoch, leading) = {
             let replica = self.replica.borrow();
             (replica.role(), replica.leader_epoch(), replica.is_leader())
@@ -57,6 +63,16 @@ impl Partition {
             None => {}
         }
         Ok(())
+    }
+
+    /// Applies the state that arrived during a follower log change, once it is done.
+    pub(super) fn apply_pending_state(&self) {
+        let pending = self.pending_state.borrow_mut().take();
+        if let Some(state) = pending {
+            if let Err(error) = self.apply_state(&state) {
+                tracing::error!(topic = %self.topic, partition = self.index, %error, "cannot apply the controller's state");
+            }
+        }
     }
 
     /// The controller answered this leader's ISR proposal with a refusal.

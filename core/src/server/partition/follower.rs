@@ -12,6 +12,9 @@ use wharf_storage::{Epoch, Offset};
 use super::Partition;
 use crate::protocol::{ErrorCode, ReplicaFetchRequest, ReplicaFetchResponse};
 
+/// How long connecting to a leader (handshake and metadata included) may take.
+const CONNECT_TIMEOUT_MS: u64 = 2_000;
+
 impl Partition {
     /// Follower: sends the fetches the replica asks for, one at a time, to the leader's owning
     /// shard, and feeds the answers back.
@@ -72,21 +75,37 @@ impl Partition {
             let address = settings
                 .internal_addresses
                 .get(&leader)
-                .ok_or_else(|| format!("broker {leader} is not in cluster.brokers"))?;
-            let mut client_config = ClientConfig::new(address.clone());
-            client_config.peer = settings.peer.clone();
-            let client = Client::connect(client_config)
-                .await
-                .map_err(|e| e.to_string())?;
-            let owner = client
-                .partition_address(&self.topic, self.index)
-                .await
-                .map_err(|e| e.to_string())?;
-            *connection = Some(
-                Connection::connect_peer(&owner, settings.frame_bytes_max, settings.peer.as_ref())
+                .ok_or_else(|| format!("broker {leader} is not in cluster.brokers"))?
+                .clone();
+            let peer = settings.peer.clone();
+            let frame_bytes_max = settings.frame_bytes_max;
+            let topic = self.topic.clone();
+            let index = self.index;
+            // Bounded: a leader that stopped (SIGSTOP) still accepts connections.
+            let connect = async move {
+                let mut client_config = ClientConfig::new(address.clone());
+                client_config.peer = peer.clone();
+                client_config.request_timeout_ms = CONNECT_TIMEOUT_MS;
+                let client = Client::connect(client_config)
                     .await
-                    .map_err(|e| e.to_string())?,
-            );
+                    .map_err(|e| e.to_string())?;
+                // The leader's own shard that owns the partition (its metadata names it),
+                // else its shared internal listener, which forwards.
+                let owner = client
+                    .partition_address_on(&topic, index, leader)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or(address);
+                Connection::connect_peer(&owner, frame_bytes_max, peer.as_ref())
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let connected = futures_lite::future::or(connect, async {
+                glommio::timer::sleep(std::time::Duration::from_millis(CONNECT_TIMEOUT_MS)).await;
+                Err(format!("connecting to broker {leader} timed out"))
+            })
+            .await?;
+            *connection = Some(connected);
         }
         let Some(conn) = connection.as_ref() else {
             unreachable!("connected above");
@@ -114,6 +133,7 @@ impl Partition {
             .await
             .map_err(|e| e.to_string())?;
         let response: ReplicaFetchResponse = decode(&frame).map_err(|e| e.to_string())?;
+        tracing::trace!(topic = %self.topic, partition = self.index, leader, fetch_id = request.fetch_id, offset = %request.fetch_offset, code = response.error, "replica fetch answered");
         let epoch = Epoch(response.leader_epoch);
         let reply = match ErrorCode::from_u16(response.error) {
             ErrorCode::None => {

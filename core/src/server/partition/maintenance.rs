@@ -52,6 +52,7 @@ impl Partition {
                 if let Err(error) = self.step(Input::Truncated { end, durable }) {
                     tracing::error!(%error, "after truncation");
                 }
+                self.apply_pending_state();
             }
             (Err(error), _) => {
                 tracing::error!(topic = %self.topic, partition = self.index, %error, "truncation failed; the partition stops replicating until restart");
@@ -79,6 +80,7 @@ impl Partition {
                 if let Err(error) = self.step(Input::LogReset { start }) {
                     tracing::error!(%error, "after the log reset");
                 }
+                self.apply_pending_state();
             }
             Err(error) => {
                 tracing::error!(topic = %self.topic, partition = self.index, %error, "log reset failed; the partition stops replicating until restart");

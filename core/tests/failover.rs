@@ -1,0 +1,363 @@
+//! Automatic failover end to end: three real `wharf serve` processes on 127.0.0.1 that run the
+//! Raft controller (`controller_voters = [1, 2, 3]`), a topic with RF=3, min_insync_replicas=2,
+//! acks=all. A leader is killed, stopped (SIGSTOP: a zombie) or shut down (SIGTERM); the
+//! controller fences it and elects a new leader from the ISR; every acknowledged record must
+//! stay at its offset, and the cluster must return to a full ISR once the broker is back.
+//! Timings here are generous bounds on waits, not performance figures (`bench/failover.sh`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use common::{run, wire, Cluster};
+use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
+use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
+use wharf::client::{Client, ClientConfig, ClientError};
+use wharf::protocol::{
+    Acks, ClusterStatusResponse, ConfigEntry, ErrorCode, PartitionDescription, ProduceResponse,
+};
+
+const TOPIC: &str = "failover";
+const REPLICA_LAG_MAX_MS: u64 = 2_000;
+/// Polls (every 100 ms) while waiting for the cluster to reach a state.
+const STATE_POLLS_MAX: usize = 300;
+
+fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut config = ClientConfig::new(bootstrap);
+    config.request_timeout_ms = 5_000;
+    config
+}
+
+/// Every broker's client address, comma-separated: the client survives any one's death.
+fn bootstraps(cluster: &Cluster) -> String {
+    (1..=3)
+        .map(|id| cluster.bootstrap(id))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn start() -> Cluster {
+    let cluster = Cluster::start_controlled(REPLICA_LAG_MAX_MS, "");
+    let bootstrap = bootstraps(&cluster);
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        let configs = vec![ConfigEntry {
+            key: "min_insync_replicas".to_string(),
+            value: "2".to_string(),
+        }];
+        client
+            .create_topic(TOPIC, 1, 3, configs)
+            .await
+            .expect("create topic through the controller");
+    });
+    cluster
+}
+
+/// Produces `count` records with acks=all; returns (value, offset) of each acknowledged one.
+fn produce(bootstrap: &str, prefix: &str, count: usize) -> Vec<(String, u64)> {
+    run(async {
+        let client = Client::connect(client_config(bootstrap))
+            .await
+            .expect("connect");
+        let producer = Producer::new(
+            Rc::clone(&client),
+            ProducerConfig {
+                acks: Acks::All,
+                linger_ms: 1,
+                batch_bytes: 4 * 1024,
+                partitioner: Partitioner::RoundRobin,
+                delivery_timeout_ms: 20_000,
+                request_timeout_ms: 5_000,
+                ..ProducerConfig::default()
+            },
+        );
+        let mut deliveries = Vec::new();
+        for i in 0..count {
+            let value = format!("{prefix}-{i}");
+            let delivery = producer
+                .send(TOPIC, None, value.as_bytes())
+                .await
+                .expect("queued");
+            deliveries.push((value, delivery));
+        }
+        producer.flush().await;
+        let mut acked = Vec::new();
+        for (value, delivery) in deliveries {
+            let metadata = delivery
+                .await
+                .unwrap_or_else(|e| panic!("{value} was not acknowledged: {e}"));
+            acked.push((value, metadata.offset.expect("acks=all returns the offset")));
+        }
+        producer.close().await;
+        acked
+    })
+}
+
+/// Reads partition 0 from the start up to its high watermark: offset -> value.
+fn read_all(bootstrap: &str) -> BTreeMap<u64, String> {
+    run(async {
+        let client = Client::connect(client_config(bootstrap))
+            .await
+            .expect("connect");
+        let mut consumer = Consumer::new(Rc::clone(&client), TOPIC, ConsumerConfig::default());
+        consumer
+            .assign(Some(vec![0]), SeekTo::Earliest)
+            .await
+            .expect("assign");
+        let mut seen = BTreeMap::new();
+        for _ in 0..STATE_POLLS_MAX {
+            let records = consumer.poll().await.expect("poll");
+            records
+                .for_each(|r| {
+                    let value = String::from_utf8_lossy(r.value).to_string();
+                    if let Some(earlier) = seen.insert(r.offset, value.clone()) {
+                        assert_eq!(
+                            earlier, value,
+                            "offset {} read twice, differently",
+                            r.offset
+                        );
+                    }
+                })
+                .expect("records");
+            if records.is_empty() && consumer.caught_up() && consumer.high_watermark(0) > Some(0) {
+                break;
+            }
+        }
+        seen
+    })
+}
+
+fn describe(bootstrap: &str) -> Option<PartitionDescription> {
+    run(async {
+        let client = Client::connect(client_config(bootstrap)).await.ok()?;
+        let topic = client.describe_topic(TOPIC).await.ok()?;
+        topic.partitions.into_iter().next()
+    })
+}
+
+fn wait_for(
+    bootstrap: &str,
+    what: &str,
+    done: impl Fn(&PartitionDescription) -> bool,
+) -> PartitionDescription {
+    let mut last = None;
+    for _ in 0..STATE_POLLS_MAX {
+        if let Some(description) = describe(bootstrap) {
+            if done(&description) {
+                return description;
+            }
+            last = Some(description);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cluster never reached: {what}; last describe {last:?}");
+}
+
+fn status(bootstrap: &str) -> Result<ClusterStatusResponse, ClientError> {
+    run(async {
+        let client = Client::connect(client_config(bootstrap)).await?;
+        client.cluster_status().await
+    })
+}
+
+/// Every acknowledged record is at its acknowledged offset, and offsets are dense.
+fn assert_all_kept(log: &BTreeMap<u64, String>, acked: &[(String, u64)]) {
+    for (value, offset) in acked {
+        assert_eq!(
+            log.get(offset),
+            Some(value),
+            "acknowledged {value} at offset {offset} is not there"
+        );
+    }
+    let offsets: Vec<u64> = log.keys().copied().collect();
+    let dense: Vec<u64> = (0..offsets.len() as u64).collect();
+    assert_eq!(offsets, dense, "the log has holes");
+}
+
+#[test]
+fn a_killed_leader_is_replaced_from_the_isr_and_nothing_acknowledged_is_lost() {
+    let mut cluster = start();
+    let bootstrap = bootstraps(&cluster);
+    let mut acked = produce(&bootstrap, "before", 200);
+    let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
+    let old_leader = before.leader;
+    cluster.broker(old_leader).kill9();
+
+    let survivor = (1..=3).find(|id| *id != old_leader).expect("a survivor");
+    let after = wait_for(&cluster.bootstrap(survivor), "a new leader", |d| {
+        d.leader != old_leader && d.leader != u32::MAX
+    });
+    assert!(
+        after.leader_epoch > before.leader_epoch,
+        "the new leader has a new epoch: {before:?} -> {after:?}"
+    );
+    assert!(
+        !after.isr.contains(&old_leader),
+        "the dead broker left the ISR: {after:?}"
+    );
+    acked.extend(produce(&bootstrap, "during", 200));
+    let status = status(&cluster.bootstrap(survivor)).expect("status");
+    let dead = status
+        .brokers
+        .iter()
+        .find(|b| b.broker_id == old_leader)
+        .expect("the dead broker is listed");
+    assert_eq!(dead.state, "fenced", "{status:?}");
+
+    cluster.broker(old_leader).restart_same_ports();
+    wait_for(&bootstrap, "the restarted broker back in the ISR", |d| {
+        d.isr.len() == 3
+    });
+    acked.extend(produce(&bootstrap, "after", 100));
+    let log = read_all(&cluster.bootstrap(old_leader));
+    assert_all_kept(&log, &acked);
+}
+
+#[test]
+fn a_stopped_leader_is_fenced_and_acknowledges_nothing_after_it_wakes() {
+    let mut cluster = start();
+    let bootstrap = bootstraps(&cluster);
+    let mut acked = produce(&bootstrap, "before", 100);
+    let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
+    let zombie = before.leader;
+    cluster.broker(zombie).signal(libc::SIGSTOP);
+    let survivor = (1..=3).find(|id| *id != zombie).expect("a survivor");
+    let after = wait_for(&cluster.bootstrap(survivor), "a new leader", |d| {
+        d.leader != zombie && d.leader != u32::MAX
+    });
+    acked.extend(produce(&cluster.bootstrap(survivor), "during", 100));
+    cluster.broker(zombie).signal(libc::SIGCONT);
+
+    // Straight to the zombie: it must refuse acks=all (its lease ended before it was fenced),
+    // however many times it is asked while it catches up with the controller.
+    let zombie_address = cluster.bootstrap(zombie);
+    for attempt in 0..20 {
+        let code = produce_raw(&zombie_address, &format!("zombie-{attempt}"));
+        assert_ne!(
+            code,
+            ErrorCode::None,
+            "the deposed leader acknowledged a write (attempt {attempt})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rejoined = wait_for(&bootstrap, "the zombie back in the ISR", |d| {
+        d.isr.len() == 3 && d.leader_epoch >= after.leader_epoch
+    });
+    assert_ne!(rejoined.leader, u32::MAX);
+    acked.extend(produce(&bootstrap, "after", 100));
+    let log = read_all(&cluster.bootstrap(zombie));
+    assert_all_kept(&log, &acked);
+    assert!(
+        !log.values().any(|v| v.starts_with("zombie-")),
+        "a write the zombie was sent is in the log"
+    );
+}
+
+/// One acks=all produce of a single record sent straight to `address` (whatever it leads);
+/// the partition's answer code (`BrokerUnavailable` when nothing answered).
+fn produce_raw(address: &str, value: &str) -> ErrorCode {
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return ErrorCode::BrokerUnavailable;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let payload = wire::batch(&[value.as_bytes()]);
+    let frame = wire::produce_frame_with(1, TOPIC, 0, Acks::All, &payload);
+    if std::io::Write::write_all(&mut stream, &frame).is_err() {
+        return ErrorCode::BrokerUnavailable;
+    }
+    let Some(response) = wire::read_response(&mut stream) else {
+        return ErrorCode::BrokerUnavailable;
+    };
+    if response.header.error() != ErrorCode::None {
+        return response.header.error();
+    }
+    let answer: ProduceResponse = response.decode_body().expect("produce response");
+    ErrorCode::from_u16(answer.partitions[0].error)
+}
+
+#[test]
+fn controlled_shutdown_moves_leadership_before_the_broker_stops() {
+    let mut cluster = start();
+    let bootstrap = bootstraps(&cluster);
+    let mut acked = produce(&bootstrap, "before", 100);
+    let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
+    let leaving = before.leader;
+    let code = cluster.broker(leaving).stop();
+    assert_eq!(code, 0, "a clean stop");
+    let log = cluster.broker(leaving).all_logs();
+    assert!(
+        log.contains("this broker leads nothing; stopping"),
+        "the broker moved its leadership before stopping:\n{log}"
+    );
+    let survivor = (1..=3).find(|id| *id != leaving).expect("a survivor");
+    let after = describe(&cluster.bootstrap(survivor)).expect("describe");
+    assert_ne!(after.leader, leaving, "leadership moved: {after:?}");
+    assert!(after.leader_epoch > before.leader_epoch);
+    acked.extend(produce(&cluster.bootstrap(survivor), "during", 100));
+    cluster.broker(leaving).restart_same_ports();
+    wait_for(&bootstrap, "a full ISR again", |d| d.isr.len() == 3);
+    let log = read_all(&bootstrap);
+    assert_all_kept(&log, &acked);
+}
+
+#[test]
+fn topics_are_created_and_deleted_through_the_controller_on_every_broker() {
+    let cluster = start();
+    for id in 1..=3 {
+        let d = describe(&cluster.bootstrap(id)).expect("every broker knows the topic");
+        assert_eq!(d.replicas.len(), 3);
+        assert_eq!(d.isr.len(), 3, "{d:?}");
+    }
+    let status = status(&cluster.bootstrap(2)).expect("status");
+    assert_eq!(status.voters, vec![1, 2, 3]);
+    assert!(status.controller_leader.is_some(), "{status:?}");
+    assert_eq!(status.brokers.len(), 3);
+    assert!(
+        status.brokers.iter().all(|b| b.state == "alive"),
+        "{status:?}"
+    );
+
+    let bootstrap = cluster.bootstrap(3);
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        let exists = client.create_topic(TOPIC, 1, 3, Vec::new()).await;
+        assert!(
+            matches!(
+                exists,
+                Err(ClientError::Server {
+                    code: ErrorCode::TopicAlreadyExists,
+                    ..
+                })
+            ),
+            "{exists:?}"
+        );
+        let too_many = client.create_topic("wide", 1, 4, Vec::new()).await;
+        assert!(
+            matches!(
+                too_many,
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidReplicationFactor,
+                    ..
+                })
+            ),
+            "{too_many:?}"
+        );
+        client.delete_topic(TOPIC).await.expect("delete");
+    });
+    for id in 1..=3 {
+        let gone = (0..STATE_POLLS_MAX).any(|_| {
+            let missing = describe(&cluster.bootstrap(id)).is_none();
+            if !missing {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            missing
+        });
+        assert!(gone, "broker {id} still serves the deleted topic");
+    }
+}
