@@ -26,6 +26,11 @@ pub struct BrokerMetadata {
     pub broker_id: u32,
     pub next_topic_id: u64,
     pub topics: BTreeMap<String, TopicMeta>,
+    /// The topics come from the Raft controller (controller mode), not from a static
+    /// cluster's two-phase create. A static cluster's data directory is not taken over by a
+    /// controller (its topics would not match the controller's and would be removed).
+    #[serde(default)]
+    pub controller_managed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +60,7 @@ impl BrokerMetadata {
             broker_id,
             next_topic_id: 1,
             topics: BTreeMap::new(),
+            controller_managed: false,
         }
     }
 

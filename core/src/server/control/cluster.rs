@@ -88,7 +88,9 @@ pub struct Cluster {
     pub image: RefCell<ClusterImage>,
     leader_hint: Cell<Option<u32>>,
     next_voter: Cell<usize>,
-    connections: RefCell<HashMap<u32, Rc<Connection>>>,
+    /// One connection per (broker, API): answers come in order per connection, so a command
+    /// waiting for its commit must not hold heartbeats or Raft messages behind it.
+    connections: RefCell<HashMap<(u32, ApiKey), Rc<Connection>>>,
     /// The controller voter running on this broker, if it is one.
     pub host: Option<Rc<ControllerHost>>,
     /// Controlled shutdown: asked, and confirmed by the controller (this broker leads nothing).
@@ -162,7 +164,9 @@ impl Cluster {
         if self.leader_hint.get() == Some(broker) {
             self.leader_hint.set(None);
         }
-        self.connections.borrow_mut().remove(&broker);
+        self.connections
+            .borrow_mut()
+            .retain(|(b, _), _| *b != broker);
     }
 
     /// One call to another broker's internal listener.
@@ -173,7 +177,7 @@ impl Cluster {
         body: &T,
         timeout_ms: u64,
     ) -> Result<Frame, String> {
-        let existing = self.connections.borrow().get(&broker).cloned();
+        let existing = self.connections.borrow().get(&(broker, api)).cloned();
         let connection = match existing {
             Some(c) if !c.is_closed() => c,
             _ => {
@@ -197,14 +201,14 @@ impl Cluster {
                 .await?;
                 self.connections
                     .borrow_mut()
-                    .insert(broker, Rc::clone(&connection));
+                    .insert((broker, api), Rc::clone(&connection));
                 connection
             }
         };
         match connection.call(api, body, Vec::new(), timeout_ms).await {
             Ok(frame) => Ok(frame),
             Err(error) => {
-                self.connections.borrow_mut().remove(&broker);
+                self.connections.borrow_mut().remove(&(broker, api));
                 Err(format!("broker {broker}: {error}"))
             }
         }
@@ -491,6 +495,7 @@ impl Shard {
         let current = (**self.metadata.borrow()).clone();
         let mut next = BrokerMetadata {
             topics: BTreeMap::new(),
+            controller_managed: true,
             ..current.clone()
         };
         for topic in after.topics() {

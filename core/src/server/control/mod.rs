@@ -70,6 +70,18 @@ impl Shard {
     /// Shard 0, controller mode: starts the controller voter (on voters) and the heartbeat.
     pub(crate) async fn start_cluster(self: &Rc<Self>) -> Result<(), String> {
         let config = &self.shared.config;
+        {
+            let metadata = self.metadata.borrow();
+            if !metadata.controller_managed && !metadata.topics.is_empty() {
+                return Err(format!(
+                    "{} holds {} topic(s) of a static cluster (no controller_voters); a controller \
+                     cannot take them over (it would remove them): start this data directory \
+                     without cluster.controller_voters, or with an empty data directory",
+                    config.data_dir.display(),
+                    metadata.topics.len()
+                ));
+            }
+        }
         let host = if config.cluster.controller_voters.contains(&config.broker_id) {
             Some(ControllerHost::start(self).await?)
         } else {

@@ -197,6 +197,14 @@ impl Shard {
 
     /// Installs (or removes) a topic another broker created, with its id and assignment.
     pub(crate) async fn apply_topic(self: &Rc<Self>, request: ApplyTopicRequest) -> TopicResult {
+        if self.controller_mode() {
+            // Topics come from the controller's log; a static cluster's two-phase apply would
+            // make this broker disagree with it.
+            return topic_error(
+                ErrorCode::InvalidRequest,
+                "ApplyTopic is a static cluster's API; this cluster runs a controller",
+            );
+        }
         if self.id != 0 {
             return self.on_shard_zero(ShardRequest::ApplyTopic(request)).await;
         }
