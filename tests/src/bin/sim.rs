@@ -1,6 +1,7 @@
 //! Replays or explores simulator runs: `sim --seed N --steps M [--trace]`, or
 //! `sim --seeds K --start S` for a batch, or `sim --seconds T` for a time-boxed random batch;
-//! `--controller` runs the controller mode (the stand-in controller, leases, ISR proposals).
+//! `--controller` runs the controller mode (the shipped Raft controller on three voters, leases,
+//! ISR proposals, controller faults).
 
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ struct Args {
     /// Per-step chance (per mille) that the leader applies retention (0: never).
     #[arg(long, default_value_t = 0)]
     retention_per_mille: u32,
-    /// Controller mode: replicas with `isr_via_controller`, driven by the stand-in controller.
+    /// Controller mode: replicas with `isr_via_controller`, driven by the shipped Raft controller.
     #[arg(long)]
     controller: bool,
     /// Print every event of the run.
