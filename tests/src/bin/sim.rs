@@ -29,6 +29,10 @@ struct Args {
     /// Controller mode: replicas with `isr_via_controller`, driven by the shipped Raft controller.
     #[arg(long)]
     controller: bool,
+    /// Controller mode: count leases outliving their fence (known controller bugs) instead of
+    /// failing, to explore what they lead to (not part of the replay command of a failure).
+    #[arg(long)]
+    tolerate_lease_outliving_fence: bool,
     /// Print every event of the run.
     #[arg(long)]
     trace: bool,
@@ -50,6 +54,7 @@ fn main() {
         config.trace = args.trace;
         config.retention_per_mille = args.retention_per_mille;
         config.isr_via_controller = args.controller;
+        config.tolerate_lease_outliving_fence = args.tolerate_lease_outliving_fence;
         match run(config) {
             Ok(report) => println!("seed {seed}: ok {report:?}"),
             Err(failure) => {

@@ -272,8 +272,11 @@ impl Sim {
             let Some(ready) = node.ready() else {
                 return Ok(());
             };
-            block_on(store.persist(&ready.persist))
-                .map_err(|e| format!("voter {id}: persist failed: {e}"))?;
+            if let Err(e) = block_on(store.persist(&ready.persist)) {
+                // A poisoned store: the voter stops (it would restart from its store).
+                quorum.voters[(id - 1) as usize].running = None;
+                return Err(format!("voter {id}: persist failed: {e}"));
+            }
             let token = ready.token();
             for (to, bytes) in ready.messages {
                 if self.rng.random_range(0..100) >= RAFT_DROP_PERCENT {
@@ -285,7 +288,10 @@ impl Sim {
                 by_index.entry(index).or_default().push(record);
             }
             for (index, records) in by_index {
-                self.committed(id, index, records)?;
+                // Reported by the step's check: the ready must be advanced first.
+                if let Err(violation) = self.committed(id, index, records) {
+                    self.violation.get_or_insert(violation);
+                }
             }
             for (proposal, result) in ready.completed {
                 self.proposal_completed(id, proposal, result);
@@ -425,6 +431,10 @@ impl Sim {
             .as_ref()
             .map_or(0, |l| l.replica.lease_until_ms());
         if current && lease > now {
+            if self.config.tolerate_lease_outliving_fence {
+                self.report.leases_outliving_fence += 1;
+                return Ok(());
+            }
             return Err(format!(
                 "broker {broker} incarnation {incarnation} fenced at {now} ms while its lease \
                  runs until {lease} ms"
@@ -649,6 +659,11 @@ impl Sim {
         let until_ms = sent_ms + reply.session_timeout_ms - HEARTBEAT_INTERVAL_MS;
         let fenced = self.quorum().fenced_at.get(&(to, incarnation)).copied();
         if let Some(at) = fenced.filter(|at| until_ms > *at) {
+            if self.config.tolerate_lease_outliving_fence {
+                self.report.leases_outliving_fence += 1;
+                self.input(to, Input::LeaseRenewed { until_ms });
+                return Ok(());
+            }
             return Err(format!(
                 "voter {from} renewed the lease of broker {to} incarnation {incarnation} to \
                  {until_ms} ms at {now} ms, its fence committed at {at} ms"
