@@ -4,4 +4,3 @@
 //! the broker end-to-end tests with `core` (`core/tests/`).
 
 pub mod sim;
-pub mod stand_in_controller;

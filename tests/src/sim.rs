@@ -16,12 +16,17 @@
 //! - at the end, with faults healed, every replica holds the same log.
 //!
 //! Controller mode (`SimConfig::isr_via_controller`): the replicas run with
-//! `isr_via_controller`, and the [`StandInController`] (a stand-in, not the product's Raft
-//! controller) replaces the instant controller: brokers heartbeat over the simulated network
-//! (links to the controller are cut like any other), learn leadership, ISR and leases from the
-//! answers, send ISR proposals; the controller fences silent brokers and fails over. Added
-//! invariants: one leader per epoch; a leader acknowledges `quorum`/`N`/`all` only before its
-//! lease ends, never advances its HW past it, and is replaced only after it ended.
+//! `isr_via_controller`, and the shipped controller (`wharf_controller`, three Raft voters
+//! hosted by the three brokers, see `sim/controller_mode.rs`) replaces the instant controller:
+//! brokers heartbeat the controller leader over the simulated network, learn leadership, ISR
+//! and leases from the metadata it answers with, send ISR proposals; the controller fences
+//! silent brokers and fails over. Added faults: the controller leader's broker crashes, a
+//! broker loses its heartbeats, raft messages are dropped. Added invariants: one raft leader
+//! per term; committed controller entries never change; one leader per leader epoch (in the
+//! committed records and among the replicas); a fence commits only after the fenced
+//! incarnation's lease ended, and its lease is not renewed past the fence; a leader
+//! acknowledges `quorum`/`N`/`all` only before its lease ends and before its incarnation is
+//! fenced, and never advances its HW past its lease.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -40,7 +45,10 @@ use wharf_storage::log::{AppendError, LogConfig, PartitionLog};
 use wharf_storage::mem_disk::{CrashMode, MemDisk, SECTOR_BYTES};
 use wharf_storage::{AppendMode, Epoch, Offset};
 
-use crate::stand_in_controller::{PartitionState, StandInController};
+use wharf_controller::decisions::AlterPartitionRequest;
+use wharf_controller::node::{BrokerHeartbeat, HeartbeatReply, NotController};
+
+use controller_mode::Quorum;
 
 mod controller_mode;
 
@@ -55,11 +63,6 @@ const PRODUCES_IN_FLIGHT_MAX: usize = 32;
 /// What retention keeps of a leader's log when a run applies it (`retention_per_mille`): a few
 /// segments, so followers that were down a while fall below the leader's log start.
 const RETENTION_BYTES_MAX: u64 = 192 * 1024;
-/// Controller mode: the controller's node id on the simulated network.
-const CONTROLLER_NODE: BrokerId = 0;
-/// Controller mode: how long committing an ISR change takes (a Raft round), on top of the
-/// network delay of the answer.
-const CONTROLLER_COMMIT_DELAY_MS: u64 = 5;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -80,9 +83,14 @@ pub struct SimConfig {
     /// committed, so it deletes nothing above the HW). 0 draws nothing from the RNG, so runs
     /// without retention replay as before.
     pub retention_per_mille: u32,
-    /// Controller mode: replicas with `isr_via_controller`, driven by the stand-in controller
-    /// over the network (see the module docs). False: the instant controller, as before.
+    /// Controller mode: replicas with `isr_via_controller`, driven by the shipped Raft
+    /// controller over the network (see the module docs). False: the instant controller.
     pub isr_via_controller: bool,
+    /// Controller mode: count leases that outlive their incarnation's fence (the known
+    /// controller bugs of the ignored regression seeds 4 and 78) instead of failing on them,
+    /// so a run goes on to the checks of what such a lease can do (acks after the fence, lost
+    /// acks=all writes).
+    pub tolerate_lease_outliving_fence: bool,
     /// Print every step's events.
     pub trace: bool,
 }
@@ -103,6 +111,7 @@ impl SimConfig {
             produce_per_mille: 400,
             retention_per_mille: 0,
             isr_via_controller: false,
+            tolerate_lease_outliving_fence: false,
             trace: false,
         }
     }
@@ -128,6 +137,14 @@ pub struct SimReport {
     pub isr_rejections: usize,
     /// Controller mode: produces refused or failed because the leader's lease had ended.
     pub lease_refusals: usize,
+    /// Controller mode: broker fences committed, crashes of the controller leader's broker,
+    /// heartbeat outages, raft terms that had a leader.
+    pub fences: usize,
+    pub controller_leader_crashes: usize,
+    pub heartbeat_outages: usize,
+    pub controller_terms: usize,
+    /// Controller mode with `tolerate_lease_outliving_fence`: leases that outlived a fence.
+    pub leases_outliving_fence: usize,
     pub final_end_offset: u64,
 }
 
@@ -174,30 +191,34 @@ enum Message {
         reply: FetchReply,
         batches: Vec<AlignedVec<16>>,
     },
-    /// Controller mode, broker → controller.
+    /// Controller mode, voter → voter: a raft message (protobuf bytes).
+    Raft(Vec<u8>),
+    /// Controller mode, broker → voter. `node_incarnation` names the broker process (answers
+    /// to an earlier one are not delivered).
     Heartbeat {
+        node_incarnation: u64,
+        sent_ms: u64,
+        request: BrokerHeartbeat,
+    },
+    /// Controller mode, voter → broker: the answer to a heartbeat of `incarnation`.
+    HeartbeatAnswer {
+        node_incarnation: u64,
         incarnation: u64,
         sent_ms: u64,
+        answer: Box<Result<HeartbeatReply, NotController>>,
     },
-    /// Controller mode, broker → controller.
+    /// Controller mode, broker → voter: an ISR proposal (AlterPartition).
     ProposeIsr {
-        incarnation: u64,
-        isr: Vec<BrokerId>,
-        leader_epoch: Epoch,
-        partition_epoch: u64,
+        node_incarnation: u64,
+        token: u64,
+        request: AlterPartitionRequest,
     },
-    /// Controller mode, controller → broker: the partition's state (the metadata log), with a
-    /// lease when it answers a heartbeat.
-    Metadata {
-        incarnation: u64,
-        state: PartitionState,
-        lease_until_ms: Option<u64>,
-    },
-    /// Controller mode, controller → broker.
-    IsrRejected {
-        incarnation: u64,
-        partition_epoch: u64,
-        reason: IsrRejection,
+    /// Controller mode, voter → broker: the outcome of proposal `token` (a committed change
+    /// itself arrives with the metadata).
+    ProposalAnswer {
+        node_incarnation: u64,
+        token: u64,
+        result: Result<(), IsrRejection>,
     },
 }
 
@@ -222,8 +243,6 @@ struct Live {
     last_high_watermark: Offset,
     /// The epoch it led at the last check, if it led.
     led_epoch: Option<Epoch>,
-    /// Controller mode: when it last sent a heartbeat.
-    heartbeat_sent_ms: Option<u64>,
 }
 
 struct Node {
@@ -256,10 +275,11 @@ pub struct Sim {
     nodes: Vec<Node>,
     network: Vec<InFlight>,
     cut: BTreeSet<(BrokerId, BrokerId)>,
-    /// In controller mode, a view of the stand-in's state (leader, epoch, ISR) for the checks.
+    /// In controller mode, the newest committed partition state (leader, epoch, ISR) for the
+    /// checks.
     controller: Controller,
-    /// Controller mode only.
-    stand_in: Option<StandInController>,
+    /// Controller mode only: the controller voters and the brokers' clients.
+    quorum: Option<Quorum>,
     /// Every leader each epoch had (one leader per epoch).
     leaders_by_epoch: BTreeMap<Epoch, BrokerId>,
     /// An invariant broken where no `Check` can be returned; reported by the next check.
@@ -358,7 +378,7 @@ impl Sim {
                 epoch: Epoch(0),
                 isr: (1..=config.replicas as BrokerId).collect(),
             },
-            stand_in: None,
+            quorum: None,
             leaders_by_epoch: BTreeMap::new(),
             violation: None,
             next_waiter: 1,
@@ -375,31 +395,13 @@ impl Sim {
             sim.start(id).expect("a fresh node starts");
         }
         if sim.config.isr_via_controller {
-            // Broker 1 leads; the brokers learn it from their first heartbeats.
-            let replicas: Vec<BrokerId> = (1..=sim.config.replicas as BrokerId).collect();
-            sim.stand_in = Some(StandInController::new(&replicas, 1, 0));
-            sim.sync_controller_view();
+            // The brokers register; the topic is created once they have; they learn its
+            // leader from their heartbeats.
+            sim.quorum = Some(Quorum::new(sim.config.replicas));
         } else {
             sim.elect(Some(1));
         }
         sim
-    }
-
-    /// Controller mode: copies the stand-in's state into the view the checks read.
-    fn sync_controller_view(&mut self) {
-        let Some(stand_in) = &self.stand_in else {
-            return;
-        };
-        let state = stand_in.state.clone();
-        if self.controller.epoch != state.leader_epoch && state.leader.is_some() {
-            self.report.leader_changes += 1;
-            let (leader, epoch, isr) = (state.leader, state.leader_epoch, state.isr.clone());
-            self.trace(|| format!("controller: {leader:?} leads epoch {epoch}, ISR {isr:?}"));
-        }
-        self.report.failovers = stand_in.failovers;
-        self.controller.leader = state.leader;
-        self.controller.epoch = state.leader_epoch;
-        self.controller.isr = state.isr;
     }
 
     /// Records that `id` leads `epoch`: no epoch ever has two leaders.
@@ -483,7 +485,6 @@ impl Sim {
             outstanding: None,
             last_high_watermark: Offset::ZERO,
             led_epoch: None,
-            heartbeat_sent_ms: None,
         });
         Ok(())
     }
@@ -671,7 +672,7 @@ impl Sim {
             }
             Output::IsrChanged(isr) => {
                 let epoch = self.node(id).live.as_ref()?.replica.leader_epoch();
-                if self.stand_in.is_some() {
+                if self.quorum.is_some() {
                     self.trace(|| format!("broker {id} adopted the ISR {isr:?} (epoch {epoch})"));
                     return None;
                 }
@@ -687,16 +688,9 @@ impl Sim {
                 leader_epoch,
                 partition_epoch,
             } => {
-                assert!(self.stand_in.is_some(), "static mode proposes nothing");
-                let incarnation = self.node(id).incarnation;
+                assert!(self.quorum.is_some(), "static mode proposes nothing");
                 self.trace(|| format!("broker {id} proposes the ISR {isr:?}"));
-                let message = Message::ProposeIsr {
-                    incarnation,
-                    isr,
-                    leader_epoch,
-                    partition_epoch,
-                };
-                self.send(id, CONTROLLER_NODE, message);
+                self.propose_isr(id, isr, leader_epoch, partition_epoch);
                 None
             }
         }
@@ -716,20 +710,23 @@ impl Sim {
                 let Some(bytes) = bytes else {
                     panic!("acknowledged produce {waiter:?} without its bytes");
                 };
-                if let Some(stand_in) = &self.stand_in {
-                    // A leader acknowledges what waits for followers only within its lease.
-                    let granted = stand_in.lease_granted(leader);
+                if let Some(quorum) = &self.quorum {
+                    // A leader acknowledges what waits for followers only within its lease and
+                    // before the controller committed the fence of its incarnation.
                     let held = self.nodes[(leader - 1) as usize]
                         .live
                         .as_ref()
                         .map_or(0, |l| l.replica.lease_until_ms());
+                    let fenced = quorum.fenced_since(leader, self.now_ms);
                     if !matches!(produce.acks, AckLevel::None | AckLevel::Leader)
-                        && (self.now_ms >= held || self.now_ms >= granted)
+                        && (self.now_ms >= held || fenced.is_some())
                     {
                         self.violation.get_or_insert(format!(
-                            "leader {leader} acknowledged {waiter:?} (acks={:?}) at {} ms with \
-                             its lease until {held} ms (granted {granted} ms)",
-                            produce.acks, self.now_ms
+                            "leader {leader} (incarnation {}) acknowledged {waiter:?} (acks={:?}) \
+                             at {} ms with its lease until {held} ms, fenced since {fenced:?}",
+                            quorum.incarnation(leader),
+                            produce.acks,
+                            self.now_ms
                         ));
                     }
                 }
@@ -916,38 +913,34 @@ impl Sim {
             let from = message.from;
             match message.message {
                 Message::Fetch(request) => self.input(to, Input::FetchRequest(request)),
-                Message::Heartbeat { .. } | Message::ProposeIsr { .. } => {
-                    self.at_controller(from, message.message);
-                }
-                Message::Metadata {
-                    incarnation,
-                    state,
-                    lease_until_ms,
-                } => {
-                    if self.node(to).incarnation != incarnation || !self.alive(to) {
-                        continue;
-                    }
-                    self.apply_metadata(to, &state);
-                    if let Some(until_ms) = lease_until_ms {
-                        self.input(to, Input::LeaseRenewed { until_ms });
+                Message::Raft(_) | Message::Heartbeat { .. } | Message::ProposeIsr { .. } => {
+                    if let Err(violation) = self.at_voter(from, to, message.message) {
+                        self.violation.get_or_insert(violation);
                     }
                 }
-                Message::IsrRejected {
+                Message::HeartbeatAnswer {
+                    node_incarnation,
                     incarnation,
-                    partition_epoch,
-                    reason,
+                    sent_ms,
+                    answer,
                 } => {
-                    if self.node(to).incarnation != incarnation {
+                    if self.node(to).incarnation != node_incarnation || !self.alive(to) {
                         continue;
                     }
-                    self.trace(|| format!("broker {to}: ISR proposal refused: {reason:?}"));
-                    self.input(
-                        to,
-                        Input::IsrRejected {
-                            partition_epoch,
-                            reason,
-                        },
-                    );
+                    let answered = self.heartbeat_answered(from, to, incarnation, sent_ms, *answer);
+                    if let Err(violation) = answered {
+                        self.violation.get_or_insert(violation);
+                    }
+                }
+                Message::ProposalAnswer {
+                    node_incarnation,
+                    token,
+                    result,
+                } => {
+                    if self.node(to).incarnation != node_incarnation || !self.alive(to) {
+                        continue;
+                    }
+                    self.proposal_answered(to, token, result);
                 }
                 Message::Reply {
                     fetch_id,
@@ -1083,6 +1076,9 @@ impl Sim {
         node.live = None;
         node.disk.crash(mode);
         self.report.crashes += 1;
+        if self.quorum.is_some() {
+            self.crash_voter(id, mode);
+        }
         // Waiters on the crashed leader are gone: the client sees its requests fail.
         let lost: Vec<u64> = self
             .produces
@@ -1094,8 +1090,8 @@ impl Sim {
             self.produces.remove(&waiter);
             self.report.timed_out += 1;
         }
-        // The stand-in controller notices on its own (the session times out).
-        if self.stand_in.is_none() && self.controller.leader == Some(id) {
+        // The controller notices on its own (the session times out).
+        if self.quorum.is_none() && self.controller.leader == Some(id) {
             self.elect(None);
         }
     }
@@ -1103,8 +1099,9 @@ impl Sim {
     fn restart(&mut self, id: BrokerId) -> Check {
         self.trace(|| format!("restart broker {id}"));
         self.start(id)?;
-        if self.stand_in.is_some() {
-            return Ok(()); // It learns its role from its first heartbeat's answer.
+        if self.quorum.is_some() {
+            // Its voter recovers; it learns its role from its first heartbeat's answer.
+            return self.restart_voter(id);
         }
         let epoch = self.controller.epoch;
         match self.controller.leader {
@@ -1120,7 +1117,7 @@ impl Sim {
     /// One step of the simulation: time passes, faults happen, messages arrive, disks flush.
     fn step_once(&mut self, faults: bool) -> Check {
         self.now_ms += self.rng.random_range(1..=3);
-        if self.stand_in.is_some() {
+        if self.quorum.is_some() {
             self.controller_step()?;
         }
         let fault_budget = self.config.replicas - self.config.min_insync;
@@ -1140,17 +1137,15 @@ impl Sim {
                 threshold += self.config.partition_per_mille;
                 threshold
             } {
-                // Controller mode: links to the controller (node 0) are cut as well.
-                let first = BrokerId::from(self.stand_in.is_none());
-                let a = self
-                    .rng
-                    .random_range(first..=self.config.replicas as BrokerId);
-                let b = self
-                    .rng
-                    .random_range(first..=self.config.replicas as BrokerId);
+                // Controller mode: a cut link between two brokers cuts their voters' raft
+                // messages and heartbeats as well (they share the host).
+                let a = self.rng.random_range(1..=self.config.replicas as BrokerId);
+                let b = self.rng.random_range(1..=self.config.replicas as BrokerId);
                 if a != b {
                     let link = (a.min(b), a.max(b));
-                    if !self.cut.remove(&link) {
+                    if self.cut.remove(&link) {
+                        self.trace(|| format!("restore link {link:?}"));
+                    } else {
                         self.trace(|| format!("cut link {link:?}"));
                         self.cut.insert(link);
                     }
@@ -1159,16 +1154,11 @@ impl Sim {
                 threshold += self.config.leader_move_per_mille;
                 threshold
             } {
-                let prefer = self.rng.random_range(1..=self.config.replicas as BrokerId);
-                let now = self.now_ms;
-                match self.stand_in.as_mut() {
-                    Some(stand_in) => {
-                        stand_in.move_leader(prefer, now)?;
-                        self.sync_controller_view();
-                    }
-                    None => {
-                        self.elect(Some(prefer));
-                    }
+                if self.quorum.is_some() {
+                    self.controller_fault(fault_budget)?;
+                } else {
+                    let prefer = self.rng.random_range(1..=self.config.replicas as BrokerId);
+                    self.elect(Some(prefer));
                 }
             } else if roll < threshold + self.config.produce_per_mille {
                 self.produce();
@@ -1218,7 +1208,7 @@ impl Sim {
         if let Some(violation) = self.violation.take() {
             return Err(violation);
         }
-        let controller_mode = self.stand_in.is_some();
+        let controller_mode = self.quorum.is_some();
         let now = self.now_ms;
         // One leader per epoch, among live replicas too.
         let mut leading = BTreeMap::new();
@@ -1377,8 +1367,11 @@ impl Sim {
                 self.restart(id)?;
             }
         }
-        if self.stand_in.is_none() && self.controller.leader.is_none() {
+        if self.quorum.is_none() && self.controller.leader.is_none() {
             self.elect(None);
+        }
+        if self.quorum.is_some() {
+            self.heal_controller();
         }
         for _ in 0..SETTLE_STEPS_MAX {
             self.step_once(false)?;
@@ -1412,7 +1405,8 @@ impl Sim {
             return false;
         };
         let end = l.log.end_offset();
-        self.produces.is_empty()
+        self.quorum.as_ref().is_none_or(|q| q.all_voters_running())
+            && self.produces.is_empty()
             && l.replica.is_leader()
             && l.replica.leader_epoch() == self.controller.epoch
             && l.replica.high_watermark() == end
@@ -1506,6 +1500,9 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
         }
         sim.step = steps;
         sim.settle().map_err(|m| sim.fail(m))?;
+        if let Some(quorum) = &sim.quorum {
+            sim.report.controller_terms = quorum.terms();
+        }
         Ok(sim.report)
     }));
     match outcome {

@@ -1,6 +1,7 @@
 //! Replays or explores simulator runs: `sim --seed N --steps M [--trace]`, or
 //! `sim --seeds K --start S` for a batch, or `sim --seconds T` for a time-boxed random batch;
-//! `--controller` runs the controller mode (the stand-in controller, leases, ISR proposals).
+//! `--controller` runs the controller mode (the shipped Raft controller on three voters, leases,
+//! ISR proposals, controller faults).
 
 use std::time::{Duration, Instant};
 
@@ -25,9 +26,13 @@ struct Args {
     /// Per-step chance (per mille) that the leader applies retention (0: never).
     #[arg(long, default_value_t = 0)]
     retention_per_mille: u32,
-    /// Controller mode: replicas with `isr_via_controller`, driven by the stand-in controller.
+    /// Controller mode: replicas with `isr_via_controller`, driven by the shipped Raft controller.
     #[arg(long)]
     controller: bool,
+    /// Controller mode: count leases outliving their fence (known controller bugs) instead of
+    /// failing, to explore what they lead to (not part of the replay command of a failure).
+    #[arg(long)]
+    tolerate_lease_outliving_fence: bool,
     /// Print every event of the run.
     #[arg(long)]
     trace: bool,
@@ -49,6 +54,7 @@ fn main() {
         config.trace = args.trace;
         config.retention_per_mille = args.retention_per_mille;
         config.isr_via_controller = args.controller;
+        config.tolerate_lease_outliving_fence = args.tolerate_lease_outliving_fence;
         match run(config) {
             Ok(report) => println!("seed {seed}: ok {report:?}"),
             Err(failure) => {
