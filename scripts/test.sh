@@ -2,7 +2,8 @@
 # Runs Wharf's whole test suite: style gates (rustfmt, clippy with warnings as errors), every
 # unit, property, crash-consistency and DmaDisk test, plus a batch of crash seeds from a random
 # start (printed, so a failure replays with WHARF_SEED=N), and a time-boxed batch of random
-# replication-simulator seeds (WHARF_SIM_SECONDS, default 120). Installs what it needs first.
+# replication-simulator seeds (WHARF_SIM_SECONDS, default 120) and of the simulator's controller
+# mode (WHARF_SIM_CONTROLLER_SECONDS, default 60). Installs what it needs first.
 #
 # The DmaDisk tests need io_uring and a filesystem with O_DIRECT (not tmpfs): they fail with a
 # message saying so when either is missing, rather than passing silently.
@@ -37,4 +38,8 @@ echo "== replication simulator: random seeds for ${WHARF_SIM_SECONDS:-120} s (a 
 cargo run --release --locked -q -p wharf-tests --bin sim -- --seconds "${WHARF_SIM_SECONDS:-120}" > target/sim-random-seeds.log 2>&1 \
   || { tail -n 20 target/sim-random-seeds.log; echo "simulator failed (see target/sim-random-seeds.log)"; exit 1; }
 tail -n 1 target/sim-random-seeds.log
+echo "== replication simulator, controller mode (the shipped Raft controller): random seeds for ${WHARF_SIM_CONTROLLER_SECONDS:-60} s"
+cargo run --release --locked -q -p wharf-tests --bin sim -- --controller --seconds "${WHARF_SIM_CONTROLLER_SECONDS:-60}" > target/sim-controller-seeds.log 2>&1 \
+  || { tail -n 20 target/sim-controller-seeds.log; echo "simulator (controller mode) failed (see target/sim-controller-seeds.log)"; exit 1; }
+tail -n 1 target/sim-controller-seeds.log
 echo "test.sh: all passed"

@@ -410,7 +410,8 @@ impl ControllerNode {
         now_ms: u64,
     ) -> Result<HeartbeatReply, NotController> {
         self.observe_time(now_ms);
-        if !self.is_leader() {
+        if !self.is_active() || self.leader_term != Some(self.raw.raft.term) {
+            // Not the active controller yet (see `is_active`): the broker asks again.
             return Err(NotController {
                 leader_hint: self.leader_id(),
             });
@@ -418,7 +419,9 @@ impl ControllerNode {
         let status = match self.image.broker(request.id) {
             Some(stored) if request.incarnation < stored.incarnation => BrokerStatus::Fenced,
             Some(stored) if request.incarnation == stored.incarnation => {
-                if stored.fenced {
+                // A fence of this incarnation is decided (queued or in flight): no more lease
+                // (simulator seed 4).
+                if stored.fenced || self.fencing.contains(&request.id) {
                     BrokerStatus::Fenced
                 } else {
                     self.sessions.insert(
@@ -711,9 +714,25 @@ impl ControllerNode {
 
     /// On becoming leader: every registered, unfenced broker gets a full session from now. On
     /// losing leadership: queued requests fail (they were never proposed).
+    /// The leader may act as the active controller (answer heartbeats, grant and expire
+    /// sessions) only once an entry of its own term is committed and its image has applied
+    /// everything committed: before that, a fence an earlier leader committed may still be
+    /// unknown to it, and it would renew the lease of a fenced broker (simulator seeds 78, 554).
+    fn is_active(&self) -> bool {
+        let log = &self.raw.raft.raft_log;
+        self.is_leader()
+            && log
+                .term(log.committed)
+                .is_ok_and(|t| t == self.raw.raft.term)
+            && self.image.applied_index() >= log.committed
+    }
+
     fn observe_role(&mut self) {
         let term = self.raw.raft.term;
         if self.is_leader() {
+            if !self.is_active() {
+                return;
+            }
             if self.leader_term != Some(term) {
                 self.leader_term = Some(term);
                 let deadline_ms = self.now_ms + self.config.broker_session_timeout_ms;

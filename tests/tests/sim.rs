@@ -77,10 +77,6 @@ fn retention_makes_lagging_followers_reset_and_rejoin() {
     );
 }
 
-/// Controller-mode seeds that fail on known controller bugs (see the ignored regression tests
-/// below); the fixed batch leaves them out until the controller is fixed.
-const KNOWN_CONTROLLER_BUG_SEEDS: &[u64] = &[4, 14];
-
 /// Controller mode: the shipped Raft controller (three voters on the three brokers) drives the
 /// replicas through broker crashes, crashes of the controller leader, lost heartbeats, cut
 /// links and dropped raft messages; the replicas propose ISR changes, hold leases and fail over
@@ -94,10 +90,7 @@ fn controller_mode_keeps_every_invariant_through_failovers() {
         .unwrap_or(16);
     let mut total = wharf_tests::sim::SimReport::default();
     let mut runs = 0;
-    for seed in (0..seeds)
-        .chain([244])
-        .filter(|s| !KNOWN_CONTROLLER_BUG_SEEDS.contains(s))
-    {
+    for seed in (0..seeds).chain([4, 14, 78, 244, 554]) {
         println!("controller mode, seed {seed}");
         let mut config = SimConfig::new(seed, 3000);
         config.isr_via_controller = true;
@@ -137,25 +130,23 @@ fn controller_seed(seed: u64) {
     run(config).unwrap_or_else(|failure| panic!("{failure}"));
 }
 
-/// Controller bug found by this simulator (seed 4; also 172, 14, ...): `ControllerNode::heartbeat`
+/// Controller bug found by this simulator, now fixed (seed 4; also 172, 14, ...): `ControllerNode::heartbeat`
 /// answers `Active` (so the broker renews its lease to `sent + session - interval`) to an
 /// incarnation whose fence is already queued or in flight (`fencing`), and the fence commits a
 /// few ms later: the lease outlives the fence (at 1138 ms broker 1 renews to 1240 ms a lease
 /// whose fence committed at 1136 ms). Fails with "voter 3 renewed the lease of broker 1
 /// incarnation 1 ... its fence committed at 1136 ms".
 #[test]
-#[ignore = "controller bug: a heartbeat answered Active while the fence of its incarnation is pending"]
 fn regression_controller_seed_4_no_lease_while_a_fence_is_pending() {
     controller_seed(4);
 }
 
-/// Controller bug found by this simulator (seed 78): a voter just elected (term 2, applied and
+/// Controller bug found by this simulator, now fixed (seed 78): a voter just elected (term 2, applied and
 /// commit index 5) answers heartbeats from an image that lags the committed log: entry 6 (the
 /// fence of broker 3, committed in term 1 by voters 1 and 2) is in its log but not yet known
 /// committed, so it answers `Active` to the fenced incarnation and renews its lease 1700 ms
 /// after the fence (broker 1 leads the partition's next epoch meanwhile).
 #[test]
-#[ignore = "controller bug: a new leader answers heartbeats before applying its whole committed log"]
 fn regression_controller_seed_78_new_leader_answers_from_a_stale_image() {
     controller_seed(78);
 }
@@ -167,7 +158,6 @@ fn regression_controller_seed_78_new_leader_answers_from_a_stale_image() {
 /// leads epoch 1) and broker 3, still leading epoch 0, acknowledged an acks=all write at
 /// 1826 ms: "leader 3 (incarnation 1) acknowledged ... fenced since Some(1817)".
 #[test]
-#[ignore = "controller bug: a new leader answers heartbeats before applying its whole committed log"]
 fn regression_controller_seed_554_fenced_leader_acknowledges() {
     let mut config = SimConfig::new(554, 3000);
     config.isr_via_controller = true;
