@@ -72,6 +72,25 @@ pub struct Metrics {
     pub peer_auth_failures: Family<ShardLabels, Counter>,
     pub disk_full: Family<ShardLabels, Gauge>,
     pub request_budget_used_bytes: Family<ShardLabels, Gauge>,
+    /// Controller mode: this broker's view of the controller and its session.
+    pub controller: ControllerMetrics,
+}
+
+/// Controller mode (`cluster.controller_voters`).
+#[derive(Clone, Default)]
+pub struct ControllerMetrics {
+    /// 1 on the voter that is the active controller.
+    pub is_leader: Gauge,
+    pub raft_term: Gauge,
+    pub raft_commit_index: Gauge,
+    /// The metadata index this broker applied.
+    pub applied_index: Gauge,
+    /// Brokers the applied metadata lists as fenced.
+    pub brokers_fenced: Gauge,
+    /// Heartbeats that got no answer from a controller voter.
+    pub heartbeat_failures: Counter,
+    /// Times this broker found itself fenced and registered again.
+    pub reregistrations: Counter,
 }
 
 impl Metrics {
@@ -100,9 +119,46 @@ impl Metrics {
             peer_auth_failures: Family::default(),
             disk_full: Family::default(),
             request_budget_used_bytes: Family::default(),
+            controller: ControllerMetrics::default(),
         };
         let mut metrics = metrics;
         let registry = &mut metrics.registry;
+        let controller = metrics.controller.clone();
+        registry.register(
+            "controller_is_leader",
+            "1 on the controller voter that is the active controller",
+            controller.is_leader,
+        );
+        registry.register(
+            "controller_raft_term",
+            "The controller voter's Raft term",
+            controller.raft_term,
+        );
+        registry.register(
+            "controller_raft_commit_index",
+            "The controller voter's Raft commit index",
+            controller.raft_commit_index,
+        );
+        registry.register(
+            "metadata_applied_index",
+            "The controller metadata index this broker applied",
+            controller.applied_index,
+        );
+        registry.register(
+            "brokers_fenced",
+            "Brokers the applied controller metadata lists as fenced",
+            controller.brokers_fenced,
+        );
+        registry.register(
+            "controller_heartbeat_failures",
+            "Heartbeats to a controller voter that got no answer",
+            controller.heartbeat_failures,
+        );
+        registry.register(
+            "broker_reregistrations",
+            "Times the controller had fenced this broker and it registered again",
+            controller.reregistrations,
+        );
         registry.register(
             "connections_refused",
             "Connections closed at once: a connection limit was reached",

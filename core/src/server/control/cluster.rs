@@ -360,6 +360,7 @@ impl Shard {
                 Ok(response) => response,
                 Err(error) => {
                     tracing::debug!(target, %error, "heartbeat failed");
+                    self.shared.metrics.controller.heartbeat_failures.inc();
                     cluster.forget_leader(target);
                     return HeartbeatOutcome::TryAnother;
                 }
@@ -386,6 +387,7 @@ impl Shard {
                     "the controller fenced this broker; registering again"
                 );
                 cluster.incarnation.set(next);
+                self.shared.metrics.controller.reregistrations.inc();
                 return HeartbeatOutcome::TryAnother;
             }
             ErrorCode::BrokerUnavailable => {
@@ -422,6 +424,22 @@ impl Shard {
         self.shared
             .controller_registered
             .store(true, std::sync::atomic::Ordering::Release);
+        {
+            let image = cluster.image.borrow();
+            let metrics = &self.shared.metrics.controller;
+            metrics.applied_index.set(image.applied_index() as i64);
+            metrics
+                .brokers_fenced
+                .set(image.brokers().filter(|b| b.fenced).count() as i64);
+            if let Some(host) = &cluster.host {
+                let (term, commit) = host.raft_position();
+                metrics.raft_term.set(term as i64);
+                metrics.raft_commit_index.set(commit as i64);
+                metrics
+                    .is_leader
+                    .set(i64::from(host.leader_id() == Some(cluster.broker_id)));
+            }
+        }
         HeartbeatOutcome::Answered
     }
 
