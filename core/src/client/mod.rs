@@ -640,6 +640,20 @@ impl Client {
         Ok(owner.unwrap_or_else(|| self.bootstrap_address()))
     }
 
+    /// The leader and leader epoch of `topic`/`partition` in the cached metadata.
+    pub fn cached_leader(&self, topic: &str, partition: u32) -> Option<(u32, u32)> {
+        let metadata = self.metadata.borrow();
+        metadata
+            .as_ref()?
+            .topics
+            .iter()
+            .find(|t| t.name == topic)?
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .map(|p| (p.leader, p.leader_epoch))
+    }
+
     /// The address of `broker`'s shard that owns `topic`/`partition` (a follower fetches from
     /// the leader it was told to follow, whatever the metadata it asks says leads).
     pub async fn partition_address_on(

@@ -612,6 +612,38 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
     }
 }
 
+/// While a produce is outstanding for longer than this, the producer looks (once per period)
+/// whether the partition's leader moved: a request to a deposed leader that stopped answering (a
+/// stopped process, a network partition) is abandoned and retried at the new leader instead of
+/// waiting out the request timeout. (A deposed leader acknowledges nothing once its controller
+/// lease ended, so the abandoned attempt can at most leave a duplicate, as any retry can.)
+pub const LEADER_CHECK_MS: u64 = 500;
+
+/// Resolves once the metadata names another leader (or epoch) than `sent_to`.
+async fn leader_moved(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    sent_to: Option<(u32, u32)>,
+) -> ClientError {
+    loop {
+        glommio::timer::sleep(Duration::from_millis(LEADER_CHECK_MS)).await;
+        if client.refresh_metadata().await.is_err() {
+            continue;
+        }
+        let now = client.cached_leader(topic, partition);
+        if sent_to.is_some() && now.is_some() && now != sent_to {
+            return ClientError::server(
+                ErrorCode::NotLeader,
+                format!(
+                    "{topic}/{partition}: the leader moved ({sent_to:?} -> {now:?}) while the \
+                     request was outstanding"
+                ),
+            );
+        }
+    }
+}
+
 async fn send_with_retries(
     inner: Rc<Inner>,
     topic: String,
@@ -631,8 +663,14 @@ async fn send_with_retries(
             Some(started) => started,
             None => start_produce(&inner, &topic, partition, &bytes).await,
         };
+        let sent_to = inner.client.cached_leader(&topic, partition);
         let result = match attempt_started {
-            Ok(pending) => pending.await,
+            Ok(pending) => {
+                futures_lite::future::or(pending, async {
+                    Err(leader_moved(&inner.client, &topic, partition, sent_to).await)
+                })
+                .await
+            }
             Err(error) => Err(error),
         };
         let error = match result {

@@ -122,6 +122,7 @@ impl Shard {
             }
             ApiKey::Metadata => {
                 let request: MetadataRequest = frame.decode_body().map_err(invalid)?;
+                self.check_metadata_fresh()?;
                 let mut response = self.metadata_response(request, context.listener);
                 let shard = Rc::clone(self);
                 async move {
@@ -212,6 +213,27 @@ impl Shard {
                 self.on_controller_shard(header, ShardRequest::ClusterStatus)
             }
         })
+    }
+
+    /// Controller mode: a broker cut off from the controller (its session lease ended) does not
+    /// answer metadata — it may still name itself leader of partitions that moved — so clients
+    /// ask another broker.
+    fn check_metadata_fresh(&self) -> Result<(), PartitionError> {
+        if !self.controller_mode() {
+            return Ok(());
+        }
+        let lease = self
+            .shared
+            .controller_lease_until_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        if super::partition::monotonic_ms() < lease {
+            return Ok(());
+        }
+        Err(PartitionError::new(
+            ErrorCode::BrokerUnavailable,
+            "this broker has no live session with the controller; its metadata may be stale: \
+             ask another broker",
+        ))
     }
 
     /// Controller APIs are served by shard 0 (where the controller and its client live).

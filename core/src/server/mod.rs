@@ -52,6 +52,9 @@ pub struct Shared {
     /// Controller mode: the controller registered this broker and it applied the metadata
     /// (readiness waits for it, so a started cluster can create topics at once).
     pub controller_registered: AtomicBool,
+    /// Controller mode: the end of this broker's session lease (`partition::monotonic_ms`).
+    /// Past it the broker is cut off from the controller and its metadata may be stale.
+    pub controller_lease_until_ms: AtomicU64,
     /// Per shard: milliseconds since `started` of its last heartbeat (liveness).
     pub heartbeats_ms: Vec<AtomicU64>,
     pub started: Instant,
@@ -221,6 +224,7 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
         shutting_down: AtomicBool::new(false),
         controlled_shutdown_done: AtomicBool::new(false),
         controller_registered: AtomicBool::new(false),
+        controller_lease_until_ms: AtomicU64::new(0),
         heartbeats_ms: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         started: Instant::now(),
         peer_ids: (0..shards).map(|_| OnceLock::new()).collect(),

@@ -422,6 +422,9 @@ impl Shard {
             sent_at_ms + cluster.session_timeout_ms - cluster.heartbeat_interval_ms.max(1);
         self.broadcast_lease(until_ms).await;
         self.shared
+            .controller_lease_until_ms
+            .fetch_max(until_ms, std::sync::atomic::Ordering::AcqRel);
+        self.shared
             .controller_registered
             .store(true, std::sync::atomic::Ordering::Release);
         {
