@@ -15,8 +15,11 @@ use common::{run, wire, Cluster};
 use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
 use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
 use wharf::client::{Client, ClientConfig, ClientError};
+use wharf::peer_auth::ClusterSecret;
 use wharf::protocol::{
-    Acks, ClusterStatusResponse, ConfigEntry, ErrorCode, PartitionDescription, ProduceResponse,
+    Acks, ApiKey, BrokerHeartbeatRequest, ClusterStatusResponse, ConfigEntry,
+    ControllerCommandRequest, ControllerCommandResponse, ControllerRaftRequest,
+    ControllerRaftResponse, ErrorCode, PartitionDescription, ProduceResponse,
 };
 
 const TOPIC: &str = "failover";
@@ -360,4 +363,74 @@ fn topics_are_created_and_deleted_through_the_controller_on_every_broker() {
         });
         assert!(gone, "broker {id} still serves the deleted topic");
     }
+}
+
+/// The controller's APIs are inter-broker APIs: refused on client listeners, refused without
+/// the peer handshake, and garbage from an authenticated peer (undecodable Raft messages, a
+/// command that is not JSON, a heartbeat in another broker's name) is answered with an error
+/// and changes nothing: the cluster keeps its controller and its three brokers.
+#[test]
+fn controller_apis_are_internal_and_reject_garbage() {
+    let cluster = start();
+    let raft = ControllerRaftRequest {
+        from: 2,
+        messages: vec![vec![0xff; 64], Vec::new()],
+    };
+    let command = ControllerCommandRequest {
+        command_json: b"{ not json".to_vec(),
+    };
+    let heartbeat = BrokerHeartbeatRequest {
+        broker_id: 99,
+        incarnation: 1,
+        client_address: "127.0.0.1:1".to_string(),
+        internal_address: "127.0.0.1:2".to_string(),
+        applied_index: 0,
+        shutting_down: false,
+    };
+    let frames = [
+        wire::request(ApiKey::ControllerRaft, 1, &raft, &[]),
+        wire::request(ApiKey::ControllerCommand, 2, &command, &[]),
+        wire::request(ApiKey::BrokerHeartbeat, 3, &heartbeat, &[]),
+    ];
+    // Client listener: refused, whatever the body.
+    let mut client = wire::connect_to(&cluster.bootstrap(1));
+    for frame in &frames {
+        let answer = wire::call(&mut client, frame).expect("answered");
+        assert_eq!(answer.header.error(), ErrorCode::InternalApiRefused);
+    }
+    // Internal listener without the handshake: refused, connection closed.
+    let mut unauthenticated = wire::connect_to(&cluster.internal(1));
+    let answer = wire::call(&mut unauthenticated, &frames[0]).expect("answered");
+    assert_eq!(answer.header.error(), ErrorCode::AuthenticationFailed);
+    // An authenticated peer sending garbage: errors, no effect.
+    let secret = ClusterSecret::load(&cluster.secret_path).expect("secret");
+    for voter in 1..=3 {
+        let mut peer =
+            wire::peer_connect(&cluster.internal(voter), 2, &secret).expect("peer accepted");
+        let answer = wire::call(&mut peer, &frames[0]).expect("raft answered");
+        let body: ControllerRaftResponse = answer.decode_body().expect("raft body");
+        assert_ne!(body.error, 0, "undecodable Raft messages are refused");
+        let answer = wire::call(&mut peer, &frames[1]).expect("command answered");
+        let body: ControllerCommandResponse = answer.decode_body().expect("command body");
+        assert_ne!(body.error, 0, "a command that is not JSON is refused");
+        // A heartbeat for another broker (99, unknown) from a peer authenticated as 2.
+        let answer = wire::call(&mut peer, &frames[2]).expect("heartbeat answered");
+        assert_eq!(
+            answer.header.error(),
+            ErrorCode::AuthenticationFailed,
+            "{}",
+            wire::error_message(&answer)
+        );
+    }
+    let bootstrap = bootstraps(&cluster);
+    let acked = produce(&bootstrap, "after-garbage", 50);
+    let status = status(&cluster.bootstrap(1)).expect("status");
+    assert!(status.controller_leader.is_some(), "{status:?}");
+    assert_eq!(
+        status.brokers.len(),
+        3,
+        "no broker 99 registered: {status:?}"
+    );
+    let log = read_all(&bootstrap);
+    assert_all_kept(&log, &acked);
 }

@@ -11,7 +11,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::good_client::{create_topic, read_all, GoodClient};
-use common::wire::{batch, connect_to, error_message, produce_frame, read_response, request};
+use common::wire::{
+    batch, call, connect_to, error_message, peer_connect, produce_frame, read_response, request,
+};
 use common::{Broker, Cluster};
 
 /// Polls (every 100 ms) while waiting for a broker to reach a state.
@@ -26,12 +28,6 @@ fn assert_no_panic(broker: &Broker) {
 
 fn send(stream: &mut TcpStream, frame: &[u8]) {
     stream.write_all(frame).expect("send");
-}
-
-/// Sends a frame and returns its answer (`None`: the connection was closed).
-fn call(stream: &mut TcpStream, frame: &[u8]) -> Option<Frame> {
-    send(stream, frame);
-    read_response(stream)
 }
 
 fn describe(address: &str, topic: &str) -> TopicDescription {
@@ -118,41 +114,6 @@ fn forged_fetch(topic: &TopicDescription, replica: u32, offset: u64) -> Vec<u8> 
         },
         &[],
     )
-}
-
-/// Runs the peer handshake on a fresh internal connection as `broker_id` with `secret`;
-/// returns the connection when the broker accepted it.
-fn peer_connect(address: &str, broker_id: u32, secret: &ClusterSecret) -> Option<TcpStream> {
-    let mut stream = connect_to(address);
-    let client_nonce = wharf::peer_auth::nonce().expect("nonce");
-    let begin = call(
-        &mut stream,
-        &request(
-            ApiKey::PeerAuthBegin,
-            1,
-            &PeerAuthBeginRequest {
-                broker_id,
-                client_nonce: client_nonce.to_vec(),
-            },
-            &[],
-        ),
-    )?;
-    let begin: PeerAuthBeginResponse = begin.decode_body().expect("begin body");
-    if begin.error != 0 {
-        return None;
-    }
-    let proof = secret.client_proof(&begin.server_nonce, &client_nonce, broker_id);
-    let proved = call(
-        &mut stream,
-        &request(
-            ApiKey::PeerAuthProve,
-            2,
-            &PeerAuthProveRequest { proof },
-            &[],
-        ),
-    )?;
-    let result: TopicResult = proved.decode_body().expect("prove body");
-    (result.error == 0).then_some(stream)
 }
 
 fn apply_topic_with_17_replicas() -> Vec<u8> {

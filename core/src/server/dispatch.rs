@@ -198,10 +198,14 @@ impl Shard {
             }
             ApiKey::ControllerRaft => {
                 let request: ControllerRaftRequest = frame.decode_body().map_err(invalid)?;
+                check_peer_is(context, request.from, "sent Raft messages")?;
                 self.on_controller_shard(header, ShardRequest::ControllerRaft(request))
             }
             ApiKey::BrokerHeartbeat => {
                 let request: BrokerHeartbeatRequest = frame.decode_body().map_err(invalid)?;
+                // A heartbeat keeps a broker's session (and its leadership) alive: only the
+                // broker itself may send it.
+                check_peer_is(context, request.broker_id, "heartbeated")?;
                 self.on_controller_shard(header, ShardRequest::BrokerHeartbeat(request))
             }
             ApiKey::ControllerCommand => {
@@ -254,6 +258,24 @@ impl Shard {
         }
         .boxed_local()
     }
+}
+
+/// The request names broker `claimed` as its sender: it must be the authenticated peer.
+fn check_peer_is(
+    context: &ConnectionContext,
+    claimed: u32,
+    what: &str,
+) -> Result<(), PartitionError> {
+    if context.authenticated_peer() == Some(claimed) {
+        return Ok(());
+    }
+    Err(PartitionError::new(
+        ErrorCode::AuthenticationFailed,
+        format!(
+            "broker {claimed} {what} on a connection authenticated as {:?}",
+            context.authenticated_peer()
+        ),
+    ))
 }
 
 pub(crate) fn topic_error(code: ErrorCode, message: impl Into<String>) -> TopicResult {

@@ -128,3 +128,48 @@ pub fn answered<T: Message>(stream: &mut TcpStream, what: &str) -> Result<T, Str
     }
     frame.decode_body().map_err(|e| format!("{what}: {e}"))
 }
+
+/// Sends a frame and returns its answer (`None`: the connection was closed).
+pub fn call(stream: &mut TcpStream, frame: &[u8]) -> Option<Frame> {
+    std::io::Write::write_all(stream, frame).expect("send");
+    read_response(stream)
+}
+
+/// Runs the peer handshake on a fresh internal connection as `broker_id` with `secret`;
+/// returns the connection when the broker accepted it.
+pub fn peer_connect(
+    address: &str,
+    broker_id: u32,
+    secret: &wharf::peer_auth::ClusterSecret,
+) -> Option<TcpStream> {
+    let mut stream = connect_to(address);
+    let client_nonce = wharf::peer_auth::nonce().expect("nonce");
+    let begin = call(
+        &mut stream,
+        &request(
+            ApiKey::PeerAuthBegin,
+            1,
+            &PeerAuthBeginRequest {
+                broker_id,
+                client_nonce: client_nonce.to_vec(),
+            },
+            &[],
+        ),
+    )?;
+    let begin: PeerAuthBeginResponse = begin.decode_body().expect("begin body");
+    if begin.error != 0 {
+        return None;
+    }
+    let proof = secret.client_proof(&begin.server_nonce, &client_nonce, broker_id);
+    let proved = call(
+        &mut stream,
+        &request(
+            ApiKey::PeerAuthProve,
+            2,
+            &PeerAuthProveRequest { proof },
+            &[],
+        ),
+    )?;
+    let result: TopicResult = proved.decode_body().expect("prove body");
+    (result.error == 0).then_some(stream)
+}
