@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use common::{run, wire, Cluster};
+use common::{run, wire, Cluster, STATE_POLLS_MAX};
 use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
 use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
 use wharf::client::{Client, ClientConfig, ClientError};
@@ -24,8 +24,6 @@ use wharf::protocol::{
 
 const TOPIC: &str = "failover";
 const REPLICA_LAG_MAX_MS: u64 = 2_000;
-/// Polls (every 100 ms) while waiting for the cluster to reach a state.
-const STATE_POLLS_MAX: usize = 300;
 
 fn client_config(bootstrap: &str) -> ClientConfig {
     let mut config = ClientConfig::new(bootstrap);
@@ -135,11 +133,7 @@ fn read_all(bootstrap: &str) -> BTreeMap<u64, String> {
 }
 
 fn describe(bootstrap: &str) -> Option<PartitionDescription> {
-    run(async {
-        let client = Client::connect(client_config(bootstrap)).await.ok()?;
-        let topic = client.describe_topic(TOPIC).await.ok()?;
-        topic.partitions.into_iter().next()
-    })
+    common::describe_partition(bootstrap, TOPIC)
 }
 
 fn wait_for(
@@ -147,17 +141,7 @@ fn wait_for(
     what: &str,
     done: impl Fn(&PartitionDescription) -> bool,
 ) -> PartitionDescription {
-    let mut last = None;
-    for _ in 0..STATE_POLLS_MAX {
-        if let Some(description) = describe(bootstrap) {
-            if done(&description) {
-                return description;
-            }
-            last = Some(description);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("cluster never reached: {what}; last describe {last:?}");
+    common::wait_for_partition(bootstrap, TOPIC, what, done)
 }
 
 fn status(bootstrap: &str) -> Result<ClusterStatusResponse, ClientError> {

@@ -20,8 +20,6 @@ use wharf_storage::log::PartitionLog;
 const TOPIC: &str = "replicated";
 /// The ISR lag limit of the test cluster: short, so a dead follower leaves the ISR quickly.
 const REPLICA_LAG_MAX_MS: u64 = 1_500;
-/// Polls (every 100 ms) while waiting for the cluster to reach a state.
-const STATE_POLLS_MAX: usize = 300;
 
 fn client_config(bootstrap: &str) -> ClientConfig {
     let mut config = ClientConfig::new(bootstrap);
@@ -78,30 +76,15 @@ fn values(prefix: &str, count: usize) -> Vec<String> {
 }
 
 fn describe(bootstrap: &str) -> Option<PartitionDescription> {
-    run(async {
-        let client = Client::connect(client_config(bootstrap)).await.ok()?;
-        let topic = client.describe_topic(TOPIC).await.ok()?;
-        topic.partitions.into_iter().next()
-    })
+    common::describe_partition(bootstrap, TOPIC)
 }
 
-/// Polls `bootstrap`'s describe until `done` holds.
 fn wait_for(
     bootstrap: &str,
     what: &str,
     done: impl Fn(&PartitionDescription) -> bool,
 ) -> PartitionDescription {
-    let mut last = None;
-    for _ in 0..STATE_POLLS_MAX {
-        if let Some(description) = describe(bootstrap) {
-            if done(&description) {
-                return description;
-            }
-            last = Some(description);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("cluster never reached: {what}; last describe {last:?}");
+    common::wait_for_partition(bootstrap, TOPIC, what, done)
 }
 
 /// The partition directory of the topic's partition 0 under `broker`'s data directory.

@@ -370,3 +370,40 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Polls (every 100 ms) while waiting for a partition to reach a state.
+pub const STATE_POLLS_MAX: usize = 300;
+
+/// Partition 0 of `topic` as `bootstrap` describes it (the client merges the leaders' views).
+pub fn describe_partition(
+    bootstrap: &str,
+    topic: &str,
+) -> Option<wharf::protocol::PartitionDescription> {
+    run(async {
+        let mut config = wharf::client::ClientConfig::new(bootstrap);
+        config.request_timeout_ms = 10_000;
+        let client = wharf::client::Client::connect(config).await.ok()?;
+        let described = client.describe_topic(topic).await.ok()?;
+        described.partitions.into_iter().next()
+    })
+}
+
+/// Polls `describe_partition` until `done` holds; panics (bounded) naming `what` otherwise.
+pub fn wait_for_partition(
+    bootstrap: &str,
+    topic: &str,
+    what: &str,
+    done: impl Fn(&wharf::protocol::PartitionDescription) -> bool,
+) -> wharf::protocol::PartitionDescription {
+    let mut last = None;
+    for _ in 0..STATE_POLLS_MAX {
+        if let Some(description) = describe_partition(bootstrap, topic) {
+            if done(&description) {
+                return description;
+            }
+            last = Some(description);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cluster never reached: {what}; last describe {last:?}");
+}

@@ -27,7 +27,7 @@ use crate::metadata::{self, BrokerMetadata, PartitionMeta, TopicMeta};
 use crate::peer_auth::PeerCredentials;
 use crate::protocol::*;
 use crate::server::partition::{monotonic_ms, IsrProposal, PartitionState};
-use crate::server::shard::{Shard, ShardReply, ShardRequest};
+use crate::server::shard::{Shard, ShardRequest};
 
 /// `PartitionMeta::leader` of a partition without a leader (every ISR member fenced).
 pub const NO_LEADER: u32 = u32::MAX;
@@ -592,45 +592,14 @@ impl Shard {
             self.persist(next.clone()).await?;
         }
         for (name, _) in &removed {
-            let closes = (0..shards).map(|shard| {
-                self.to_shard(
-                    shard,
-                    ShardRequest::ClosePartitions {
-                        topic: name.clone(),
-                    },
-                )
-            });
-            join_all(closes).await;
+            self.close_on_shards(name).await;
         }
         for name in &added {
             let Some(topic) = next.topics.get(name) else {
                 continue;
             };
-            let opens = (0..shards).map(|shard| {
-                let owned: Vec<u32> = topic
-                    .partitions
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.shard == shard && p.replicas.contains(&me))
-                    .map(|(i, _)| i as u32)
-                    .collect();
-                self.to_shard(
-                    shard,
-                    ShardRequest::OpenPartitions {
-                        topic: name.clone(),
-                        meta: topic.clone(),
-                        partitions: owned,
-                    },
-                )
-            });
-            for reply in join_all(opens).await {
-                match reply {
-                    Some(ShardReply::Done(Ok(()))) => {}
-                    Some(ShardReply::Done(Err(message))) => {
-                        tracing::error!(topic = %name, %message, "cannot open a partition of a new topic")
-                    }
-                    _ => return Err("a shard is not answering".to_string()),
-                }
+            for message in self.open_on_shards(name, topic).await? {
+                tracing::error!(topic = %name, %message, "cannot open a partition of a new topic");
             }
         }
         if next != current {
@@ -675,14 +644,7 @@ impl Shard {
             .map(|(shard, states)| self.to_shard(shard, ShardRequest::PartitionStates(states)));
         join_all(updates).await;
         for (name, topic_id) in removed {
-            let data_dir = self.shared.config.data_dir.clone();
-            let dir_name = name.clone();
-            let removed = glommio::executor()
-                .spawn_blocking(move || metadata::remove_topic_dir(&data_dir, &dir_name, topic_id))
-                .await;
-            if let Err(message) = removed {
-                tracing::warn!(topic = %name, %message, "could not remove the deleted topic's files yet");
-            }
+            self.remove_topic_files(&name, topic_id).await;
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use futures_util::future::join_all;
 
 use super::dispatch::topic_error;
 use super::shard::{Shard, ShardReply, ShardRequest};
-use crate::metadata::{self, BrokerMetadata};
+use crate::metadata::{self, BrokerMetadata, TopicMeta};
 use crate::protocol::*;
 
 impl Shard {
@@ -48,6 +48,70 @@ impl Shard {
     /// Makes `metadata` this shard's view (`ShardRequest::Metadata`, sent by `publish`).
     pub(crate) fn install_metadata(&self, metadata: Arc<BrokerMetadata>) {
         *self.metadata.borrow_mut() = metadata;
+    }
+
+    /// Opens `topic`'s partitions on the shards that own them (each shard skips partitions this
+    /// broker holds no replica of). `Err` when a shard does not answer; otherwise the errors of
+    /// the partitions that could not open (empty when all did).
+    async fn open_on_shards(
+        self: &Rc<Self>,
+        name: &str,
+        topic: &TopicMeta,
+    ) -> Result<Vec<String>, String> {
+        let shards = self.shared.shards() as u32;
+        let opens = (0..shards).map(|shard| {
+            let owned: Vec<u32> = topic
+                .partitions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.shard == shard)
+                .map(|(i, _)| i as u32)
+                .collect();
+            self.to_shard(
+                shard,
+                ShardRequest::OpenPartitions {
+                    topic: name.to_string(),
+                    meta: topic.clone(),
+                    partitions: owned,
+                },
+            )
+        });
+        let mut failed = Vec::new();
+        for reply in join_all(opens).await {
+            match reply {
+                Some(ShardReply::Done(Ok(()))) => {}
+                Some(ShardReply::Done(Err(message))) => failed.push(message),
+                _ => return Err("a shard is not answering".to_string()),
+            }
+        }
+        Ok(failed)
+    }
+
+    /// Closes `name`'s partitions on every shard.
+    async fn close_on_shards(self: &Rc<Self>, name: &str) {
+        let shards = self.shared.shards() as u32;
+        let closes = (0..shards).map(|shard| {
+            self.to_shard(
+                shard,
+                ShardRequest::ClosePartitions {
+                    topic: name.to_string(),
+                },
+            )
+        });
+        join_all(closes).await;
+    }
+
+    /// Removes a deleted topic's files (a failure is logged: the next start removes them, as
+    /// the metadata no longer names the topic).
+    async fn remove_topic_files(&self, name: &str, topic_id: u64) {
+        let data_dir = self.shared.config.data_dir.clone();
+        let dir_name = name.to_string();
+        let removed = glommio::executor()
+            .spawn_blocking(move || metadata::remove_topic_dir(&data_dir, &dir_name, topic_id))
+            .await;
+        if let Err(message) = removed {
+            tracing::warn!(topic = %name, %message, "could not remove the deleted topic's files yet");
+        }
     }
 
     /// Closes this shard's partitions of a deleted topic (`ShardRequest::ClosePartitions`).

@@ -6,13 +6,11 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use futures_util::future::join_all;
-
 use crate::metadata::{self, PartitionMeta, TopicMeta};
 use crate::protocol::*;
 use crate::server::dispatch::topic_error;
 use crate::server::partition::PartitionError;
-use crate::server::shard::{Shard, ShardReply, ShardRequest};
+use crate::server::shard::{Shard, ShardRequest};
 
 impl Shard {
     /// The checks every create makes, static or through the controller: a valid name and
@@ -363,31 +361,13 @@ impl Shard {
             return topic_error(ErrorCode::StorageError, message);
         }
         // Open the logs before anyone can see the topic.
-        let opens = (0..shards).map(|shard| {
-            let owned: Vec<u32> = topic
-                .partitions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.shard == shard)
-                .map(|(i, _)| i as u32)
-                .collect();
-            self.to_shard(
-                shard,
-                ShardRequest::OpenPartitions {
-                    topic: name.clone(),
-                    meta: topic.clone(),
-                    partitions: owned,
-                },
-            )
-        });
-        for reply in join_all(opens).await {
-            match reply {
-                Some(ShardReply::Done(Ok(()))) => {}
-                Some(ShardReply::Done(Err(message))) => {
-                    return topic_error(ErrorCode::StorageError, message)
+        match self.open_on_shards(&name, &topic).await {
+            Ok(failed) => {
+                if let Some(message) = failed.into_iter().next() {
+                    return topic_error(ErrorCode::StorageError, message);
                 }
-                _ => return topic_error(ErrorCode::ShuttingDown, "a shard is not answering"),
             }
+            Err(message) => return topic_error(ErrorCode::ShuttingDown, message),
         }
         self.publish(Arc::new(next)).await;
         TopicResult {
@@ -464,27 +444,8 @@ impl Shard {
             return topic_error(ErrorCode::StorageError, message);
         }
         self.publish(Arc::new(next)).await;
-        let shards = self.shared.shards() as u32;
-        let closes = (0..shards).map(|shard| {
-            self.to_shard(
-                shard,
-                ShardRequest::ClosePartitions {
-                    topic: name.clone(),
-                },
-            )
-        });
-        join_all(closes).await;
-        let data_dir = self.shared.config.data_dir.clone();
-        let dir_name = name.clone();
-        let removed = glommio::executor()
-            .spawn_blocking(move || {
-                metadata::remove_topic_dir(&data_dir, &dir_name, topic.topic_id)
-            })
-            .await;
-        if let Err(message) = removed {
-            // The metadata no longer names it: the next start removes the directory.
-            tracing::warn!(topic = %name, %message, "could not remove the deleted topic's files yet");
-        }
+        self.close_on_shards(&name).await;
+        self.remove_topic_files(&name, topic.topic_id).await;
         tracing::info!(topic = %name, "deleted topic");
         TopicResult {
             error: 0,
