@@ -5,6 +5,7 @@
 //! `Output`s that the driver (`wharf`'s partition driver, or the simulator in `wharf-tests`)
 //! carries out and reports back.
 
+pub mod driver;
 pub mod epochs;
 pub mod isr;
 pub mod replica;

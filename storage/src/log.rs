@@ -482,6 +482,10 @@ impl<D: Disk> PartitionLog<D> {
         self.log_start
     }
 
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
     /// Bytes appended and not yet handed to a flush.
     pub fn staged_bytes(&self) -> usize {
         self.staged_bytes

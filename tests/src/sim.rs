@@ -35,15 +35,16 @@ use futures_lite::future::block_on;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rkyv::util::AlignedVec;
+use wharf_replication::driver::{self, Answer, Durability, Fetched, PartitionHost, ProduceFailure};
 use wharf_replication::{
     AckLevel, BatchInfo, BrokerId, EpochHistory, FetchError, FetchReply, FetchRequest, Input,
-    IsrRejection, LogState, Output, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
+    IsrRejection, LogState, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
 };
 use wharf_storage::batch;
 use wharf_storage::conformance::make_batch;
 use wharf_storage::log::{AppendError, LogConfig, PartitionLog};
 use wharf_storage::mem_disk::{CrashMode, MemDisk, SECTOR_BYTES};
-use wharf_storage::{AppendMode, Epoch, Offset};
+use wharf_storage::{Epoch, Offset};
 
 use wharf_controller::decisions::AlterPartitionRequest;
 use wharf_controller::node::{BrokerHeartbeat, HeartbeatReply, NotController};
@@ -234,8 +235,8 @@ struct Live {
     replica: Replica,
     /// Batches of produces told to `Append`, by waiter.
     produce_bytes: BTreeMap<u64, AlignedVec<16>>,
-    /// The batches of the fetch reply being appended.
-    fetched: Vec<AlignedVec<16>>,
+    /// The batches of the fetch reply being stepped, checked on arrival.
+    fetched: Option<Fetched<AlignedVec<16>>>,
     /// Follower fetches parked at this leader: (replica, fetch id, offset, deadline).
     parked: Vec<(BrokerId, u64, Offset, u64)>,
     /// This follower's outstanding fetch and when it was sent.
@@ -480,7 +481,7 @@ impl Sim {
             log,
             replica,
             produce_bytes: BTreeMap::new(),
-            fetched: Vec::new(),
+            fetched: None,
             parked: Vec::new(),
             outstanding: None,
             last_high_watermark: Offset::ZERO,
@@ -539,159 +540,46 @@ impl Sim {
         true
     }
 
-    /// Feeds one input to node `id` and carries out its outputs (recursively).
+    /// Feeds one input to node `id` through the shipped driver core
+    /// (`wharf_replication::driver::step`, the code the broker runs), which carries out its
+    /// outputs through [`SimHost`]; then acts on what it hands back.
     fn input(&mut self, id: BrokerId, input: Input) {
-        let mut queue = vec![input];
-        let mut rounds = 0;
-        while let Some(input) = queue.pop() {
-            rounds += 1;
-            assert!(rounds < 10_000, "output loop limit");
-            let mut outbox = Vec::new();
-            let Some(live) = self.node(id).live.as_mut() else {
-                return;
-            };
-            live.replica.step(input, &mut outbox);
-            let mut follow_ups = Vec::new();
-            for output in outbox {
-                if let Some(next) = self.execute(id, output) {
-                    follow_ups.push(next);
-                }
-            }
-            follow_ups.reverse();
-            queue.extend(follow_ups);
+        if !self.alive(id) {
+            return;
         }
+        let answers = driver::step(&mut SimHost { sim: self, id }, input)
+            .unwrap_or_else(|e| panic!("node {id}: driver step failed: {e}"));
+        self.answered(id, answers);
     }
 
-    /// Carries out one output of node `id`; returns the input that reports its completion.
-    fn execute(&mut self, id: BrokerId, output: Output) -> Option<Input> {
+    /// Acts on what the driver handed back: fetches to serve or refuse, refusals of produces.
+    fn answered(&mut self, id: BrokerId, answers: Vec<Answer>) {
         let now = self.now_ms;
-        match output {
-            Output::Append {
-                waiter,
-                leader_epoch,
-            } => {
-                let live = self.node(id).live.as_mut()?;
-                let mut bytes = live.produce_bytes.remove(&waiter.0)?;
-                match live
-                    .log
-                    .append(&mut bytes, AppendMode::Leader { leader_epoch }, now)
-                {
-                    Ok(appended) => {
-                        let next = appended.last_offset.plus(1);
-                        live.produce_bytes.insert(waiter.0, bytes);
-                        Some(Input::ProduceAppended {
-                            waiter,
-                            base_offset: appended.base_offset,
-                            next_offset: next,
-                        })
-                    }
-                    Err(AppendError::Backpressure { .. }) => {
-                        self.produces.remove(&waiter.0);
-                        Some(Input::ProduceAborted { waiter })
-                    }
-                    Err(e) => panic!("node {id}: append failed: {e}"),
+        for answer in answers {
+            match answer {
+                Answer::ServeFetch {
+                    replica,
+                    fetch_id,
+                    fetch_offset,
+                    may_wait,
+                } => {
+                    let Some(live) = self.node(id).live.as_mut() else {
+                        return;
+                    };
+                    let wait_ms = if may_wait { FETCH_WAIT_MS } else { 0 };
+                    live.parked
+                        .push((replica, fetch_id, fetch_offset, now + wait_ms));
+                    self.serve_parked(id, !may_wait);
                 }
-            }
-            Output::Complete { waiter, result } => {
-                let bytes = self
-                    .node(id)
-                    .live
-                    .as_mut()
-                    .and_then(|l| l.produce_bytes.remove(&waiter.0));
-                let produce = self.produces.remove(&waiter.0)?;
-                self.on_ack(id, waiter, produce, result, bytes);
-                None
-            }
-            Output::ServeFetch {
-                replica,
-                fetch_id,
-                fetch_offset,
-                may_wait,
-            } => {
-                let live = self.node(id).live.as_mut()?;
-                let wait_ms = if may_wait { FETCH_WAIT_MS } else { 0 };
-                live.parked
-                    .push((replica, fetch_id, fetch_offset, now + wait_ms));
-                self.serve_parked(id, !may_wait);
-                None
-            }
-            Output::RejectFetch {
-                replica,
-                fetch_id,
-                error,
-            } => {
-                self.send_reply(id, replica, fetch_id, FetchReply::Error(error), Vec::new());
-                None
-            }
-            Output::SendFetch { leader, request } => {
-                if let Some(live) = self.node(id).live.as_mut() {
-                    live.outstanding = Some((request.fetch_id, now));
+                Answer::RejectFetch {
+                    replica,
+                    fetch_id,
+                    error,
+                } => self.send_reply(id, replica, fetch_id, FetchReply::Error(error), Vec::new()),
+                Answer::Complete { result } => {
+                    panic!("node {id}: a completion outside a produce: {result:?}")
                 }
-                self.send(id, leader, Message::Fetch(request));
-                None
-            }
-            Output::AppendFetched { count } => {
-                let live = self.node(id).live.as_mut()?;
-                let fetched = std::mem::take(&mut live.fetched);
-                for mut bytes in fetched.into_iter().take(count) {
-                    live.log
-                        .append(&mut bytes, AppendMode::Replica, now)
-                        .unwrap_or_else(|e| panic!("node {id}: replica append failed: {e}"));
-                }
-                Some(Input::FetchedAppended {
-                    next_offset: live.log.end_offset(),
-                })
-            }
-            Output::Truncate { to } => {
-                let live = self.node(id).live.as_mut()?;
-                block_on(live.log.truncate_suffix(to))
-                    .unwrap_or_else(|e| panic!("node {id}: truncate to {to} failed: {e}"));
-                let end = live.log.end_offset();
-                let durable = live.log.durable_offset();
-                self.report.truncations += 1;
-                self.trace(|| format!("broker {id} truncated to {to}"));
-                Some(Input::Truncated { end, durable })
-            }
-            Output::ResetLog { start } => {
-                let live = self.node(id).live.as_mut()?;
-                block_on(live.log.reset(start, now))
-                    .unwrap_or_else(|e| panic!("node {id}: reset to {start} failed: {e}"));
-                self.report.resets += 1;
-                self.trace(|| format!("broker {id} reset its log to start at {start}"));
-                Some(Input::LogReset { start })
-            }
-            Output::EpochHistoryChanged => {
-                let node = self.node(id);
-                let entries = node.live.as_ref()?.replica.epochs().entries().to_vec();
-                node.epochs_file = entries;
-                None
-            }
-            Output::HighWatermark(_) => {
-                self.serve_parked(id, false);
-                None
-            }
-            Output::IsrChanged(isr) => {
-                let epoch = self.node(id).live.as_ref()?.replica.leader_epoch();
-                if self.quorum.is_some() {
-                    self.trace(|| format!("broker {id} adopted the ISR {isr:?} (epoch {epoch})"));
-                    return None;
-                }
-                // The controller takes ISR changes only from the current leader and epoch.
-                if self.controller.leader == Some(id) && self.controller.epoch == epoch {
-                    self.trace(|| format!("ISR of epoch {epoch} is now {isr:?}"));
-                    self.controller.isr = isr;
-                }
-                None
-            }
-            Output::ProposeIsr {
-                isr,
-                leader_epoch,
-                partition_epoch,
-            } => {
-                assert!(self.quorum.is_some(), "static mode proposes nothing");
-                self.trace(|| format!("broker {id} proposes the ISR {isr:?}"));
-                self.propose_isr(id, isr, leader_epoch, partition_epoch);
-                None
+                Answer::Append { .. } => panic!("node {id}: an append outside a produce"),
             }
         }
     }
@@ -955,7 +843,29 @@ impl Sim {
                         continue;
                     }
                     live.outstanding = None;
-                    live.fetched = batches;
+                    // The follower checks what arrived as the broker's does
+                    // (`Fetched::check`): the batches it appends are the ones it checked.
+                    let reply = match reply {
+                        FetchReply::Data {
+                            high_watermark,
+                            log_start,
+                            ..
+                        } => {
+                            let mut frame = AlignedVec::<16>::new();
+                            for batch in &batches {
+                                frame.extend_from_slice(batch);
+                            }
+                            let bytes = frame.len();
+                            let (fetched, batches) = Fetched::check(frame, 0..bytes);
+                            live.fetched = Some(fetched);
+                            FetchReply::Data {
+                                high_watermark,
+                                log_start,
+                                batches,
+                            }
+                        }
+                        error => error,
+                    };
                     if self.config.trace {
                         let summary = match &reply {
                             FetchReply::Data {
@@ -1009,11 +919,7 @@ impl Sim {
         self.next_waiter += 1;
         let records = self.rng.random_range(1..5);
         let value_bytes = self.rng.random_range(0..600);
-        let bytes = make_batch(records, value_bytes, waiter.0, self.now_ms as i64);
-        let Some(live) = self.node(target).live.as_mut() else {
-            return;
-        };
-        live.produce_bytes.insert(waiter.0, bytes);
+        let mut bytes = make_batch(records, value_bytes, waiter.0, self.now_ms as i64);
         self.produces.insert(
             waiter.0,
             PendingProduce {
@@ -1022,14 +928,46 @@ impl Sim {
             },
         );
         let deadline_ms = self.now_ms + 300;
-        self.input(
-            target,
-            Input::Produce {
-                waiter,
-                acks,
-                deadline_ms,
-            },
-        );
+        let bounds = driver::check_produce(&bytes).expect("the simulator's batches are valid");
+        let now = self.now_ms;
+        let mut host = SimHost {
+            sim: self,
+            id: target,
+        };
+        match driver::produce(
+            &mut host,
+            &mut bytes,
+            bounds,
+            waiter,
+            acks,
+            deadline_ms,
+            now,
+        ) {
+            Ok(appended) => {
+                // Registered for the checks of its acknowledgement (`SimHost::complete`).
+                if let Some(live) = self.node(target).live.as_mut() {
+                    live.produce_bytes.insert(waiter.0, bytes);
+                }
+                driver::produce_appended(
+                    &mut SimHost {
+                        sim: self,
+                        id: target,
+                    },
+                    appended,
+                )
+                .unwrap_or_else(|e| panic!("node {target}: after a produce: {e}"));
+            }
+            Err(ProduceFailure::Refused(error)) => {
+                if let Some(produce) = self.produces.remove(&waiter.0) {
+                    self.on_ack(target, waiter, produce, Err(error), None);
+                }
+            }
+            Err(ProduceFailure::Backpressure { .. })
+            | Err(ProduceFailure::Append(AppendError::Backpressure { .. })) => {
+                self.produces.remove(&waiter.0);
+            }
+            Err(failure) => panic!("node {target}: produce failed: {failure}"),
+        }
     }
 
     /// The leader applies retention, when everything it holds is committed (the driver's
@@ -1196,7 +1134,10 @@ impl Sim {
                 if live.log.staged_bytes() > 0 {
                     let durable = block_on(live.log.flush())
                         .unwrap_or_else(|e| panic!("node {id}: flush failed: {e}"));
-                    self.input(id, Input::Flushed { durable });
+                    let answers = driver::flushed(&mut SimHost { sim: self, id }, durable)
+                        .map(|()| Vec::new())
+                        .unwrap_or_else(|e| panic!("node {id}: after a flush: {e}"));
+                    self.answered(id, answers);
                 }
             }
         }
@@ -1483,6 +1424,133 @@ impl Sim {
         self.report.final_end_offset = log.last().map_or(0, |(o, _)| o.0);
         Ok(())
     }
+}
+
+/// The simulator as the host of the shipped driver core: its network is the transport, its
+/// `MemDisk` logs the disk, and work that takes time in the broker (truncation, reset, the
+/// epoch-history file) is done at once.
+struct SimHost<'a> {
+    sim: &'a mut Sim,
+    id: BrokerId,
+}
+
+impl SimHost<'_> {
+    fn live(&mut self) -> &mut Live {
+        let id = self.id;
+        self.sim
+            .node(id)
+            .live
+            .as_mut()
+            .unwrap_or_else(|| panic!("node {id} is driven while down"))
+    }
+}
+
+impl PartitionHost for SimHost<'_> {
+    type Disk = MemDisk;
+    type Frame = AlignedVec<16>;
+
+    fn durability(&self) -> Durability {
+        Durability::Synced
+    }
+
+    fn wall_clock_ms(&self) -> u64 {
+        self.sim.now_ms
+    }
+
+    fn with_replica<R>(&mut self, f: impl FnOnce(&mut Replica) -> R) -> R {
+        f(&mut self.live().replica)
+    }
+
+    fn with_log<R>(&mut self, f: impl FnOnce(&mut PartitionLog<MemDisk>) -> R) -> Option<R> {
+        Some(f(&mut self.live().log))
+    }
+
+    fn take_fetched(&mut self) -> Option<Fetched<AlignedVec<16>>> {
+        self.live().fetched.take()
+    }
+
+    fn complete(
+        &mut self,
+        waiter: WaiterId,
+        result: Result<wharf_replication::Ack, ProduceError>,
+    ) -> bool {
+        let Some(bytes) = self.live().produce_bytes.remove(&waiter.0) else {
+            return false;
+        };
+        // Gone from `produces` when the client gave up on it (its leader crashed meanwhile).
+        if let Some(produce) = self.sim.produces.remove(&waiter.0) {
+            self.sim
+                .on_ack(self.id, waiter, produce, result, Some(bytes));
+        }
+        true
+    }
+
+    fn send_fetch(&mut self, leader: BrokerId, request: FetchRequest) {
+        let now = self.sim.now_ms;
+        self.live().outstanding = Some((request.fetch_id, now));
+        self.sim.send(self.id, leader, Message::Fetch(request));
+    }
+
+    fn propose_isr(&mut self, isr: Vec<BrokerId>, leader_epoch: Epoch, partition_epoch: u64) {
+        let id = self.id;
+        assert!(self.sim.quorum.is_some(), "static mode proposes nothing");
+        self.sim
+            .trace(|| format!("broker {id} proposes the ISR {isr:?}"));
+        self.sim.propose_isr(id, isr, leader_epoch, partition_epoch);
+    }
+
+    fn start_truncate(&mut self, to: Offset) -> Result<Option<Input>, String> {
+        let id = self.id;
+        let live = self.live();
+        block_on(live.log.truncate_suffix(to))
+            .unwrap_or_else(|e| panic!("node {id}: truncate to {to} failed: {e}"));
+        let end = live.log.end_offset();
+        let durable = live.log.durable_offset();
+        self.sim.report.truncations += 1;
+        self.sim.trace(|| format!("broker {id} truncated to {to}"));
+        Ok(Some(Input::Truncated { end, durable }))
+    }
+
+    fn start_reset(&mut self, start: Offset) -> Result<Option<Input>, String> {
+        let id = self.id;
+        let now = self.sim.now_ms;
+        let live = self.live();
+        block_on(live.log.reset(start, now))
+            .unwrap_or_else(|e| panic!("node {id}: reset to {start} failed: {e}"));
+        self.sim.report.resets += 1;
+        self.sim
+            .trace(|| format!("broker {id} reset its log to start at {start}"));
+        Ok(Some(Input::LogReset { start }))
+    }
+
+    fn persist_epochs(&mut self) -> Result<(), String> {
+        // Durable at once (the broker holds flushes back until its file is written).
+        let entries = self.live().replica.epochs().entries().to_vec();
+        let id = self.id;
+        self.sim.node(id).epochs_file = entries;
+        Ok(())
+    }
+
+    fn high_watermark_advanced(&mut self, _to: Offset) {
+        self.sim.serve_parked(self.id, false);
+    }
+
+    fn isr_changed(&mut self, isr: &[BrokerId]) {
+        let id = self.id;
+        let epoch = self.live().replica.leader_epoch();
+        let sim = &mut *self.sim;
+        if sim.quorum.is_some() {
+            sim.trace(|| format!("broker {id} adopted the ISR {isr:?} (epoch {epoch})"));
+            return;
+        }
+        // The static controller takes ISR changes only from the current leader and epoch.
+        if sim.controller.leader == Some(id) && sim.controller.epoch == epoch {
+            sim.trace(|| format!("ISR of epoch {epoch} is now {isr:?}"));
+            sim.controller.isr = isr.to_vec();
+        }
+    }
+
+    fn fetched_appended(&mut self, _end: Offset) {}
 }
 
 /// Runs one seed: `steps` steps with faults, then a settling phase without.

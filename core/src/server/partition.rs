@@ -41,10 +41,9 @@ use wharf_replication::{
     Ack, AckLevel, BrokerId, EpochHistory, FetchRequest, Input, LogState, ProduceError, Replica,
     ReplicaConfig, Role, WaiterId,
 };
-use wharf_storage::batch::{self, BodyVerified};
 use wharf_storage::disk::{Disk, DiskFile};
 use wharf_storage::log::{AppendError, LogRead};
-use wharf_storage::{AppendMode, Epoch, LogConfig, Offset, PartitionLog};
+use wharf_storage::{Epoch, Offset, PartitionLog};
 
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -53,13 +52,11 @@ use crate::config::{FlushMode, TopicConfig};
 use crate::dma_disk::DmaDisk;
 use crate::protocol::{Acks, ErrorCode, FrameBuf, PartitionDescription};
 use files::{load_epochs, load_high_watermark};
-use log_slot::{log_busy, LogSlot};
-use outputs::Answer;
+use log_slot::LogSlot;
+use wharf_replication::driver::{self, Fetched, ProduceFailure};
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
-/// Where one batch sits in a request or fetch frame, and the proof its body was CRC-checked.
-type CheckedRange = (std::ops::Range<usize>, BodyVerified);
 
 /// An error for one partition, as sent to the client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,13 +113,7 @@ pub struct ReplicationSettings {
 
 /// The controller's state of one partition (controller mode), applied by
 /// [`Partition::apply_state`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PartitionState {
-    pub leader: Option<BrokerId>,
-    pub leader_epoch: Epoch,
-    pub partition_epoch: u64,
-    pub isr: Vec<BrokerId>,
-}
+pub use wharf_replication::driver::PartitionState;
 
 /// A leader's request to the controller to change a partition's ISR (Kafka's AlterPartition).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,6 +185,23 @@ pub struct Admitted {
     pub completion: Option<oneshot::Receiver<Result<Ack, PartitionError>>>,
 }
 
+fn produce_failure(failure: ProduceFailure) -> PartitionError {
+    let code = match &failure {
+        ProduceFailure::Refused(error) => return produce_error(error.clone()),
+        ProduceFailure::NoBatches | ProduceFailure::InvalidBatch { .. } => ErrorCode::InvalidBatch,
+        ProduceFailure::Backpressure { .. } => ErrorCode::Backpressure,
+        ProduceFailure::LogBusy => ErrorCode::PartitionUnavailable,
+        ProduceFailure::Append(error) => match error {
+            AppendError::Poisoned(_) => ErrorCode::StorageError,
+            AppendError::InvalidBatch(_) => ErrorCode::InvalidBatch,
+            AppendError::Backpressure { .. } => ErrorCode::Backpressure,
+            AppendError::OffsetMismatch { .. } => ErrorCode::Unknown,
+        },
+        ProduceFailure::Driver(_) => ErrorCode::StorageError,
+    };
+    PartitionError::new(code, failure.to_string())
+}
+
 fn produce_error(error: ProduceError) -> PartitionError {
     let code = match &error {
         ProduceError::NotLeader { .. }
@@ -241,7 +249,6 @@ pub struct Partition {
     pub config: TopicConfig,
     pub replicas: Vec<u32>,
     dir: std::path::PathBuf,
-    log_config: LogConfig,
     log: LogSlot,
     maintenance: RwLock<()>,
     high_watermark: Cell<Offset>,
@@ -257,7 +264,7 @@ pub struct Partition {
     outgoing_fetch: RefCell<Option<FetchRequest>>,
     wake_fetcher: LocalSender<()>,
     /// The last fetch response's frame and its batches, CRC-checked on arrival.
-    fetched: RefCell<Option<(FrameBuf, Vec<CheckedRange>)>>,
+    fetched: RefCell<Option<Fetched<FrameBuf>>>,
     fetcher: RefCell<Option<Task<()>>>,
     /// Follower: woken when the controller changes this replica's leader or epoch, so a fetch
     /// in flight to the old leader is abandoned at once.
@@ -313,7 +320,7 @@ impl Partition {
             .await
             .map_err(|e| format!("{topic}/{index}: {e}"))?;
         let log_config = config.log_config();
-        let (mut log, report) = PartitionLog::open(Rc::new(disk), log_config.clone(), now_ms())
+        let (mut log, report) = PartitionLog::open(Rc::new(disk), log_config, now_ms())
             .await
             .map_err(|e| format!("{topic}/{index}: recovery failed: {e}"))?;
         let me = replication.broker_id;
@@ -419,7 +426,6 @@ impl Partition {
             config,
             replicas,
             dir,
-            log_config,
             log: LogSlot::new(log),
             maintenance: RwLock::new(()),
             high_watermark: Cell::new(replica.high_watermark()),
@@ -558,19 +564,7 @@ impl Partition {
             ));
         }
         // Check every batch before appending any, so a bad one changes nothing.
-        let mut bounds = Vec::new();
-        let mut at = 0usize;
-        while at < payload.len() {
-            let checked = batch::validate_batch(&payload[at..]).map_err(|e| {
-                PartitionError::new(ErrorCode::InvalidBatch, format!("batch at byte {at}: {e}"))
-            })?;
-            let bytes = checked.header.batch_bytes();
-            bounds.push((at..at + bytes, checked.body_verified()));
-            at += bytes;
-        }
-        if bounds.is_empty() {
-            return Err(PartitionError::new(ErrorCode::InvalidBatch, "no batches"));
-        }
+        let bounds = driver::check_produce(payload).map_err(produce_failure)?;
         let Some(_guard) = self.shared().await else {
             return Err(PartitionError::new(
                 ErrorCode::PartitionUnavailable,
@@ -580,27 +574,26 @@ impl Partition {
         // From here to the append nothing awaits: the replica's decision holds.
         let waiter = WaiterId(self.next_waiter.get());
         self.next_waiter.set(waiter.0 + 1);
-        let answers = self
-            .step(Input::Produce {
-                waiter,
-                acks: ack_level(acks),
-                deadline_ms: monotonic_ms().saturating_add(timeout_ms),
-            })
-            .map_err(|e| PartitionError::new(ErrorCode::StorageError, e))?;
-        let leader_epoch = match answers.as_slice() {
-            [Answer::Append { leader_epoch }] => *leader_epoch,
-            [Answer::Complete { result: Err(error) }] => return Err(produce_error(error.clone())),
-            other => panic!("unexpected answer to Produce: {other:?}"),
-        };
-        let appended = self.append_produce(payload, bounds, leader_epoch);
-        let (first, last, end) = match appended {
+        let appended = driver::produce(
+            &mut outputs::Host(self),
+            payload,
+            bounds,
+            waiter,
+            ack_level(acks),
+            monotonic_ms().saturating_add(timeout_ms),
+            now_ms(),
+        );
+        let appended = match appended {
             Ok(appended) => appended,
-            Err(error) => {
-                let _ = self.step(Input::ProduceAborted { waiter });
-                return Err(error);
+            Err(failure) => {
+                if matches!(failure, ProduceFailure::Backpressure { .. }) {
+                    // Wake the flusher so the backlog drains.
+                    let _ = self.wake_flusher.try_send(());
+                }
+                return Err(produce_failure(failure));
             }
         };
-        self.metrics.end_offset.set(end.0 as i64);
+        self.metrics.end_offset.set(appended.end.0 as i64);
         self.metrics.produced_bytes.inc_by(payload.len() as u64);
         let _ = self.wake_flusher.try_send(());
         for parked in self.append_waiters.borrow_mut().drain(..) {
@@ -610,89 +603,15 @@ impl Partition {
         self.produce_waiters
             .borrow_mut()
             .insert(waiter.0, (Instant::now(), done));
-        let stepped = self
-            .step(Input::ProduceAppended {
-                waiter,
-                base_offset: first,
-                next_offset: last.plus(1),
-            })
-            .and_then(|_| {
-                if self.config.flush == FlushMode::Interval {
-                    // The topic opted out of fsync before ack: appended counts as held.
-                    self.step(Input::Flushed { durable: end }).map(|_| ())
-                } else {
-                    Ok(())
-                }
-            });
-        if let Err(message) = stepped {
+        if let Err(message) = driver::produce_appended(&mut outputs::Host(self), appended) {
             return Err(PartitionError::new(ErrorCode::StorageError, message));
         }
         Ok(Admitted {
-            base_offset: first,
-            last_offset: last,
-            leader_epoch,
+            base_offset: appended.base_offset,
+            last_offset: appended.last_offset,
+            leader_epoch: appended.leader_epoch,
             completion: Some(completion),
         })
-    }
-
-    /// Appends validated batches as leader of `leader_epoch`: (first offset, last offset, end).
-    fn append_produce(
-        &self,
-        payload: &mut [u8],
-        bounds: Vec<CheckedRange>,
-        leader_epoch: Epoch,
-    ) -> Result<(Offset, Offset, Offset), PartitionError> {
-        let mut log = self.log.get_mut().ok_or_else(log_busy)?;
-        if let Some(reason) = log.poisoned() {
-            return Err(PartitionError::new(
-                ErrorCode::StorageError,
-                reason.to_string(),
-            ));
-        }
-        if log.staged_bytes() + payload.len() > self.log_config.staged_bytes_max {
-            // Wake the flusher so the backlog drains.
-            let _ = self.wake_flusher.try_send(());
-            return Err(PartitionError::new(
-                ErrorCode::Backpressure,
-                format!(
-                    "{} bytes await flush (limit {}); retry after a backoff",
-                    log.staged_bytes(),
-                    self.log_config.staged_bytes_max
-                ),
-            ));
-        }
-        let now = now_ms();
-        let mut first = None;
-        let mut last = None;
-        for (range, verified) in bounds {
-            let appended = log
-                .append_verified(
-                    &mut payload[range],
-                    verified,
-                    AppendMode::Leader { leader_epoch },
-                    now,
-                )
-                .map_err(|e| match e {
-                    AppendError::Poisoned(reason) => {
-                        PartitionError::new(ErrorCode::StorageError, reason)
-                    }
-                    AppendError::InvalidBatch(e) => {
-                        PartitionError::new(ErrorCode::InvalidBatch, e.to_string())
-                    }
-                    AppendError::Backpressure { .. } => {
-                        PartitionError::new(ErrorCode::Backpressure, e.to_string())
-                    }
-                    AppendError::OffsetMismatch { .. } => {
-                        PartitionError::new(ErrorCode::Unknown, e.to_string())
-                    }
-                })?;
-            first.get_or_insert(appended.base_offset);
-            last = Some(appended.last_offset);
-        }
-        let (Some(first), Some(last)) = (first, last) else {
-            unreachable!("at least one batch was appended");
-        };
-        Ok((first, last, log.end_offset()))
     }
 
     fn advance_high_watermark(&self, to: Offset) {
@@ -706,10 +625,8 @@ impl Partition {
     }
 
     fn on_durable(&self, durable: Offset) {
-        if self.config.flush == FlushMode::Always {
-            if let Err(error) = self.step(Input::Flushed { durable }) {
-                tracing::error!(topic = %self.topic, partition = self.index, %error, "replica step failed");
-            }
+        if let Err(error) = driver::flushed(&mut outputs::Host(self), durable) {
+            tracing::error!(topic = %self.topic, partition = self.index, %error, "replica step failed");
         }
     }
 

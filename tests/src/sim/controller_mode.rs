@@ -40,11 +40,12 @@ use wharf_controller::node::{
 };
 use wharf_controller::records::{ClusterImage, PartitionRecord, Record};
 use wharf_controller::store::ControllerStore;
-use wharf_replication::{BrokerId, Input, IsrRejection, Role};
+use wharf_replication::driver::{self, PartitionState, StateApplied};
+use wharf_replication::{BrokerId, Input, IsrRejection};
 use wharf_storage::mem_disk::{CrashMode, MemDisk};
 use wharf_storage::Epoch;
 
-use super::{Check, Message, Sim};
+use super::{Check, Message, Sim, SimHost};
 
 /// The simulated topic (one partition).
 pub const TOPIC: &str = "orders";
@@ -737,56 +738,34 @@ impl Sim {
         );
     }
 
-    /// What `Partition::apply_state` does with the partition's state from the controller: a
-    /// newer epoch is a role change, the same epoch on the leader a committed ISR.
+    /// The partition's state from the controller, applied by the shipped driver core
+    /// (`driver::apply_state`, as `Partition::apply_state` does): a newer epoch is a role
+    /// change, the same epoch on the leader a committed ISR.
     fn apply_partition_state(&mut self, id: BrokerId, state: &PartitionRecord) {
-        let Some(live) = self.node(id).live.as_ref() else {
-            return;
-        };
-        let (role, epoch, leading) = (
-            live.replica.role(),
-            live.replica.leader_epoch(),
-            live.replica.is_leader(),
-        );
-        let state_epoch = epoch_u32(state.leader_epoch);
-        if state_epoch < epoch {
+        if !self.alive(id) {
             return;
         }
-        match state.leader {
-            Some(leader) if leader == id => {
-                if leading && state_epoch == epoch {
-                    self.input(
-                        id,
-                        Input::IsrCommitted {
-                            isr: state.isr.clone(),
-                            partition_epoch: state.partition_epoch,
-                        },
-                    );
-                } else {
-                    self.note_leader(id, state_epoch);
-                    self.input(
-                        id,
-                        Input::BecomeLeader {
-                            epoch: state_epoch,
-                            isr: state.isr.clone(),
-                            partition_epoch: state.partition_epoch,
-                        },
-                    );
-                }
+        let state = PartitionState {
+            leader: state.leader,
+            leader_epoch: epoch_u32(state.leader_epoch),
+            partition_epoch: state.partition_epoch,
+            isr: state.isr.clone(),
+        };
+        let applied = driver::apply_state(&mut SimHost { sim: self, id }, id, &state)
+            .unwrap_or_else(|e| panic!("node {id}: applying the controller's state: {e}"));
+        match applied {
+            StateApplied::Leading => self.note_leader(id, state.leader_epoch),
+            // The simulator truncates and resets within one step: no log change is ever in
+            // progress when metadata arrives.
+            StateApplied::Deferred => {
+                self.violation.get_or_insert(format!(
+                    "node {id}: a state deferred while no log change can be in progress"
+                ));
             }
-            Some(leader) if !(role == (Role::Follower { leader }) && state_epoch == epoch) => {
-                self.input(
-                    id,
-                    Input::BecomeFollower {
-                        epoch: state_epoch,
-                        leader,
-                    },
-                );
-            }
-            // Already following it in this epoch.
-            Some(_) => {}
-            // No eligible leader: a deposed leader stops acknowledging when its lease ends.
-            None => {}
+            StateApplied::Stale
+            | StateApplied::Following
+            | StateApplied::IsrCommitted
+            | StateApplied::Unchanged => {}
         }
     }
 

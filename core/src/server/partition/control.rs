@@ -3,8 +3,10 @@
 //! controller bounds how long a leader may acknowledge (`renew_lease`), and the leader's ISR
 //! proposals leave through the shard's `IsrProposals` queue (`outputs.rs`).
 
-use wharf_replication::{Input, IsrRejection, Role};
+use wharf_replication::driver::{self, StateApplied};
+use wharf_replication::{Input, IsrRejection};
 
+use super::outputs::Host;
 use super::{park, Partition, PartitionState};
 
 impl Partition {
@@ -16,51 +18,22 @@ impl Partition {
             return Ok(());
         }
         let me = self.replication.broker_id;
-        if self.replica.borrow().changing_log() {
-            // Applied when the change is done (`apply_pending_state`); a newer state replaces
-            // an older one waiting.
-            *self.pending_state.borrow_mut() = Some(state.clone());
-            return Ok(());
-        }
-        let (role, epoch, leading) = {
-            let replica = self.replica.borrow();
-            (replica.role(), replica.leader_epoch(), replica.is_leader())
-        };
-        if state.leader_epoch < epoch {
-            return Ok(());
-        }
-        match state.leader {
-            Some(leader) if leader == me => {
-                if leading && state.leader_epoch == epoch {
-                    self.step(Input::IsrCommitted {
-                        isr: state.isr.clone(),
-                        partition_epoch: state.partition_epoch,
-                    })?;
-                } else {
-                    tracing::info!(topic = %self.topic, partition = self.index, epoch = %state.leader_epoch, isr = ?state.isr, "leading (controller)");
-                    self.step(Input::BecomeLeader {
-                        epoch: state.leader_epoch,
-                        isr: state.isr.clone(),
-                        partition_epoch: state.partition_epoch,
-                    })?;
-                    self.wake_role_waiters();
-                }
+        match driver::apply_state(&mut Host(self), me, state)? {
+            StateApplied::Deferred => {
+                // Applied when the change is done (`apply_pending_state`); a newer state
+                // replaces an older one waiting.
+                *self.pending_state.borrow_mut() = Some(state.clone());
             }
-            Some(leader) => {
-                let same = role == Role::Follower { leader } && state.leader_epoch == epoch;
-                if !same {
-                    tracing::info!(topic = %self.topic, partition = self.index, leader, epoch = %state.leader_epoch, "following (controller)");
-                    self.step(Input::BecomeFollower {
-                        epoch: state.leader_epoch,
-                        leader,
-                    })?;
-                    self.wake_role_waiters();
-                    let _ = self.wake_fetcher.try_send(());
-                }
+            StateApplied::Leading => {
+                tracing::info!(topic = %self.topic, partition = self.index, epoch = %state.leader_epoch, isr = ?state.isr, "leading (controller)");
+                self.wake_role_waiters();
             }
-            // No eligible leader (every ISR member is fenced): nobody serves until one returns.
-            // A deposed leader of an older epoch stops acknowledging when its lease ends.
-            None => {}
+            StateApplied::Following => {
+                tracing::info!(topic = %self.topic, partition = self.index, leader = ?state.leader, epoch = %state.leader_epoch, "following (controller)");
+                self.wake_role_waiters();
+                let _ = self.wake_fetcher.try_send(());
+            }
+            StateApplied::Stale | StateApplied::IsrCommitted | StateApplied::Unchanged => {}
         }
         Ok(())
     }

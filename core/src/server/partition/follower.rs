@@ -5,8 +5,8 @@
 use std::rc::Rc;
 
 use glommio::channels::local_channel::LocalReceiver;
-use wharf_replication::{BatchInfo, BrokerId, FetchError, FetchReply, FetchRequest, Input, Role};
-use wharf_storage::batch;
+use wharf_replication::driver::Fetched;
+use wharf_replication::{BrokerId, FetchError, FetchReply, FetchRequest, Input, Role};
 use wharf_storage::{Epoch, Offset};
 
 use super::Partition;
@@ -140,28 +140,13 @@ impl Partition {
                 self.corrupt_fetch_logged.set(None);
                 let payload = frame.payload();
                 let payload_start = frame.bytes.len() - payload.len();
-                let bytes = payload
-                    .get(..response.batch_bytes as usize)
-                    .ok_or("replica fetch payload shorter than declared")?;
-                let mut batches = Vec::new();
-                let mut ranges = Vec::new();
-                let mut at = 0usize;
-                for checked in batch::batches(bytes) {
-                    // A batch that fails its CRC is not appended: the next fetch asks again.
-                    let Ok(checked) = checked else { break };
-                    let header = checked.header;
-                    batches.push(BatchInfo {
-                        base_offset: header.base_offset,
-                        next_offset: header.next_offset(),
-                        leader_epoch: header.leader_epoch,
-                    });
-                    ranges.push((
-                        payload_start + at..payload_start + at + checked.bytes.len(),
-                        checked.body_verified(),
-                    ));
-                    at += checked.bytes.len();
+                if payload.len() < response.batch_bytes as usize {
+                    return Err("replica fetch payload shorter than declared".to_string());
                 }
-                *self.fetched.borrow_mut() = Some((frame.bytes, ranges));
+                let payload = payload_start..payload_start + response.batch_bytes as usize;
+                // A batch that fails its CRC is not appended: the next fetch asks again.
+                let (fetched, batches) = Fetched::check(frame.bytes, payload);
+                *self.fetched.borrow_mut() = Some(fetched);
                 FetchReply::Data {
                     high_watermark: Offset(response.high_watermark),
                     log_start: Offset(response.log_start_offset),

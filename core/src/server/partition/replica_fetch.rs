@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use wharf_replication::{BrokerId, FetchError, FetchRequest, Input};
 use wharf_storage::{Epoch, Offset};
 
-use super::outputs::Answer;
 use super::{park, FetchData, Partition};
 use crate::protocol::{ErrorCode, ReplicaFetchRequest, ReplicaFetchResponse};
+use wharf_replication::driver::Answer;
 
 /// Reply ends a leader remembers per follower (`remember_served_end`).
 const SERVED_ENDS_KEPT: usize = 16;
