@@ -418,3 +418,64 @@ fn controller_apis_are_internal_and_reject_garbage() {
     let log = read_all(&bootstrap);
     assert_all_kept(&log, &acked);
 }
+
+#[test]
+fn a_not_leader_refusal_names_the_leader_and_the_client_learns_only_newer_epochs() {
+    let cluster = start();
+    let bootstrap = bootstraps(&cluster);
+    let described = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
+    let follower = (1..=3)
+        .find(|id| *id != described.leader)
+        .expect("a follower");
+    // A produce sent to a follower: refused, and the refusal says where to go.
+    let mut stream = wire::connect_to(&cluster.bootstrap(follower));
+    let answer = wire::produce_with(
+        &mut stream,
+        1,
+        TOPIC,
+        0,
+        Acks::All,
+        &wire::batch(&[b"to a follower"]),
+    );
+    assert_eq!(ErrorCode::from_u16(answer.error), ErrorCode::NotLeader);
+    assert_eq!(
+        (answer.current_leader, answer.leader_epoch),
+        (Some(described.leader), described.leader_epoch),
+        "the refusal names the leader and its epoch: {answer:?}"
+    );
+    // The client takes a hint only when it is newer than its metadata and names a known
+    // broker: an old or odd one cannot send it backwards.
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client.metadata().await.expect("metadata");
+        let epoch = described.leader_epoch;
+        assert_eq!(
+            client.cached_leader(TOPIC, 0),
+            Some((described.leader, epoch))
+        );
+        assert!(
+            !client.learn_leader(TOPIC, 0, follower, epoch),
+            "same epoch"
+        );
+        assert!(
+            !client.learn_leader(TOPIC, 0, 99, epoch + 1),
+            "unknown broker"
+        );
+        assert!(
+            !client.learn_leader("nope", 0, follower, epoch + 1),
+            "unknown topic"
+        );
+        assert_eq!(
+            client.cached_leader(TOPIC, 0),
+            Some((described.leader, epoch))
+        );
+        assert!(client.learn_leader(TOPIC, 0, follower, epoch + 1), "newer");
+        assert_eq!(client.cached_leader(TOPIC, 0), Some((follower, epoch + 1)));
+        assert!(
+            !client.learn_leader(TOPIC, 0, described.leader, epoch),
+            "older"
+        );
+    });
+}

@@ -189,6 +189,7 @@ pub fn bodies() -> Vec<Vec<u8>> {
                 last_offset: 104,
                 leader_epoch: 4,
                 replicas_durable: 2,
+                current_leader: None,
             }],
         }),
         archive(&fetch_response(batch(3, 5, 40, true).len() as u32)),

@@ -654,6 +654,36 @@ impl Client {
             .map(|p| (p.leader, p.leader_epoch))
     }
 
+    /// Takes the hint of a `not_leader` refusal: `leader` leads `topic`/`partition` in `epoch`.
+    /// The cached metadata changes only when the hint is newer than what it holds and names a
+    /// broker it knows, so an old or odd hint cannot send the client backwards. Returns
+    /// whether it changed.
+    pub fn learn_leader(&self, topic: &str, partition: u32, leader: u32, epoch: u32) -> bool {
+        let mut cached = self.metadata.borrow_mut();
+        let Some(metadata) = cached.as_ref() else {
+            return false;
+        };
+        let known = metadata.brokers.iter().any(|b| b.broker_id == leader);
+        let newer = metadata
+            .topics
+            .iter()
+            .find(|t| t.name == topic)
+            .and_then(|t| t.partitions.iter().find(|p| p.partition == partition))
+            .is_some_and(|p| epoch > p.leader_epoch);
+        if !known || !newer {
+            return false;
+        }
+        let mut updated = MetadataResponse::clone(metadata);
+        for t in updated.topics.iter_mut().filter(|t| t.name == topic) {
+            for p in t.partitions.iter_mut().filter(|p| p.partition == partition) {
+                p.leader = leader;
+                p.leader_epoch = epoch;
+            }
+        }
+        *cached = Some(Rc::new(updated));
+        true
+    }
+
     /// The address of `broker`'s shard that owns `topic`/`partition` (a follower fetches from
     /// the leader it was told to follow, whatever the metadata it asks says leads).
     pub async fn partition_address_on(

@@ -687,6 +687,18 @@ async fn send_with_retries(
                     ..
                 }
         );
+        // The refusal named the new leader (or the metadata moved while it was outstanding):
+        // retry there at once, without asking for metadata. Only a newer epoch is learned, so
+        // this cannot repeat without the cluster moving on.
+        let now_leader = inner.client.cached_leader(&topic, partition);
+        if leader_lost && sent_to.is_some() && now_leader.is_some() && now_leader != sent_to {
+            if Instant::now() >= delivery_deadline {
+                return Err(error);
+            }
+            tracing::debug!(topic, partition, ?sent_to, ?now_leader, %error, "retrying at the new leader");
+            attempt += 1;
+            continue;
+        }
         let backoff_max_ms = if leader_lost {
             config.leader_retry_backoff_max_ms
         } else {
@@ -743,6 +755,8 @@ async fn start_produce(
         vec![Rc::clone(bytes)],
         config.request_timeout_ms + 5_000,
     )?;
+    let client = Rc::clone(&inner.client);
+    let topic = topic.to_string();
     Ok(Box::pin(async move {
         let frame = response.await?;
         let response: ProduceResponse = decode(&frame)?;
@@ -757,7 +771,13 @@ async fn start_produce(
         };
         match ErrorCode::from_u16(p.error) {
             ErrorCode::None => Ok(Some(p.base_offset)),
-            code => Err(ClientError::server(code, p.message)),
+            code => {
+                if let (ErrorCode::NotLeader, Some(leader)) = (code, p.current_leader) {
+                    // The retry goes straight to the leader the refusal names.
+                    client.learn_leader(&topic, partition, leader, p.leader_epoch);
+                }
+                Err(ClientError::server(code, p.message))
+            }
         }
     }))
 }

@@ -258,9 +258,14 @@ pub struct ProducePartitionResponse {
     pub base_offset: u64,
     /// Offset of the last record appended.
     pub last_offset: u64,
+    /// The epoch the batches were appended in; with `not_leader` and `current_leader`, that
+    /// leader's epoch.
     pub leader_epoch: u32,
     /// Replicas that held the batches durably when they were acknowledged (fsync on).
     pub replicas_durable: u16,
+    /// Version 1. With `not_leader`: the broker this one follows for the partition, when it
+    /// knows one, so the client can retry there at once (KIP-951 style).
+    pub current_leader: Option<u32>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

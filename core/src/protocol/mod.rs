@@ -123,9 +123,16 @@ impl ApiKey {
         ApiKey::ALL.into_iter().find(|k| *k as u16 == value)
     }
 
-    /// The versions this build speaks: (min, max).
+    /// The versions this build speaks: (min, max). A body's layout is fixed per version; a
+    /// change bumps it and, before 1.0, drops the old one (a client of another version gets
+    /// `unsupported_version` from `Versions` at connect, never a misread body).
+    /// - Produce 1: `ProducePartitionResponse::current_leader` (the leader a `not_leader`
+    ///   refusal names).
     pub fn supported_versions(self) -> (u16, u16) {
-        (0, 0)
+        match self {
+            ApiKey::Produce => (1, 1),
+            _ => (0, 0),
+        }
     }
 
     pub fn name(self) -> &'static str {

@@ -63,6 +63,9 @@ pub type Read = LogRead<ReadBuffer>;
 pub struct PartitionError {
     pub code: ErrorCode,
     pub message: String,
+    /// With `NotLeader`: the leader this replica follows and its epoch, when it knows one
+    /// (the client retries there without asking for metadata).
+    pub current_leader: Option<(BrokerId, Epoch)>,
 }
 
 impl PartitionError {
@@ -70,6 +73,7 @@ impl PartitionError {
         PartitionError {
             code,
             message: message.into(),
+            current_leader: None,
         }
     }
 }
@@ -215,7 +219,17 @@ fn produce_error(error: ProduceError) -> PartitionError {
         ProduceError::Timeout { .. } => ErrorCode::RequestTimeout,
         ProduceError::TooManyWaiters { .. } => ErrorCode::LimitReached,
     };
-    PartitionError::new(code, error.to_string())
+    let current_leader = match &error {
+        ProduceError::NotLeader {
+            leader: Some(leader),
+            epoch,
+        } => Some((*leader, *epoch)),
+        _ => None,
+    };
+    PartitionError {
+        current_leader,
+        ..PartitionError::new(code, error.to_string())
+    }
 }
 
 pub fn ack_level(acks: Acks) -> AckLevel {

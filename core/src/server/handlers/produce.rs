@@ -119,8 +119,9 @@ async fn complete_produce(
         message: e.message,
         base_offset: 0,
         last_offset: 0,
-        leader_epoch: 0,
+        leader_epoch: e.current_leader.map_or(0, |(_, epoch)| epoch.0),
         replicas_durable: 0,
+        current_leader: e.current_leader.map(|(leader, _)| leader),
     };
     let admitted = match admitted {
         Ok(admitted) => admitted,
@@ -151,6 +152,7 @@ async fn complete_produce(
             last_offset: admitted.last_offset,
             leader_epoch: admitted.leader_epoch,
             replicas_durable: ack.map_or(0, |a| u16::from(a.durable_replicas)),
+            current_leader: None,
         },
         Err(e) => failed(e),
     }
