@@ -590,6 +590,11 @@ impl Replica {
     pub fn waiting_produces(&self) -> usize {
         self.waiters.len()
     }
+    /// Produces holding one of the `WAITERS_MAX` slots: told to append and not yet reported
+    /// appended or aborted, or waiting for their acks.
+    pub fn produces_in_progress(&self) -> usize {
+        self.pending.len() + self.waiters.len()
+    }
     /// Leader: per follower, how far behind our end it is (offsets) and since when it has not
     /// caught up (ms).
     pub fn follower_lag(&self) -> Vec<(BrokerId, u64, u64)> {
