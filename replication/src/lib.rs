@@ -8,6 +8,7 @@
 pub mod driver;
 pub mod epochs;
 pub mod isr;
+pub mod producers;
 pub mod replica;
 
 pub use epochs::{EpochHistory, EpochHistoryError, EpochHistoryLoadError};
