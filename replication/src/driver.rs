@@ -10,10 +10,12 @@
 
 use std::ops::{Deref, DerefMut, Range};
 
-use wharf_storage::batch::{self, BatchError, BodyVerified};
+use wharf_storage::batch::{self, BatchError, BatchHeader, BodyVerified};
 use wharf_storage::disk::Disk;
-use wharf_storage::log::{AppendError, PartitionLog};
+use wharf_storage::log::{AppendError, PartitionLog, ReadError};
 use wharf_storage::{AppendMode, Epoch, Offset};
+
+use crate::producers::{ProducerStates, SequenceCheck, SequenceError};
 
 use crate::replica::{
     Ack, AckLevel, BatchInfo, BrokerId, FetchError, Input, Outbox, Output, ProduceError, Replica,
@@ -60,7 +62,7 @@ pub enum Answer {
 /// batch sits in it. Appended (`Output::AppendFetched`) without being checked again.
 pub struct Fetched<F> {
     frame: F,
-    batches: Vec<(Range<usize>, BodyVerified)>,
+    batches: Vec<CheckedBatch>,
 }
 
 impl<F: Deref<Target = [u8]>> Fetched<F> {
@@ -80,7 +82,11 @@ impl<F: Deref<Target = [u8]>> Fetched<F> {
                 leader_epoch: header.leader_epoch,
             });
             let bytes = checked.bytes.len();
-            batches.push((at..at + bytes, checked.body_verified()));
+            batches.push(CheckedBatch {
+                range: at..at + bytes,
+                verified: checked.body_verified(),
+                header,
+            });
             at += bytes;
         }
         (Fetched { frame, batches }, infos)
@@ -111,6 +117,8 @@ pub trait PartitionHost {
     fn with_log<R>(&mut self, f: impl FnOnce(&mut PartitionLog<Self::Disk>) -> R) -> Option<R>;
     /// The batches of the fetch reply being stepped (`Output::AppendFetched` takes them).
     fn take_fetched(&mut self) -> Option<Fetched<Self::Frame>>;
+    /// The partition's idempotent-producer state (kept in step with the log by the driver).
+    fn with_producers<R>(&mut self, f: impl FnOnce(&mut ProducerStates) -> R) -> R;
 
     /// Completes a produce the host registered after its append; `false` when it has none
     /// (the refusal is then answered to the caller as [`Answer::Complete`]).
@@ -194,12 +202,21 @@ fn execute<H: PartitionHost>(
             };
             let frame = &mut fetched.frame;
             let now_ms = host.wall_clock_ms();
+            let mut headers = Vec::with_capacity(count);
             let appended = host.with_log(|log| {
-                for (range, verified) in fetched.batches.drain(..).take(count) {
-                    log.append_verified(&mut frame[range], verified, AppendMode::Replica, now_ms)?;
+                for checked in fetched.batches.drain(..).take(count) {
+                    log.append_verified(
+                        &mut frame[checked.range],
+                        checked.verified,
+                        AppendMode::Replica,
+                        now_ms,
+                    )?;
+                    headers.push(checked.header);
                 }
                 Ok::<Offset, AppendError>(log.end_offset())
             });
+            // Followers keep the producers' state too: it survives a failover.
+            host.with_producers(|producers| headers.iter().for_each(|h| producers.record(h)));
             let end = match appended {
                 Some(Ok(end)) => end,
                 // Poisoned or inconsistent: the partition stops replicating until restart.
@@ -214,8 +231,15 @@ fn execute<H: PartitionHost>(
             }
             return Ok(next);
         }
-        Output::Truncate { to } => return Ok(host.start_truncate(to)?.into_iter().collect()),
-        Output::ResetLog { start } => return Ok(host.start_reset(start)?.into_iter().collect()),
+        Output::Truncate { to } => {
+            // Nothing is appended while the truncation runs (the replica is changing its log).
+            host.with_producers(|producers| producers.truncate(to));
+            return Ok(host.start_truncate(to)?.into_iter().collect());
+        }
+        Output::ResetLog { start } => {
+            host.with_producers(ProducerStates::clear);
+            return Ok(host.start_reset(start)?.into_iter().collect());
+        }
         Output::EpochHistoryChanged => host.persist_epochs()?,
         Output::HighWatermark(offset) => host.high_watermark_advanced(offset),
         Output::IsrChanged(isr) => host.isr_changed(&isr),
@@ -255,13 +279,22 @@ pub enum ProduceFailure {
     LogBusy,
     #[error(transparent)]
     Append(AppendError),
+    /// An idempotent producer's batch out of sequence, or of a fenced epoch.
+    #[error(transparent)]
+    Sequence(SequenceError),
     /// Carrying out the replica's outputs failed (see [`step`]).
     #[error("{0}")]
     Driver(String),
 }
 
-/// Where one batch sits in a produce's payload, and the proof its body was CRC-checked.
-pub type CheckedBatch = (Range<usize>, BodyVerified);
+/// Where one batch sits in a produce's payload or a fetch frame, its header (before stamping)
+/// and the proof its body was CRC-checked.
+#[derive(Clone, Debug)]
+pub struct CheckedBatch {
+    pub range: Range<usize>,
+    pub verified: BodyVerified,
+    pub header: BatchHeader,
+}
 
 /// Checks every batch of a produce's payload before any is appended, so a bad one changes
 /// nothing.
@@ -272,7 +305,11 @@ pub fn check_produce(payload: &[u8]) -> Result<Vec<CheckedBatch>, ProduceFailure
         let checked = batch::validate_batch(&payload[at..])
             .map_err(|error| ProduceFailure::InvalidBatch { at_byte: at, error })?;
         let bytes = checked.header.batch_bytes();
-        bounds.push((at..at + bytes, checked.body_verified()));
+        bounds.push(CheckedBatch {
+            range: at..at + bytes,
+            verified: checked.body_verified(),
+            header: checked.header,
+        });
         at += bytes;
     }
     if bounds.is_empty() {
@@ -291,10 +328,15 @@ pub struct Appended {
     pub leader_epoch: Epoch,
     /// Where the log ends after it.
     pub end: Offset,
+    /// An idempotent producer's retry: the batches were already in the log at these offsets,
+    /// and nothing was appended.
+    pub duplicate: bool,
 }
 
 /// Leader: asks the replica to take a produce and appends its batches (all or none), stamped
-/// with the leader's epoch. `now_ms` is wall-clock time for the batches' timestamps.
+/// with the leader's epoch. `now_ms` is wall-clock time for the batches' timestamps. An
+/// idempotent producer's batches must continue its sequence; a retry of batches already in
+/// the log appends nothing and is answered with their offsets once they reach the acks.
 pub fn produce<H: PartitionHost>(
     host: &mut H,
     payload: &mut [u8],
@@ -304,6 +346,10 @@ pub fn produce<H: PartitionHost>(
     deadline_ms: u64,
     now_ms: u64,
 ) -> Result<Appended, ProduceFailure> {
+    let headers: Vec<BatchHeader> = bounds.iter().map(|b| b.header).collect();
+    let sequence = host
+        .with_producers(|producers| producers.check(&headers))
+        .map_err(ProduceFailure::Sequence)?;
     let answers = step(
         host,
         Input::Produce {
@@ -320,6 +366,21 @@ pub fn produce<H: PartitionHost>(
         }
         other => panic!("unexpected answer to Produce: {other:?}"),
     };
+    if let SequenceCheck::Duplicate {
+        base_offset,
+        last_offset,
+    } = sequence
+    {
+        let end = host.with_log(|log| log.end_offset());
+        return Ok(Appended {
+            waiter,
+            base_offset,
+            last_offset,
+            leader_epoch,
+            end: end.unwrap_or(last_offset.plus(1)),
+            duplicate: true,
+        });
+    }
     let payload_bytes = payload.len();
     let appended = host.with_log(|log| {
         if let Some(reason) = log.poisoned() {
@@ -336,31 +397,44 @@ pub fn produce<H: PartitionHost>(
         }
         let mut first = None;
         let mut last = None;
-        for (range, verified) in bounds {
+        let mut stamped = Vec::with_capacity(bounds.len());
+        for checked in bounds {
             let appended = log
                 .append_verified(
-                    &mut payload[range],
-                    verified,
+                    &mut payload[checked.range],
+                    checked.verified,
                     AppendMode::Leader { leader_epoch },
                     now_ms,
                 )
                 .map_err(ProduceFailure::Append)?;
             first.get_or_insert(appended.base_offset);
             last = Some(appended.last_offset);
+            stamped.push(BatchHeader {
+                base_offset: appended.base_offset,
+                leader_epoch,
+                ..checked.header
+            });
         }
         let (Some(base_offset), Some(last_offset)) = (first, last) else {
             unreachable!("check_produce found at least one batch");
         };
-        Ok(Appended {
-            waiter,
-            base_offset,
-            last_offset,
-            leader_epoch,
-            end: log.end_offset(),
-        })
+        Ok((
+            Appended {
+                waiter,
+                base_offset,
+                last_offset,
+                leader_epoch,
+                end: log.end_offset(),
+                duplicate: false,
+            },
+            stamped,
+        ))
     });
     let failure = match appended {
-        Some(Ok(appended)) => return Ok(appended),
+        Some(Ok((appended, stamped))) => {
+            host.with_producers(|producers| stamped.iter().for_each(|h| producers.record(h)));
+            return Ok(appended);
+        }
         Some(Err(failure)) => failure,
         None => ProduceFailure::LogBusy,
     };
@@ -372,14 +446,25 @@ pub fn produce<H: PartitionHost>(
 /// Counts an appended produce: the replica completes it (through [`PartitionHost::complete`])
 /// once its acks are reached.
 pub fn produce_appended<H: PartitionHost>(host: &mut H, appended: Appended) -> Result<(), String> {
-    step(
-        host,
+    let (waiter, base_offset, next_offset) = (
+        appended.waiter,
+        appended.base_offset,
+        appended.last_offset.plus(1),
+    );
+    let input = if appended.duplicate {
+        Input::ProduceDuplicate {
+            waiter,
+            base_offset,
+            next_offset,
+        }
+    } else {
         Input::ProduceAppended {
-            waiter: appended.waiter,
-            base_offset: appended.base_offset,
-            next_offset: appended.last_offset.plus(1),
-        },
-    )?;
+            waiter,
+            base_offset,
+            next_offset,
+        }
+    };
+    step(host, input)?;
     if host.durability() == Durability::Appended {
         // Appended counts as held for this topic.
         step(
@@ -478,4 +563,43 @@ pub fn apply_state<H: PartitionHost>(
         }
         Some(_) | None => Ok(StateApplied::Unchanged),
     }
+}
+
+/// Newest segments scanned for producer state when a log is opened: a producer with a batch it
+/// may still retry wrote it recently (default segments are 1 GiB).
+pub const PRODUCER_SCAN_SEGMENTS: usize = 2;
+/// Bytes read per step of that scan.
+const PRODUCER_SCAN_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Rebuilds the idempotent-producer state from the log's newest segments (at open, before the
+/// log serves anything). Reads whole batches and parses only their headers.
+pub async fn scan_producers<D: Disk>(log: &PartitionLog<D>) -> Result<ProducerStates, ReadError> {
+    let bases = log.segment_bases();
+    let from = bases
+        .len()
+        .checked_sub(PRODUCER_SCAN_SEGMENTS)
+        .map_or(log.log_start_offset(), |i| bases[i])
+        .max(log.log_start_offset());
+    let mut states = ProducerStates::default();
+    let mut at = from;
+    let end = log.end_offset();
+    // Each read returns at least one batch, so this ends within (end - from) reads.
+    while at < end {
+        let read = log.read(at, PRODUCER_SCAN_CHUNK_BYTES).await?;
+        // Recovery checked every batch below the end: headers are enough here.
+        let bytes = read.bytes();
+        let mut position = 0usize;
+        while position < bytes.len() {
+            let Ok(header) = batch::decode_header(&bytes[position..]) else {
+                return Ok(states);
+            };
+            states.record(&header);
+            position += header.batch_bytes();
+        }
+        if read.next_offset <= at {
+            break;
+        }
+        at = read.next_offset;
+    }
+    Ok(states)
 }

@@ -163,9 +163,9 @@ impl ProducerStates {
                     let written = entry.and_then(|e| {
                         (e.epoch == epoch && !pending.contains_key(&producer))
                             .then(|| {
-                                e.batches.iter().find(|b| {
-                                    b.first_sequence == first && b.last_sequence == last
-                                })
+                                e.batches
+                                    .iter()
+                                    .find(|b| b.first_sequence == first && b.last_sequence == last)
                             })
                             .flatten()
                     });

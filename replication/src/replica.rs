@@ -267,6 +267,14 @@ pub enum Input {
         base_offset: Offset,
         next_offset: Offset,
     },
+    /// The driver found a produce it was told to `Append` already in the log at
+    /// `[base_offset, next_offset)` (an idempotent producer's retry): nothing was appended; it
+    /// completes when that range reaches its acks.
+    ProduceDuplicate {
+        waiter: WaiterId,
+        base_offset: Offset,
+        next_offset: Offset,
+    },
     /// The driver could not append it (bad batch, backpressure, poisoned log): forget it.
     ProduceAborted { waiter: WaiterId },
     /// Everything below `durable` is durable on this replica.
@@ -630,6 +638,11 @@ impl Replica {
                 base_offset,
                 next_offset,
             } => self.on_produce_appended(waiter, base_offset, next_offset, outbox),
+            Input::ProduceDuplicate {
+                waiter,
+                base_offset,
+                next_offset,
+            } => self.on_produce_duplicate(waiter, base_offset, next_offset, outbox),
             Input::ProduceAborted { waiter } => {
                 self.pending.remove(&waiter);
             }
@@ -964,6 +977,40 @@ impl Replica {
         self.end = next_offset;
         // `on_produce` admits no more than WAITERS_MAX pending appends and waiters together.
         assert!(self.waiters.len() < WAITERS_MAX, "too many produce waiters");
+        self.waiters.push(ProduceWaiter {
+            id: waiter,
+            acks,
+            deadline_ms,
+            base_offset,
+            next_offset,
+        });
+        self.complete_waiters(outbox);
+    }
+
+    fn on_produce_duplicate(
+        &mut self,
+        waiter: WaiterId,
+        base_offset: Offset,
+        next_offset: Offset,
+        outbox: &mut Outbox,
+    ) {
+        let (acks, deadline_ms) = self
+            .pending
+            .remove(&waiter)
+            .expect("ProduceDuplicate for a produce that was not told to Append");
+        if !self.is_leader() || self.fenced {
+            outbox.push(Output::Complete {
+                waiter,
+                result: Err(ProduceError::LeaderChanged { epoch: self.epoch }),
+            });
+            return;
+        }
+        assert!(
+            base_offset < next_offset && next_offset <= self.end,
+            "a duplicate [{base_offset}, {next_offset}) outside the log (end {})",
+            self.end
+        );
+        // Offsets only: the waiter completes as any other once its range reaches the acks.
         self.waiters.push(ProduceWaiter {
             id: waiter,
             acks,

@@ -12,6 +12,7 @@ use rkyv::util::AlignedVec;
 use wharf_replication::driver::{
     self, Durability, Fetched, PartitionHost, PartitionState, ProduceFailure, StateApplied,
 };
+use wharf_replication::producers::ProducerStates;
 use wharf_replication::*;
 use wharf_storage::conformance::make_batch;
 use wharf_storage::log::{LogConfig, PartitionLog};
@@ -26,6 +27,7 @@ struct TestHost {
     registered: BTreeSet<u64>,
     completed: Vec<(WaiterId, Result<Ack, ProduceError>)>,
     fetched: Option<Fetched<AlignedVec<16>>>,
+    producers: ProducerStates,
     fetches_sent: Vec<(BrokerId, FetchRequest)>,
     /// Truncations asked for; left running (reported by the test) when `truncate_later`.
     truncations: Vec<Offset>,
@@ -65,6 +67,7 @@ impl TestHost {
             registered: BTreeSet::new(),
             completed: Vec::new(),
             fetched: None,
+            producers: ProducerStates::default(),
             fetches_sent: Vec::new(),
             truncations: Vec::new(),
             truncate_later: false,
@@ -128,6 +131,10 @@ impl PartitionHost for TestHost {
 
     fn take_fetched(&mut self) -> Option<Fetched<AlignedVec<16>>> {
         self.fetched.take()
+    }
+
+    fn with_producers<R>(&mut self, f: impl FnOnce(&mut ProducerStates) -> R) -> R {
+        f(&mut self.producers)
     }
 
     fn complete(&mut self, waiter: WaiterId, result: Result<Ack, ProduceError>) -> bool {
@@ -388,4 +395,78 @@ fn the_controllers_state_waits_for_a_log_change_in_progress_and_old_epochs_are_i
     );
     assert!(host.replica.is_leader());
     assert!(host.epochs_persisted >= 2, "each new epoch is persisted");
+}
+
+/// A batch of `records` records from idempotent producer 9 starting at `sequence`.
+fn idempotent_batch(sequence: u32, records: usize) -> AlignedVec<16> {
+    let mut builder =
+        wharf_storage::batch::BatchBuilder::new(wharf_storage::batch::ProducerStamp {
+            producer_id: wharf_storage::ProducerId(9),
+            producer_epoch: 0,
+            base_sequence: sequence,
+        });
+    for i in 0..records {
+        builder.push(i as i64, None, b"value", &[]).expect("push");
+    }
+    builder.finish().expect("finish")
+}
+
+fn produce_bytes(
+    host: &mut TestHost,
+    waiter: u64,
+    mut bytes: AlignedVec<16>,
+) -> Result<driver::Appended, ProduceFailure> {
+    let bounds = driver::check_produce(&bytes)?;
+    let appended = driver::produce(
+        host,
+        &mut bytes,
+        bounds,
+        WaiterId(waiter),
+        AckLevel::Leader,
+        1_000,
+        0,
+    )?;
+    host.registered.insert(waiter);
+    driver::produce_appended(host, appended).expect("counted");
+    Ok(appended)
+}
+
+#[test]
+fn an_idempotent_retry_appends_nothing_and_completes_with_the_original_offsets() {
+    let mut host = TestHost::leader(Durability::Synced);
+    let first = produce_bytes(&mut host, 1, idempotent_batch(0, 3)).expect("appended");
+    produce_bytes(&mut host, 2, idempotent_batch(3, 2)).expect("appended");
+    let end = host.log.end_offset();
+    // The answer to the first was lost; the producer sends it again.
+    let retry = produce_bytes(&mut host, 3, idempotent_batch(0, 3)).expect("answered");
+    assert!(retry.duplicate);
+    assert_eq!(
+        (retry.base_offset, retry.last_offset),
+        (first.base_offset, first.last_offset)
+    );
+    assert_eq!(host.log.end_offset(), end, "nothing appended");
+    // It completes with the acks of the original range.
+    assert_eq!(host.completed(3), None, "not durable yet");
+    let durable = block_on(host.log.flush()).expect("flush");
+    driver::flushed(&mut host, durable).expect("flushed");
+    let ack = host.completed(3).expect("completed").clone().expect("ok");
+    assert_eq!(
+        (ack.base_offset, ack.next_offset),
+        (first.base_offset, first.last_offset.plus(1))
+    );
+    // A gap is refused and appends nothing; so is an older epoch.
+    match produce_bytes(&mut host, 4, idempotent_batch(9, 1)) {
+        Err(ProduceFailure::Sequence(error)) => {
+            assert!(matches!(
+                error,
+                wharf_replication::producers::SequenceError::OutOfOrder { expected: 5, .. }
+            ))
+        }
+        other => panic!("expected out of order, got {other:?}"),
+    }
+    assert_eq!(host.log.end_offset(), end);
+    assert_eq!(host.replica.produces_in_progress(), 0);
+    // The state is a function of the log: a scan of it finds the same.
+    let scanned = block_on(driver::scan_producers(&host.log)).expect("scan");
+    assert_eq!(scanned, host.producers);
 }

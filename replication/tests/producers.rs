@@ -101,7 +101,11 @@ fn epochs_fence_older_incarnations_and_restart_sequences() {
         states.check(&[header(1, 2, 0, 1, 0)]),
         Ok(SequenceCheck::Append)
     );
-    assert_eq!(states.written(ProducerId(1)).len(), 1, "the new epoch forgot the old");
+    assert_eq!(
+        states.written(ProducerId(1)).len(),
+        1,
+        "the new epoch forgot the old"
+    );
 }
 
 #[test]

@@ -36,6 +36,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rkyv::util::AlignedVec;
 use wharf_replication::driver::{self, Answer, Durability, Fetched, PartitionHost, ProduceFailure};
+use wharf_replication::producers::ProducerStates;
 use wharf_replication::{
     AckLevel, BatchInfo, BrokerId, EpochHistory, FetchError, FetchReply, FetchRequest, Input,
     IsrRejection, LogState, ProduceError, Replica, ReplicaConfig, Role, WaiterId,
@@ -237,6 +238,8 @@ struct Live {
     produce_bytes: BTreeMap<u64, AlignedVec<16>>,
     /// The batches of the fetch reply being stepped, checked on arrival.
     fetched: Option<Fetched<AlignedVec<16>>>,
+    /// Idempotent producers' last batches (rebuilt from the log at start, as the broker does).
+    producers: ProducerStates,
     /// Follower fetches parked at this leader: (replica, fetch id, offset, deadline).
     parked: Vec<(BrokerId, u64, Offset, u64)>,
     /// This follower's outstanding fetch and when it was sent.
@@ -467,6 +470,8 @@ impl Sim {
         if !report.corrupt.is_empty() {
             return Err(format!("node {id}: recovery found corruption: {report:?}"));
         }
+        let producers = block_on(driver::scan_producers(&log))
+            .map_err(|e| format!("node {id}: cannot rebuild the producer state: {e}"))?;
         let epochs = EpochHistory::new(node.epochs_file.clone(), log.end_offset())
             .map_err(|e| format!("node {id}: {e}"))?;
         let state = LogState {
@@ -482,6 +487,7 @@ impl Sim {
             replica,
             produce_bytes: BTreeMap::new(),
             fetched: None,
+            producers,
             parked: Vec::new(),
             outstanding: None,
             last_high_watermark: Offset::ZERO,
@@ -1467,6 +1473,10 @@ impl PartitionHost for SimHost<'_> {
 
     fn take_fetched(&mut self) -> Option<Fetched<AlignedVec<16>>> {
         self.live().fetched.take()
+    }
+
+    fn with_producers<R>(&mut self, f: impl FnOnce(&mut ProducerStates) -> R) -> R {
+        f(&mut self.live().producers)
     }
 
     fn complete(

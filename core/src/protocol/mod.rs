@@ -223,10 +223,16 @@ pub enum ErrorCode {
     InvalidPartitionEpoch = 34,
     /// An ISR change adds a replica that may not join (fenced, shutting down, unknown).
     IneligibleReplica = 35,
+    /// An idempotent producer's batch does not continue its sequence on this partition
+    /// (a gap: an earlier batch was lost); nothing was appended.
+    OutOfOrderSequence = 36,
+    /// An idempotent producer's epoch is older than the partition has seen: another instance
+    /// with the same producer id took over.
+    InvalidProducerEpoch = 37,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 36] = [
+    pub const ALL: [ErrorCode; 38] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::CorruptFrame,
@@ -263,6 +269,8 @@ impl ErrorCode {
         ErrorCode::BrokerFenced,
         ErrorCode::InvalidPartitionEpoch,
         ErrorCode::IneligibleReplica,
+        ErrorCode::OutOfOrderSequence,
+        ErrorCode::InvalidProducerEpoch,
     ];
 
     /// Unknown numbers (from a newer peer) map to `Unknown`.
@@ -330,6 +338,8 @@ impl ErrorCode {
             ErrorCode::BrokerFenced => "broker_fenced",
             ErrorCode::InvalidPartitionEpoch => "invalid_partition_epoch",
             ErrorCode::IneligibleReplica => "ineligible_replica",
+            ErrorCode::OutOfOrderSequence => "out_of_order_sequence",
+            ErrorCode::InvalidProducerEpoch => "invalid_producer_epoch",
         }
     }
 }

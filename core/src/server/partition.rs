@@ -54,6 +54,7 @@ use crate::protocol::{Acks, ErrorCode, FrameBuf, PartitionDescription};
 use files::{load_epochs, load_high_watermark};
 use log_slot::LogSlot;
 use wharf_replication::driver::{self, Fetched, ProduceFailure};
+use wharf_replication::producers::{ProducerStates, SequenceError};
 
 pub type ReadBuffer = <<DmaDisk as Disk>::File as DiskFile>::ReadBuffer;
 pub type Read = LogRead<ReadBuffer>;
@@ -201,6 +202,13 @@ fn produce_failure(failure: ProduceFailure) -> PartitionError {
             AppendError::Backpressure { .. } => ErrorCode::Backpressure,
             AppendError::OffsetMismatch { .. } => ErrorCode::Unknown,
         },
+        ProduceFailure::Sequence(error) => match error {
+            SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
+            SequenceError::FencedEpoch { .. } => ErrorCode::InvalidProducerEpoch,
+            SequenceError::InvalidSequence { .. } | SequenceError::PartlyDuplicate => {
+                ErrorCode::InvalidBatch
+            }
+        },
         ProduceFailure::Driver(_) => ErrorCode::StorageError,
     };
     PartitionError::new(code, failure.to_string())
@@ -279,6 +287,8 @@ pub struct Partition {
     wake_fetcher: LocalSender<()>,
     /// The last fetch response's frame and its batches, CRC-checked on arrival.
     fetched: RefCell<Option<Fetched<FrameBuf>>>,
+    /// Idempotent producers' last batches (kept in step with the log by the driver core).
+    producers: RefCell<ProducerStates>,
     fetcher: RefCell<Option<Task<()>>>,
     /// Follower: woken when the controller changes this replica's leader or epoch, so a fetch
     /// in flight to the old leader is abandoned at once.
@@ -366,6 +376,9 @@ impl Partition {
                     .map_err(|e| format!("{topic}/{index}: cannot drop the corrupt suffix: {e}"))?;
             }
         }
+        let producers = driver::scan_producers(&log)
+            .await
+            .map_err(|e| format!("{topic}/{index}: cannot rebuild the producer state: {e}"))?;
         let files_dir = dir.clone();
         let (entries, stored_high_watermark) = glommio::executor()
             .spawn_blocking(move || (load_epochs(&files_dir), load_high_watermark(&files_dir)))
@@ -452,6 +465,7 @@ impl Partition {
             outgoing_fetch: RefCell::new(None),
             wake_fetcher,
             fetched: RefCell::new(None),
+            producers: RefCell::new(producers),
             fetcher: RefCell::new(None),
             role_waiters: RefCell::new(Vec::new()),
             pending_state: RefCell::new(None),

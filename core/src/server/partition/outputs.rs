@@ -5,6 +5,7 @@
 //! shard's queue, truncation and reset as tasks, the epoch-history file, metrics and wake-ups.
 
 use wharf_replication::driver::{self, Answer, Durability, Fetched, PartitionHost};
+use wharf_replication::producers::ProducerStates;
 use wharf_replication::{Ack, BrokerId, FetchRequest, Input, ProduceError, Replica, WaiterId};
 use wharf_storage::{Epoch, Offset, PartitionLog};
 
@@ -53,6 +54,10 @@ impl PartitionHost for Host<'_> {
 
     fn take_fetched(&mut self) -> Option<Fetched<FrameBuf>> {
         self.0.fetched.borrow_mut().take()
+    }
+
+    fn with_producers<R>(&mut self, f: impl FnOnce(&mut ProducerStates) -> R) -> R {
+        f(&mut self.0.producers.borrow_mut())
     }
 
     fn complete(&mut self, waiter: WaiterId, result: Result<Ack, ProduceError>) -> bool {
