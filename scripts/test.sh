@@ -42,4 +42,10 @@ echo "== replication simulator, controller mode (the shipped Raft controller): r
 cargo run --release --locked -q -p wharf-tests --bin sim -- --controller --seconds "${WHARF_SIM_CONTROLLER_SECONDS:-60}" > target/sim-controller-seeds.log 2>&1 \
   || { tail -n 20 target/sim-controller-seeds.log; echo "simulator (controller mode) failed (see target/sim-controller-seeds.log)"; exit 1; }
 tail -n 1 target/sim-controller-seeds.log
+echo "== replication simulator, idempotent client retrying its batches (both modes): random seeds for ${WHARF_SIM_IDEMPOTENT_SECONDS:-30} s each"
+for mode in "" "--controller"; do
+  cargo run --release --locked -q -p wharf-tests --bin sim -- --idempotent-retry-per-mille 150 $mode --seconds "${WHARF_SIM_IDEMPOTENT_SECONDS:-30}" > target/sim-idempotent-seeds.log 2>&1 \
+    || { tail -n 20 target/sim-idempotent-seeds.log; echo "simulator (idempotent client $mode) failed (see target/sim-idempotent-seeds.log)"; exit 1; }
+  tail -n 1 target/sim-idempotent-seeds.log
+done
 echo "test.sh: all passed"

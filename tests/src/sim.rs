@@ -85,6 +85,11 @@ pub struct SimConfig {
     /// committed, so it deletes nothing above the HW). 0 draws nothing from the RNG, so runs
     /// without retention replay as before.
     pub retention_per_mille: u32,
+    /// Per-produce chance that the client, an idempotent producer, sends one of its last
+    /// batches again (its answer was lost). 0: the client is not idempotent and draws nothing,
+    /// so runs without it replay as before. With it, a committed batch of the producer must
+    /// never appear twice, and a retry's answer must name the original's offsets.
+    pub idempotent_retry_per_mille: u32,
     /// Controller mode: replicas with `isr_via_controller`, driven by the shipped Raft
     /// controller over the network (see the module docs). False: the instant controller.
     pub isr_via_controller: bool,
@@ -112,6 +117,7 @@ impl SimConfig {
             leader_move_per_mille: 4,
             produce_per_mille: 400,
             retention_per_mille: 0,
+            idempotent_retry_per_mille: 0,
             isr_via_controller: false,
             tolerate_lease_outliving_fence: false,
             trace: false,
@@ -148,6 +154,10 @@ pub struct SimReport {
     /// Controller mode with `tolerate_lease_outliving_fence`: leases that outlived a fence.
     pub leases_outliving_fence: usize,
     pub final_end_offset: u64,
+    /// Idempotent runs: retries sent, retries answered as duplicates, sequence refusals.
+    pub retries: usize,
+    pub duplicates: usize,
+    pub sequence_refusals: usize,
 }
 
 #[derive(Debug)]
@@ -159,13 +169,15 @@ pub struct SimFailure {
     pub retention_per_mille: u32,
     /// The run's `SimConfig::isr_via_controller` (part of the replay command).
     pub isr_via_controller: bool,
+    /// The run's `SimConfig::idempotent_retry_per_mille` (part of the replay command).
+    pub idempotent_retry_per_mille: u32,
 }
 
 impl std::fmt::Display for SimFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {}{}{})",
+            "seed {} failed at step {}: {} (replay: cargo run -p wharf-tests --bin sim -- --seed {} --steps {}{}{}",
             self.seed,
             self.step,
             self.message,
@@ -180,7 +192,15 @@ impl std::fmt::Display for SimFailure {
             } else {
                 ""
             }
-        )
+        )?;
+        if self.idempotent_retry_per_mille > 0 {
+            write!(
+                f,
+                " --idempotent-retry-per-mille {}",
+                self.idempotent_retry_per_mille
+            )?;
+        }
+        f.write_str(")")
     }
 }
 
@@ -271,6 +291,29 @@ struct PendingProduce {
     leader: BrokerId,
 }
 
+/// The producer id of the simulated client when it is idempotent.
+const SIM_PRODUCER_ID: u64 = 77;
+
+/// The simulated client as an idempotent producer (`SimConfig::idempotent_retry_per_mille`).
+#[derive(Default)]
+struct SimProducer {
+    epoch: u16,
+    next_sequence: u32,
+    /// Its last batches as it would send them again: (epoch, first sequence, bytes).
+    recent: std::collections::VecDeque<(u16, u32, AlignedVec<16>)>,
+    /// Its committed batches: (epoch, first sequence) → offset. One batch, one offset.
+    committed: BTreeMap<(u16, u32), Offset>,
+}
+
+impl SimProducer {
+    /// Starts a new epoch (as a client does after a gap: sequences restart at 0).
+    fn bump_epoch(&mut self) {
+        self.epoch += 1;
+        self.next_sequence = 0;
+        self.recent.clear();
+    }
+}
+
 pub struct Sim {
     config: SimConfig,
     rng: StdRng,
@@ -299,6 +342,7 @@ pub struct Sim {
     consumer_at: Offset,
     report: SimReport,
     log_config: LogConfig,
+    producer: SimProducer,
 }
 
 type Check = Result<(), String>;
@@ -392,6 +436,7 @@ impl Sim {
             committed_end: Offset::ZERO,
             consumer_at: Offset::ZERO,
             report: SimReport::default(),
+            producer: SimProducer::default(),
             log_config: log_config(),
             config,
         };
@@ -432,6 +477,7 @@ impl Sim {
             message,
             retention_per_mille: self.config.retention_per_mille,
             isr_via_controller: self.config.isr_via_controller,
+            idempotent_retry_per_mille: self.config.idempotent_retry_per_mille,
         }
     }
 
@@ -925,7 +971,42 @@ impl Sim {
         self.next_waiter += 1;
         let records = self.rng.random_range(1..5);
         let value_bytes = self.rng.random_range(0..600);
-        let mut bytes = make_batch(records, value_bytes, waiter.0, self.now_ms as i64);
+        // (epoch, first sequence, whether it is a retry) of an idempotent producer's batch.
+        let mut idempotent = None;
+        let mut bytes = if self.config.idempotent_retry_per_mille == 0 {
+            make_batch(records, value_bytes, waiter.0, self.now_ms as i64)
+        } else if !self.producer.recent.is_empty()
+            && self.rng.random_range(0..1000) < self.config.idempotent_retry_per_mille
+        {
+            let index = self.rng.random_range(0..self.producer.recent.len());
+            let (epoch, sequence, bytes) = &self.producer.recent[index];
+            idempotent = Some((*epoch, *sequence, true));
+            self.report.retries += 1;
+            bytes.clone()
+        } else {
+            let (epoch, sequence) = (self.producer.epoch, self.producer.next_sequence);
+            let mut builder = batch::BatchBuilder::new(batch::ProducerStamp {
+                producer_id: wharf_storage::ProducerId(SIM_PRODUCER_ID),
+                producer_epoch: epoch,
+                base_sequence: sequence,
+            });
+            for i in 0..records {
+                let value = vec![waiter.0 as u8; value_bytes];
+                builder
+                    .push(self.now_ms as i64 + i as i64, None, &value, &[])
+                    .expect("push");
+            }
+            let bytes = builder.finish().expect("finish");
+            self.producer.next_sequence += records as u32;
+            if self.producer.recent.len() == wharf_replication::producers::PRODUCER_BATCHES_KEPT {
+                self.producer.recent.pop_front();
+            }
+            self.producer
+                .recent
+                .push_back((epoch, sequence, bytes.clone()));
+            idempotent = Some((epoch, sequence, false));
+            bytes
+        };
         self.produces.insert(
             waiter.0,
             PendingProduce {
@@ -950,6 +1031,41 @@ impl Sim {
             now,
         ) {
             Ok(appended) => {
+                if appended.duplicate {
+                    // Answered with the original's offsets: the batch there must be it.
+                    self.report.duplicates += 1;
+                    let Some(live) = self.node(target).live.as_ref() else {
+                        return;
+                    };
+                    let original = read_batches(
+                        &live.log,
+                        appended.base_offset,
+                        appended.last_offset.plus(1),
+                    )
+                    .ok()
+                    .and_then(|batches| batches.into_iter().next())
+                    .filter(|(offset, _)| *offset == appended.base_offset);
+                    let same = original
+                        .as_ref()
+                        .and_then(|(_, b)| batch::decode_header(b).ok())
+                        .is_some_and(|h| {
+                            Some((h.producer_epoch, h.base_sequence, true)) == idempotent
+                                && h.producer_id.0 == SIM_PRODUCER_ID
+                        });
+                    if !same {
+                        self.violation.get_or_insert(format!(
+                            "a retry {idempotent:?} answered with [{}, {}], which holds {:?}",
+                            appended.base_offset,
+                            appended.last_offset,
+                            original.map(|(_, b)| batch::decode_header(&b))
+                        ));
+                        return;
+                    }
+                    if let Some((_, original)) = original {
+                        bytes = AlignedVec::new();
+                        bytes.extend_from_slice(&original);
+                    }
+                }
                 // Registered for the checks of its acknowledgement (`SimHost::complete`).
                 if let Some(live) = self.node(target).live.as_mut() {
                     live.produce_bytes.insert(waiter.0, bytes);
@@ -964,13 +1080,31 @@ impl Sim {
                 .unwrap_or_else(|e| panic!("node {target}: after a produce: {e}"));
             }
             Err(ProduceFailure::Refused(error)) => {
+                if matches!(idempotent, Some((_, _, false))) {
+                    // A gap in its sequence now: later batches would be refused.
+                    self.producer.bump_epoch();
+                }
                 if let Some(produce) = self.produces.remove(&waiter.0) {
                     self.on_ack(target, waiter, produce, Err(error), None);
                 }
             }
             Err(ProduceFailure::Backpressure { .. })
             | Err(ProduceFailure::Append(AppendError::Backpressure { .. })) => {
+                if matches!(idempotent, Some((_, _, false))) {
+                    self.producer.bump_epoch();
+                }
                 self.produces.remove(&waiter.0);
+            }
+            Err(ProduceFailure::Sequence(error)) if idempotent.is_some() => {
+                self.trace(|| format!("broker {target} refused {idempotent:?}: {error}"));
+                self.report.sequence_refusals += 1;
+                self.produces.remove(&waiter.0);
+                if matches!(
+                    error,
+                    wharf_replication::producers::SequenceError::OutOfOrder { .. }
+                ) {
+                    self.producer.bump_epoch();
+                }
             }
             Err(failure) => panic!("node {target}: produce failed: {failure}"),
         }
@@ -1265,6 +1399,16 @@ impl Sim {
                     None => {
                         if offset < self.committed_end {
                             return Err(format!("committed offset {offset} starts a new batch"));
+                        }
+                        let header = batch::decode_header(&bytes)
+                            .map_err(|e| format!("committed batch at {offset}: {e}"))?;
+                        if header.producer_id.0 == SIM_PRODUCER_ID {
+                            let key = (header.producer_epoch, header.base_sequence);
+                            if let Some(first) = self.producer.committed.insert(key, offset) {
+                                return Err(format!(
+                                    "the idempotent producer's batch {key:?} is committed twice, at {first} and {offset}"
+                                ));
+                            }
                         }
                         self.committed.insert(offset, bytes);
                     }
@@ -1567,6 +1711,7 @@ impl PartitionHost for SimHost<'_> {
 pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
     let steps = config.steps;
     let seed = config.seed;
+    let idempotent_retry_per_mille = config.idempotent_retry_per_mille;
     let retention_per_mille = config.retention_per_mille;
     let isr_via_controller = config.isr_via_controller;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
@@ -1589,6 +1734,7 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
             seed,
             retention_per_mille,
             isr_via_controller,
+            idempotent_retry_per_mille,
             step: CURRENT_STEP.with(|c| c.get()),
             message: format!(
                 "panicked: {}",

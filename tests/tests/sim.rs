@@ -77,6 +77,39 @@ fn retention_makes_lagging_followers_reset_and_rejoin() {
     );
 }
 
+/// An idempotent client retries its last batches at random (lost answers) through crashes,
+/// failovers and truncations, in both modes: no batch of it is ever committed twice, and every
+/// retry answered as a duplicate names the offsets that hold the original.
+#[test]
+fn idempotent_retries_never_commit_a_batch_twice() {
+    let seeds: u64 = std::env::var("WHARF_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let mut total = wharf_tests::sim::SimReport::default();
+    for controller in [false, true] {
+        for seed in 0..seeds {
+            println!("idempotent, controller mode {controller}, seed {seed}");
+            let mut config = SimConfig::new(seed, 3000);
+            config.idempotent_retry_per_mille = 150;
+            config.isr_via_controller = controller;
+            let report = run(config).unwrap_or_else(|failure| panic!("{failure}"));
+            total.retries += report.retries;
+            total.duplicates += report.duplicates;
+            total.sequence_refusals += report.sequence_refusals;
+            total.truncations += report.truncations;
+        }
+    }
+    println!("{total:?}");
+    assert!(
+        total.retries > 0
+            && total.duplicates > 0
+            && total.sequence_refusals > 0
+            && total.truncations > 0,
+        "{total:?}"
+    );
+}
+
 /// Controller mode: the shipped Raft controller (three voters on the three brokers) drives the
 /// replicas through broker crashes, crashes of the controller leader, lost heartbeats, cut
 /// links and dropped raft messages; the replicas propose ISR changes, hold leases and fail over

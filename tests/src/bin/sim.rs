@@ -26,6 +26,10 @@ struct Args {
     /// Per-step chance (per mille) that the leader applies retention (0: never).
     #[arg(long, default_value_t = 0)]
     retention_per_mille: u32,
+    /// Per-produce chance (per mille) that the idempotent client sends one of its last batches
+    /// again (0: the client is not idempotent).
+    #[arg(long, default_value_t = 0)]
+    idempotent_retry_per_mille: u32,
     /// Controller mode: replicas with `isr_via_controller`, driven by the shipped Raft controller.
     #[arg(long)]
     controller: bool,
@@ -53,6 +57,7 @@ fn main() {
         let mut config = SimConfig::new(seed, args.steps);
         config.trace = args.trace;
         config.retention_per_mille = args.retention_per_mille;
+        config.idempotent_retry_per_mille = args.idempotent_retry_per_mille;
         config.isr_via_controller = args.controller;
         config.tolerate_lease_outliving_fence = args.tolerate_lease_outliving_fence;
         match run(config) {
