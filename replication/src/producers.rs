@@ -150,15 +150,15 @@ impl ProducerStates {
                         found: epoch,
                     })
                 }
-                Some((current, _)) if epoch > current => {
-                    if first != 0 {
-                        return Err(SequenceError::OutOfOrder {
-                            producer,
-                            expected: 0,
-                            found: first,
-                        });
-                    }
+                // A new epoch starts again at sequence 0.
+                Some((current, _)) if epoch > current && first != 0 => {
+                    return Err(SequenceError::OutOfOrder {
+                        producer,
+                        expected: 0,
+                        found: first,
+                    });
                 }
+                Some((current, _)) if epoch > current => {}
                 Some((_, previous_last)) => {
                     let written = entry.and_then(|e| {
                         (e.epoch == epoch && !pending.contains_key(&producer))
