@@ -163,6 +163,9 @@ fn the_stalest_producer_is_forgotten_past_the_limit() {
     assert_eq!(states.written(ProducerId(1)).len(), 1);
 }
 
+/// A batch a producer sent: first sequence, records, and (first, last) offsets once written.
+type Sent = (u32, u32, Option<(u64, u64)>);
+
 proptest! {
     /// Producers send batches in order and retry any of their last few at random (a lost
     /// answer); the log, driven by `check` and `record`, holds each batch exactly once, in
@@ -172,7 +175,7 @@ proptest! {
         let mut states = ProducerStates::default();
         let mut end = 0u64;
         // Per producer: batches sent (first sequence, records, offsets once written).
-        let mut sent: Vec<Vec<(u32, u32, Option<(u64, u64)>)>> = vec![Vec::new(); 3];
+        let mut sent: Vec<Vec<Sent>> = vec![Vec::new(); 3];
         for (producer, back, records) in ops {
             let mine = &mut sent[producer as usize];
             // back < 5 and something to retry: a retry of one of the last batches.
