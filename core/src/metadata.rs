@@ -163,6 +163,36 @@ pub fn store(data_dir: &Path, metadata: &BrokerMetadata) -> Result<(), String> {
     .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// The data directory's file holding the next producer-id block (`server::producer_ids`).
+pub const PRODUCER_ID_BLOCK_FILE_NAME: &str = "producer-id-block";
+
+/// Reserves this run's producer-id block: returns the block the file names (0 when there is
+/// none) after durably storing the next one, so no two runs of this broker share a block.
+pub fn reserve_producer_id_block(data_dir: &Path) -> Result<u64, String> {
+    let path = data_dir.join(PRODUCER_ID_BLOCK_FILE_NAME);
+    let block = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{} is not a block number: {e}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let next = block
+        .checked_add(1)
+        .ok_or_else(|| format!("{} is exhausted", path.display()))?;
+    let temporary = data_dir.join(format!("{PRODUCER_ID_BLOCK_FILE_NAME}.tmp"));
+    (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(format!("{next}\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)?;
+        sync_dir(data_dir)
+    })()
+    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(block)
+}
+
 /// Removes topic directories that no metadata entry names: left by a delete that crashed after
 /// the metadata was written (creates write metadata first, so nothing else can leave them).
 pub fn remove_orphans(data_dir: &Path, metadata: &BrokerMetadata) -> Result<Vec<PathBuf>, String> {

@@ -479,3 +479,42 @@ fn a_not_leader_refusal_names_the_leader_and_the_client_learns_only_newer_epochs
         );
     });
 }
+
+#[test]
+fn an_idempotent_retry_at_the_new_leader_is_not_written_twice() {
+    let mut cluster = start();
+    let bootstrap = bootstraps(&cluster);
+    let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
+    let leader = before.leader;
+    let producer = wire::init_producer_id(&cluster.bootstrap(leader));
+    let batch = wire::idempotent_batch(producer, 0, 0, &[b"once", b"only"]);
+    let mut stream = wire::connect_to(&cluster.bootstrap(leader));
+    let first = wire::produce_with(&mut stream, 1, TOPIC, 0, Acks::All, &batch);
+    assert_eq!(
+        ErrorCode::from_u16(first.error),
+        ErrorCode::None,
+        "{first:?}"
+    );
+    // The leader dies before the producer saw that answer; it retries at the new leader,
+    // which learned the producer's batches as a follower.
+    cluster.broker(leader).kill9();
+    let survivor = (1..=3).find(|id| *id != leader).expect("a survivor");
+    let after = wait_for(&cluster.bootstrap(survivor), "a new leader", |d| {
+        d.leader != leader && d.leader_epoch > before.leader_epoch
+    });
+    let mut stream = wire::connect_to(&cluster.bootstrap(after.leader));
+    let retry = wire::produce_with(&mut stream, 2, TOPIC, 0, Acks::All, &batch);
+    assert_eq!(
+        ErrorCode::from_u16(retry.error),
+        ErrorCode::None,
+        "{retry:?}"
+    );
+    assert_eq!(
+        (retry.base_offset, retry.last_offset),
+        (first.base_offset, first.last_offset),
+        "answered with the original offsets"
+    );
+    let log = read_all(&cluster.bootstrap(survivor));
+    let copies = log.values().filter(|v| v.as_str() == "once").count();
+    assert_eq!(copies, 1, "the batch is in the log once: {log:?}");
+}

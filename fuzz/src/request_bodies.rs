@@ -56,6 +56,8 @@ pub const BODY_TYPES: [&str; 30] = [
     "ControllerCommandResponse",
     "ClusterStatusRequest",
     "ClusterStatusResponse",
+    "InitProducerIdRequest",
+    "InitProducerIdResponse",
 ];
 
 /// Frame-size limit for the re-encoded frames (bodies are at most `BODY_BYTES_MAX`).
@@ -119,6 +121,8 @@ pub fn check_selected(index: usize, body: &[u8], payload_bytes: usize, misaligne
         27 => drop(c.check::<ControllerCommandResponse>()),
         28 => drop(c.check::<ClusterStatusRequest>()),
         29 => drop(c.check::<ClusterStatusResponse>()),
+        30 => drop(c.check::<InitProducerIdRequest>()),
+        31 => drop(c.check::<InitProducerIdResponse>()),
         _ => unreachable!("index < BODY_TYPES.len()"),
     }
 }
@@ -149,6 +153,7 @@ pub fn body_type_of(header: &FrameHeader) -> Option<usize> {
         ApiKey::BrokerHeartbeat => (24, 25),
         ApiKey::ControllerCommand => (26, 27),
         ApiKey::ClusterStatus => (28, 29),
+        ApiKey::InitProducerId => (30, 31),
         _ => return None,
     };
     Some(if header.is_response() {

@@ -87,9 +87,13 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     max_in_flight: usize,
     /// Produce requests per partition in flight at once (more data per fsync on the broker;
-    /// above 1 a retried batch may land after later ones, which --verify reports).
+    /// idempotent producers keep order with up to 5; without idempotence, above 1 a retried
+    /// batch may land after later ones, which --verify reports).
     #[arg(long, default_value_t = 4)]
     requests_in_flight: usize,
+    /// Turn the producers' idempotence off (on by default: a retried batch is written once).
+    #[arg(long)]
+    no_idempotence: bool,
     /// Producer buffer (backpressure beyond it).
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     buffer_bytes: usize,
@@ -750,6 +754,7 @@ async fn produce(
         batch_bytes: args.batch_bytes,
         buffer_bytes_max: args.buffer_bytes,
         max_in_flight_per_partition: args.requests_in_flight,
+        idempotent: !args.no_idempotence,
         request_timeout_ms: args.request_timeout_ms,
         delivery_timeout_ms: args.delivery_timeout_ms,
         partitioner: if args.partitioner == "round-robin" {
@@ -1228,9 +1233,10 @@ fn summarize(
     use std::fmt::Write;
     let _ = writeln!(
         text,
-        "settings: acks={} fsync={fsync} producers={} consumers={} partitions={} message={} B batch={} B linger={} ms rate={} in-flight={} requests/partition={} duration={} s warm-up={} s threads={threads} seed={}",
+        "settings: acks={} fsync={fsync} producers={} consumers={} partitions={} message={} B batch={} B linger={} ms rate={} in-flight={} requests/partition={} idempotent={} duration={} s warm-up={} s threads={threads} seed={}",
         plan.acks, args.producers, args.consumers, args.partitions, args.message_bytes, args.batch_bytes,
         args.linger_ms, args.rate, if args.max_in_flight == 0 { "buffer".to_string() } else { args.max_in_flight.to_string() }, args.requests_in_flight,
+        if args.no_idempotence { "off" } else { "on" },
         args.duration, args.warmup, plan.seed
     );
     let _ = writeln!(

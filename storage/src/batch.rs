@@ -491,6 +491,27 @@ pub fn validate_batch(bytes: &[u8]) -> Result<CheckedBatch<'_>, BatchError> {
     Ok(checked)
 }
 
+/// Sets the producer identity of an encoded batch (an idempotent producer stamps its id, epoch
+/// and sequence when the batch is first sent) and recomputes the header CRC; the body and its
+/// CRC are untouched.
+pub fn stamp_producer(batch: &mut [u8], producer: ProducerStamp) {
+    assert!(
+        batch.len() >= BATCH_HEADER_BYTES,
+        "stamp on a truncated batch"
+    );
+    assert_eq!(
+        u32_at(batch, AT_MAGIC),
+        BATCH_MAGIC,
+        "stamp on bytes that are not a batch"
+    );
+    batch[AT_PRODUCER_EPOCH..AT_PRODUCER_EPOCH + 2]
+        .copy_from_slice(&producer.producer_epoch.to_le_bytes());
+    put_u64(batch, AT_PRODUCER_ID, producer.producer_id.0);
+    put_u32(batch, AT_BASE_SEQUENCE, producer.base_sequence);
+    let crc = header_crc_of(batch);
+    put_u32(batch, AT_HEADER_CRC, crc);
+}
+
 /// Sets base offset and leader epoch of an encoded batch and recomputes the header CRC. The body
 /// and its CRC are untouched: this is how the leader assigns offsets without re-encoding.
 pub fn stamp(batch: &mut [u8], base_offset: Offset, leader_epoch: Epoch) {
@@ -803,6 +824,32 @@ mod tests {
         assert_eq!(checked.header.base_offset, Offset(42));
         assert_eq!(checked.header.leader_epoch, Epoch(3));
         assert_eq!(checked.header.next_offset(), Offset(44));
+    }
+
+    #[test]
+    fn stamp_producer_sets_the_identity_and_keeps_the_batch_valid() {
+        let mut batch = build(&[b"x".to_vec(), b"y".to_vec()], 100);
+        let body_before = batch[BATCH_HEADER_BYTES..].to_vec();
+        let producer = ProducerStamp {
+            producer_id: ProducerId(0x0001_0000_0000_0007),
+            producer_epoch: 513,
+            base_sequence: 40,
+        };
+        stamp_producer(&mut batch, producer);
+        assert_eq!(&batch[BATCH_HEADER_BYTES..], &body_before[..]);
+        let header = validate_batch(&batch).expect("valid after stamp").header;
+        assert_eq!(
+            (
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence
+            ),
+            (
+                producer.producer_id,
+                producer.producer_epoch,
+                producer.base_sequence
+            )
+        );
     }
 
     #[test]

@@ -819,6 +819,31 @@ impl Client {
         }
     }
 
+    /// A producer id for an idempotent producer (`None`), or the next epoch of the one it
+    /// holds: (id, epoch).
+    pub async fn init_producer_id(
+        &self,
+        holding: Option<(u64, u16)>,
+    ) -> Result<(u64, u16), ClientError> {
+        let bootstrap = self.bootstrap().await?;
+        let frame = bootstrap
+            .call(
+                ApiKey::InitProducerId,
+                &InitProducerIdRequest {
+                    producer_id: holding.map(|(id, _)| id),
+                    producer_epoch: holding.map_or(0, |(_, epoch)| epoch),
+                },
+                Vec::new(),
+                self.config.request_timeout_ms,
+            )
+            .await?;
+        let response: InitProducerIdResponse = decode(&frame)?;
+        match ErrorCode::from_u16(response.error) {
+            ErrorCode::None => Ok((response.producer_id, response.producer_epoch)),
+            code => Err(ClientError::server(code, response.message)),
+        }
+    }
+
     /// The cluster as the bootstrap broker sees it: brokers (alive, fenced, shutting down) and
     /// the controller (controller mode only).
     pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {

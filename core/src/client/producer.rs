@@ -21,6 +21,7 @@ use super::{decode, Client, ClientError};
 use crate::protocol::{
     Acks, ApiKey, ErrorCode, FrameBuf, ProducePartition, ProduceRequest, ProduceResponse,
 };
+use wharf_replication::producers::SEQUENCE_MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Partitioner {
@@ -52,10 +53,20 @@ pub struct ProducerConfig {
     pub leader_retry_backoff_max_ms: u64,
     pub partitioner: Partitioner,
     /// Produce requests of one partition in flight at once. 1 keeps a partition's records in
-    /// order whatever fails; more raises throughput (more data per fsync on the broker), but a
-    /// batch retried after a failure can land after batches sent behind it.
+    /// order whatever fails; more raises throughput (more data per fsync on the broker). An
+    /// idempotent producer keeps order with up to `IDEMPOTENT_IN_FLIGHT_MAX` (a batch sent
+    /// behind one that must be retried is refused as out of sequence and retried after it);
+    /// without idempotence a retried batch can land after batches sent behind it.
     pub max_in_flight_per_partition: usize,
+    /// Idempotence (on by default): the producer gets a producer id (`InitProducerId`) and
+    /// stamps each batch with its per-partition sequence, so a batch retried after a lost
+    /// answer or a failover is written once. Off: a retry can write a batch twice.
+    pub idempotent: bool,
 }
+
+/// Requests in flight per partition an idempotent producer keeps in order: as many batches as
+/// a partition remembers per producer (`wharf_replication::producers::PRODUCER_BATCHES_KEPT`).
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -71,6 +82,7 @@ impl Default for ProducerConfig {
             leader_retry_backoff_max_ms: 200,
             partitioner: Partitioner::KeyHash,
             max_in_flight_per_partition: 1,
+            idempotent: true,
         }
     }
 }
@@ -198,6 +210,10 @@ struct Inner {
     round_robin: Cell<u32>,
     /// Per topic: the stint keyless records currently go to.
     sticky: RefCell<HashMap<String, Stint>>,
+    /// Idempotence: the producer id, once `InitProducerId` gave one; the semaphore lets one
+    /// partition task ask while the others wait for its answer.
+    producer_id: Cell<Option<u64>>,
+    producer_id_asking: glommio::sync::Semaphore,
     closed: Cell<bool>,
 }
 
@@ -244,6 +260,8 @@ impl Producer {
                 waiters: RefCell::new(Vec::new()),
                 round_robin: Cell::new(0),
                 sticky: RefCell::new(HashMap::new()),
+                producer_id: Cell::new(None),
+                producer_id_asking: glommio::sync::Semaphore::new(1),
                 closed: Cell::new(false),
             }),
         }
@@ -501,11 +519,80 @@ fn seal(queue: &mut PartitionQueue) {
     }
 }
 
+/// An idempotent producer's sequence on one partition.
+#[derive(Default)]
+struct Sequence {
+    /// The producer epoch this partition's batches carry: raised (sequences restart at 0)
+    /// after a batch failed for good, which leaves a gap the partition would refuse for ever.
+    epoch: u16,
+    next: u32,
+    restart: bool,
+}
+
+impl Inner {
+    /// The producer id, asking a broker the first time.
+    async fn producer_id(&self) -> Result<u64, ClientError> {
+        if let Some(id) = self.producer_id.get() {
+            return Ok(id);
+        }
+        let _permit = self
+            .producer_id_asking
+            .acquire_permit(1)
+            .await
+            .map_err(|e| ClientError::Invalid(format!("producer closed: {e}")))?;
+        if let Some(id) = self.producer_id.get() {
+            return Ok(id);
+        }
+        let (id, _epoch) = self.client.init_producer_id(None).await?;
+        self.producer_id.set(Some(id));
+        Ok(id)
+    }
+
+    /// Stamps a batch about to be sent for the first time with the producer id, the
+    /// partition's epoch and its next sequence.
+    async fn stamp(
+        &self,
+        bytes: &mut Rc<FrameBuf>,
+        sequence: &mut Sequence,
+    ) -> Result<(), ClientError> {
+        let producer_id = self.producer_id().await?;
+        if sequence.restart {
+            sequence.epoch = sequence.epoch.checked_add(1).ok_or_else(|| {
+                ClientError::Invalid("the producer's epochs on this partition are used up".into())
+            })?;
+            sequence.next = 0;
+            sequence.restart = false;
+        }
+        let bytes = Rc::get_mut(bytes).ok_or_else(|| {
+            ClientError::Invalid("a batch was shared before its first send".into())
+        })?;
+        let records = wharf_storage::batch::decode_header(bytes)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?
+            .record_count;
+        wharf_storage::batch::stamp_producer(
+            bytes,
+            wharf_storage::batch::ProducerStamp {
+                producer_id: wharf_storage::ProducerId(producer_id),
+                producer_epoch: sequence.epoch,
+                base_sequence: sequence.next,
+            },
+        );
+        let span = u64::from(sequence.next) + u64::from(records);
+        sequence.next = (span % (u64::from(SEQUENCE_MAX) + 1)) as u32;
+        Ok(())
+    }
+}
+
 /// Sends one partition's batches in order: up to `max_in_flight_per_partition` requests at
-/// once, completed in the order they were sent.
+/// once (at most `IDEMPOTENT_IN_FLIGHT_MAX` when idempotent), completed in the order they
+/// were sent.
 async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: LocalReceiver<()>) {
     let linger = Duration::from_millis(inner.config.linger_ms);
-    let window = inner.config.max_in_flight_per_partition.max(1);
+    let mut window = inner.config.max_in_flight_per_partition.max(1);
+    if inner.config.idempotent {
+        window = window.min(IDEMPOTENT_IN_FLIGHT_MAX);
+    }
+    let mut sequence = Sequence::default();
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -538,7 +625,7 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
                 }
             };
             match next {
-                Ok(batch) => {
+                Ok(mut batch) => {
                     seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
                     // The first attempt is queued here, in batch order; only waiting for its
                     // answer (and any retry) runs concurrently.
@@ -546,6 +633,11 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
                         Err(ClientError::Invalid(
                             "the batch could not be encoded".to_string(),
                         ))
+                    } else if inner.config.idempotent {
+                        match inner.stamp(&mut batch.bytes, &mut sequence).await {
+                            Ok(()) => start_produce(&inner, &topic, partition, &batch.bytes).await,
+                            Err(error) => Err(error),
+                        }
                     } else {
                         start_produce(&inner, &topic, partition, &batch.bytes).await
                     };
@@ -588,6 +680,11 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
             None => woken_or_lingered.await,
         };
         if let Some(result) = completed {
+            if result.is_err() && inner.config.idempotent {
+                // Whether or not it was written, the partition may now miss a sequence: the
+                // next batch starts a new epoch (older ones still in flight are then refused).
+                sequence.restart = true;
+            }
             if let Some((batch, _)) = in_flight.pop_front() {
                 batch.slot.complete(result);
                 inner

@@ -51,6 +51,8 @@ messages!(
     ControllerCommandResponse,
     ClusterStatusRequest,
     ClusterStatusResponse,
+    InitProducerIdRequest,
+    InitProducerIdResponse,
 );
 
 /// Body of a response whose header carries a frame-level error code.
@@ -505,4 +507,21 @@ pub struct ClusterStatusResponse {
     pub raft_term: u64,
     pub raft_commit_index: u64,
     pub brokers: Vec<BrokerStatus>,
+}
+
+/// An idempotent producer asks for its identity: a new producer id (`producer_id` none), or
+/// the next epoch of the one it holds (it restarts its sequences at 0 in that epoch; batches
+/// of older epochs are then refused with `invalid_producer_epoch`).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InitProducerIdRequest {
+    pub producer_id: Option<u64>,
+    pub producer_epoch: u16,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InitProducerIdResponse {
+    pub error: u16,
+    pub message: String,
+    pub producer_id: u64,
+    pub producer_epoch: u16,
 }

@@ -79,10 +79,12 @@ pub enum ApiKey {
     ControllerCommand = 14,
     /// Client: the brokers (alive, fenced, shutting down) and the controller's state.
     ClusterStatus = 15,
+    /// Client: a producer id for an idempotent producer, or the next epoch of one it holds.
+    InitProducerId = 16,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 16] = [
+    pub const ALL: [ApiKey; 17] = [
         ApiKey::Versions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -99,6 +101,7 @@ impl ApiKey {
         ApiKey::BrokerHeartbeat,
         ApiKey::ControllerCommand,
         ApiKey::ClusterStatus,
+        ApiKey::InitProducerId,
     ];
 
     /// Broker-to-broker APIs: served only on the internal listener, to authenticated peers.
@@ -153,6 +156,7 @@ impl ApiKey {
             ApiKey::BrokerHeartbeat => "broker_heartbeat",
             ApiKey::ControllerCommand => "controller_command",
             ApiKey::ClusterStatus => "cluster_status",
+            ApiKey::InitProducerId => "init_producer_id",
         }
     }
 }
@@ -287,6 +291,9 @@ impl ErrorCode {
             self,
             ErrorCode::NotLeader
                 | ErrorCode::NotEnoughReplicas
+                // An idempotent producer's batch sent behind one that must be retried: it
+                // lands once the earlier one has (nothing was appended, so a retry is safe).
+                | ErrorCode::OutOfOrderSequence
                 | ErrorCode::RequestTimeout
                 | ErrorCode::Backpressure
                 | ErrorCode::ShuttingDown

@@ -216,6 +216,11 @@ impl Shard {
                 let _request: ClusterStatusRequest = frame.decode_body().map_err(invalid)?;
                 self.on_controller_shard(header, ShardRequest::ClusterStatus)
             }
+            ApiKey::InitProducerId => {
+                let request: InitProducerIdRequest = frame.decode_body().map_err(invalid)?;
+                let response = self.init_producer_id(&request);
+                ready(respond(&header, &response, Vec::new()))
+            }
         })
     }
 
@@ -242,6 +247,38 @@ impl Shard {
             "this broker has no live session with the controller; its metadata may be stale: \
              ask another broker",
         ))
+    }
+
+    /// `InitProducerId`: a new id from this run's block, or the next epoch of the id the
+    /// producer holds (an epoch past the largest gets a new id instead).
+    fn init_producer_id(&self, request: &InitProducerIdRequest) -> InitProducerIdResponse {
+        let mut response = InitProducerIdResponse {
+            error: 0,
+            message: String::new(),
+            producer_id: 0,
+            producer_epoch: 0,
+        };
+        if let Some(id) = request.producer_id {
+            if let Some(epoch) = request.producer_epoch.checked_add(1) {
+                if id != wharf_storage::ProducerId::NONE.0 {
+                    response.producer_id = id;
+                    response.producer_epoch = epoch;
+                    return response;
+                }
+            }
+        }
+        match self.shared.producer_ids.allocate() {
+            Some(id) => response.producer_id = id,
+            None => {
+                response.error = ErrorCode::LimitReached as u16;
+                response.message = format!(
+                    "this broker handed out its {} producer ids of this run; ask another broker \
+                     or restart it",
+                    super::producer_ids::IDS_PER_RUN
+                );
+            }
+        }
+        response
     }
 
     /// Controller APIs are served by shard 0 (where the controller and its client live).

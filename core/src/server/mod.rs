@@ -14,6 +14,7 @@ mod dispatch;
 mod handlers;
 pub mod metrics;
 pub mod partition;
+pub mod producer_ids;
 mod shard;
 
 use std::net::SocketAddr;
@@ -58,6 +59,8 @@ pub struct Shared {
     /// Per shard: milliseconds since `started` of its last heartbeat (liveness).
     pub heartbeats_ms: Vec<AtomicU64>,
     pub started: Instant,
+    /// Producer ids this run hands out (`InitProducerId`).
+    pub producer_ids: producer_ids::ProducerIds,
     /// Each shard's id in the channel mesh (set once it joined) and the barrier after which all
     /// are known.
     pub peer_ids: Vec<OnceLock<usize>>,
@@ -214,8 +217,11 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, String> {
     for removed in metadata::remove_orphans(&config.data_dir, &broker_metadata)? {
         tracing::warn!(dir = %removed.display(), "removed the directory of a deleted topic");
     }
+    let producer_id_block = metadata::reserve_producer_id_block(&config.data_dir)?;
+    let producer_ids = producer_ids::ProducerIds::new(config.broker_id, producer_id_block)?;
     let shards = config.shards;
     let shared = Arc::new(Shared {
+        producer_ids,
         shard_addresses: (0..shards).map(|_| OnceLock::new()).collect(),
         internal_shard_addresses: (0..shards).map(|_| OnceLock::new()).collect(),
         secret,

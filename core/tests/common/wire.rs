@@ -66,6 +66,45 @@ pub fn batch(values: &[&[u8]]) -> Vec<u8> {
     builder.finish().expect("finish").to_vec()
 }
 
+/// A batch of an idempotent producer: `values` from sequence `sequence` of `producer` in
+/// `epoch`.
+pub fn idempotent_batch(producer: u64, epoch: u16, sequence: u32, values: &[&[u8]]) -> Vec<u8> {
+    let mut builder = BatchBuilder::new(wharf_storage::batch::ProducerStamp {
+        producer_id: wharf_storage::ProducerId(producer),
+        producer_epoch: epoch,
+        base_sequence: sequence,
+    });
+    for value in values {
+        builder
+            .push(1_700_000_000_000, None, value, &[])
+            .expect("push");
+    }
+    builder.finish().expect("finish").to_vec()
+}
+
+/// A new producer id from the broker at `address`.
+pub fn init_producer_id(address: &str) -> u64 {
+    let mut stream = connect_to(address);
+    std::io::Write::write_all(
+        &mut stream,
+        &request(
+            ApiKey::InitProducerId,
+            1,
+            &InitProducerIdRequest {
+                producer_id: None,
+                producer_epoch: 0,
+            },
+            &[],
+        ),
+    )
+    .expect("send");
+    let response: InitProducerIdResponse =
+        answered(&mut stream, "init producer id").expect("answered");
+    assert_eq!(response.error, 0, "{}", response.message);
+    assert_eq!(response.producer_epoch, 0);
+    response.producer_id
+}
+
 pub fn produce_frame(id: u32, topic: &str, partition: u32, payload: &[u8]) -> Vec<u8> {
     produce_frame_with(id, topic, partition, Acks::Leader, payload)
 }
