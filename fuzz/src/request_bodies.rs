@@ -25,7 +25,7 @@ use crate::protocol::*;
 
 /// The body types, in selector order. Requests first (the server decodes them), then responses
 /// (the client decodes them), then the error body of any failed response.
-pub const BODY_TYPES: [&str; 30] = [
+pub const BODY_TYPES: [&str; 32] = [
     "VersionsRequest",
     "MetadataRequest",
     "CreateTopicRequest",
