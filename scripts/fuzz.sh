@@ -32,6 +32,8 @@ fi
 # with the workspace's.
 export CARGO_TARGET_DIR="$PWD/fuzz/target"
 export RUSTC_BOOTSTRAP=1
+echo "== fuzz: replaying the committed inputs and the generated seeds (no libFuzzer)"
+cargo test --manifest-path fuzz/Cargo.toml --locked --test replay
 echo "== fuzz: building ${targets// /, } (release, debug assertions, sanitizer: $sanitizer)"
 build_started=$(date +%s)
 cargo fuzz build --fuzz-dir fuzz --sanitizer "$sanitizer"

@@ -229,6 +229,66 @@ pub fn bodies() -> Vec<Vec<u8>> {
             server_nonce: vec![5; 32],
             server_proof: vec![3; 32],
         }),
+        archive(&ControllerRaftRequest {
+            from: 2,
+            messages: vec![vec![8, 1, 16, 2], vec![]],
+        }),
+        archive(&ControllerRaftResponse {
+            error: 0,
+            message: String::new(),
+        }),
+        archive(&BrokerHeartbeatRequest {
+            broker_id: 2,
+            incarnation: 7,
+            client_address: "127.0.0.1:29093".to_string(),
+            internal_address: "127.0.0.1:29193".to_string(),
+            applied_index: 41,
+            shutting_down: false,
+        }),
+        archive(&BrokerHeartbeatResponse {
+            error: 0,
+            message: String::new(),
+            leader_hint: Some(1),
+            delta_json: b"{}".to_vec(),
+            shutdown_ready: false,
+        }),
+        archive(&ControllerCommandRequest {
+            command_json: b"{\"ControlledShutdown\":{\"broker\":2}}".to_vec(),
+        }),
+        archive(&ControllerCommandResponse {
+            error: 32,
+            message: "not the controller".to_string(),
+            leader_hint: Some(3),
+            committed_index: 0,
+            still_leading: false,
+        }),
+        archive(&ClusterStatusRequest {}),
+        archive(&ClusterStatusResponse {
+            error: 0,
+            message: String::new(),
+            voters: vec![1, 2, 3],
+            controller_leader: Some(1),
+            applied_index: 12,
+            raft_term: 3,
+            raft_commit_index: 12,
+            brokers: vec![BrokerStatus {
+                broker_id: 1,
+                incarnation: 4,
+                client_address: "127.0.0.1:29092".to_string(),
+                state: "alive".to_string(),
+                leaders: 2,
+            }],
+        }),
+        archive(&InitProducerIdRequest {
+            producer_id: Some(0x0001_0000_0010_0003),
+            producer_epoch: 2,
+        }),
+        archive(&InitProducerIdResponse {
+            error: 0,
+            message: String::new(),
+            producer_id: 0x0001_0000_0010_0003,
+            producer_epoch: 3,
+        }),
     ];
     assert_eq!(bodies.len(), BODY_TYPES.len());
     bodies
