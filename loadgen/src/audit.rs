@@ -10,8 +10,10 @@
 //!    watermark: the offsets it returns must be dense (a hole below the HW fails), an offset a
 //!    tailing consumer saw must still be there (else it vanished), and every acknowledged id
 //!    must sit at the offset it was acknowledged at: absent everywhere is `lost`, elsewhere is
-//!    `moved`. One id at two offsets is a `duplicate` (a resend after an unacknowledged
-//!    attempt: not a failure until the producer is idempotent).
+//!    `moved`. One id at two offsets is a `duplicate`: the producer is idempotent (its own
+//!    retries are written once), so a duplicate comes from the load generator sending a record
+//!    again after its delivery failed (a new batch to the broker); the chaos suite fails a
+//!    scenario on duplicates when nothing was sent again.
 //!
 //! Memory is bounded by the number of records audited: the load generator stops sending
 //! once `--audit-records-max` records were sent (see `main.rs`).
