@@ -5,8 +5,11 @@
 # alternating A, B, A, B... RUNS times. Prints msgs/s and MB/s per run and each binary's median.
 #
 #   bash bench/ab-broker.sh OLD_WHARF NEW_WHARF        (e.g. a build of an older commit)
+#   A_ARGS=--no-idempotence bash bench/ab-broker.sh target/release/wharf target/release/wharf
+#                                                      (one binary, the producer's idempotence off in A)
 #
-# Env: RUNS (3), SECONDS_RUN (5), PORT (46000; PORT+1 is the admin port), OUT (target/ab).
+# Env: RUNS (3), SECONDS_RUN (5), PORT (46000; PORT+1 is the admin port), OUT (target/ab),
+# BATCH_BYTES (1048576), A_ARGS / B_ARGS (extra wharf-loadgen arguments for A / B).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -eq 2 ]] || { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
@@ -16,17 +19,18 @@ lg=./target/release/wharf-loadgen
 [[ -x $lg ]] || cargo build --release --locked -p wharf-loadgen
 mkdir -p "$out"
 run() {
-  local bin=$1 name=$2 i=$3
+  local bin=$1 name=$2 i=$3 extra=$4
   rm -rf "$out/data"; mkdir -p "$out/data"
   "$bin" serve --data-dir "$out/data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$((port + 1))" \
     --shards 2 > "$out/$name-$i.log" 2>&1 &
   local pid=$!
   for _ in $(seq 200); do curl -sf "127.0.0.1:$((port + 1))/readyz" > /dev/null && break; sleep 0.05; done
   "$lg" --bootstrap "127.0.0.1:$port" --acks leader --duration "$secs" --warmup 1 --topic ab --partitions 4 \
-    --producers 2 --batch-bytes 1048576 --partitioner round-robin --json "$out/$name-$i.json" > /dev/null
+    --producers 2 --batch-bytes "${BATCH_BYTES:-1048576}" --partitioner round-robin $extra \
+    --json "$out/$name-$i.json" > /dev/null
   kill -TERM "$pid"; wait "$pid" || true
 }
-for i in $(seq 1 "$runs"); do run "$a" A "$i"; run "$b" B "$i"; done
+for i in $(seq 1 "$runs"); do run "$a" A "$i" "${A_ARGS:-}"; run "$b" B "$i" "${B_ARGS:-}"; done
 rm -rf "$out/data"
 python3 - "$out" "$runs" <<'PY'
 import json, statistics, sys
