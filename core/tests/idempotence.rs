@@ -65,6 +65,18 @@ fn a_retried_batch_is_written_once_even_after_a_restart_and_gaps_and_old_epochs_
     // Its answer was lost: the same batch again is answered with the same offsets.
     assert_eq!(offsets(&produce(&address, 2, &a)), (0, 1));
     assert_eq!(offsets(&produce(&address, 3, &b)), (2, 2));
+    let (_, metrics) = broker.http_get("/metrics").expect("metrics");
+    let duplicates = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("wharf_partition_produce_duplicates_total{")
+                && l.contains("topic=\"idempotent\"")
+        })
+        .unwrap_or_default();
+    assert!(
+        duplicates.ends_with(" 1"),
+        "one duplicate counted: {duplicates:?}"
+    );
     assert_eq!(
         values(&address),
         [b"a0".to_vec(), b"a1".to_vec(), b"b0".to_vec()]

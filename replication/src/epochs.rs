@@ -140,8 +140,11 @@ impl EpochHistory {
     }
 
     /// Drops the epochs that start at or above `to` after the log was truncated to `to`.
-    pub fn truncate(&mut self, to: Offset) {
+    /// Returns whether any was dropped (the persisted history must then be rewritten).
+    pub fn truncate(&mut self, to: Offset) -> bool {
+        let before = self.entries.len();
         self.entries.retain(|&(_, start)| start < to);
+        self.entries.len() != before
     }
 
     /// Where this log's copy of `epoch` ends, as the leader answers a follower: the largest

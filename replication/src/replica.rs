@@ -685,7 +685,14 @@ impl Replica {
                 // Take the log's word: the truncation may have made staged data durable, and
                 // a follower waiting for a flush that never comes would stop fetching.
                 self.durable = durable;
-                self.epochs.truncate(end);
+                if self.epochs.truncate(end) {
+                    // The persisted history must forget these epochs too: kept there, they
+                    // would outlive a crash and claim offsets that the next leader's batches
+                    // fill with another epoch's data, and a follower asking where its copy
+                    // of such an epoch ends would be answered beyond the divergence (sim seed
+                    // 5101248181277296577, controller mode, idempotent retries).
+                    outbox.push(Output::EpochHistoryChanged);
+                }
                 self.phase = FetchPhase::Idle;
                 self.maybe_fetch(outbox);
             }

@@ -482,6 +482,10 @@ fn a_diverged_follower_truncates_to_the_leaders_epoch_end() {
             durable: Offset(10),
         },
     );
+    // Epoch 2 began at 10 and is gone: the persisted history must forget it before anything
+    // else is appended at 10.
+    assert_eq!(out.first(), Some(&Output::EpochHistoryChanged), "{out:?}");
+    assert_eq!(f.epochs().latest(), Some(Epoch(1)));
     let Some(Output::SendFetch { request, .. }) = out.last().cloned() else {
         panic!("{out:?}");
     };

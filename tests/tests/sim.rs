@@ -197,3 +197,19 @@ fn regression_controller_seed_554_fenced_leader_acknowledges() {
     config.tolerate_lease_outliving_fence = true;
     run(config).unwrap_or_else(|failure| panic!("{failure}"));
 }
+
+/// Replica bug found by this simulator, now fixed (seed 5101248181277296577, controller mode,
+/// idempotent retries; CI of 2026-12-05): a follower truncated its log below an epoch's start
+/// but did not rewrite the persisted epoch history. Broker 1 truncated to 151, dropping epoch 1
+/// (begun at 151 by another leader) in memory only, fetched epoch 0 batches into 151..., then
+/// crashed; restarted, its history claimed epoch 1 at 151 again. Leading epoch 3, it answered
+/// broker 2 (whose own epoch 1 held different data at 151) "your epoch 1 ends at 263", so
+/// broker 2 kept its stale batch at 151 and, later elected, lost the committed one: "committed
+/// batch at 151 is not on leader 2".
+#[test]
+fn regression_truncation_rewrites_the_persisted_epoch_history() {
+    let mut config = SimConfig::new(5_101_248_181_277_296_577, 3000);
+    config.isr_via_controller = true;
+    config.idempotent_retry_per_mille = 150;
+    run(config).unwrap_or_else(|failure| panic!("{failure}"));
+}

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub partition_ack_wait: HistogramFamily<PartitionLabels>,
     pub partition_fetches_waiting: Family<PartitionLabels, Gauge>,
     pub replica_fetch_corrupt: Family<PartitionLabels, Counter>,
+    pub partition_produce_duplicates: Family<PartitionLabels, Counter>,
     pub requests: Family<ApiLabels, Counter>,
     pub request_errors: Family<ErrorLabels, Counter>,
     pub request_latency: HistogramFamily<ApiLabels>,
@@ -109,6 +110,7 @@ impl Metrics {
             partition_ack_wait: Family::new_with_constructor(latency_histogram),
             partition_fetches_waiting: Family::default(),
             replica_fetch_corrupt: Family::default(),
+            partition_produce_duplicates: Family::default(),
             requests: Family::default(),
             request_errors: Family::default(),
             request_latency: Family::new_with_constructor(latency_histogram),
@@ -193,6 +195,11 @@ impl Metrics {
             "partition_log_start_offset",
             "First offset still kept by retention",
             metrics.partition_log_start_offset.clone(),
+        );
+        registry.register(
+            "partition_produce_duplicates",
+            "Produces of idempotent producers answered as retries of batches already written (nothing appended)",
+            metrics.partition_produce_duplicates.clone(),
         );
         registry.register(
             "partition_produced_bytes",
@@ -312,6 +319,7 @@ pub struct PartitionMetrics {
     pub ack_wait: Histogram,
     pub fetches_waiting: Gauge,
     pub replica_fetch_corrupt: Counter,
+    pub produce_duplicates: Counter,
 }
 
 impl PartitionMetrics {
@@ -347,6 +355,9 @@ impl PartitionMetrics {
                 .partition_fetches_waiting
                 .get_or_create_owned(&labels),
             replica_fetch_corrupt: metrics.replica_fetch_corrupt.get_or_create_owned(&labels),
+            produce_duplicates: metrics
+                .partition_produce_duplicates
+                .get_or_create_owned(&labels),
             labels,
         }
     }
@@ -365,6 +376,7 @@ impl PartitionMetrics {
         metrics.partition_ack_wait.remove(&self.labels);
         metrics.partition_fetches_waiting.remove(&self.labels);
         metrics.replica_fetch_corrupt.remove(&self.labels);
+        metrics.partition_produce_duplicates.remove(&self.labels);
     }
 }
 

@@ -621,11 +621,15 @@ impl Partition {
                 return Err(produce_failure(failure));
             }
         };
-        self.metrics.end_offset.set(appended.end.0 as i64);
-        self.metrics.produced_bytes.inc_by(payload.len() as u64);
-        let _ = self.wake_flusher.try_send(());
-        for parked in self.append_waiters.borrow_mut().drain(..) {
-            let _ = parked.send(());
+        if appended.duplicate {
+            self.metrics.produce_duplicates.inc();
+        } else {
+            self.metrics.end_offset.set(appended.end.0 as i64);
+            self.metrics.produced_bytes.inc_by(payload.len() as u64);
+            let _ = self.wake_flusher.try_send(());
+            for parked in self.append_waiters.borrow_mut().drain(..) {
+                let _ = parked.send(());
+            }
         }
         let (done, completion) = oneshot::channel();
         self.produce_waiters
