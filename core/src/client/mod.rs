@@ -433,6 +433,13 @@ pub struct Client {
 /// How long a metadata refresh waits for one broker before trying the next: a stopped
 /// broker must not hold a client's failover for a whole request timeout.
 pub const METADATA_TIMEOUT_MS: u64 = 2_000;
+/// Rounds over every known broker before a metadata refresh gives up on retriable refusals.
+pub const METADATA_ROUNDS_MAX: u32 = 6;
+/// The first pause between metadata rounds; it doubles each round up to
+/// `METADATA_BACKOFF_MAX_MS` (about 3 s over all rounds: longer than a broker's session
+/// timeout plus its re-registration).
+pub const METADATA_BACKOFF_MS: u64 = 100;
+pub const METADATA_BACKOFF_MAX_MS: u64 = 1_000;
 
 impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Rc<Client>, ClientError> {
@@ -540,37 +547,49 @@ impl Client {
     }
 
     /// Asks the brokers in turn (each for at most `METADATA_TIMEOUT_MS`) until one answers.
+    /// When every broker refused with a retriable error (`broker_unavailable` from a broker
+    /// between losing its controller session and registering again, a broker restarting), it
+    /// tries them all again after a backoff, at most `METADATA_ROUNDS_MAX` rounds.
     pub async fn refresh_metadata(&self) -> Result<Rc<MetadataResponse>, ClientError> {
         let timeout_ms = self.config.request_timeout_ms.min(METADATA_TIMEOUT_MS);
         let mut last_error = None;
-        for address in self.bootstrap_candidates() {
-            let connection = match self.connection(&address).await {
-                Ok(connection) => connection,
-                Err(error) => {
-                    last_error = Some(error);
-                    continue;
+        for round in 0..METADATA_ROUNDS_MAX {
+            if round > 0 {
+                let backoff_ms = (METADATA_BACKOFF_MS << (round - 1)).min(METADATA_BACKOFF_MAX_MS);
+                glommio::timer::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+            }
+            for address in self.bootstrap_candidates() {
+                let connection = match self.connection(&address).await {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        last_error = Some(error);
+                        continue;
+                    }
+                };
+                let answered = connection
+                    .call(
+                        ApiKey::Metadata,
+                        &MetadataRequest { topics: None },
+                        Vec::new(),
+                        timeout_ms,
+                    )
+                    .await
+                    .and_then(|frame| decode::<MetadataResponse>(&frame));
+                match answered {
+                    Ok(metadata) => {
+                        let metadata = Rc::new(metadata);
+                        *self.metadata.borrow_mut() = Some(Rc::clone(&metadata));
+                        *self.bootstrap_last.borrow_mut() = Some(address);
+                        return Ok(metadata);
+                    }
+                    Err(error) => {
+                        self.connections.borrow_mut().remove(&address);
+                        last_error = Some(error);
+                    }
                 }
-            };
-            let answered = connection
-                .call(
-                    ApiKey::Metadata,
-                    &MetadataRequest { topics: None },
-                    Vec::new(),
-                    timeout_ms,
-                )
-                .await
-                .and_then(|frame| decode::<MetadataResponse>(&frame));
-            match answered {
-                Ok(metadata) => {
-                    let metadata = Rc::new(metadata);
-                    *self.metadata.borrow_mut() = Some(Rc::clone(&metadata));
-                    *self.bootstrap_last.borrow_mut() = Some(address);
-                    return Ok(metadata);
-                }
-                Err(error) => {
-                    self.connections.borrow_mut().remove(&address);
-                    last_error = Some(error);
-                }
+            }
+            if !last_error.as_ref().is_some_and(ClientError::is_retriable) {
+                break;
             }
         }
         Err(last_error.unwrap_or_else(|| ClientError::Invalid("no bootstrap address".into())))

@@ -156,7 +156,7 @@ impl Shard {
         let beating = Rc::clone(self);
         glommio::spawn_local_into(
             async move { beating.heartbeat_loop().await },
-            self.queues.replication,
+            self.queues.control,
         )
         .map_err(|e| format!("spawn: {e}"))?
         .detach();

@@ -135,6 +135,10 @@ pub struct Queues {
     pub client: TaskQueueHandle,
     pub replication: TaskQueueHandle,
     pub background: TaskQueueHandle,
+    /// The broker's controller session and the controller voter (heartbeats, Raft): small
+    /// tasks that must run on time even while the data path saturates the shard, or the
+    /// controller fences a healthy broker.
+    pub control: TaskQueueHandle,
 }
 
 pub struct Shard {
