@@ -1,6 +1,6 @@
 //! Style gates that are cheap to check by reading the source: the sans-IO crates stay sans-IO.
 //!
-//! `storage`, `replication` and `controller` must not use glommio, `std::fs`, wall clocks or
+//! `storage`, `replication`, `controller` and `groups` must not use glommio, `std::fs`, wall clocks or
 //! unseeded randomness (DESIGN.md §2): that is what lets tests and the simulator run them from a seed.
 
 use std::path::{Path, PathBuf};
@@ -56,7 +56,7 @@ fn sans_io_crates_use_no_runtime_clock_fs_or_unseeded_rng() {
     let root = workspace_root();
     let mut violations = Vec::new();
     let mut checked = 0;
-    for krate in ["storage", "replication", "controller"] {
+    for krate in ["storage", "replication", "controller", "groups"] {
         let mut files = Vec::new();
         rust_files(&root.join(krate).join("src"), &mut files);
         for file in files {
