@@ -36,6 +36,14 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Consumer groups: list, describe (members, assignments, committed offsets, lag),
+    /// reset offsets, delete.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Send each line of stdin as one record.
     Produce(ProduceArgs),
     /// Print records, one value per line, in offset order per partition.
@@ -112,6 +120,28 @@ pub enum TopicCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Every group the coordinators hold, with its member count and epoch.
+    List,
+    /// Members with their assignment, committed offsets and lag per partition.
+    Describe { group: String },
+    /// Set the group's committed offsets for a topic (the group must have no members).
+    ResetOffsets {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// earliest, latest or an offset.
+        #[arg(long)]
+        to: String,
+        /// Only these partitions (repeatable; default all).
+        #[arg(long)]
+        partition: Vec<u32>,
+    },
+    /// Forget an empty group's committed offsets.
+    Delete { group: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
     /// Brokers with their state and leader count, the controller voters, leader and log
     /// position, as the bootstrap broker has applied them.
@@ -153,6 +183,15 @@ pub struct ConsumeArgs {
     /// Only these partitions (repeatable; default all).
     #[arg(long)]
     pub partition: Vec<u32>,
+    /// Consume as a member of this consumer group: the group's coordinator assigns the
+    /// partitions, and the positions are committed (at-least-once). `--from` then applies only
+    /// to partitions without a committed offset (earliest, latest or none).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Static group membership: a restart with the same id gets the same partitions back
+    /// without a rebalance.
+    #[arg(long, requires = "group")]
+    pub instance_id: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -538,6 +577,9 @@ pub async fn produce(args: ProduceArgs) -> Result<(), Failure> {
 }
 
 pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
+    if args.group.is_some() {
+        return consume_group(args).await;
+    }
     let seek = match args.from.as_str() {
         "earliest" => SeekTo::Earliest,
         "latest" => SeekTo::Latest,
@@ -607,4 +649,292 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
             return Ok(());
         }
     }
+}
+
+/// `wharf consume TOPIC --group G`: a group member printing what it is assigned.
+async fn consume_group(args: ConsumeArgs) -> Result<(), Failure> {
+    use crate::client::groups::{GroupConsumer, GroupConsumerConfig, OffsetReset};
+    use std::io::Write;
+    let group = args.group.clone().unwrap_or_default();
+    let offset_reset = match args.from.as_str() {
+        "earliest" => OffsetReset::Earliest,
+        "latest" => OffsetReset::Latest,
+        "none" => OffsetReset::None,
+        other => {
+            return Err(Failure {
+                message: format!("with --group, --from is earliest, latest or none, not {other:?}"),
+                exit_code: 2,
+            })
+        }
+    };
+    if !args.partition.is_empty() {
+        return Err(Failure {
+            message: "--partition and --group exclude each other: the group assigns partitions"
+                .into(),
+            exit_code: 2,
+        });
+    }
+    let client = connect(&args.client).await?;
+    let mut config = GroupConsumerConfig::new(group);
+    config.instance_id = args.instance_id.clone();
+    config.offset_reset = offset_reset;
+    config.consumer.max_wait_ms = if args.follow { 1000 } else { 200 };
+    let mut member = GroupConsumer::join(Rc::clone(&client), &args.topic, config).await?;
+    let limit = args.count.unwrap_or(u64::MAX);
+    let json = args.client.format == Format::Json;
+    let mut printed = 0u64;
+    // Polls in a row with nothing new: without --follow, stop once caught up.
+    let mut idle_polls = 0u32;
+    let stdout = std::io::stdout();
+    loop {
+        let records = member.poll().await?;
+        let mut out = stdout.lock();
+        let mut write_error = None;
+        // Where each partition stands after what was printed: records past --count are
+        // not printed, so the member goes back to them before it commits.
+        let mut first_unprinted: std::collections::BTreeMap<u32, u64> = Default::default();
+        records.for_each(|record| {
+            if printed >= limit || write_error.is_some() {
+                first_unprinted
+                    .entry(record.partition)
+                    .or_insert(record.offset);
+                return;
+            }
+            let result = if json {
+                let value = serde_json::json!({
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "timestamp_ms": record.timestamp_ms,
+                    "key": record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
+                    "value": String::from_utf8_lossy(record.value),
+                });
+                writeln!(out, "{value}")
+            } else {
+                out.write_all(record.value)
+                    .and_then(|()| out.write_all(b"\n"))
+            };
+            match result {
+                Ok(()) => printed += 1,
+                Err(error) => {
+                    first_unprinted
+                        .entry(record.partition)
+                        .or_insert(record.offset);
+                    write_error = Some(error);
+                }
+            }
+        })?;
+        let _ = out.flush();
+        drop(out);
+        for (partition, offset) in &first_unprinted {
+            member.seek(*partition, *offset).await?;
+        }
+        if let Some(error) = write_error {
+            member.leave().await?;
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(format!("writing stdout: {error}").into());
+        }
+        idle_polls = if records.is_empty() {
+            idle_polls + 1
+        } else {
+            0
+        };
+        if printed >= limit || (!args.follow && idle_polls >= 2 && member.caught_up()) {
+            member.leave().await?;
+            return Ok(());
+        }
+    }
+}
+
+pub async fn group(command: GroupCommand, args: ClientArgs) -> Result<(), Failure> {
+    let client = connect(&args).await?;
+    match command {
+        GroupCommand::List => {
+            let groups = client.list_groups().await?;
+            match args.format {
+                Format::Text => {
+                    let mut table = comfy_table::Table::new();
+                    table.load_preset(comfy_table::presets::NOTHING);
+                    table.set_header(["GROUP", "MEMBERS", "EPOCH"]);
+                    for g in &groups {
+                        table.add_row([
+                            g.group.clone(),
+                            g.members.to_string(),
+                            g.group_epoch.to_string(),
+                        ]);
+                    }
+                    println!("{table}");
+                }
+                Format::Json => {
+                    let groups: Vec<_> = groups
+                        .iter()
+                        .map(|g| serde_json::json!({"group": g.group, "members": g.members, "group_epoch": g.group_epoch}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(groups));
+                }
+            }
+        }
+        GroupCommand::Describe { group } => {
+            let d = client.describe_group(&group).await?;
+            // Lag per committed partition: the partition's high watermark minus the
+            // committed offset, and how long ago the commit was.
+            let now_ms = crate::server::partition::now_ms();
+            let mut lags = Vec::new();
+            for o in &d.offsets {
+                let end = client
+                    .list_offsets(
+                        &o.topic,
+                        &[o.partition],
+                        crate::protocol::OffsetSpec::Latest,
+                    )
+                    .await
+                    .ok()
+                    .and_then(|v| v.first().map(|(_, e)| *e));
+                lags.push((o, end));
+            }
+            match args.format {
+                Format::Text => {
+                    println!(
+                        "group {group}: epoch {}, assignor {}, coordinator broker {}, {} member(s)",
+                        d.group_epoch,
+                        d.assignor,
+                        d.coordinator,
+                        d.members.len()
+                    );
+                    let parts = |v: &[crate::protocol::GroupPartition]| {
+                        v.iter()
+                            .map(|p| format!("{}/{}", p.topic, p.partition))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    let mut members = comfy_table::Table::new();
+                    members.load_preset(comfy_table::presets::NOTHING);
+                    members.set_header(["MEMBER", "INSTANCE", "EPOCH", "ASSIGNED", "REVOKING"]);
+                    for m in &d.members {
+                        members.add_row([
+                            m.member_id.clone(),
+                            m.instance_id.clone().unwrap_or_else(|| "-".into()),
+                            m.member_epoch.to_string(),
+                            parts(&m.assigned),
+                            parts(&m.revoking),
+                        ]);
+                    }
+                    println!("{members}");
+                    let mut offsets = comfy_table::Table::new();
+                    offsets.load_preset(comfy_table::presets::NOTHING);
+                    offsets.set_header([
+                        "TOPIC",
+                        "PARTITION",
+                        "COMMITTED",
+                        "END",
+                        "LAG",
+                        "COMMITTED AGO",
+                    ]);
+                    for (o, end) in &lags {
+                        offsets.add_row([
+                            o.topic.clone(),
+                            o.partition.to_string(),
+                            o.offset.to_string(),
+                            end.map_or_else(|| "?".into(), |e| e.to_string()),
+                            end.map_or_else(
+                                || "?".into(),
+                                |e| e.saturating_sub(o.offset).to_string(),
+                            ),
+                            format!("{} ms", now_ms.saturating_sub(o.commit_ms)),
+                        ]);
+                    }
+                    println!("{offsets}");
+                }
+                Format::Json => {
+                    let members: Vec<_> = d
+                        .members
+                        .iter()
+                        .map(|m| {
+                            serde_json::json!({
+                                "member_id": m.member_id,
+                                "instance_id": m.instance_id,
+                                "member_epoch": m.member_epoch,
+                                "assigned": m.assigned.iter().map(|p| serde_json::json!({"topic": p.topic, "partition": p.partition})).collect::<Vec<_>>(),
+                                "revoking": m.revoking.iter().map(|p| serde_json::json!({"topic": p.topic, "partition": p.partition})).collect::<Vec<_>>(),
+                            })
+                        })
+                        .collect();
+                    let offsets: Vec<_> = lags
+                        .iter()
+                        .map(|(o, end)| {
+                            serde_json::json!({
+                                "topic": o.topic,
+                                "partition": o.partition,
+                                "committed": o.offset,
+                                "end": end,
+                                "lag": end.map(|e| e.saturating_sub(o.offset)),
+                                "commit_ms": o.commit_ms,
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "group": group,
+                            "group_epoch": d.group_epoch,
+                            "assignor": d.assignor,
+                            "coordinator": d.coordinator,
+                            "members": members,
+                            "offsets": offsets,
+                        })
+                    );
+                }
+            }
+        }
+        GroupCommand::ResetOffsets {
+            group,
+            topic,
+            to,
+            partition,
+        } => {
+            let count = client.partition_count(&topic).await?;
+            let partitions: Vec<u32> = if partition.is_empty() {
+                (0..count).collect()
+            } else {
+                partition
+            };
+            let targets: Vec<(u32, u64)> = match to.as_str() {
+                "earliest" | "latest" => {
+                    let spec = if to == "earliest" {
+                        crate::protocol::OffsetSpec::Earliest
+                    } else {
+                        crate::protocol::OffsetSpec::Latest
+                    };
+                    client.list_offsets(&topic, &partitions, spec).await?
+                }
+                text => {
+                    let offset: u64 = text.parse().map_err(|_| Failure {
+                        message: format!("--to takes earliest, latest or an offset, not {text:?}"),
+                        exit_code: 2,
+                    })?;
+                    partitions.iter().map(|&p| (p, offset)).collect()
+                }
+            };
+            let offsets = targets
+                .iter()
+                .map(|&(partition, offset)| crate::protocol::OffsetCommitEntry {
+                    topic: topic.clone(),
+                    partition,
+                    offset,
+                    leader_epoch: None,
+                    metadata: "reset-offsets".into(),
+                })
+                .collect();
+            client.commit_offsets_admin(&group, offsets).await?;
+            for (partition, offset) in targets {
+                println!("{group}: {topic}/{partition} -> {offset}");
+            }
+        }
+        GroupCommand::Delete { group } => {
+            client.delete_group(&group).await?;
+            println!("deleted group {group}");
+        }
+    }
+    Ok(())
 }

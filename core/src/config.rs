@@ -83,6 +83,44 @@ pub struct ServerConfig {
     pub log: LogSettings,
     pub topic_defaults: TopicDefaults,
     pub cluster: ClusterConfig,
+    pub groups: GroupsConfig,
+}
+
+/// Consumer groups: the coordinators and the internal offsets topic that stores them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupsConfig {
+    /// Partitions of `__consumer_offsets` (created on the first group request; a group's
+    /// coordinator is the leader of partition `crc32c(group) % partitions`). Fixed once the
+    /// topic exists.
+    pub offsets_topic_partitions: u32,
+    /// Replicas of `__consumer_offsets` (capped at the number of brokers).
+    pub offsets_topic_replication_factor: u16,
+    /// A member without a heartbeat for this long is removed and its partitions move.
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// How long a member may keep partitions it was asked to give up.
+    pub rebalance_timeout_ms: u64,
+    pub members_max: usize,
+    /// Groups one coordinator partition keeps.
+    pub groups_per_partition_max: usize,
+    /// `sticky` (moves only what balance requires), `range` or `round-robin`.
+    pub assignor: String,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> GroupsConfig {
+        GroupsConfig {
+            offsets_topic_partitions: 4,
+            offsets_topic_replication_factor: 3,
+            session_timeout_ms: 10_000,
+            heartbeat_interval_ms: 500,
+            rebalance_timeout_ms: 30_000,
+            members_max: 1_000,
+            groups_per_partition_max: 10_000,
+            assignor: "sticky".to_string(),
+        }
+    }
 }
 
 /// The static broker list and replication settings. With no brokers listed, this broker is a
@@ -293,6 +331,7 @@ impl Default for ServerConfig {
             log: LogSettings::default(),
             topic_defaults: TopicDefaults::default(),
             cluster: ClusterConfig::default(),
+            groups: GroupsConfig::default(),
         }
     }
 }
@@ -592,6 +631,32 @@ impl ServerConfig {
         self.topic_defaults
             .with_entries(&[])
             .map_err(|e| format!("topic_defaults: {e}"))?;
+        let groups = &self.groups;
+        if wharf_groups::Assignor::parse(&groups.assignor).is_none() {
+            return Err(format!(
+                "groups.assignor must be sticky, range or round-robin, not {:?}",
+                groups.assignor
+            ));
+        }
+        if groups.offsets_topic_partitions == 0 || groups.offsets_topic_replication_factor == 0 {
+            return Err(
+                "groups.offsets_topic_partitions and _replication_factor must be > 0".into(),
+            );
+        }
+        if groups.heartbeat_interval_ms == 0
+            || groups.session_timeout_ms < 3 * groups.heartbeat_interval_ms
+        {
+            return Err(format!(
+                "groups.session_timeout_ms ({}) must be at least 3 heartbeat intervals \
+                 (groups.heartbeat_interval_ms = {}, > 0)",
+                groups.session_timeout_ms, groups.heartbeat_interval_ms
+            ));
+        }
+        if groups.members_max == 0 || groups.groups_per_partition_max == 0 {
+            return Err(
+                "groups.members_max and groups.groups_per_partition_max must be > 0".into(),
+            );
+        }
         let mut ids = std::collections::BTreeSet::new();
         for broker in &self.cluster.brokers {
             if !ids.insert(broker.id) {

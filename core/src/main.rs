@@ -39,6 +39,9 @@ fn main() -> ExitCode {
         Command::Cluster { command, client } => {
             client_command(async move { cli::cluster(command, client).await })
         }
+        Command::Group { command, client } => {
+            client_command(async move { cli::group(command, client).await })
+        }
         Command::Produce(args) => client_command(async move { cli::produce(args).await }),
         Command::Consume(args) => client_command(async move { cli::consume(args).await }),
         Command::Selftest { dir } => {

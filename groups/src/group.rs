@@ -517,8 +517,9 @@ impl Group {
             .min()
     }
 
-    /// Commits offsets: all of them or, on any error, none.
-    pub fn commit(&mut self, commit: Commit, now_ms: u64) -> Result<Vec<GroupRecord>, CommitError> {
+    /// Commits offsets: all of them or, on any error, none. The caller stamps each offset's
+    /// `commit_ms` (wall-clock time, while `now_ms` elsewhere may be a monotonic clock).
+    pub fn commit(&mut self, commit: Commit) -> Result<Vec<GroupRecord>, CommitError> {
         for (partition, committed) in &commit.offsets {
             if partition.topic.is_empty() || partition.topic.len() > ID_BYTES_MAX {
                 return Err(CommitError::Invalid(format!(
@@ -562,8 +563,7 @@ impl Group {
                 }
             }
         }
-        for (partition, mut committed) in commit.offsets {
-            committed.commit_ms = now_ms;
+        for (partition, committed) in commit.offsets {
             self.offsets.insert(partition.clone(), committed.clone());
             self.pending.push(GroupRecord::Offset {
                 partition,

@@ -231,14 +231,11 @@ fn a_partition_moves_only_after_its_owner_releases_it() {
         h.beat(&mut a),
         Err(HeartbeatError::UnknownMember { .. })
     ));
-    let zombie_commit = h.group.commit(
-        Commit {
-            member_id: Some(a.member_id.clone()),
-            member_epoch: a.epoch,
-            offsets: vec![(TopicPartition::new("t", 0), offset(5))],
-        },
-        h.now_ms,
-    );
+    let zombie_commit = h.group.commit(Commit {
+        member_id: Some(a.member_id.clone()),
+        member_epoch: a.epoch,
+        offsets: vec![(TopicPartition::new("t", 0), offset(5))],
+    });
     assert!(matches!(
         zombie_commit,
         Err(CommitError::UnknownMember { .. })
@@ -265,7 +262,7 @@ fn commits_are_fenced_by_epoch_and_ownership() {
         member_epoch: member.epoch,
         offsets: vec![(TopicPartition::new("t", partition), offset(at))],
     };
-    let records = h.group.commit(commit(&a, 0, 10), 5).expect("commit");
+    let records = h.group.commit(commit(&a, 0, 10)).expect("commit");
     h.log.extend(records);
     assert_eq!(
         h.group
@@ -281,9 +278,9 @@ fn commits_are_fenced_by_epoch_and_ownership() {
         b.owned.first().cloned().expect("b owns one"),
     );
     // a may commit its own partition, not b's; an old epoch is refused.
-    assert!(h.group.commit(commit(&a, of_a.partition, 11), 6).is_ok());
+    assert!(h.group.commit(commit(&a, of_a.partition, 11)).is_ok());
     assert!(matches!(
-        h.group.commit(commit(&a, of_b.partition, 11), 6),
+        h.group.commit(commit(&a, of_b.partition, 11)),
         Err(CommitError::NotOwned { .. })
     ));
     let stale = Commit {
@@ -291,7 +288,7 @@ fn commits_are_fenced_by_epoch_and_ownership() {
         ..commit(&a, of_a.partition, 12)
     };
     assert!(matches!(
-        h.group.commit(stale, 6),
+        h.group.commit(stale),
         Err(CommitError::StaleMemberEpoch { .. })
     ));
     // An all-or-nothing batch: one bad partition and nothing is committed.
@@ -299,7 +296,7 @@ fn commits_are_fenced_by_epoch_and_ownership() {
         offsets: vec![(of_a.clone(), offset(99)), (of_b.clone(), offset(99))],
         ..commit(&a, 0, 0)
     };
-    assert!(h.group.commit(mixed, 7).is_err());
+    assert!(h.group.commit(mixed).is_err());
     assert_ne!(h.group.committed(&of_a).map(|c| c.offset), Some(99));
     // No anonymous commits into an active group; allowed once it is empty.
     let admin = Commit {
@@ -308,14 +305,14 @@ fn commits_are_fenced_by_epoch_and_ownership() {
         offsets: vec![(of_a.clone(), offset(0))],
     };
     assert!(matches!(
-        h.group.commit(admin.clone(), 8),
+        h.group.commit(admin.clone()),
         Err(CommitError::GroupNotEmpty { .. })
     ));
     h.leave(&mut a, LEAVE_EPOCH);
     h.leave(&mut b, LEAVE_EPOCH);
     let records = h
         .group
-        .commit(admin, 9)
+        .commit(admin)
         .expect("admin commit to an empty group");
     h.log.extend(records);
     assert_eq!(h.group.committed(&of_a).map(|c| c.offset), Some(0));
@@ -594,7 +591,7 @@ proptest! {
                                 member_id: Some(c.member_id.clone()),
                                 member_epoch: c.epoch,
                                 offsets: vec![(tp.clone(), offset(at))],
-                            }, h.now_ms);
+                            });
                             if let Ok(records) = result {
                                 prop_assert_eq!(h.group.owner(&tp), Some(c.member_id.as_str()));
                                 h.log.extend(records);

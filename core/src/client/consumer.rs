@@ -90,6 +90,13 @@ pub struct Records {
 }
 
 impl Records {
+    /// No records (a poll with nothing to fetch).
+    pub fn empty() -> Records {
+        Records {
+            fetched: Vec::new(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.fetched.iter().all(|f| f.start == f.end)
     }

@@ -3,6 +3,7 @@
 //! [`producer::Producer`] and a [`consumer::Consumer`].
 
 pub mod consumer;
+pub mod groups;
 pub mod producer;
 
 use std::cell::{Cell, RefCell};

@@ -53,6 +53,18 @@ messages!(
     ClusterStatusResponse,
     InitProducerIdRequest,
     InitProducerIdResponse,
+    GroupHeartbeatRequest,
+    GroupHeartbeatResponse,
+    OffsetCommitRequest,
+    GroupResult,
+    OffsetFetchRequest,
+    OffsetFetchResponse,
+    DescribeGroupRequest,
+    DescribeGroupResponse,
+    ListGroupsRequest,
+    ListGroupsResponse,
+    DeleteGroupRequest,
+    StoredGroupRecord,
 );
 
 /// Body of a response whose header carries a frame-level error code.
@@ -524,4 +536,168 @@ pub struct InitProducerIdResponse {
     pub message: String,
     pub producer_id: u64,
     pub producer_epoch: u16,
+}
+
+/// One partition of a topic, as consumer groups name it.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GroupPartition {
+    pub topic: String,
+    pub partition: u32,
+}
+
+/// A consumer group member's heartbeat (KIP-848 style): `member_epoch` 0 joins, -1 leaves,
+/// -2 leaves for a restart (static members), else the member's current epoch. The member id
+/// is chosen by the client (a random id per consumer instance).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GroupHeartbeatRequest {
+    pub group: String,
+    pub member_id: String,
+    pub member_epoch: i32,
+    pub instance_id: Option<String>,
+    /// Required to join; `None` afterwards means unchanged.
+    pub subscribed_topics: Option<Vec<String>>,
+    /// The partitions the member consumes now; `None` means unchanged.
+    pub owned: Option<Vec<GroupPartition>>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GroupHeartbeatResponse {
+    pub error: u16,
+    pub message: String,
+    pub member_epoch: i32,
+    pub heartbeat_interval_ms: u32,
+    /// What the member may consume now; it stops consuming anything else it holds (after
+    /// committing) and reports that in its next heartbeat.
+    pub assignment: Vec<GroupPartition>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OffsetCommitEntry {
+    pub topic: String,
+    pub partition: u32,
+    /// The next offset the group will consume.
+    pub offset: u64,
+    pub leader_epoch: Option<u32>,
+    pub metadata: String,
+}
+
+/// `member_id: None` commits as an administrator (reset-offsets): only into a group without
+/// members.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OffsetCommitRequest {
+    pub group: String,
+    pub member_id: Option<String>,
+    pub member_epoch: i32,
+    pub offsets: Vec<OffsetCommitEntry>,
+}
+
+/// The answer to a commit or a group deletion: all of it was done, or none.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GroupResult {
+    pub error: u16,
+    pub message: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OffsetFetchRequest {
+    pub group: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CommittedOffsetEntry {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub leader_epoch: Option<u32>,
+    pub metadata: String,
+    /// When the coordinator accepted the commit (ms since the Unix epoch).
+    pub commit_ms: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OffsetFetchResponse {
+    pub error: u16,
+    pub message: String,
+    pub offsets: Vec<CommittedOffsetEntry>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DescribeGroupRequest {
+    pub group: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GroupMemberDescription {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub member_epoch: i32,
+    pub subscribed_topics: Vec<String>,
+    pub assigned: Vec<GroupPartition>,
+    /// Partitions it was asked to give up and has not yet released.
+    pub revoking: Vec<GroupPartition>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DescribeGroupResponse {
+    pub error: u16,
+    pub message: String,
+    pub group_epoch: i32,
+    pub assignor: String,
+    /// The broker coordinating the group.
+    pub coordinator: u32,
+    pub members: Vec<GroupMemberDescription>,
+    pub offsets: Vec<CommittedOffsetEntry>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListGroupsRequest {}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GroupListing {
+    pub group: String,
+    pub members: u32,
+    pub group_epoch: i32,
+}
+
+/// The groups this broker coordinates (a client asks every broker).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListGroupsResponse {
+    pub error: u16,
+    pub message: String,
+    pub groups: Vec<GroupListing>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeleteGroupRequest {
+    pub group: String,
+}
+
+/// A member as the coordinator persists it (see `wharf_groups::MemberState`).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StoredMember {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub member_epoch: i32,
+    pub previous_epoch: i32,
+    pub subscribed_topics: Vec<String>,
+    pub assigned: Vec<GroupPartition>,
+    pub revoking: Vec<GroupPartition>,
+    pub target: Vec<GroupPartition>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum StoredGroupChange {
+    Epoch { group_epoch: i32 },
+    Member(StoredMember),
+    MemberRemoved { member_id: String },
+    Offset(CommittedOffsetEntry),
+    OffsetDeleted(GroupPartition),
+}
+
+/// The value of one record of the internal offsets topic: a change to one group's state. The
+/// record's key is the group and the change's key, so compaction keeps the latest of each.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StoredGroupRecord {
+    pub group: String,
+    pub change: StoredGroupChange,
 }

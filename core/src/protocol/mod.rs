@@ -81,10 +81,23 @@ pub enum ApiKey {
     ClusterStatus = 15,
     /// Client: a producer id for an idempotent producer, or the next epoch of one it holds.
     InitProducerId = 16,
+    /// Client, to the group's coordinator: join, heartbeat (report released partitions, get
+    /// the assignment) or leave a consumer group.
+    GroupHeartbeat = 17,
+    /// Client, to the group's coordinator: commit consumed offsets.
+    OffsetCommit = 18,
+    /// Client, to the group's coordinator: the group's committed offsets.
+    OffsetFetch = 19,
+    /// Client, to the group's coordinator: members, assignments and committed offsets.
+    DescribeGroup = 20,
+    /// Client, to any broker: the groups its shards coordinate.
+    ListGroups = 21,
+    /// Client, to the group's coordinator: forget an empty group's committed offsets.
+    DeleteGroup = 22,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 17] = [
+    pub const ALL: [ApiKey; 23] = [
         ApiKey::Versions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -102,6 +115,12 @@ impl ApiKey {
         ApiKey::ControllerCommand,
         ApiKey::ClusterStatus,
         ApiKey::InitProducerId,
+        ApiKey::GroupHeartbeat,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::DescribeGroup,
+        ApiKey::ListGroups,
+        ApiKey::DeleteGroup,
     ];
 
     /// Broker-to-broker APIs: served only on the internal listener, to authenticated peers.
@@ -157,6 +176,12 @@ impl ApiKey {
             ApiKey::ControllerCommand => "controller_command",
             ApiKey::ClusterStatus => "cluster_status",
             ApiKey::InitProducerId => "init_producer_id",
+            ApiKey::GroupHeartbeat => "group_heartbeat",
+            ApiKey::OffsetCommit => "offset_commit",
+            ApiKey::OffsetFetch => "offset_fetch",
+            ApiKey::DescribeGroup => "describe_group",
+            ApiKey::ListGroups => "list_groups",
+            ApiKey::DeleteGroup => "delete_group",
         }
     }
 }
@@ -233,10 +258,29 @@ pub enum ErrorCode {
     /// An idempotent producer's epoch is older than the partition has seen: another instance
     /// with the same producer id took over.
     InvalidProducerEpoch = 37,
+    /// This broker (shard) is not the group's coordinator: refresh the metadata of the
+    /// offsets topic and ask the leader of the group's partition.
+    NotCoordinator = 38,
+    /// The coordinator is loading the group's state (it just became the coordinator, or the
+    /// offsets topic is being created): retry shortly.
+    CoordinatorLoading = 39,
+    /// The member is not in the group (its session expired, it left, or a static successor
+    /// replaced it): drop its partitions and join again with epoch 0.
+    UnknownMemberId = 40,
+    /// The member's epoch is fenced: drop its partitions and join again with epoch 0.
+    FencedMemberEpoch = 41,
+    /// A commit from an older member epoch, or for a partition the member does not own:
+    /// nothing was committed.
+    StaleMemberEpoch = 42,
+    /// The group is at its member limit.
+    GroupFull = 43,
+    /// The operation needs a group without members (delete, reset offsets).
+    GroupNotEmpty = 44,
+    UnknownGroup = 45,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 38] = [
+    pub const ALL: [ErrorCode; 46] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::CorruptFrame,
@@ -275,6 +319,14 @@ impl ErrorCode {
         ErrorCode::IneligibleReplica,
         ErrorCode::OutOfOrderSequence,
         ErrorCode::InvalidProducerEpoch,
+        ErrorCode::NotCoordinator,
+        ErrorCode::CoordinatorLoading,
+        ErrorCode::UnknownMemberId,
+        ErrorCode::FencedMemberEpoch,
+        ErrorCode::StaleMemberEpoch,
+        ErrorCode::GroupFull,
+        ErrorCode::GroupNotEmpty,
+        ErrorCode::UnknownGroup,
     ];
 
     /// Unknown numbers (from a newer peer) map to `Unknown`.
@@ -304,6 +356,8 @@ impl ErrorCode {
                 | ErrorCode::DiskFull
                 | ErrorCode::LimitReached
                 | ErrorCode::NotController
+                | ErrorCode::NotCoordinator
+                | ErrorCode::CoordinatorLoading
         )
     }
 
@@ -347,6 +401,14 @@ impl ErrorCode {
             ErrorCode::IneligibleReplica => "ineligible_replica",
             ErrorCode::OutOfOrderSequence => "out_of_order_sequence",
             ErrorCode::InvalidProducerEpoch => "invalid_producer_epoch",
+            ErrorCode::NotCoordinator => "not_coordinator",
+            ErrorCode::CoordinatorLoading => "coordinator_loading",
+            ErrorCode::UnknownMemberId => "unknown_member_id",
+            ErrorCode::FencedMemberEpoch => "fenced_member_epoch",
+            ErrorCode::StaleMemberEpoch => "stale_member_epoch",
+            ErrorCode::GroupFull => "group_full",
+            ErrorCode::GroupNotEmpty => "group_not_empty",
+            ErrorCode::UnknownGroup => "unknown_group",
         }
     }
 }
@@ -543,6 +605,14 @@ impl Frame {
 }
 
 /// An rkyv-archived message body (implemented for every message type in [`messages`]).
+/// The internal topic holding every consumer group's state and committed offsets.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+/// The partition of the offsets topic whose leader coordinates `group`.
+pub fn group_partition(group: &str, partitions: u32) -> u32 {
+    crc32c::crc32c(group.as_bytes()) % partitions.max(1)
+}
+
 pub trait Message: Sized {
     const WHAT: &'static str;
     /// Appends the archived form to `buffer`.

@@ -9,6 +9,7 @@ use std::time::Instant;
 use futures_util::FutureExt;
 
 use super::connection::{ConnectionContext, ListenerKind, OutPayload, Outgoing, Pending};
+use super::groups::GroupOp;
 use super::partition::PartitionError;
 use super::shard::{Shard, ShardReply, ShardRequest};
 use crate::protocol::*;
@@ -220,6 +221,30 @@ impl Shard {
                 let request: InitProducerIdRequest = frame.decode_body().map_err(invalid)?;
                 let response = self.init_producer_id(&request);
                 ready(respond(&header, &response, Vec::new()))
+            }
+            ApiKey::GroupHeartbeat => {
+                let request: GroupHeartbeatRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_group(header, GroupOp::Heartbeat(request))
+            }
+            ApiKey::OffsetCommit => {
+                let request: OffsetCommitRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_group(header, GroupOp::Commit(request))
+            }
+            ApiKey::OffsetFetch => {
+                let request: OffsetFetchRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_group(header, GroupOp::Fetch(request))
+            }
+            ApiKey::DescribeGroup => {
+                let request: DescribeGroupRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_group(header, GroupOp::Describe(request))
+            }
+            ApiKey::ListGroups => {
+                let _request: ListGroupsRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_group(header, GroupOp::List)
+            }
+            ApiKey::DeleteGroup => {
+                let request: DeleteGroupRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_group(header, GroupOp::Delete(request))
             }
         })
     }

@@ -11,6 +11,7 @@ mod admin;
 mod connection;
 mod control;
 mod dispatch;
+mod groups;
 mod handlers;
 pub mod metrics;
 pub mod partition;

@@ -48,7 +48,7 @@ impl Partition {
 
     /// Whole batches from `from` that start below `limit` (the log end when `None`: followers
     /// copy what consumers cannot see yet).
-    pub(super) async fn read_to(
+    pub(crate) async fn read_to(
         &self,
         from: Offset,
         max_bytes: usize,

@@ -96,6 +96,12 @@ pub enum ShardRequest {
     BrokerHeartbeat(BrokerHeartbeatRequest),
     ControllerCommand(ControllerCommandRequest),
     ClusterStatus,
+    /// A consumer-group request for the coordinator of offsets partition `partition`, which
+    /// this shard owns.
+    Group {
+        partition: u32,
+        op: crate::server::groups::GroupOp,
+    },
     /// Controller mode: the controller refused a leader's ISR proposal.
     IsrRejected {
         topic: String,
@@ -124,6 +130,7 @@ pub enum ShardReply {
     BrokerHeartbeat(BrokerHeartbeatResponse),
     ControllerCommand(ControllerCommandResponse),
     ClusterStatus(ClusterStatusResponse),
+    Group(crate::server::groups::GroupAnswer),
 }
 
 pub struct Envelope {
@@ -169,6 +176,8 @@ pub struct Shard {
     /// Controller mode, shard 0: the broker's side of the controller protocol (and the
     /// controller voter, on voters).
     pub(super) cluster: RefCell<Option<Rc<Cluster>>>,
+    /// Consumer-group coordinators of the offsets partitions this shard owns.
+    pub(crate) coordinator: crate::server::groups::Coordinator,
 }
 
 impl Shard {

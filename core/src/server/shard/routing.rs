@@ -192,6 +192,9 @@ impl Shard {
                 ShardReply::ControllerCommand(self.controller_command(request).await)
             }
             ShardRequest::ClusterStatus => ShardReply::ClusterStatus(self.cluster_status()),
+            ShardRequest::Group { partition, op } => {
+                ShardReply::Group(self.coordinate(partition, op).await)
+            }
             ShardRequest::IsrRejected {
                 topic,
                 partition,

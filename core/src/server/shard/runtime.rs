@@ -180,6 +180,7 @@ async fn start(
         ),
         isr_proposals: Rc::new(IsrProposals::default()),
         cluster: RefCell::new(None),
+        coordinator: Default::default(),
         shared,
     });
     // Recover every partition this shard owns.
@@ -273,6 +274,10 @@ async fn start(
         )
         .map_err(|e| format!("spawn: {e}"))?
         .detach();
+        let expiring = Rc::clone(&shard);
+        glommio::spawn_local_into(expiring.group_expiry_loop(), shard.queues.background)
+            .map_err(|e| format!("spawn: {e}"))?
+            .detach();
     }
     if shard.controller_mode() {
         let proposing = Rc::clone(&shard);

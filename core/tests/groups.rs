@@ -1,0 +1,345 @@
+//! Consumer groups end to end on a real `wharf serve`: members share a topic's partitions and
+//! rebalance on join, leave and crash (a partition moves only once its owner gave it up, so
+//! nothing is consumed twice across a clean hand-over); committed offsets survive a kill -9
+//! and a new member resumes where the group stopped; a restarted static member gets its
+//! partitions back without a rebalance; bad requests get clear errors.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use common::{run, Broker};
+use wharf::client::consumer::ConsumerConfig;
+use wharf::client::groups::{GroupConsumer, GroupConsumerConfig};
+use wharf::client::producer::{Producer, ProducerConfig};
+use wharf::client::{Client, ClientConfig, ClientError};
+use wharf::protocol::ErrorCode;
+
+const TOPIC: &str = "events";
+const PARTITIONS: u32 = 6;
+const RECORDS: u32 = 600;
+/// Short sessions so a crashed member's partitions move within the test.
+const GROUPS_CONFIG: &str = "[groups]\nsession_timeout_ms = 1500\nheartbeat_interval_ms = 100\noffsets_topic_partitions = 3\n";
+/// Rounds of polling every member before a wait gives up (each round at most ~100 ms).
+const ROUNDS_MAX: usize = 300;
+
+async fn connect(address: &str) -> Rc<Client> {
+    Client::connect(ClientConfig::new(address))
+        .await
+        .expect("connect")
+}
+
+async fn produce_all(client: &Rc<Client>) {
+    client
+        .create_topic(TOPIC, PARTITIONS, 1, Vec::new())
+        .await
+        .expect("create");
+    let producer = Producer::new(Rc::clone(client), ProducerConfig::default());
+    let mut deliveries = Vec::new();
+    for i in 0..RECORDS {
+        let value = format!("r{i:04}");
+        deliveries.push(
+            producer
+                .send_to(TOPIC, Some(i % PARTITIONS), None, value.as_bytes())
+                .await
+                .expect("queued"),
+        );
+    }
+    producer.flush().await;
+    for delivery in deliveries {
+        delivery.await.expect("acknowledged");
+    }
+}
+
+fn member_config(instance: Option<&str>, auto_commit: bool) -> GroupConsumerConfig {
+    let mut config = GroupConsumerConfig::new("g");
+    config.instance_id = instance.map(str::to_string);
+    config.auto_commit = auto_commit;
+    config.consumer = ConsumerConfig {
+        max_wait_ms: 50,
+        ..ConsumerConfig::default()
+    };
+    config
+}
+
+/// Polls `member` once and counts what it returned.
+async fn poll_into(member: &mut GroupConsumer, seen: &mut BTreeMap<String, u32>) {
+    let records = member.poll().await.expect("poll");
+    records
+        .for_each(|r| {
+            *seen
+                .entry(String::from_utf8_lossy(r.value).into_owned())
+                .or_default() += 1;
+        })
+        .expect("records");
+}
+
+fn assignment(member: &GroupConsumer) -> BTreeSet<u32> {
+    member.assignment().into_iter().collect()
+}
+
+#[test]
+fn members_share_partitions_and_rebalance_on_join_leave_and_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, GROUPS_CONFIG);
+    let address = broker.bootstrap();
+    run(async {
+        let client = connect(&address).await;
+        produce_all(&client).await;
+        let mut seen = BTreeMap::new();
+        let mut a = GroupConsumer::join(connect(&address).await, TOPIC, member_config(None, true))
+            .await
+            .expect("a joins");
+        assert_eq!(
+            assignment(&a).len(),
+            PARTITIONS as usize,
+            "alone, a gets all"
+        );
+        poll_into(&mut a, &mut seen).await;
+        let mut b = GroupConsumer::join(connect(&address).await, TOPIC, member_config(None, true))
+            .await
+            .expect("b joins");
+        // Until a gives partitions up, b waits for them: never both on one partition.
+        let mut settled = false;
+        for _ in 0..ROUNDS_MAX {
+            poll_into(&mut a, &mut seen).await;
+            poll_into(&mut b, &mut seen).await;
+            let (on_a, on_b) = (assignment(&a), assignment(&b));
+            assert!(on_a.is_disjoint(&on_b), "a {on_a:?} and b {on_b:?} overlap");
+            settled = on_a.len() == 3 && on_b.len() == 3;
+            if settled && seen.len() == RECORDS as usize {
+                break;
+            }
+        }
+        assert!(settled, "a {:?}, b {:?}", assignment(&a), assignment(&b));
+        assert_eq!(seen.len(), RECORDS as usize, "every record consumed");
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "consumed twice across a clean hand-over: {twice:?}"
+        );
+        let described = client.describe_group("g").await.expect("describe");
+        assert_eq!(described.members.len(), 2);
+        let committed: u64 = described.offsets.iter().map(|o| o.offset).sum();
+        assert!(committed > 0, "offsets committed: {:?}", described.offsets);
+
+        // b leaves: a takes everything back.
+        b.leave().await.expect("b leaves");
+        let mut back = false;
+        for _ in 0..ROUNDS_MAX {
+            poll_into(&mut a, &mut seen).await;
+            if assignment(&a).len() == PARTITIONS as usize {
+                back = true;
+                break;
+            }
+        }
+        assert!(back, "after b left, a has {:?}", assignment(&a));
+
+        // c joins, takes half, then crashes (no leave): after its session, a has all again.
+        let mut c = GroupConsumer::join(connect(&address).await, TOPIC, member_config(None, true))
+            .await
+            .expect("c joins");
+        let mut halves = false;
+        for _ in 0..ROUNDS_MAX {
+            poll_into(&mut a, &mut seen).await;
+            poll_into(&mut c, &mut seen).await;
+            if assignment(&c).len() == 3 {
+                halves = true;
+                break;
+            }
+        }
+        assert!(halves, "c has {:?}", assignment(&c));
+        drop(c);
+        let mut recovered = false;
+        for _ in 0..ROUNDS_MAX {
+            poll_into(&mut a, &mut seen).await;
+            if assignment(&a).len() == PARTITIONS as usize {
+                recovered = true;
+                break;
+            }
+        }
+        assert!(recovered, "after c crashed, a has {:?}", assignment(&a));
+        let described = client.describe_group("g").await.expect("describe");
+        assert_eq!(described.members.len(), 1, "{:?}", described.members);
+        a.leave().await.expect("a leaves");
+    });
+}
+
+#[test]
+fn committed_offsets_survive_a_kill_and_a_new_member_resumes_without_skipping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Broker::start(dir.path(), 1, GROUPS_CONFIG);
+    let address = broker.bootstrap();
+    let mut processed: Vec<String> = Vec::new();
+    run(async {
+        let client = connect(&address).await;
+        produce_all(&client).await;
+        let mut member =
+            GroupConsumer::join(connect(&address).await, TOPIC, member_config(None, false))
+                .await
+                .expect("join");
+        // Process, then commit synchronously before the next poll.
+        for _ in 0..ROUNDS_MAX {
+            let records = member.poll().await.expect("poll");
+            records
+                .for_each(|r| processed.push(String::from_utf8_lossy(r.value).into_owned()))
+                .expect("records");
+            member.commit().await.expect("commit");
+            if processed.len() >= (RECORDS / 2) as usize {
+                break;
+            }
+        }
+        // The member dies with the broker: no leave, no further commit.
+    });
+    let before = processed.len();
+    assert!(before >= (RECORDS / 2) as usize);
+    broker.kill9();
+    broker.restart();
+    let address = broker.bootstrap();
+    run(async {
+        let client = connect(&address).await;
+        let committed = client
+            .committed_offsets("g")
+            .await
+            .expect("offsets survive");
+        assert_eq!(
+            committed.iter().map(|o| o.offset).sum::<u64>(),
+            before as u64,
+            "committed = processed: {committed:?}"
+        );
+        // The old member's session ends; a new member resumes at the committed offsets.
+        let mut member =
+            GroupConsumer::join(connect(&address).await, TOPIC, member_config(None, false))
+                .await
+                .expect("join after restart");
+        for _ in 0..ROUNDS_MAX {
+            let records = member.poll().await.expect("poll");
+            records
+                .for_each(|r| processed.push(String::from_utf8_lossy(r.value).into_owned()))
+                .expect("records");
+            member.commit().await.expect("commit");
+            if processed.len() >= RECORDS as usize && !assignment(&member).is_empty() {
+                break;
+            }
+        }
+        member.leave().await.expect("leave");
+    });
+    let unique: BTreeSet<&String> = processed.iter().collect();
+    assert_eq!(unique.len(), RECORDS as usize, "no record skipped");
+    assert_eq!(processed.len(), RECORDS as usize, "none processed twice");
+}
+
+#[test]
+fn a_restarted_static_member_gets_its_partitions_back_without_a_rebalance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 1, GROUPS_CONFIG);
+    let address = broker.bootstrap();
+    run(async {
+        let client = connect(&address).await;
+        produce_all(&client).await;
+        let mut seen = BTreeMap::new();
+        let mut a = GroupConsumer::join(
+            connect(&address).await,
+            TOPIC,
+            member_config(Some("host-a"), true),
+        )
+        .await
+        .expect("a");
+        let mut b = GroupConsumer::join(
+            connect(&address).await,
+            TOPIC,
+            member_config(Some("host-b"), true),
+        )
+        .await
+        .expect("b");
+        for _ in 0..ROUNDS_MAX {
+            poll_into(&mut a, &mut seen).await;
+            poll_into(&mut b, &mut seen).await;
+            if assignment(&a).len() == 3 && assignment(&b).len() == 3 {
+                break;
+            }
+        }
+        let (a_had, b_had) = (assignment(&a), assignment(&b));
+        assert_eq!((a_had.len(), b_had.len()), (3, 3));
+        let epoch = client
+            .describe_group("g")
+            .await
+            .expect("describe")
+            .group_epoch;
+        a.leave().await.expect("a stops for a restart");
+        let a2 = GroupConsumer::join(
+            connect(&address).await,
+            TOPIC,
+            member_config(Some("host-a"), true),
+        )
+        .await
+        .expect("a again");
+        assert_eq!(assignment(&a2), a_had, "same partitions at once");
+        poll_into(&mut b, &mut seen).await;
+        assert_eq!(assignment(&b), b_had, "b undisturbed");
+        let described = client.describe_group("g").await.expect("describe");
+        assert_eq!(described.group_epoch, epoch, "no rebalance");
+        assert_eq!(described.members.len(), 2);
+    });
+}
+
+#[test]
+fn bad_group_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 1, GROUPS_CONFIG);
+    let address = broker.bootstrap();
+    run(async {
+        let client = connect(&address).await;
+        client
+            .create_topic(TOPIC, PARTITIONS, 1, Vec::new())
+            .await
+            .expect("create");
+        fn code<T>(result: Result<T, ClientError>) -> ErrorCode {
+            match result {
+                Err(ClientError::Server { code, .. }) => code,
+                Err(other) => panic!("expected a refusal, got {other}"),
+                Ok(_) => panic!("expected a refusal, got success"),
+            }
+        }
+        assert_eq!(
+            code(client.describe_group("nobody").await),
+            ErrorCode::UnknownGroup
+        );
+        assert_eq!(
+            code(client.describe_group(&"x".repeat(300)).await),
+            ErrorCode::InvalidRequest
+        );
+        // An administrative commit into an active group is refused, and commits nothing.
+        let member = GroupConsumer::join(connect(&address).await, TOPIC, member_config(None, true))
+            .await
+            .expect("join");
+        let entry = wharf::protocol::OffsetCommitEntry {
+            topic: TOPIC.into(),
+            partition: 0,
+            offset: 42,
+            leader_epoch: None,
+            metadata: String::new(),
+        };
+        assert_eq!(
+            code(client.commit_offsets_admin("g", vec![entry.clone()]).await),
+            ErrorCode::GroupNotEmpty
+        );
+        assert_eq!(
+            code(client.delete_group("g").await),
+            ErrorCode::GroupNotEmpty
+        );
+        member.leave().await.expect("leave");
+        client
+            .commit_offsets_admin("g", vec![entry])
+            .await
+            .expect("allowed once empty");
+        let offsets = client.committed_offsets("g").await.expect("offsets");
+        assert!(offsets.iter().any(|o| o.partition == 0 && o.offset == 42));
+        client.delete_group("g").await.expect("delete");
+        assert_eq!(
+            code(client.describe_group("g").await),
+            ErrorCode::UnknownGroup
+        );
+    });
+}
