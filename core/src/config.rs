@@ -106,6 +106,14 @@ pub struct GroupsConfig {
     pub groups_per_partition_max: usize,
     /// `sticky` (moves only what balance requires), `range` or `round-robin`.
     pub assignor: String,
+    /// Segment size of `__consumer_offsets` (set at its creation). Whole segments below a
+    /// coordinator's latest snapshot are deleted, so this bounds the history kept.
+    pub offsets_segment_bytes: u64,
+    /// A coordinator writes a full snapshot of its groups after this many records since the
+    /// last one, then deletes the segments below it (the offsets topic's compaction)...
+    pub snapshot_after_records: u64,
+    /// ...or after this long, if anything was written since.
+    pub snapshot_interval_ms: u64,
 }
 
 impl Default for GroupsConfig {
@@ -119,6 +127,9 @@ impl Default for GroupsConfig {
             members_max: 1_000,
             groups_per_partition_max: 10_000,
             assignor: "sticky".to_string(),
+            offsets_segment_bytes: 16 * 1024 * 1024,
+            snapshot_after_records: 100_000,
+            snapshot_interval_ms: 600_000,
         }
     }
 }
@@ -651,6 +662,9 @@ impl ServerConfig {
                  (groups.heartbeat_interval_ms = {}, > 0)",
                 groups.session_timeout_ms, groups.heartbeat_interval_ms
             ));
+        }
+        if groups.snapshot_after_records == 0 || groups.snapshot_interval_ms == 0 {
+            return Err("groups.snapshot_after_records and _interval_ms must be > 0".into());
         }
         if groups.members_max == 0 || groups.groups_per_partition_max == 0 {
             return Err(

@@ -343,3 +343,79 @@ fn bad_group_requests_get_clear_errors() {
         );
     });
 }
+
+/// The offsets topic is compacted by the coordinator's snapshots: after enough commits the
+/// segments below the latest snapshot are gone, and a restarted broker rebuilds the group
+/// (members, committed offsets) from what is left.
+#[test]
+fn snapshots_compact_the_offsets_topic_and_the_group_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        format!("{GROUPS_CONFIG}offsets_segment_bytes = 65536\nsnapshot_after_records = 200\n");
+    let mut broker = Broker::start(dir.path(), 1, &config);
+    let address = broker.bootstrap();
+    let commits = 400u64;
+    let member_id = run(async {
+        let client = connect(&address).await;
+        produce_all(&client).await;
+        let mut member =
+            GroupConsumer::join(connect(&address).await, TOPIC, member_config(None, false))
+                .await
+                .expect("join");
+        for i in 1..=commits {
+            for partition in member.assignment() {
+                member.seek(partition, i).await.expect("seek");
+            }
+            member.commit().await.expect("commit");
+        }
+        member.member_id().to_string()
+    });
+    let offsets_partition = wharf::protocol::group_partition("g", 3);
+    let series = format!(
+        "wharf_partition_log_start_offset{{topic=\"{}\",partition=\"{offsets_partition}\"}}",
+        wharf::protocol::OFFSETS_TOPIC
+    );
+    let log_start = |broker: &Broker| -> u64 {
+        let (_, metrics) = broker.http_get("/metrics").expect("metrics");
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut compacted = 0;
+    for _ in 0..ROUNDS_MAX {
+        compacted = log_start(&broker);
+        if compacted > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        compacted > commits,
+        "segments below a snapshot deleted: log start {compacted}"
+    );
+    broker.kill9();
+    broker.restart();
+    let address = broker.bootstrap();
+    run(async {
+        let client = connect(&address).await;
+        let committed = client.committed_offsets("g").await.expect("offsets");
+        assert_eq!(committed.len(), PARTITIONS as usize);
+        assert!(
+            committed.iter().all(|o| o.offset == commits),
+            "{committed:?}"
+        );
+        let described = client.describe_group("g").await.expect("describe");
+        assert_eq!(
+            described
+                .members
+                .iter()
+                .map(|m| m.member_id.as_str())
+                .collect::<Vec<_>>(),
+            [member_id.as_str()],
+            "the member is still there until its session ends"
+        );
+    });
+}

@@ -2,7 +2,7 @@
 //! a client decodes, through `decode_body::<T>()`, plus `payload_ranges` on the lengths a
 //! produce request or fetch response declares.
 //!
-//! One target for all 22 body types, not one per type: one build, one corpus and one time slot in
+//! One target for all 44 body types, not one per type: one build, one corpus and one time slot in
 //! CI instead of nineteen, and libFuzzer's coverage feedback still tells the types apart (they are
 //! different code). The corpus holds a valid body of every type.
 //!
@@ -25,7 +25,7 @@ use crate::protocol::*;
 
 /// The body types, in selector order. Requests first (the server decodes them), then responses
 /// (the client decodes them), then the error body of any failed response.
-pub const BODY_TYPES: [&str; 32] = [
+pub const BODY_TYPES: [&str; 44] = [
     "VersionsRequest",
     "MetadataRequest",
     "CreateTopicRequest",
@@ -58,6 +58,18 @@ pub const BODY_TYPES: [&str; 32] = [
     "ClusterStatusResponse",
     "InitProducerIdRequest",
     "InitProducerIdResponse",
+    "GroupHeartbeatRequest",
+    "GroupHeartbeatResponse",
+    "OffsetCommitRequest",
+    "GroupResult",
+    "OffsetFetchRequest",
+    "OffsetFetchResponse",
+    "DescribeGroupRequest",
+    "DescribeGroupResponse",
+    "ListGroupsRequest",
+    "ListGroupsResponse",
+    "DeleteGroupRequest",
+    "StoredGroupRecord",
 ];
 
 /// Frame-size limit for the re-encoded frames (bodies are at most `BODY_BYTES_MAX`).
@@ -123,6 +135,20 @@ pub fn check_selected(index: usize, body: &[u8], payload_bytes: usize, misaligne
         29 => drop(c.check::<ClusterStatusResponse>()),
         30 => drop(c.check::<InitProducerIdRequest>()),
         31 => drop(c.check::<InitProducerIdResponse>()),
+        32 => drop(c.check::<GroupHeartbeatRequest>()),
+        33 => drop(c.check::<GroupHeartbeatResponse>()),
+        34 => drop(c.check::<OffsetCommitRequest>()),
+        35 => drop(c.check::<GroupResult>()),
+        36 => drop(c.check::<OffsetFetchRequest>()),
+        37 => drop(c.check::<OffsetFetchResponse>()),
+        38 => drop(c.check::<DescribeGroupRequest>()),
+        39 => drop(c.check::<DescribeGroupResponse>()),
+        40 => drop(c.check::<ListGroupsRequest>()),
+        41 => drop(c.check::<ListGroupsResponse>()),
+        42 => drop(c.check::<DeleteGroupRequest>()),
+        // Not a request body: the value of an offsets-topic record, decoded when a new
+        // coordinator replays its partition.
+        43 => drop(c.check::<StoredGroupRecord>()),
         _ => unreachable!("index < BODY_TYPES.len()"),
     }
 }
@@ -154,6 +180,12 @@ pub fn body_type_of(header: &FrameHeader) -> Option<usize> {
         ApiKey::ControllerCommand => (26, 27),
         ApiKey::ClusterStatus => (28, 29),
         ApiKey::InitProducerId => (30, 31),
+        ApiKey::GroupHeartbeat => (32, 33),
+        ApiKey::OffsetCommit => (34, 35),
+        ApiKey::OffsetFetch => (36, 37),
+        ApiKey::DescribeGroup => (38, 39),
+        ApiKey::ListGroups => (40, 41),
+        ApiKey::DeleteGroup => (42, 35),
         _ => return None,
     };
     Some(if header.is_response() {

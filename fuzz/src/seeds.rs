@@ -289,9 +289,119 @@ pub fn bodies() -> Vec<Vec<u8>> {
             producer_id: 0x0001_0000_0010_0003,
             producer_epoch: 3,
         }),
+        archive(&GroupHeartbeatRequest {
+            group: "billing".to_string(),
+            member_id: "5f0c2a9e7d1b4c3a".to_string(),
+            member_epoch: 4,
+            instance_id: Some("host-a".to_string()),
+            subscribed_topics: Some(vec!["orders".to_string()]),
+            owned: Some(vec![group_partition_of(0), group_partition_of(2)]),
+            lag: vec![PartitionLag {
+                topic: "orders".to_string(),
+                partition: 0,
+                position: 40,
+                high_watermark: 43,
+                lag_ms: 120,
+            }],
+        }),
+        archive(&GroupHeartbeatResponse {
+            error: 0,
+            message: String::new(),
+            member_epoch: 5,
+            heartbeat_interval_ms: 500,
+            assignment: vec![group_partition_of(0)],
+        }),
+        archive(&OffsetCommitRequest {
+            group: "billing".to_string(),
+            member_id: Some("5f0c2a9e7d1b4c3a".to_string()),
+            member_epoch: 5,
+            offsets: vec![OffsetCommitEntry {
+                topic: "orders".to_string(),
+                partition: 0,
+                offset: 43,
+                leader_epoch: Some(3),
+                metadata: String::new(),
+            }],
+        }),
+        archive(&GroupResult {
+            error: 42,
+            message: "member epoch 4 is stale (current 5); nothing was committed".to_string(),
+        }),
+        archive(&OffsetFetchRequest {
+            group: "billing".to_string(),
+        }),
+        archive(&OffsetFetchResponse {
+            error: 0,
+            message: String::new(),
+            offsets: vec![committed_offset()],
+        }),
+        archive(&DescribeGroupRequest {
+            group: "billing".to_string(),
+        }),
+        archive(&DescribeGroupResponse {
+            error: 0,
+            message: String::new(),
+            group_epoch: 5,
+            assignor: "sticky".to_string(),
+            coordinator: 2,
+            members: vec![GroupMemberDescription {
+                member_id: "5f0c2a9e7d1b4c3a".to_string(),
+                instance_id: None,
+                member_epoch: 5,
+                subscribed_topics: vec!["orders".to_string()],
+                assigned: vec![group_partition_of(0)],
+                revoking: vec![group_partition_of(2)],
+            }],
+            offsets: vec![committed_offset()],
+            lag: Vec::new(),
+        }),
+        archive(&ListGroupsRequest {}),
+        archive(&ListGroupsResponse {
+            error: 0,
+            message: String::new(),
+            groups: vec![GroupListing {
+                group: "billing".to_string(),
+                members: 2,
+                group_epoch: 5,
+            }],
+        }),
+        archive(&DeleteGroupRequest {
+            group: "billing".to_string(),
+        }),
+        archive(&StoredGroupRecord {
+            group: "billing".to_string(),
+            change: StoredGroupChange::Member(StoredMember {
+                member_id: "5f0c2a9e7d1b4c3a".to_string(),
+                instance_id: Some("host-a".to_string()),
+                member_epoch: 5,
+                previous_epoch: 4,
+                subscribed_topics: vec!["orders".to_string()],
+                assigned: vec![group_partition_of(0)],
+                revoking: Vec::new(),
+                target: vec![group_partition_of(0)],
+            }),
+        }),
     ];
     assert_eq!(bodies.len(), BODY_TYPES.len());
     bodies
+}
+
+fn group_partition_of(partition: u32) -> GroupPartition {
+    GroupPartition {
+        topic: "orders".to_string(),
+        partition,
+    }
+}
+
+fn committed_offset() -> CommittedOffsetEntry {
+    CommittedOffsetEntry {
+        topic: "orders".to_string(),
+        partition: 0,
+        offset: 43,
+        leader_epoch: Some(3),
+        metadata: "app-v2".to_string(),
+        commit_ms: 1_700_000_000_000,
+    }
 }
 
 fn produce_request(batch_bytes: &[u32]) -> ProduceRequest {

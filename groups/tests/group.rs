@@ -45,6 +45,9 @@ struct Harness {
     group: Group,
     log: Vec<GroupRecord>,
     now_ms: u64,
+    /// Where full snapshots start in `log` (what the coordinator writes before it deletes
+    /// the segments below one).
+    snapshots: Vec<usize>,
 }
 
 impl Harness {
@@ -55,6 +58,7 @@ impl Harness {
             group,
             log,
             now_ms: 0,
+            snapshots: Vec::new(),
         }
     }
 
@@ -127,8 +131,30 @@ impl Harness {
         self.log.extend(records);
     }
 
+    fn snapshot(&mut self) {
+        self.snapshots.push(self.log.len());
+        let records = self.group.snapshot();
+        self.log.extend(records);
+    }
+
     /// A group rebuilt from the records matches the live one.
     fn check_replay(&self) {
+        // The coordinator deletes whole segments below a snapshot: the log then starts at any
+        // record at or before the snapshot. Every such suffix replays to the same group.
+        for &at in &self.snapshots {
+            for start in [0, at / 3, at / 2, at.saturating_sub(1), at] {
+                let mut replayed = Group::new("g", self.group.config().clone());
+                for record in &self.log[start..] {
+                    replayed.replay(record.clone(), self.now_ms);
+                }
+                replayed.check_invariants();
+                assert_eq!(
+                    replayed.snapshot(),
+                    self.group.snapshot(),
+                    "replay from record {start} (snapshot at {at}) differs"
+                );
+            }
+        }
         let mut replayed = Group::new("g", self.group.config().clone());
         for record in &self.log {
             replayed.replay(record.clone(), self.now_ms);
@@ -494,6 +520,7 @@ enum Step {
     Advance(u64),
     Commit(usize, u64),
     Grow(u32),
+    Snapshot,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -508,6 +535,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0u64..700).prop_map(Step::Advance),
         2 => (member, 0u64..1000).prop_map(|(m, o)| Step::Commit(m, o)),
         1 => (1u32..12).prop_map(Step::Grow),
+        1 => Just(Step::Snapshot),
     ]
 }
 
@@ -599,6 +627,7 @@ proptest! {
                         }
                     }
                 }
+                Step::Snapshot => h.snapshot(),
                 Step::Grow(more) => {
                     partitions = (partitions + more).min(20);
                     let records = h.group.set_topics(topics(partitions));

@@ -1349,6 +1349,39 @@ impl<D: Disk> PartitionLog<D> {
             now_ms,
             &self.config.retention,
         );
+        self.delete_oldest(delete).await
+    }
+
+    /// Deletes the sealed, durable segments that lie entirely below `offset` (a consumer-group
+    /// coordinator wrote a full snapshot of its state at `offset`; a follower follows its
+    /// leader's log start) and moves the log start. Returns how many segments were deleted.
+    pub async fn delete_below(&mut self, offset: Offset) -> Result<usize, LogIoError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(LogIoError {
+                op: "delete below",
+                file: String::new(),
+                source: io::Error::other(format!("log is poisoned ({reason}); restart to recover")),
+            });
+        }
+        let delete = self
+            .segments
+            .iter()
+            .take(self.segments.len() - 1)
+            .take_while(|s| {
+                s.next_offset <= offset
+                    && s.next_offset <= self.durable.next_offset
+                    && !s.index_planned
+            })
+            .count();
+        self.delete_oldest(delete).await
+    }
+
+    /// Deletes the `delete` oldest segments (sealed and durable: the callers checked).
+    async fn delete_oldest(&mut self, delete: usize) -> Result<usize, LogIoError> {
+        assert!(
+            delete < self.segments.len(),
+            "the active segment is never deleted"
+        );
         if delete > 0 {
             // Deleting may remove every segment that holds data (the active one can be empty), so
             // the checkpoint must carry the log end first: otherwise recovery could restart the

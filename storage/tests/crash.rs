@@ -129,8 +129,15 @@ fn run_seed(seed: u64) {
                 }
             }
             88..90 => {
-                // Retention deletes (or recycles) the oldest segments; the model drops them too.
-                if let Ok(deleted) = block_on(log.apply_retention(u64::MAX / 2)) {
+                // Retention deletes (or recycles) the oldest segments, or a coordinator deletes
+                // the segments below its snapshot; the model drops them too.
+                let deleting = if rng.random_bool(0.5) || model.batches.is_empty() {
+                    block_on(log.apply_retention(u64::MAX / 2))
+                } else {
+                    let below = model.batches[rng.random_range(0..model.batches.len())].0;
+                    block_on(log.delete_below(below))
+                };
+                if let Ok(deleted) = deleting {
                     if deleted > 0 {
                         let start = log.log_start_offset();
                         model.batches.retain(|(offset, _)| *offset >= start);

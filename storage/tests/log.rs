@@ -329,6 +329,36 @@ fn retention_deletes_whole_sealed_segments_by_size_and_time() {
 }
 
 #[test]
+fn delete_below_removes_only_whole_durable_segments_below_the_offset() {
+    let disk = MemDisk::new();
+    let (mut log, _) = open(&disk, small_config());
+    for tag in 0..400 {
+        log.append(&mut make_batch(1, 1000, tag, tag as i64), EPOCH, 0)
+            .expect("append");
+    }
+    // Nothing is durable yet: nothing may go.
+    assert_eq!(block_on(log.delete_below(Offset(300))).expect("delete"), 0);
+    block_on(log.flush()).expect("flush");
+    let before = log.segment_count();
+    let deleted = block_on(log.delete_below(Offset(200))).expect("delete");
+    assert!(deleted > 0 && log.segment_count() == before - deleted);
+    let start = log.log_start_offset();
+    assert!(start <= Offset(200) && start > Offset(0), "start {start}");
+    assert_eq!(start, log.segment_bases()[0]);
+    assert_eq!(read_all(&log).first().map(|(o, _)| *o), Some(start));
+    assert_eq!(read_all(&log).len() as u64, 400 - start.0);
+    // Far beyond the end: every sealed segment goes, never the active one.
+    block_on(log.delete_below(Offset(u64::MAX))).expect("delete");
+    assert_eq!(log.segment_count(), 1);
+    assert_eq!(log.end_offset(), Offset(400));
+    let start = log.log_start_offset();
+    drop(log);
+    let (log, _) = open(&disk, small_config());
+    assert_eq!(log.log_start_offset(), start, "the start survives a reopen");
+    assert_eq!(log.end_offset(), Offset(400));
+}
+
+#[test]
 fn sync_error_poisons_the_log() {
     let disk = MemDisk::new();
     let (mut log, _) = open(&disk, small_config());

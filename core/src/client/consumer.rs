@@ -101,6 +101,28 @@ impl Records {
         self.fetched.iter().all(|f| f.start == f.end)
     }
 
+    /// Per partition, the newest record timestamp of what this poll returned (from the batch
+    /// headers alone: no record is decoded).
+    pub fn newest_timestamps(&self) -> Vec<(u32, i64)> {
+        let mut newest = Vec::new();
+        for fetched in &self.fetched {
+            let bytes = &fetched.frame.payload()[fetched.start..fetched.end];
+            let mut at = 0;
+            let mut max = None;
+            while at < bytes.len() {
+                let Ok(header) = wharf_storage::batch::decode_header(&bytes[at..]) else {
+                    break;
+                };
+                max = Some(max.unwrap_or(i64::MIN).max(header.max_timestamp_ms));
+                at += header.batch_bytes();
+            }
+            if let Some(max) = max {
+                newest.push((fetched.partition, max));
+            }
+        }
+        newest
+    }
+
     /// Every record, partition by partition, in offset order; corrupt data is an error.
     pub fn for_each(&self, mut visit: impl FnMut(RecordView<'_>)) -> Result<usize, ClientError> {
         let mut count = 0;

@@ -213,9 +213,11 @@ pub struct GroupConsumerConfig {
     /// back without a rebalance.
     pub instance_id: Option<String>,
     pub offset_reset: OffsetReset,
-    /// Commit the positions of what `poll` returned before the next poll fetches (and before
-    /// giving a partition up): at-least-once without application code.
+    /// Commit the positions of what `poll` returned, at the start of a later poll (at most
+    /// every `auto_commit_interval_ms`), before giving a partition up and before leaving:
+    /// at-least-once without application code (a crash redelivers at most an interval's worth).
     pub auto_commit: bool,
+    pub auto_commit_interval_ms: u64,
     pub consumer: ConsumerConfig,
 }
 
@@ -226,6 +228,7 @@ impl GroupConsumerConfig {
             instance_id: None,
             offset_reset: OffsetReset::Earliest,
             auto_commit: true,
+            auto_commit_interval_ms: 1_000,
             consumer: ConsumerConfig::default(),
         }
     }
@@ -245,6 +248,9 @@ pub struct GroupConsumer {
     owned: BTreeSet<u32>,
     /// Positions not yet committed (auto-commit commits them before the next fetch).
     uncommitted: bool,
+    /// Per partition, the newest record timestamp this member consumed (its lag in time).
+    newest_consumed_ms: BTreeMap<u32, i64>,
+    last_commit: Instant,
 }
 
 impl GroupConsumer {
@@ -269,6 +275,8 @@ impl GroupConsumer {
             consumer,
             owned: BTreeSet::new(),
             uncommitted: false,
+            newest_consumed_ms: BTreeMap::new(),
+            last_commit: Instant::now(),
         };
         member.heartbeat(true).await?;
         Ok(member)
@@ -309,7 +317,9 @@ impl GroupConsumer {
     /// consumer's `max_wait_ms`). With auto-commit, what the previous poll returned is
     /// committed first.
     pub async fn poll(&mut self) -> Result<Records, ClientError> {
-        if self.config.auto_commit && self.uncommitted {
+        let commit_due = self.last_commit.elapsed()
+            >= Duration::from_millis(self.config.auto_commit_interval_ms);
+        if self.config.auto_commit && self.uncommitted && commit_due {
             self.commit().await?;
         }
         if Instant::now() >= self.next_heartbeat {
@@ -325,6 +335,10 @@ impl GroupConsumer {
         let records = self.consumer.poll().await?;
         if !records.is_empty() {
             self.uncommitted = true;
+            for (partition, timestamp_ms) in records.newest_timestamps() {
+                let newest = self.newest_consumed_ms.entry(partition).or_insert(i64::MIN);
+                *newest = (*newest).max(timestamp_ms);
+            }
         }
         Ok(records)
     }
@@ -335,6 +349,7 @@ impl GroupConsumer {
         let partitions: Vec<u32> = self.owned.iter().copied().collect();
         self.commit_partitions(&partitions).await?;
         self.uncommitted = false;
+        self.last_commit = Instant::now();
         Ok(())
     }
 
@@ -386,6 +401,7 @@ impl GroupConsumer {
             instance_id: self.config.instance_id.clone(),
             subscribed_topics: None,
             owned: None,
+            lag: Vec::new(),
         };
         let _: GroupHeartbeatResponse = self
             .client
@@ -415,6 +431,7 @@ impl GroupConsumer {
                         })
                         .collect(),
                 ),
+                lag: self.lag(),
             };
             let answer: Result<GroupHeartbeatResponse, ClientError> = self
                 .client
@@ -456,6 +473,32 @@ impl GroupConsumer {
             joining = false;
         }
         Ok(())
+    }
+
+    /// How far behind this member is on each of its partitions.
+    fn lag(&self) -> Vec<PartitionLag> {
+        let now_ms = crate::server::partition::now_ms() as i64;
+        self.owned
+            .iter()
+            .filter_map(|&partition| {
+                let position = self.consumer.position(partition)?;
+                let high_watermark = self.consumer.high_watermark(partition)?;
+                let lag_ms = if position >= high_watermark {
+                    0
+                } else {
+                    self.newest_consumed_ms
+                        .get(&partition)
+                        .map_or(0, |&t| now_ms.saturating_sub(t).max(0) as u64)
+                };
+                Some(PartitionLag {
+                    topic: self.topic.clone(),
+                    partition,
+                    position,
+                    high_watermark,
+                    lag_ms,
+                })
+            })
+            .collect()
     }
 
     /// Takes the new assignment: commits and drops partitions taken away, starts new ones at

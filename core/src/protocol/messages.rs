@@ -558,6 +558,23 @@ pub struct GroupHeartbeatRequest {
     pub subscribed_topics: Option<Vec<String>>,
     /// The partitions the member consumes now; `None` means unchanged.
     pub owned: Option<Vec<GroupPartition>>,
+    /// How far behind the member is on each partition it consumes (for the coordinator's lag
+    /// metrics and `wharf group describe`).
+    pub lag: Vec<PartitionLag>,
+}
+
+/// A member's position on one partition against that partition's high watermark.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: u32,
+    /// The next offset the member will consume.
+    pub position: u64,
+    /// The partition's high watermark when the member last fetched.
+    pub high_watermark: u64,
+    /// 0 when caught up; else how old the last record it consumed is (ms): an upper bound on
+    /// the age of the oldest record it has not consumed yet.
+    pub lag_ms: u64,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -647,6 +664,8 @@ pub struct DescribeGroupResponse {
     pub coordinator: u32,
     pub members: Vec<GroupMemberDescription>,
     pub offsets: Vec<CommittedOffsetEntry>,
+    /// The members' last reported lag per partition.
+    pub lag: Vec<PartitionLag>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -94,6 +94,7 @@ impl GroupOp {
             GroupOp::Describe(_) => GroupAnswer::Describe(DescribeGroupResponse {
                 error,
                 message,
+                lag: Vec::new(),
                 group_epoch: 0,
                 assignor: String::new(),
                 coordinator: 0,
@@ -122,6 +123,12 @@ struct Loaded {
     /// means reloading.
     leader_epoch: u32,
     groups: BTreeMap<String, Group>,
+    /// The members' last lag reports, per group and partition (memory only: members report
+    /// again within a heartbeat interval).
+    lag: BTreeMap<String, BTreeMap<(String, u32), PartitionLag>>,
+    /// Records written (or replayed) since the last full snapshot, and when it was taken.
+    records_since_snapshot: u64,
+    last_snapshot_ms: u64,
 }
 
 impl Coordinator {
@@ -259,6 +266,20 @@ impl Shard {
                     key: "min_insync_replicas".into(),
                     value: replication_factor.min(2).to_string(),
                 },
+                // Compaction is the coordinators' snapshots, not retention: keep everything
+                // until a snapshot makes it obsolete.
+                ConfigEntry {
+                    key: "retention_ms".into(),
+                    value: "0".into(),
+                },
+                ConfigEntry {
+                    key: "retention_bytes".into(),
+                    value: "0".into(),
+                },
+                ConfigEntry {
+                    key: "segment_bytes".into(),
+                    value: config.offsets_segment_bytes.to_string(),
+                },
             ],
         };
         let result = self.create_topic(request).await;
@@ -298,10 +319,13 @@ impl Shard {
         let current = coordinator.loaded.borrow().as_ref().map(|l| l.leader_epoch);
         if current != Some(description.leader_epoch) {
             match self.load_groups(&partition).await {
-                Ok(groups) => {
+                Ok((groups, replayed)) => {
                     *coordinator.loaded.borrow_mut() = Some(Loaded {
                         leader_epoch: description.leader_epoch,
                         groups,
+                        lag: BTreeMap::new(),
+                        records_since_snapshot: replayed,
+                        last_snapshot_ms: monotonic_ms(),
                     });
                 }
                 Err(e) => {
@@ -318,9 +342,23 @@ impl Shard {
             let Some(loaded) = loaded.as_mut() else {
                 return op.error(ErrorCode::CoordinatorLoading, "not loaded; retry");
             };
-            self.apply(&mut loaded.groups, &op, topics)
+            let mut applied = self.apply(&mut loaded.groups, &op, topics);
+            let heartbeat = match &op {
+                GroupOp::Heartbeat(request) => Some(request),
+                _ => None,
+            };
+            self.track_lag(loaded, op.group(), heartbeat);
+            if let GroupAnswer::Describe(described) = &mut applied.0 {
+                described.lag = loaded
+                    .lag
+                    .get(op.group())
+                    .map(|reports| reports.values().cloned().collect())
+                    .unwrap_or_default();
+            }
+            applied
         };
         if !records.is_empty() {
+            let written = records.len() as u64;
             if let Err(e) = persist(&partition, op.group(), records).await {
                 // The state may now be ahead of the log: forget it, reload on the next request.
                 *coordinator.loaded.borrow_mut() = None;
@@ -331,6 +369,9 @@ impl Shard {
                     ErrorCode::CoordinatorLoading
                 };
                 return op.error(code, format!("writing the group's change: {}", e.message));
+            }
+            if let Some(loaded) = coordinator.loaded.borrow_mut().as_mut() {
+                loaded.records_since_snapshot += written;
             }
         }
         answer
@@ -492,6 +533,7 @@ impl Shard {
             GroupOp::Describe(_) => GroupAnswer::Describe(DescribeGroupResponse {
                 error: 0,
                 message: String::new(),
+                lag: Vec::new(), // Filled by `track_lag`.
                 group_epoch: group.group_epoch(),
                 assignor: group.config().assignor.name().to_string(),
                 coordinator: self.shared.config.broker_id,
@@ -521,16 +563,92 @@ impl Shard {
         (answer, records)
     }
 
+    /// Keeps the lag a heartbeat reported (for the partitions its member owns) and drops the
+    /// reports of partitions nobody in the group owns any more; updates the lag metrics.
+    fn track_lag(
+        &self,
+        loaded: &mut Loaded,
+        name: &str,
+        heartbeat: Option<&GroupHeartbeatRequest>,
+    ) {
+        let Some(group) = loaded.groups.get(name) else {
+            self.forget_lag(loaded, name);
+            return;
+        };
+        let reports = loaded.lag.entry(name.to_string()).or_default();
+        if let Some(request) = heartbeat {
+            for lag in &request.lag {
+                let tp = TopicPartition::new(lag.topic.clone(), lag.partition);
+                if group.owner(&tp) == Some(request.member_id.as_str()) {
+                    reports.insert((lag.topic.clone(), lag.partition), lag.clone());
+                }
+            }
+        }
+        let metrics = &self.shared.metrics;
+        let labels = |topic: &str, partition: u32| crate::server::metrics::GroupPartitionLabels {
+            group: name.to_string(),
+            topic: topic.to_string(),
+            partition,
+        };
+        reports.retain(|(topic, partition), _| {
+            let owned = group
+                .owner(&TopicPartition::new(topic.clone(), *partition))
+                .is_some();
+            if !owned {
+                metrics.group_lag_records.remove(&labels(topic, *partition));
+                metrics.group_lag_ms.remove(&labels(topic, *partition));
+            }
+            owned
+        });
+        for ((topic, partition), lag) in reports.iter() {
+            metrics
+                .group_lag_records
+                .get_or_create(&labels(topic, *partition))
+                .set(lag.high_watermark.saturating_sub(lag.position) as i64);
+            metrics
+                .group_lag_ms
+                .get_or_create(&labels(topic, *partition))
+                .set(lag.lag_ms as i64);
+        }
+        metrics
+            .group_members
+            .get_or_create(&crate::server::metrics::GroupLabels {
+                group: name.to_string(),
+            })
+            .set(group.members().count() as i64);
+    }
+
+    fn forget_lag(&self, loaded: &mut Loaded, name: &str) {
+        let metrics = &self.shared.metrics;
+        if let Some(reports) = loaded.lag.remove(name) {
+            for (topic, partition) in reports.keys() {
+                let labels = crate::server::metrics::GroupPartitionLabels {
+                    group: name.to_string(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                };
+                metrics.group_lag_records.remove(&labels);
+                metrics.group_lag_ms.remove(&labels);
+            }
+        }
+        metrics
+            .group_members
+            .remove(&crate::server::metrics::GroupLabels {
+                group: name.to_string(),
+            });
+    }
+
     /// Replays offsets partition `partition` from its start to its end into groups.
     async fn load_groups(
         &self,
         partition: &Rc<Partition>,
-    ) -> Result<BTreeMap<String, Group>, PartitionError> {
+    ) -> Result<(BTreeMap<String, Group>, u64), PartitionError> {
         let config = group_config(&self.shared.config.groups);
         let now = monotonic_ms();
         let description = partition.describe();
         let mut from = Offset(description.log_start_offset);
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        let mut replayed = 0u64;
         for _ in 0..LOAD_STEPS_MAX {
             let data = partition.read_to(from, LOAD_READ_BYTES, None).await?;
             if data.bytes == 0 {
@@ -553,6 +671,7 @@ impl Shard {
                         .entry(stored.group.clone())
                         .or_insert_with(|| Group::new(stored.group.clone(), config.clone()));
                     group.replay(group_record(stored.change), now);
+                    replayed += 1;
                 }
                 if header.next_offset() > from {
                     from = header.next_offset();
@@ -567,7 +686,7 @@ impl Shard {
         for group in groups.values() {
             group.check_invariants();
         }
-        Ok(groups)
+        Ok((groups, replayed))
     }
 
     /// Shard task: removes members whose session ended, on every coordinator this shard runs.
@@ -589,10 +708,16 @@ impl Shard {
 
     async fn expire_partition(self: &Rc<Self>, index: u32, coordinator: &CoordinatorPartition) {
         let now = monotonic_ms();
+        let config = &self.shared.config.groups;
         let due = coordinator.loaded.borrow().as_ref().is_some_and(|l| {
-            l.groups
+            let expiring = l
+                .groups
                 .values()
-                .any(|g| g.next_deadline_ms().is_some_and(|d| d <= now))
+                .any(|g| g.next_deadline_ms().is_some_and(|d| d <= now));
+            let snapshot = l.records_since_snapshot >= config.snapshot_after_records
+                || (l.records_since_snapshot > 0
+                    && now.saturating_sub(l.last_snapshot_ms) >= config.snapshot_interval_ms);
+            expiring || snapshot
         });
         if !due {
             return;
@@ -619,7 +744,7 @@ impl Shard {
                 return;
             };
             let now = monotonic_ms();
-            let changes = loaded
+            let changes: Vec<(String, Vec<GroupRecord>)> = loaded
                 .groups
                 .iter_mut()
                 .map(|(name, g)| (name.clone(), g.expire(now)))
@@ -628,24 +753,88 @@ impl Shard {
             loaded
                 .groups
                 .retain(|_, g| !(g.is_empty() && g.offsets().is_empty()));
+            for (name, _) in &changes {
+                self.track_lag(loaded, name, None);
+            }
             changes
         };
         for (group, records) in changes {
+            let written = records.len() as u64;
             if let Err(e) = persist(&partition, &group, records).await {
                 tracing::warn!(group, error = %e.message, "could not write a group's expired members; reloading");
                 *coordinator.loaded.borrow_mut() = None;
                 return;
+            }
+            if let Some(loaded) = coordinator.loaded.borrow_mut().as_mut() {
+                loaded.records_since_snapshot += written;
+            }
+        }
+        self.maybe_snapshot(index, &partition, coordinator).await;
+    }
+
+    /// Writes a full snapshot of the partition's groups once enough was written since the
+    /// last one (or long enough ago), then deletes the segments below it: everything before a
+    /// complete, committed snapshot is obsolete. Called with the partition's lock held.
+    async fn maybe_snapshot(
+        &self,
+        index: u32,
+        partition: &Rc<Partition>,
+        coordinator: &CoordinatorPartition,
+    ) {
+        let config = &self.shared.config.groups;
+        let now = monotonic_ms();
+        let snapshot: Vec<(String, Vec<GroupRecord>)> = {
+            let loaded = coordinator.loaded.borrow();
+            let Some(loaded) = loaded.as_ref() else {
+                return;
+            };
+            let due = loaded.records_since_snapshot >= config.snapshot_after_records
+                || (loaded.records_since_snapshot > 0
+                    && now.saturating_sub(loaded.last_snapshot_ms) >= config.snapshot_interval_ms);
+            if !due {
+                return;
+            }
+            loaded
+                .groups
+                .iter()
+                .map(|(name, g)| (name.clone(), g.snapshot()))
+                .collect()
+        };
+        // With no groups left, everything written so far is obsolete.
+        let mut delete_below = Offset(partition.describe().end_offset);
+        for (i, (group, records)) in snapshot.into_iter().enumerate() {
+            match persist(partition, &group, records).await {
+                Ok(base) if i == 0 => delete_below = base,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(group, error = %e.message, "could not write a group snapshot; reloading");
+                    *coordinator.loaded.borrow_mut() = None;
+                    return;
+                }
+            }
+        }
+        if let Some(loaded) = coordinator.loaded.borrow_mut().as_mut() {
+            loaded.records_since_snapshot = 0;
+            loaded.last_snapshot_ms = now;
+        }
+        match partition.delete_below(delete_below).await {
+            Ok(deleted) => {
+                tracing::debug!(partition = index, %delete_below, deleted, "group snapshot written; older segments deleted")
+            }
+            Err(error) => {
+                tracing::warn!(partition = index, %error, "deleting below a group snapshot")
             }
         }
     }
 }
 
 /// Writes one group's changes to its offsets partition and waits for `acks=all`.
+/// Returns the offset of the first record written.
 async fn persist(
     partition: &Rc<Partition>,
     group: &str,
     records: Vec<GroupRecord>,
-) -> Result<(), PartitionError> {
+) -> Result<Offset, PartitionError> {
     let timestamp_ms = now_ms() as i64;
     let mut payload: Vec<u8> = Vec::new();
     for chunk in records.chunks(RECORDS_PER_BATCH_MAX) {
@@ -673,15 +862,16 @@ async fn persist(
     let admitted = partition
         .produce(&mut aligned, Acks::All, PERSIST_TIMEOUT_MS)
         .await?;
+    let base = admitted.base_offset;
     let Some(completion) = admitted.completion else {
-        return Ok(());
+        return Ok(base);
     };
     match glommio::timer::timeout(Duration::from_millis(PERSIST_TIMEOUT_MS), async {
         Ok(completion.await)
     })
     .await
     {
-        Ok(Ok(result)) => result.map(|_| ()),
+        Ok(Ok(result)) => result.map(|_| base),
         Ok(Err(_canceled)) => Err(PartitionError::new(
             ErrorCode::PartitionUnavailable,
             "the offsets partition closed before the write was durable",

@@ -18,6 +18,18 @@ pub struct PartitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupPartitionLabels {
+    pub group: String,
+    pub topic: String,
+    pub partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabels {
     pub shard: u32,
 }
@@ -63,6 +75,11 @@ pub struct Metrics {
     pub partition_fetches_waiting: Family<PartitionLabels, Gauge>,
     pub replica_fetch_corrupt: Family<PartitionLabels, Counter>,
     pub partition_produce_duplicates: Family<PartitionLabels, Counter>,
+    /// Consumer groups, on the coordinator: lag per consumed partition (records and ms) and
+    /// members per group.
+    pub group_lag_records: Family<GroupPartitionLabels, Gauge>,
+    pub group_lag_ms: Family<GroupPartitionLabels, Gauge>,
+    pub group_members: Family<GroupLabels, Gauge>,
     pub requests: Family<ApiLabels, Counter>,
     pub request_errors: Family<ErrorLabels, Counter>,
     pub request_latency: HistogramFamily<ApiLabels>,
@@ -111,6 +128,9 @@ impl Metrics {
             partition_fetches_waiting: Family::default(),
             replica_fetch_corrupt: Family::default(),
             partition_produce_duplicates: Family::default(),
+            group_lag_records: Family::default(),
+            group_lag_ms: Family::default(),
+            group_members: Family::default(),
             requests: Family::default(),
             request_errors: Family::default(),
             request_latency: Family::new_with_constructor(latency_histogram),
@@ -200,6 +220,21 @@ impl Metrics {
             "partition_produce_duplicates",
             "Produces of idempotent producers answered as retries of batches already written (nothing appended)",
             metrics.partition_produce_duplicates.clone(),
+        );
+        registry.register(
+            "group_lag_records",
+            "Consumer group lag per partition: high watermark minus the member's position, as its last heartbeat reported",
+            metrics.group_lag_records.clone(),
+        );
+        registry.register(
+            "group_lag_ms",
+            "Consumer group lag per partition in time: 0 when caught up, else the age of the newest record the member consumed (an upper bound)",
+            metrics.group_lag_ms.clone(),
+        );
+        registry.register(
+            "group_members",
+            "Members of each consumer group this broker coordinates",
+            metrics.group_members.clone(),
         );
         registry.register(
             "partition_produced_bytes",

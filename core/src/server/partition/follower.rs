@@ -135,6 +135,7 @@ impl Partition {
         let response: ReplicaFetchResponse = decode(&frame).map_err(|e| e.to_string())?;
         tracing::trace!(topic = %self.topic, partition = self.index, leader, fetch_id = request.fetch_id, offset = %request.fetch_offset, code = response.error, "replica fetch answered");
         let epoch = Epoch(response.leader_epoch);
+        let leader_log_start = Offset(response.log_start_offset);
         let reply = match ErrorCode::from_u16(response.error) {
             ErrorCode::None => {
                 self.corrupt_fetch_logged.set(None);
@@ -199,11 +200,16 @@ impl Partition {
         let Some(_guard) = self.shared().await else {
             return Err("partition closed".to_string());
         };
+        let data = matches!(reply, FetchReply::Data { .. });
         self.step(Input::FetchReply {
             fetch_id: request.fetch_id,
             leader_epoch: epoch,
             reply,
         })?;
+        drop(_guard);
+        if data {
+            self.follow_leader_log_start(leader_log_start).await;
+        }
         Ok(())
     }
 }

@@ -88,6 +88,54 @@ impl Partition {
         }
     }
 
+    /// Deletes the whole segments below `offset` (at or below the high watermark: only
+    /// committed data goes) and moves the log start: the leader of an offsets partition after
+    /// a full snapshot of its groups, a follower following its leader's log start. Returns
+    /// how many segments went.
+    pub(crate) async fn delete_below(&self, offset: Offset) -> Result<usize, String> {
+        let offset = offset.min(self.high_watermark.get());
+        let Ok(_exclusive) = self.maintenance.write().await else {
+            return Err("partition closed".into());
+        };
+        let Some(mut log) = self.take_quiet_log().await else {
+            return Err("partition closed".into());
+        };
+        let result = log.delete_below(offset).await;
+        let log_start = log.log_start_offset();
+        self.metrics.log_start_offset.set(log_start.0 as i64);
+        drop(log);
+        match result {
+            Ok(0) => Ok(0),
+            Ok(deleted) => {
+                if let Err(error) = self.step(Input::LogStartMoved { log_start }) {
+                    tracing::error!(topic = %self.topic, partition = self.index, %error, "after deleting below {offset}");
+                }
+                tracing::info!(topic = %self.topic, partition = self.index, deleted, %log_start, "deleted the segments below {offset}");
+                Ok(deleted)
+            }
+            Err(error) => {
+                tracing::error!(topic = %self.topic, partition = self.index, %error, "deleting below {offset} failed");
+                Err(error.to_string())
+            }
+        }
+    }
+
+    /// Follower: deletes what lies below the leader's log start (its retention, or an offsets
+    /// partition's snapshot), once a whole segment here is below it.
+    pub(super) async fn follow_leader_log_start(&self, leader_log_start: Offset) {
+        let target = leader_log_start.min(self.high_watermark.get());
+        let deletable = self.log.get().is_some_and(|log| {
+            log.log_start_offset() < target
+                && log
+                    .segment_bases()
+                    .get(1)
+                    .is_some_and(|&next| next <= target)
+        });
+        if deletable {
+            let _ = self.delete_below(target).await;
+        }
+    }
+
     /// Runs from the flusher between flushes, so no flush is in flight; the log is taken out
     /// of its slot under the write side of `maintenance`.
     pub(super) async fn apply_retention(&self) {
