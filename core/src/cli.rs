@@ -829,9 +829,26 @@ pub async fn group(command: GroupCommand, args: ClientArgs) -> Result<(), Failur
                         "COMMITTED",
                         "END",
                         "LAG",
+                        "MEMBER LAG",
                         "COMMITTED AGO",
                     ]);
                     for (o, end) in &lags {
+                        // What the owning member last reported: its position's lag in
+                        // records and in time (the committed offset trails it).
+                        let reported = d
+                            .lag
+                            .iter()
+                            .find(|l| l.topic == o.topic && l.partition == o.partition)
+                            .map_or_else(
+                                || "-".to_string(),
+                                |l| {
+                                    format!(
+                                        "{} records, {} ms",
+                                        l.high_watermark.saturating_sub(l.position),
+                                        l.lag_ms
+                                    )
+                                },
+                            );
                         offsets.add_row([
                             o.topic.clone(),
                             o.partition.to_string(),
@@ -841,6 +858,7 @@ pub async fn group(command: GroupCommand, args: ClientArgs) -> Result<(), Failur
                                 || "?".into(),
                                 |e| e.saturating_sub(o.offset).to_string(),
                             ),
+                            reported,
                             format!("{} ms", now_ms.saturating_sub(o.commit_ms)),
                         ]);
                     }
@@ -870,6 +888,12 @@ pub async fn group(command: GroupCommand, args: ClientArgs) -> Result<(), Failur
                                 "end": end,
                                 "lag": end.map(|e| e.saturating_sub(o.offset)),
                                 "commit_ms": o.commit_ms,
+                                "member_lag": d.lag.iter().find(|l| l.topic == o.topic && l.partition == o.partition).map(|l| serde_json::json!({
+                                    "position": l.position,
+                                    "high_watermark": l.high_watermark,
+                                    "lag_records": l.high_watermark.saturating_sub(l.position),
+                                    "lag_ms": l.lag_ms,
+                                })),
                             })
                         })
                         .collect();

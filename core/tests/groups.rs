@@ -123,6 +123,34 @@ fn members_share_partitions_and_rebalance_on_join_leave_and_crash() {
         assert_eq!(described.members.len(), 2);
         let committed: u64 = described.offsets.iter().map(|o| o.offset).sum();
         assert!(committed > 0, "offsets committed: {:?}", described.offsets);
+        // The coordinator exports the members' lag: all caught up, every partition reported.
+        let mut caught_up = false;
+        for _ in 0..ROUNDS_MAX {
+            poll_into(&mut a, &mut seen).await;
+            poll_into(&mut b, &mut seen).await;
+            let (_, metrics) = broker.http_get("/metrics").expect("metrics");
+            let lags: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("wharf_group_lag_records{group=\"g\""))
+                .collect();
+            caught_up = lags.len() == PARTITIONS as usize
+                && lags.iter().all(|l| l.ends_with(" 0"))
+                && metrics.contains("wharf_group_members{group=\"g\"} 2");
+            if caught_up {
+                break;
+            }
+        }
+        assert!(
+            caught_up,
+            "lag metrics: every partition reported at 0 lag, 2 members"
+        );
+        let described = client.describe_group("g").await.expect("describe");
+        assert_eq!(
+            described.lag.len(),
+            PARTITIONS as usize,
+            "{:?}",
+            described.lag
+        );
 
         // b leaves: a takes everything back.
         b.leave().await.expect("b leaves");

@@ -332,7 +332,19 @@ impl GroupConsumer {
             glommio::timer::sleep(Duration::from_millis(wait_ms)).await;
             return Ok(Records::empty());
         }
-        let records = self.consumer.poll().await?;
+        let records = match self.consumer.poll().await {
+            Ok(records) => records,
+            Err(ClientError::Server {
+                code: ErrorCode::OffsetOutOfRange,
+                message,
+            }) => {
+                // A committed offset outside the log (retention deleted below it, or it was
+                // set beyond the end): start over per `offset_reset`.
+                self.reset_out_of_range(&message).await?;
+                return Ok(Records::empty());
+            }
+            Err(error) => return Err(error),
+        };
         if !records.is_empty() {
             self.uncommitted = true;
             for (partition, timestamp_ms) in records.newest_timestamps() {
@@ -471,6 +483,50 @@ impl GroupConsumer {
                 return Ok(());
             }
             joining = false;
+        }
+        Ok(())
+    }
+
+    /// Moves every partition whose position is outside its log (below the log start or past
+    /// the end) per `offset_reset`; with `none`, reports the refusal.
+    async fn reset_out_of_range(&mut self, message: &str) -> Result<(), ClientError> {
+        let partitions: Vec<u32> = self.owned.iter().copied().collect();
+        let earliest = self
+            .client
+            .list_offsets(&self.topic, &partitions, OffsetSpec::Earliest)
+            .await?;
+        let latest = self
+            .client
+            .list_offsets(&self.topic, &partitions, OffsetSpec::Latest)
+            .await?;
+        for &partition in &partitions {
+            let Some(position) = self.consumer.position(partition) else {
+                continue;
+            };
+            let bound =
+                |list: &[(u32, u64)]| list.iter().find(|(p, _)| *p == partition).map(|(_, o)| *o);
+            let (Some(start), Some(end)) = (bound(&earliest), bound(&latest)) else {
+                continue;
+            };
+            if (start..=end).contains(&position) {
+                continue;
+            }
+            let to = match self.config.offset_reset {
+                OffsetReset::Earliest => start,
+                OffsetReset::Latest => end,
+                OffsetReset::None => {
+                    return Err(ClientError::server(
+                        ErrorCode::OffsetOutOfRange,
+                        format!(
+                            "{message} (group {:?}, offset_reset none)",
+                            self.config.group
+                        ),
+                    ))
+                }
+            };
+            tracing::warn!(group = %self.config.group, topic = %self.topic, partition, position, to, "position outside the log; reset per offset_reset");
+            self.consumer.seek(partition, SeekTo::Offset(to)).await?;
+            self.uncommitted = true;
         }
         Ok(())
     }

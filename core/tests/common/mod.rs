@@ -295,6 +295,15 @@ impl Cluster {
         )
     }
 
+    /// A controller cluster with `extra_config` before the `[cluster]` section.
+    pub fn start_controlled_with(replica_lag_max_ms: u64, extra_config: &str) -> Cluster {
+        Cluster::start_full(
+            replica_lag_max_ms,
+            extra_config,
+            "controller_voters = [1, 2, 3]\n",
+        )
+    }
+
     fn start_full(replica_lag_max_ms: u64, extra_config: &str, cluster_config: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret_path = write_secret(dir.path(), "the test cluster's shared secret\n");
