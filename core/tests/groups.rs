@@ -447,3 +447,113 @@ fn snapshots_compact_the_offsets_topic_and_the_group_survives_a_restart() {
         );
     });
 }
+
+/// The CLI: `wharf consume --group` resumes where the group stopped; `wharf group list |
+/// describe | reset-offsets | delete`; bad combinations are refused with exit code 2.
+#[test]
+fn the_cli_consumes_as_a_group_and_manages_groups() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, GROUPS_CONFIG);
+    let wharf = env!("CARGO_BIN_EXE_wharf");
+    let bootstrap = broker.bootstrap();
+    let cli = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(wharf)
+            .args(args)
+            .args(["--bootstrap", &bootstrap])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cli");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        let output = child.wait_with_output().expect("cli output");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = cli(&["topic", "create", "lines", "--partitions", "3"], "");
+    assert_eq!(code, Some(0), "{err}");
+    let input: String = (0..50).map(|i| format!("line {i}\n")).collect();
+    let (code, _, err) = cli(&["produce", "lines"], &input);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, first, err) = cli(&["consume", "lines", "--group", "cg", "--count", "20"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(first.lines().count(), 20, "{first}");
+    let (code, rest, err) = cli(&["consume", "lines", "--group", "cg"], "");
+    assert_eq!(code, Some(0), "{err}");
+    let mut all: Vec<&str> = first.lines().chain(rest.lines()).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        50,
+        "each record once across both runs: {first}\n--\n{rest}"
+    );
+    assert_eq!(first.lines().count() + rest.lines().count(), 50);
+    let (code, out, err) = cli(&["group", "describe", "cg", "--format", "json"], "");
+    assert_eq!(code, Some(0), "{err}");
+    let described: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let committed: u64 = described["offsets"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .map(|o| o["committed"].as_u64().expect("committed"))
+        .sum();
+    assert_eq!(committed, 50, "{out}");
+    assert_eq!(
+        described["members"].as_array().map(Vec::len),
+        Some(0),
+        "{out}"
+    );
+    let (code, out, _) = cli(&["group", "list"], "");
+    assert_eq!(code, Some(0));
+    assert!(out.contains("cg"), "{out}");
+    let (code, _, err) = cli(
+        &[
+            "group",
+            "reset-offsets",
+            "cg",
+            "--topic",
+            "lines",
+            "--to",
+            "earliest",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, again, err) = cli(&["consume", "lines", "--group", "cg"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(again.lines().count(), 50, "from the start again");
+    let (code, _, err) = cli(
+        &["consume", "lines", "--group", "cg", "--partition", "1"],
+        "",
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--partition and --group"), "{err}");
+    let (code, _, err) = cli(
+        &[
+            "group",
+            "reset-offsets",
+            "cg",
+            "--topic",
+            "lines",
+            "--to",
+            "soon",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(2), "{err}");
+    let (code, _, err) = cli(&["group", "delete", "cg"], "");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&["group", "describe", "cg"], "");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unknown_group"), "{err}");
+}
