@@ -334,6 +334,23 @@ fn bad_group_requests_get_clear_errors() {
             code(client.describe_group("nobody").await),
             ErrorCode::UnknownGroup
         );
+        // The offsets topic is the brokers': clients cannot create, delete or write it.
+        let internal = wharf::protocol::OFFSETS_TOPIC;
+        assert_eq!(
+            code(client.create_topic(internal, 1, 1, Vec::new()).await),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(client.delete_topic(internal).await),
+            ErrorCode::InvalidTopic
+        );
+        let producer = Producer::new(Rc::clone(&client), ProducerConfig::default());
+        let delivery = producer
+            .send_to(internal, Some(0), None, b"garbage")
+            .await
+            .expect("queued");
+        producer.flush().await;
+        assert_eq!(code(delivery.await), ErrorCode::InvalidTopic);
         assert_eq!(
             code(client.describe_group(&"x".repeat(300)).await),
             ErrorCode::InvalidRequest

@@ -608,6 +608,12 @@ impl Frame {
 /// The internal topic holding every consumer group's state and committed offsets.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 
+/// Topics whose names start with `__` belong to the brokers (the offsets topic): clients may
+/// read them but not create, delete or write them.
+pub fn is_internal_topic(name: &str) -> bool {
+    name.starts_with("__")
+}
+
 /// The partition of the offsets topic whose leader coordinates `group`.
 pub fn group_partition(group: &str, partitions: u32) -> u32 {
     crc32c::crc32c(group.as_bytes()) % partitions.max(1)

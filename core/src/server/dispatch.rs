@@ -134,6 +134,7 @@ impl Shard {
             }
             ApiKey::CreateTopic => {
                 let request: CreateTopicRequest = frame.decode_body().map_err(invalid)?;
+                refuse_internal(&request.name, "created")?;
                 let shard = Rc::clone(self);
                 async move {
                     let result = shard.create_topic(request).await;
@@ -143,6 +144,7 @@ impl Shard {
             }
             ApiKey::DeleteTopic => {
                 let request: DeleteTopicRequest = frame.decode_body().map_err(invalid)?;
+                refuse_internal(&request.name, "deleted")?;
                 let shard = Rc::clone(self);
                 async move {
                     let result = shard.delete_topic(request.name).await;
@@ -379,4 +381,16 @@ pub fn error_frame(header: &FrameHeader, code: ErrorCode, message: String) -> Op
         head,
         payload: Vec::new(),
     })
+}
+
+/// Internal topics (the offsets topic) are the brokers' own: a client that could delete or
+/// write one could wipe or corrupt every consumer group.
+pub(crate) fn refuse_internal(topic: &str, what: &str) -> Result<(), PartitionError> {
+    if is_internal_topic(topic) {
+        return Err(PartitionError::new(
+            ErrorCode::InvalidTopic,
+            format!("{topic:?} is an internal topic (names starting with \"__\"): it cannot be {what} by clients"),
+        ));
+    }
+    Ok(())
 }

@@ -34,6 +34,7 @@ impl Shard {
         let request: ProduceRequest = frame
             .decode_body()
             .map_err(|e| PartitionError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+        crate::server::dispatch::refuse_internal(&request.topic, "written")?;
         if request.partitions.is_empty() || request.partitions.len() > PARTITIONS_PER_REQUEST_MAX {
             return Err(PartitionError::new(
                 ErrorCode::InvalidRequest,
