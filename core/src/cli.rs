@@ -756,12 +756,14 @@ pub async fn group(command: GroupCommand, args: ClientArgs) -> Result<(), Failur
                 Format::Text => {
                     let mut table = comfy_table::Table::new();
                     table.load_preset(comfy_table::presets::NOTHING);
-                    table.set_header(["GROUP", "MEMBERS", "EPOCH"]);
+                    table.set_header(["GROUP", "MEMBERS", "EPOCH", "LAG", "LAG MS"]);
                     for g in &groups {
                         table.add_row([
                             g.group.clone(),
                             g.members.to_string(),
                             g.group_epoch.to_string(),
+                            g.lag_records.to_string(),
+                            g.lag_ms_max.to_string(),
                         ]);
                     }
                     println!("{table}");
@@ -769,7 +771,7 @@ pub async fn group(command: GroupCommand, args: ClientArgs) -> Result<(), Failur
                 Format::Json => {
                     let groups: Vec<_> = groups
                         .iter()
-                        .map(|g| serde_json::json!({"group": g.group, "members": g.members, "group_epoch": g.group_epoch}))
+                        .map(|g| serde_json::json!({"group": g.group, "members": g.members, "group_epoch": g.group_epoch, "lag_records": g.lag_records, "lag_ms_max": g.lag_ms_max}))
                         .collect();
                     println!("{}", serde_json::Value::Array(groups));
                 }

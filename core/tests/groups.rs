@@ -231,6 +231,10 @@ fn committed_offsets_survive_a_kill_and_a_new_member_resumes_without_skipping() 
             .committed_offsets("g")
             .await
             .expect("offsets survive");
+        assert!(
+            committed.iter().all(|o| o.leader_epoch.is_some()),
+            "each commit carries the leader epoch of what was consumed: {committed:?}"
+        );
         assert_eq!(
             committed.iter().map(|o| o.offset).sum::<u64>(),
             before as u64,
@@ -533,6 +537,24 @@ fn the_cli_consumes_as_a_group_and_manages_groups() {
     let (code, out, _) = cli(&["group", "list"], "");
     assert_eq!(code, Some(0));
     assert!(out.contains("cg"), "{out}");
+    // Pub/sub: another group reads every record too, independently.
+    let (code, other, err) = cli(&["consume", "lines", "--group", "other"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        other.lines().count(),
+        50,
+        "a second group gets every record"
+    );
+    let (code, out, _) = cli(&["group", "list", "--format", "json"], "");
+    assert_eq!(code, Some(0));
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let names: Vec<&str> = listed
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g["group"].as_str())
+        .collect();
+    assert_eq!(names, ["cg", "other"], "{out}");
     let (code, _, err) = cli(
         &[
             "group",

@@ -363,6 +363,8 @@ pub fn bodies() -> Vec<Vec<u8>> {
                 group: "billing".to_string(),
                 members: 2,
                 group_epoch: 5,
+                lag_records: 1_200,
+                lag_ms_max: 340,
             }],
         }),
         archive(&DeleteGroupRequest {

@@ -101,23 +101,26 @@ impl Records {
         self.fetched.iter().all(|f| f.start == f.end)
     }
 
-    /// Per partition, the newest record timestamp of what this poll returned (from the batch
-    /// headers alone: no record is decoded).
-    pub fn newest_timestamps(&self) -> Vec<(u32, i64)> {
+    /// Per partition, the newest record timestamp of what this poll returned and the leader
+    /// epoch of its last batch (from the batch headers alone: no record is decoded).
+    pub fn newest_batches(&self) -> Vec<(u32, i64, u32)> {
         let mut newest = Vec::new();
         for fetched in &self.fetched {
             let bytes = &fetched.frame.payload()[fetched.start..fetched.end];
             let mut at = 0;
-            let mut max = None;
+            let mut last = None;
             while at < bytes.len() {
                 let Ok(header) = wharf_storage::batch::decode_header(&bytes[at..]) else {
                     break;
                 };
-                max = Some(max.unwrap_or(i64::MIN).max(header.max_timestamp_ms));
+                let max = last
+                    .map_or(i64::MIN, |(t, _)| t)
+                    .max(header.max_timestamp_ms);
+                last = Some((max, header.leader_epoch.0));
                 at += header.batch_bytes();
             }
-            if let Some(max) = max {
-                newest.push((fetched.partition, max));
+            if let Some((timestamp_ms, leader_epoch)) = last {
+                newest.push((fetched.partition, timestamp_ms, leader_epoch));
             }
         }
         newest

@@ -250,6 +250,8 @@ pub struct GroupConsumer {
     uncommitted: bool,
     /// Per partition, the newest record timestamp this member consumed (its lag in time).
     newest_consumed_ms: BTreeMap<u32, i64>,
+    /// Per partition, the leader epoch of the last batch consumed (stored with commits).
+    consumed_epoch: BTreeMap<u32, u32>,
     last_commit: Instant,
 }
 
@@ -276,6 +278,7 @@ impl GroupConsumer {
             owned: BTreeSet::new(),
             uncommitted: false,
             newest_consumed_ms: BTreeMap::new(),
+            consumed_epoch: BTreeMap::new(),
             last_commit: Instant::now(),
         };
         member.heartbeat(true).await?;
@@ -347,9 +350,10 @@ impl GroupConsumer {
         };
         if !records.is_empty() {
             self.uncommitted = true;
-            for (partition, timestamp_ms) in records.newest_timestamps() {
+            for (partition, timestamp_ms, leader_epoch) in records.newest_batches() {
                 let newest = self.newest_consumed_ms.entry(partition).or_insert(i64::MIN);
                 *newest = (*newest).max(timestamp_ms);
+                self.consumed_epoch.insert(partition, leader_epoch);
             }
         }
         Ok(records)
@@ -373,7 +377,7 @@ impl GroupConsumer {
                     topic: self.topic.clone(),
                     partition: p,
                     offset: self.consumer.position(p)?,
-                    leader_epoch: None,
+                    leader_epoch: self.consumed_epoch.get(&p).copied(),
                     metadata: String::new(),
                 })
             })

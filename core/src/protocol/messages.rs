@@ -676,6 +676,9 @@ pub struct GroupListing {
     pub group: String,
     pub members: u32,
     pub group_epoch: i32,
+    /// The members' last reported lag: summed over partitions, and the largest in time.
+    pub lag_records: u64,
+    pub lag_ms_max: u64,
 }
 
 /// The groups this broker coordinates (a client asks every broker).

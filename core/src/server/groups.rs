@@ -396,10 +396,19 @@ impl Shard {
                 continue;
             }
             if let Some(loaded) = coordinator.loaded.borrow().as_ref() {
-                listed.extend(loaded.groups.values().map(|g| GroupListing {
-                    group: g.id().to_string(),
-                    members: g.members().count() as u32,
-                    group_epoch: g.group_epoch(),
+                listed.extend(loaded.groups.values().map(|g| {
+                    let reports = loaded.lag.get(g.id());
+                    let lags = reports.into_iter().flat_map(|r| r.values());
+                    GroupListing {
+                        group: g.id().to_string(),
+                        members: g.members().count() as u32,
+                        group_epoch: g.group_epoch(),
+                        lag_records: lags
+                            .clone()
+                            .map(|l| l.high_watermark.saturating_sub(l.position))
+                            .sum(),
+                        lag_ms_max: lags.map(|l| l.lag_ms).max().unwrap_or(0),
+                    }
                 }));
             }
         }
