@@ -378,6 +378,28 @@ fn bad_group_requests_get_clear_errors() {
             code(client.delete_group("g").await),
             ErrorCode::GroupNotEmpty
         );
+        // A heartbeat with more lag reports than any member can own is refused.
+        let flood = wharf::protocol::GroupHeartbeatRequest {
+            group: "g".into(),
+            member_id: member.member_id().to_string(),
+            member_epoch: member.member_epoch(),
+            instance_id: None,
+            subscribed_topics: None,
+            owned: None,
+            lag: (0..70_000u32)
+                .map(|partition| wharf::protocol::PartitionLag {
+                    topic: TOPIC.into(),
+                    partition,
+                    position: 0,
+                    high_watermark: 0,
+                    lag_ms: 0,
+                })
+                .collect(),
+        };
+        let flooded: Result<wharf::protocol::GroupHeartbeatResponse, ClientError> = client
+            .coordinator_call(wharf::protocol::ApiKey::GroupHeartbeat, "g", &flood)
+            .await;
+        assert_eq!(code(flooded), ErrorCode::InvalidRequest);
         member.leave().await.expect("leave");
         client
             .commit_offsets_admin("g", vec![entry])

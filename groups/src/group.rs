@@ -26,6 +26,8 @@ pub const ID_BYTES_MAX: usize = 255;
 pub const SUBSCRIBED_TOPICS_MAX: usize = 1_024;
 /// Partitions one member may report owning (far above any sane assignment).
 pub const OWNED_PARTITIONS_MAX: usize = 65_536;
+/// Offsets one commit may carry.
+pub const COMMIT_OFFSETS_MAX: usize = 65_536;
 /// Bytes of the application metadata stored with a committed offset.
 pub const COMMIT_METADATA_BYTES_MAX: usize = 4_096;
 
@@ -520,6 +522,12 @@ impl Group {
     /// Commits offsets: all of them or, on any error, none. The caller stamps each offset's
     /// `commit_ms` (wall-clock time, while `now_ms` elsewhere may be a monotonic clock).
     pub fn commit(&mut self, commit: Commit) -> Result<Vec<GroupRecord>, CommitError> {
+        if commit.offsets.len() > COMMIT_OFFSETS_MAX {
+            return Err(CommitError::Invalid(format!(
+                "{} offsets in one commit (limit {COMMIT_OFFSETS_MAX})",
+                commit.offsets.len()
+            )));
+        }
         for (partition, committed) in &commit.offsets {
             if partition.topic.is_empty() || partition.topic.len() > ID_BYTES_MAX {
                 return Err(CommitError::Invalid(format!(

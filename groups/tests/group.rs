@@ -324,6 +324,14 @@ fn commits_are_fenced_by_epoch_and_ownership() {
     };
     assert!(h.group.commit(mixed).is_err());
     assert_ne!(h.group.committed(&of_a).map(|c| c.offset), Some(99));
+    // A commit is bounded.
+    let huge = Commit {
+        offsets: (0..=wharf_groups::group::COMMIT_OFFSETS_MAX as u32)
+            .map(|p| (TopicPartition::new("t", p), offset(1)))
+            .collect(),
+        ..commit(&a, 0, 0)
+    };
+    assert!(matches!(h.group.commit(huge), Err(CommitError::Invalid(_))));
     // No anonymous commits into an active group; allowed once it is empty.
     let admin = Commit {
         member_id: None,

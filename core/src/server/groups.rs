@@ -435,6 +435,21 @@ impl Shard {
         let config = &self.shared.config.groups;
         let now = monotonic_ms();
         let name = op.group().to_string();
+        if let GroupOp::Heartbeat(request) = op {
+            if request.lag.len() > wharf_groups::group::OWNED_PARTITIONS_MAX {
+                return (
+                    op.error(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "{} lag reports (limit {})",
+                            request.lag.len(),
+                            wharf_groups::group::OWNED_PARTITIONS_MAX
+                        ),
+                    ),
+                    Vec::new(),
+                );
+            }
+        }
         let creates = matches!(op, GroupOp::Heartbeat(_) | GroupOp::Commit(_));
         if !groups.contains_key(&name) {
             if !creates {
@@ -743,8 +758,14 @@ impl Shard {
         let current = coordinator.loaded.borrow().as_ref().map(|l| l.leader_epoch);
         if !leads || current != Some(description.leader_epoch) {
             // No longer this partition's leader (or another was in between): the state is
-            // stale; the next request reloads it.
-            *coordinator.loaded.borrow_mut() = None;
+            // stale; the next request reloads it. Its groups' metrics belong to the new
+            // coordinator now.
+            if let Some(mut stale) = coordinator.loaded.borrow_mut().take() {
+                let names: Vec<String> = stale.groups.keys().cloned().collect();
+                for name in names {
+                    self.forget_lag(&mut stale, &name);
+                }
+            }
             return;
         }
         let changes: Vec<(String, Vec<GroupRecord>)> = {
