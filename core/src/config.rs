@@ -896,6 +896,27 @@ mod tests {
         .validate()
         .expect_err("bad listen");
         assert!(error.contains("listen"), "{error}");
+        let bad_groups = [
+            ("fastest", 10_000, 500, 4, "groups.assignor"),
+            ("sticky", 1_000, 500, 4, "groups.session_timeout_ms"),
+            ("sticky", 10_000, 0, 4, "groups.session_timeout_ms"),
+            ("sticky", 10_000, 500, 0, "groups.offsets_topic_partitions"),
+        ];
+        for (assignor, session, heartbeat, partitions, named) in bad_groups {
+            let error = ServerConfig {
+                groups: GroupsConfig {
+                    assignor: assignor.to_string(),
+                    session_timeout_ms: session,
+                    heartbeat_interval_ms: heartbeat,
+                    offsets_topic_partitions: partitions,
+                    ..GroupsConfig::default()
+                },
+                ..ServerConfig::default()
+            }
+            .validate()
+            .expect_err("bad groups settings");
+            assert!(error.contains(named), "{error}");
+        }
     }
 
     #[test]
