@@ -35,6 +35,9 @@ const LOAD_READ_BYTES: usize = 1024 * 1024;
 const LOAD_STEPS_MAX: usize = 1_000_000;
 /// Records per batch when a change is written.
 const RECORDS_PER_BATCH_MAX: usize = 256;
+/// Records per write of a snapshot or of expired members (a few MiB at most: within what a
+/// partition stages before it pushes back).
+const RECORDS_PER_WRITE_MAX: usize = 8 * RECORDS_PER_BATCH_MAX;
 /// How long a coordinator waits for its write to reach `acks=all`.
 const PERSIST_TIMEOUT_MS: u64 = 10_000;
 /// How often coordinators remove members whose session ended.
@@ -359,7 +362,7 @@ impl Shard {
         };
         if !records.is_empty() {
             let written = records.len() as u64;
-            if let Err(e) = persist(&partition, op.group(), records).await {
+            if let Err(e) = persist(&partition, tagged(op.group(), records)).await {
                 // The state may now be ahead of the log: forget it, reload on the next request.
                 *coordinator.loaded.borrow_mut() = None;
                 let code = ErrorCode::from_u16(e.code as u16);
@@ -788,10 +791,10 @@ impl Shard {
             }
             changes
         };
-        for (group, records) in changes {
-            let written = records.len() as u64;
-            if let Err(e) = persist(&partition, &group, records).await {
-                tracing::warn!(group, error = %e.message, "could not write a group's expired members; reloading");
+        for write in writes(changes) {
+            let written = write.len() as u64;
+            if let Err(e) = persist(&partition, write).await {
+                tracing::warn!(error = %e.message, "could not write expired members; reloading");
                 *coordinator.loaded.borrow_mut() = None;
                 return;
             }
@@ -832,12 +835,12 @@ impl Shard {
         };
         // With no groups left, everything written so far is obsolete.
         let mut delete_below = Offset(partition.describe().end_offset);
-        for (i, (group, records)) in snapshot.into_iter().enumerate() {
-            match persist(partition, &group, records).await {
+        for (i, write) in writes(snapshot).into_iter().enumerate() {
+            match persist(partition, write).await {
                 Ok(base) if i == 0 => delete_below = base,
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(group, error = %e.message, "could not write a group snapshot; reloading");
+                    tracing::warn!(error = %e.message, "could not write a group snapshot; reloading");
                     *coordinator.loaded.borrow_mut() = None;
                     return;
                 }
@@ -858,21 +861,45 @@ impl Shard {
     }
 }
 
-/// Writes one group's changes to its offsets partition and waits for `acks=all`.
+fn tagged(group: &str, records: Vec<GroupRecord>) -> Vec<(String, GroupRecord)> {
+    records
+        .into_iter()
+        .map(|r| (group.to_string(), r))
+        .collect()
+}
+
+/// Groups' changes cut into writes of about `RECORDS_PER_WRITE_MAX` records, never splitting
+/// one group's changes (a failed write then leaves each group at a state it was really in).
+fn writes(changes: Vec<(String, Vec<GroupRecord>)>) -> Vec<Vec<(String, GroupRecord)>> {
+    let mut writes: Vec<Vec<(String, GroupRecord)>> = Vec::new();
+    for (group, records) in changes {
+        let fits = writes
+            .last()
+            .is_some_and(|w| w.len() + records.len() <= RECORDS_PER_WRITE_MAX);
+        if !fits {
+            writes.push(Vec::new());
+        }
+        if let Some(write) = writes.last_mut() {
+            write.extend(tagged(&group, records));
+        }
+    }
+    writes
+}
+
+/// Writes groups' changes to their offsets partition (one produce) and waits for `acks=all`.
 /// Returns the offset of the first record written.
 async fn persist(
     partition: &Rc<Partition>,
-    group: &str,
-    records: Vec<GroupRecord>,
+    records: Vec<(String, GroupRecord)>,
 ) -> Result<Offset, PartitionError> {
     let timestamp_ms = now_ms() as i64;
     let mut payload: Vec<u8> = Vec::new();
     for chunk in records.chunks(RECORDS_PER_BATCH_MAX) {
         let mut builder = BatchBuilder::new(Default::default());
-        for record in chunk {
+        for (group, record) in chunk {
             let key = format!("{group}\u{0}{}", key_string(record));
             let stored = StoredGroupRecord {
-                group: group.to_string(),
+                group: group.clone(),
                 change: stored_change(record),
             };
             let value = stored
@@ -1031,5 +1058,47 @@ fn group_record(change: StoredGroupChange) -> GroupRecord {
         StoredGroupChange::OffsetDeleted(p) => GroupRecord::OffsetDeleted {
             partition: topic_partition(&p),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(sizes: &[usize]) -> Vec<(String, Vec<GroupRecord>)> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let records = (0..n)
+                    .map(|e| GroupRecord::Epoch {
+                        group_epoch: e as i32,
+                    })
+                    .collect();
+                (format!("g{i}"), records)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_keep_each_group_whole_and_stay_near_the_limit() {
+        let big = RECORDS_PER_WRITE_MAX + 5;
+        let sizes = [3, RECORDS_PER_WRITE_MAX - 2, 1, big, 7];
+        let cut = writes(changes(&sizes));
+        let total: usize = cut.iter().map(Vec::len).sum();
+        assert_eq!(total, sizes.iter().sum::<usize>(), "nothing lost");
+        for write in &cut {
+            // One group per write when it alone exceeds the limit; else within it.
+            let groups: BTreeSet<&String> = write.iter().map(|(g, _)| g).collect();
+            assert!(write.len() <= RECORDS_PER_WRITE_MAX || groups.len() == 1);
+        }
+        // No group is split across writes.
+        let mut seen_in: BTreeMap<&String, usize> = BTreeMap::new();
+        for (i, write) in cut.iter().enumerate() {
+            for (group, _) in write {
+                assert_eq!(*seen_in.entry(group).or_insert(i), i, "{group} split");
+            }
+        }
+        assert!(writes(Vec::new()).is_empty());
     }
 }
