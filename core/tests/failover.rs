@@ -518,3 +518,50 @@ fn an_idempotent_retry_at_the_new_leader_is_not_written_twice() {
     let copies = log.values().filter(|v| v.as_str() == "once").count();
     assert_eq!(copies, 1, "the batch is in the log once: {log:?}");
 }
+
+/// Applying the controller's records runs inside the broker's heartbeat loop: removing a
+/// deleted topic's files there (seconds for gigabytes on a busy disk) stalled the heartbeats
+/// past the session and the controller fenced every broker (CI 2026-12-05). With the removal
+/// made as slow as that by a failpoint, deleting a topic fences nobody.
+#[test]
+fn a_slow_topic_file_removal_does_not_stall_heartbeats() {
+    let cluster = Cluster::start_controlled_env(
+        REPLICA_LAG_MAX_MS,
+        &[("WHARF_FAILPOINT_TOPIC_REMOVE_DELAY_MS", "3000")],
+    );
+    let bootstrap = bootstraps(&cluster);
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client
+            .create_topic("doomed", 3, 3, Vec::new())
+            .await
+            .expect("create");
+        client.delete_topic("doomed").await.expect("delete");
+        // Longer than the session (600 ms) and than the failpoint's delay.
+        glommio::timer::sleep(Duration::from_millis(4_000)).await;
+        // Another topic with three replicas: every broker is still live.
+        client
+            .create_topic("after", 3, 3, Vec::new())
+            .await
+            .expect("create after the delete: no broker was fenced");
+    });
+    for broker in &cluster.brokers {
+        let (_, metrics) = broker.http_get("/metrics").expect("metrics");
+        let reregistrations = metrics
+            .lines()
+            .find(|l| l.starts_with("wharf_broker_reregistrations_total"))
+            .unwrap_or_default();
+        assert!(
+            reregistrations.ends_with(" 0"),
+            "a broker was fenced and registered again: {reregistrations:?}"
+        );
+    }
+    let status = status(&bootstrap).expect("status");
+    assert!(
+        status.brokers.iter().all(|b| b.state == "alive"),
+        "{:?}",
+        status.brokers
+    );
+}

@@ -295,6 +295,16 @@ impl Cluster {
         )
     }
 
+    /// A controller cluster whose brokers run with the environment `env` (failpoints).
+    pub fn start_controlled_env(replica_lag_max_ms: u64, env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_env(
+            replica_lag_max_ms,
+            "",
+            "controller_voters = [1, 2, 3]\n",
+            env,
+        )
+    }
+
     /// A controller cluster with `extra_config` before the `[cluster]` section.
     pub fn start_controlled_with(replica_lag_max_ms: u64, extra_config: &str) -> Cluster {
         Cluster::start_full(
@@ -305,6 +315,15 @@ impl Cluster {
     }
 
     fn start_full(replica_lag_max_ms: u64, extra_config: &str, cluster_config: &str) -> Cluster {
+        Cluster::start_env(replica_lag_max_ms, extra_config, cluster_config, &[])
+    }
+
+    fn start_env(
+        replica_lag_max_ms: u64,
+        extra_config: &str,
+        cluster_config: &str,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret_path = write_secret(dir.path(), "the test cluster's shared secret\n");
         let mut brokers: Vec<Broker> = (1..=3)
@@ -335,6 +354,10 @@ impl Cluster {
             ));
         }
         for broker in &mut brokers {
+            broker.env = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             broker.spawn();
         }
         for broker in &mut brokers {

@@ -643,8 +643,25 @@ impl Shard {
             .into_iter()
             .map(|(shard, states)| self.to_shard(shard, ShardRequest::PartitionStates(states)));
         join_all(updates).await;
+        // The files go in the background: unlinking gigabytes on a busy disk takes seconds, and
+        // this runs inside the heartbeat loop, which must not stall past the session timeout
+        // (it did: every broker was fenced when a large topic was deleted under load, CI
+        // 2026-12-05). The directory carries the topic id, so a topic created again with the
+        // same name never meets it; a restart removes what is left.
         for (name, topic_id) in removed {
-            self.remove_topic_files(&name, topic_id).await;
+            let shard = Rc::clone(self);
+            let spawned = glommio::spawn_local_into(
+                async move { shard.remove_topic_files(&name, topic_id).await },
+                self.queues.background,
+            );
+            match spawned {
+                Ok(task) => {
+                    task.detach();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot start removing a deleted topic's files")
+                }
+            }
         }
         Ok(())
     }

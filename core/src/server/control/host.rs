@@ -130,7 +130,7 @@ impl ControllerHost {
                 futures_lite::future::or(driving.drive(), stop).await;
                 driving.stopped.set(true);
             },
-            shard.queues.control,
+            shard.queues.replication,
         )
         .map_err(|e| format!("spawn: {e}"))?
         .detach();
@@ -141,7 +141,7 @@ impl ControllerHost {
             let tick_ms = host.tick_ms;
             glommio::spawn_local_into(
                 async move { sending.send_raft_loop(peer, from, queue, tick_ms).await },
-                shard.queues.control,
+                shard.queues.replication,
             )
             .map_err(|e| format!("spawn: {e}"))?
             .detach();

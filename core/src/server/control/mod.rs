@@ -104,6 +104,13 @@ impl Shard {
     /// Removes a deleted topic's files (a failure is logged: the next start removes them, as
     /// the metadata no longer names the topic).
     async fn remove_topic_files(&self, name: &str, topic_id: u64) {
+        if let Some(delay_ms) = std::env::var(FAILPOINT_TOPIC_REMOVE_DELAY_MS)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Test-only failpoint: a removal as slow as gigabytes on a busy disk.
+            glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+        }
         let data_dir = self.shared.config.data_dir.clone();
         let dir_name = name.to_string();
         let removed = glommio::executor()
@@ -123,6 +130,9 @@ impl Shard {
         }
     }
 }
+
+/// Test-only failpoint: removing a deleted topic's files first waits this many ms.
+pub const FAILPOINT_TOPIC_REMOVE_DELAY_MS: &str = "WHARF_FAILPOINT_TOPIC_REMOVE_DELAY_MS";
 
 /// How long a create waits for this broker to apply the new topic after the controller
 /// committed it.
@@ -156,7 +166,7 @@ impl Shard {
         let beating = Rc::clone(self);
         glommio::spawn_local_into(
             async move { beating.heartbeat_loop().await },
-            self.queues.control,
+            self.queues.replication,
         )
         .map_err(|e| format!("spawn: {e}"))?
         .detach();

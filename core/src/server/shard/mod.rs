@@ -142,10 +142,10 @@ pub struct Queues {
     pub client: TaskQueueHandle,
     pub replication: TaskQueueHandle,
     pub background: TaskQueueHandle,
-    /// The broker's controller session and the controller voter (heartbeats, Raft): small
-    /// tasks that must run on time even while the data path saturates the shard, or the
-    /// controller fences a healthy broker.
-    pub control: TaskQueueHandle,
+    // The controller voter and the broker's heartbeat run in `replication`, not in a
+    // latency-sensitive queue of their own: heartbeats *arrive* through connection tasks in
+    // `client`, so a voter whose fence timer ran ahead of a saturated `client` queue fenced
+    // every broker at the end of each saturated run (tried and reverted, CI 2026-12-05).
 }
 
 pub struct Shard {

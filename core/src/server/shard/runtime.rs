@@ -31,9 +31,6 @@ const HEARTBEAT_MS: u64 = 250;
 pub const FAILPOINT_SHARD_PANIC_MS: &str = "WHARF_FAILPOINT_SHARD_PANIC_MS";
 /// How often replicas get a tick: the resolution of ack deadlines and ISR lag.
 const REPLICA_TICK_MS: u64 = 20;
-/// How soon the control queue's tasks (controller session, Raft) run once ready, preempting
-/// the data path: a tenth of the default heartbeat interval.
-const CONTROL_QUEUE_LATENCY_MS: u64 = 10;
 
 /// What a partition that cannot be opened does to the caller.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -146,11 +143,6 @@ async fn start(
             Shares::Static(1000),
             Latency::NotImportant,
             "background",
-        ),
-        control: executor.create_task_queue(
-            Shares::Static(1000),
-            Latency::Matters(Duration::from_millis(CONTROL_QUEUE_LATENCY_MS)),
-            "control",
         ),
     };
     let shard = Rc::new(Shard {
