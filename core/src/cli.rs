@@ -576,6 +576,27 @@ pub async fn produce(args: ProduceArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// One record as `wharf consume` prints it: its value on a line, or a JSON object.
+fn write_record(
+    out: &mut impl std::io::Write,
+    record: &crate::client::consumer::RecordView<'_>,
+    json: bool,
+) -> std::io::Result<()> {
+    if json {
+        let value = serde_json::json!({
+            "partition": record.partition,
+            "offset": record.offset,
+            "timestamp_ms": record.timestamp_ms,
+            "key": record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
+            "value": String::from_utf8_lossy(record.value),
+        });
+        writeln!(out, "{value}")
+    } else {
+        out.write_all(record.value)?;
+        out.write_all(b"\n")
+    }
+}
+
 pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
     if args.group.is_some() {
         return consume_group(args).await;
@@ -620,19 +641,7 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
             if printed >= limit || write_error.is_some() {
                 return;
             }
-            let result = if json {
-                let value = serde_json::json!({
-                    "partition": record.partition,
-                    "offset": record.offset,
-                    "timestamp_ms": record.timestamp_ms,
-                    "key": record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
-                    "value": String::from_utf8_lossy(record.value),
-                });
-                writeln!(out, "{value}")
-            } else {
-                out.write_all(record.value)
-                    .and_then(|()| out.write_all(b"\n"))
-            };
+            let result = write_record(&mut out, &record, json);
             if let Err(error) = result {
                 write_error = Some(error);
             }
@@ -700,19 +709,7 @@ async fn consume_group(args: ConsumeArgs) -> Result<(), Failure> {
                     .or_insert(record.offset);
                 return;
             }
-            let result = if json {
-                let value = serde_json::json!({
-                    "partition": record.partition,
-                    "offset": record.offset,
-                    "timestamp_ms": record.timestamp_ms,
-                    "key": record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
-                    "value": String::from_utf8_lossy(record.value),
-                });
-                writeln!(out, "{value}")
-            } else {
-                out.write_all(record.value)
-                    .and_then(|()| out.write_all(b"\n"))
-            };
+            let result = write_record(&mut out, &record, json);
             match result {
                 Ok(()) => printed += 1,
                 Err(error) => {

@@ -359,31 +359,8 @@ fn admin_endpoint_serves_metrics_and_health() {
 fn cli_creates_produces_and_consumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(dir.path(), 2, "");
-    let wharf = env!("CARGO_BIN_EXE_wharf");
     let bootstrap = broker.bootstrap();
-    let cli = |args: &[&str], stdin: &str| {
-        use std::io::Write;
-        let mut child = std::process::Command::new(wharf)
-            .args(args)
-            .args(["--bootstrap", &bootstrap])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn cli");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("write stdin");
-        let output = child.wait_with_output().expect("cli output");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str], stdin: &str| common::cli(&bootstrap, args, stdin);
     let (code, _, err) = cli(&["topic", "create", "lines", "--partitions", "3"], "");
     assert_eq!(code, Some(0), "{err}");
     let (code, out, _) = cli(&["topic", "list"], "");

@@ -75,6 +75,15 @@ async fn poll_into(member: &mut GroupConsumer, seen: &mut BTreeMap<String, u32>)
         .expect("records");
 }
 
+/// One poll; every record is processed (kept) before the positions are committed.
+async fn poll_then_commit(member: &mut GroupConsumer, processed: &mut Vec<String>) {
+    let records = member.poll().await.expect("poll");
+    records
+        .for_each(|r| processed.push(String::from_utf8_lossy(r.value).into_owned()))
+        .expect("records");
+    member.commit().await.expect("commit");
+}
+
 fn assignment(member: &GroupConsumer) -> BTreeSet<u32> {
     member.assignment().into_iter().collect()
 }
@@ -209,11 +218,7 @@ fn committed_offsets_survive_a_kill_and_a_new_member_resumes_without_skipping() 
                 .expect("join");
         // Process, then commit synchronously before the next poll.
         for _ in 0..ROUNDS_MAX {
-            let records = member.poll().await.expect("poll");
-            records
-                .for_each(|r| processed.push(String::from_utf8_lossy(r.value).into_owned()))
-                .expect("records");
-            member.commit().await.expect("commit");
+            poll_then_commit(&mut member, &mut processed).await;
             if processed.len() >= (RECORDS / 2) as usize {
                 break;
             }
@@ -246,11 +251,7 @@ fn committed_offsets_survive_a_kill_and_a_new_member_resumes_without_skipping() 
                 .await
                 .expect("join after restart");
         for _ in 0..ROUNDS_MAX {
-            let records = member.poll().await.expect("poll");
-            records
-                .for_each(|r| processed.push(String::from_utf8_lossy(r.value).into_owned()))
-                .expect("records");
-            member.commit().await.expect("commit");
+            poll_then_commit(&mut member, &mut processed).await;
             if processed.len() >= RECORDS as usize && !assignment(&member).is_empty() {
                 break;
             }
@@ -446,15 +447,7 @@ fn snapshots_compact_the_offsets_topic_and_the_group_survives_a_restart() {
         "wharf_partition_log_start_offset{{topic=\"{}\",partition=\"{offsets_partition}\"}}",
         wharf::protocol::OFFSETS_TOPIC
     );
-    let log_start = |broker: &Broker| -> u64 {
-        let (_, metrics) = broker.http_get("/metrics").expect("metrics");
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let log_start = |broker: &Broker| common::metric(broker, &series).unwrap_or(0);
     let mut compacted = 0;
     for _ in 0..ROUNDS_MAX {
         compacted = log_start(&broker);
@@ -497,31 +490,8 @@ fn snapshots_compact_the_offsets_topic_and_the_group_survives_a_restart() {
 fn the_cli_consumes_as_a_group_and_manages_groups() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(dir.path(), 2, GROUPS_CONFIG);
-    let wharf = env!("CARGO_BIN_EXE_wharf");
     let bootstrap = broker.bootstrap();
-    let cli = |args: &[&str], stdin: &str| {
-        use std::io::Write;
-        let mut child = std::process::Command::new(wharf)
-            .args(args)
-            .args(["--bootstrap", &bootstrap])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn cli");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("write stdin");
-        let output = child.wait_with_output().expect("cli output");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str], stdin: &str| common::cli(&bootstrap, args, stdin);
     let (code, _, err) = cli(&["topic", "create", "lines", "--partitions", "3"], "");
     assert_eq!(code, Some(0), "{err}");
     let input: String = (0..50).map(|i| format!("line {i}\n")).collect();

@@ -38,16 +38,7 @@ fn offsets_log_start(broker: &Broker, partition: u32) -> u64 {
     let series = format!(
         "wharf_partition_log_start_offset{{topic=\"{OFFSETS_TOPIC}\",partition=\"{partition}\"}}"
     );
-    broker
-        .http_get("/metrics")
-        .and_then(|(_, metrics)| {
-            metrics
-                .lines()
-                .find(|l| l.starts_with(&series))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    common::metric(broker, &series).unwrap_or(0)
 }
 
 #[test]

@@ -135,6 +135,15 @@ struct Loaded {
 }
 
 impl Coordinator {
+    /// Every coordinator partition of this shard (a snapshot: no borrow held afterwards).
+    fn all(&self) -> Vec<(u32, Rc<CoordinatorPartition>)> {
+        self.partitions
+            .borrow()
+            .iter()
+            .map(|(i, p)| (*i, Rc::clone(p)))
+            .collect()
+    }
+
     fn partition(&self, index: u32) -> Rc<CoordinatorPartition> {
         Rc::clone(
             self.partitions
@@ -383,13 +392,7 @@ impl Shard {
     /// The groups this shard coordinates now (loaded, on partitions it leads).
     fn list_groups(&self) -> Vec<GroupListing> {
         let me = self.shared.config.broker_id;
-        let partitions: Vec<(u32, Rc<CoordinatorPartition>)> = self
-            .coordinator
-            .partitions
-            .borrow()
-            .iter()
-            .map(|(i, p)| (*i, Rc::clone(p)))
-            .collect();
+        let partitions = self.coordinator.all();
         let mut listed = Vec::new();
         for (index, coordinator) in partitions {
             let leads = self
@@ -720,13 +723,7 @@ impl Shard {
     pub(crate) async fn group_expiry_loop(self: Rc<Self>) {
         while !self.stopping.get() {
             glommio::timer::sleep(Duration::from_millis(GROUP_EXPIRY_TICK_MS)).await;
-            let partitions: Vec<(u32, Rc<CoordinatorPartition>)> = self
-                .coordinator
-                .partitions
-                .borrow()
-                .iter()
-                .map(|(i, p)| (*i, Rc::clone(p)))
-                .collect();
+            let partitions = self.coordinator.all();
             for (index, coordinator) in partitions {
                 self.expire_partition(index, &coordinator).await;
             }

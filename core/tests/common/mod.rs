@@ -439,3 +439,39 @@ pub fn wait_for_partition(
     }
     panic!("cluster never reached: {what}; last describe {last:?}");
 }
+
+/// Runs `wharf ARGS --bootstrap BOOTSTRAP` with `stdin`: exit code, stdout, stderr.
+pub fn cli(bootstrap: &str, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(args)
+        .args(["--bootstrap", bootstrap])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cli");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let output = child.wait_with_output().expect("cli output");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The value of the first `/metrics` line of `broker` that starts with `series` (a metric name
+/// with its labels), if any.
+pub fn metric(broker: &Broker, series: &str) -> Option<u64> {
+    let (_, metrics) = broker.http_get("/metrics")?;
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
