@@ -93,6 +93,19 @@ pub fn minimal_isr(committed: &[BrokerId], proposed: Option<&[BrokerId]>) -> Vec
     isr
 }
 
+/// The broker the controller elects if `leader` fails while `isr` is the partition's ISR: the
+/// first member other than the leader in replica-set order. The controller keeps every ISR in
+/// replica order and elects its first live member (`wharf_controller::decisions::elect`, and
+/// `controlled_shutdown` the same way); the leader keeps its ISR lists sorted by broker id, so
+/// the order must come from `replicas`. `None` when the leader is the only member.
+pub fn successor(replicas: &[BrokerId], isr: &[BrokerId], leader: BrokerId) -> Option<BrokerId> {
+    debug_assert!(isr.iter().all(|r| replicas.contains(r)));
+    replicas
+        .iter()
+        .copied()
+        .find(|&r| r != leader && isr.contains(&r))
+}
+
 /// What the leader knows of one follower when it decides the ISR it wants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FollowerView {
@@ -101,7 +114,9 @@ pub struct FollowerView {
     pub keeps_up: bool,
     /// Its last fetch in this epoch was at the leader's end and its durable offset is at or
     /// above the leader's current high watermark (the static ISR's join rule, judged now, not
-    /// at the fetch: the HW may have moved past the follower since).
+    /// at the fetch: the HW may have moved past the follower since) and, in controller mode,
+    /// above the end of what was acknowledged to `quorum`/`N` producers (a joiner may become
+    /// the leader's successor; see `AckLevel::Quorum`).
     pub may_join: bool,
 }
 

@@ -85,11 +85,26 @@ pub enum AckLevel {
     None,
     /// Durable on the leader.
     Leader,
-    /// Durable on a majority of the replica set.
+    /// Durable on a majority of the replica set, counted among in-sync replicas, the leader
+    /// included; in controller mode also on the leader's successor (see below).
+    ///
+    /// Controller mode, `Quorum` and `Replicas(n)` with n ≥ 2 (the successor rule): the batch
+    /// must also be durable on the leader's **successor**, the broker the controller elects if
+    /// this leader fails ([`crate::isr::successor`]: the first other ISR member in replica-set
+    /// order; while an ISR proposal is pending, the successor under the committed and under the
+    /// proposed ISR, since the controller holds one or the other). The election does not look
+    /// at offsets, so without this a lagging follower that happens to come first could be
+    /// elected and the others would truncate to it. Guarantee: a write so acknowledged survives
+    /// the failure of any **one** broker (crash, fence, or falling out of the ISR), the leader
+    /// included, because whoever the controller elects holds it; a failure not yet noticed
+    /// when the write was acknowledged counts. It does not survive two (the leader dies while
+    /// its successor is fenced or has just left the ISR): that is `All`'s job. Static mode has
+    /// no election (the first replica always leads), so the rule does not apply there.
     Quorum,
     /// Durable on every in-sync replica, with at least `min_insync_replicas` in sync.
     All,
-    /// Durable on this many replicas.
+    /// Durable on this many in-sync replicas, the leader included; for n ≥ 2 in controller
+    /// mode also on the leader's successor, as `Quorum`.
     Replicas(u8),
 }
 
@@ -467,6 +482,11 @@ pub struct Replica {
     /// Controller mode: the controller said a newer leader epoch exists; acknowledge nothing
     /// until the next role change.
     fenced: bool,
+    /// Controller mode, leader: the end of the highest range acknowledged in this epoch to a
+    /// produce that needed the successor (`quorum`, `N` ≥ 2). A follower joins the ISR only
+    /// holding it durably: a joiner placed before the successor in replica order becomes the
+    /// new successor, and it must not lack what the old one was waited for.
+    acknowledged_end: Offset,
     followers: BTreeMap<BrokerId, FollowerProgress>,
     waiters: Vec<ProduceWaiter>,
     /// Produces told to `Append`, not yet reported appended: their ack level and deadline.
@@ -522,6 +542,7 @@ impl Replica {
             proposal_blocked_until_ms: 0,
             lease_until_ms: 0,
             fenced: false,
+            acknowledged_end: Offset::ZERO,
             followers: BTreeMap::new(),
             waiters: Vec::new(),
             pending: BTreeMap::new(),
@@ -844,6 +865,7 @@ impl Replica {
         self.proposal = None;
         self.proposal_blocked_until_ms = 0;
         self.fenced = false;
+        self.acknowledged_end = Offset::ZERO;
         outbox.push(Output::IsrChanged(self.isr.clone()));
         self.update_high_watermark(outbox);
     }
@@ -1364,6 +1386,38 @@ impl Replica {
             .count() as u8
     }
 
+    /// Controller mode: the brokers the controller would elect if this leader failed now (see
+    /// [`AckLevel::Quorum`]): the successor under the committed ISR and, while a proposal is
+    /// pending, under the proposed one. Not the minimal ISR's successor: with a shrink pending
+    /// the controller may still elect the member being removed, with an expansion pending it
+    /// may already elect the one being added.
+    fn successors(&self) -> Vec<BrokerId> {
+        let me = self.config.broker_id;
+        let mut successors: Vec<BrokerId> = std::iter::once(self.isr.as_slice())
+            .chain(self.proposed_isr())
+            .filter_map(|isr| isr::successor(&self.config.replicas, isr, me))
+            .collect();
+        successors.dedup();
+        assert!(successors.len() <= 2 && !successors.contains(&me));
+        successors
+    }
+
+    /// Whether `acks` needs the successor rule (see [`AckLevel::Quorum`]): `quorum` and `N`
+    /// counting at least two replicas, in controller mode.
+    fn needs_successor(&self, acks: AckLevel) -> bool {
+        self.config.isr_via_controller
+            && matches!(acks, AckLevel::Quorum | AckLevel::Replicas(_))
+            && self.required(acks).is_ok_and(|required| required >= 2)
+    }
+
+    /// Whether the successors hold everything below `next_offset` durably (true when there
+    /// is none: the leader is alone in the ISR, which `min_insync_replicas` refuses anyway).
+    fn successors_hold(&self, next_offset: Offset) -> bool {
+        self.successors()
+            .iter()
+            .all(|&s| self.durable_of(s) >= next_offset)
+    }
+
     /// Whether `acks` waits for followers (and so for `min_insync_replicas` and the lease).
     fn waits_for_followers(&self, acks: AckLevel) -> bool {
         !matches!(acks, AckLevel::None | AckLevel::Leader)
@@ -1446,7 +1500,7 @@ impl Replica {
                 keeps_up: now.saturating_sub(p.last_caught_up_ms) <= lag_max,
                 may_join: p.fetched_this_epoch
                     && p.fetch_offset >= p.last_fetch_leader_end
-                    && p.durable_offset >= self.high_watermark,
+                    && p.durable_offset >= self.high_watermark.max(self.acknowledged_end),
             })
             .collect();
         let wanted = isr::wanted_isr(self.config.broker_id, &self.isr, &views);
@@ -1577,10 +1631,14 @@ impl Replica {
                 // are in sync would promise more than the ISR can keep.
                 AckLevel::Quorum | AckLevel::Replicas(_) if in_sync < isr_needed => stranded,
                 // The leader must hold it too: a static leader that restarts (or, with the
-                // controller, a leader elected from the ISR) keeps what it holds.
+                // controller, a leader elected from the ISR) keeps what it holds. In
+                // controller mode so must the successor: the controller elects it, whatever
+                // it holds, if this leader fails.
                 AckLevel::Quorum | AckLevel::Replicas(_) => (self.durable >= waiter.next_offset
-                    && usize::from(durable_replicas) >= required)
-                    .then_some(Ok(())),
+                    && usize::from(durable_replicas) >= required
+                    && (!self.needs_successor(waiter.acks)
+                        || self.successors_hold(waiter.next_offset)))
+                .then_some(Ok(())),
                 AckLevel::All if self.high_watermark >= waiter.next_offset => Some(Ok(())),
                 AckLevel::All if in_sync < isr_needed => stranded,
                 AckLevel::All => None,
@@ -1589,6 +1647,9 @@ impl Replica {
                 None => index += 1,
                 Some(result) => {
                     self.waiters.swap_remove(index);
+                    if result.is_ok() && self.needs_successor(waiter.acks) {
+                        self.acknowledged_end = self.acknowledged_end.max(waiter.next_offset);
+                    }
                     outbox.push(Output::Complete {
                         waiter: waiter.id,
                         result: result.map(|()| Ack {

@@ -4,7 +4,7 @@
 //! a readable size.
 
 use proptest::prelude::*;
-use wharf_replication::isr::{maximal_isr, minimal_isr, wanted_isr, FollowerView};
+use wharf_replication::isr::{maximal_isr, minimal_isr, successor, wanted_isr, FollowerView};
 use wharf_replication::*;
 use wharf_storage::{Epoch, Offset};
 
@@ -255,9 +255,12 @@ fn a_pending_expansion_waits_for_the_new_member_but_quorum_does_not_count_it_yet
         },
     );
     assert_eq!(isr_changes(&out), vec![vec![1, 2, 3]]);
-    let done = completed(&out);
+    // Now it counts (a majority holds the batch), but the successor, broker 2, must hold it
+    // too: the controller would elect broker 2, not 3, if broker 1 failed.
+    assert!(completed(&out).is_empty(), "{out:?}");
+    let done = completed(&fetch(&mut r, 2, 15, 15));
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0].1.clone().expect("acked").durable_replicas, 2);
+    assert_eq!(done[0].1.clone().expect("acked").durable_replicas, 3);
 }
 
 #[test]
@@ -703,6 +706,157 @@ fn a_follower_abandons_its_fetch_to_the_old_leader_and_truncates_against_the_new
     );
 }
 
+/// Broker 1 leading epoch 1 at partition epoch 10 in controller mode, over the replica set
+/// `replicas` (broker 1 anywhere in it) with `isr`, its lease granted for ever.
+fn controller_leader_of(replicas: Vec<BrokerId>, isr: Vec<BrokerId>) -> Replica {
+    let config = ReplicaConfig {
+        replicas,
+        ..config(1, true)
+    };
+    let mut r = Replica::new(config, empty_log(), EpochHistory::default(), 0).expect("replica");
+    step(
+        &mut r,
+        Input::BecomeLeader {
+            epoch: Epoch(1),
+            isr,
+            partition_epoch: 10,
+        },
+    );
+    step(
+        &mut r,
+        Input::LeaseRenewed {
+            until_ms: LEASE_FOREVER_MS,
+        },
+    );
+    r
+}
+
+/// The waiters that completed successfully in `out`, with their acks' replica counts.
+fn acked(out: &[Output]) -> Vec<(u64, u8)> {
+    completed(out)
+        .into_iter()
+        .map(|(id, result)| (id, result.expect("acked").durable_replicas))
+        .collect()
+}
+
+/// The successor rule (CI: an idempotent producer stuck on out_of_order_sequence after a
+/// failover): a majority holding a `quorum`/`N` batch is not enough, the broker the
+/// controller would elect if the leader failed must hold it. Before, broker 3's copy
+/// completed these waiters; broker 2, lagging, was then elected and broker 3 truncated to it.
+#[test]
+fn quorum_and_n_wait_for_the_successor_not_just_any_majority() {
+    for acks in [AckLevel::Quorum, AckLevel::Replicas(2)] {
+        let mut r = controller_leader_of(vec![1, 2, 3], vec![1, 2, 3]);
+        assert!(completed(&produce(&mut r, 1, acks, 5)).is_empty());
+        flushed(&mut r, 5);
+        let out = fetch(&mut r, 3, 5, 5);
+        assert!(completed(&out).is_empty(), "acks={acks:?}: {out:?}");
+        // Fetched is not enough: a crash of broker 2 after the leader's would lose it, but
+        // the leader's failure alone must not.
+        assert!(
+            completed(&fetch(&mut r, 2, 5, 0)).is_empty(),
+            "acks={acks:?}"
+        );
+        assert_eq!(
+            acked(&fetch(&mut r, 2, 5, 5)),
+            vec![(1, 3)],
+            "acks={acks:?}"
+        );
+    }
+}
+
+/// The successor comes from the replica-set order (the controller's ISR order), not from
+/// broker ids and not from where the leader sits: replicas [2, 1, 3] led by 1 → broker 2;
+/// [1, 3, 2] → broker 3.
+#[test]
+fn the_successor_is_the_first_other_isr_member_in_replica_order() {
+    let mut r = controller_leader_of(vec![2, 1, 3], vec![3, 2, 1]);
+    assert!(completed(&produce(&mut r, 1, AckLevel::Quorum, 5)).is_empty());
+    flushed(&mut r, 5);
+    assert!(completed(&fetch(&mut r, 3, 5, 5)).is_empty());
+    assert_eq!(acked(&fetch(&mut r, 2, 5, 5)), vec![(1, 3)]);
+
+    let mut r = controller_leader_of(vec![1, 3, 2], vec![1, 2, 3]);
+    assert!(completed(&produce(&mut r, 1, AckLevel::Replicas(2), 5)).is_empty());
+    flushed(&mut r, 5);
+    assert_eq!(acked(&fetch(&mut r, 3, 5, 5)), vec![(1, 2)]);
+
+    // Broker 2 out of the ISR: broker 3 succeeds broker 1 in [2, 1, 3].
+    let mut r = controller_leader_of(vec![2, 1, 3], vec![1, 3]);
+    assert!(completed(&produce(&mut r, 1, AckLevel::Quorum, 5)).is_empty());
+    flushed(&mut r, 5);
+    assert_eq!(acked(&fetch(&mut r, 3, 5, 5)), vec![(1, 2)]);
+}
+
+/// With a shrink pending that removes the successor, the controller may still elect it (the
+/// proposal may not be applied), so quorum waits for it as well as for the successor under
+/// the proposed ISR; the minimal ISR's successor alone (broker 3) would not do.
+#[test]
+fn with_a_shrink_of_the_successor_pending_quorum_waits_for_both_successors() {
+    let mut r = controller_leader_of(vec![1, 2, 3], vec![1, 2, 3]);
+    assert!(completed(&produce(&mut r, 1, AckLevel::Quorum, 5)).is_empty());
+    flushed(&mut r, 5);
+    fetch(&mut r, 2, 3, 3);
+    assert!(completed(&fetch(&mut r, 3, 5, 5)).is_empty());
+    tick(&mut r, 900);
+    fetch(&mut r, 3, 5, 5);
+    let out = tick(&mut r, 1001);
+    assert_eq!(proposals(&out), vec![(vec![1, 3], 10)]);
+    assert!(completed(&out).is_empty());
+    assert!(
+        completed(&fetch(&mut r, 3, 5, 5)).is_empty(),
+        "broker 2 may still be elected"
+    );
+    let out = step(
+        &mut r,
+        Input::IsrCommitted {
+            isr: vec![1, 3],
+            partition_epoch: 11,
+        },
+    );
+    assert_eq!(acked(&out), vec![(1, 2)]);
+}
+
+/// A follower joining the ISR may become the successor (broker 2 comes before broker 3 in
+/// [1, 2, 3, 4]), so it joins only once it durably holds what `quorum`/`N` acknowledged with
+/// the old successor, not merely the HW (which broker 4 holds back).
+#[test]
+fn a_follower_joins_only_holding_what_quorum_and_n_acknowledged() {
+    let mut r = controller_leader_of(vec![1, 2, 3, 4], vec![1, 3, 4]);
+    fetch(&mut r, 4, 0, 0);
+    // Broker 2 is at the end with the HW: it may join, but the controller does not apply it.
+    let out = fetch(&mut r, 2, 0, 0);
+    assert_eq!(proposals(&out), vec![(vec![1, 2, 3, 4], 10)]);
+    step(
+        &mut r,
+        Input::IsrRejected {
+            partition_epoch: 10,
+            reason: IsrRejection::NotApplied,
+        },
+    );
+    assert_eq!(r.proposed_isr(), None);
+    // Acknowledged on 1 and 3, the successor under [1, 3, 4]; broker 4 holds the HW at 0.
+    assert!(completed(&produce(&mut r, 1, AckLevel::Replicas(2), 5)).is_empty());
+    flushed(&mut r, 5);
+    assert_eq!(acked(&fetch(&mut r, 3, 5, 5)), vec![(1, 2)]);
+    assert_eq!(r.high_watermark(), Offset(0));
+    // Broker 2's last fetch was at the end then and it holds the HW, but not [0, 5).
+    let out = tick(&mut r, 1000);
+    assert!(proposals(&out).is_empty(), "{out:?}");
+    let out = fetch(&mut r, 2, 5, 5);
+    assert_eq!(proposals(&out), vec![(vec![1, 2, 3, 4], 10)]);
+}
+
+/// Static mode has no election (the first replica always leads): no successor rule, any
+/// majority of the ISR with the leader completes `quorum`.
+#[test]
+fn static_mode_quorum_needs_no_successor() {
+    let mut r = static_leader(vec![1, 2, 3]);
+    assert!(completed(&produce(&mut r, 1, AckLevel::Quorum, 5)).is_empty());
+    flushed(&mut r, 5);
+    assert_eq!(acked(&fetch(&mut r, 3, 5, 5)), vec![(1, 2)]);
+}
+
 proptest! {
     /// The maximal ISR holds every member of either ISR, the minimal one only members of both,
     /// and the HW over the maximal ISR never passes the HW over either (a pending change never
@@ -733,6 +887,29 @@ proptest! {
         if let Some(p) = &proposed {
             prop_assert!(hw <= high_watermark(&replicas, p, 2, durable_of));
         }
+    }
+
+    /// The successor is what the controller's `elect` takes when the leader fails and every
+    /// other member is live: the ISR in replica order (the controller's ISR order), the
+    /// leader removed, first member; whatever order the leader's ISR list has.
+    #[test]
+    fn the_successor_is_the_controllers_choice(
+        replicas in Just(vec![1u32, 2, 3, 4, 5]).prop_shuffle(),
+        isr_mask in 0u32..32,
+        leader_index in 0usize..5,
+    ) {
+        let leader = replicas[leader_index];
+        let mut isr: Vec<BrokerId> = (1..=5)
+            .filter(|r| *r == leader || isr_mask & (1 << (r - 1)) != 0)
+            .collect();
+        isr.reverse();
+        let mut controller_isr: Vec<BrokerId> =
+            replicas.iter().copied().filter(|r| isr.contains(r)).collect();
+        controller_isr.retain(|r| *r != leader);
+        prop_assert_eq!(
+            successor(&replicas, &isr, leader),
+            controller_isr.first().copied()
+        );
     }
 
     /// The wanted ISR always holds the leader, keeps only followers that keep up, and adds

@@ -26,7 +26,10 @@
 //! committed records and among the replicas); a fence commits only after the fenced
 //! incarnation's lease ended, and its lease is not renewed past the fence; a leader
 //! acknowledges `quorum`/`N`/`all` only before its lease ends and before its incarnation is
-//! fenced, and never advances its HW past its lease.
+//! fenced, and never advances its HW past its lease; a write acknowledged with `quorum` or
+//! `N` ≥ 2 is not lost while at most one broker failed (crashed, or left the controller's
+//! ISR) since it was acknowledged, counting brokers already down then (the successor rule,
+//! `AckLevel::Quorum`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -129,6 +132,8 @@ impl SimConfig {
 pub struct SimReport {
     pub acknowledged: usize,
     pub acknowledged_all: usize,
+    /// Controller mode: acknowledged with `quorum` or `N` ≥ 2 (kept through one failure).
+    pub acknowledged_quorum: usize,
     pub refused: usize,
     pub timed_out: usize,
     pub crashes: usize,
@@ -291,6 +296,15 @@ struct PendingProduce {
     leader: BrokerId,
 }
 
+/// Controller mode: a batch acknowledged with `quorum` or `N` ≥ 2 (stamped bytes), and the
+/// brokers that failed since: down when it was acknowledged (a crash the leader had not
+/// noticed), crashed later, or removed from the controller's ISR later. The successor rule
+/// promises it survives one such failure; with two it is no longer tracked.
+struct QuorumKept {
+    bytes: Vec<u8>,
+    failed: BTreeSet<BrokerId>,
+}
+
 /// The producer id of the simulated client when it is idempotent.
 const SIM_PRODUCER_ID: u64 = 77;
 
@@ -335,6 +349,12 @@ pub struct Sim {
     produces: BTreeMap<u64, PendingProduce>,
     /// Batches acknowledged with acks=all, by base offset (stamped bytes).
     must_keep: BTreeMap<Offset, Vec<u8>>,
+    /// Controller mode: batches acknowledged with `quorum`/`N` ≥ 2 and not yet committed, by
+    /// base offset, while at most one broker failed since.
+    quorum_kept: BTreeMap<Offset, QuorumKept>,
+    /// Controller mode: the leader epoch `quorum_kept` was last checked against (a new leader
+    /// is checked at once: it is the election that could lose them).
+    quorum_checked_epoch: Option<Epoch>,
     /// Batches below a high watermark some leader exposed, by base offset.
     committed: BTreeMap<Offset, Vec<u8>>,
     committed_end: Offset,
@@ -432,6 +452,8 @@ impl Sim {
             next_waiter: 1,
             produces: BTreeMap::new(),
             must_keep: BTreeMap::new(),
+            quorum_kept: BTreeMap::new(),
+            quorum_checked_epoch: None,
             committed: BTreeMap::new(),
             committed_end: Offset::ZERO,
             consumer_at: Offset::ZERO,
@@ -493,16 +515,27 @@ impl Sim {
         self.nodes.iter().filter(|n| n.live.is_none()).count()
     }
 
-    /// Opens (recovering) node `id`'s log and creates its replica.
-    fn start(&mut self, id: BrokerId) -> Check {
-        let config = ReplicaConfig {
+    /// Node `id`'s replica configuration. The replica set in the controller's order once the
+    /// controller created the topic (as `core` opens partitions from the controller's
+    /// metadata: the successor rule depends on that order), else in broker id order.
+    fn replica_config(&self, id: BrokerId) -> ReplicaConfig {
+        ReplicaConfig {
             broker_id: id,
-            replicas: (1..=self.config.replicas as BrokerId).collect(),
+            replicas: self
+                .quorum
+                .as_ref()
+                .and_then(|q| q.replica_order())
+                .unwrap_or_else(|| (1..=self.config.replicas as BrokerId).collect()),
             min_insync_replicas: self.config.min_insync,
             replica_lag_max_ms: 100,
             fetch_backoff_ms: 10,
             isr_via_controller: self.config.isr_via_controller,
-        };
+        }
+    }
+
+    /// Opens (recovering) node `id`'s log and creates its replica.
+    fn start(&mut self, id: BrokerId) -> Check {
+        let config = self.replica_config(id);
         let log_config = self.log_config.clone();
         let now = self.now_ms;
         let node = self.node(id);
@@ -713,6 +746,23 @@ impl Sim {
                 if produce.acks == AckLevel::All {
                     self.report.acknowledged_all += 1;
                     self.must_keep.insert(ack.base_offset, bytes.to_vec());
+                }
+                let needs_successor = match produce.acks {
+                    AckLevel::Quorum => self.config.replicas >= 2,
+                    AckLevel::Replicas(n) => n >= 2,
+                    _ => false,
+                };
+                if self.quorum.is_some() && needs_successor {
+                    self.report.acknowledged_quorum += 1;
+                    let failed = self
+                        .nodes
+                        .iter()
+                        .filter(|n| n.live.is_none())
+                        .map(|n| n.id)
+                        .collect();
+                    let bytes = bytes.to_vec();
+                    self.quorum_kept
+                        .insert(ack.base_offset, QuorumKept { bytes, failed });
                 }
             }
             Err(ProduceError::NotEnoughReplicas { .. } | ProduceError::NotLeader { .. }) => {
@@ -1156,6 +1206,7 @@ impl Sim {
         self.report.crashes += 1;
         if self.quorum.is_some() {
             self.crash_voter(id, mode);
+            self.broker_failed(id);
         }
         // Waiters on the crashed leader are gone: the client sees its requests fail.
         let lost: Vec<u64> = self
@@ -1172,6 +1223,47 @@ impl Sim {
         if self.quorum.is_none() && self.controller.leader == Some(id) {
             self.elect(None);
         }
+    }
+
+    /// Controller mode: `id` crashed or left the controller's ISR. A `quorum`/`N` batch
+    /// survives one failure; past two the simulator stops tracking it.
+    fn broker_failed(&mut self, id: BrokerId) {
+        self.quorum_kept.retain(|_, kept| {
+            kept.failed.insert(id);
+            kept.failed.len() <= 1
+        });
+    }
+
+    /// Controller mode: every tracked `quorum`/`N` batch is on the leader, or committed (then
+    /// the committed-log checks cover it, and it is no longer tracked).
+    fn check_quorum_kept(&mut self, leader: BrokerId, epoch: Epoch) -> Check {
+        let live = self.nodes[(leader - 1) as usize]
+            .live
+            .as_ref()
+            .expect("checked by the caller");
+        let log_start = live.log.log_start_offset();
+        for (&offset, kept) in self.quorum_kept.range(log_start..) {
+            let read = read_batches(&live.log, offset, offset.plus(1))?;
+            if read.first().map(|(o, b)| (*o, b)) != Some((offset, &kept.bytes)) {
+                return Err(format!(
+                    "quorum batch at {offset} lost with only {:?} failed since its ack: leader \
+                     {leader} (epoch {epoch}) has {:?}",
+                    kept.failed,
+                    read.first().map(|(o, _)| o)
+                ));
+            }
+        }
+        let pending = self.quorum_kept.split_off(&self.committed_end);
+        for (offset, kept) in std::mem::replace(&mut self.quorum_kept, pending) {
+            let committed = self.committed.get(&offset);
+            if offset >= log_start && committed != Some(&kept.bytes) {
+                return Err(format!(
+                    "quorum batch at {offset} lost: another batch was committed there"
+                ));
+            }
+        }
+        self.quorum_checked_epoch = Some(epoch);
+        Ok(())
     }
 
     fn restart(&mut self, id: BrokerId) -> Check {
@@ -1446,6 +1538,11 @@ impl Sim {
                 }
             }
         }
+        if controller_mode
+            && (self.step.is_multiple_of(50) || self.quorum_checked_epoch != Some(epoch))
+        {
+            self.check_quorum_kept(leader, epoch)?;
+        }
         Ok(())
     }
 
@@ -1562,6 +1659,14 @@ impl Sim {
         for (offset, bytes) in self.must_keep.range(start..) {
             if index.get(offset) != Some(&bytes) {
                 return Err(format!("acks=all batch at {offset} missing after settling"));
+            }
+        }
+        for (offset, kept) in self.quorum_kept.range(start..) {
+            if index.get(offset) != Some(&&kept.bytes) {
+                return Err(format!(
+                    "quorum batch at {offset} missing after settling ({:?} failed since its ack)",
+                    kept.failed
+                ));
             }
         }
         for (offset, bytes) in self.committed.range(start..) {

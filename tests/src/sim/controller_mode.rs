@@ -41,7 +41,7 @@ use wharf_controller::node::{
 use wharf_controller::records::{ClusterImage, PartitionRecord, Record};
 use wharf_controller::store::ControllerStore;
 use wharf_replication::driver::{self, PartitionState, StateApplied};
-use wharf_replication::{BrokerId, Input, IsrRejection};
+use wharf_replication::{BrokerId, Input, IsrRejection, LogState, Replica, Role};
 use wharf_storage::mem_disk::{CrashMode, MemDisk};
 use wharf_storage::Epoch;
 
@@ -198,6 +198,11 @@ impl Quorum {
 
     pub(super) fn terms(&self) -> usize {
         self.raft_leaders.len()
+    }
+
+    /// The partition's replica set in the controller's order, once the topic exists.
+    pub(super) fn replica_order(&self) -> Option<Vec<BrokerId>> {
+        self.partition.as_ref().map(|(_, p)| p.replicas.clone())
     }
 
     pub(super) fn all_voters_running(&self) -> bool {
@@ -398,6 +403,21 @@ impl Sim {
             }
             let previous = quorum.partition.as_ref().map(|(_, p)| p.clone());
             quorum.partition = Some((index, after.clone()));
+            // A broker leaving the ISR (fenced, lagging) is a failure for the successor rule:
+            // the controller no longer elects it.
+            let left: Vec<BrokerId> = previous
+                .as_ref()
+                .map(|p| {
+                    p.isr
+                        .iter()
+                        .copied()
+                        .filter(|m| !after.isr.contains(m))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for id in left {
+                self.broker_failed(id);
+            }
             if after.leader.is_some()
                 && previous
                     .as_ref()
@@ -745,6 +765,7 @@ impl Sim {
         if !self.alive(id) {
             return;
         }
+        self.adopt_replica_order(id, &state.replicas);
         let state = PartitionState {
             leader: state.leader,
             leader_epoch: epoch_u32(state.leader_epoch),
@@ -767,6 +788,45 @@ impl Sim {
             | StateApplied::IsrCommitted
             | StateApplied::Unchanged => {}
         }
+    }
+
+    /// The replicas started before the topic existed list the replica set in broker id order;
+    /// `core` opens a partition only once it has the controller's metadata, so with the
+    /// controller's order. Before its first role, the replica is created again with that
+    /// order (same log, epochs and lease: it has done nothing yet).
+    fn adopt_replica_order(&mut self, id: BrokerId, replicas: &[BrokerId]) {
+        let now = self.now_ms;
+        let mut config = self.replica_config(id);
+        config.replicas = replicas.to_vec();
+        let live = self.node(id).live.as_mut().expect("checked by the caller");
+        if live.replica.replicas() == replicas {
+            return;
+        }
+        assert_eq!(
+            live.replica.role(),
+            Role::Follower { leader: id },
+            "node {id}: the replica set changed under a replica with a role"
+        );
+        let log = LogState {
+            log_start: live.log.log_start_offset(),
+            end: live.log.end_offset(),
+            durable: live.log.durable_offset(),
+            high_watermark: live.replica.high_watermark(),
+        };
+        let lease_until_ms = live.replica.lease_until_ms();
+        let mut replica = Replica::new(config, log, live.replica.epochs().clone(), now)
+            .unwrap_or_else(|e| panic!("node {id}: cannot create the replica again: {e}"));
+        if lease_until_ms > 0 {
+            let mut outbox = Vec::new();
+            replica.step(
+                Input::LeaseRenewed {
+                    until_ms: lease_until_ms,
+                },
+                &mut outbox,
+            );
+            assert!(outbox.is_empty(), "node {id}: {outbox:?}");
+        }
+        live.replica = replica;
     }
 
     /// The topic is created through the controller leader once three brokers registered.
