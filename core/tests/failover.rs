@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use common::{run, wire, Cluster, STATE_POLLS_MAX};
+use common::{run, wait_for_partition, wire, Cluster, STATE_POLLS_MAX};
 use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
 use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
 use wharf::client::{Client, ClientConfig, ClientError};
@@ -60,6 +60,11 @@ fn start() -> Cluster {
 
 /// Produces `count` records with acks=all; returns (value, offset) of each acknowledged one.
 fn produce(bootstrap: &str, prefix: &str, count: usize) -> Vec<(String, u64)> {
+    produce_to(bootstrap, TOPIC, prefix, count)
+}
+
+/// `produce` to `topic`.
+fn produce_to(bootstrap: &str, topic: &str, prefix: &str, count: usize) -> Vec<(String, u64)> {
     run(async {
         let client = Client::connect(client_config(bootstrap))
             .await
@@ -80,7 +85,7 @@ fn produce(bootstrap: &str, prefix: &str, count: usize) -> Vec<(String, u64)> {
         for i in 0..count {
             let value = format!("{prefix}-{i}");
             let delivery = producer
-                .send(TOPIC, None, value.as_bytes())
+                .send(topic, None, value.as_bytes())
                 .await
                 .expect("queued");
             deliveries.push((value, delivery));
@@ -525,10 +530,22 @@ fn an_idempotent_retry_at_the_new_leader_is_not_written_twice() {
 /// made as slow as that by a failpoint, deleting a topic fences nobody.
 #[test]
 fn a_slow_topic_file_removal_does_not_stall_heartbeats() {
-    let cluster = Cluster::start_controlled_env(
-        REPLICA_LAG_MAX_MS,
-        &[("WHARF_FAILPOINT_TOPIC_REMOVE_DELAY_MS", "3000")],
-    );
+    slow_metadata_work_does_not_stall_heartbeats("WHARF_FAILPOINT_TOPIC_REMOVE_DELAY_MS", "3000");
+}
+
+/// Opening a new topic's partitions and writing the metadata file ran inside the heartbeat
+/// loop: on a saturated disk it outlasted the 600 ms session and every broker was fenced (CI
+/// 2026-12-05). Every apply here takes 1.5 s; the heartbeats must go on meanwhile, and the
+/// lease must follow once each apply is done (acks=all writes succeed).
+#[test]
+fn a_slow_metadata_apply_does_not_stall_heartbeats() {
+    slow_metadata_work_does_not_stall_heartbeats("WHARF_FAILPOINT_METADATA_APPLY_DELAY_MS", "1500");
+}
+
+/// Creates, writes to and deletes a topic, then creates another, with `failpoint` slowing the
+/// broker's side of it; no broker may be fenced (each step outlasts the session).
+fn slow_metadata_work_does_not_stall_heartbeats(failpoint: &str, delay_ms: &str) {
+    let cluster = Cluster::start_controlled_env(REPLICA_LAG_MAX_MS, &[(failpoint, delay_ms)]);
     let bootstrap = bootstraps(&cluster);
     run(async {
         let client = Client::connect(client_config(&bootstrap))
@@ -538,9 +555,22 @@ fn a_slow_topic_file_removal_does_not_stall_heartbeats() {
             .create_topic("doomed", 3, 3, Vec::new())
             .await
             .expect("create");
+    });
+    // The create answers once the broker that took it applied it; the others follow within
+    // their (slowed) apply.
+    for id in 1..=3 {
+        wait_for_partition(&cluster.bootstrap(id), "doomed", "the topic known", |_| {
+            true
+        });
+    }
+    // The leases were renewed after the apply: acks=all writes go through on every partition.
+    let acked = produce_to(&bootstrap, "doomed", "slow", 30);
+    assert_eq!(acked.len(), 30);
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
         client.delete_topic("doomed").await.expect("delete");
-        // Longer than the session (600 ms) and than the failpoint's delay.
-        glommio::timer::sleep(Duration::from_millis(4_000)).await;
         // Another topic with three replicas: every broker is still live.
         client
             .create_topic("after", 3, 3, Vec::new())
@@ -555,7 +585,7 @@ fn a_slow_topic_file_removal_does_not_stall_heartbeats() {
             .unwrap_or_default();
         assert!(
             reregistrations.ends_with(" 0"),
-            "a broker was fenced and registered again: {reregistrations:?}"
+            "a broker was fenced and registered again ({failpoint}): {reregistrations:?}"
         );
     }
     let status = status(&bootstrap).expect("status");
@@ -563,5 +593,92 @@ fn a_slow_topic_file_removal_does_not_stall_heartbeats() {
         status.brokers.iter().all(|b| b.state == "alive"),
         "{:?}",
         status.brokers
+    );
+}
+
+/// An idempotent producer whose partition lost acknowledged batches (acks=leader, then the
+/// leader died before its followers had them) must not stall: the new leader refuses the next
+/// batch as out of sequence for ever (the batches it expects are gone), and the producer has to
+/// start a new epoch (KIP-360). Before, it retried the refusal until the delivery timeout and
+/// every record behind it waited (the CI cluster figures at 0 msgs/s, 2026-12-05).
+#[test]
+fn an_idempotent_producer_goes_on_after_a_failover_lost_its_acks_leader_batches() {
+    let mut cluster = start();
+    let bootstrap = bootstraps(&cluster);
+    produce(&bootstrap, "warm", 10);
+    let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
+    let leader = before.leader;
+    let followers: Vec<u32> = (1..=3).filter(|id| *id != leader).collect();
+    let (acked_before, acked_after) = run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        let producer = Producer::new(
+            Rc::clone(&client),
+            ProducerConfig {
+                acks: Acks::Leader,
+                linger_ms: 1,
+                batch_bytes: 4 * 1024,
+                delivery_timeout_ms: 30_000,
+                request_timeout_ms: 5_000,
+                ..ProducerConfig::default()
+            },
+        );
+        let send_all = |prefix: &'static str| {
+            let producer = &producer;
+            async move {
+                let mut deliveries = Vec::new();
+                for i in 0..50 {
+                    let value = format!("{prefix}-{i}");
+                    let delivery = producer
+                        .send(TOPIC, None, value.as_bytes())
+                        .await
+                        .expect("queued");
+                    deliveries.push((value, delivery));
+                }
+                producer.flush().await;
+                let mut acked = Vec::new();
+                for (value, delivery) in deliveries {
+                    let metadata = delivery
+                        .await
+                        .unwrap_or_else(|e| panic!("{value} was not acknowledged: {e}"));
+                    acked.push((value, metadata.offset.expect("offset")));
+                }
+                acked
+            }
+        };
+        let acked_before = send_all("before").await;
+        // The followers stop; their parked fetches are answered (empty) within
+        // `replica_fetch_wait_ms` (500 ms), so nothing written next can reach them.
+        for id in &followers {
+            cluster.broker(*id).signal(libc::SIGSTOP);
+        }
+        glommio::timer::sleep(Duration::from_millis(1_000)).await;
+        send_all("lost").await;
+        cluster.broker(leader).kill9();
+        for id in &followers {
+            cluster.broker(*id).signal(libc::SIGCONT);
+        }
+        // A follower leads now without the `lost` batches: this producer's next sequence is
+        // beyond what it holds.
+        let acked_after = send_all("after").await;
+        producer.close().await;
+        (acked_before, acked_after)
+    });
+    let log = read_all(&cluster.bootstrap(followers[0]));
+    assert!(
+        !log.values().any(|v| v.starts_with("lost-")),
+        "the scenario needs the acks=leader batches lost with their leader; the new leader has \
+         them, so nothing here tested the gap"
+    );
+    for (value, offset) in acked_before.iter().chain(&acked_after) {
+        assert_eq!(log.get(offset), Some(value), "{value} at {offset}");
+    }
+    let after: Vec<&String> = log.values().filter(|v| v.starts_with("after-")).collect();
+    let expected: Vec<String> = (0..50).map(|i| format!("after-{i}")).collect();
+    assert_eq!(
+        after,
+        expected.iter().collect::<Vec<_>>(),
+        "each record once, in order"
     );
 }

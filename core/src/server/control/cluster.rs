@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 use serde::{Deserialize, Serialize};
 use wharf_controller::records::{ClusterImage, PartitionRecord, Record};
 use wharf_replication::IsrRejection;
@@ -96,12 +97,26 @@ pub struct Cluster {
     /// Controlled shutdown: asked, and confirmed by the controller (this broker leads nothing).
     pub shutting_down: Cell<bool>,
     pub shutdown_ready: Cell<bool>,
-    /// Waiters for the applied index to reach a value (topic creation).
+    /// Waiters for the reconciled index to reach a value (topic creation).
     applied_waiters: RefCell<Vec<(u64, futures_channel::oneshot::Sender<()>)>>,
+    /// The image this broker has been brought to (topics opened and closed, partition states
+    /// handed to the shards). It lags `image` while the apply task works: heartbeats go on
+    /// meanwhile, so a slow apply (opening partitions on a saturated disk) cannot lapse the
+    /// session and get every broker fenced (CI 2026-12-05).
+    reconciled: RefCell<ClusterImage>,
+    /// The newest lease a heartbeat answer granted that still waits for the apply of the
+    /// metadata that came with it: `(applied index it needs, lease end in ms)`.
+    lease_pending: Cell<Option<(u64, u64)>>,
+    /// Wakes the apply task (`metadata_apply_loop`); a full channel means it is woken already.
+    apply_wake: LocalSender<()>,
 }
 
 impl Cluster {
-    pub fn new(shard: &Shard, host: Option<Rc<ControllerHost>>) -> Cluster {
+    pub fn new(
+        shard: &Shard,
+        host: Option<Rc<ControllerHost>>,
+        apply_wake: LocalSender<()>,
+    ) -> Cluster {
         let config = &shard.shared.config;
         let me = config.broker_id;
         let own = config.cluster.brokers.iter().find(|b| b.id == me);
@@ -136,6 +151,9 @@ impl Cluster {
             shutting_down: Cell::new(false),
             shutdown_ready: Cell::new(false),
             applied_waiters: RefCell::new(Vec::new()),
+            reconciled: RefCell::new(ClusterImage::new()),
+            lease_pending: Cell::new(None),
+            apply_wake,
         }
     }
 
@@ -146,8 +164,15 @@ impl Cluster {
         }
     }
 
+    /// The controller log index this broker's image holds (what its heartbeats report).
     pub fn applied_index(&self) -> u64 {
         self.image.borrow().applied_index()
+    }
+
+    /// The index this broker has been brought to (its partitions opened, closed and told
+    /// their state); at most `applied_index`.
+    pub fn reconciled_index(&self) -> u64 {
+        self.reconciled.borrow().applied_index()
     }
 
     /// The voter to ask next: the known leader, else the voters in turn.
@@ -273,9 +298,10 @@ impl Cluster {
         Err(last)
     }
 
-    /// Resolves once this broker applied the metadata up to `index` (bounded by `timeout_ms`).
+    /// Resolves once this broker has been brought to the metadata up to `index` (bounded by
+    /// `timeout_ms`).
     pub async fn wait_applied(&self, index: u64, timeout_ms: u64) -> bool {
-        if self.applied_index() >= index {
+        if self.reconciled_index() >= index {
             return true;
         }
         let (wake, woken) = futures_channel::oneshot::channel();
@@ -286,11 +312,11 @@ impl Cluster {
         })
         .await
         .is_ok()
-            && self.applied_index() >= index
+            && self.reconciled_index() >= index
     }
 
     fn wake_applied(&self) {
-        let applied = self.applied_index();
+        let applied = self.reconciled_index();
         self.applied_waiters
             .borrow_mut()
             .retain_mut(|(index, _)| *index > applied);
@@ -405,7 +431,7 @@ impl Shard {
         if !response.delta_json.is_empty() {
             match serde_json::from_slice::<MetadataDelta>(&response.delta_json) {
                 Ok(delta) => {
-                    if let Err(error) = self.apply_delta(cluster, delta).await {
+                    if let Err(error) = apply_records(&cluster.image, delta) {
                         tracing::error!(%error, "cannot apply the controller's metadata");
                     }
                 }
@@ -414,19 +440,23 @@ impl Shard {
                 }
             }
         }
-        // The lease after the metadata that came with it: a leader deposed by this answer
+        // The lease waits for the metadata that came with it: a leader deposed by this answer
         // must become a follower before its lease could be renewed. The answer proves the
         // session alive as of `sent_at_ms`; the lease ends one heartbeat interval before the
-        // controller could fence this broker.
+        // controller could fence this broker. Bringing the broker to the new image runs in
+        // its own task (`metadata_apply_loop`), which renews the lease once it got there;
+        // the heartbeats go on meanwhile, so the session never waits for the disk.
         let until_ms =
             sent_at_ms + cluster.session_timeout_ms - cluster.heartbeat_interval_ms.max(1);
-        self.broadcast_lease(until_ms).await;
-        self.shared
-            .controller_lease_until_ms
-            .fetch_max(until_ms, std::sync::atomic::Ordering::AcqRel);
-        self.shared
-            .controller_registered
-            .store(true, std::sync::atomic::Ordering::Release);
+        cluster
+            .lease_pending
+            .set(Some((cluster.applied_index(), until_ms)));
+        if cluster.reconciled_index() >= cluster.applied_index() {
+            self.renew_pending_lease(cluster).await;
+        } else {
+            // Full: the apply task is woken already and takes the newest image.
+            let _ = cluster.apply_wake.try_send(());
+        }
         {
             let image = cluster.image.borrow();
             let metrics = &self.shared.metrics.controller;
@@ -462,46 +492,60 @@ impl Shard {
         }
     }
 
-    /// Applies the controller's records, then brings this broker to the new image.
-    async fn apply_delta(
-        self: &Rc<Self>,
-        cluster: &Rc<Cluster>,
-        delta: MetadataDelta,
-    ) -> Result<(), String> {
-        let before = cluster.image.borrow().clone();
-        {
-            let mut image = cluster.image.borrow_mut();
-            match delta {
-                MetadataDelta::Snapshot(snapshot) => {
-                    if snapshot.applied_index() > image.applied_index() {
-                        *image = snapshot;
-                    }
+    /// Renews the pending lease if this broker has been brought to the metadata it needs.
+    async fn renew_pending_lease(self: &Rc<Self>, cluster: &Cluster) {
+        let Some((index, until_ms)) = cluster.lease_pending.get() else {
+            return;
+        };
+        if cluster.reconciled_index() < index {
+            return;
+        }
+        cluster.lease_pending.set(None);
+        self.broadcast_lease(until_ms).await;
+        self.shared
+            .controller_lease_until_ms
+            .fetch_max(until_ms, std::sync::atomic::Ordering::AcqRel);
+        self.shared
+            .controller_registered
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Shard 0, controller mode: brings this broker to the image the heartbeats applied, one
+    /// round per wake-up (a round takes the newest image, so changes that arrive while one
+    /// runs coalesce), and renews the lease that waited for it. Ends when the shard stops
+    /// (after the controlled shutdown, which still needs it).
+    pub(crate) async fn metadata_apply_loop(self: Rc<Self>, woken: LocalReceiver<()>) {
+        let Some(cluster) = self.cluster() else {
+            return;
+        };
+        loop {
+            let woke = futures_lite::future::or(async { woken.recv().await.is_some() }, async {
+                self.stop_signal().await;
+                false
+            })
+            .await;
+            if !woke || self.stopping.get() {
+                return;
+            }
+            // Each round reaches the image as it was when the round began; a round is only
+            // started while behind, and the image only grows, so this ends once caught up.
+            while cluster.reconciled_index() < cluster.applied_index() {
+                let before = cluster.reconciled.borrow().clone();
+                let after = cluster.image.borrow().clone();
+                let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
+                    return;
+                };
+                if let Err(error) = self.reconcile(&before, &after).await {
+                    // As before the apply had a task of its own: logged, and the next change
+                    // is applied from this image (a partition that failed to open is reported
+                    // by the shard; a restart opens it).
+                    tracing::error!(%error, "cannot apply the controller's metadata");
                 }
-                MetadataDelta::Records(records) => {
-                    // Records of one Raft entry share its index: skip whole entries applied
-                    // before this delta, never a later record of the entry being applied.
-                    let applied_before = image.applied_index();
-                    for (index, record) in records {
-                        if index <= applied_before {
-                            continue;
-                        }
-                        image
-                            .apply(index, &record)
-                            .map_err(|e| format!("metadata record {index}: {e}"))?;
-                    }
-                }
+                *cluster.reconciled.borrow_mut() = after;
+                cluster.wake_applied();
+                self.renew_pending_lease(&cluster).await;
             }
         }
-        if cluster.image.borrow().applied_index() == before.applied_index() {
-            return Ok(());
-        }
-        let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
-            return Err("shutting down".to_string());
-        };
-        let after = cluster.image.borrow().clone();
-        self.reconcile(&before, &after).await?;
-        cluster.wake_applied();
-        Ok(())
     }
 
     /// Shard 0: makes this broker match `after` (topics opened and closed, metadata stored and
@@ -511,6 +555,13 @@ impl Shard {
         before: &ClusterImage,
         after: &ClusterImage,
     ) -> Result<(), String> {
+        if let Some(delay_ms) = std::env::var(super::FAILPOINT_METADATA_APPLY_DELAY_MS)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Test-only failpoint: an apply as slow as opening partitions on a busy disk.
+            glommio::timer::sleep(Duration::from_millis(delay_ms)).await;
+        }
         let me = self.shared.config.broker_id;
         let shards = self.shared.shards() as u32;
         let current = (**self.metadata.borrow()).clone();
@@ -588,6 +639,18 @@ impl Shard {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        // Partitions that stay get their new state first, then the lease that waited for this
+        // image is renewed: a deposed leader is a follower by then, and the lease does not
+        // wait for the metadata file's fsync or for new topics' files.
+        self.hand_states(&state_changes(me, before, after, &next, &added, false))
+            .await;
+        if let Some(cluster) = self.cluster() {
+            if let Some((index, until_ms)) = cluster.lease_pending.get() {
+                if index <= after.applied_index() {
+                    self.broadcast_lease(until_ms).await;
+                }
+            }
+        }
         if next != current {
             self.persist(next.clone()).await?;
         }
@@ -605,47 +668,11 @@ impl Shard {
         if next != current {
             self.publish(Arc::new(next.clone())).await;
         }
-        // Hand every changed (or newly opened) local partition its state.
-        let mut by_shard: BTreeMap<u32, Vec<(String, u32, PartitionState)>> = BTreeMap::new();
-        for topic in after.topics() {
-            let name = &topic.topic.name;
-            let fresh = added.contains(name);
-            let Some(meta) = next.topics.get(name) else {
-                continue;
-            };
-            for p in &topic.partitions {
-                if !p.replicas.contains(&me) {
-                    continue;
-                }
-                let unchanged = !fresh
-                    && before
-                        .partition(name, p.partition)
-                        .is_some_and(|old| same_state(old, p));
-                if unchanged {
-                    continue;
-                }
-                let Some(shard) = meta.partitions.get(p.partition as usize).map(|m| m.shard) else {
-                    continue;
-                };
-                by_shard.entry(shard).or_default().push((
-                    name.clone(),
-                    p.partition,
-                    PartitionState {
-                        leader: p.leader,
-                        leader_epoch: Epoch(epoch_u32(p.leader_epoch)),
-                        partition_epoch: p.partition_epoch,
-                        isr: p.isr.clone(),
-                    },
-                ));
-            }
-        }
-        let updates = by_shard
-            .into_iter()
-            .map(|(shard, states)| self.to_shard(shard, ShardRequest::PartitionStates(states)));
-        join_all(updates).await;
+        self.hand_states(&state_changes(me, before, after, &next, &added, true))
+            .await;
         // The files go in the background: unlinking gigabytes on a busy disk takes seconds, and
-        // this runs inside the heartbeat loop, which must not stall past the session timeout
-        // (it did: every broker was fenced when a large topic was deleted under load, CI
+        // the lease waits for this apply (before it had a task of its own, the heartbeats did,
+        // and every broker was fenced when a large topic was deleted under load, CI
         // 2026-12-05). The directory carries the topic id, so a topic created again with the
         // same name never meets it; a restart removes what is left.
         for (name, topic_id) in removed {
@@ -664,6 +691,17 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Hands each shard its partitions' new states (`ShardRequest::PartitionStates`).
+    async fn hand_states(
+        self: &Rc<Self>,
+        by_shard: &BTreeMap<u32, Vec<(String, u32, PartitionState)>>,
+    ) {
+        let updates = by_shard.iter().map(|(shard, states)| {
+            self.to_shard(*shard, ShardRequest::PartitionStates(states.clone()))
+        });
+        join_all(updates).await;
     }
 
     /// Applies the controller's state to this shard's partitions (`ShardRequest::PartitionStates`).
@@ -790,9 +828,11 @@ impl Shard {
             let left_ms = deadline.saturating_sub(monotonic_ms()).max(1);
             match cluster.command(&command, left_ms).await {
                 Ok(response) if !response.still_leading => {
-                    // Apply the move here too, so this broker stops leading at once.
+                    // Fetch the move now and wait until it is applied, so this broker stops
+                    // leading at once.
                     let _ = self.heartbeat_once(&cluster).await;
-                    done = true;
+                    let left_ms = deadline.saturating_sub(monotonic_ms()).max(1);
+                    done = cluster.wait_applied(cluster.applied_index(), left_ms).await;
                 }
                 Ok(_) => {
                     glommio::timer::sleep(Duration::from_millis(cluster.heartbeat_interval_ms))
@@ -877,6 +917,81 @@ enum HeartbeatOutcome {
     Answered,
     TryAnother,
     Wait,
+}
+
+/// The local partitions whose state `after` changes, by owning shard: those of the topics
+/// `added` (all of theirs) when `fresh`, else those of the topics that stay.
+fn state_changes(
+    me: u32,
+    before: &ClusterImage,
+    after: &ClusterImage,
+    next: &BrokerMetadata,
+    added: &[String],
+    fresh: bool,
+) -> BTreeMap<u32, Vec<(String, u32, PartitionState)>> {
+    let mut by_shard: BTreeMap<u32, Vec<(String, u32, PartitionState)>> = BTreeMap::new();
+    for topic in after.topics() {
+        let name = &topic.topic.name;
+        if added.contains(name) != fresh {
+            continue;
+        }
+        let Some(meta) = next.topics.get(name) else {
+            continue;
+        };
+        for p in &topic.partitions {
+            if !p.replicas.contains(&me) {
+                continue;
+            }
+            let unchanged = !fresh
+                && before
+                    .partition(name, p.partition)
+                    .is_some_and(|old| same_state(old, p));
+            if unchanged {
+                continue;
+            }
+            let Some(shard) = meta.partitions.get(p.partition as usize).map(|m| m.shard) else {
+                continue;
+            };
+            by_shard.entry(shard).or_default().push((
+                name.clone(),
+                p.partition,
+                PartitionState {
+                    leader: p.leader,
+                    leader_epoch: Epoch(epoch_u32(p.leader_epoch)),
+                    partition_epoch: p.partition_epoch,
+                    isr: p.isr.clone(),
+                },
+            ));
+        }
+    }
+    by_shard
+}
+
+/// Applies a heartbeat answer's records (or snapshot) to the in-memory image: pure and quick,
+/// so it runs in the heartbeat loop; bringing the broker to the image is the apply task's.
+fn apply_records(image: &RefCell<ClusterImage>, delta: MetadataDelta) -> Result<(), String> {
+    let mut image = image.borrow_mut();
+    match delta {
+        MetadataDelta::Snapshot(snapshot) => {
+            if snapshot.applied_index() > image.applied_index() {
+                *image = snapshot;
+            }
+        }
+        MetadataDelta::Records(records) => {
+            // Records of one Raft entry share its index: skip whole entries applied before
+            // this delta, never a later record of the entry being applied.
+            let applied_before = image.applied_index();
+            for (index, record) in records {
+                if index <= applied_before {
+                    continue;
+                }
+                image
+                    .apply(index, &record)
+                    .map_err(|e| format!("metadata record {index}: {e}"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn same_state(a: &PartitionRecord, b: &PartitionRecord) -> bool {

@@ -134,6 +134,10 @@ impl Shard {
 /// Test-only failpoint: removing a deleted topic's files first waits this many ms.
 pub const FAILPOINT_TOPIC_REMOVE_DELAY_MS: &str = "WHARF_FAILPOINT_TOPIC_REMOVE_DELAY_MS";
 
+/// Test-only failpoint: bringing the broker to new controller metadata first waits this
+/// many ms (as opening partitions can on a saturated disk).
+pub const FAILPOINT_METADATA_APPLY_DELAY_MS: &str = "WHARF_FAILPOINT_METADATA_APPLY_DELAY_MS";
+
 /// How long a create waits for this broker to apply the new topic after the controller
 /// committed it.
 const APPLY_WAIT_MS: u64 = 5_000;
@@ -161,8 +165,16 @@ impl Shard {
         } else {
             None
         };
-        let cluster = Rc::new(Cluster::new(self, host));
+        let (apply_wake, apply_woken) = glommio::channels::local_channel::new_bounded(1);
+        let cluster = Rc::new(Cluster::new(self, host, apply_wake));
         *self.cluster.borrow_mut() = Some(Rc::clone(&cluster));
+        let applying = Rc::clone(self);
+        glommio::spawn_local_into(
+            async move { applying.metadata_apply_loop(apply_woken).await },
+            self.queues.replication,
+        )
+        .map_err(|e| format!("spawn: {e}"))?
+        .detach();
         let beating = Rc::clone(self);
         glommio::spawn_local_into(
             async move { beating.heartbeat_loop().await },
