@@ -146,6 +146,10 @@ struct SealedBatch {
     slot: Rc<BatchSlot>,
     created: Instant,
     buffer_bytes: usize,
+    /// Idempotent: the producer epoch it was last stamped with.
+    epoch: u16,
+    /// Idempotent: times it was sent again after a sequence refusal (`resequence`).
+    sequence_resends: u32,
 }
 
 struct PartitionQueue {
@@ -505,6 +509,8 @@ fn seal(queue: &mut PartitionQueue) {
             slot: open.slot,
             created: open.created,
             buffer_bytes: open.buffer_bytes,
+            epoch: 0,
+            sequence_resends: 0,
         }),
         Err(error) => {
             // Completed by the partition task's accounting below.
@@ -513,20 +519,54 @@ fn seal(queue: &mut PartitionQueue) {
                 slot: open.slot,
                 created: open.created,
                 buffer_bytes: open.buffer_bytes,
+                epoch: 0,
+                sequence_resends: 0,
             });
             tracing::error!(%error, "cannot encode a batch");
         }
     }
 }
 
+/// A batch's send (with its retries) in flight.
+type Sending = glommio::Task<Result<Option<u64>, ClientError>>;
+
 /// An idempotent producer's sequence on one partition.
 #[derive(Default)]
 struct Sequence {
     /// The producer epoch this partition's batches carry: raised (sequences restart at 0)
-    /// after a batch failed for good, which leaves a gap the partition would refuse for ever.
+    /// after a batch failed for good, or when the partition refuses a sequence that no batch
+    /// of ours can fill any more (`resequence`): a gap the partition would refuse for ever.
     epoch: u16,
     next: u32,
+    /// A batch failed for good: the next stamp starts a new epoch.
     restart: bool,
+}
+
+impl Sequence {
+    /// Starts a new epoch at sequence 0 (Kafka's epoch bump, KIP-360).
+    fn bump(&mut self) -> Result<(), ClientError> {
+        self.epoch = self.epoch.checked_add(1).ok_or_else(|| {
+            ClientError::Invalid("the producer's epochs on this partition are used up".into())
+        })?;
+        self.next = 0;
+        self.restart = false;
+        Ok(())
+    }
+}
+
+/// Sends of one batch after sequence refusals (`resequence`) before it fails with the refusal:
+/// one as it was, one at a new epoch, and a spare for a refusal racing a failover.
+const SEQUENCE_RESENDS_MAX: u32 = 3;
+
+/// Whether `error` is the partition refusing the batch's sequence or producer epoch.
+fn is_sequence_refusal(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::Server {
+            code: ErrorCode::OutOfOrderSequence | ErrorCode::InvalidProducerEpoch,
+            ..
+        }
+    )
 }
 
 impl Inner {
@@ -548,24 +588,26 @@ impl Inner {
         Ok(id)
     }
 
-    /// Stamps a batch about to be sent for the first time with the producer id, the
-    /// partition's epoch and its next sequence.
+    /// Stamps a batch with the producer id, the partition's epoch and its next sequence: before
+    /// its first send, or again when the partition moved to a new epoch (`resequence`; the
+    /// bytes are copied then, as earlier attempts still hold them).
     async fn stamp(
         &self,
-        bytes: &mut Rc<FrameBuf>,
+        batch: &mut SealedBatch,
         sequence: &mut Sequence,
     ) -> Result<(), ClientError> {
         let producer_id = self.producer_id().await?;
         if sequence.restart {
-            sequence.epoch = sequence.epoch.checked_add(1).ok_or_else(|| {
-                ClientError::Invalid("the producer's epochs on this partition are used up".into())
-            })?;
-            sequence.next = 0;
-            sequence.restart = false;
+            sequence.bump()?;
         }
-        let bytes = Rc::get_mut(bytes).ok_or_else(|| {
-            ClientError::Invalid("a batch was shared before its first send".into())
-        })?;
+        if Rc::get_mut(&mut batch.bytes).is_none() {
+            let mut copy = FrameBuf::with_capacity(batch.bytes.len());
+            copy.extend_from_slice(&batch.bytes);
+            batch.bytes = Rc::new(copy);
+        }
+        batch.epoch = sequence.epoch;
+        let bytes = Rc::get_mut(&mut batch.bytes)
+            .ok_or_else(|| ClientError::Invalid("a batch copy is shared".into()))?;
         let records = wharf_storage::batch::decode_header(bytes)
             .map_err(|e| ClientError::Invalid(e.to_string()))?
             .record_count;
@@ -597,13 +639,18 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(partition);
-    type Sending = glommio::Task<Result<Option<u64>, ClientError>>;
     let mut in_flight: VecDeque<(SealedBatch, Sending)> = VecDeque::new();
     loop {
         // What to wait for when nothing can be sent now: `Some(None)` a wake-up, `Some(Some(d))`
         // a wake-up or the linger deadline, `None` (window full) only the oldest request.
         let mut wait = None;
-        if in_flight.len() < window {
+        // While older batches still need a new stamp (the partition moved to a new epoch, or
+        // a batch failed for good and the ones behind it will be refused), nothing new goes
+        // out: it would land before them.
+        let resequencing = inner.config.idempotent
+            && !in_flight.is_empty()
+            && (sequence.restart || in_flight.iter().any(|(b, _)| b.epoch != sequence.epoch));
+        if in_flight.len() < window && !resequencing {
             let next = {
                 let mut queues = inner.queues.borrow_mut();
                 let Some(queue) = queues.get_mut(&topic).and_then(|t| t.get_mut(&partition)) else {
@@ -634,7 +681,7 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
                             "the batch could not be encoded".to_string(),
                         ))
                     } else if inner.config.idempotent {
-                        match inner.stamp(&mut batch.bytes, &mut sequence).await {
+                        match inner.stamp(&mut batch, &mut sequence).await {
                             Ok(()) => start_produce(&inner, &topic, partition, &batch.bytes).await,
                             Err(error) => Err(error),
                         }
@@ -680,6 +727,25 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
             None => woken_or_lingered.await,
         };
         if let Some(result) = completed {
+            let result = match result {
+                Err(error) if inner.config.idempotent && is_sequence_refusal(&error) => {
+                    match resequence(
+                        &inner,
+                        &topic,
+                        partition,
+                        &mut in_flight,
+                        &mut sequence,
+                        seed,
+                        error,
+                    )
+                    .await
+                    {
+                        Ok(()) => continue,
+                        Err(error) => Err(error),
+                    }
+                }
+                result => result,
+            };
             if result.is_err() && inner.config.idempotent {
                 // Whether or not it was written, the partition may now miss a sequence: the
                 // next batch starts a new epoch (older ones still in flight are then refused).
@@ -707,6 +773,66 @@ async fn run_partition(inner: Rc<Inner>, topic: String, partition: u32, woken: L
             }
         }
     }
+}
+
+/// The oldest batch in flight was refused for its sequence or epoch; every batch before it is
+/// done. Sends it again in its place (`Ok`), or gives its refusal back (`Err`) to fail it:
+/// - stamped before the partition's current epoch: stamped again at that epoch and sent;
+/// - out of order, first time: sent again as it was (it was answered while an earlier batch
+///   was still being retried; that batch has landed since);
+/// - otherwise the gap before it can never be filled (a batch failed for good, or a failover
+///   elected a leader without batches it had acknowledged at a weaker ack level): a new epoch
+///   starts at sequence 0 with this batch (KIP-360). A batch refused after an attempt of it
+///   was written can then be written twice (at least once), as Kafka's producer can.
+async fn resequence(
+    inner: &Rc<Inner>,
+    topic: &str,
+    partition: u32,
+    in_flight: &mut VecDeque<(SealedBatch, Sending)>,
+    sequence: &mut Sequence,
+    seed: u64,
+    error: ClientError,
+) -> Result<(), ClientError> {
+    let Some((batch, task)) = in_flight.front_mut() else {
+        return Err(error);
+    };
+    let deadline = batch.created + Duration::from_millis(inner.config.delivery_timeout_ms);
+    if batch.sequence_resends >= SEQUENCE_RESENDS_MAX || Instant::now() >= deadline {
+        return Err(error);
+    }
+    let out_of_order = matches!(
+        error,
+        ClientError::Server {
+            code: ErrorCode::OutOfOrderSequence,
+            ..
+        }
+    );
+    let current = batch.epoch == sequence.epoch && !sequence.restart;
+    if !(current && out_of_order && batch.sequence_resends == 0) {
+        if current {
+            sequence.bump()?;
+        }
+        inner.stamp(batch, sequence).await?;
+        tracing::info!(
+            topic,
+            partition,
+            epoch = sequence.epoch,
+            %error,
+            "the partition cannot take the batch's sequence; starting a new producer epoch"
+        );
+    }
+    batch.sequence_resends += 1;
+    let first = start_produce(inner, topic, partition, &batch.bytes).await;
+    *task = glommio::spawn_local(send_with_retries(
+        Rc::clone(inner),
+        topic.to_string(),
+        partition,
+        Rc::clone(&batch.bytes),
+        batch.created,
+        seed.wrapping_add(u64::from(batch.sequence_resends)),
+        first,
+    ));
+    Ok(())
 }
 
 /// While a produce is outstanding for longer than this, the producer looks (once per period)
@@ -772,6 +898,8 @@ async fn send_with_retries(
         };
         let error = match result {
             Ok(offset) => return Ok(offset),
+            // Idempotent: the partition loop decides, in batch order (`resequence`).
+            Err(error) if config.idempotent && is_sequence_refusal(&error) => return Err(error),
             Err(error) if error.is_retriable() => error,
             Err(error) => return Err(error),
         };
