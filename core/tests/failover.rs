@@ -55,6 +55,15 @@ fn start() -> Cluster {
             .await
             .expect("create topic through the controller");
     });
+    // The create is answered once the broker that took it applied it; the others apply it at
+    // their next heartbeat (their apply runs beside it), and the ISR fills as followers fetch.
+    for id in 1..=3 {
+        wait_for(
+            &cluster.bootstrap(id),
+            "every broker knows the topic, full ISR",
+            |d| d.replicas.len() == 3 && d.isr.len() == 3,
+        );
+    }
     cluster
 }
 
@@ -299,6 +308,8 @@ fn controlled_shutdown_moves_leadership_before_the_broker_stops() {
 #[test]
 fn topics_are_created_and_deleted_through_the_controller_on_every_broker() {
     let cluster = start();
+    // `start` waited until every broker knew the topic (a create is answered once the broker
+    // that took it applied it; the others apply it at their next heartbeat).
     for id in 1..=3 {
         let d = describe(&cluster.bootstrap(id)).expect("every broker knows the topic");
         assert_eq!(d.replicas.len(), 3);

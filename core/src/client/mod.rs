@@ -436,6 +436,10 @@ pub struct Client {
 pub const METADATA_TIMEOUT_MS: u64 = 2_000;
 /// Rounds over every known broker before a metadata refresh gives up on retriable refusals.
 pub const METADATA_ROUNDS_MAX: u32 = 6;
+/// Metadata refreshes before a topic is declared unknown (the first at once, then after
+/// `UNKNOWN_TOPIC_PAUSE_MS`, doubling: about 0.7 s in all).
+pub const UNKNOWN_TOPIC_REFRESHES: u32 = 4;
+pub const UNKNOWN_TOPIC_PAUSE_MS: u64 = 100;
 /// The first pause between metadata rounds; it doubles each round up to
 /// `METADATA_BACKOFF_MAX_MS` (about 3 s over all rounds: longer than a broker's session
 /// timeout plus its re-registration).
@@ -604,13 +608,20 @@ impl Client {
         }
     }
 
-    /// Partition count of `topic`, refreshing metadata once if the topic is not known yet.
+    /// Partition count of `topic`. A topic not in the cached metadata is looked up again, up
+    /// to `UNKNOWN_TOPIC_REFRESHES` times with a growing pause: a topic just created is
+    /// answered once the broker that took it applied it, and the others learn it at their next
+    /// controller heartbeat (as Kafka's producer waits for a new topic's metadata).
     pub async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
-        for refresh in [false, true] {
-            let metadata = if refresh {
-                self.refresh_metadata().await?
-            } else {
+        for refresh in 0..=UNKNOWN_TOPIC_REFRESHES {
+            let metadata = if refresh == 0 {
                 self.metadata().await?
+            } else {
+                if refresh > 1 {
+                    let pause_ms = UNKNOWN_TOPIC_PAUSE_MS << (refresh - 2);
+                    glommio::timer::sleep(std::time::Duration::from_millis(pause_ms)).await;
+                }
+                self.refresh_metadata().await?
             };
             if let Some(t) = metadata.topics.iter().find(|t| t.name == topic) {
                 return Ok(t.partitions.len() as u32);
