@@ -21,7 +21,9 @@
 # appear by then), CHAOS_STOP_S (SIGSTOP length, beyond the session timeout: 12), CHAOS_RATE
 # (records/s: 1000), CHAOS_FLUSH ("always interval"; quick: always), CHAOS_KEEP=1 keeps the
 # data of passed scenarios, CHAOS_FLAP_S (netns-flap: how long the link flaps, 10),
-# CHAOS_CONTROLLER_WAIT_S (a new controller leader by then: 10), CHAOS_CONTROLLER=0 (brokers
+# CHAOS_CONTROLLER_WAIT_S (a new controller leader by then: 10), CHAOS_ACKS (all; quorum for
+# the single-fault scenarios), CHAOS_IN_FLIGHT (produce requests per partition: 1; up to 5
+# keep order with the idempotent producer), CHAOS_CONTROLLER=0 (brokers
 # without controller_voters, for a wharf without the controller). Reports and logs: target/chaos/run-PID/SCENARIO-FLUSH/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +44,10 @@ STOP_S=${CHAOS_STOP_S:-12}
 FLAP_S=${CHAOS_FLAP_S:-10}
 CONTROLLER_WAIT_S=${CHAOS_CONTROLLER_WAIT_S:-10}
 RATE=${CHAOS_RATE:-1000}
+# acks=quorum promises survival of one failure only: run it with the single-fault scenarios
+# (leader-kill, follower-kill, controller-kill, random-kills, leader-stop, rolling-restart).
+ACKS=${CHAOS_ACKS:-all}
+IN_FLIGHT=${CHAOS_IN_FLIGHT:-1}
 LEAD_S=5  # Load before the fault.
 ROOT=$PWD/target/chaos/run-$$
 mkdir -p "$ROOT"
@@ -260,8 +266,8 @@ scenario() {
   fi
   local bounded=$(( SECONDS_LOAD + 120 ))  # Load, drains and the read-back, at most.
   timeout -s KILL "$bounded" "$LOADGEN_BIN" --bootstrap "$(chaos_bootstrap)" --topic "$TOPIC" \
-    --acks all --rate "$RATE" --producers 1 --threads 1 --message-bytes 256 --batch-bytes 65536 \
-    --requests-in-flight 1 --warmup 0 --duration "$SECONDS_LOAD" --verify --tail-consumers 1 \
+    --acks "$ACKS" --rate "$RATE" --producers 1 --threads 1 --message-bytes 256 --batch-bytes 65536 \
+    --requests-in-flight "$IN_FLIGHT" --warmup 0 --duration "$SECONDS_LOAD" --verify --tail-consumers 1 \
     --request-timeout-ms 5000 --delivery-timeout-ms 10000 --verify-timeout 60 \
     --gap-report "$CHAOS_RUN/gaps.json" --json "$CHAOS_RUN/loadgen.json" \
     > "$CHAOS_RUN/loadgen.txt" 2> "$CHAOS_RUN/loadgen.log" &

@@ -97,7 +97,8 @@ pub enum AckLevel {
     /// elected and the others would truncate to it. Guarantee: a write so acknowledged survives
     /// the failure of any **one** broker (crash, fence, or falling out of the ISR), the leader
     /// included, because whoever the controller elects holds it; a failure not yet noticed
-    /// when the write was acknowledged counts. It does not survive two (the leader dies while
+    /// when the write was acknowledged counts (so does a fence committed that this leader has
+    /// not applied yet: within that window it may count the fenced broker as its successor). It does not survive two (the leader dies while
     /// its successor is fenced or has just left the ISR): that is `All`'s job. Static mode has
     /// no election (the first replica always leads), so the rule does not apply there.
     Quorum,

@@ -298,7 +298,8 @@ struct PendingProduce {
 
 /// Controller mode: a batch acknowledged with `quorum` or `N` ≥ 2 (stamped bytes), and the
 /// brokers that failed since: down when it was acknowledged (a crash the leader had not
-/// noticed), crashed later, or removed from the controller's ISR later. The successor rule
+/// noticed), already removed from the controller's ISR without the leader knowing yet (the
+/// metadata on its way), crashed later, or removed from the controller's ISR later. The successor rule
 /// promises it survives one such failure; with two it is no longer tracked.
 struct QuorumKept {
     bytes: Vec<u8>,
@@ -754,12 +755,28 @@ impl Sim {
                 };
                 if self.quorum.is_some() && needs_successor {
                     self.report.acknowledged_quorum += 1;
-                    let failed = self
+                    let mut failed: BTreeSet<BrokerId> = self
                         .nodes
                         .iter()
                         .filter(|n| n.live.is_none())
                         .map(|n| n.id)
                         .collect();
+                    // A broker the controller already removed from the ISR (fenced: crashed
+                    // and restarted, or cut off from the controller) while the leader has not
+                    // heard of it yet failed before the ack as far as the leader could know:
+                    // it may have counted that broker as its successor.
+                    let controller_isr = self.quorum.as_ref().and_then(|q| q.committed_isr());
+                    let leader_isr = self.nodes[(produce.leader - 1) as usize]
+                        .live
+                        .as_ref()
+                        .map(|live| live.replica.maximal_isr());
+                    if let (Some(controller_isr), Some(leader_isr)) = (controller_isr, leader_isr) {
+                        failed.extend(
+                            leader_isr
+                                .into_iter()
+                                .filter(|member| !controller_isr.contains(member)),
+                        );
+                    }
                     let bytes = bytes.to_vec();
                     self.quorum_kept
                         .insert(ack.base_offset, QuorumKept { bytes, failed });

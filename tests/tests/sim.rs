@@ -225,9 +225,18 @@ fn regression_truncation_rewrites_the_persisted_epoch_history() {
 /// 30: leader 3, cut off from broker 1 (its successor) and from the controller, acknowledged a
 /// `quorum` batch at 43 with broker 2's copy; fenced, it was replaced by broker 1, which lacked
 /// it. One failure each time.
+///
+/// Seed 9341370399621231123 (CI, 2026-12-05) marks the rule's limit: broker 1 crashed and
+/// restarted; the controller fenced its old incarnation and dropped it from the ISR, making
+/// broker 2 (cut off from the leader) the successor; leader 3 had not heard of that yet,
+/// counted broker 1's fresh copy as its successor's and acknowledged; then broker 3 was fenced
+/// and broker 2 elected without the batch. Two failures, the first one the leader could not
+/// know of: the invariant counts a broker the controller had already removed from the ISR at
+/// the ack as failed (a leader learns of a fence within a heartbeat; Kafka closes the window
+/// with broker epochs in fetches, KIP-903, not built here).
 #[test]
 fn regression_quorum_acks_survive_a_failover_to_the_successor() {
-    for seed in [37, 30] {
+    for seed in [37, 30, 9_341_370_399_621_231_123] {
         println!("controller mode, seed {seed}");
         let mut config = SimConfig::new(seed, 3000);
         config.isr_via_controller = true;

@@ -205,6 +205,11 @@ impl Quorum {
         self.partition.as_ref().map(|(_, p)| p.replicas.clone())
     }
 
+    /// The partition's ISR as the controller committed it (what it elects from).
+    pub(super) fn committed_isr(&self) -> Option<Vec<BrokerId>> {
+        self.partition.as_ref().map(|(_, p)| p.isr.clone())
+    }
+
     pub(super) fn all_voters_running(&self) -> bool {
         self.voters.iter().all(|v| v.running.is_some())
     }
