@@ -164,6 +164,9 @@ pub fn run(data: &[u8]) {
     let log_start = log.log_start_offset();
     drop(log);
     let (again, report_again) = open(&disk);
+    if std::env::var_os("WHARF_FUZZ_DEBUG").is_some() {
+        eprintln!("second open: {report_again:?}");
+    }
     assert_eq!(again.end_offset(), end_offset, "reopen: end offset");
     assert_eq!(again.log_start_offset(), log_start, "reopen: log start");
     assert_eq!(report_again.torn_tail_at, None, "reopen: {report_again:?}");

@@ -219,9 +219,7 @@ pub fn bodies() -> Vec<Vec<u8>> {
             broker_id: 2,
             client_nonce: vec![7; 32],
         }),
-        archive(&PeerAuthProveRequest {
-            proof: vec![9; 32],
-        }),
+        archive(&PeerAuthProveRequest { proof: vec![9; 32] }),
         archive(&PeerAuthBeginResponse {
             error: 0,
             message: String::new(),

@@ -162,7 +162,22 @@ async fn scan_segment<F: DiskFile>(
     hard_end: Option<u64>,
     config: &LogConfig,
 ) -> Result<ScanResult, LogIoError> {
-    let file_bytes = file.file_bytes().await.map_err(io_context("stat", name))?;
+    let mut file_bytes = file.file_bytes().await.map_err(io_context("stat", name))?;
+    if let (Durability::Upto { position, .. }, None) = (durability, hard_end) {
+        if position > file_bytes {
+            // The checkpoint vouches for bytes the file no longer has (its tail was lost). The
+            // log goes on after them with the gap zero-filled (`cut_segment_file`), so extend
+            // the file now: this scan then reads what every later open reads. (Without it, a
+            // batch cut off by the lost tail whose missing bytes were zeros was corrupt on this
+            // open and whole on the next, and the corrupt ranges changed: fuzz regression
+            // `reopen-corrupt-ranges-differ`.)
+            let extended = page_ceil(position);
+            file.set_len(extended)
+                .await
+                .map_err(io_context("ftruncate", name))?;
+            file_bytes = extended;
+        }
+    }
     let file_bytes = hard_end.map_or(file_bytes, |end| end.min(file_bytes));
     let mut window = Window {
         file,

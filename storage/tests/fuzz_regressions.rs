@@ -285,3 +285,42 @@ fn fuzz_a_misplaced_batch_ends_a_read_instead_of_a_retry() {
     let read = block_on(log.read(Offset(3), 64 * 1024)).expect("the last batch");
     assert_eq!(read.next_offset, Offset(6));
 }
+
+/// `fuzz/regressions/recovery_scan/reopen-corrupt-ranges-differ` (CI, 2026-12-05): a segment
+/// file whose tail was lost in the middle of its last batch, the lost bytes all zeros, and a
+/// checkpoint vouching for bytes past the file's end. The first open found the batch cut off
+/// and reported its offsets corrupt, then zero-filled the file up to the checkpoint's position
+/// (where the log goes on); the next open found the batch whole and reported narrower corrupt
+/// ranges. The scan now extends the file first, so both opens read the same bytes.
+#[test]
+fn fuzz_a_lost_zero_tail_reads_the_same_on_every_open() {
+    let mut batch = make_batch(1, 8, 1, 0);
+    stamp(&mut batch, Offset(0), Epoch(1));
+    let zeros = batch.iter().rev().take_while(|b| **b == 0).count();
+    assert!(zeros > 0, "the test needs a batch that ends in zero bytes");
+    let kept = batch.len() - zeros;
+    let disk = MemDisk::new();
+    let name = segment_file_name(Offset(0));
+    write_file(&disk, &name, &batch[..kept]);
+    block_on(async {
+        let file = disk.open(&name).await.expect("open");
+        file.set_len(kept as u64).await.expect("set_len");
+        file.sync().await.expect("sync");
+    });
+    write_checkpoint(&disk, Offset(0), PAGE_BYTES as u64 * 2, Offset(3));
+    let (log, report) = open(&disk, small_config());
+    assert_eq!(log.end_offset(), Offset(3), "{report:?}");
+    assert!(block_on(log.read(Offset(0), batch.len())).is_ok());
+    drop(log);
+    let (log, again) = open(&disk, small_config());
+    assert_eq!(
+        again.corrupt, report.corrupt,
+        "the reopen reads the same log"
+    );
+    assert!(block_on(log.read(Offset(0), batch.len())).is_ok());
+    assert_eq!(
+        report.corrupt.first().map(|c| c.from),
+        Some(Offset(1)),
+        "the batch cut by the lost zeros is whole: {report:?}"
+    );
+}
