@@ -866,7 +866,9 @@ impl Replica {
         self.proposal = None;
         self.proposal_blocked_until_ms = 0;
         self.fenced = false;
-        self.acknowledged_end = Offset::ZERO;
+        // The previous leader may have acknowledged batches above the HW that it waited for
+        // this broker (its successor) to hold: a joiner must hold all that this log has.
+        self.acknowledged_end = end;
         outbox.push(Output::IsrChanged(self.isr.clone()));
         self.update_high_watermark(outbox);
     }

@@ -23,6 +23,7 @@ use wharf_replication::IsrRejection;
 use wharf_storage::Epoch;
 
 use super::host::ControllerHost;
+use super::lease::PendingLeases;
 use crate::client::{decode, Connection};
 use crate::metadata::{self, BrokerMetadata, PartitionMeta, TopicMeta};
 use crate::peer_auth::PeerCredentials;
@@ -34,6 +35,9 @@ use crate::server::shard::{Shard, ShardRequest};
 pub const NO_LEADER: u32 = u32::MAX;
 /// Heartbeats sent in a row without a pause while looking for the controller leader.
 const HEARTBEAT_RETRIES_MAX: usize = 6;
+/// Backoff between attempts at an apply round that failed (doubling up to the max).
+const APPLY_RETRY_INITIAL_MS: u64 = 50;
+const APPLY_RETRY_MAX_MS: u64 = 2_000;
 
 /// What a heartbeat answer carries: the records after the broker's applied index, or the
 /// whole image when it is too far behind (or the log was compacted).
@@ -104,9 +108,9 @@ pub struct Cluster {
     /// meanwhile, so a slow apply (opening partitions on a saturated disk) cannot lapse the
     /// session and get every broker fenced (CI 2026-12-05).
     reconciled: RefCell<ClusterImage>,
-    /// The newest lease a heartbeat answer granted that still waits for the apply of the
-    /// metadata that came with it: `(applied index it needs, lease end in ms)`.
-    lease_pending: Cell<Option<(u64, u64)>>,
+    /// The leases heartbeat answers granted that still wait for the apply of the metadata
+    /// that came with them.
+    lease_pending: RefCell<PendingLeases>,
     /// Wakes the apply task (`metadata_apply_loop`); a full channel means it is woken already.
     apply_wake: LocalSender<()>,
 }
@@ -152,7 +156,7 @@ impl Cluster {
             shutdown_ready: Cell::new(false),
             applied_waiters: RefCell::new(Vec::new()),
             reconciled: RefCell::new(ClusterImage::new()),
-            lease_pending: Cell::new(None),
+            lease_pending: RefCell::new(PendingLeases::default()),
             apply_wake,
         }
     }
@@ -367,7 +371,10 @@ impl Shard {
             incarnation: cluster.incarnation.get(),
             client_address: cluster.client_address.clone(),
             internal_address: cluster.internal_address.clone(),
-            applied_index: cluster.applied_index(),
+            // What this broker has been brought to, not the image: the controller waits for
+            // it before answering a topic create, so the partitions are open by then. Records
+            // the image holds already come again and are skipped (`apply_records`).
+            applied_index: cluster.reconciled_index(),
             shutting_down: cluster.shutting_down.get(),
         };
         let target = cluster.target();
@@ -429,15 +436,17 @@ impl Shard {
         }
         cluster.leader_hint.set(Some(target));
         if !response.delta_json.is_empty() {
-            match serde_json::from_slice::<MetadataDelta>(&response.delta_json) {
-                Ok(delta) => {
-                    if let Err(error) = apply_records(&cluster.image, delta) {
-                        tracing::error!(%error, "cannot apply the controller's metadata");
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, "the controller sent metadata this broker cannot decode")
-                }
+            let applied = serde_json::from_slice::<MetadataDelta>(&response.delta_json)
+                .map_err(|e| format!("cannot decode the controller's metadata: {e}"))
+                .and_then(|delta| apply_records(&cluster.image, delta));
+            if let Err(error) = applied {
+                // No lease without the metadata that came with it: this broker may have been
+                // deposed by a record it could not apply. It keeps heartbeating (the
+                // controller sends the records again) and stops acknowledging when its lease
+                // ends.
+                tracing::error!(%error, "cannot apply the controller's metadata; lease not renewed");
+                self.shared.metrics.controller.heartbeat_failures.inc();
+                return HeartbeatOutcome::Answered;
             }
         }
         // The lease waits for the metadata that came with it: a leader deposed by this answer
@@ -450,7 +459,8 @@ impl Shard {
             sent_at_ms + cluster.session_timeout_ms - cluster.heartbeat_interval_ms.max(1);
         cluster
             .lease_pending
-            .set(Some((cluster.applied_index(), until_ms)));
+            .borrow_mut()
+            .push(cluster.applied_index(), until_ms);
         if cluster.reconciled_index() >= cluster.applied_index() {
             self.renew_pending_lease(cluster).await;
         } else {
@@ -494,13 +504,14 @@ impl Shard {
 
     /// Renews the pending lease if this broker has been brought to the metadata it needs.
     async fn renew_pending_lease(self: &Rc<Self>, cluster: &Cluster) {
-        let Some((index, until_ms)) = cluster.lease_pending.get() else {
+        let reconciled = cluster.reconciled_index();
+        let Some(until_ms) = cluster
+            .lease_pending
+            .borrow_mut()
+            .take_satisfied(reconciled)
+        else {
             return;
         };
-        if cluster.reconciled_index() < index {
-            return;
-        }
-        cluster.lease_pending.set(None);
         self.broadcast_lease(until_ms).await;
         self.shared
             .controller_lease_until_ms
@@ -529,21 +540,46 @@ impl Shard {
             }
             // Each round reaches the image as it was when the round began; a round is only
             // started while behind, and the image only grows, so this ends once caught up.
+            let mut retry_ms = APPLY_RETRY_INITIAL_MS;
             while cluster.reconciled_index() < cluster.applied_index() {
                 let before = cluster.reconciled.borrow().clone();
                 let after = cluster.image.borrow().clone();
-                let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
-                    return;
+                let reconciled = {
+                    let Ok(_permit) = self.admin_lock.acquire_permit(1).await else {
+                        return;
+                    };
+                    self.reconcile(&before, &after).await
                 };
-                if let Err(error) = self.reconcile(&before, &after).await {
-                    // As before the apply had a task of its own: logged, and the next change
-                    // is applied from this image (a partition that failed to open is reported
-                    // by the shard; a restart opens it).
-                    tracing::error!(%error, "cannot apply the controller's metadata");
+                if let Err(error) = reconciled {
+                    // Not brought to `after`: the round is retried from the same `before`
+                    // (every step is idempotent), and no lease waiting for it is renewed, so
+                    // a broker that cannot apply the metadata stops acknowledging instead of
+                    // acting on a stale view. Retried with backoff until it works or the
+                    // shard stops.
+                    tracing::error!(%error, retry_ms, "cannot apply the controller's metadata; retrying");
+                    let stopped = futures_lite::future::or(
+                        async {
+                            glommio::timer::sleep(Duration::from_millis(retry_ms)).await;
+                            false
+                        },
+                        async {
+                            self.stop_signal().await;
+                            true
+                        },
+                    )
+                    .await;
+                    if stopped {
+                        return;
+                    }
+                    retry_ms = (retry_ms * 2).min(APPLY_RETRY_MAX_MS);
+                    continue;
                 }
+                retry_ms = APPLY_RETRY_INITIAL_MS;
                 *cluster.reconciled.borrow_mut() = after;
-                cluster.wake_applied();
+                // The lease first: a topic create answered after `wake_applied` finds its
+                // leaders acknowledging.
                 self.renew_pending_lease(&cluster).await;
+                cluster.wake_applied();
             }
         }
     }
@@ -585,12 +621,17 @@ impl Shard {
                 .collect();
             let config = match kept {
                 Some(kept) => kept.config.clone(),
-                None => self
-                    .shared
-                    .config
-                    .topic_defaults
-                    .with_entries(&entries)
-                    .map_err(|e| format!("topic {name}: {e}"))?,
+                None => match self.shared.config.topic_defaults.with_entries(&entries) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        // The controller validated it, so only a config this broker's version
+                        // does not know gets here. Failing the round would keep every other
+                        // partition from its new state: this topic stays closed here (its
+                        // clients get `unknown_topic` from this broker) and the rest applies.
+                        tracing::error!(topic = %name, %error, "cannot open a topic with this config; skipped");
+                        continue;
+                    }
+                },
             };
             let partitions = topic
                 .partitions
@@ -645,10 +686,12 @@ impl Shard {
         self.hand_states(&state_changes(me, before, after, &next, &added, false))
             .await;
         if let Some(cluster) = self.cluster() {
-            if let Some((index, until_ms)) = cluster.lease_pending.get() {
-                if index <= after.applied_index() {
-                    self.broadcast_lease(until_ms).await;
-                }
+            let early = cluster
+                .lease_pending
+                .borrow()
+                .satisfied(after.applied_index());
+            if let Some(until_ms) = early {
+                self.broadcast_lease(until_ms).await;
             }
         }
         if next != current {

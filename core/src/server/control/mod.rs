@@ -5,6 +5,7 @@
 
 mod cluster;
 mod host;
+mod lease;
 mod topics;
 
 pub use cluster::{Cluster, Command, CommandError};

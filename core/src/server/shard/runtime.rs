@@ -522,6 +522,16 @@ impl Shard {
             if !meta.replicas.is_empty() && !meta.replicas.contains(&me) {
                 continue; // Another broker's replica: this broker only knows the metadata.
             }
+            let open_already = self
+                .partitions
+                .borrow()
+                .get(name)
+                .and_then(|slots| slots.get(index as usize).cloned().flatten())
+                .is_some_and(|p| p.topic_id == topic.topic_id);
+            if open_already {
+                // A retried metadata apply: the log has its one owner already.
+                continue;
+            }
             let dir =
                 metadata::partition_dir(&self.shared.config.data_dir, name, topic.topic_id, index);
             let partition = Partition::open(
