@@ -2,7 +2,7 @@
 //! a client decodes, through `decode_body::<T>()`, plus `payload_ranges` on the lengths a
 //! produce request or fetch response declares.
 //!
-//! One target for all 44 body types, not one per type: one build, one corpus and one time slot in
+//! One target for all 53 body types, not one per type: one build, one corpus and one time slot in
 //! CI instead of nineteen, and libFuzzer's coverage feedback still tells the types apart (they are
 //! different code). The corpus holds a valid body of every type.
 //!
@@ -25,7 +25,7 @@ use crate::protocol::*;
 
 /// The body types, in selector order. Requests first (the server decodes them), then responses
 /// (the client decodes them), then the error body of any failed response.
-pub const BODY_TYPES: [&str; 44] = [
+pub const BODY_TYPES: [&str; 53] = [
     "VersionsRequest",
     "MetadataRequest",
     "CreateTopicRequest",
@@ -70,6 +70,15 @@ pub const BODY_TYPES: [&str; 44] = [
     "ListGroupsResponse",
     "DeleteGroupRequest",
     "StoredGroupRecord",
+    "CreateQueueRequest",
+    "QueueAcquireRequest",
+    "QueueAcquireResponse",
+    "QueueSettleRequest",
+    "QueueSettleResponse",
+    "DescribeQueueRequest",
+    "DescribeQueueResponse",
+    "ListQueuesRequest",
+    "ListQueuesResponse",
 ];
 
 /// Frame-size limit for the re-encoded frames (bodies are at most `BODY_BYTES_MAX`).
@@ -149,6 +158,15 @@ pub fn check_selected(index: usize, body: &[u8], payload_bytes: usize, misaligne
         // Not a request body: the value of an offsets-topic record, decoded when a new
         // coordinator replays its partition.
         43 => drop(c.check::<StoredGroupRecord>()),
+        44 => drop(c.check::<CreateQueueRequest>()),
+        45 => drop(c.check::<QueueAcquireRequest>()),
+        46 => drop(c.check::<QueueAcquireResponse>()),
+        47 => drop(c.check::<QueueSettleRequest>()),
+        48 => drop(c.check::<QueueSettleResponse>()),
+        49 => drop(c.check::<DescribeQueueRequest>()),
+        50 => drop(c.check::<DescribeQueueResponse>()),
+        51 => drop(c.check::<ListQueuesRequest>()),
+        52 => drop(c.check::<ListQueuesResponse>()),
         _ => unreachable!("index < BODY_TYPES.len()"),
     }
 }
@@ -186,6 +204,11 @@ pub fn body_type_of(header: &FrameHeader) -> Option<usize> {
         ApiKey::DescribeGroup => (38, 39),
         ApiKey::ListGroups => (40, 41),
         ApiKey::DeleteGroup => (42, 35),
+        ApiKey::CreateQueue => (44, 35),
+        ApiKey::QueueAcquire => (45, 46),
+        ApiKey::QueueSettle => (47, 48),
+        ApiKey::DescribeQueue => (49, 50),
+        ApiKey::ListQueues => (51, 52),
         _ => return None,
     };
     Some(if header.is_response() {

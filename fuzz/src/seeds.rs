@@ -381,9 +381,126 @@ pub fn bodies() -> Vec<Vec<u8>> {
                 target: vec![group_partition_of(0)],
             }),
         }),
+        archive(&CreateQueueRequest {
+            group: "workers".to_string(),
+            topic: "orders".to_string(),
+            settings: queue_settings(),
+        }),
+        archive(&QueueAcquireRequest {
+            group: "workers".to_string(),
+            member: "host-a-1".to_string(),
+            records_max: 16,
+            wait_ms: 500,
+        }),
+        archive(&QueueAcquireResponse {
+            error: 0,
+            message: String::new(),
+            topic: "orders".to_string(),
+            records: vec![QueueDelivery {
+                partition: 1,
+                offset: 43,
+                delivery_attempt: 2,
+                lease_until_ms: 1_700_000_030_000,
+                timestamp_ms: 1_700_000_000_000,
+                key: Some(b"customer-7".to_vec()),
+                value: b"charge 12.50".to_vec(),
+            }],
+        }),
+        archive(&QueueSettleRequest {
+            group: "workers".to_string(),
+            member: "host-a-1".to_string(),
+            settlements: vec![
+                QueueSettlement {
+                    partition: 1,
+                    offset: 43,
+                    delivery_attempt: 2,
+                    action: SettleAction::Ack,
+                },
+                QueueSettlement {
+                    partition: 1,
+                    offset: 44,
+                    delivery_attempt: 1,
+                    action: SettleAction::Nack {
+                        delay_ms: Some(5_000),
+                    },
+                },
+                QueueSettlement {
+                    partition: 0,
+                    offset: 9,
+                    delivery_attempt: 1,
+                    action: SettleAction::Reject {
+                        reason: "cannot parse".to_string(),
+                    },
+                },
+                QueueSettlement {
+                    partition: 0,
+                    offset: 10,
+                    delivery_attempt: 3,
+                    action: SettleAction::Extend,
+                },
+            ],
+        }),
+        archive(&QueueSettleResponse {
+            error: 0,
+            message: String::new(),
+            results: vec![QueueSettleResult {
+                error: 46,
+                message: "record 43 is at delivery attempt 3, not 2".to_string(),
+                lease_until_ms: 0,
+            }],
+        }),
+        archive(&DescribeQueueRequest {
+            group: "workers".to_string(),
+        }),
+        archive(&DescribeQueueResponse {
+            error: 0,
+            message: String::new(),
+            group: "workers".to_string(),
+            topic: "orders".to_string(),
+            coordinator: 2,
+            settings: queue_settings(),
+            partitions: vec![QueuePartitionDescription {
+                partition: 0,
+                start_offset: 40,
+                end_offset: 60,
+                in_flight: 12,
+                waiting: 3,
+                dead_lettering: 1,
+                oldest_pending_age_ms: 2_300,
+            }],
+            acked: 400,
+            redelivered: 7,
+            dead_lettered: 2,
+        }),
+        archive(&ListQueuesRequest {}),
+        archive(&ListQueuesResponse {
+            error: 0,
+            message: String::new(),
+            queues: vec![QueueListing {
+                group: "workers".to_string(),
+                topic: "orders".to_string(),
+                in_flight: 12,
+                dead_letter_topic: "orders.dlq".to_string(),
+            }],
+        }),
     ];
     assert_eq!(bodies.len(), BODY_TYPES.len());
     bodies
+}
+
+fn queue_settings() -> QueueSettings {
+    QueueSettings {
+        ack_wait_ms: 30_000,
+        max_deliveries: 5,
+        in_flight_max: 1_000,
+        backoff_initial_ms: 1_000,
+        backoff_max_ms: 300_000,
+        backoff_multiplier_permille: 2_000,
+        backoff_jitter_permille: 200,
+        backoff_list_ms: Vec::new(),
+        per_key_ordering: true,
+        dead_letter_topic: "orders.dlq".to_string(),
+    }
 }
 
 fn group_partition_of(partition: u32) -> GroupPartition {

@@ -136,14 +136,14 @@ impl QueueConfig {
 }
 
 /// Why a delivery attempt failed (named in the dead-letter headers as the last reason).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeliveryFailure {
     Nacked,
     LeaseExpired,
 }
 
 /// Why a record went to the dead-letter topic.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeadLetterReason {
     /// Its last allowed delivery failed this way.
     MaxDeliveries { last: DeliveryFailure },
@@ -184,7 +184,7 @@ impl RecordState {
 }
 
 /// A record entering the window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TrackedRecord {
     pub offset: u64,
     /// A hash of the record's key, for per-key ordering; `None` for a record without a key.
@@ -193,7 +193,7 @@ pub struct TrackedRecord {
 
 /// What the caller writes to the queue's state log. Replayed in order they rebuild the state;
 /// the log always begins with a [`QueueRecord::Snapshot`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum QueueRecord {
     /// Forget everything: the state is empty with `start_offset = end_offset = start_offset`.
     /// The records after it (from [`QueuePartition::snapshot`]) fill the window again.

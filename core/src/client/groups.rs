@@ -41,14 +41,23 @@ group_responses!(
     GroupResult,
     OffsetFetchResponse,
     DescribeGroupResponse,
-    ListGroupsResponse
+    ListGroupsResponse,
+    QueueAcquireResponse,
+    QueueSettleResponse,
+    DescribeQueueResponse,
+    ListQueuesResponse
 );
 
 impl Client {
     /// The address of `group`'s coordinator: the leader (shard) of its offsets partition.
     /// Before the offsets topic exists, any broker (it creates the topic and answers
     /// `coordinator_loading`).
-    async fn coordinator_address(&self, group: &str, refresh: bool) -> Result<String, ClientError> {
+    async fn coordinator_address(
+        &self,
+        state_topic: &str,
+        group: &str,
+        refresh: bool,
+    ) -> Result<String, ClientError> {
         let metadata = if refresh {
             self.refresh_metadata().await?
         } else {
@@ -57,12 +66,12 @@ impl Client {
         let partitions = metadata
             .topics
             .iter()
-            .find(|t| t.name == OFFSETS_TOPIC)
+            .find(|t| t.name == state_topic)
             .map_or(0, |t| t.partitions.len() as u32);
         if partitions == 0 {
             return Ok(self.bootstrap_address());
         }
-        self.partition_address(OFFSETS_TOPIC, group_partition(group, partitions))
+        self.partition_address(state_topic, group_partition(group, partitions))
             .await
     }
 
@@ -74,6 +83,21 @@ impl Client {
         group: &str,
         request: &Q,
     ) -> Result<R, ClientError> {
+        self.coordinator_call_on(OFFSETS_TOPIC, api, group, request, 0)
+            .await
+    }
+
+    /// Like [`Client::coordinator_call`], for the coordinator of `group` on `state_topic`
+    /// (`__consumer_offsets` or `__queue_state`), waiting `extra_ms` longer for the answer
+    /// (a long poll).
+    pub async fn coordinator_call_on<Q: Message, R: GroupResponse>(
+        &self,
+        state_topic: &str,
+        api: ApiKey,
+        group: &str,
+        request: &Q,
+        extra_ms: u64,
+    ) -> Result<R, ClientError> {
         let mut last = None;
         for attempt in 0..COORDINATOR_ATTEMPTS_MAX {
             if attempt > 0 {
@@ -82,10 +106,17 @@ impl Client {
                 glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
             }
             let answered = async {
-                let address = self.coordinator_address(group, attempt > 0).await?;
+                let address = self
+                    .coordinator_address(state_topic, group, attempt > 0)
+                    .await?;
                 let connection = self.connection(&address).await?;
                 let frame = connection
-                    .call(api, request, Vec::new(), self.config.request_timeout_ms)
+                    .call(
+                        api,
+                        request,
+                        Vec::new(),
+                        self.config.request_timeout_ms + extra_ms,
+                    )
                     .await?;
                 decode::<R>(&frame)
             }

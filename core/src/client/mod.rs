@@ -5,6 +5,7 @@
 pub mod consumer;
 pub mod groups;
 pub mod producer;
+pub mod queues;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

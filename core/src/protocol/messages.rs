@@ -65,6 +65,15 @@ messages!(
     ListGroupsResponse,
     DeleteGroupRequest,
     StoredGroupRecord,
+    CreateQueueRequest,
+    QueueAcquireRequest,
+    QueueAcquireResponse,
+    QueueSettleRequest,
+    QueueSettleResponse,
+    DescribeQueueRequest,
+    DescribeQueueResponse,
+    ListQueuesRequest,
+    ListQueuesResponse,
 );
 
 /// Body of a response whose header carries a frame-level error code.
@@ -722,4 +731,166 @@ pub enum StoredGroupChange {
 pub struct StoredGroupRecord {
     pub group: String,
     pub change: StoredGroupChange,
+}
+
+/// A queue group's knobs (`wharf queue create`). Zero or empty means the broker's default.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct QueueSettings {
+    /// The lease: a record not settled within this is delivered again.
+    pub ack_wait_ms: u64,
+    /// Deliveries a record gets before it goes to the dead-letter topic.
+    pub max_deliveries: u32,
+    /// Records acquired at once per partition.
+    pub in_flight_max: u32,
+    /// Exponential backoff between deliveries of one record.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// The multiplier in thousandths (2000 doubles).
+    pub backoff_multiplier_permille: u32,
+    /// Up to this share (thousandths) of each delay is random.
+    pub backoff_jitter_permille: u32,
+    /// An explicit list of delays instead (the last repeats).
+    pub backoff_list_ms: Vec<u64>,
+    /// Records with one key are never in flight twice at once.
+    pub per_key_ordering: bool,
+    /// Empty: `<topic>.dlq`.
+    pub dead_letter_topic: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CreateQueueRequest {
+    pub group: String,
+    pub topic: String,
+    pub settings: QueueSettings,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueAcquireRequest {
+    pub group: String,
+    /// Chosen by the member (1 to 255 bytes); settlements must name the same.
+    pub member: String,
+    pub records_max: u32,
+    /// Long poll: how long to wait for a record when none is deliverable now.
+    pub wait_ms: u32,
+}
+
+/// One record handed to a member, under a lease.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueDelivery {
+    pub partition: u32,
+    pub offset: u64,
+    /// 1 for the first delivery; the member sends it back with its settlement.
+    pub delivery_attempt: u32,
+    /// Wall-clock ms since the epoch: settle before this or the record is delivered again.
+    pub lease_until_ms: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueAcquireResponse {
+    pub error: u16,
+    pub message: String,
+    pub topic: String,
+    pub records: Vec<QueueDelivery>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum SettleAction {
+    Ack,
+    /// Deliver again after `delay_ms`, or after the queue's backoff for this attempt.
+    Nack {
+        delay_ms: Option<u64>,
+    },
+    /// Straight to the dead-letter topic, with this reason in its headers.
+    Reject {
+        reason: String,
+    },
+    /// Renew the lease (`ack_wait_ms` from now).
+    Extend,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueSettlement {
+    pub partition: u32,
+    pub offset: u64,
+    pub delivery_attempt: u32,
+    pub action: SettleAction,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueSettleRequest {
+    pub group: String,
+    pub member: String,
+    pub settlements: Vec<QueueSettlement>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueSettleResult {
+    pub error: u16,
+    pub message: String,
+    /// After an extend: the new end of the lease.
+    pub lease_until_ms: u64,
+}
+
+/// One result per settlement, in order; the frame error is for the request as a whole.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueSettleResponse {
+    pub error: u16,
+    pub message: String,
+    pub results: Vec<QueueSettleResult>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DescribeQueueRequest {
+    pub group: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueuePartitionDescription {
+    pub partition: u32,
+    /// Every record below is done (acked or dead-lettered).
+    pub start_offset: u64,
+    /// Records from here on were never delivered.
+    pub end_offset: u64,
+    pub in_flight: u32,
+    /// Waiting for a redelivery (backoff or nack delay).
+    pub waiting: u32,
+    pub dead_lettering: u32,
+    /// Age of the oldest record not yet done, when known (ms); 0 when none.
+    pub oldest_pending_age_ms: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DescribeQueueResponse {
+    pub error: u16,
+    pub message: String,
+    pub group: String,
+    pub topic: String,
+    pub coordinator: u32,
+    pub settings: QueueSettings,
+    pub partitions: Vec<QueuePartitionDescription>,
+    /// Since the coordinator loaded the queue (process counters).
+    pub acked: u64,
+    pub redelivered: u64,
+    pub dead_lettered: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListQueuesRequest {}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueListing {
+    pub group: String,
+    pub topic: String,
+    pub in_flight: u32,
+    pub dead_letter_topic: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ListQueuesResponse {
+    pub error: u16,
+    pub message: String,
+    pub queues: Vec<QueueListing>,
 }

@@ -94,10 +94,18 @@ pub enum ApiKey {
     ListGroups = 21,
     /// Client, to the group's coordinator: forget an empty group's committed offsets.
     DeleteGroup = 22,
+    /// Queues (`wharf_queues`): define a queue group on a topic.
+    CreateQueue = 23,
+    /// Queues: records for a member, each under a lease.
+    QueueAcquire = 24,
+    /// Queues: ack, nack, reject or extend deliveries.
+    QueueSettle = 25,
+    DescribeQueue = 26,
+    ListQueues = 27,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 23] = [
+    pub const ALL: [ApiKey; 28] = [
         ApiKey::Versions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -121,6 +129,11 @@ impl ApiKey {
         ApiKey::DescribeGroup,
         ApiKey::ListGroups,
         ApiKey::DeleteGroup,
+        ApiKey::CreateQueue,
+        ApiKey::QueueAcquire,
+        ApiKey::QueueSettle,
+        ApiKey::DescribeQueue,
+        ApiKey::ListQueues,
     ];
 
     /// Broker-to-broker APIs: served only on the internal listener, to authenticated peers.
@@ -182,6 +195,11 @@ impl ApiKey {
             ApiKey::DescribeGroup => "describe_group",
             ApiKey::ListGroups => "list_groups",
             ApiKey::DeleteGroup => "delete_group",
+            ApiKey::CreateQueue => "create_queue",
+            ApiKey::QueueAcquire => "queue_acquire",
+            ApiKey::QueueSettle => "queue_settle",
+            ApiKey::DescribeQueue => "describe_queue",
+            ApiKey::ListQueues => "list_queues",
         }
     }
 }
@@ -277,10 +295,15 @@ pub enum ErrorCode {
     /// The operation needs a group without members (delete, reset offsets).
     GroupNotEmpty = 44,
     UnknownGroup = 45,
+    /// A settlement for a delivery that is no longer current (its lease expired and the
+    /// record was reclaimed or delivered again, or it was settled already): nothing changed.
+    StaleDelivery = 46,
+    UnknownQueue = 47,
+    QueueAlreadyExists = 48,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 46] = [
+    pub const ALL: [ErrorCode; 49] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::CorruptFrame,
@@ -327,6 +350,9 @@ impl ErrorCode {
         ErrorCode::GroupFull,
         ErrorCode::GroupNotEmpty,
         ErrorCode::UnknownGroup,
+        ErrorCode::StaleDelivery,
+        ErrorCode::UnknownQueue,
+        ErrorCode::QueueAlreadyExists,
     ];
 
     /// Unknown numbers (from a newer peer) map to `Unknown`.
@@ -409,6 +435,9 @@ impl ErrorCode {
             ErrorCode::GroupFull => "group_full",
             ErrorCode::GroupNotEmpty => "group_not_empty",
             ErrorCode::UnknownGroup => "unknown_group",
+            ErrorCode::StaleDelivery => "stale_delivery",
+            ErrorCode::UnknownQueue => "unknown_queue",
+            ErrorCode::QueueAlreadyExists => "queue_already_exists",
         }
     }
 }
@@ -607,6 +636,8 @@ impl Frame {
 /// An rkyv-archived message body (implemented for every message type in [`messages`]).
 /// The internal topic holding every consumer group's state and committed offsets.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// The internal topic holding every queue group's state (leases, acks, delivery counts).
+pub const QUEUE_STATE_TOPIC: &str = "__queue_state";
 
 /// Topics whose names start with `__` belong to the brokers (the offsets topic): clients may
 /// read them but not create, delete or write them.

@@ -11,6 +11,7 @@ use futures_util::FutureExt;
 use super::connection::{ConnectionContext, ListenerKind, OutPayload, Outgoing, Pending};
 use super::groups::GroupOp;
 use super::partition::PartitionError;
+use super::queues::QueueOp;
 use super::shard::{Shard, ShardReply, ShardRequest};
 use crate::protocol::*;
 
@@ -247,6 +248,26 @@ impl Shard {
             ApiKey::DeleteGroup => {
                 let request: DeleteGroupRequest = frame.decode_body().map_err(invalid)?;
                 self.admit_group(header, GroupOp::Delete(request))
+            }
+            ApiKey::CreateQueue => {
+                let request: CreateQueueRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_queue(header, QueueOp::Create(request))
+            }
+            ApiKey::QueueAcquire => {
+                let request: QueueAcquireRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_queue(header, QueueOp::Acquire(request))
+            }
+            ApiKey::QueueSettle => {
+                let request: QueueSettleRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_queue(header, QueueOp::Settle(request))
+            }
+            ApiKey::DescribeQueue => {
+                let request: DescribeQueueRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_queue(header, QueueOp::Describe(request))
+            }
+            ApiKey::ListQueues => {
+                let _request: ListQueuesRequest = frame.decode_body().map_err(invalid)?;
+                self.admit_queue(header, QueueOp::List)
             }
         })
     }

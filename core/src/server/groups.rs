@@ -230,7 +230,7 @@ impl Shard {
             .get(OFFSETS_TOPIC)
             .map(|t| t.partitions.len() as u32);
         let Some(partitions) = partitions.filter(|&n| n > 0) else {
-            let result = self.create_offsets_topic().await;
+            let result = self.create_internal_topic(OFFSETS_TOPIC).await;
             return op.error(
                 ErrorCode::CoordinatorLoading,
                 format!("{OFFSETS_TOPIC} is being created ({result}); retry"),
@@ -257,15 +257,16 @@ impl Shard {
         }
     }
 
-    /// Creates the offsets topic (any broker may ask; a second creation finds it there).
-    async fn create_offsets_topic(self: &Rc<Self>) -> String {
+    /// Creates an internal state topic (`__consumer_offsets`, `__queue_state`; any broker may
+    /// ask, a second creation finds it there). Both take the `[groups]` offsets-topic sizes.
+    pub(crate) async fn create_internal_topic(self: &Rc<Self>, name: &str) -> String {
         let config = &self.shared.config.groups;
         let brokers = self.shared.config.cluster.brokers.len().max(1);
         let replication_factor = config
             .offsets_topic_replication_factor
             .min(u16::try_from(brokers).unwrap_or(u16::MAX));
         let request = CreateTopicRequest {
-            name: OFFSETS_TOPIC.to_string(),
+            name: name.to_string(),
             partitions: config.offsets_topic_partitions,
             replication_factor,
             configs: vec![
@@ -911,8 +912,18 @@ async fn persist(
             .map_err(|e| PartitionError::new(ErrorCode::InvalidBatch, e.to_string()))?;
         payload.extend_from_slice(&batch);
     }
+    write_acks_all(partition, &payload, "the group's change").await
+}
+
+/// Appends `payload` (whole batches) to an internal partition this shard leads and waits for
+/// `acks=all` (bounded by [`PERSIST_TIMEOUT_MS`]). Returns the offset of the first record.
+pub(crate) async fn write_acks_all(
+    partition: &Rc<Partition>,
+    payload: &[u8],
+    what: &str,
+) -> Result<Offset, PartitionError> {
     let mut aligned = FrameBuf::with_capacity(payload.len());
-    aligned.extend_from_slice(&payload);
+    aligned.extend_from_slice(payload);
     let admitted = partition
         .produce(&mut aligned, Acks::All, PERSIST_TIMEOUT_MS)
         .await?;
@@ -928,11 +939,11 @@ async fn persist(
         Ok(Ok(result)) => result.map(|_| base),
         Ok(Err(_canceled)) => Err(PartitionError::new(
             ErrorCode::PartitionUnavailable,
-            "the offsets partition closed before the write was durable",
+            format!("the partition closed before {what} was durable"),
         )),
         Err(_) => Err(PartitionError::new(
             ErrorCode::RequestTimeout,
-            "the group's change did not reach acks=all in time",
+            format!("{what} did not reach acks=all in time"),
         )),
     }
 }

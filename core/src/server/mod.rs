@@ -16,6 +16,7 @@ mod handlers;
 pub mod metrics;
 pub mod partition;
 pub mod producer_ids;
+pub mod queues;
 mod shard;
 
 use std::net::SocketAddr;

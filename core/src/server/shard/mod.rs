@@ -102,6 +102,12 @@ pub enum ShardRequest {
         partition: u32,
         op: crate::server::groups::GroupOp,
     },
+    /// A queue request for the coordinator of state partition `partition`, which this shard
+    /// owns.
+    Queue {
+        partition: u32,
+        op: crate::server::queues::QueueOp,
+    },
     /// Controller mode: the controller refused a leader's ISR proposal.
     IsrRejected {
         topic: String,
@@ -131,6 +137,7 @@ pub enum ShardReply {
     ControllerCommand(ControllerCommandResponse),
     ClusterStatus(ClusterStatusResponse),
     Group(crate::server::groups::GroupAnswer),
+    Queue(crate::server::queues::QueueAnswer),
 }
 
 pub struct Envelope {
@@ -178,6 +185,8 @@ pub struct Shard {
     pub(super) cluster: RefCell<Option<Rc<Cluster>>>,
     /// Consumer-group coordinators of the offsets partitions this shard owns.
     pub(crate) coordinator: crate::server::groups::Coordinator,
+    /// Queue coordinators of the queue-state partitions this shard owns.
+    pub(crate) queue_coordinator: crate::server::queues::QueueCoordinator,
 }
 
 impl Shard {

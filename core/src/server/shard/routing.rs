@@ -195,6 +195,9 @@ impl Shard {
             ShardRequest::Group { partition, op } => {
                 ShardReply::Group(self.coordinate(partition, op).await)
             }
+            ShardRequest::Queue { partition, op } => {
+                ShardReply::Queue(self.coordinate_queue(partition, op).await)
+            }
             ShardRequest::IsrRejected {
                 topic,
                 partition,

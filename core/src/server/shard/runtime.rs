@@ -173,6 +173,7 @@ async fn start(
         isr_proposals: Rc::new(IsrProposals::default()),
         cluster: RefCell::new(None),
         coordinator: Default::default(),
+        queue_coordinator: Default::default(),
         shared,
     });
     // Recover every partition this shard owns.
@@ -268,6 +269,10 @@ async fn start(
         .detach();
         let expiring = Rc::clone(&shard);
         glommio::spawn_local_into(expiring.group_expiry_loop(), shard.queues.background)
+            .map_err(|e| format!("spawn: {e}"))?
+            .detach();
+        let queue_ticking = Rc::clone(&shard);
+        glommio::spawn_local_into(queue_ticking.queue_tick_loop(), shard.queues.background)
             .map_err(|e| format!("spawn: {e}"))?
             .detach();
     }

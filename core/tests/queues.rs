@@ -1,0 +1,414 @@
+//! Queues end to end on a real `wharf serve`: records acquired under leases and settled one by
+//! one; a crashed member's records come back after the lease to another member, and its late
+//! ack is refused; nack with a delay and the backoff schedule are kept; after
+//! `max_deliveries` (or a reject) the record is in the dead-letter topic with headers naming
+//! where it came from; members get disjoint records; acks and pending deliveries survive a
+//! kill -9 of the broker.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use common::{run, Broker};
+use wharf::client::producer::{Producer, ProducerConfig};
+use wharf::client::queues::QueueMember;
+use wharf::client::{decode, Client, ClientConfig, ClientError};
+use wharf::protocol::*;
+
+const TOPIC: &str = "jobs";
+const PARTITIONS: u32 = 3;
+const CONFIG: &str = "[groups]\noffsets_topic_partitions = 2\n";
+/// Acquire calls a wait makes before it gives up (each long-polls at most `WAIT_MS`).
+const ROUNDS_MAX: usize = 200;
+const WAIT_MS: u32 = 100;
+
+async fn connect(address: &str) -> Rc<Client> {
+    Client::connect(ClientConfig::new(address))
+        .await
+        .expect("connect")
+}
+
+async fn produce(client: &Rc<Client>, count: u32) {
+    let producer = Producer::new(Rc::clone(client), ProducerConfig::default());
+    let mut deliveries = Vec::new();
+    for i in 0..count {
+        let value = format!("job{i:04}");
+        let key = format!("k{}", i % 7);
+        deliveries.push(
+            producer
+                .send_to(
+                    TOPIC,
+                    Some(i % PARTITIONS),
+                    Some(key.as_bytes()),
+                    value.as_bytes(),
+                )
+                .await
+                .expect("queued"),
+        );
+    }
+    producer.flush().await;
+    for delivery in deliveries {
+        delivery.await.expect("acknowledged");
+    }
+}
+
+fn settings(ack_wait_ms: u64, max_deliveries: u32) -> QueueSettings {
+    QueueSettings {
+        ack_wait_ms,
+        max_deliveries,
+        backoff_list_ms: vec![300, 600],
+        ..QueueSettings::default()
+    }
+}
+
+/// Acquires until `count` records came (or the rounds run out).
+async fn acquire_n(member: &QueueMember, count: usize) -> Vec<QueueDelivery> {
+    let mut got = Vec::new();
+    for _ in 0..ROUNDS_MAX {
+        if got.len() >= count {
+            break;
+        }
+        let more = member
+            .acquire((count - got.len()) as u32, WAIT_MS)
+            .await
+            .expect("acquire");
+        got.extend(more);
+    }
+    got
+}
+
+fn value(d: &QueueDelivery) -> String {
+    String::from_utf8_lossy(&d.value).into_owned()
+}
+
+/// Every record of `topic` partition `partition` with its headers.
+async fn read_with_headers(
+    client: &Rc<Client>,
+    topic: &str,
+    partition: u32,
+) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
+    let connection = client
+        .partition_connection(topic, partition)
+        .await
+        .expect("leader");
+    let request = FetchRequest {
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: 1 << 20,
+        partitions: vec![FetchPartition {
+            topic: topic.to_string(),
+            partition,
+            fetch_offset: 0,
+            max_bytes: 1 << 20,
+        }],
+    };
+    let frame = connection
+        .call(ApiKey::Fetch, &request, Vec::new(), 5_000)
+        .await
+        .expect("fetch");
+    let response: FetchResponse = decode(&frame).expect("decode");
+    let mut out = Vec::new();
+    let mut at = 0;
+    for p in response.partitions {
+        assert_eq!(p.error, 0, "{}", p.message);
+        let bytes = &frame.payload()[at..at + p.batch_bytes as usize];
+        at += p.batch_bytes as usize;
+        let mut scan = 0;
+        while scan < bytes.len() {
+            let batch = wharf_storage::batch::check_batch(&bytes[scan..]).expect("batch");
+            for record in batch.records().expect("records").iter() {
+                let headers = record
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.key.as_str().to_string(),
+                            String::from_utf8_lossy(h.value.as_slice()).into_owned(),
+                        )
+                    })
+                    .collect();
+                out.push((record.value.as_slice().to_vec(), headers));
+            }
+            scan += batch.header.batch_bytes();
+        }
+    }
+    out
+}
+
+#[test]
+fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_dead_letter_topic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, CONFIG);
+    let address = broker.bootstrap();
+    run(async move {
+        let client = connect(&address).await;
+        client
+            .create_topic(TOPIC, PARTITIONS, 1, Vec::new())
+            .await
+            .expect("create topic");
+        // Bad input first: unknown topic, bad backoff, unknown queue.
+        let unknown = client
+            .create_queue("q", "nope", QueueSettings::default())
+            .await;
+        assert!(
+            matches!(
+                &unknown,
+                Err(ClientError::Server {
+                    code: ErrorCode::UnknownTopic,
+                    ..
+                })
+            ),
+            "{unknown:?}"
+        );
+        let shrinking = QueueSettings {
+            backoff_multiplier_permille: 500,
+            ..QueueSettings::default()
+        };
+        let bad = client.create_queue("q", TOPIC, shrinking).await;
+        assert!(
+            matches!(
+                &bad,
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidConfig,
+                    ..
+                })
+            ),
+            "{bad:?}"
+        );
+        let missing = QueueMember::new(Rc::clone(&client), "none", "m")
+            .acquire(1, 0)
+            .await;
+        assert!(
+            matches!(
+                &missing,
+                Err(ClientError::Server {
+                    code: ErrorCode::UnknownQueue,
+                    ..
+                })
+            ),
+            "{missing:?}"
+        );
+
+        client
+            .create_queue("q", TOPIC, settings(800, 3))
+            .await
+            .expect("create queue");
+        // Again with the same settings: fine; with others: refused.
+        client
+            .create_queue("q", TOPIC, settings(800, 3))
+            .await
+            .expect("create again");
+        let other = client.create_queue("q", TOPIC, settings(900, 3)).await;
+        assert!(
+            matches!(
+                &other,
+                Err(ClientError::Server {
+                    code: ErrorCode::QueueAlreadyExists,
+                    ..
+                })
+            ),
+            "{other:?}"
+        );
+        produce(&client, 30).await;
+
+        // A member takes 5 records and "crashes" (never settles them).
+        let crashed = QueueMember::new(Rc::clone(&client), "q", "crashed");
+        let taken = acquire_n(&crashed, 5).await;
+        assert_eq!(taken.len(), 5);
+        assert!(taken.iter().all(|d| d.delivery_attempt == 1));
+        let taken_at = Instant::now();
+
+        // Another member gets the other 25, never one of the 5 while their lease runs.
+        let worker = QueueMember::new(Rc::clone(&client), "q", "worker");
+        let rest = acquire_n(&worker, 25).await;
+        assert_eq!(rest.len(), 25);
+        let taken_values: BTreeSet<String> = taken.iter().map(value).collect();
+        assert!(rest.iter().all(|d| !taken_values.contains(&value(d))));
+        for d in &rest {
+            worker.ack(d).await.expect("ack");
+        }
+        // An ack of an acked delivery is stale.
+        let twice = worker.ack(&rest[0]).await;
+        assert!(
+            matches!(
+                &twice,
+                Err(ClientError::Server {
+                    code: ErrorCode::StaleDelivery,
+                    ..
+                })
+            ),
+            "{twice:?}"
+        );
+
+        // After the lease (800 ms) and the first backoff (300 ms), the 5 come back to the
+        // worker at attempt 2.
+        let again = acquire_n(&worker, 5).await;
+        let waited = taken_at.elapsed();
+        assert_eq!(again.len(), 5, "redelivered after the lease");
+        assert!(again.iter().all(|d| d.delivery_attempt == 2));
+        assert!(
+            waited >= Duration::from_millis(800 + 300 - 50),
+            "redelivered after {waited:?}, before lease + backoff"
+        );
+        let again_values: BTreeSet<String> = again.iter().map(value).collect();
+        assert_eq!(again_values, taken_values);
+        // The crashed member's late ack cannot settle the new delivery.
+        let stale = crashed.ack(&taken[0]).await;
+        assert!(
+            matches!(
+                &stale,
+                Err(ClientError::Server {
+                    code: ErrorCode::StaleDelivery,
+                    ..
+                })
+            ),
+            "{stale:?}"
+        );
+
+        // Extend renews a lease.
+        let extended = worker.extend(&again[0]).await.expect("extend");
+        assert!(extended >= again[0].lease_until_ms);
+        // Ack one, reject one, nack one with an explicit delay, nack two with the backoff.
+        worker.ack(&again[0]).await.expect("ack");
+        worker
+            .reject(&again[1], "cannot parse")
+            .await
+            .expect("reject");
+        let nacked_at = Instant::now();
+        worker.nack(&again[2], Some(400)).await.expect("nack");
+        worker.nack(&again[3], None).await.expect("nack");
+        worker.nack(&again[4], None).await.expect("nack");
+        // Nothing is deliverable during the nack delay.
+        let early = worker.acquire(5, 0).await.expect("acquire");
+        assert!(early.is_empty(), "delivered during the delay: {early:?}");
+        // The explicit delay (400 ms) and the backoff of attempt 2 (600 ms).
+        let third = acquire_n(&worker, 3).await;
+        assert_eq!(third.len(), 3);
+        assert!(nacked_at.elapsed() >= Duration::from_millis(400 - 50));
+        assert!(third.iter().all(|d| d.delivery_attempt == 3));
+        // The last allowed delivery fails: dead-lettered.
+        for d in &third {
+            worker.nack(d, Some(0)).await.expect("nack");
+        }
+        // Four records reach the dead-letter topic: one rejected, three after 3 deliveries.
+        let mut dead = Vec::new();
+        for _ in 0..ROUNDS_MAX {
+            dead.clear();
+            for p in 0..PARTITIONS {
+                dead.extend(read_with_headers(&client, "jobs.dlq", p).await);
+            }
+            if dead.len() >= 4 {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(dead.len(), 4, "dead letters: {dead:?}");
+        let rejected = dead
+            .iter()
+            .find(|(v, _)| *v == again[1].value)
+            .expect("the rejected record");
+        assert_eq!(rejected.1["wharf.dlq.topic"], TOPIC);
+        assert_eq!(
+            rejected.1["wharf.dlq.partition"],
+            again[1].partition.to_string()
+        );
+        assert_eq!(rejected.1["wharf.dlq.offset"], again[1].offset.to_string());
+        assert_eq!(rejected.1["wharf.dlq.delivery_count"], "2");
+        assert_eq!(rejected.1["wharf.dlq.reason"], "rejected: cannot parse");
+        for d in &third {
+            let (_, headers) = dead.iter().find(|(v, _)| *v == d.value).expect("dead");
+            assert_eq!(headers["wharf.dlq.delivery_count"], "3");
+            assert_eq!(headers["wharf.dlq.reason"], "max_deliveries: nacked");
+        }
+        let described = client.describe_queue("q").await.expect("describe");
+        assert_eq!(described.topic, TOPIC);
+        assert_eq!(described.settings.dead_letter_topic, "jobs.dlq");
+        assert_eq!(described.dead_lettered, 4);
+        for p in &described.partitions {
+            assert_eq!(p.in_flight, 0);
+            assert_eq!(p.start_offset, 10, "everything done on {p:?}");
+        }
+        let listed = client.list_queues().await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].group, "q");
+    });
+}
+
+#[test]
+fn members_get_disjoint_records_and_acks_and_leases_survive_a_kill9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Broker::start(dir.path(), 2, CONFIG);
+    let address = broker.bootstrap();
+    const RECORDS: u32 = 300;
+    let (acked, held) = run(async move {
+        let client = connect(&address).await;
+        client
+            .create_topic(TOPIC, PARTITIONS, 1, Vec::new())
+            .await
+            .expect("create topic");
+        client
+            .create_queue("work", TOPIC, settings(1_500, 5))
+            .await
+            .expect("create queue");
+        produce(&client, RECORDS).await;
+        let members: Vec<QueueMember> = (0..4)
+            .map(|i| QueueMember::new(Rc::clone(&client), "work", &format!("m{i}")))
+            .collect();
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let mut acked = BTreeSet::new();
+        // Every member takes records in turn and acks all but the last batch of the last
+        // member, which stays held across the restart.
+        let mut held = Vec::new();
+        for round in 0..ROUNDS_MAX {
+            if seen.len() as u32 >= RECORDS {
+                break;
+            }
+            let member = &members[round % members.len()];
+            let got = member.acquire(16, WAIT_MS).await.expect("acquire");
+            for d in &got {
+                let previous = seen.insert(value(d), member.member().to_string());
+                assert!(previous.is_none(), "{} delivered twice", value(d));
+            }
+            if seen.len() as u32 >= RECORDS && held.is_empty() {
+                held = got;
+                break;
+            }
+            for d in &got {
+                member.ack(d).await.expect("ack");
+                acked.insert(value(d));
+            }
+        }
+        assert_eq!(seen.len() as u32, RECORDS, "every record delivered once");
+        assert!(!held.is_empty());
+        let owners: BTreeSet<&String> = seen.values().collect();
+        assert!(owners.len() >= 3, "records spread over members: {owners:?}");
+        (acked, held)
+    });
+    broker.kill9();
+    broker.restart();
+    let address = broker.bootstrap();
+    run(async move {
+        let client = connect(&address).await;
+        // Acks survived: only the held records come back, after their lease, at attempt 2.
+        let member = QueueMember::new(Rc::clone(&client), "work", "after");
+        let back = acquire_n(&member, held.len()).await;
+        let back_values: BTreeSet<String> = back.iter().map(value).collect();
+        let held_values: BTreeSet<String> = held.iter().map(value).collect();
+        assert_eq!(
+            back_values, held_values,
+            "exactly the unacked records come back"
+        );
+        assert!(back.iter().all(|d| d.delivery_attempt == 2));
+        assert!(back_values.is_disjoint(&acked));
+        for d in &back {
+            member.ack(d).await.expect("ack");
+        }
+        let nothing = member.acquire(10, 300).await.expect("acquire");
+        assert!(nothing.is_empty(), "{nothing:?}");
+        let described = client.describe_queue("work").await.expect("describe");
+        let done: u64 = described.partitions.iter().map(|p| p.start_offset).sum();
+        assert_eq!(done, u64::from(RECORDS));
+    });
+}
