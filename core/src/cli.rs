@@ -44,6 +44,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Queue groups: create (leases, redelivery backoff, dead-letter topic), list, describe.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Send each line of stdin as one record.
     Produce(ProduceArgs),
     /// Print records, one value per line, in offset order per partition.
@@ -142,6 +149,49 @@ pub enum GroupCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Define queue group GROUP on TOPIC (and create its dead-letter topic).
+    Create {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// The lease: a record not settled within it is delivered again.
+        #[arg(long, default_value_t = 30_000)]
+        ack_wait_ms: u64,
+        /// Deliveries before a record goes to the dead-letter topic.
+        #[arg(long, default_value_t = 5)]
+        max_deliveries: u32,
+        /// Records acquired at once per partition.
+        #[arg(long, default_value_t = 1_000)]
+        in_flight_max: u32,
+        #[arg(long, default_value_t = 1_000)]
+        backoff_initial_ms: u64,
+        #[arg(long, default_value_t = 300_000)]
+        backoff_max_ms: u64,
+        /// Growth of the delay per delivery attempt.
+        #[arg(long, default_value_t = 2.0)]
+        backoff_multiplier: f64,
+        /// Share of each delay that is random (0 to 1).
+        #[arg(long, default_value_t = 0.2)]
+        backoff_jitter: f64,
+        /// An explicit schedule instead, e.g. 1000,5000,30000 (the last repeats).
+        #[arg(long, value_delimiter = ',')]
+        backoff_list_ms: Vec<u64>,
+        /// Records with one key are never in flight twice at once.
+        #[arg(long)]
+        per_key_ordering: bool,
+        /// Default `<topic>.dlq`.
+        #[arg(long)]
+        dead_letter_topic: Option<String>,
+    },
+    /// Every queue group the coordinators hold.
+    List,
+    /// Settings, and per partition: done below, in flight, waiting, dead-lettering, the
+    /// oldest pending record's age.
+    Describe { group: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
     /// Brokers with their state and leader count, the controller voters, leader and log
     /// position, as the bootstrap broker has applied them.
@@ -192,6 +242,17 @@ pub struct ConsumeArgs {
     /// without a rebalance.
     #[arg(long, requires = "group")]
     pub instance_id: Option<String>,
+    /// Consume as a member of this queue group (`wharf queue create`): records are leased
+    /// one by one instead of read in order.
+    #[arg(long, conflicts_with = "group")]
+    pub queue: Option<String>,
+    /// With --queue: acknowledge each record once printed (without it, records are printed
+    /// and left to their lease: they come back after `ack_wait_ms`).
+    #[arg(long, requires = "queue")]
+    pub ack: bool,
+    /// With --queue: this member's id (default: host and process id).
+    #[arg(long, requires = "queue")]
+    pub member: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -601,6 +662,9 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
     if args.group.is_some() {
         return consume_group(args).await;
     }
+    if args.queue.is_some() {
+        return consume_queue(args).await;
+    }
     let seek = match args.from.as_str() {
         "earliest" => SeekTo::Earliest,
         "latest" => SeekTo::Latest,
@@ -742,6 +806,261 @@ async fn consume_group(args: ConsumeArgs) -> Result<(), Failure> {
             return Ok(());
         }
     }
+}
+
+/// Records per acquire of `wharf consume --queue`.
+const QUEUE_CONSUME_BATCH: u32 = 100;
+
+/// `wharf consume TOPIC --queue G [--ack]`: a queue member printing what it acquires.
+async fn consume_queue(args: ConsumeArgs) -> Result<(), Failure> {
+    use crate::client::queues::QueueMember;
+    use std::io::Write;
+    let group = args.queue.clone().unwrap_or_default();
+    if !args.partition.is_empty() {
+        return Err(Failure {
+            message: "--partition and --queue exclude each other: any member gets any record"
+                .into(),
+            exit_code: 2,
+        });
+    }
+    let client = connect(&args.client).await?;
+    let described = client.describe_queue(&group).await?;
+    if described.topic != args.topic {
+        return Err(Failure {
+            message: format!(
+                "queue group {group:?} consumes {:?}, not {:?}",
+                described.topic, args.topic
+            ),
+            exit_code: 2,
+        });
+    }
+    let member_id = args.member.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "host".to_string());
+        format!("{host}-{}", std::process::id())
+    });
+    let member = QueueMember::new(Rc::clone(&client), &group, &member_id);
+    let limit = args.count.unwrap_or(u64::MAX);
+    let json = args.client.format == Format::Json;
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        let want = QUEUE_CONSUME_BATCH.min(u32::try_from(limit - printed).unwrap_or(u32::MAX));
+        let wait_ms = if args.follow { 1_000 } else { 300 };
+        let records = member.acquire(want, wait_ms).await?;
+        if records.is_empty() && !args.follow {
+            return Ok(());
+        }
+        for d in &records {
+            let written = {
+                let mut out = stdout.lock();
+                let result = if json {
+                    let value = serde_json::json!({
+                        "partition": d.partition,
+                        "offset": d.offset,
+                        "delivery_attempt": d.delivery_attempt,
+                        "timestamp_ms": d.timestamp_ms,
+                        "key": d.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        "value": String::from_utf8_lossy(&d.value),
+                    });
+                    writeln!(out, "{value}")
+                } else {
+                    out.write_all(&d.value).and_then(|_| out.write_all(b"\n"))
+                };
+                result.and_then(|_| out.flush())
+            };
+            if let Err(error) = written {
+                // Not acked: the record comes back after its lease.
+                if error.kind() == std::io::ErrorKind::BrokenPipe {
+                    return Ok(());
+                }
+                return Err(format!("writing stdout: {error}").into());
+            }
+            if args.ack {
+                member.ack(d).await?;
+            }
+            printed += 1;
+        }
+        if printed >= limit {
+            return Ok(());
+        }
+    }
+}
+
+/// Per-mille of a ratio given on the command line (`2.0` -> 2000).
+fn permille(what: &str, value: f64) -> Result<u32, Failure> {
+    if !value.is_finite() || !(0.0..=1_000.0).contains(&value) {
+        return Err(Failure {
+            message: format!("--{what} {value} is out of range"),
+            exit_code: 2,
+        });
+    }
+    Ok((value * 1_000.0).round() as u32)
+}
+
+pub async fn queue(command: QueueCommand, args: ClientArgs) -> Result<(), Failure> {
+    let client = connect(&args).await?;
+    match command {
+        QueueCommand::Create {
+            group,
+            topic,
+            ack_wait_ms,
+            max_deliveries,
+            in_flight_max,
+            backoff_initial_ms,
+            backoff_max_ms,
+            backoff_multiplier,
+            backoff_jitter,
+            backoff_list_ms,
+            per_key_ordering,
+            dead_letter_topic,
+        } => {
+            let settings = crate::protocol::QueueSettings {
+                ack_wait_ms,
+                max_deliveries,
+                in_flight_max,
+                backoff_initial_ms,
+                backoff_max_ms,
+                backoff_multiplier_permille: permille("backoff-multiplier", backoff_multiplier)?,
+                backoff_jitter_permille: permille("backoff-jitter", backoff_jitter)?,
+                backoff_list_ms,
+                per_key_ordering,
+                dead_letter_topic: dead_letter_topic.unwrap_or_default(),
+            };
+            client.create_queue(&group, &topic, settings).await?;
+            let described = client.describe_queue(&group).await?;
+            println!(
+                "created queue group {group} on {topic} (dead letters to {})",
+                described.settings.dead_letter_topic
+            );
+        }
+        QueueCommand::List => {
+            let queues = client.list_queues().await?;
+            match args.format {
+                Format::Text => {
+                    let mut table = comfy_table::Table::new();
+                    table.load_preset(comfy_table::presets::NOTHING);
+                    table.set_header(["QUEUE", "TOPIC", "IN FLIGHT", "DEAD LETTERS TO"]);
+                    for q in &queues {
+                        table.add_row([
+                            q.group.clone(),
+                            q.topic.clone(),
+                            q.in_flight.to_string(),
+                            q.dead_letter_topic.clone(),
+                        ]);
+                    }
+                    println!("{table}");
+                }
+                Format::Json => {
+                    let list: Vec<serde_json::Value> = queues
+                        .iter()
+                        .map(|q| {
+                            serde_json::json!({
+                                "group": q.group,
+                                "topic": q.topic,
+                                "in_flight": q.in_flight,
+                                "dead_letter_topic": q.dead_letter_topic,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(list));
+                }
+            }
+        }
+        QueueCommand::Describe { group } => {
+            let d = client.describe_queue(&group).await?;
+            let s = &d.settings;
+            let partitions: Vec<serde_json::Value> = d
+                .partitions
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "partition": p.partition,
+                        "done_below": p.start_offset,
+                        "delivered_up_to": p.end_offset,
+                        "in_flight": p.in_flight,
+                        "waiting": p.waiting,
+                        "dead_lettering": p.dead_lettering,
+                        "oldest_pending_age_ms": p.oldest_pending_age_ms,
+                    })
+                })
+                .collect();
+            match args.format {
+                Format::Json => {
+                    let value = serde_json::json!({
+                        "group": d.group,
+                        "topic": d.topic,
+                        "coordinator": d.coordinator,
+                        "ack_wait_ms": s.ack_wait_ms,
+                        "max_deliveries": s.max_deliveries,
+                        "in_flight_max": s.in_flight_max,
+                        "backoff_initial_ms": s.backoff_initial_ms,
+                        "backoff_max_ms": s.backoff_max_ms,
+                        "backoff_multiplier_permille": s.backoff_multiplier_permille,
+                        "backoff_jitter_permille": s.backoff_jitter_permille,
+                        "backoff_list_ms": s.backoff_list_ms,
+                        "per_key_ordering": s.per_key_ordering,
+                        "dead_letter_topic": s.dead_letter_topic,
+                        "acked": d.acked,
+                        "redelivered": d.redelivered,
+                        "dead_lettered": d.dead_lettered,
+                        "partitions": partitions,
+                    });
+                    println!("{value}");
+                }
+                Format::Text => {
+                    println!(
+                        "queue {} on {} (coordinator broker {})",
+                        d.group, d.topic, d.coordinator
+                    );
+                    let backoff = if s.backoff_list_ms.is_empty() {
+                        format!(
+                            "{} ms x{:.2} up to {} ms, jitter {:.0}%",
+                            s.backoff_initial_ms,
+                            f64::from(s.backoff_multiplier_permille) / 1_000.0,
+                            s.backoff_max_ms,
+                            f64::from(s.backoff_jitter_permille) / 10.0
+                        )
+                    } else {
+                        format!("{:?} ms", s.backoff_list_ms)
+                    };
+                    println!(
+                        "ack wait {} ms, {} deliveries, backoff {backoff}, per-key ordering {}, dead letters to {}",
+                        s.ack_wait_ms, s.max_deliveries, s.per_key_ordering, s.dead_letter_topic
+                    );
+                    println!(
+                        "since loaded: {} acked, {} redelivered, {} dead-lettered",
+                        d.acked, d.redelivered, d.dead_lettered
+                    );
+                    let mut table = comfy_table::Table::new();
+                    table.load_preset(comfy_table::presets::NOTHING);
+                    table.set_header([
+                        "PARTITION",
+                        "DONE BELOW",
+                        "DELIVERED TO",
+                        "IN FLIGHT",
+                        "WAITING",
+                        "DLQ PENDING",
+                        "OLDEST MS",
+                    ]);
+                    for p in &d.partitions {
+                        table.add_row([
+                            p.partition.to_string(),
+                            p.start_offset.to_string(),
+                            p.end_offset.to_string(),
+                            p.in_flight.to_string(),
+                            p.waiting.to_string(),
+                            p.dead_lettering.to_string(),
+                            p.oldest_pending_age_ms.to_string(),
+                        ]);
+                    }
+                    println!("{table}");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn group(command: GroupCommand, args: ClientArgs) -> Result<(), Failure> {

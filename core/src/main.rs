@@ -42,6 +42,9 @@ fn main() -> ExitCode {
         Command::Group { command, client } => {
             client_command(async move { cli::group(command, client).await })
         }
+        Command::Queue { command, client } => {
+            client_command(async move { cli::queue(command, client).await })
+        }
         Command::Produce(args) => client_command(async move { cli::produce(args).await }),
         Command::Consume(args) => client_command(async move { cli::consume(args).await }),
         Command::Selftest { dir } => {

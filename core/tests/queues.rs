@@ -412,3 +412,68 @@ fn members_get_disjoint_records_and_acks_and_leases_survive_a_kill9() {
         assert_eq!(done, u64::from(RECORDS));
     });
 }
+
+#[test]
+fn the_cli_creates_describes_lists_and_consumes_a_queue_with_acks() {
+    use common::cli;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, CONFIG);
+    let address = broker.bootstrap();
+    let (code, _, err) = cli(&address, &["topic", "create", TOPIC, "--partitions", "3"], "");
+    assert_eq!(code, Some(0), "{err}");
+    // Bad input: a jitter above 1, a queue on a missing topic.
+    let (code, _, err) = cli(
+        &address,
+        &["queue", "create", "q", "--topic", TOPIC, "--backoff-jitter", "1.5"],
+        "",
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("jitter"), "{err}");
+    let (code, _, err) = cli(&address, &["queue", "create", "q", "--topic", "nope"], "");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unknown_topic"), "{err}");
+    let (code, out, err) = cli(
+        &address,
+        &["queue", "create", "q", "--topic", TOPIC, "--ack-wait-ms", "60000"],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("jobs.dlq"), "{out}");
+    let lines: String = (0..20).map(|i| format!("line{i}\n")).collect();
+    let (code, _, err) = cli(&address, &["produce", TOPIC], &lines);
+    assert_eq!(code, Some(0), "{err}");
+    // Twelve acked, then the other eight; none twice.
+    let (code, first, err) = cli(
+        &address,
+        &["consume", TOPIC, "--queue", "q", "--ack", "--count", "12"],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, rest, err) = cli(&address, &["consume", TOPIC, "--queue", "q", "--ack"], "");
+    assert_eq!(code, Some(0), "{err}");
+    let mut all: Vec<&str> = first.lines().chain(rest.lines()).collect();
+    assert_eq!(first.lines().count(), 12);
+    all.sort_unstable();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("line{i}")).collect();
+    expected.sort_unstable();
+    assert_eq!(all, expected);
+    // A consumer on the wrong topic is told so.
+    let (code, _, err) = cli(&address, &["consume", "other", "--queue", "q"], "");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("consumes"), "{err}");
+    let (code, out, err) = cli(&address, &["queue", "describe", "q", "--format", "json"], "");
+    assert_eq!(code, Some(0), "{err}");
+    let described: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(described["acked"], 20);
+    assert_eq!(described["ack_wait_ms"], 60000);
+    let done: u64 = described["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["done_below"].as_u64().expect("done"))
+        .sum();
+    assert_eq!(done, 20);
+    let (code, out, err) = cli(&address, &["queue", "list"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("jobs.dlq"), "{out}");
+}
