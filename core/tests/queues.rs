@@ -419,12 +419,24 @@ fn the_cli_creates_describes_lists_and_consumes_a_queue_with_acks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(dir.path(), 2, CONFIG);
     let address = broker.bootstrap();
-    let (code, _, err) = cli(&address, &["topic", "create", TOPIC, "--partitions", "3"], "");
+    let (code, _, err) = cli(
+        &address,
+        &["topic", "create", TOPIC, "--partitions", "3"],
+        "",
+    );
     assert_eq!(code, Some(0), "{err}");
     // Bad input: a jitter above 1, a queue on a missing topic.
     let (code, _, err) = cli(
         &address,
-        &["queue", "create", "q", "--topic", TOPIC, "--backoff-jitter", "1.5"],
+        &[
+            "queue",
+            "create",
+            "q",
+            "--topic",
+            TOPIC,
+            "--backoff-jitter",
+            "1.5",
+        ],
         "",
     );
     assert_ne!(code, Some(0));
@@ -434,7 +446,15 @@ fn the_cli_creates_describes_lists_and_consumes_a_queue_with_acks() {
     assert!(err.contains("unknown_topic"), "{err}");
     let (code, out, err) = cli(
         &address,
-        &["queue", "create", "q", "--topic", TOPIC, "--ack-wait-ms", "60000"],
+        &[
+            "queue",
+            "create",
+            "q",
+            "--topic",
+            TOPIC,
+            "--ack-wait-ms",
+            "60000",
+        ],
         "",
     );
     assert_eq!(code, Some(0), "{err}");
@@ -461,7 +481,11 @@ fn the_cli_creates_describes_lists_and_consumes_a_queue_with_acks() {
     let (code, _, err) = cli(&address, &["consume", "other", "--queue", "q"], "");
     assert_ne!(code, Some(0));
     assert!(err.contains("consumes"), "{err}");
-    let (code, out, err) = cli(&address, &["queue", "describe", "q", "--format", "json"], "");
+    let (code, out, err) = cli(
+        &address,
+        &["queue", "describe", "q", "--format", "json"],
+        "",
+    );
     assert_eq!(code, Some(0), "{err}");
     let described: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     assert_eq!(described["acked"], 20);
