@@ -334,6 +334,31 @@ fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_d
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].group, "q");
     });
+    // The metrics say the same (counters since the coordinator loaded the queue).
+    let metric = |series: &str| common::metric(&broker, series);
+    assert_eq!(metric("wharf_queue_dead_lettered_total{group=\"q\"}"), Some(4));
+    assert_eq!(metric("wharf_queue_acked_total{group=\"q\"}"), Some(26));
+    assert_eq!(
+        metric("wharf_queue_deliveries_total{group=\"q\",attempt=\"1\"}"),
+        Some(30)
+    );
+    assert_eq!(
+        metric("wharf_queue_deliveries_total{group=\"q\",attempt=\"2\"}"),
+        Some(5)
+    );
+    assert_eq!(
+        metric("wharf_queue_deliveries_total{group=\"q\",attempt=\"3\"}"),
+        Some(3)
+    );
+    let mut in_flight = None;
+    for _ in 0..ROUNDS_MAX {
+        in_flight = metric("wharf_queue_in_flight{group=\"q\"}");
+        if in_flight == Some(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(in_flight, Some(0));
 }
 
 #[test]

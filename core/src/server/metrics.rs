@@ -30,6 +30,16 @@ pub struct GroupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueAttemptLabels {
+    pub group: String,
+    /// The delivery attempt (1 = first delivery), capped at `QUEUE_ATTEMPT_LABEL_MAX`.
+    pub attempt: u32,
+}
+
+/// Attempts above this share one series.
+pub const QUEUE_ATTEMPT_LABEL_MAX: u32 = 10;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabels {
     pub shard: u32,
 }
@@ -80,6 +90,12 @@ pub struct Metrics {
     pub group_lag_records: Family<GroupPartitionLabels, Gauge>,
     pub group_lag_ms: Family<GroupPartitionLabels, Gauge>,
     pub group_members: Family<GroupLabels, Gauge>,
+    pub queue_in_flight: Family<GroupLabels, Gauge>,
+    pub queue_waiting: Family<GroupLabels, Gauge>,
+    pub queue_oldest_pending_age_ms: Family<GroupLabels, Gauge>,
+    pub queue_deliveries: Family<QueueAttemptLabels, Counter>,
+    pub queue_acked: Family<GroupLabels, Counter>,
+    pub queue_dead_lettered: Family<GroupLabels, Counter>,
     pub requests: Family<ApiLabels, Counter>,
     pub request_errors: Family<ErrorLabels, Counter>,
     pub request_latency: HistogramFamily<ApiLabels>,
@@ -131,6 +147,12 @@ impl Metrics {
             group_lag_records: Family::default(),
             group_lag_ms: Family::default(),
             group_members: Family::default(),
+            queue_in_flight: Family::default(),
+            queue_waiting: Family::default(),
+            queue_oldest_pending_age_ms: Family::default(),
+            queue_deliveries: Family::default(),
+            queue_acked: Family::default(),
+            queue_dead_lettered: Family::default(),
             requests: Family::default(),
             request_errors: Family::default(),
             request_latency: Family::new_with_constructor(latency_histogram),
@@ -235,6 +257,36 @@ impl Metrics {
             "group_members",
             "Members of each consumer group this broker coordinates",
             metrics.group_members.clone(),
+        );
+        registry.register(
+            "queue_in_flight",
+            "Records of each queue group this broker coordinates that are leased to a member now",
+            metrics.queue_in_flight.clone(),
+        );
+        registry.register(
+            "queue_waiting",
+            "Records of each queue group waiting for a redelivery (backoff or nack delay)",
+            metrics.queue_waiting.clone(),
+        );
+        registry.register(
+            "queue_oldest_pending_age_ms",
+            "Age of each queue group's oldest record not yet acked or dead-lettered (0 when none, or when its record is not in memory)",
+            metrics.queue_oldest_pending_age_ms.clone(),
+        );
+        registry.register(
+            "queue_deliveries",
+            "Records handed to queue members, by delivery attempt (attempt 2 and up are redeliveries)",
+            metrics.queue_deliveries.clone(),
+        );
+        registry.register(
+            "queue_acked",
+            "Records acked by queue members",
+            metrics.queue_acked.clone(),
+        );
+        registry.register(
+            "queue_dead_lettered",
+            "Records copied to a queue's dead-letter topic",
+            metrics.queue_dead_lettered.clone(),
         );
         registry.register(
             "partition_produced_bytes",

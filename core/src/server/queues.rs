@@ -35,6 +35,7 @@ use wharf_storage::Offset;
 use super::connection::Pending;
 use super::dispatch::respond;
 use super::groups::write_acks_all;
+use super::metrics::{GroupLabels, QueueAttemptLabels, QUEUE_ATTEMPT_LABEL_MAX};
 use super::partition::{now_ms, Partition, PartitionError};
 use super::shard::{Shard, ShardReply, ShardRequest};
 use crate::client::{decode, Client, ClientConfig, ClientError};
@@ -507,7 +508,12 @@ impl Shard {
         let description = partition.describe();
         let me = self.shared.config.broker_id;
         if description.leader != me {
-            *state.loaded.borrow_mut() = None;
+            if let Some(loaded) = state.loaded.borrow_mut().take() {
+                // Another broker coordinates these queues now: its gauges are the live ones.
+                for group in loaded.queues.keys() {
+                    self.forget_queue_gauges(group);
+                }
+            }
             return Err((
                 ErrorCode::NotCoordinator,
                 format!(
@@ -825,6 +831,14 @@ impl Shard {
                     if a.delivery_attempt > 1 {
                         queue.redelivered += 1;
                     }
+                    self.shared
+                        .metrics
+                        .queue_deliveries
+                        .get_or_create(&QueueAttemptLabels {
+                            group: request.group.clone(),
+                            attempt: a.delivery_attempt.min(QUEUE_ATTEMPT_LABEL_MAX),
+                        })
+                        .inc();
                 }
                 acquired.extend(acquisition.acquired.into_iter().map(|a| (p, a)));
                 records.extend(acquisition.records.into_iter().map(|record| {
@@ -1111,7 +1125,7 @@ impl Shard {
             Err((code, message)) => return op.error(code, message),
         };
         let now = now_ms();
-        let (results, records) = {
+        let (results, records, acks) = {
             let mut loaded = state.loaded.borrow_mut();
             let Some(queue) = loaded
                 .as_mut()
@@ -1122,6 +1136,7 @@ impl Shard {
             };
             let mut results = Vec::with_capacity(request.settlements.len());
             let mut records = Vec::new();
+            let acked_before = queue.acked;
             for s in &request.settlements {
                 let result = settle_one(queue, &request.member, s, now);
                 let (error, message, lease_until_ms, more) = match result {
@@ -1142,7 +1157,7 @@ impl Shard {
                 });
             }
             queue.prune_cache();
-            (results, records)
+            (results, records, queue.acked - acked_before)
         };
         if !records.is_empty() {
             if let Err(e) = persist(&partition, &records).await {
@@ -1153,6 +1168,13 @@ impl Shard {
                 );
             }
         }
+        self.shared
+            .metrics
+            .queue_acked
+            .get_or_create(&GroupLabels {
+                group: request.group.clone(),
+            })
+            .inc_by(acks);
         QueueAnswer::Settle(QueueSettleResponse {
             error: 0,
             message: String::new(),
@@ -1346,6 +1368,7 @@ impl Shard {
                             }));
                         }
                     }
+                    self.set_queue_gauges(group, queue, now);
                     if queue.dead_letters_pending {
                         for (p, qp) in &queue.partitions {
                             for dl in qp.pending_dead_letters() {
@@ -1429,6 +1452,13 @@ impl Shard {
                 // copy, at least once.
                 if let Ok(more) = qp.confirm_dead_lettered(offset) {
                     queue.dead_lettered += 1;
+                    self.shared
+                        .metrics
+                        .queue_dead_lettered
+                        .get_or_create(&GroupLabels {
+                            group: group.clone(),
+                        })
+                        .inc();
                     records.extend(more.into_iter().map(|record| StoredQueueRecord::Partition {
                         group: group.clone(),
                         partition: p,
@@ -1444,6 +1474,47 @@ impl Shard {
                 *state.loaded.borrow_mut() = None;
             }
         }
+    }
+
+    fn set_queue_gauges(&self, group: &str, queue: &Queue, now: u64) {
+        let metrics = &self.shared.metrics;
+        let labels = GroupLabels {
+            group: group.to_string(),
+        };
+        let in_flight: usize = queue.partitions.values().map(|p| p.in_flight_count()).sum();
+        let waiting: usize = queue.partitions.values().map(|p| p.available_count()).sum();
+        let oldest_age_ms = queue
+            .partitions
+            .iter()
+            .filter_map(|(p, qp)| {
+                let offset = qp.oldest_pending_offset()?;
+                let record = queue.cache.get(&(*p, offset))?;
+                Some((now as i64).saturating_sub(record.timestamp_ms).max(0))
+            })
+            .max()
+            .unwrap_or(0);
+        metrics
+            .queue_in_flight
+            .get_or_create(&labels)
+            .set(in_flight as i64);
+        metrics
+            .queue_waiting
+            .get_or_create(&labels)
+            .set(waiting as i64);
+        metrics
+            .queue_oldest_pending_age_ms
+            .get_or_create(&labels)
+            .set(oldest_age_ms);
+    }
+
+    fn forget_queue_gauges(&self, group: &str) {
+        let metrics = &self.shared.metrics;
+        let labels = GroupLabels {
+            group: group.to_string(),
+        };
+        metrics.queue_in_flight.remove(&labels);
+        metrics.queue_waiting.remove(&labels);
+        metrics.queue_oldest_pending_age_ms.remove(&labels);
     }
 
     /// Copies one record to the dead-letter topic (`acks=all`), with headers naming where it
