@@ -3,7 +3,7 @@
 //! ack is refused; nack with a delay and the backoff schedule are kept; after
 //! `max_deliveries` (or a reject) the record is in the dead-letter topic with headers naming
 //! where it came from; members get disjoint records; acks and pending deliveries survive a
-//! kill -9 of the broker.
+//! kill -9 of the broker, replayed from a compacted state log.
 
 mod common;
 
@@ -20,6 +20,8 @@ use wharf::protocol::*;
 const TOPIC: &str = "jobs";
 const PARTITIONS: u32 = 3;
 const CONFIG: &str = "[groups]\noffsets_topic_partitions = 2\n";
+/// Small segments and frequent snapshots, so the state log is compacted within a test.
+const COMPACTING_CONFIG: &str = "[groups]\noffsets_topic_partitions = 2\noffsets_segment_bytes = 65536\nsnapshot_after_records = 200\n";
 /// Acquire calls a wait makes before it gives up (each long-polls at most `WAIT_MS`).
 const ROUNDS_MAX: usize = 200;
 const WAIT_MS: u32 = 100;
@@ -336,7 +338,10 @@ fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_d
     });
     // The metrics say the same (counters since the coordinator loaded the queue).
     let metric = |series: &str| common::metric(&broker, series);
-    assert_eq!(metric("wharf_queue_dead_lettered_total{group=\"q\"}"), Some(4));
+    assert_eq!(
+        metric("wharf_queue_dead_lettered_total{group=\"q\"}"),
+        Some(4)
+    );
     assert_eq!(metric("wharf_queue_acked_total{group=\"q\"}"), Some(26));
     assert_eq!(
         metric("wharf_queue_deliveries_total{group=\"q\",attempt=\"1\"}"),
@@ -364,7 +369,7 @@ fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_d
 #[test]
 fn members_get_disjoint_records_and_acks_and_leases_survive_a_kill9() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut broker = Broker::start(dir.path(), 2, CONFIG);
+    let mut broker = Broker::start(dir.path(), 2, COMPACTING_CONFIG);
     let address = broker.bootstrap();
     const RECORDS: u32 = 300;
     let (acked, held) = run(async move {
@@ -411,6 +416,20 @@ fn members_get_disjoint_records_and_acks_and_leases_survive_a_kill9() {
         assert!(owners.len() >= 3, "records spread over members: {owners:?}");
         (acked, held)
     });
+    // The state log was compacted: snapshots written, the segments below them deleted.
+    let series = format!(
+        "wharf_partition_log_start_offset{{topic=\"{QUEUE_STATE_TOPIC}\",partition=\"{}\"}}",
+        group_partition("work", 2)
+    );
+    let mut log_start = 0;
+    for _ in 0..ROUNDS_MAX {
+        log_start = common::metric(&broker, &series).unwrap_or(0);
+        if log_start > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(log_start > 0, "the queue state log was not compacted");
     broker.kill9();
     broker.restart();
     let address = broker.bootstrap();

@@ -36,7 +36,7 @@ use super::connection::Pending;
 use super::dispatch::respond;
 use super::groups::write_acks_all;
 use super::metrics::{GroupLabels, QueueAttemptLabels, QUEUE_ATTEMPT_LABEL_MAX};
-use super::partition::{now_ms, Partition, PartitionError};
+use super::partition::{monotonic_ms, now_ms, Partition, PartitionError};
 use super::shard::{Shard, ShardReply, ShardRequest};
 use crate::client::{decode, Client, ClientConfig, ClientError};
 use crate::protocol::*;
@@ -47,6 +47,8 @@ const LOAD_READ_BYTES: usize = 1024 * 1024;
 const LOAD_STEPS_MAX: usize = 1_000_000;
 /// State records per batch when a change is written.
 const RECORDS_PER_BATCH_MAX: usize = 256;
+/// State records per write of a snapshot (a few MiB at most).
+const RECORDS_PER_WRITE_MAX: usize = 8 * RECORDS_PER_BATCH_MAX;
 /// How often each shard expires leases and carries out dead-letter copies.
 pub const QUEUE_TICK_MS: u64 = 50;
 /// The longest long poll of an acquire.
@@ -234,6 +236,10 @@ struct Loaded {
     /// The leader epoch this state was loaded in: a new epoch means reloading.
     leader_epoch: u32,
     queues: BTreeMap<String, Queue>,
+    /// Records written (or replayed) since the last snapshot, and when it was taken
+    /// (monotonic): the state log is compacted as `__consumer_offsets` is.
+    records_since_snapshot: u64,
+    last_snapshot_ms: u64,
 }
 
 /// One record read from the consumed topic.
@@ -525,10 +531,12 @@ impl Shard {
         let current = state.loaded.borrow().as_ref().map(|l| l.leader_epoch);
         if current != Some(description.leader_epoch) {
             match self.load_queues(&partition).await {
-                Ok(queues) => {
+                Ok((queues, replayed)) => {
                     *state.loaded.borrow_mut() = Some(Loaded {
                         leader_epoch: description.leader_epoch,
                         queues,
+                        records_since_snapshot: replayed,
+                        last_snapshot_ms: monotonic_ms(),
                     });
                 }
                 Err(e) => {
@@ -695,7 +703,7 @@ impl Shard {
             }
             records
         };
-        if let Err(e) = persist(&partition, &records).await {
+        if let Err(e) = persist(&partition, &state, &records).await {
             *state.loaded.borrow_mut() = None;
             return op.error(
                 retriable(e.code),
@@ -858,7 +866,7 @@ impl Shard {
             (queue.topic.clone(), acquired, records, next_due)
         };
         if !records.is_empty() {
-            if let Err(e) = persist(&partition, &records).await {
+            if let Err(e) = persist(&partition, &state, &records).await {
                 // Nothing is handed out that is not written: forget, reload next time.
                 *state.loaded.borrow_mut() = None;
                 return Err((
@@ -1160,7 +1168,7 @@ impl Shard {
             (results, records, queue.acked - acked_before)
         };
         if !records.is_empty() {
-            if let Err(e) = persist(&partition, &records).await {
+            if let Err(e) = persist(&partition, &state, &records).await {
                 *state.loaded.borrow_mut() = None;
                 return op.error(
                     retriable(e.code),
@@ -1238,11 +1246,12 @@ impl Shard {
     async fn load_queues(
         &self,
         partition: &Rc<Partition>,
-    ) -> Result<BTreeMap<String, Queue>, PartitionError> {
+    ) -> Result<(BTreeMap<String, Queue>, u64), PartitionError> {
         let description = partition.describe();
         let mut from = Offset(description.log_start_offset);
         let mut created: BTreeMap<String, (String, QueueSettings, u32)> = BTreeMap::new();
         let mut logs: BTreeMap<String, BTreeMap<u32, Vec<QueueRecord>>> = BTreeMap::new();
+        let mut replayed = 0u64;
         let corrupt = |e: String| {
             PartitionError::new(ErrorCode::CorruptData, format!("{QUEUE_STATE_TOPIC}: {e}"))
         };
@@ -1264,6 +1273,7 @@ impl Shard {
                     if header.base_offset.0 + (i as u64) < from.0 {
                         continue;
                     }
+                    replayed += 1;
                     let stored: StoredQueueRecord = serde_json::from_slice(record.value.as_slice())
                         .map_err(|e| corrupt(e.to_string()))?;
                     match stored {
@@ -1273,7 +1283,9 @@ impl Shard {
                             settings,
                             partitions,
                         } => {
-                            logs.insert(group.clone(), BTreeMap::new());
+                            // Also the first record of every snapshot: the partitions' logs
+                            // are reset by their own `Snapshot` records (a snapshot cut short
+                            // by a crash leaves the other partitions' history in place).
                             created.insert(group, (topic, settings.into(), partitions));
                         }
                         StoredQueueRecord::Partition {
@@ -1305,7 +1317,7 @@ impl Shard {
                 .map_err(|e| corrupt(format!("queue {group}: {e}")))?;
             queues.insert(group, queue);
         }
-        Ok(queues)
+        Ok((queues, replayed))
     }
 
     /// Shard task: expires leases and carries out dead-letter copies on every state partition
@@ -1391,12 +1403,13 @@ impl Shard {
                 }
             }
             if !records.is_empty() {
-                if let Err(e) = persist(&partition, &records).await {
+                if let Err(e) = persist(&partition, &state, &records).await {
                     tracing::warn!(partition = index, error = %e.message, "cannot write expired leases; reloading");
                     *state.loaded.borrow_mut() = None;
                     return;
                 }
             }
+            self.maybe_snapshot_queues(index, &partition, &state).await;
             dead_letters
         };
         // The copies go out without the lock (they take a produce round trip each).
@@ -1469,9 +1482,78 @@ impl Shard {
             }
         }
         if !records.is_empty() {
-            if let Err(e) = persist(&partition, &records).await {
+            if let Err(e) = persist(&partition, &state, &records).await {
                 tracing::warn!(partition = index, error = %e.message, "cannot write dead-letter confirmations; reloading");
                 *state.loaded.borrow_mut() = None;
+            }
+        }
+    }
+
+    /// Compacts the state log (lock held): after `groups.snapshot_after_records` records or
+    /// `groups.snapshot_interval_ms`, writes every queue's state anew (its `Created` record,
+    /// then each partition's snapshot) and deletes the segments below it, on the followers too.
+    async fn maybe_snapshot_queues(
+        &self,
+        index: u32,
+        partition: &Rc<Partition>,
+        state: &StatePartition,
+    ) {
+        let config = &self.shared.config.groups;
+        let now = monotonic_ms();
+        let snapshot: Vec<StoredQueueRecord> = {
+            let loaded = state.loaded.borrow();
+            let Some(loaded) = loaded.as_ref() else {
+                return;
+            };
+            let due = loaded.records_since_snapshot >= config.snapshot_after_records
+                || (loaded.records_since_snapshot > 0
+                    && now.saturating_sub(loaded.last_snapshot_ms) >= config.snapshot_interval_ms);
+            if !due {
+                return;
+            }
+            let mut records = Vec::new();
+            for (group, queue) in &loaded.queues {
+                records.push(StoredQueueRecord::Created {
+                    group: group.clone(),
+                    topic: queue.topic.clone(),
+                    settings: StoredSettings::from(&queue.settings),
+                    partitions: queue.partitions.len() as u32,
+                });
+                for (p, qp) in &queue.partitions {
+                    records.extend(qp.snapshot().into_iter().map(|record| {
+                        StoredQueueRecord::Partition {
+                            group: group.clone(),
+                            partition: *p,
+                            record,
+                        }
+                    }));
+                }
+            }
+            records
+        };
+        // With no queues, everything written so far is obsolete.
+        let mut delete_below = Offset(partition.describe().end_offset);
+        for (i, write) in snapshot.chunks(RECORDS_PER_WRITE_MAX).enumerate() {
+            match persist(partition, state, write).await {
+                Ok(base) if i == 0 => delete_below = base,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(partition = index, error = %e.message, "could not write a queue snapshot; reloading");
+                    *state.loaded.borrow_mut() = None;
+                    return;
+                }
+            }
+        }
+        if let Some(loaded) = state.loaded.borrow_mut().as_mut() {
+            loaded.records_since_snapshot = 0;
+            loaded.last_snapshot_ms = now;
+        }
+        match partition.delete_below(delete_below).await {
+            Ok(deleted) => {
+                tracing::debug!(partition = index, %delete_below, deleted, "queue snapshot written; older segments deleted")
+            }
+            Err(error) => {
+                tracing::warn!(partition = index, %error, "deleting below a queue snapshot")
             }
         }
     }
@@ -1752,6 +1834,7 @@ fn retriable(code: ErrorCode) -> ErrorCode {
 /// Writes state records to the state partition (one produce) and waits for `acks=all`.
 async fn persist(
     partition: &Rc<Partition>,
+    state: &StatePartition,
     records: &[StoredQueueRecord],
 ) -> Result<Offset, PartitionError> {
     let timestamp_ms = now_ms() as i64;
@@ -1770,7 +1853,11 @@ async fn persist(
             .map_err(|e| PartitionError::new(ErrorCode::InvalidBatch, e.to_string()))?;
         payload.extend_from_slice(&batch);
     }
-    write_acks_all(partition, &payload, "the queue's change").await
+    let written = write_acks_all(partition, &payload, "the queue's change").await?;
+    if let Some(loaded) = state.loaded.borrow_mut().as_mut() {
+        loaded.records_since_snapshot += records.len() as u64;
+    }
+    Ok(written)
 }
 
 #[cfg(test)]
