@@ -186,6 +186,15 @@ pub enum QueueCommand {
     },
     /// Every queue group the coordinators hold.
     List,
+    /// Send the queue's dead-letter records back to its topic (to their original partition),
+    /// as new records. Progress is kept as consumer group `GROUP.replay` on the dead-letter
+    /// topic, so a second replay sends only what was dead-lettered since.
+    Replay {
+        group: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Settings, and per partition: done below, in flight, waiting, dead-lettering, the
     /// oldest pending record's age.
     Describe { group: String },
@@ -888,6 +897,110 @@ async fn consume_queue(args: ConsumeArgs) -> Result<(), Failure> {
     }
 }
 
+/// A dead-letter record on its way back: where it is, where it goes.
+struct DeadLetterCopy {
+    dlq_partition: u32,
+    offset: u64,
+    /// The original partition (from its header), if the topic still has it.
+    partition: Option<u32>,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+}
+
+/// `wharf queue replay`: dead letters back to the queue's topic. Returns (records, from, to).
+async fn replay_dead_letters(
+    client: &Rc<Client>,
+    group: &str,
+    count: Option<u64>,
+) -> Result<(u64, String, String), Failure> {
+    use crate::client::groups::{GroupConsumer, GroupConsumerConfig, OffsetReset};
+    use crate::client::producer::{Producer, ProducerConfig};
+    use crate::server::queues::DLQ_HEADER_PARTITION;
+    let described = client.describe_queue(group).await?;
+    let dlq = described.settings.dead_letter_topic.clone();
+    let topic = described.topic.clone();
+    let partitions = client.partition_count(&topic).await?;
+    let mut config = GroupConsumerConfig::new(format!("{group}.replay"));
+    config.auto_commit = false;
+    config.offset_reset = OffsetReset::Earliest;
+    config.consumer.max_wait_ms = 200;
+    let mut member = GroupConsumer::join(Rc::clone(client), &dlq, config).await?;
+    let producer = Producer::new(Rc::clone(client), ProducerConfig::default());
+    let limit = count.unwrap_or(u64::MAX);
+    let mut replayed = 0u64;
+    let mut idle_polls = 0u32;
+    loop {
+        let records = member.poll().await?;
+        let mut sends = Vec::new();
+        let mut first_unsent: std::collections::BTreeMap<u32, u64> = Default::default();
+        let mut failed = None;
+        let mut batch: Vec<DeadLetterCopy> = Vec::new();
+        records.for_each(|r| {
+            let partition = r
+                .header(DLQ_HEADER_PARTITION)
+                .and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok())
+                .filter(|p| *p < partitions);
+            batch.push(DeadLetterCopy {
+                dlq_partition: r.partition,
+                offset: r.offset,
+                partition,
+                key: r.key.map(<[u8]>::to_vec),
+                value: r.value.to_vec(),
+            });
+        })?;
+        for DeadLetterCopy {
+            dlq_partition,
+            offset,
+            partition,
+            key,
+            value,
+        } in batch
+        {
+            if replayed + sends.len() as u64 >= limit {
+                first_unsent.entry(dlq_partition).or_insert(offset);
+                continue;
+            }
+            match producer
+                .send_to(&topic, partition, key.as_deref(), &value)
+                .await
+            {
+                Ok(delivery) => sends.push(delivery),
+                Err(error) => {
+                    first_unsent.entry(dlq_partition).or_insert(offset);
+                    failed = Some(error);
+                    break;
+                }
+            }
+        }
+        producer.flush().await;
+        let sent = sends.len() as u64;
+        for delivery in sends {
+            delivery.await?;
+        }
+        replayed += sent;
+        // Records past --count (or after a failure) are replayed next time: the group goes
+        // back to them before it commits.
+        for (partition, offset) in &first_unsent {
+            member.seek(*partition, *offset).await?;
+        }
+        member.commit().await?;
+        if let Some(error) = failed {
+            member.leave().await?;
+            return Err(error.into());
+        }
+        idle_polls = if records.is_empty() {
+            idle_polls + 1
+        } else {
+            0
+        };
+        if replayed >= limit || (idle_polls >= 2 && member.caught_up()) {
+            member.leave().await?;
+            producer.close().await;
+            return Ok((replayed, dlq, topic));
+        }
+    }
+}
+
 /// Per-mille of a ratio given on the command line (`2.0` -> 2000).
 fn permille(what: &str, value: f64) -> Result<u32, Failure> {
     if !value.is_finite() || !(0.0..=1_000.0).contains(&value) {
@@ -933,6 +1046,13 @@ pub async fn queue(command: QueueCommand, args: ClientArgs) -> Result<(), Failur
             println!(
                 "created queue group {group} on {topic} (dead letters to {})",
                 described.settings.dead_letter_topic
+            );
+        }
+        QueueCommand::Replay { group, count } => {
+            let replayed = replay_dead_letters(&client, &group, count).await?;
+            println!(
+                "replayed {} records from {} to {}",
+                replayed.0, replayed.1, replayed.2
             );
         }
         QueueCommand::List => {

@@ -544,4 +544,65 @@ fn the_cli_creates_describes_lists_and_consumes_a_queue_with_acks() {
     let (code, out, err) = cli(&address, &["queue", "list"], "");
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("jobs.dlq"), "{out}");
+
+    // A queue with one delivery and a short lease: three records printed but never acked go
+    // to the dead-letter topic, and `queue replay` sends them back to the topic once.
+    let (code, _, err) = cli(
+        &address,
+        &[
+            "queue",
+            "create",
+            "r",
+            "--topic",
+            TOPIC,
+            "--ack-wait-ms",
+            "300",
+            "--max-deliveries",
+            "1",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, dropped, err) = cli(
+        &address,
+        &["consume", TOPIC, "--queue", "r", "--count", "3"],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(dropped.lines().count(), 3);
+    let mut dead = String::new();
+    for _ in 0..ROUNDS_MAX {
+        let (code, out, err) = cli(&address, &["consume", "jobs.dlq"], "");
+        assert_eq!(code, Some(0), "{err}");
+        dead = out;
+        if dead.lines().count() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sorted_lines(&dead), sorted_lines(&dropped));
+    let (code, out, err) = cli(&address, &["queue", "replay", "r"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("replayed 3 records from jobs.dlq to jobs"),
+        "{out}"
+    );
+    let (code, out, err) = cli(&address, &["queue", "replay", "r"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("replayed 0 records"),
+        "a second replay sends nothing: {out}"
+    );
+    // The queue delivers the 17 never taken and the 3 replayed (as new records).
+    let (code, out, err) = cli(&address, &["consume", TOPIC, "--queue", "r", "--ack"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 20, "{out}");
+    // The 17 never taken and copies of the 3 dead-lettered: every line once.
+    assert_eq!(sorted_lines(&out), sorted_lines(&lines));
+}
+
+fn sorted_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort_unstable();
+    lines
 }

@@ -66,13 +66,37 @@ pub const POLL_FAILURES_MAX: u32 = 50;
 const POLL_RETRY_BACKOFF_MS: u64 = 100;
 
 /// One record, borrowed from a fetch response.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct RecordView<'a> {
     pub partition: u32,
     pub offset: u64,
     pub timestamp_ms: i64,
     pub key: Option<&'a [u8]>,
     pub value: &'a [u8],
+    pub headers: &'a [wharf_storage::batch::ArchivedRecordHeader],
+}
+
+impl std::fmt::Debug for RecordView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordView")
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("timestamp_ms", &self.timestamp_ms)
+            .field("key", &self.key)
+            .field("value", &self.value)
+            .field("headers", &self.headers.len())
+            .finish()
+    }
+}
+
+impl RecordView<'_> {
+    /// The value of the first header named `key`.
+    pub fn header(&self, key: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.key.as_str() == key)
+            .map(|h| h.value.as_slice())
+    }
 }
 
 struct Fetched {
@@ -151,6 +175,7 @@ impl Records {
                             + record.timestamp_delta_ms.to_native(),
                         key: record.key.as_ref().map(|k| k.as_slice()),
                         value: record.value.as_slice(),
+                        headers: record.headers.as_slice(),
                     });
                     count += 1;
                 }
