@@ -254,6 +254,12 @@ fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_d
             waited >= Duration::from_millis(800 + 300 - 50),
             "redelivered after {waited:?}, before lease + backoff"
         );
+        // Within a tolerance: the tick (50 ms) and a long-poll round (wakes when a record
+        // comes due), with room for a loaded CI machine.
+        assert!(
+            waited <= Duration::from_millis(800 + 300 + 2_000),
+            "redelivered only after {waited:?}"
+        );
         let again_values: BTreeSet<String> = again.iter().map(value).collect();
         assert_eq!(again_values, taken_values);
         // The crashed member's late ack cannot settle the new delivery.
@@ -605,4 +611,120 @@ fn sorted_lines(text: &str) -> Vec<String> {
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines.sort_unstable();
     lines
+}
+
+#[test]
+fn hostile_queue_requests_get_clear_errors_and_per_key_ordering_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), 2, CONFIG);
+    let address = broker.bootstrap();
+    run(async move {
+        let client = connect(&address).await;
+        client
+            .create_topic(TOPIC, PARTITIONS, 1, Vec::new())
+            .await
+            .expect("create topic");
+        let ordered = QueueSettings {
+            per_key_ordering: true,
+            ..settings(60_000, 3)
+        };
+        client
+            .create_queue("keys", TOPIC, ordered)
+            .await
+            .expect("create queue");
+        produce(&client, 70).await;
+        let invalid = |r: &Result<Vec<QueueDelivery>, ClientError>| {
+            matches!(
+                r,
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidRequest,
+                    ..
+                })
+            )
+        };
+        let long_member = "m".repeat(300);
+        let r = QueueMember::new(Rc::clone(&client), "keys", &long_member)
+            .acquire(1, 0)
+            .await;
+        assert!(invalid(&r), "{r:?}");
+        let member = QueueMember::new(Rc::clone(&client), "keys", "m");
+        let r = member.acquire(0, 0).await;
+        assert!(invalid(&r), "{r:?}");
+        let r = member.acquire(1_000_000, 0).await;
+        assert!(invalid(&r), "{r:?}");
+        let too_many: Vec<QueueSettlement> = (0..2_000)
+            .map(|i| QueueSettlement {
+                partition: 0,
+                offset: i,
+                delivery_attempt: 1,
+                action: SettleAction::Ack,
+            })
+            .collect();
+        let r = member.settle(too_many).await;
+        assert!(
+            matches!(
+                &r,
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidRequest,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // A settlement for a record never delivered and one for a partition that does not
+        // exist: each refused on its own, nothing changes.
+        let results = member
+            .settle(vec![
+                QueueSettlement {
+                    partition: 0,
+                    offset: 5,
+                    delivery_attempt: 1,
+                    action: SettleAction::Ack,
+                },
+                QueueSettlement {
+                    partition: 99,
+                    offset: 0,
+                    delivery_attempt: 1,
+                    action: SettleAction::Nack { delay_ms: None },
+                },
+            ])
+            .await
+            .expect("settle");
+        assert_eq!(results[0].error, ErrorCode::StaleDelivery as u16);
+        assert_eq!(results[1].error, ErrorCode::UnknownPartition as u16);
+        // Per-key ordering: 70 records over 7 keys; acquiring everything at once gives at
+        // most one record per (partition, key) in flight.
+        let got = member.acquire(1_000, 200).await.expect("acquire");
+        assert!(!got.is_empty());
+        let mut keys = BTreeSet::new();
+        for d in &got {
+            assert!(
+                keys.insert((d.partition, d.key.clone())),
+                "two records of one key in flight: {d:?}"
+            );
+        }
+        // An over-long reject reason is refused, the lease stays.
+        let r = member.reject(&got[0], &"x".repeat(5_000)).await;
+        assert!(
+            matches!(
+                &r,
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidRequest,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // Acking them releases the next record of each key.
+        for d in &got {
+            member.ack(d).await.expect("ack");
+        }
+        let next = member.acquire(1_000, 200).await.expect("acquire");
+        assert!(!next.is_empty());
+        for d in &next {
+            assert!(got
+                .iter()
+                .all(|g| g.offset != d.offset || g.partition != d.partition));
+        }
+    });
 }
