@@ -81,6 +81,14 @@ async fn acquire_n(member: &QueueMember, count: usize) -> Vec<QueueDelivery> {
     got
 }
 
+/// Asserts that the call was refused with `code`.
+fn assert_refused<T: std::fmt::Debug>(result: &Result<T, ClientError>, code: ErrorCode) {
+    assert!(
+        matches!(result, Err(ClientError::Server { code: c, .. }) if *c == code),
+        "expected {code}: {result:?}"
+    );
+}
+
 fn value(d: &QueueDelivery) -> String {
     String::from_utf8_lossy(&d.value).into_owned()
 }
@@ -154,44 +162,17 @@ fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_d
         let unknown = client
             .create_queue("q", "nope", QueueSettings::default())
             .await;
-        assert!(
-            matches!(
-                &unknown,
-                Err(ClientError::Server {
-                    code: ErrorCode::UnknownTopic,
-                    ..
-                })
-            ),
-            "{unknown:?}"
-        );
+        assert_refused(&unknown, ErrorCode::UnknownTopic);
         let shrinking = QueueSettings {
             backoff_multiplier_permille: 500,
             ..QueueSettings::default()
         };
         let bad = client.create_queue("q", TOPIC, shrinking).await;
-        assert!(
-            matches!(
-                &bad,
-                Err(ClientError::Server {
-                    code: ErrorCode::InvalidConfig,
-                    ..
-                })
-            ),
-            "{bad:?}"
-        );
+        assert_refused(&bad, ErrorCode::InvalidConfig);
         let missing = QueueMember::new(Rc::clone(&client), "none", "m")
             .acquire(1, 0)
             .await;
-        assert!(
-            matches!(
-                &missing,
-                Err(ClientError::Server {
-                    code: ErrorCode::UnknownQueue,
-                    ..
-                })
-            ),
-            "{missing:?}"
-        );
+        assert_refused(&missing, ErrorCode::UnknownQueue);
 
         client
             .create_queue("q", TOPIC, settings(800, 3))
@@ -203,16 +184,7 @@ fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_d
             .await
             .expect("create again");
         let other = client.create_queue("q", TOPIC, settings(900, 3)).await;
-        assert!(
-            matches!(
-                &other,
-                Err(ClientError::Server {
-                    code: ErrorCode::QueueAlreadyExists,
-                    ..
-                })
-            ),
-            "{other:?}"
-        );
+        assert_refused(&other, ErrorCode::QueueAlreadyExists);
         produce(&client, 30).await;
 
         // A member takes 5 records and "crashes" (never settles them).
@@ -233,16 +205,7 @@ fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_d
         }
         // An ack of an acked delivery is stale.
         let twice = worker.ack(&rest[0]).await;
-        assert!(
-            matches!(
-                &twice,
-                Err(ClientError::Server {
-                    code: ErrorCode::StaleDelivery,
-                    ..
-                })
-            ),
-            "{twice:?}"
-        );
+        assert_refused(&twice, ErrorCode::StaleDelivery);
 
         // After the lease (800 ms) and the first backoff (300 ms), the 5 come back to the
         // worker at attempt 2.
@@ -264,16 +227,7 @@ fn leases_redeliver_with_backoff_stale_acks_are_refused_and_failures_go_to_the_d
         assert_eq!(again_values, taken_values);
         // The crashed member's late ack cannot settle the new delivery.
         let stale = crashed.ack(&taken[0]).await;
-        assert!(
-            matches!(
-                &stale,
-                Err(ClientError::Server {
-                    code: ErrorCode::StaleDelivery,
-                    ..
-                })
-            ),
-            "{stale:?}"
-        );
+        assert_refused(&stale, ErrorCode::StaleDelivery);
 
         // Extend renews a lease.
         let extended = worker.extend(&again[0]).await.expect("extend");
@@ -661,16 +615,7 @@ fn hostile_queue_requests_get_clear_errors_and_per_key_ordering_holds() {
             })
             .collect();
         let r = member.settle(too_many).await;
-        assert!(
-            matches!(
-                &r,
-                Err(ClientError::Server {
-                    code: ErrorCode::InvalidRequest,
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
+        assert_refused(&r, ErrorCode::InvalidRequest);
         // A settlement for a record never delivered and one for a partition that does not
         // exist: each refused on its own, nothing changes.
         let results = member
@@ -705,16 +650,7 @@ fn hostile_queue_requests_get_clear_errors_and_per_key_ordering_holds() {
         }
         // An over-long reject reason is refused, the lease stays.
         let r = member.reject(&got[0], &"x".repeat(5_000)).await;
-        assert!(
-            matches!(
-                &r,
-                Err(ClientError::Server {
-                    code: ErrorCode::InvalidRequest,
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
+        assert_refused(&r, ErrorCode::InvalidRequest);
         // Acking them releases the next record of each key.
         for d in &got {
             member.ack(d).await.expect("ack");

@@ -693,13 +693,7 @@ impl Shard {
                     Ok(qp) => qp,
                     Err(e) => return op.error(ErrorCode::InvalidConfig, e.to_string()),
                 };
-                records.extend(qp.snapshot().into_iter().map(|record| {
-                    StoredQueueRecord::Partition {
-                        group: request.group.clone(),
-                        partition: p,
-                        record,
-                    }
-                }));
+                records.extend(tagged(&request.group, p, qp.snapshot()));
             }
             records
         };
@@ -849,13 +843,7 @@ impl Shard {
                         .inc();
                 }
                 acquired.extend(acquisition.acquired.into_iter().map(|a| (p, a)));
-                records.extend(acquisition.records.into_iter().map(|record| {
-                    StoredQueueRecord::Partition {
-                        group: request.group.clone(),
-                        partition: p,
-                        record,
-                    }
-                }));
+                records.extend(tagged(&request.group, p, acquisition.records));
             }
             let next_due = queue
                 .partitions
@@ -1153,11 +1141,7 @@ impl Shard {
                     }
                     Err((code, message)) => (code, message, 0, Vec::new()),
                 };
-                records.extend(more.into_iter().map(|record| StoredQueueRecord::Partition {
-                    group: request.group.clone(),
-                    partition: s.partition,
-                    record,
-                }));
+                records.extend(tagged(&request.group, s.partition, more));
                 results.push(QueueSettleResult {
                     error: error as u16,
                     message,
@@ -1371,13 +1355,7 @@ impl Shard {
                         if qp.next_deadline_ms().is_some_and(|d| d <= now) {
                             let changes = qp.expire(now, jitter_sample());
                             queue.dead_letters_pending |= !changes.dead_letters.is_empty();
-                            records.extend(changes.records.into_iter().map(|record| {
-                                StoredQueueRecord::Partition {
-                                    group: group.clone(),
-                                    partition: *p,
-                                    record,
-                                }
-                            }));
+                            records.extend(tagged(group, *p, changes.records));
                         }
                     }
                     self.set_queue_gauges(group, queue, now);
@@ -1472,11 +1450,7 @@ impl Shard {
                             group: group.clone(),
                         })
                         .inc();
-                    records.extend(more.into_iter().map(|record| StoredQueueRecord::Partition {
-                        group: group.clone(),
-                        partition: p,
-                        record,
-                    }));
+                    records.extend(tagged(&group, p, more));
                 }
                 queue.prune_cache();
             }
@@ -1520,13 +1494,7 @@ impl Shard {
                     partitions: queue.partitions.len() as u32,
                 });
                 for (p, qp) in &queue.partitions {
-                    records.extend(qp.snapshot().into_iter().map(|record| {
-                        StoredQueueRecord::Partition {
-                            group: group.clone(),
-                            partition: *p,
-                            record,
-                        }
-                    }));
+                    records.extend(tagged(group, *p, qp.snapshot()));
                 }
             }
             records
@@ -1813,6 +1781,21 @@ fn client_code(e: &ClientError) -> ErrorCode {
         ClientError::Protocol(_) | ClientError::Invalid(_) => ErrorCode::Unknown,
         _ => ErrorCode::CoordinatorLoading,
     }
+}
+
+/// State records of one queue partition, as written to the state topic.
+fn tagged(
+    group: &str,
+    partition: u32,
+    records: Vec<QueueRecord>,
+) -> impl Iterator<Item = StoredQueueRecord> + '_ {
+    records
+        .into_iter()
+        .map(move |record| StoredQueueRecord::Partition {
+            group: group.to_string(),
+            partition,
+            record,
+        })
 }
 
 fn unknown_queue(group: &str) -> (ErrorCode, String) {
