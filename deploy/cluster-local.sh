@@ -15,11 +15,13 @@
 # CPU_SET (default unbound: three brokers on one host must not all pin their shard 0 to CPU 0);
 # REPLICA_LAG_MAX_MS (default 10000) the ISR lag limit; MIN_INSYNC (default 2); CONTROLLER
 # (default 1: brokers 1, 2, 3 run the Raft controller and partitions fail over automatically;
-# 0: a static cluster whose leaders never move).
+# 0: a static cluster whose leaders never move); EXTRA_CONFIG (TOML added to every broker's
+# config before its sections, e.g. a [replica_selection] table); RACKS (comma-separated rack of
+# brokers 1, 2, 3, e.g. "a,b,c": follower reads by rack).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 2 ]] || usage
 command=$1
 dir=$2
@@ -49,6 +51,9 @@ write_config() {
     echo "admin_listen = \"127.0.0.1:$(admin_port "$id")\""
     echo "shards = $shards"
     echo "cpu_set = \"${CPU_SET:-unbound}\""
+    if [[ -n ${EXTRA_CONFIG:-} ]]; then
+      printf '%s\n' "$EXTRA_CONFIG"
+    fi
     echo "[topic_defaults]"
     echo "min_insync_replicas = ${MIN_INSYNC:-2}"
     echo "[cluster]"
@@ -63,6 +68,11 @@ write_config() {
       echo "id = $b"
       echo "address = \"127.0.0.1:$(client_port "$b")\""
       echo "internal_address = \"127.0.0.1:$(internal_port "$b")\""
+      if [[ -n ${RACKS:-} ]]; then
+        local racks
+        IFS=, read -r -a racks <<<"$RACKS"
+        echo "rack = \"${racks[$((b - 1))]}\""
+      fi
     done
   } > "$dir/broker-$id.toml"
 }

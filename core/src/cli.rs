@@ -9,7 +9,7 @@ use crate::client::consumer::{Consumer, ConsumerConfig, SeekTo};
 use crate::client::producer::{Producer, ProducerConfig};
 use crate::client::{Client, ClientConfig, ClientError};
 use crate::config::{ServerConfig, CLIENT_PORT_DEFAULT};
-use crate::protocol::{Acks, ConfigEntry, ErrorCode, TopicDescription};
+use crate::protocol::{Acks, ConfigEntry, ErrorCode, PartitionReaders, TopicDescription};
 
 #[derive(Parser, Debug)]
 #[command(name = "wharf", version, about = "Wharf: a replicated message broker")]
@@ -113,13 +113,17 @@ pub enum TopicCommand {
         replication_factor: u16,
         /// Topic setting KEY=VALUE (repeatable): flush, flush_interval_ms, segment_bytes,
         /// segment_ms, retention_bytes, retention_ms, min_insync_replicas, preallocate,
-        /// recent_bytes_max.
+        /// recent_bytes_max, unclean_leader_election, replica_selector (leader|rack|load).
         #[arg(long = "config", value_name = "KEY=VALUE")]
         configs: Vec<String>,
     },
     List,
     Describe {
         topic: String,
+        /// Where each consumer reads (follower reads): per partition, its leader's load and
+        /// the replica it sent each reader to, and why.
+        #[arg(long)]
+        readers: bool,
     },
     Delete {
         topic: String,
@@ -262,6 +266,13 @@ pub struct ConsumeArgs {
     /// With --queue: this member's id (default: host and process id).
     #[arg(long, requires = "queue")]
     pub member: Option<String>,
+    /// This consumer's rack (follower reads: with `replica_selector = rack`, leaders send it
+    /// to a replica in the same rack).
+    #[arg(long)]
+    pub rack: Option<String>,
+    /// This consumer's name in `wharf topic describe --readers` (default: PID-N).
+    #[arg(long)]
+    pub reader_id: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -383,7 +394,20 @@ pub async fn topic(command: TopicCommand, args: ClientArgs) -> Result<(), Failur
                 }
             }
         }
-        TopicCommand::Describe { topic } => {
+        TopicCommand::Describe {
+            topic,
+            readers: true,
+        } => {
+            let partitions = client.describe_readers(&topic).await?;
+            match args.format {
+                Format::Text => print_readers(&partitions),
+                Format::Json => println!("{}", readers_json(&partitions)),
+            }
+        }
+        TopicCommand::Describe {
+            topic,
+            readers: false,
+        } => {
             let description = client.describe_topic(&topic).await?;
             match args.format {
                 Format::Text => print_description(&description),
@@ -466,6 +490,90 @@ pub async fn cluster(command: ClusterCommand, args: ClientArgs) -> Result<(), Fa
 
 fn list(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn print_readers(partitions: &[PartitionReaders]) {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header([
+        "PARTITION",
+        "LEADER",
+        "BUSY‰",
+        "QUEUE",
+        "EGRESS_B/S",
+        "PRESSURE‰",
+        "READER",
+        "RACK",
+        "READS_FROM",
+        "OFFSET",
+        "SEEN_MS_AGO",
+        "REASON",
+    ]);
+    for p in partitions {
+        let head = [
+            p.partition.to_string(),
+            p.leader.to_string(),
+            p.busy_permille.to_string(),
+            p.queue_depth.to_string(),
+            p.egress_bytes_per_s.to_string(),
+            p.pressure_permille.to_string(),
+        ];
+        if p.readers.is_empty() {
+            let mut row = head.to_vec();
+            row.extend([
+                "-".to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+            table.add_row(row);
+        }
+        for r in &p.readers {
+            let mut row = head.to_vec();
+            row.extend([
+                r.reader_id.clone(),
+                if r.rack.is_empty() {
+                    "-".to_string()
+                } else {
+                    r.rack.clone()
+                },
+                r.replica.to_string(),
+                r.fetch_offset.to_string(),
+                r.last_seen_ms_ago.to_string(),
+                r.reason.clone(),
+            ]);
+            table.add_row(row);
+        }
+    }
+    println!("{table}");
+}
+
+fn readers_json(partitions: &[PartitionReaders]) -> serde_json::Value {
+    serde_json::Value::Array(
+        partitions
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "partition": p.partition,
+                    "leader": p.leader,
+                    "busy_permille": p.busy_permille,
+                    "queue_depth": p.queue_depth,
+                    "egress_bytes_per_s": p.egress_bytes_per_s,
+                    "pressure_permille": p.pressure_permille,
+                    "readers": p.readers.iter().map(|r| serde_json::json!({
+                        "reader_id": r.reader_id,
+                        "rack": r.rack,
+                        "replica": r.replica,
+                        "fetch_offset": r.fetch_offset,
+                        "last_seen_ms_ago": r.last_seen_ms_ago,
+                        "reason": r.reason,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
 }
 
 fn print_description(d: &TopicDescription) {
@@ -696,6 +804,8 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
         &args.topic,
         ConsumerConfig {
             max_wait_ms: if args.follow { 1000 } else { 200 },
+            rack: args.rack.clone(),
+            reader_id: args.reader_id.clone(),
             ..ConsumerConfig::default()
         },
     );
@@ -761,6 +871,8 @@ async fn consume_group(args: ConsumeArgs) -> Result<(), Failure> {
     config.instance_id = args.instance_id.clone();
     config.offset_reset = offset_reset;
     config.consumer.max_wait_ms = if args.follow { 1000 } else { 200 };
+    config.consumer.rack = args.rack.clone();
+    config.consumer.reader_id = args.reader_id.clone();
     let mut member = GroupConsumer::join(Rc::clone(&client), &args.topic, config).await?;
     let limit = args.count.unwrap_or(u64::MAX);
     let json = args.client.format == Format::Json;

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use wharf_replication::selector::{ReplicaSelector, SelectorConfig};
 use wharf_storage::policy::{FlushPolicy, RetentionLimits};
 use wharf_storage::LogConfig;
 
@@ -84,6 +85,9 @@ pub struct ServerConfig {
     pub topic_defaults: TopicDefaults,
     pub cluster: ClusterConfig,
     pub groups: GroupsConfig,
+    /// Follower reads (KIP-392): when a leader sends consumers to its in-sync followers, by its
+    /// load, their lag and racks (topics choose the policy: `replica_selector`).
+    pub replica_selection: SelectorConfig,
 }
 
 /// Consumer groups: the coordinators and the internal offsets topic that stores them.
@@ -213,6 +217,10 @@ pub struct ClusterBroker {
     /// is still read.)
     #[serde(alias = "replication_address")]
     pub internal_address: Option<String>,
+    /// The broker's rack (KIP-392 `broker.rack`): consumers that name a rack read from a
+    /// replica in it when the topic's `replica_selector` is `rack` (or `load`, as a preference).
+    #[serde(default)]
+    pub rack: Option<String>,
 }
 
 /// CPUs a shard thread may be pinned to (config `cpu_set`). Written as a string in TOML and
@@ -343,6 +351,7 @@ impl Default for ServerConfig {
             topic_defaults: TopicDefaults::default(),
             cluster: ClusterConfig::default(),
             groups: GroupsConfig::default(),
+            replica_selection: SelectorConfig::default(),
         }
     }
 }
@@ -399,6 +408,10 @@ pub struct TopicDefaults {
     /// Controller mode: when every in-sync and eligible replica is fenced, elect a live
     /// replica that may lack acknowledged records (availability over durability). Off.
     pub unclean_leader_election: bool,
+    /// Where the leader sends consumers to read: `leader` (never elsewhere), `rack` (an
+    /// in-sync replica in the consumer's rack) or `load` (in-sync followers when the leader's
+    /// shard is loaded; cold readers first). Default `load`.
+    pub replica_selector: ReplicaSelector,
 }
 
 impl Default for TopicDefaults {
@@ -414,6 +427,7 @@ impl Default for TopicDefaults {
             preallocate: true,
             recent_bytes_max: LogConfig::default().recent_bytes_max as u64,
             unclean_leader_election: false,
+            replica_selector: ReplicaSelector::Load,
         }
     }
 }
@@ -425,7 +439,7 @@ pub type TopicConfig = TopicDefaults;
 pub const RECENT_BYTES_MAX_LIMIT: u64 = 1 << 30;
 
 /// The keys `wharf topic create --config KEY=VALUE` accepts.
-pub const TOPIC_CONFIG_KEYS: [&str; 10] = [
+pub const TOPIC_CONFIG_KEYS: [&str; 11] = [
     "flush",
     "flush_interval_ms",
     "segment_bytes",
@@ -436,6 +450,7 @@ pub const TOPIC_CONFIG_KEYS: [&str; 10] = [
     "preallocate",
     "recent_bytes_max",
     "unclean_leader_election",
+    "replica_selector",
 ];
 
 impl TopicConfig {
@@ -476,6 +491,11 @@ impl TopicConfig {
                 "unclean_leader_election" => {
                     config.unclean_leader_election = value.parse::<bool>().map_err(|_| {
                         format!("unclean_leader_election must be true or false, not {value:?}")
+                    })?
+                }
+                "replica_selector" => {
+                    config.replica_selector = ReplicaSelector::parse(value).ok_or_else(|| {
+                        format!("replica_selector must be leader, rack or load, not {value:?}")
                     })?
                 }
                 _ => {
@@ -526,6 +546,10 @@ impl TopicConfig {
             entry(
                 "unclean_leader_election",
                 self.unclean_leader_election.to_string(),
+            ),
+            entry(
+                "replica_selector",
+                self.replica_selector.as_str().to_string(),
             ),
         ]
     }
@@ -671,10 +695,22 @@ impl ServerConfig {
                 "groups.members_max and groups.groups_per_partition_max must be > 0".into(),
             );
         }
+        self.replica_selection
+            .validate()
+            .map_err(|e| format!("replica_selection: {e}"))?;
         let mut ids = std::collections::BTreeSet::new();
         for broker in &self.cluster.brokers {
             if !ids.insert(broker.id) {
                 return Err(format!("cluster.brokers lists broker {} twice", broker.id));
+            }
+            if let Some(rack) = &broker.rack {
+                if rack.is_empty() || rack.len() > crate::protocol::RACK_BYTES_MAX {
+                    return Err(format!(
+                        "cluster.brokers: broker {}'s rack must be 1..={} bytes",
+                        broker.id,
+                        crate::protocol::RACK_BYTES_MAX
+                    ));
+                }
             }
             parse_host_port("cluster.brokers.address", &broker.address)?;
             if let Some(internal) = &broker.internal_address {

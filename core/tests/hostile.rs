@@ -434,7 +434,12 @@ fn a_fetch_waiting_for_more_bytes_than_exist_does_not_spin() {
                 partition: 0,
                 fetch_offset: 0,
                 max_bytes: 4 * 1024 * 1024,
+                leader_epoch: None,
+                read_replica: None,
+                avoid_replica: None,
             }],
+            reader_id: String::new(),
+            rack: String::new(),
         },
         &[],
     );

@@ -112,7 +112,12 @@ async fn read_with_headers(
             partition,
             fetch_offset: 0,
             max_bytes: 1 << 20,
+            leader_epoch: None,
+            read_replica: None,
+            avoid_replica: None,
         }],
+        reader_id: String::new(),
+        rack: String::new(),
     };
     let frame = connection
         .call(ApiKey::Fetch, &request, Vec::new(), 5_000)

@@ -2,7 +2,7 @@
 //! a client decodes, through `decode_body::<T>()`, plus `payload_ranges` on the lengths a
 //! produce request or fetch response declares.
 //!
-//! One target for all 53 body types, not one per type: one build, one corpus and one time slot in
+//! One target for all 55 body types, not one per type: one build, one corpus and one time slot in
 //! CI instead of nineteen, and libFuzzer's coverage feedback still tells the types apart (they are
 //! different code). The corpus holds a valid body of every type.
 //!
@@ -25,7 +25,7 @@ use crate::protocol::*;
 
 /// The body types, in selector order. Requests first (the server decodes them), then responses
 /// (the client decodes them), then the error body of any failed response.
-pub const BODY_TYPES: [&str; 53] = [
+pub const BODY_TYPES: [&str; 55] = [
     "VersionsRequest",
     "MetadataRequest",
     "CreateTopicRequest",
@@ -79,6 +79,8 @@ pub const BODY_TYPES: [&str; 53] = [
     "DescribeQueueResponse",
     "ListQueuesRequest",
     "ListQueuesResponse",
+    "DescribeReadersRequest",
+    "DescribeReadersResponse",
 ];
 
 /// Frame-size limit for the re-encoded frames (bodies are at most `BODY_BYTES_MAX`).
@@ -167,6 +169,8 @@ pub fn check_selected(index: usize, body: &[u8], payload_bytes: usize, misaligne
         50 => drop(c.check::<DescribeQueueResponse>()),
         51 => drop(c.check::<ListQueuesRequest>()),
         52 => drop(c.check::<ListQueuesResponse>()),
+        53 => drop(c.check::<DescribeReadersRequest>()),
+        54 => drop(c.check::<DescribeReadersResponse>()),
         _ => unreachable!("index < BODY_TYPES.len()"),
     }
 }
@@ -209,6 +213,7 @@ pub fn body_type_of(header: &FrameHeader) -> Option<usize> {
         ApiKey::QueueSettle => (47, 48),
         ApiKey::DescribeQueue => (49, 50),
         ApiKey::ListQueues => (51, 52),
+        ApiKey::DescribeReaders => (53, 54),
         _ => return None,
     };
     Some(if header.is_response() {

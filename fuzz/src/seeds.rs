@@ -102,7 +102,12 @@ pub fn bodies() -> Vec<Vec<u8>> {
                 partition: 2,
                 fetch_offset: 42,
                 max_bytes: 65536,
+                leader_epoch: Some(3),
+                read_replica: Some(2),
+                avoid_replica: Some(3),
             }],
+            reader_id: "billing-7".to_string(),
+            rack: "eu-1a".to_string(),
         }),
         archive(&ListOffsetsRequest {
             topic: "orders".to_string(),
@@ -483,6 +488,27 @@ pub fn bodies() -> Vec<Vec<u8>> {
                 dead_letter_topic: "orders.dlq".to_string(),
             }],
         }),
+        archive(&DescribeReadersRequest {
+            topic: "orders".to_string(),
+        }),
+        archive(&DescribeReadersResponse {
+            partitions: vec![PartitionReaders {
+                partition: 2,
+                leader: 1,
+                busy_permille: 870,
+                queue_depth: 12,
+                egress_bytes_per_s: 52_428_800,
+                pressure_permille: 1_087,
+                readers: vec![ReaderInfo {
+                    reader_id: "billing-7".to_string(),
+                    rack: "eu-1a".to_string(),
+                    replica: 3,
+                    fetch_offset: 42,
+                    last_seen_ms_ago: 1_200,
+                    reason: "loaded".to_string(),
+                }],
+            }],
+        }),
     ];
     assert_eq!(bodies.len(), BODY_TYPES.len());
     bodies
@@ -547,6 +573,9 @@ fn fetch_response(batch_bytes: u32) -> FetchResponse {
             high_watermark: 43,
             log_start_offset: 0,
             batch_bytes,
+            leader_epoch: 0,
+            preferred_read_replica: None,
+            read_lease_ms: 0,
         }],
     }
 }

@@ -66,6 +66,18 @@ struct Args {
     producers: usize,
     #[arg(long, default_value_t = 0)]
     consumers: usize,
+    /// Every consumer reads every partition (independent subscribers, like one consumer
+    /// group each), instead of the consumers splitting the partitions.
+    #[arg(long)]
+    fan_out: bool,
+    /// The consumers' rack (follower reads: `replica_selector = rack` topics send them to a
+    /// replica in it).
+    #[arg(long)]
+    client_rack: Option<String>,
+    /// Topic setting KEY=VALUE for a topic this tool creates (repeatable), e.g.
+    /// `replica_selector=leader`.
+    #[arg(long = "topic-config", value_name = "KEY=VALUE")]
+    topic_configs: Vec<String>,
     /// produce, consume (drain from earliest) or e2e (producers and consumers at once).
     /// Default: e2e with consumers, else produce.
     #[arg(long)]
@@ -520,6 +532,19 @@ fn prepare_topic(args: &Args, addresses: &[String]) -> Result<String, String> {
     let partitions = args.partitions;
     let replication_factor = args.replication_factor;
     let fsync = args.fsync.clone();
+    let mut configs = vec![ConfigEntry {
+        key: "flush".to_string(),
+        value: fsync.clone(),
+    }];
+    for entry in &args.topic_configs {
+        let Some((key, value)) = entry.split_once('=') else {
+            return Err(format!("--topic-config takes KEY=VALUE, not {entry:?}"));
+        };
+        configs.push(ConfigEntry {
+            key: key.to_string(),
+            value: value.to_string(),
+        });
+    }
     let addresses = addresses.to_vec();
     let request_timeout_ms = args.request_timeout_ms;
     wharf::runtime::run_local("loadgen-setup", async move {
@@ -546,15 +571,7 @@ fn prepare_topic(args: &Args, addresses: &[String]) -> Result<String, String> {
                 ..
             }) => {
                 client
-                    .create_topic(
-                        &topic,
-                        partitions,
-                        replication_factor,
-                        vec![ConfigEntry {
-                            key: "flush".to_string(),
-                            value: fsync.clone(),
-                        }],
-                    )
+                    .create_topic(&topic, partitions, replication_factor, configs)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(fsync)
@@ -1028,7 +1045,7 @@ async fn consume(
         return;
     };
     let mine: Vec<u32> = (0..partitions)
-        .filter(|p| *p as usize % args.consumers == consumer_id)
+        .filter(|p| args.fan_out || *p as usize % args.consumers == consumer_id)
         .collect();
     if mine.is_empty() {
         return;
@@ -1038,6 +1055,8 @@ async fn consume(
         &args.topic,
         ConsumerConfig {
             max_wait_ms: 100,
+            reader_id: Some(format!("loadgen-{}-{consumer_id}", std::process::id())),
+            rack: args.client_rack.clone(),
             ..ConsumerConfig::default()
         },
     );
@@ -1188,6 +1207,7 @@ fn summarize(
         "partitions": args.partitions,
         "producers": args.producers,
         "consumers": args.consumers,
+        "fan_out": args.fan_out,
         "message_bytes": args.message_bytes,
         "batch_bytes": args.batch_bytes,
         "linger_ms": args.linger_ms,

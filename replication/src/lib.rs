@@ -10,6 +10,7 @@ pub mod epochs;
 pub mod isr;
 pub mod producers;
 pub mod replica;
+pub mod selector;
 
 pub use epochs::{EpochHistory, EpochHistoryError, EpochHistoryLoadError};
 pub use isr::{IsrRejection, ISR_PROPOSAL_RETRY_MS};

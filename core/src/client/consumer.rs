@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use wharf_storage::batch::check_batch;
@@ -19,6 +21,12 @@ pub struct ConsumerConfig {
     pub min_bytes: u32,
     pub max_bytes: u32,
     pub partition_max_bytes: u32,
+    /// Names this consumer to the leaders (follower reads spread readers by it, and
+    /// `wharf topic describe --readers` lists it). `None`: `PID-N`, unique in this process.
+    pub reader_id: Option<String>,
+    /// This consumer's rack (KIP-392 `client.rack`): with `replica_selector = rack`, leaders
+    /// send it to a replica in the same rack.
+    pub rack: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -28,8 +36,22 @@ impl Default for ConsumerConfig {
             min_bytes: 1,
             max_bytes: 8 * 1024 * 1024,
             partition_max_bytes: 4 * 1024 * 1024,
+            reader_id: None,
+            rack: None,
         }
     }
+}
+
+/// Distinguishes the consumers of one process in their default reader ids.
+static READERS_STARTED: AtomicU64 = AtomicU64::new(0);
+
+/// A follower the leader sent this consumer to, until `until`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLease {
+    pub broker: u32,
+    /// The leader epoch the follower must be at (else it refuses and we go back).
+    pub leader_epoch: u32,
+    pub until: Instant,
 }
 
 /// Where to start reading a partition.
@@ -48,12 +70,20 @@ struct Assigned {
     /// The next offset to return.
     position: u64,
     high_watermark: u64,
+    /// Reading from a follower (follower reads) until the lease ends or the follower fails.
+    lease: Option<ReadLease>,
+    /// The follower of the last lease (told to the leader when the lease ends: it keeps us
+    /// there while that follower is still a good choice).
+    last_replica: Option<u32>,
+    /// A follower that failed us, and until when the leader is asked not to send us there.
+    avoid: Option<(u32, Instant)>,
 }
 
 pub struct Consumer {
     client: Rc<Client>,
     topic: String,
     config: ConsumerConfig,
+    reader_id: String,
     assigned: Vec<Assigned>,
     /// Polls in a row in which a leader could not be reached (failover in progress).
     polls_failed: u32,
@@ -64,6 +94,12 @@ pub struct Consumer {
 /// this, a cluster that is down does not.
 pub const POLL_FAILURES_MAX: u32 = 50;
 const POLL_RETRY_BACKOFF_MS: u64 = 100;
+/// Extra fetch passes one `poll` makes after a redirect (to a follower, or back to the leader
+/// after a follower failed) returned no records.
+const POLL_REDIRECT_PASSES_MAX: usize = 2;
+/// How long the leader is asked to keep a consumer off a follower that failed it: longer than
+/// a dead follower takes to leave the ISR or fall past the selector's lag limit.
+pub const FAILED_FOLLOWER_AVOID_MS: u64 = 10_000;
 
 /// One record, borrowed from a fetch response.
 #[derive(Clone, Copy)]
@@ -111,6 +147,8 @@ struct Fetched {
 /// The records of one poll.
 pub struct Records {
     fetched: Vec<Fetched>,
+    /// A partition was sent to another replica (or back to its leader) during the poll.
+    redirected: bool,
 }
 
 impl Records {
@@ -118,6 +156,7 @@ impl Records {
     pub fn empty() -> Records {
         Records {
             fetched: Vec::new(),
+            redirected: false,
         }
     }
 
@@ -188,10 +227,18 @@ impl Records {
 
 impl Consumer {
     pub fn new(client: Rc<Client>, topic: &str, config: ConsumerConfig) -> Consumer {
+        let reader_id = config.reader_id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                std::process::id(),
+                READERS_STARTED.fetch_add(1, Ordering::Relaxed)
+            )
+        });
         Consumer {
             client,
             topic: topic.to_string(),
             config,
+            reader_id,
             assigned: Vec::new(),
             polls_failed: 0,
         }
@@ -221,6 +268,9 @@ impl Consumer {
                 partition,
                 position: 0,
                 high_watermark: 0,
+                lease: None,
+                last_replica: None,
+                avoid: None,
             })
             .collect();
         self.seek_all(seek).await
@@ -279,25 +329,86 @@ impl Consumer {
             .map(|a| a.high_watermark)
     }
 
-    /// Fetches from every assigned partition (one request per owner connection, all at once),
+    /// The follower `partition` is read from now, if the leader sent this consumer to one.
+    pub fn read_replica(&self, partition: u32) -> Option<u32> {
+        let now = Instant::now();
+        self.assigned
+            .iter()
+            .find(|a| a.partition == partition)
+            .and_then(|a| a.lease)
+            .filter(|lease| lease.until > now)
+            .map(|lease| lease.broker)
+    }
+
+    pub fn reader_id(&self) -> &str {
+        &self.reader_id
+    }
+
+    /// Fetches from every assigned partition (one request per connection, all at once),
     /// waiting up to `max_wait_ms` for data, and advances the positions past what it returns.
+    /// Each partition is read from its leader, or from the follower the leader sent this
+    /// consumer to (follower reads) until that lease ends or the follower fails; a redirect
+    /// is followed at once within the same call.
     pub async fn poll(&mut self) -> Result<Records, ClientError> {
-        let mut by_address: HashMap<String, Vec<Assigned>> = HashMap::new();
-        for assigned in &self.assigned {
-            let address = self
-                .client
-                .partition_address(&self.topic, assigned.partition)
-                .await?;
-            by_address.entry(address).or_default().push(*assigned);
+        // A redirect answers without data: one more pass reads from the follower at once.
+        let mut records = self.poll_once().await?;
+        for _ in 0..POLL_REDIRECT_PASSES_MAX {
+            if !records.redirected || !records.is_empty() {
+                break;
+            }
+            records = self.poll_once().await?;
+        }
+        Ok(records)
+    }
+
+    async fn poll_once(&mut self) -> Result<Records, ClientError> {
+        let client = Rc::clone(&self.client);
+        let now = Instant::now();
+        // Per connection: the partitions asked there, each with the lease it reads under.
+        let mut by_address: HashMap<String, Vec<(Assigned, Option<ReadLease>)>> = HashMap::new();
+        for assigned in &mut self.assigned {
+            if assigned.lease.is_some_and(|lease| lease.until <= now) {
+                assigned.lease = None;
+            }
+            let follower = match assigned.lease {
+                Some(lease) => client
+                    .partition_address_at(&self.topic, assigned.partition, lease.broker)
+                    .await?
+                    .map(|address| (address, lease)),
+                None => None,
+            };
+            let (address, lease) = match follower {
+                Some((address, lease)) => (address, Some(lease)),
+                None => {
+                    assigned.lease = None;
+                    let address = client
+                        .partition_address(&self.topic, assigned.partition)
+                        .await?;
+                    (address, None)
+                }
+            };
+            by_address
+                .entry(address)
+                .or_default()
+                .push((*assigned, lease));
         }
         let mut requests = Vec::new();
         let mut unreachable: Option<ClientError> = None;
         for (address, assigned) in by_address {
-            // A leader that died (or stopped) fails only its own partitions, for this poll.
-            let connection: Rc<Connection> = match self.client.connection(&address).await {
+            let via_followers: Vec<u32> = assigned
+                .iter()
+                .filter(|(_, lease)| lease.is_some())
+                .map(|(a, _)| a.partition)
+                .collect();
+            // A leader that died (or stopped) fails only its own partitions, for this poll; a
+            // follower that did sends its readers back to the leader at once.
+            let connection: Rc<Connection> = match client.connection(&address).await {
                 Ok(connection) => connection,
                 Err(error) if error.is_retriable() => {
-                    unreachable = Some(error);
+                    if via_followers.is_empty() {
+                        unreachable = Some(error);
+                    }
+                    self.end_leases(&via_followers);
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -308,28 +419,40 @@ impl Consumer {
                 max_bytes: self.config.max_bytes,
                 partitions: assigned
                     .iter()
-                    .map(|a| FetchPartition {
+                    .map(|(a, lease)| FetchPartition {
                         topic: self.topic.clone(),
                         partition: a.partition,
                         fetch_offset: a.position,
                         max_bytes: self.config.partition_max_bytes,
+                        leader_epoch: lease.map(|l| l.leader_epoch),
+                        read_replica: lease.map(|l| l.broker).or(a.last_replica),
+                        avoid_replica: a
+                            .avoid
+                            .filter(|(_, until)| *until > now)
+                            .map(|(broker, _)| broker),
                     })
                     .collect(),
+                reader_id: self.reader_id.clone(),
+                rack: self.config.rack.clone().unwrap_or_default(),
             };
-            let timeout_ms =
-                u64::from(self.config.max_wait_ms) + self.client.config.request_timeout_ms;
+            let timeout_ms = u64::from(self.config.max_wait_ms) + client.config.request_timeout_ms;
             requests.push(async move {
-                connection
+                let answer = connection
                     .call(ApiKey::Fetch, &request, Vec::new(), timeout_ms)
-                    .await
+                    .await;
+                (answer, via_followers)
             });
         }
         let mut fetched = Vec::new();
-        for frame in join_all(requests).await {
+        let mut redirected = false;
+        for (frame, via_followers) in join_all(requests).await {
             let frame = match frame {
                 Ok(frame) => Rc::new(frame),
                 Err(error) if error.is_retriable() => {
-                    unreachable = Some(error);
+                    if via_followers.is_empty() {
+                        unreachable = Some(error);
+                    }
+                    self.end_leases(&via_followers);
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -337,10 +460,21 @@ impl Consumer {
             let response: FetchResponse = decode(&frame)?;
             let mut at = 0usize;
             for p in response.partitions {
+                let from_follower = via_followers.contains(&p.partition);
                 let code = ErrorCode::from_u16(p.error);
                 if code != ErrorCode::None {
+                    if from_follower {
+                        // Whatever the follower's trouble (fenced, behind, restarting,
+                        // retention), the leader serves the partition on the next pass.
+                        self.end_leases(&[p.partition]);
+                        redirected = true;
+                        if code == ErrorCode::FencedLeaderEpoch {
+                            let _ = client.refresh_metadata().await;
+                        }
+                        continue;
+                    }
                     if code.is_retriable() {
-                        let _ = self.client.refresh_metadata().await;
+                        let _ = client.refresh_metadata().await;
                         continue;
                     }
                     return Err(ClientError::server(
@@ -362,6 +496,24 @@ impl Consumer {
                     at += len;
                     continue;
                 };
+                if let Some(broker) = p.preferred_read_replica {
+                    // The leader sends us to a follower: no data came with it.
+                    assigned.lease = Some(ReadLease {
+                        broker,
+                        leader_epoch: p.leader_epoch,
+                        until: Instant::now()
+                            + Duration::from_millis(u64::from(p.read_lease_ms.max(1))),
+                    });
+                    assigned.last_replica = Some(broker);
+                    assigned.high_watermark = assigned.high_watermark.max(p.high_watermark);
+                    redirected = true;
+                    at += len;
+                    continue;
+                }
+                if !from_follower {
+                    // The leader served us itself: it wants us there.
+                    assigned.last_replica = None;
+                }
                 assigned.high_watermark = p.high_watermark;
                 let from = assigned.position;
                 // Advance past the last whole batch returned.
@@ -391,14 +543,31 @@ impl Consumer {
                     return Err(error);
                 }
                 // The partitions move to a new leader: learn it, and do not spin meanwhile.
-                let _ = self.client.refresh_metadata().await;
+                let _ = client.refresh_metadata().await;
                 if fetched.is_empty() {
                     glommio::timer::sleep(std::time::Duration::from_millis(POLL_RETRY_BACKOFF_MS))
                         .await;
                 }
             }
         }
-        Ok(Records { fetched })
+        Ok(Records {
+            fetched,
+            redirected,
+        })
+    }
+
+    /// Back to the leader for these partitions (their follower failed or refused), which is
+    /// asked not to send us to that follower again for `FAILED_FOLLOWER_AVOID_MS`.
+    fn end_leases(&mut self, partitions: &[u32]) {
+        let until = Instant::now() + Duration::from_millis(FAILED_FOLLOWER_AVOID_MS);
+        for assigned in &mut self.assigned {
+            if partitions.contains(&assigned.partition) {
+                if let Some(lease) = assigned.lease.take() {
+                    assigned.avoid = Some((lease.broker, until));
+                }
+                assigned.last_replica = None;
+            }
+        }
     }
 
     /// Whether every assigned partition's position reached the high watermark it last reported.

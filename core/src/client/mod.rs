@@ -742,6 +742,26 @@ impl Client {
             .map(|s| format!("{}:{}", s.host, s.port)))
     }
 
+    /// Where to reach `broker` for `topic`/`partition`: the shard that owns it when the
+    /// metadata lists that broker's shards, else its listener (which forwards). `None` when
+    /// the metadata does not know the broker.
+    pub async fn partition_address_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        broker: u32,
+    ) -> Result<Option<String>, ClientError> {
+        if let Some(address) = self.partition_address_on(topic, partition, broker).await? {
+            return Ok(Some(address));
+        }
+        let metadata = self.metadata().await?;
+        Ok(metadata
+            .brokers
+            .iter()
+            .find(|b| b.broker_id == broker)
+            .map(|b| format!("{}:{}", b.host, b.port)))
+    }
+
     pub async fn partition_connection(
         &self,
         topic: &str,
@@ -826,6 +846,54 @@ impl Client {
             }
         }
         Ok(topic)
+    }
+
+    /// Where the consumers of `topic` read (follower reads), as each partition's leader
+    /// knows it, with the leader shard's load. Partitions whose leader does not answer are
+    /// left out.
+    pub async fn describe_readers(
+        &self,
+        topic: &str,
+    ) -> Result<Vec<PartitionReaders>, ClientError> {
+        let metadata = self.refresh_metadata().await?;
+        let Some(described) = metadata.topics.iter().find(|t| t.name == topic) else {
+            return Err(ClientError::server(
+                ErrorCode::UnknownTopic,
+                format!("topic {topic:?} does not exist"),
+            ));
+        };
+        let code = ErrorCode::from_u16(described.error);
+        if code != ErrorCode::None {
+            return Err(ClientError::server(code, format!("topic {topic:?}")));
+        }
+        let mut leaders: Vec<u32> = described.partitions.iter().map(|p| p.leader).collect();
+        leaders.sort_unstable();
+        leaders.dedup();
+        let mut partitions = Vec::new();
+        for leader in leaders {
+            let Some(broker) = metadata.brokers.iter().find(|b| b.broker_id == leader) else {
+                continue;
+            };
+            let address = format!("{}:{}", broker.host, broker.port);
+            let Ok(connection) = self.connection(&address).await else {
+                continue;
+            };
+            let frame = connection
+                .call(
+                    ApiKey::DescribeReaders,
+                    &DescribeReadersRequest {
+                        topic: topic.to_string(),
+                    },
+                    Vec::new(),
+                    self.config.request_timeout_ms,
+                )
+                .await?;
+            let response: DescribeReadersResponse = decode(&frame)?;
+            partitions.extend(response.partitions);
+        }
+        partitions.sort_by_key(|p| p.partition);
+        partitions.dedup_by_key(|p| p.partition);
+        Ok(partitions)
     }
 
     async fn describe_at(

@@ -74,6 +74,8 @@ messages!(
     DescribeQueueResponse,
     ListQueuesRequest,
     ListQueuesResponse,
+    DescribeReadersRequest,
+    DescribeReadersResponse,
 );
 
 /// Body of a response whose header carries a frame-level error code.
@@ -302,6 +304,16 @@ pub struct FetchPartition {
     pub partition: u32,
     pub fetch_offset: u64,
     pub max_bytes: u32,
+    /// The leader epoch the consumer was given with its read lease (KIP-320): a replica with
+    /// another epoch refuses with `fenced_leader_epoch`, so the consumer goes back to the leader.
+    /// `None`: no check (reads from the leader).
+    pub leader_epoch: Option<u32>,
+    /// The follower the consumer reads this partition from (or read from until its lease
+    /// ended): the leader keeps it there while it stays a good choice (hysteresis).
+    pub read_replica: Option<u32>,
+    /// A follower that just failed this consumer (unreachable, or refused the read): the
+    /// leader does not send it there again for this fetch.
+    pub avoid_replica: Option<u32>,
 }
 
 /// Long-poll: answered once `min_bytes` are available across the partitions or `max_wait_ms`
@@ -312,6 +324,11 @@ pub struct FetchRequest {
     pub min_bytes: u32,
     pub max_bytes: u32,
     pub partitions: Vec<FetchPartition>,
+    /// Who reads (at most `READER_ID_BYTES_MAX` bytes; empty: anonymous): spreads readers
+    /// over followers and names them in `DescribeReaders`.
+    pub reader_id: String,
+    /// The consumer's rack (KIP-392 `client.rack`; empty: none).
+    pub rack: String,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -325,6 +342,12 @@ pub struct FetchPartitionResponse {
     pub log_start_offset: u64,
     /// Bytes of whole batches for this partition in the payload, in order.
     pub batch_bytes: u32,
+    /// The answering replica's leader epoch (a consumer sent to a follower names it there).
+    pub leader_epoch: u32,
+    /// The leader's advice (KIP-392): read this partition from that broker for
+    /// `read_lease_ms`, then ask the leader again. A redirect carries no data.
+    pub preferred_read_replica: Option<u32>,
+    pub read_lease_ms: u32,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -366,6 +389,44 @@ pub struct ListOffsetsPartitionResponse {
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ListOffsetsResponse {
     pub partitions: Vec<ListOffsetsPartitionResponse>,
+}
+
+/// Where the consumers of a topic read, as the leaders of its partitions know it: asked of each
+/// broker that leads some partition; it answers for the partitions it leads.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DescribeReadersRequest {
+    pub topic: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReaderInfo {
+    pub reader_id: String,
+    pub rack: String,
+    /// The broker the leader last sent this reader to (itself when it serves it).
+    pub replica: u32,
+    pub fetch_offset: u64,
+    /// Since the reader last fetched from the leader.
+    pub last_seen_ms_ago: u64,
+    /// Why the leader chose that replica (`loaded`, `cold_reader`, `same_rack`, ...).
+    pub reason: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PartitionReaders {
+    pub partition: u32,
+    pub leader: u32,
+    /// The leader shard's load: busy share (permille), requests waiting, consumer egress
+    /// (bytes/s), and the pressure the selector sees (permille of its thresholds).
+    pub busy_permille: u32,
+    pub queue_depth: u32,
+    pub egress_bytes_per_s: u64,
+    pub pressure_permille: u32,
+    pub readers: Vec<ReaderInfo>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DescribeReadersResponse {
+    pub partitions: Vec<PartitionReaders>,
 }
 
 /// A follower's fetch for one partition (DESIGN §5). Sent to the leader's owning shard.

@@ -102,10 +102,12 @@ pub enum ApiKey {
     QueueSettle = 25,
     DescribeQueue = 26,
     ListQueues = 27,
+    /// Follower reads: where each consumer of a topic reads, from the partitions' leaders.
+    DescribeReaders = 28,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 28] = [
+    pub const ALL: [ApiKey; 29] = [
         ApiKey::Versions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -134,6 +136,7 @@ impl ApiKey {
         ApiKey::QueueSettle,
         ApiKey::DescribeQueue,
         ApiKey::ListQueues,
+        ApiKey::DescribeReaders,
     ];
 
     /// Broker-to-broker APIs: served only on the internal listener, to authenticated peers.
@@ -163,9 +166,11 @@ impl ApiKey {
     /// `unsupported_version` from `Versions` at connect, never a misread body).
     /// - Produce 1: `ProducePartitionResponse::current_leader` (the leader a `not_leader`
     ///   refusal names).
+    /// - Fetch 1: follower reads (reader id and rack, the read lease's leader epoch and
+    ///   replica; the preferred read replica in the answer).
     pub fn supported_versions(self) -> (u16, u16) {
         match self {
-            ApiKey::Produce => (1, 1),
+            ApiKey::Produce | ApiKey::Fetch => (1, 1),
             _ => (0, 0),
         }
     }
@@ -200,6 +205,7 @@ impl ApiKey {
             ApiKey::QueueSettle => "queue_settle",
             ApiKey::DescribeQueue => "describe_queue",
             ApiKey::ListQueues => "list_queues",
+            ApiKey::DescribeReaders => "describe_readers",
         }
     }
 }
@@ -638,6 +644,10 @@ impl Frame {
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// The internal topic holding every queue group's state (leases, acks, delivery counts).
 pub const QUEUE_STATE_TOPIC: &str = "__queue_state";
+
+/// Longest `FetchRequest::reader_id` and `rack` a broker accepts.
+pub const READER_ID_BYTES_MAX: usize = 255;
+pub const RACK_BYTES_MAX: usize = 64;
 
 /// Topics whose names start with `__` belong to the brokers (the offsets topic): clients may
 /// read them but not create, delete or write them.

@@ -188,6 +188,9 @@ proptest! {
                 high_watermark: hw,
                 log_start_offset: 0,
                 batch_bytes: bytes,
+                leader_epoch: 0,
+                preferred_read_replica: None,
+                read_lease_ms: 0,
             }],
         };
         let frame = encode_frame(FrameKind::request(ApiKey::Fetch, 1), &body, &[]).expect("encodes");

@@ -63,9 +63,12 @@ impl Shard {
             }
         };
         let latency = self.metrics.latency[api as usize].clone();
+        // Counted in the shard's queue depth until answered (the read-replica selector's load).
+        let counted = self.load.begin_request();
         async move {
             let response = pending.await;
             latency.observe(started.elapsed().as_secs_f64());
+            drop(counted);
             response
         }
         .boxed_local()
@@ -268,6 +271,17 @@ impl Shard {
             ApiKey::ListQueues => {
                 let _request: ListQueuesRequest = frame.decode_body().map_err(invalid)?;
                 self.admit_queue(header, QueueOp::List)
+            }
+            ApiKey::DescribeReaders => {
+                let request: DescribeReadersRequest = frame.decode_body().map_err(invalid)?;
+                let shard = Rc::clone(self);
+                async move {
+                    match shard.describe_readers(request).await {
+                        Ok(response) => respond(&header, &response, Vec::new()),
+                        Err(e) => error_frame(&header, e.code, e.message),
+                    }
+                }
+                .boxed_local()
             }
         })
     }

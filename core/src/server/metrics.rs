@@ -40,6 +40,20 @@ pub struct QueueAttemptLabels {
 pub const QUEUE_ATTEMPT_LABEL_MAX: u32 = 10;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReaderLabels {
+    pub topic: String,
+    pub partition: u32,
+    pub reader: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub shard: u32,
+    /// The role of the replica that served a consumer fetch: `leader` or `follower`.
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabels {
     pub shard: u32,
 }
@@ -106,6 +120,15 @@ pub struct Metrics {
     pub peer_auth_failures: Family<ShardLabels, Counter>,
     pub disk_full: Family<ShardLabels, Gauge>,
     pub request_budget_used_bytes: Family<ShardLabels, Gauge>,
+    /// Follower reads: consumer fetches served per role, redirects to followers, where each
+    /// reader of a led partition was sent (broker id), and the shard load the selector sees.
+    pub fetches_served: Family<RoleLabels, Counter>,
+    pub consumer_fetched_bytes: Family<RoleLabels, Counter>,
+    pub fetch_redirects: Family<ShardLabels, Counter>,
+    pub reader_replica: Family<ReaderLabels, Gauge>,
+    pub shard_busy_permille: Family<ShardLabels, Gauge>,
+    pub shard_consumer_egress_bytes_per_second: Family<ShardLabels, Gauge>,
+    pub shard_queue_depth: Family<ShardLabels, Gauge>,
     /// Controller mode: this broker's view of the controller and its session.
     pub controller: ControllerMetrics,
 }
@@ -159,6 +182,13 @@ impl Metrics {
             flush_latency: Family::new_with_constructor(latency_histogram),
             connections: Family::default(),
             task_queue_runtime: Family::default(),
+            fetches_served: Family::default(),
+            consumer_fetched_bytes: Family::default(),
+            fetch_redirects: Family::default(),
+            reader_replica: Family::default(),
+            shard_busy_permille: Family::default(),
+            shard_consumer_egress_bytes_per_second: Family::default(),
+            shard_queue_depth: Family::default(),
             connections_refused: Family::default(),
             peer_auth_failures: Family::default(),
             disk_full: Family::default(),
@@ -287,6 +317,41 @@ impl Metrics {
             "queue_dead_lettered",
             "Records copied to a queue's dead-letter topic",
             metrics.queue_dead_lettered.clone(),
+        );
+        registry.register(
+            "fetches_served",
+            "Consumer fetch partitions served, by the serving replica's role (follower reads)",
+            metrics.fetches_served.clone(),
+        );
+        registry.register(
+            "consumer_fetched_bytes",
+            "Batch bytes served to consumers, by the serving replica's role (a broker's consumer egress)",
+            metrics.consumer_fetched_bytes.clone(),
+        );
+        registry.register(
+            "fetch_redirects",
+            "Consumer fetch partitions the leader answered with a preferred read replica (a follower) instead of data",
+            metrics.fetch_redirects.clone(),
+        );
+        registry.register(
+            "reader_replica",
+            "Per reader of a partition this broker leads: the broker it was last sent to read from (bounded per partition)",
+            metrics.reader_replica.clone(),
+        );
+        registry.register(
+            "shard_busy_permille",
+            "Share of time each shard's tasks ran (permille, smoothed): the CPU signal of the read-replica selector",
+            metrics.shard_busy_permille.clone(),
+        );
+        registry.register(
+            "shard_consumer_egress_bytes_per_second",
+            "Batch bytes per second each shard served to consumers (smoothed)",
+            metrics.shard_consumer_egress_bytes_per_second.clone(),
+        );
+        registry.register(
+            "shard_queue_depth",
+            "Requests admitted and not yet answered on each shard, parked long polls excluded",
+            metrics.shard_queue_depth.clone(),
         );
         registry.register(
             "partition_produced_bytes",
@@ -477,6 +542,13 @@ pub struct ShardMetrics {
     pub peer_auth_failures: Counter,
     pub disk_full: Gauge,
     pub request_budget_used_bytes: Gauge,
+    /// Indexed by role: 0 leader, 1 follower.
+    pub fetches_served: [Counter; 2],
+    pub consumer_fetched_bytes: [Counter; 2],
+    pub fetch_redirects: Counter,
+    pub busy_permille: Gauge,
+    pub consumer_egress_bytes_per_second: Gauge,
+    pub queue_depth: Gauge,
 }
 
 impl ShardMetrics {
@@ -511,6 +583,28 @@ impl ShardMetrics {
                 .get_or_create_owned(&ShardLabels { shard }),
             request_budget_used_bytes: metrics
                 .request_budget_used_bytes
+                .get_or_create_owned(&ShardLabels { shard }),
+            fetches_served: ["leader", "follower"].map(|role| {
+                metrics
+                    .fetches_served
+                    .get_or_create_owned(&RoleLabels { shard, role })
+            }),
+            consumer_fetched_bytes: ["leader", "follower"].map(|role| {
+                metrics
+                    .consumer_fetched_bytes
+                    .get_or_create_owned(&RoleLabels { shard, role })
+            }),
+            fetch_redirects: metrics
+                .fetch_redirects
+                .get_or_create_owned(&ShardLabels { shard }),
+            busy_permille: metrics
+                .shard_busy_permille
+                .get_or_create_owned(&ShardLabels { shard }),
+            consumer_egress_bytes_per_second: metrics
+                .shard_consumer_egress_bytes_per_second
+                .get_or_create_owned(&ShardLabels { shard }),
+            queue_depth: metrics
+                .shard_queue_depth
                 .get_or_create_owned(&ShardLabels { shard }),
         }
     }

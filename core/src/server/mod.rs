@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod partition;
 pub mod producer_ids;
 pub mod queues;
+mod read_replicas;
 mod shard;
 
 use std::net::SocketAddr;

@@ -250,6 +250,12 @@ pub fn ack_level(acks: Acks) -> AckLevel {
     }
 }
 
+/// Per follower: broker, lag in records, lag in ms, in the ISR.
+pub struct FollowerLagView {
+    pub high_watermark: u64,
+    pub followers: Vec<(u32, u64, u64, bool)>,
+}
+
 /// Bytes to serve from one partition: whole batches below the high watermark.
 pub struct FetchData {
     pub high_watermark: Offset,
@@ -314,6 +320,12 @@ pub struct Partition {
     wake_flusher: LocalSender<()>,
     closing: Cell<bool>,
     pub metrics: PartitionMetrics,
+    /// Leader: where each consumer of this partition was last sent to read (follower reads).
+    pub(crate) readers: RefCell<crate::server::read_replicas::ReaderTable>,
+    /// Leader: bytes appended per second (sampled on the shard's tick), and the counter value
+    /// at the last sample: what a tailing reader costs the replica that serves it.
+    ingest_bytes_per_s: Cell<u64>,
+    ingest_sampled_bytes: Cell<u64>,
     flush_latency: Histogram,
     retention_check_ms: u64,
     flusher: RefCell<Option<Task<()>>>,
@@ -483,6 +495,9 @@ impl Partition {
             wake_flusher,
             closing: Cell::new(false),
             metrics: partition_metrics,
+            readers: RefCell::new(Default::default()),
+            ingest_bytes_per_s: Cell::new(0),
+            ingest_sampled_bytes: Cell::new(0),
             flush_latency,
             retention_check_ms,
             flusher: RefCell::new(None),
@@ -533,6 +548,40 @@ impl Partition {
 
     pub fn high_watermark(&self) -> Offset {
         self.high_watermark.get()
+    }
+
+    /// Whether this replica leads, and the leader epoch it is at (the one it leads or follows).
+    pub fn read_role(&self) -> (bool, u32) {
+        let replica = self.replica.borrow();
+        (replica.is_leader(), replica.leader_epoch().0)
+    }
+
+    /// Folds the bytes appended since the last call into the ingest rate.
+    pub fn sample_ingest(&self, elapsed_s: f64) {
+        let total = self.metrics.produced_bytes.get();
+        let appended = total.saturating_sub(self.ingest_sampled_bytes.replace(total));
+        if elapsed_s > 0.0 {
+            self.ingest_bytes_per_s
+                .set((appended as f64 / elapsed_s) as u64);
+        }
+    }
+
+    pub fn ingest_bytes_per_s(&self) -> u64 {
+        self.ingest_bytes_per_s.get()
+    }
+
+    /// Leader: what the read-replica selector needs of each follower.
+    pub fn follower_view(&self) -> FollowerLagView {
+        let replica = self.replica.borrow();
+        let isr = replica.isr();
+        FollowerLagView {
+            high_watermark: self.high_watermark.get().0,
+            followers: replica
+                .follower_lag()
+                .into_iter()
+                .map(|(id, records, ms)| (id, records, ms, isr.contains(&id)))
+                .collect(),
+        }
     }
 
     async fn shared(&self) -> Option<RwLockReadGuard<'_, ()>> {

@@ -970,8 +970,13 @@ impl Shard {
                         partition,
                         fetch_offset,
                         max_bytes: FETCH_PARTITION_BYTES,
+                        leader_epoch: None,
+                        read_replica: None,
+                        avoid_replica: None,
                     })
                     .collect(),
+                reader_id: String::new(),
+                rack: String::new(),
             };
             calls.push(async move {
                 connection

@@ -128,6 +128,11 @@ impl Shard {
         for partition in removed.into_iter().flatten().flatten() {
             partition.close().await;
             partition.metrics.remove(&self.shared.metrics);
+            partition.readers.borrow().remove_series(
+                &self.shared.metrics,
+                &partition.topic,
+                partition.index,
+            );
         }
     }
 }

@@ -2,17 +2,18 @@
 //! request's byte budget, and long-polls until `min_bytes` arrive or the wait ends.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{select_all, LocalBoxFuture};
 use futures_util::FutureExt;
-use wharf_storage::Offset;
 
 use super::{unavailable, PARTITIONS_PER_REQUEST_MAX};
 use crate::protocol::*;
 use crate::server::connection::{OutPayload, Outgoing, Pending};
 use crate::server::dispatch::respond;
-use crate::server::partition::{FetchData, Partition, PartitionError};
+use crate::server::partition::PartitionError;
+use crate::server::read_replicas::{ReadAsk, Served};
 use crate::server::shard::{Shard, ShardReply, ShardRequest};
 
 impl Shard {
@@ -27,6 +28,15 @@ impl Shard {
                 format!("a fetch names 1..={PARTITIONS_PER_REQUEST_MAX} partitions"),
             ));
         }
+        if request.reader_id.len() > READER_ID_BYTES_MAX || request.rack.len() > RACK_BYTES_MAX {
+            return Err(PartitionError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "a fetch's reader_id is at most {READER_ID_BYTES_MAX} bytes and its rack at \
+                     most {RACK_BYTES_MAX}"
+                ),
+            ));
+        }
         let shard = Rc::clone(self);
         Ok(async move { shard.fetch(header, request).await }.boxed_local())
     }
@@ -38,24 +48,47 @@ impl Shard {
         let budget = (request.max_bytes as usize).min(config.fetch_bytes_max);
         // More than the response may carry could never be reached.
         let min_bytes = (request.min_bytes as usize).clamp(1, budget.max(1));
+        let reader_id: Arc<str> = Arc::from(request.reader_id.as_str());
+        let rack: Arc<str> = Arc::from(request.rack.as_str());
         // Bounded by the deadline: every pass either answers or waits for new data.
         loop {
             let mut partitions = Vec::with_capacity(request.partitions.len());
             let mut payload = Vec::new();
             let mut total = 0usize;
-            let mut errors = false;
+            // An error or a redirect is answered at once: the consumer acts on it.
+            let mut answer_now = false;
             for p in &request.partitions {
                 let max_bytes = (p.max_bytes as usize).min(budget.saturating_sub(total));
+                let ask = ReadAsk {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                    offset: p.fetch_offset,
+                    max_bytes: max_bytes.max(1),
+                    leader_epoch: p.leader_epoch,
+                    read_replica: p.read_replica,
+                    avoid_replica: p.avoid_replica,
+                    reader_id: Arc::clone(&reader_id),
+                    rack: Arc::clone(&rack),
+                };
                 let result = if max_bytes == 0 && total > 0 {
                     // Budget spent: report the partition without data.
-                    Ok((0, 0, None, 0))
+                    Ok(None)
                 } else {
-                    self.read_partition(&p.topic, p.partition, p.fetch_offset, max_bytes.max(1))
-                        .await
-                        .map(|(hw, start, out, len)| (hw, start, Some(out), len))
+                    self.read_partition(ask).await.map(Some)
                 };
                 match result {
-                    Ok((hw, start, out, len)) => {
+                    Ok(served) => {
+                        let (hw, start, epoch, redirect, len) =
+                            served.as_ref().map_or((0, 0, 0, None, 0), |s| {
+                                (
+                                    s.high_watermark,
+                                    s.log_start_offset,
+                                    s.leader_epoch,
+                                    s.redirect,
+                                    s.bytes,
+                                )
+                            });
+                        answer_now |= redirect.is_some();
                         total += len;
                         partitions.push(FetchPartitionResponse {
                             topic: p.topic.clone(),
@@ -65,15 +98,18 @@ impl Shard {
                             high_watermark: hw,
                             log_start_offset: start,
                             batch_bytes: len as u32,
+                            leader_epoch: epoch,
+                            preferred_read_replica: redirect.map(|(broker, _)| broker),
+                            read_lease_ms: redirect.map_or(0, |(_, lease_ms)| lease_ms),
                         });
-                        if let Some(out) = out {
+                        if let Some(out) = served.and_then(|s| s.data) {
                             if len > 0 {
                                 payload.push(out);
                             }
                         }
                     }
                     Err(e) => {
-                        errors = true;
+                        answer_now = true;
                         self.shared
                             .metrics
                             .record_error(self.id, ApiKey::Fetch, e.code);
@@ -85,11 +121,15 @@ impl Shard {
                             high_watermark: 0,
                             log_start_offset: 0,
                             batch_bytes: 0,
+                            leader_epoch: 0,
+                            preferred_read_replica: None,
+                            read_lease_ms: 0,
                         });
                     }
                 }
             }
-            if total >= min_bytes || errors || Instant::now() >= deadline || self.stopping.get() {
+            if total >= min_bytes || answer_now || Instant::now() >= deadline || self.stopping.get()
+            {
                 return respond(&header, &FetchResponse { partitions }, payload);
             }
             drop(payload);
@@ -107,6 +147,7 @@ impl Shard {
                         .boxed_local()
                 })
                 .collect();
+            let _parked = self.load.park_fetch();
             futures_lite::future::or(
                 async {
                     select_all(waits).await;
@@ -117,43 +158,20 @@ impl Shard {
         }
     }
 
+    /// One partition of a consumer fetch, served by its owner shard (here or over the mesh).
     async fn read_partition(
         self: &Rc<Self>,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-        max_bytes: usize,
-    ) -> Result<(u64, u64, OutPayload, usize), PartitionError> {
-        let owner = self.owner(topic, partition)?;
+        ask: ReadAsk,
+    ) -> Result<Served<OutPayload>, PartitionError> {
+        let owner = self.owner(&ask.topic, ask.partition)?;
         if owner == self.id {
-            let Some(local) = self.local_partition(topic, partition) else {
-                return Err(self.missing(topic, partition));
+            let Some(local) = self.local_partition(&ask.topic, ask.partition) else {
+                return Err(self.missing(&ask.topic, ask.partition));
             };
-            let data = read_local(&local, offset, max_bytes).await?;
-            let bytes = data.bytes;
-            return Ok((
-                data.high_watermark.0,
-                data.log_start_offset.0,
-                OutPayload::Local(data),
-                bytes,
-            ));
+            return Ok(self.serve_read(&local, &ask).await?.map(OutPayload::Local));
         }
-        match self
-            .to_shard(
-                owner,
-                ShardRequest::Fetch {
-                    topic: topic.to_string(),
-                    partition,
-                    offset,
-                    max_bytes,
-                },
-            )
-            .await
-        {
-            Some(ShardReply::Fetched(Ok((hw, start, bytes)))) => {
-                let len = bytes.len();
-                Ok((hw, start, OutPayload::Owned(bytes), len))
-            }
+        match self.to_shard(owner, ShardRequest::Fetch(ask)).await {
+            Some(ShardReply::Fetched(Ok(served))) => Ok(served.map(OutPayload::Owned)),
             Some(ShardReply::Fetched(Err(e))) => Err(e),
             _ => Err(unavailable("owner shard is not answering")),
         }
@@ -181,12 +199,4 @@ impl Shard {
             )
             .await;
     }
-}
-
-pub(crate) async fn read_local(
-    partition: &Partition,
-    offset: u64,
-    max_bytes: usize,
-) -> Result<FetchData, PartitionError> {
-    partition.read(Offset(offset), max_bytes).await
 }

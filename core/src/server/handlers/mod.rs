@@ -13,8 +13,6 @@ mod replica_fetch;
 use super::partition::PartitionError;
 use crate::protocol::ErrorCode;
 
-pub(crate) use fetch::read_local;
-
 /// Upper bounds on list sizes in one request.
 const PARTITIONS_PER_REQUEST_MAX: usize = 10_000;
 

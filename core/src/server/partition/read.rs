@@ -46,6 +46,27 @@ impl Partition {
             .await
     }
 
+    /// A follower serving a consumer (follower reads): committed batches only, below this
+    /// replica's high watermark. A consumer ahead of this replica's log end (it read further
+    /// at the leader) gets nothing yet instead of an error: its long poll waits for this
+    /// replica to catch up.
+    pub async fn read_committed(
+        &self,
+        from: Offset,
+        max_bytes: usize,
+    ) -> Result<FetchData, PartitionError> {
+        let end = self.log.get().map(|log| log.end_offset());
+        if end.is_some_and(|end| from > end) {
+            return Ok(FetchData {
+                high_watermark: self.high_watermark.get(),
+                log_start_offset: self.log_start().await?,
+                read: None,
+                bytes: 0,
+            });
+        }
+        self.read(from, max_bytes).await
+    }
+
     /// Whole batches from `from` that start below `limit` (the log end when `None`: followers
     /// copy what consumers cannot see yet).
     pub(crate) async fn read_to(

@@ -49,11 +49,10 @@ pub enum ShardRequest {
         timeout_ms: u64,
         batches: FrameBuf,
     },
-    Fetch {
+    Fetch(crate::server::read_replicas::ReadAsk),
+    Readers {
         topic: String,
         partition: u32,
-        offset: u64,
-        max_bytes: usize,
     },
     WaitForData {
         topic: String,
@@ -126,7 +125,8 @@ pub struct RemoteAdmitted {
 
 pub enum ShardReply {
     Admitted(Result<RemoteAdmitted, PartitionError>),
-    Fetched(Result<(u64, u64, FrameBuf), PartitionError>),
+    Fetched(Result<crate::server::read_replicas::Served<FrameBuf>, PartitionError>),
+    Readers(Option<crate::protocol::PartitionReaders>),
     Woken,
     Offset(Result<u64, PartitionError>),
     Described(Result<PartitionDescription, PartitionError>),
@@ -187,6 +187,8 @@ pub struct Shard {
     pub(crate) coordinator: crate::server::groups::Coordinator,
     /// Queue coordinators of the queue-state partitions this shard owns.
     pub(crate) queue_coordinator: crate::server::queues::QueueCoordinator,
+    /// This shard's load, as the read-replica selector of the partitions it leads sees it.
+    pub(crate) load: Rc<crate::server::read_replicas::ShardLoad>,
 }
 
 impl Shard {

@@ -9,7 +9,6 @@ use wharf_storage::Offset;
 
 use super::{Envelope, OpenFailure, RemoteAdmitted, Shard, ShardReply, ShardRequest};
 use crate::protocol::*;
-use crate::server::handlers::read_local;
 use crate::server::partition::PartitionError;
 
 impl Shard {
@@ -101,20 +100,20 @@ impl Shard {
                         }),
                 )
             }
-            ShardRequest::Fetch {
-                topic,
-                partition,
-                offset,
-                max_bytes,
-            } => {
-                let Some(local) = self.local_partition(&topic, partition) else {
-                    return ShardReply::Fetched(Err(self.missing(&topic, partition)));
+            ShardRequest::Fetch(ask) => {
+                let Some(local) = self.local_partition(&ask.topic, ask.partition) else {
+                    return ShardReply::Fetched(Err(self.missing(&ask.topic, ask.partition)));
                 };
-                ShardReply::Fetched(read_local(&local, offset, max_bytes).await.map(|data| {
-                    let mut bytes = FrameBuf::with_capacity(data.bytes);
-                    bytes.extend_from_slice(data.slice());
-                    (data.high_watermark.0, data.log_start_offset.0, bytes)
+                ShardReply::Fetched(self.serve_read(&local, &ask).await.map(|served| {
+                    served.map(|data| {
+                        let mut bytes = FrameBuf::with_capacity(data.bytes);
+                        bytes.extend_from_slice(data.slice());
+                        bytes
+                    })
                 }))
+            }
+            ShardRequest::Readers { topic, partition } => {
+                ShardReply::Readers(self.partition_readers(&topic, partition))
             }
             ShardRequest::WaitForData {
                 topic,

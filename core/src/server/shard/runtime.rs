@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use futures_util::future::LocalBoxFuture;
@@ -174,6 +174,7 @@ async fn start(
         cluster: RefCell::new(None),
         coordinator: Default::default(),
         queue_coordinator: Default::default(),
+        load: Default::default(),
         shared,
     });
     // Recover every partition this shard owns.
@@ -459,6 +460,8 @@ impl Shard {
             })
             .collect();
         let mut ticks = 0u64;
+        let _ = executor.executor_stats();
+        let mut sampled_at = Instant::now();
         while !self.stopping.get() {
             let elapsed_ms = self.shared.started.elapsed().as_millis() as u64;
             self.shared.heartbeats_ms[self.id as usize].store(elapsed_ms, Ordering::Release);
@@ -469,6 +472,24 @@ impl Shard {
                         counter.inc_by(stats.runtime().as_secs_f64());
                     }
                 }
+                // The read-replica selector's load: every task's run time (not sleeping or
+                // spinning) over the wall time since the last sample.
+                let now = Instant::now();
+                let runtime = executor.executor_stats().executor_runtime();
+                let elapsed_s = now.duration_since(sampled_at).as_secs_f64();
+                self.load.sample(runtime.as_secs_f64(), elapsed_s);
+                for partition in self.local_partitions() {
+                    partition.sample_ingest(elapsed_s);
+                }
+                sampled_at = now;
+                let load = self.load.snapshot();
+                self.metrics
+                    .busy_permille
+                    .set(i64::from(load.busy_permille));
+                self.metrics
+                    .consumer_egress_bytes_per_second
+                    .set(load.egress_bytes_per_s as i64);
+                self.metrics.queue_depth.set(i64::from(load.queue_depth));
             }
             self.metrics
                 .request_budget_used_bytes
