@@ -358,6 +358,11 @@ impl Consumer {
             }
             records = self.poll_once().await?;
         }
+        if records.redirected && records.is_empty() {
+            // Redirected back and forth without data (followers failing in turn): do not
+            // spin; the leader serves us once the avoided followers are known to it.
+            glommio::timer::sleep(Duration::from_millis(POLL_RETRY_BACKOFF_MS)).await;
+        }
         Ok(records)
     }
 

@@ -37,6 +37,17 @@ impl Shard {
                 ),
             ));
         }
+        // They become metric labels and CLI output: printable ASCII without quotes or braces.
+        let printable = |text: &str| {
+            text.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b))
+        };
+        if !printable(&request.reader_id) || !printable(&request.rack) {
+            return Err(PartitionError::new(
+                ErrorCode::InvalidRequest,
+                "a fetch's reader_id and rack use only ASCII letters, digits and -_.:/@",
+            ));
+        }
         let shard = Rc::clone(self);
         Ok(async move { shard.fetch(header, request).await }.boxed_local())
     }
