@@ -31,17 +31,9 @@ fn client_config(bootstrap: &str) -> ClientConfig {
     config
 }
 
-/// Every broker's client address, comma-separated: the client survives any one's death.
-fn bootstraps(cluster: &Cluster) -> String {
-    (1..=3)
-        .map(|id| cluster.bootstrap(id))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 fn start() -> Cluster {
     let cluster = Cluster::start_controlled(REPLICA_LAG_MAX_MS, "");
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     run(async {
         let client = Client::connect(client_config(&bootstrap))
             .await
@@ -182,7 +174,7 @@ fn assert_all_kept(log: &BTreeMap<u64, String>, acked: &[(String, u64)]) {
 #[test]
 fn a_killed_leader_is_replaced_from_the_isr_and_nothing_acknowledged_is_lost() {
     let mut cluster = start();
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     let mut acked = produce(&bootstrap, "before", 200);
     let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
     let old_leader = before.leader;
@@ -221,7 +213,7 @@ fn a_killed_leader_is_replaced_from_the_isr_and_nothing_acknowledged_is_lost() {
 #[test]
 fn a_stopped_leader_is_fenced_and_acknowledges_nothing_after_it_wakes() {
     let mut cluster = start();
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     let mut acked = produce(&bootstrap, "before", 100);
     let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
     let zombie = before.leader;
@@ -283,7 +275,7 @@ fn produce_raw(address: &str, value: &str) -> ErrorCode {
 #[test]
 fn controlled_shutdown_moves_leadership_before_the_broker_stops() {
     let mut cluster = start();
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     let mut acked = produce(&bootstrap, "before", 100);
     let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
     let leaving = before.leader;
@@ -422,7 +414,7 @@ fn controller_apis_are_internal_and_reject_garbage() {
             wire::error_message(&answer)
         );
     }
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     let acked = produce(&bootstrap, "after-garbage", 50);
     let status = status(&cluster.bootstrap(1)).expect("status");
     assert!(status.controller_leader.is_some(), "{status:?}");
@@ -438,7 +430,7 @@ fn controller_apis_are_internal_and_reject_garbage() {
 #[test]
 fn a_not_leader_refusal_names_the_leader_and_the_client_learns_only_newer_epochs() {
     let cluster = start();
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     let described = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
     let follower = (1..=3)
         .find(|id| *id != described.leader)
@@ -499,7 +491,7 @@ fn a_not_leader_refusal_names_the_leader_and_the_client_learns_only_newer_epochs
 #[test]
 fn an_idempotent_retry_at_the_new_leader_is_not_written_twice() {
     let mut cluster = start();
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
     let leader = before.leader;
     let producer = wire::init_producer_id(&cluster.bootstrap(leader));
@@ -557,7 +549,7 @@ fn a_slow_metadata_apply_does_not_stall_heartbeats() {
 /// broker's side of it; no broker may be fenced (each step outlasts the session).
 fn slow_metadata_work_does_not_stall_heartbeats(failpoint: &str, delay_ms: &str) {
     let cluster = Cluster::start_controlled_env(REPLICA_LAG_MAX_MS, &[(failpoint, delay_ms)]);
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     run(async {
         let client = Client::connect(client_config(&bootstrap))
             .await
@@ -615,7 +607,7 @@ fn slow_metadata_work_does_not_stall_heartbeats(failpoint: &str, delay_ms: &str)
 #[test]
 fn an_idempotent_producer_goes_on_after_a_failover_lost_its_acks_leader_batches() {
     let mut cluster = start();
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     produce(&bootstrap, "warm", 10);
     let before = wait_for(&bootstrap, "a full ISR", |d| d.isr.len() == 3);
     let leader = before.leader;

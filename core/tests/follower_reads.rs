@@ -38,16 +38,9 @@ fn client_config(bootstrap: &str) -> ClientConfig {
     config
 }
 
-fn bootstraps(cluster: &Cluster) -> String {
-    (1..=3)
-        .map(|id| cluster.bootstrap(id))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 fn start() -> Cluster {
     let cluster = Cluster::start_controlled_with(REPLICA_LAG_MAX_MS, SELECTION);
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     run(async {
         let client = Client::connect(client_config(&bootstrap))
             .await
@@ -154,7 +147,7 @@ fn assert_exact(readers: &[Reader], acked: &BTreeMap<u64, String>) {
 #[test]
 fn tailing_consumers_move_to_followers_under_load_and_back_when_their_follower_dies() {
     let mut cluster = start();
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     let leader = common::describe_partition(&bootstrap, TOPIC)
         .expect("described")
         .leader;
@@ -296,7 +289,7 @@ fn tailing_consumers_move_to_followers_under_load_and_back_when_their_follower_d
 #[test]
 fn a_leader_topic_is_never_redirected_and_followers_refuse_stale_leases() {
     let cluster = start();
-    let bootstrap = bootstraps(&cluster);
+    let bootstrap = cluster.bootstraps();
     let described = common::describe_partition(&bootstrap, PINNED).expect("described");
     let leader = described.leader;
     let follower = (1..=3).find(|b| *b != leader).expect("a follower");

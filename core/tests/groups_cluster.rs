@@ -20,13 +20,6 @@ const CONFIG: &str = "[groups]\nsession_timeout_ms = 3000\nheartbeat_interval_ms
 /// Waits of at most this many 100 ms steps.
 const POLLS_MAX: usize = 300;
 
-fn bootstraps(cluster: &Cluster) -> String {
-    (1..=3)
-        .map(|id| cluster.bootstrap(id))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 async fn connect(bootstrap: &str) -> Rc<Client> {
     let mut config = ClientConfig::new(bootstrap);
     config.request_timeout_ms = 5_000;
@@ -44,7 +37,7 @@ fn offsets_log_start(broker: &Broker, partition: u32) -> u64 {
 #[test]
 fn the_coordinator_fails_over_and_offsets_survive_a_full_cluster_restart() {
     let mut cluster = Cluster::start_controlled_with(2_000, CONFIG);
-    let all = bootstraps(&cluster);
+    let all = cluster.bootstraps();
     let offsets_partition = group_partition("g", 2);
     let coordinator = run(async {
         let client = connect(&all).await;
@@ -162,7 +155,7 @@ fn the_coordinator_fails_over_and_offsets_survive_a_full_cluster_restart() {
     for id in 1..=3u32 {
         cluster.broker(id).wait_ready();
     }
-    let all = bootstraps(&cluster);
+    let all = cluster.bootstraps();
     run(async {
         let client = connect(&all).await;
         let committed = client

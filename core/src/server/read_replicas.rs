@@ -129,15 +129,39 @@ pub struct ReaderTable {
 }
 
 impl ReaderTable {
-    fn record(&mut self, labels: (&Metrics, &str, u32), id: &str, entry: ReaderEntry) {
+    /// Books where `id` was sent. A known reader is updated in place (no allocation, and its
+    /// metric series is touched only when its replica changes): this runs on every fetch.
+    fn record(
+        &mut self,
+        labels: (&Metrics, &str, u32),
+        id: &str,
+        rack: &str,
+        update: (u32, u64, Instant, Reason),
+    ) {
         let (metrics, topic, partition) = labels;
-        let now = entry.seen;
+        let (replica, fetch_offset, now, reason) = update;
         let label = |reader: &str| ReaderLabels {
             topic: topic.to_string(),
             partition,
             reader: reader.to_string(),
         };
-        // Forget the silent ones first, then the oldest when still full.
+        if let Some(entry) = self.entries.get_mut(id) {
+            if entry.replica != replica {
+                metrics
+                    .reader_replica
+                    .get_or_create(&label(id))
+                    .set(i64::from(replica));
+            }
+            if entry.rack != rack {
+                entry.rack = rack.to_string();
+            }
+            entry.replica = replica;
+            entry.fetch_offset = fetch_offset;
+            entry.seen = now;
+            entry.reason = reason;
+            return;
+        }
+        // A new reader: forget the silent ones first, then the oldest when still full.
         let stale: Vec<String> = self
             .entries
             .iter()
@@ -148,7 +172,7 @@ impl ReaderTable {
             self.entries.remove(&id);
             metrics.reader_replica.remove(&label(&id));
         }
-        if !self.entries.contains_key(id) && self.entries.len() >= READERS_PER_PARTITION_MAX {
+        if self.entries.len() >= READERS_PER_PARTITION_MAX {
             if let Some(oldest) = self
                 .entries
                 .iter()
@@ -162,8 +186,17 @@ impl ReaderTable {
         metrics
             .reader_replica
             .get_or_create(&label(id))
-            .set(i64::from(entry.replica));
-        self.entries.insert(id.to_string(), entry);
+            .set(i64::from(replica));
+        self.entries.insert(
+            id.to_string(),
+            ReaderEntry {
+                rack: rack.to_string(),
+                replica,
+                fetch_offset,
+                seen: now,
+                reason,
+            },
+        );
         assert!(self.entries.len() <= READERS_PER_PARTITION_MAX);
     }
 
@@ -281,13 +314,8 @@ impl Shard {
                 local.readers.borrow_mut().record(
                     (&self.shared.metrics, &local.topic, local.index),
                     &ask.reader_id,
-                    ReaderEntry {
-                        rack: ask.rack.to_string(),
-                        replica,
-                        fetch_offset: ask.offset,
-                        seen: Instant::now(),
-                        reason,
-                    },
+                    &ask.rack,
+                    (replica, ask.offset, Instant::now(), reason),
                 );
             }
             if replica != me {
@@ -336,12 +364,15 @@ impl Shard {
         {
             return (me, Reason::Policy);
         }
-        let racks: HashMap<u32, &str> = config
-            .cluster
-            .brokers
-            .iter()
-            .filter_map(|b| Some((b.id, b.rack.as_deref()?)))
-            .collect();
+        // The cluster's broker list is short: a scan, no map built per fetch.
+        let rack_of = |broker: u32| {
+            config
+                .cluster
+                .brokers
+                .iter()
+                .find(|b| b.id == broker)
+                .and_then(|b| b.rack.as_deref())
+        };
         let view = local.follower_view();
         let followers: Vec<FollowerView<'_>> = view
             .followers
@@ -354,12 +385,12 @@ impl Shard {
                 fenced: ask.avoid_replica == Some(broker_id),
                 lag_records,
                 lag_ms,
-                rack: racks.get(&broker_id).copied(),
+                rack: rack_of(broker_id),
             })
             .collect();
         let leader = LeaderView {
             broker_id: me,
-            rack: racks.get(&me).copied(),
+            rack: rack_of(me),
             high_watermark: view.high_watermark,
             load: self.load.snapshot(),
         };

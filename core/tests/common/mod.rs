@@ -378,6 +378,14 @@ impl Cluster {
         self.brokers[(id - 1) as usize].bootstrap()
     }
 
+    /// Every broker's client address, comma-separated: a client survives any one's death.
+    pub fn bootstraps(&self) -> String {
+        (1..=3)
+            .map(|id| self.bootstrap(id))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn internal(&self, id: u32) -> String {
         format!(
             "127.0.0.1:{}",
