@@ -16,21 +16,23 @@ use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
 use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
 use wharf::client::{Client, ClientConfig};
 use wharf::protocol::{
-    Acks, ApiKey, ConfigEntry, ErrorCode, FetchPartition, FetchRequest, FetchResponse,
+    Acks, ApiKey, ConfigEntry, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest,
+    FetchResponse, AVOID_REPLICAS_MAX,
 };
 
 const TOPIC: &str = "reads";
 const PINNED: &str = "pinned";
+const RACKED: &str = "racked";
 const REPLICA_LAG_MAX_MS: u64 = 3_000;
 const CONSUMERS: usize = 3;
 /// Records produced per round (acks=all) before every consumer polls once.
 const RECORDS_PER_ROUND: usize = 20;
 /// Rounds each phase may take before the test fails naming it.
 const ROUNDS_MAX: usize = 150;
-/// Any load moves tailing readers (busy share ≥ 0.1%), and only a dead or lagging follower
-/// brings them back (`return_permille = 0`): the moves this test checks are the selector's,
-/// not the machine's.
-const SELECTION: &str = "[replica_selection]\nlease_ms = 2000\nbusy_high_permille = 1\nreturn_permille = 0\nfollower_lag_ms_max = 3000\n";
+/// Any load moves tailing readers (busy share ≥ 0.1%, or one request in progress: the fetch
+/// being served is one), and only a dead or lagging follower brings them back
+/// (`return_permille = 0`): the moves this test checks are the selector's, not the machine's.
+const SELECTION: &str = "[replica_selection]\nlease_ms = 2000\nbusy_high_permille = 1\nqueue_depth_high = 1\nreturn_permille = 0\nfollower_lag_ms_max = 3000\n";
 
 fn client_config(bootstrap: &str) -> ClientConfig {
     let mut config = ClientConfig::new(bootstrap);
@@ -38,14 +40,24 @@ fn client_config(bootstrap: &str) -> ClientConfig {
     config
 }
 
+/// Broker `i + 1` is in rack `RACKS[i]`.
+const RACKS: [&str; 3] = ["rack-1", "rack-2", "rack-3"];
+
 fn start() -> Cluster {
-    let cluster = Cluster::start_controlled_with(REPLICA_LAG_MAX_MS, SELECTION);
+    start_with(REPLICA_LAG_MAX_MS, "")
+}
+
+/// The 3-broker controller cluster (racks `RACKS`, `cluster_config` in its `[cluster]`
+/// section) with the topics `reads` (`load`), `pinned` (`leader`) and `racked` (`rack`).
+fn start_with(replica_lag_max_ms: u64, cluster_config: &str) -> Cluster {
+    let cluster =
+        Cluster::start_controlled_racks(replica_lag_max_ms, SELECTION, cluster_config, &RACKS);
     let bootstrap = cluster.bootstraps();
     run(async {
         let client = Client::connect(client_config(&bootstrap))
             .await
             .expect("connect");
-        for (topic, selector) in [(TOPIC, "load"), (PINNED, "leader")] {
+        for (topic, selector) in [(TOPIC, "load"), (PINNED, "leader"), (RACKED, "rack")] {
             let configs = vec![
                 ConfigEntry {
                     key: "min_insync_replicas".to_string(),
@@ -62,7 +74,7 @@ fn start() -> Cluster {
                 .expect("create topic");
         }
     });
-    for topic in [TOPIC, PINNED] {
+    for topic in [TOPIC, PINNED, RACKED] {
         for id in 1..=3 {
             wait_for_partition(&cluster.bootstrap(id), topic, "full ISR everywhere", |d| {
                 d.replicas.len() == 3 && d.isr.len() == 3
@@ -142,6 +154,63 @@ fn assert_exact(readers: &[Reader], acked: &BTreeMap<u64, String>) {
             );
         }
     }
+}
+
+/// One partition-0 fetch at the wire level (the fields the tests vary).
+#[derive(Default)]
+struct FetchAsk<'a> {
+    topic: &'a str,
+    offset: u64,
+    leader_epoch: Option<u32>,
+    read_replica: Option<u32>,
+    avoid_replicas: Vec<u32>,
+    reader_id: &'a str,
+    rack: &'a str,
+    max_wait_ms: u32,
+}
+
+impl FetchAsk<'_> {
+    fn request(&self) -> FetchRequest {
+        FetchRequest {
+            max_wait_ms: if self.max_wait_ms == 0 {
+                200
+            } else {
+                self.max_wait_ms
+            },
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            partitions: vec![FetchPartition {
+                topic: self.topic.to_string(),
+                partition: 0,
+                fetch_offset: self.offset,
+                max_bytes: 1 << 20,
+                leader_epoch: self.leader_epoch,
+                read_replica: self.read_replica,
+                avoid_replicas: self.avoid_replicas.clone(),
+            }],
+            reader_id: self.reader_id.to_string(),
+            rack: self.rack.to_string(),
+        }
+    }
+}
+
+fn ask(stream: &mut std::net::TcpStream, request: &FetchRequest) -> wharf::protocol::Frame {
+    use std::io::Write;
+    stream
+        .write_all(&wire::request(ApiKey::Fetch, 7, request, &[]))
+        .expect("send");
+    wire::read_response(stream).expect("answer")
+}
+
+/// The answer for partition 0 of a fetch that was not refused as a whole.
+fn ask_partition(
+    stream: &mut std::net::TcpStream,
+    request: &FetchRequest,
+) -> FetchPartitionResponse {
+    let frame = ask(stream, request);
+    assert_eq!(frame.header.error(), ErrorCode::None, "fetch refused");
+    let response: FetchResponse = frame.decode_body().expect("fetch response");
+    response.partitions.into_iter().next().expect("partition 0")
 }
 
 #[test]
@@ -346,30 +415,18 @@ fn a_leader_topic_is_never_redirected_and_followers_refuse_stale_leases() {
     // over-long names are refused before any read.
     let epoch = described.leader_epoch;
     let address = cluster.bootstrap(follower);
-    let fetch = |offset: u64, leader_epoch: Option<u32>, reader_id: &str| FetchRequest {
-        max_wait_ms: 200,
-        min_bytes: 1,
-        max_bytes: 1 << 20,
-        partitions: vec![FetchPartition {
-            topic: PINNED.to_string(),
-            partition: 0,
-            fetch_offset: offset,
-            max_bytes: 1 << 20,
+    let fetch = |offset: u64, leader_epoch: Option<u32>, reader_id: &str| {
+        FetchAsk {
+            topic: PINNED,
+            offset,
             leader_epoch,
             read_replica: Some(follower),
-            avoid_replica: None,
-        }],
-        reader_id: reader_id.to_string(),
-        rack: String::new(),
+            reader_id,
+            ..FetchAsk::default()
+        }
+        .request()
     };
     let mut stream = wire::connect_to(&address);
-    let ask = |stream: &mut std::net::TcpStream, request: &FetchRequest| {
-        use std::io::Write;
-        stream
-            .write_all(&wire::request(ApiKey::Fetch, 7, request, &[]))
-            .expect("send");
-        wire::read_response(stream).expect("answer")
-    };
     let frame = ask(&mut stream, &fetch(0, Some(epoch + 1), "wire"));
     let response: FetchResponse = frame.decode_body().expect("fetch response");
     assert_eq!(
@@ -408,5 +465,321 @@ fn a_leader_topic_is_never_redirected_and_followers_refuse_stale_leases() {
     assert_eq!(
         ErrorCode::from_u16(response.partitions[0].error),
         ErrorCode::None
+    );
+}
+
+#[test]
+fn the_leader_checks_range_avoided_followers_and_racks_before_redirecting() {
+    let mut cluster = start();
+    let bootstrap = cluster.bootstraps();
+    // At the leader of `reads` (loaded here: the fetch being served is a request in progress
+    // and `queue_depth_high = 1`), a named reader is sent to a follower.
+    let lead = common::describe_partition(&bootstrap, TOPIC)
+        .expect("described")
+        .leader;
+    let followers: Vec<u32> = (1..=3).filter(|b| *b != lead).collect();
+    let mut stream = wire::connect_to(&cluster.bootstrap(lead));
+    let at_leader = |offset: u64, avoid_replicas: Vec<u32>| {
+        FetchAsk {
+            topic: TOPIC,
+            offset,
+            avoid_replicas,
+            reader_id: "wire-load",
+            ..FetchAsk::default()
+        }
+        .request()
+    };
+    let answer = ask_partition(&mut stream, &at_leader(0, Vec::new()));
+    assert!(
+        answer
+            .preferred_read_replica
+            .is_some_and(|b| followers.contains(&b)),
+        "a loaded leader kept a named reader: {answer:?}"
+    );
+    // Every follower the reader avoids is passed over; avoiding all, the leader serves it.
+    let answer = ask_partition(&mut stream, &at_leader(0, vec![followers[0]]));
+    assert_eq!(
+        answer.preferred_read_replica,
+        Some(followers[1]),
+        "the leader sent the reader to a follower it avoids: {answer:?}"
+    );
+    let answer = ask_partition(&mut stream, &at_leader(0, followers.clone()));
+    assert_eq!(
+        (
+            ErrorCode::from_u16(answer.error),
+            answer.preferred_read_replica
+        ),
+        (ErrorCode::None, None),
+        "the leader sent the reader to a follower it avoids: {answer:?}"
+    );
+    // An offset outside the leader's log is answered there (the consumer resets), not sent
+    // to a follower that would answer empty.
+    let answer = ask_partition(&mut stream, &at_leader(1_000_000, Vec::new()));
+    assert_eq!(
+        (
+            ErrorCode::from_u16(answer.error),
+            answer.preferred_read_replica
+        ),
+        (ErrorCode::OffsetOutOfRange, None),
+        "an out-of-range reader was redirected: {answer:?}"
+    );
+    let frame = ask(&mut stream, &at_leader(0, vec![1; AVOID_REPLICAS_MAX + 1]));
+    assert_eq!(
+        frame.header.error(),
+        ErrorCode::InvalidRequest,
+        "an over-long avoid list was accepted"
+    );
+    let answer = ask_partition(&mut stream, &at_leader(0, Vec::new()));
+    assert!(answer.preferred_read_replica.is_some(), "{answer:?}");
+
+    // `racked` (`replica_selector = rack`): a consumer in a follower's rack reads there, every
+    // record once; one in the leader's rack stays on the leader.
+    let racked = common::describe_partition(&bootstrap, RACKED).expect("described");
+    let rack_follower = (1..=3).find(|b| *b != racked.leader).expect("a follower");
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        let producer = Producer::new(
+            Rc::clone(&client),
+            ProducerConfig {
+                acks: Acks::All,
+                ..ProducerConfig::default()
+            },
+        );
+        const RACK_RECORDS: u64 = 100;
+        let mut deliveries = Vec::new();
+        for i in 0..RACK_RECORDS {
+            deliveries.push(
+                producer
+                    .send(RACKED, None, format!("k-{i}").as_bytes())
+                    .await
+                    .expect("queued"),
+            );
+        }
+        producer.flush().await;
+        for delivery in deliveries {
+            delivery.await.expect("acknowledged");
+        }
+        producer.close().await;
+        for (broker, expected) in [(rack_follower, Some(rack_follower)), (racked.leader, None)] {
+            let rack = RACKS[(broker - 1) as usize];
+            let mut consumer = Consumer::new(
+                Rc::clone(&client),
+                RACKED,
+                ConsumerConfig {
+                    max_wait_ms: 100,
+                    reader_id: Some(format!("in-{rack}")),
+                    rack: Some(rack.to_string()),
+                    ..ConsumerConfig::default()
+                },
+            );
+            consumer
+                .assign(Some(vec![0]), SeekTo::Earliest)
+                .await
+                .expect("assign");
+            let mut offsets = Vec::new();
+            let mut replicas = Vec::new();
+            for _ in 0..STATE_POLLS_MAX {
+                let records = consumer.poll().await.expect("poll");
+                records
+                    .for_each(|r| offsets.push(r.offset))
+                    .expect("records");
+                replicas.push(consumer.read_replica(0));
+                if offsets.len() as u64 >= RACK_RECORDS {
+                    break;
+                }
+            }
+            assert_eq!(
+                offsets,
+                (0..RACK_RECORDS).collect::<Vec<_>>(),
+                "the reader in {rack} skipped or repeated records"
+            );
+            match expected {
+                Some(follower) => assert!(
+                    replicas.contains(&Some(follower)),
+                    "the reader in {rack} never read from broker {follower} of its rack: \
+                     {replicas:?}"
+                ),
+                None => assert!(
+                    replicas.iter().all(Option::is_none),
+                    "the reader in the leader's rack {rack} was redirected: {replicas:?}"
+                ),
+            }
+        }
+    });
+
+    // Queue depth counts work, not waits: parked replica fetches of many idle partitions do
+    // not make a leader look loaded.
+    const IDLE_PARTITIONS: u32 = 24;
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        client
+            .create_topic("idle", IDLE_PARTITIONS, 3, Vec::new())
+            .await
+            .expect("create topic");
+    });
+    wait_for_partition(&bootstrap, "idle", "full ISR", |d| d.isr.len() == 3);
+    let depths: Vec<u32> = run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        let mut depths = Vec::new();
+        for _ in 0..5 {
+            let readers = client.describe_readers(TOPIC).await.expect("readers");
+            depths.extend(readers.iter().map(|p| p.queue_depth));
+        }
+        depths
+    });
+    assert!(
+        depths.iter().min().is_some_and(|d| *d <= 3),
+        "an idle leader of {IDLE_PARTITIONS} replicated partitions reports queue depths \
+         {depths:?}: parked long polls count as load"
+    );
+
+    // Leadership moves away (the leader stops until the controller fences it and elects
+    // another): back as a follower, the old leader forgets its readers and their series.
+    let series = format!("wharf_reader_replica{{topic=\"{TOPIC}\"");
+    let reader_series = |cluster: &mut Cluster| {
+        cluster
+            .broker(lead)
+            .http_get("/metrics")
+            .map(|(_, text)| text.contains(&series))
+    };
+    assert_eq!(
+        reader_series(&mut cluster),
+        Some(true),
+        "no {series} series"
+    );
+    cluster.broker(lead).signal(libc::SIGSTOP);
+    wait_for_partition(
+        &cluster.bootstrap(followers[0]),
+        TOPIC,
+        "a new leader",
+        |d| d.leader != lead,
+    );
+    cluster.broker(lead).signal(libc::SIGCONT);
+    let mut forgotten = false;
+    for _ in 0..STATE_POLLS_MAX {
+        if reader_series(&mut cluster) == Some(false) {
+            forgotten = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        forgotten,
+        "broker {lead} kept its readers' series after it stopped leading {TOPIC}"
+    );
+}
+
+#[test]
+fn followers_hear_the_high_watermark_at_once_and_stop_serving_when_cut_off() {
+    // Replica fetches park at the leader for 10 s, and a broker is fenced only after 30 s:
+    // a follower learns a new high watermark at once only because the leader answers its
+    // parked fetch with it, and a follower whose leader stopped refuses reads before any
+    // failover would fence it.
+    let mut cluster = start_with(
+        30_000,
+        "replica_fetch_wait_ms = 10000\nbroker_session_timeout_ms = 30000\n",
+    );
+    let bootstrap = cluster.bootstraps();
+    let described = common::describe_partition(&bootstrap, TOPIC).expect("described");
+    let (leader, epoch) = (described.leader, described.leader_epoch);
+    let follower = (1..=3).find(|b| *b != leader).expect("a follower");
+    const RECORDS: u64 = 20;
+    let produce = |from: u64, count: u64| {
+        run(async {
+            let client = Client::connect(client_config(&bootstrap))
+                .await
+                .expect("connect");
+            let producer = Producer::new(
+                Rc::clone(&client),
+                ProducerConfig {
+                    acks: Acks::All,
+                    ..ProducerConfig::default()
+                },
+            );
+            for i in from..from + count {
+                // One at a time: each record is its own batch, acknowledged before the next.
+                let delivery = producer
+                    .send(TOPIC, None, format!("h-{i}").as_bytes())
+                    .await
+                    .expect("queued");
+                producer.flush().await;
+                delivery.await.expect("acknowledged");
+            }
+            producer.close().await;
+        })
+    };
+    produce(0, RECORDS);
+    let mut stream = wire::connect_to(&cluster.bootstrap(follower));
+    let at_follower = |offset: u64, max_wait_ms: u32| {
+        FetchAsk {
+            topic: TOPIC,
+            offset,
+            leader_epoch: Some(epoch),
+            read_replica: Some(follower),
+            reader_id: "wire-follower",
+            max_wait_ms,
+            ..FetchAsk::default()
+        }
+        .request()
+    };
+    // The last acknowledged record is readable at the follower within a 3 s long poll
+    // (it would take the 10 s replica-fetch wait otherwise).
+    let answer = ask_partition(&mut stream, &at_follower(RECORDS - 1, 3_000));
+    assert_eq!(
+        ErrorCode::from_u16(answer.error),
+        ErrorCode::None,
+        "{answer:?}"
+    );
+    assert!(
+        answer.batch_bytes > 0 && answer.high_watermark == RECORDS,
+        "the follower had not heard the high watermark of acknowledged records: {answer:?}"
+    );
+
+    // The leader stops (SIGSTOP: no failover for 30 s). The follower serves its committed
+    // data until it has not heard from the leader for follower_lag_ms_max + the fetch wait,
+    // then refuses, naming why.
+    cluster.broker(leader).signal(libc::SIGSTOP);
+    let mut refused = None;
+    for _ in 0..STATE_POLLS_MAX {
+        let answer = ask_partition(&mut stream, &at_follower(0, 100));
+        match ErrorCode::from_u16(answer.error) {
+            ErrorCode::None => assert!(answer.batch_bytes > 0, "{answer:?}"),
+            _ => {
+                refused = Some(answer);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.broker(leader).signal(libc::SIGCONT);
+    let refused = refused.expect("a follower cut off from its leader kept serving reads");
+    assert_eq!(
+        ErrorCode::from_u16(refused.error),
+        ErrorCode::PartitionUnavailable,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message.contains("has not heard from its leader"),
+        "{refused:?}"
+    );
+    // The leader is back: the follower serves again (its next replica fetch is answered).
+    let mut served = false;
+    for _ in 0..STATE_POLLS_MAX {
+        let answer = ask_partition(&mut stream, &at_follower(0, 100));
+        if ErrorCode::from_u16(answer.error) == ErrorCode::None && answer.batch_bytes > 0 {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        served,
+        "the follower did not serve again once its leader was back"
     );
 }

@@ -436,7 +436,7 @@ fn a_fetch_waiting_for_more_bytes_than_exist_does_not_spin() {
                 max_bytes: 4 * 1024 * 1024,
                 leader_epoch: None,
                 read_replica: None,
-                avoid_replica: None,
+                avoid_replicas: Vec::new(),
             }],
             reader_id: String::new(),
             rack: String::new(),

@@ -114,7 +114,7 @@ async fn read_with_headers(
             max_bytes: 1 << 20,
             leader_epoch: None,
             read_replica: None,
-            avoid_replica: None,
+            avoid_replicas: Vec::new(),
         }],
         reader_id: String::new(),
         rack: String::new(),

@@ -104,7 +104,7 @@ pub fn bodies() -> Vec<Vec<u8>> {
                 max_bytes: 65536,
                 leader_epoch: Some(3),
                 read_replica: Some(2),
-                avoid_replica: Some(3),
+                avoid_replicas: vec![3, 2],
             }],
             reader_id: "billing-7".to_string(),
             rack: "eu-1a".to_string(),

@@ -13,6 +13,7 @@ use wharf_storage::batch::check_batch;
 use super::{decode, Client, ClientError, Connection};
 use crate::protocol::{
     ApiKey, ErrorCode, FetchPartition, FetchRequest, FetchResponse, Frame, OffsetSpec,
+    AVOID_REPLICAS_MAX,
 };
 
 #[derive(Clone, Debug)]
@@ -75,8 +76,9 @@ struct Assigned {
     /// The follower of the last lease (told to the leader when the lease ends: it keeps us
     /// there while that follower is still a good choice).
     last_replica: Option<u32>,
-    /// A follower that failed us, and until when the leader is asked not to send us there.
-    avoid: Option<(u32, Instant)>,
+    /// Followers that failed us, each with until when the leader is asked not to send us
+    /// there (at most `AVOID_REPLICAS_MAX`: the oldest gives way).
+    avoid: [Option<(u32, Instant)>; AVOID_REPLICAS_MAX],
 }
 
 pub struct Consumer {
@@ -270,7 +272,7 @@ impl Consumer {
                 high_watermark: 0,
                 lease: None,
                 last_replica: None,
-                avoid: None,
+                avoid: [None; AVOID_REPLICAS_MAX],
             })
             .collect();
         self.seek_all(seek).await
@@ -431,10 +433,13 @@ impl Consumer {
                         max_bytes: self.config.partition_max_bytes,
                         leader_epoch: lease.map(|l| l.leader_epoch),
                         read_replica: lease.map(|l| l.broker).or(a.last_replica),
-                        avoid_replica: a
+                        avoid_replicas: a
                             .avoid
+                            .iter()
+                            .flatten()
                             .filter(|(_, until)| *until > now)
-                            .map(|(broker, _)| broker),
+                            .map(|&(broker, _)| broker)
+                            .collect(),
                     })
                     .collect(),
                 reader_id: self.reader_id.clone(),
@@ -519,7 +524,14 @@ impl Consumer {
                     // The leader served us itself: it wants us there.
                     assigned.last_replica = None;
                 }
-                assigned.high_watermark = p.high_watermark;
+                assigned.high_watermark = if from_follower {
+                    // A follower learns the leader's high watermark one replica fetch late:
+                    // keep the larger one the leader told us, or `caught_up` would stop early.
+                    // (Committed records stay committed: it never has to come down.)
+                    assigned.high_watermark.max(p.high_watermark)
+                } else {
+                    p.high_watermark
+                };
                 let from = assigned.position;
                 // Advance past the last whole batch returned.
                 let bytes = &frame.payload()[at..at + len];
@@ -568,15 +580,61 @@ impl Consumer {
         for assigned in &mut self.assigned {
             if partitions.contains(&assigned.partition) {
                 if let Some(lease) = assigned.lease.take() {
-                    assigned.avoid = Some((lease.broker, until));
+                    let slot = avoid_slot(&assigned.avoid, lease.broker, Instant::now());
+                    assigned.avoid[slot] = Some((lease.broker, until));
                 }
                 assigned.last_replica = None;
             }
         }
     }
 
-    /// Whether every assigned partition's position reached the high watermark it last reported.
+    /// Whether every assigned partition's position reached the high watermark it last heard
+    /// (from a follower: the larger of its own and the leader's last one).
     pub fn caught_up(&self) -> bool {
         self.assigned.iter().all(|a| a.position >= a.high_watermark)
+    }
+}
+
+/// Where a follower that failed us goes in the avoid list: its own slot if it is there, else a
+/// free or expired one, else the one that expires first.
+fn avoid_slot(avoid: &[Option<(u32, Instant)>], broker: u32, now: Instant) -> usize {
+    avoid
+        .iter()
+        .position(|a| a.is_some_and(|(b, _)| b == broker))
+        .or_else(|| {
+            avoid
+                .iter()
+                .position(|a| a.is_none_or(|(_, until)| until <= now))
+        })
+        .or_else(|| (0..avoid.len()).min_by_key(|&i| avoid[i].map(|(_, until)| until)))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_followers_are_all_avoided_until_the_list_is_full() {
+        let now = Instant::now();
+        let later = |ms: u64| Some(now + Duration::from_millis(ms));
+        let mut avoid = [None; AVOID_REPLICAS_MAX];
+        // Two followers failing in turn are both kept (one slot would let them alternate).
+        for (broker, ms) in [(2, 100), (3, 200)] {
+            let slot = avoid_slot(&avoid, broker, now);
+            avoid[slot] = later(ms).map(|until| (broker, until));
+        }
+        assert_eq!(avoid[0], later(100).map(|u| (2, u)));
+        assert_eq!(avoid[1], later(200).map(|u| (3, u)));
+        // The same follower again renews its own slot.
+        assert_eq!(avoid_slot(&avoid, 3, now), 1);
+        // An expired entry is reused.
+        assert_eq!(avoid_slot(&avoid, 4, now + Duration::from_millis(150)), 0);
+        // Full: the entry that expires first gives way.
+        let mut full = [None; AVOID_REPLICAS_MAX];
+        for (i, slot) in full.iter_mut().enumerate() {
+            *slot = later(1_000 - i as u64).map(|u| (10 + i as u32, u));
+        }
+        assert_eq!(avoid_slot(&full, 99, now), AVOID_REPLICAS_MAX - 1);
     }
 }

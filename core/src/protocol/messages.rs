@@ -311,9 +311,9 @@ pub struct FetchPartition {
     /// The follower the consumer reads this partition from (or read from until its lease
     /// ended): the leader keeps it there while it stays a good choice (hysteresis).
     pub read_replica: Option<u32>,
-    /// A follower that just failed this consumer (unreachable, or refused the read): the
-    /// leader does not send it there again for this fetch.
-    pub avoid_replica: Option<u32>,
+    /// Followers that recently failed this consumer (unreachable, or refused the read), at
+    /// most `AVOID_REPLICAS_MAX`: the leader does not send it to any of them.
+    pub avoid_replicas: Vec<u32>,
 }
 
 /// Long-poll: answered once `min_bytes` are available across the partitions or `max_wait_ms`

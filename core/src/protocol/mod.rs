@@ -648,6 +648,9 @@ pub const QUEUE_STATE_TOPIC: &str = "__queue_state";
 /// Longest `FetchRequest::reader_id` and `rack` a broker accepts.
 pub const READER_ID_BYTES_MAX: usize = 255;
 pub const RACK_BYTES_MAX: usize = 64;
+/// Most followers one fetch partition may ask the leader to avoid (more than any replication
+/// factor a cluster of this size uses; a longer list is refused, not truncated).
+pub const AVOID_REPLICAS_MAX: usize = 8;
 
 /// Topics whose names start with `__` belong to the brokers (the offsets topic): clients may
 /// read them but not create, delete or write them.

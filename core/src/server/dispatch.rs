@@ -63,8 +63,21 @@ impl Shard {
             }
         };
         let latency = self.metrics.latency[api as usize].clone();
-        // Counted in the shard's queue depth until answered (the read-replica selector's load).
-        let counted = self.load.begin_request();
+        // Counted in the shard's queue depth until answered (the read-replica selector's load),
+        // unless what is left after admission is waiting on a condition, not work: a produce
+        // was appended at admission and waits for its acks; replica fetches, queue acquires
+        // and group heartbeats are long polls; the controller's traffic is a heartbeat. (A
+        // consumer fetch counts until it parks: `ShardLoad::park_fetch`.)
+        let waits = matches!(
+            api,
+            ApiKey::Produce
+                | ApiKey::ReplicaFetch
+                | ApiKey::QueueAcquire
+                | ApiKey::GroupHeartbeat
+                | ApiKey::ControllerRaft
+                | ApiKey::BrokerHeartbeat
+        );
+        let counted = (!waits).then(|| self.load.begin_request());
         async move {
             let response = pending.await;
             latency.observe(started.elapsed().as_secs_f64());

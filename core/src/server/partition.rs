@@ -314,6 +314,12 @@ pub struct Partition {
     hw_storing: Cell<bool>,
     /// Leader: where the last replies to each follower ended (batch boundaries).
     served_ends: RefCell<HashMap<BrokerId, VecDeque<Offset>>>,
+    /// Leader: the high watermark last sent to each follower; a parked follower fetch is
+    /// answered when the high watermark passes it (one entry per replica).
+    hw_reported: RefCell<HashMap<BrokerId, (Epoch, Offset)>>,
+    /// Follower: when a replica fetch last succeeded (monotonic ms; 0: never). A follower that
+    /// has not heard from its leader for `follower_lag_ms_max` stops serving consumers.
+    leader_heard_ms: Cell<u64>,
     /// Follower: the fetch offset the leader last reported corrupt (logged once per offset).
     corrupt_fetch_logged: Cell<Option<Offset>>,
     this: RefCell<std::rc::Weak<Partition>>,
@@ -487,6 +493,8 @@ impl Partition {
             epochs_failed: RefCell::new(None),
             epochs_waiters: RefCell::new(Vec::new()),
             served_ends: RefCell::new(HashMap::new()),
+            hw_reported: RefCell::new(HashMap::new()),
+            leader_heard_ms: Cell::new(0),
             corrupt_fetch_logged: Cell::new(None),
             hw_stored: Cell::new(stored_high_watermark),
             hw_stored_at_ms: Cell::new(0),
@@ -554,6 +562,23 @@ impl Partition {
     pub fn read_role(&self) -> (bool, u32) {
         let replica = self.replica.borrow();
         (replica.is_leader(), replica.leader_epoch().0)
+    }
+
+    /// Follower: how long since a replica fetch from the leader last succeeded (`u64::MAX`:
+    /// never, since this replica opened).
+    pub fn leader_silent_ms(&self) -> u64 {
+        match self.leader_heard_ms.get() {
+            0 => u64::MAX,
+            heard => monotonic_ms().saturating_sub(heard),
+        }
+    }
+
+    /// Whether `offset` lies in this replica's log, `[log start, log end]` (a read there is not
+    /// out of range).
+    pub fn holds_offset(&self, offset: Offset) -> bool {
+        self.log
+            .get()
+            .is_some_and(|log| log.log_start_offset() <= offset && offset <= log.end_offset())
     }
 
     /// Folds the bytes appended since the last call into the ingest rate.
@@ -701,6 +726,11 @@ impl Partition {
             self.metrics.high_watermark.set(to.0 as i64);
             for waiter in self.data_waiters.borrow_mut().drain(..) {
                 let _ = waiter.send(());
+            }
+            // Parked follower fetches carry the news: a follower serving consumers (follower
+            // reads) learns the new high watermark now, not one long poll later.
+            for parked in self.append_waiters.borrow_mut().drain(..) {
+                let _ = parked.send(());
             }
         }
     }

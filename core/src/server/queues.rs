@@ -972,7 +972,7 @@ impl Shard {
                         max_bytes: FETCH_PARTITION_BYTES,
                         leader_epoch: None,
                         read_replica: None,
-                        avoid_replica: None,
+                        avoid_replicas: Vec::new(),
                     })
                     .collect(),
                 reader_id: String::new(),

@@ -31,6 +31,9 @@ use crate::server::shard::{Shard, ShardReply, ShardRequest};
 pub const READERS_PER_PARTITION_MAX: usize = 64;
 /// A reader not seen by the leader for this long is dropped from the table at the next fetch.
 pub const READER_FORGET_MS: u64 = 120_000;
+/// Readers one shard remembers over all its led partitions (and so per-reader metric series):
+/// many partitions times `READERS_PER_PARTITION_MAX` could otherwise grow without a bound.
+pub const READERS_PER_SHARD_MAX: usize = 4096;
 /// Smoothing of the sampled load: each sample moves the estimate this share (permille) of the
 /// way, so one busy tick does not move every reader and one idle tick does not bring them back.
 const LOAD_SMOOTHING_PERMILLE: u64 = 500;
@@ -38,7 +41,8 @@ const LOAD_SMOOTHING_PERMILLE: u64 = 500;
 /// One shard's load as the selector sees it. Updated by the shard's own tasks only.
 #[derive(Default)]
 pub struct ShardLoad {
-    /// Requests admitted and not yet answered (the fetches parked in long polls included).
+    /// Requests admitted and not yet answered that are work, not waits (see `dispatch`; the
+    /// consumer fetches parked in long polls included until they park).
     requests_pending: Cell<u32>,
     /// Consumer fetches parked waiting for data: idle, not load.
     fetches_parked: Cell<u32>,
@@ -46,6 +50,8 @@ pub struct ShardLoad {
     egress_bytes: Cell<u64>,
     busy_permille: Cell<u32>,
     egress_bytes_per_s: Cell<u64>,
+    /// Readers booked in this shard's reader tables (at most `READERS_PER_SHARD_MAX`).
+    pub(crate) readers_tracked: Cell<usize>,
 }
 
 impl ShardLoad {
@@ -122,6 +128,24 @@ struct ReaderEntry {
     reason: Reason,
 }
 
+/// Where a reader table books its metric series, and the shard's count of readers tracked.
+pub struct ReaderBook<'a> {
+    pub metrics: &'a Metrics,
+    pub topic: &'a str,
+    pub partition: u32,
+    pub tracked: &'a Cell<usize>,
+}
+
+impl ReaderBook<'_> {
+    fn labels(&self, reader: &str) -> ReaderLabels {
+        ReaderLabels {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            reader: reader.to_string(),
+        }
+    }
+}
+
 /// The readers of one led partition: where the leader last sent each.
 #[derive(Default)]
 pub struct ReaderTable {
@@ -133,23 +157,17 @@ impl ReaderTable {
     /// metric series is touched only when its replica changes): this runs on every fetch.
     fn record(
         &mut self,
-        labels: (&Metrics, &str, u32),
+        book: &ReaderBook<'_>,
         id: &str,
         rack: &str,
         update: (u32, u64, Instant, Reason),
     ) {
-        let (metrics, topic, partition) = labels;
         let (replica, fetch_offset, now, reason) = update;
-        let label = |reader: &str| ReaderLabels {
-            topic: topic.to_string(),
-            partition,
-            reader: reader.to_string(),
-        };
         if let Some(entry) = self.entries.get_mut(id) {
             if entry.replica != replica {
-                metrics
+                book.metrics
                     .reader_replica
-                    .get_or_create(&label(id))
+                    .get_or_create(&book.labels(id))
                     .set(i64::from(replica));
             }
             if entry.rack != rack {
@@ -161,31 +179,25 @@ impl ReaderTable {
             entry.reason = reason;
             return;
         }
-        // A new reader: forget the silent ones first, then the oldest when still full.
-        let stale: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| now.duration_since(e.seen).as_millis() as u64 > READER_FORGET_MS)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stale {
-            self.entries.remove(&id);
-            metrics.reader_replica.remove(&label(&id));
-        }
-        if self.entries.len() >= READERS_PER_PARTITION_MAX {
-            if let Some(oldest) = self
+        // A new reader: forget the silent ones first, then this table's oldest when it (or
+        // the shard) is full. A shard full of other partitions' readers books none here:
+        // the redirect still happens, only the table and the series are bounded.
+        self.forget_silent(book, now);
+        let shard_full = book.tracked.get() >= READERS_PER_SHARD_MAX;
+        if self.entries.len() >= READERS_PER_PARTITION_MAX || shard_full {
+            let oldest = self
                 .entries
                 .iter()
                 .min_by_key(|(_, e)| e.seen)
-                .map(|(id, _)| id.clone())
-            {
-                self.entries.remove(&oldest);
-                metrics.reader_replica.remove(&label(&oldest));
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(oldest) => self.forget(book, &oldest),
+                None => return,
             }
         }
-        metrics
+        book.metrics
             .reader_replica
-            .get_or_create(&label(id))
+            .get_or_create(&book.labels(id))
             .set(i64::from(replica));
         self.entries.insert(
             id.to_string(),
@@ -197,7 +209,43 @@ impl ReaderTable {
                 reason,
             },
         );
+        book.tracked.set(book.tracked.get() + 1);
         assert!(self.entries.len() <= READERS_PER_PARTITION_MAX);
+        assert!(book.tracked.get() <= READERS_PER_SHARD_MAX);
+    }
+
+    fn forget(&mut self, book: &ReaderBook<'_>, id: &str) {
+        if self.entries.remove(id).is_some() {
+            book.metrics.reader_replica.remove(&book.labels(id));
+            book.tracked.set(book.tracked.get().saturating_sub(1));
+        }
+    }
+
+    /// Forgets the readers the leader has not seen for `READER_FORGET_MS` (run on the
+    /// shard's tick, and before a new reader is booked).
+    pub fn forget_silent(&mut self, book: &ReaderBook<'_>, now: Instant) {
+        let silent: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| now.duration_since(e.seen).as_millis() as u64 > READER_FORGET_MS)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            self.forget(book, &id);
+        }
+    }
+
+    /// Forgets every reader: the partition closes, or this replica no longer leads it (its
+    /// readers now ask the new leader, which books them there).
+    pub fn clear(&mut self, book: &ReaderBook<'_>) {
+        let ids: Vec<String> = self.entries.keys().cloned().collect();
+        for id in ids {
+            self.forget(book, &id);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     fn describe(&self, now: Instant) -> Vec<ReaderInfo> {
@@ -215,17 +263,6 @@ impl ReaderTable {
             .collect();
         readers.sort_by(|a, b| a.reader_id.cmp(&b.reader_id));
         readers
-    }
-
-    /// Drops every series of a partition that closes (deleted, or no longer hosted here).
-    pub fn remove_series(&self, metrics: &Metrics, topic: &str, partition: u32) {
-        for id in self.entries.keys() {
-            metrics.reader_replica.remove(&ReaderLabels {
-                topic: topic.to_string(),
-                partition,
-                reader: id.clone(),
-            });
-        }
     }
 }
 
@@ -252,7 +289,8 @@ pub struct ReadAsk {
     pub max_bytes: usize,
     pub leader_epoch: Option<u32>,
     pub read_replica: Option<u32>,
-    pub avoid_replica: Option<u32>,
+    /// Followers the consumer asks not to be sent to (they failed it recently).
+    pub avoid_replicas: Vec<u32>,
     /// Shared by the partitions of one request (and sent across shards).
     pub reader_id: Arc<str>,
     pub rack: Arc<str>,
@@ -308,11 +346,41 @@ impl Shard {
                 ));
             }
         }
-        if is_leader {
+        if !is_leader {
+            // A healthy leader answers every replica fetch within its long poll; silence
+            // beyond that and the lag the selector allows means this replica is cut off.
+            let config = &self.shared.config;
+            let silent_ms = local.leader_silent_ms();
+            let silent_ms_max = config
+                .replica_selection
+                .follower_lag_ms_max
+                .saturating_add(config.cluster.replica_fetch_wait_ms);
+            if silent_ms > silent_ms_max {
+                // Cut off from its leader, this replica cannot know how stale it is: the
+                // consumer goes back to the leader (or learns the new one) instead.
+                return Err(PartitionError::new(
+                    ErrorCode::PartitionUnavailable,
+                    format!(
+                        "replica {me} of {}/{} has not heard from its leader for {}: read from \
+                         the leader",
+                        ask.topic,
+                        ask.partition,
+                        if silent_ms == u64::MAX {
+                            "since it started".to_string()
+                        } else {
+                            format!("{silent_ms} ms")
+                        }
+                    ),
+                ));
+            }
+        }
+        // A reader outside the leader's log is answered here (`offset_out_of_range`, so it
+        // resets), not sent to a follower that cannot tell it so.
+        if is_leader && local.holds_offset(Offset(ask.offset)) {
             let (replica, reason) = self.choose_read_replica(local, ask);
             if !ask.reader_id.is_empty() {
                 local.readers.borrow_mut().record(
-                    (&self.shared.metrics, &local.topic, local.index),
+                    &self.reader_book(local),
                     &ask.reader_id,
                     &ask.rack,
                     (replica, ask.offset, Instant::now(), reason),
@@ -353,6 +421,30 @@ impl Shard {
         })
     }
 
+    pub(crate) fn reader_book<'a>(&'a self, local: &'a Partition) -> ReaderBook<'a> {
+        ReaderBook {
+            metrics: &self.shared.metrics,
+            topic: &local.topic,
+            partition: local.index,
+            tracked: &self.load.readers_tracked,
+        }
+    }
+
+    /// On the shard's tick: a partition this replica no longer leads forgets its readers
+    /// (and their series); a led one forgets the silent ones.
+    pub(crate) fn tidy_readers(&self, local: &Partition, now: Instant) {
+        let mut readers = local.readers.borrow_mut();
+        if readers.is_empty() {
+            return;
+        }
+        let book = self.reader_book(local);
+        if local.read_role().0 {
+            readers.forget_silent(&book, now);
+        } else {
+            readers.clear(&book);
+        }
+    }
+
     /// The leader's choice for one reader: itself or an eligible follower.
     fn choose_read_replica(&self, local: &Partition, ask: &ReadAsk) -> (u32, Reason) {
         let config = &self.shared.config;
@@ -382,7 +474,7 @@ impl Shard {
                 in_isr,
                 // The consumer's own report that this follower just failed it. (The
                 // controller's fencing reaches the leader as an ISR without the broker.)
-                fenced: ask.avoid_replica == Some(broker_id),
+                fenced: ask.avoid_replicas.contains(&broker_id),
                 lag_records,
                 lag_ms,
                 rack: rack_of(broker_id),
@@ -479,5 +571,96 @@ impl Shard {
             ),
             readers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn book<'a>(metrics: &'a Metrics, partition: u32, tracked: &'a Cell<usize>) -> ReaderBook<'a> {
+        ReaderBook {
+            metrics,
+            topic: "t",
+            partition,
+            tracked,
+        }
+    }
+
+    fn series(metrics: &Metrics, partition: u32, reader: &str) -> bool {
+        let labels = ReaderLabels {
+            topic: "t".to_string(),
+            partition,
+            reader: reader.to_string(),
+        };
+        // `get_or_create` would add it: look through the encoded text instead.
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("r", "r", metrics.reader_replica.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text.contains(&format!(
+            "partition=\"{}\",reader=\"{}\"",
+            labels.partition, labels.reader
+        ))
+    }
+
+    #[test]
+    fn a_table_is_bounded_per_partition_and_per_shard_and_clears_its_series() {
+        let metrics = Metrics::new();
+        let tracked = Cell::new(0);
+        let now = Instant::now();
+        let mut first = ReaderTable::default();
+        let update = |i: u64| (2, i, now + Duration::from_millis(i), Reason::Loaded);
+        for i in 0..(READERS_PER_PARTITION_MAX as u64 + 10) {
+            first.record(
+                &book(&metrics, 0, &tracked),
+                &format!("r{i}"),
+                "",
+                update(i),
+            );
+        }
+        assert_eq!(first.entries.len(), READERS_PER_PARTITION_MAX);
+        assert_eq!(tracked.get(), READERS_PER_PARTITION_MAX);
+        // The oldest were forgotten, with their series.
+        assert!(!series(&metrics, 0, "r0"));
+        assert!(series(
+            &metrics,
+            0,
+            &format!("r{}", READERS_PER_PARTITION_MAX + 9)
+        ));
+        // A known reader is updated in place: nothing is added.
+        first.record(&book(&metrics, 0, &tracked), "r70", "rack-a", update(500));
+        assert_eq!(tracked.get(), READERS_PER_PARTITION_MAX);
+        assert_eq!(first.entries["r70"].fetch_offset, 500);
+
+        // The shard is full: a new table books nobody (it has nobody to give way).
+        tracked.set(READERS_PER_SHARD_MAX);
+        let mut second = ReaderTable::default();
+        second.record(&book(&metrics, 1, &tracked), "late", "", update(1));
+        assert!(second.is_empty());
+        assert!(!series(&metrics, 1, "late"));
+        // A full shard: a table with readers replaces its own oldest instead of growing.
+        first.record(&book(&metrics, 0, &tracked), "newest", "", update(600));
+        assert_eq!(first.entries.len(), READERS_PER_PARTITION_MAX);
+        assert_eq!(tracked.get(), READERS_PER_SHARD_MAX);
+        tracked.set(READERS_PER_PARTITION_MAX);
+
+        // Silent readers are forgotten; leadership lost forgets everyone.
+        let later = now + Duration::from_millis(READER_FORGET_MS + 1_000);
+        first.record(
+            &book(&metrics, 0, &tracked),
+            "fresh",
+            "",
+            (2, 0, later, Reason::Loaded),
+        );
+        first.forget_silent(&book(&metrics, 0, &tracked), later);
+        assert_eq!(first.entries.len(), 1);
+        assert_eq!(tracked.get(), 1);
+        first.clear(&book(&metrics, 0, &tracked));
+        assert!(first.is_empty());
+        assert_eq!(tracked.get(), 0);
+        assert!(!series(&metrics, 0, "fresh"));
     }
 }

@@ -243,7 +243,7 @@ pub fn fetch_values(
                     max_bytes: 1024 * 1024,
                     leader_epoch: None,
                     read_replica: None,
-                    avoid_replica: None,
+                    avoid_replicas: Vec::new(),
                 }],
                 reader_id: String::new(),
                 rack: String::new(),

@@ -314,6 +314,24 @@ impl Cluster {
         )
     }
 
+    /// A controller cluster with `extra_config` before the `[cluster]` section,
+    /// `cluster_config` in it, and broker `i + 1` in rack `racks[i]` (none when `racks` is
+    /// empty).
+    pub fn start_controlled_racks(
+        replica_lag_max_ms: u64,
+        extra_config: &str,
+        cluster_config: &str,
+        racks: &[&str],
+    ) -> Cluster {
+        Cluster::start_env_racks(
+            replica_lag_max_ms,
+            extra_config,
+            &format!("controller_voters = [1, 2, 3]\n{cluster_config}"),
+            &[],
+            racks,
+        )
+    }
+
     fn start_full(replica_lag_max_ms: u64, extra_config: &str, cluster_config: &str) -> Cluster {
         Cluster::start_env(replica_lag_max_ms, extra_config, cluster_config, &[])
     }
@@ -323,6 +341,16 @@ impl Cluster {
         extra_config: &str,
         cluster_config: &str,
         env: &[(&str, &str)],
+    ) -> Cluster {
+        Cluster::start_env_racks(replica_lag_max_ms, extra_config, cluster_config, env, &[])
+    }
+
+    fn start_env_racks(
+        replica_lag_max_ms: u64,
+        extra_config: &str,
+        cluster_config: &str,
+        env: &[(&str, &str)],
+        racks: &[&str],
     ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret_path = write_secret(dir.path(), "the test cluster's shared secret\n");
@@ -337,18 +365,28 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(i, b)| {
+                let rack = racks
+                    .get(i)
+                    .map(|rack| format!("rack = {rack:?}\n"))
+                    .unwrap_or_default();
                 format!(
-                    "[[cluster.brokers]]\nid = {}\naddress = \"127.0.0.1:{}\"\ninternal_address = \"127.0.0.1:{}\"\n",
+                    "[[cluster.brokers]]\nid = {}\naddress = \"127.0.0.1:{}\"\ninternal_address = \"127.0.0.1:{}\"\n{rack}",
                     i + 1,
                     b.port,
                     b.internal_port
                 )
             })
             .collect();
+        // The tests' short long poll, unless `cluster_config` sets its own.
+        let fetch_wait = if cluster_config.contains("replica_fetch_wait_ms") {
+            ""
+        } else {
+            "replica_fetch_wait_ms = 200\n"
+        };
         for (i, broker) in brokers.iter_mut().enumerate() {
             let internal_port = broker.internal_port;
             broker.set_extra_config(format!(
-                "broker_id = {}\ncpu_set = \"unbound\"\n{extra_config}\n[cluster]\nreplica_lag_max_ms = {replica_lag_max_ms}\nreplica_fetch_wait_ms = 200\nreplica_fetch_backoff_ms = 50\ninternal_listen = \"127.0.0.1:{internal_port}\"\nsecret_file = {:?}\n{cluster_config}\n{list}",
+                "broker_id = {}\ncpu_set = \"unbound\"\n{extra_config}\n[cluster]\nreplica_lag_max_ms = {replica_lag_max_ms}\n{fetch_wait}replica_fetch_backoff_ms = 50\ninternal_listen = \"127.0.0.1:{internal_port}\"\nsecret_file = {:?}\n{cluster_config}\n{list}",
                 i + 1,
                 secret_path.display().to_string(),
             ));

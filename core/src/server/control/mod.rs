@@ -128,11 +128,10 @@ impl Shard {
         for partition in removed.into_iter().flatten().flatten() {
             partition.close().await;
             partition.metrics.remove(&self.shared.metrics);
-            partition.readers.borrow().remove_series(
-                &self.shared.metrics,
-                &partition.topic,
-                partition.index,
-            );
+            partition
+                .readers
+                .borrow_mut()
+                .clear(&self.reader_book(&partition));
         }
     }
 }

@@ -37,6 +37,21 @@ impl Shard {
                 ),
             ));
         }
+        if let Some(p) = request
+            .partitions
+            .iter()
+            .find(|p| p.avoid_replicas.len() > AVOID_REPLICAS_MAX)
+        {
+            return Err(PartitionError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "partition {}/{} asks to avoid {} replicas; at most {AVOID_REPLICAS_MAX}",
+                    p.topic,
+                    p.partition,
+                    p.avoid_replicas.len()
+                ),
+            ));
+        }
         // They become metric labels and CLI output: printable ASCII without quotes or braces.
         let printable = |text: &str| {
             text.bytes()
@@ -77,7 +92,7 @@ impl Shard {
                     max_bytes: max_bytes.max(1),
                     leader_epoch: p.leader_epoch,
                     read_replica: p.read_replica,
-                    avoid_replica: p.avoid_replica,
+                    avoid_replicas: p.avoid_replicas.clone(),
                     reader_id: Arc::clone(&reader_id),
                     rack: Arc::clone(&rack),
                 };

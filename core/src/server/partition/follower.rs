@@ -9,7 +9,7 @@ use wharf_replication::driver::Fetched;
 use wharf_replication::{BrokerId, FetchError, FetchReply, FetchRequest, Input, Role};
 use wharf_storage::{Epoch, Offset};
 
-use super::Partition;
+use super::{monotonic_ms, Partition};
 use crate::protocol::{ErrorCode, ReplicaFetchRequest, ReplicaFetchResponse};
 
 /// How long connecting to a leader (handshake and metadata included) may take.
@@ -139,6 +139,7 @@ impl Partition {
         let reply = match ErrorCode::from_u16(response.error) {
             ErrorCode::None => {
                 self.corrupt_fetch_logged.set(None);
+                self.leader_heard_ms.set(monotonic_ms().max(1));
                 let payload = frame.payload();
                 let payload_start = frame.bytes.len() - payload.len();
                 if payload.len() < response.batch_bytes as usize {

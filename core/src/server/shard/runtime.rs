@@ -480,6 +480,7 @@ impl Shard {
                 self.load.sample(runtime.as_secs_f64(), elapsed_s);
                 for partition in self.local_partitions() {
                     partition.sample_ingest(elapsed_s);
+                    self.tidy_readers(&partition, now);
                 }
                 sampled_at = now;
                 let load = self.load.snapshot();
