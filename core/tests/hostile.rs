@@ -109,6 +109,7 @@ fn forged_fetch(topic: &TopicDescription, replica: u32, offset: u64) -> Vec<u8> 
             fetch_offset: offset,
             last_fetched_epoch: Some(partition.leader_epoch),
             durable_offset: offset,
+            high_watermark: 0,
             max_wait_ms: 0,
             max_bytes: 1024,
         },

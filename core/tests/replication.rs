@@ -493,6 +493,7 @@ fn forged_replica_fetch_offsets_are_refused_and_change_nothing() {
                 fetch_offset,
                 last_fetched_epoch: Some(described.leader_epoch),
                 durable_offset,
+                high_watermark: 0,
                 max_wait_ms: 0,
                 max_bytes: 1024 * 1024,
             };

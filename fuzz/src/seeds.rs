@@ -132,6 +132,7 @@ pub fn bodies() -> Vec<Vec<u8>> {
             fetch_offset: 1000,
             last_fetched_epoch: Some(3),
             durable_offset: 990,
+            high_watermark: 980,
             max_wait_ms: 100,
             max_bytes: 1 << 20,
         }),

@@ -626,19 +626,16 @@ impl Replica {
         self.pending.len() + self.waiters.len()
     }
     /// Leader: per follower, how far behind our end it is (offsets) and since when it has not
-    /// caught up (ms). A follower whose last fetch asked from our end has everything we have:
-    /// 0 ms, however long that fetch has been parked waiting for more.
+    /// caught up (ms).
     pub fn follower_lag(&self) -> Vec<(BrokerId, u64, u64)> {
         self.followers
             .iter()
             .map(|(&id, p)| {
-                let lag_records = self.end.0.saturating_sub(p.fetch_offset.0);
-                let lag_ms = if lag_records == 0 {
-                    0
-                } else {
-                    self.now_ms.saturating_sub(p.last_caught_up_ms)
-                };
-                (id, lag_records, lag_ms)
+                (
+                    id,
+                    self.end.0.saturating_sub(p.fetch_offset.0),
+                    self.now_ms.saturating_sub(p.last_caught_up_ms),
+                )
             })
             .collect()
     }

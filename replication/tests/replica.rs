@@ -224,27 +224,6 @@ fn a_lagging_follower_leaves_the_isr_and_acks_all_is_refused_before_append() {
     assert!(out.contains(&Output::IsrChanged(vec![1, 2])));
 }
 
-/// The selector's lag (follower reads): a follower whose fetch asked from the leader's end is
-/// caught up however long that fetch stays parked; one behind ages from its last catch-up.
-#[test]
-fn follower_lag_counts_time_only_for_followers_behind_the_end() {
-    let mut r = leader();
-    produce(&mut r, 1, AckLevel::Leader, 5);
-    step(&mut r, Input::Flushed { durable: Offset(5) });
-    step(&mut r, Input::Tick { now_ms: 100 });
-    fetch(&mut r, 2, 5, 5);
-    fetch(&mut r, 3, 3, 3);
-    step(&mut r, Input::Tick { now_ms: 800 });
-    let mut lag = r.follower_lag();
-    lag.sort_unstable();
-    assert_eq!(lag, vec![(2, 0, 0), (3, 2, 800)]);
-    // New data: follower 2 is behind from now on, and its lag ages from its last catch-up.
-    produce(&mut r, 2, AckLevel::Leader, 1);
-    step(&mut r, Input::Tick { now_ms: 900 });
-    let lag = r.follower_lag();
-    assert!(lag.contains(&(2, 1, 800)), "{lag:?}");
-}
-
 #[test]
 fn waiters_time_out_with_what_was_achieved_and_isr_shrink_strands_acks_all() {
     let mut r = leader();

@@ -445,6 +445,9 @@ pub struct ReplicaFetchRequest {
     pub last_fetched_epoch: Option<u32>,
     /// Everything below this is durable on the follower.
     pub durable_offset: u64,
+    /// The high watermark the follower knows: a leader with a higher one answers at once
+    /// instead of parking the fetch (the follower serves consumers below it).
+    pub high_watermark: u64,
     pub max_wait_ms: u32,
     pub max_bytes: u32,
 }

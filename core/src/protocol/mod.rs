@@ -168,9 +168,14 @@ impl ApiKey {
     ///   refusal names).
     /// - Fetch 1: follower reads (reader id and rack, the read lease's leader epoch and
     ///   replica; the preferred read replica in the answer).
+    /// - Fetch 2: `FetchPartition::avoid_replicas` (every follower that failed the consumer
+    ///   recently; was one `avoid_replica`).
+    /// - ReplicaFetch 1: `ReplicaFetchRequest::high_watermark` (what the follower knows).
     pub fn supported_versions(self) -> (u16, u16) {
         match self {
-            ApiKey::Produce | ApiKey::Fetch => (1, 1),
+            ApiKey::Produce => (1, 1),
+            ApiKey::Fetch => (2, 2),
+            ApiKey::ReplicaFetch => (1, 1),
             _ => (0, 0),
         }
     }

@@ -314,9 +314,6 @@ pub struct Partition {
     hw_storing: Cell<bool>,
     /// Leader: where the last replies to each follower ended (batch boundaries).
     served_ends: RefCell<HashMap<BrokerId, VecDeque<Offset>>>,
-    /// Leader: the high watermark last sent to each follower; a parked follower fetch is
-    /// answered when the high watermark passes it (one entry per replica).
-    hw_reported: RefCell<HashMap<BrokerId, (Epoch, Offset)>>,
     /// Follower: when a replica fetch last succeeded (monotonic ms; 0: never). A follower that
     /// has not heard from its leader for `follower_lag_ms_max` stops serving consumers.
     leader_heard_ms: Cell<u64>,
@@ -493,7 +490,6 @@ impl Partition {
             epochs_failed: RefCell::new(None),
             epochs_waiters: RefCell::new(Vec::new()),
             served_ends: RefCell::new(HashMap::new()),
-            hw_reported: RefCell::new(HashMap::new()),
             leader_heard_ms: Cell::new(0),
             corrupt_fetch_logged: Cell::new(None),
             hw_stored: Cell::new(stored_high_watermark),
@@ -596,15 +592,27 @@ impl Partition {
     }
 
     /// Leader: what the read-replica selector needs of each follower.
+    ///
+    /// A follower at our end has its fetch parked here, and its time since it last caught
+    /// up grows while it waits: up to one `fetch_wait_ms` of that is not lag. Beyond it, the
+    /// follower stopped fetching (dead, stopped, cut off) and its lag grows from there.
     pub fn follower_view(&self) -> FollowerLagView {
         let replica = self.replica.borrow();
         let isr = replica.isr();
+        let parked_ms_max = self.replication.fetch_wait_ms;
         FollowerLagView {
             high_watermark: self.high_watermark.get().0,
             followers: replica
                 .follower_lag()
                 .into_iter()
-                .map(|(id, records, ms)| (id, records, ms, isr.contains(&id)))
+                .map(|(id, records, ms)| {
+                    let ms = if records == 0 {
+                        ms.saturating_sub(parked_ms_max)
+                    } else {
+                        ms
+                    };
+                    (id, records, ms, isr.contains(&id))
+                })
                 .collect(),
         }
     }
@@ -727,8 +735,8 @@ impl Partition {
             for waiter in self.data_waiters.borrow_mut().drain(..) {
                 let _ = waiter.send(());
             }
-            // Parked follower fetches carry the news: a follower serving consumers (follower
-            // reads) learns the new high watermark now, not one long poll later.
+            // Parked follower fetches carry the news (each parked with a lower one): a
+            // follower serving consumers learns it now, not one long poll later.
             for parked in self.append_waiters.borrow_mut().drain(..) {
                 let _ = parked.send(());
             }

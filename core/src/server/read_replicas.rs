@@ -19,6 +19,7 @@ use wharf_replication::selector::{
 };
 use wharf_storage::Offset;
 
+use crate::config::FlushMode;
 use crate::protocol::{
     DescribeReadersRequest, DescribeReadersResponse, ErrorCode, PartitionReaders, ReaderInfo,
 };
@@ -347,14 +348,21 @@ impl Shard {
             }
         }
         if !is_leader {
-            // A healthy leader answers every replica fetch within its long poll; silence
-            // beyond that and the lag the selector allows means this replica is cut off.
+            // A healthy leader answers every replica fetch within its long poll, and a
+            // follower with `flush = interval` may wait one flush interval before it fetches
+            // again; silence beyond those and the lag the selector allows means this replica
+            // is cut off.
             let config = &self.shared.config;
             let silent_ms = local.leader_silent_ms();
+            let flush_wait_ms = match local.config.flush {
+                FlushMode::Always => 0,
+                FlushMode::Interval => local.config.flush_interval_ms,
+            };
             let silent_ms_max = config
                 .replica_selection
                 .follower_lag_ms_max
-                .saturating_add(config.cluster.replica_fetch_wait_ms);
+                .saturating_add(config.cluster.replica_fetch_wait_ms)
+                .saturating_add(flush_wait_ms);
             if silent_ms > silent_ms_max {
                 // Cut off from its leader, this replica cannot know how stale it is: the
                 // consumer goes back to the leader (or learns the new one) instead.

@@ -120,6 +120,7 @@ impl Partition {
             fetch_offset: request.fetch_offset.0,
             last_fetched_epoch: request.last_fetched_epoch.map(|e| e.0),
             durable_offset: request.durable_offset.0,
+            high_watermark: self.high_watermark.get().0,
             max_wait_ms: if request.may_wait {
                 settings.fetch_wait_ms as u32
             } else {

@@ -93,16 +93,10 @@ impl Partition {
         let wait_ms = u64::from(request.max_wait_ms).min(wait_ms_max);
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         let nothing_new = self.log.get().is_some_and(|log| log.end_offset() <= from);
-        // A high watermark this follower has not heard yet is news too (KIP-392): followers
+        // A high watermark the follower does not know yet is news too (KIP-392): followers
         // serve consumers below it, so it must not wait for the next append or the timeout.
-        let epoch = self.replica.borrow().leader_epoch();
-        let hw_news = self
-            .hw_reported
-            .borrow()
-            .get(&request.replica_id)
-            .is_none_or(|&(at_epoch, reported)| {
-                at_epoch != epoch || reported < self.high_watermark.get()
-            });
+        // (The follower says what it knows: right after its restart or a lost answer too.)
+        let hw_news = request.high_watermark < self.high_watermark.get().0;
         if nothing_new && !hw_news && !self.closing.get() {
             let woken = park(&self.append_waiters);
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -133,10 +127,6 @@ impl Partition {
         let replica = self.replica.borrow();
         response.leader_epoch = replica.leader_epoch().0;
         response.high_watermark = replica.high_watermark().0;
-        self.hw_reported.borrow_mut().insert(
-            request.replica_id,
-            (replica.leader_epoch(), replica.high_watermark()),
-        );
         response.log_start_offset = data.log_start_offset.0;
         response.batch_bytes = data.bytes as u32;
         (response, Some(data))

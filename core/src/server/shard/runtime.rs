@@ -591,7 +591,14 @@ impl Shard {
             let slots = map
                 .entry(name.to_string())
                 .or_insert_with(|| vec![None; count]);
-            slots[index as usize] = Some(partition);
+            if let Some(replaced) = slots[index as usize].replace(partition) {
+                // An older topic of the same name: its readers (and the shard's count of
+                // them) go with it.
+                replaced
+                    .readers
+                    .borrow_mut()
+                    .clear(&self.reader_book(&replaced));
+            }
         }
         Ok(())
     }
