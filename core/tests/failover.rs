@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use common::{run, wait_for_partition, wire, Cluster, STATE_POLLS_MAX};
+use common::{client_config, produce_to, run, wait_for_partition, wire, Cluster, STATE_POLLS_MAX};
 use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
-use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
-use wharf::client::{Client, ClientConfig, ClientError};
+use wharf::client::producer::{Producer, ProducerConfig};
+use wharf::client::{Client, ClientError};
 use wharf::peer_auth::ClusterSecret;
 use wharf::protocol::{
     Acks, ApiKey, BrokerHeartbeatRequest, ClusterStatusResponse, ConfigEntry,
@@ -24,12 +24,6 @@ use wharf::protocol::{
 
 const TOPIC: &str = "failover";
 const REPLICA_LAG_MAX_MS: u64 = 2_000;
-
-fn client_config(bootstrap: &str) -> ClientConfig {
-    let mut config = ClientConfig::new(bootstrap);
-    config.request_timeout_ms = 5_000;
-    config
-}
 
 fn start() -> Cluster {
     let cluster = Cluster::start_controlled(REPLICA_LAG_MAX_MS, "");
@@ -62,46 +56,6 @@ fn start() -> Cluster {
 /// Produces `count` records with acks=all; returns (value, offset) of each acknowledged one.
 fn produce(bootstrap: &str, prefix: &str, count: usize) -> Vec<(String, u64)> {
     produce_to(bootstrap, TOPIC, prefix, count)
-}
-
-/// `produce` to `topic`.
-fn produce_to(bootstrap: &str, topic: &str, prefix: &str, count: usize) -> Vec<(String, u64)> {
-    run(async {
-        let client = Client::connect(client_config(bootstrap))
-            .await
-            .expect("connect");
-        let producer = Producer::new(
-            Rc::clone(&client),
-            ProducerConfig {
-                acks: Acks::All,
-                linger_ms: 1,
-                batch_bytes: 4 * 1024,
-                partitioner: Partitioner::RoundRobin,
-                delivery_timeout_ms: 20_000,
-                request_timeout_ms: 5_000,
-                ..ProducerConfig::default()
-            },
-        );
-        let mut deliveries = Vec::new();
-        for i in 0..count {
-            let value = format!("{prefix}-{i}");
-            let delivery = producer
-                .send(topic, None, value.as_bytes())
-                .await
-                .expect("queued");
-            deliveries.push((value, delivery));
-        }
-        producer.flush().await;
-        let mut acked = Vec::new();
-        for (value, delivery) in deliveries {
-            let metadata = delivery
-                .await
-                .unwrap_or_else(|e| panic!("{value} was not acknowledged: {e}"));
-            acked.push((value, metadata.offset.expect("acks=all returns the offset")));
-        }
-        producer.close().await;
-        acked
-    })
 }
 
 /// Reads partition 0 from the start up to its high watermark: offset -> value.

@@ -11,10 +11,12 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use common::{cli, metric, run, wait_for_partition, wire, Cluster, STATE_POLLS_MAX};
+use common::{
+    cli, client_config, metric, produce_to, run, wait_for_partition, wire, Cluster, STATE_POLLS_MAX,
+};
 use wharf::client::consumer::{Consumer, ConsumerConfig, SeekTo};
 use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
-use wharf::client::{Client, ClientConfig};
+use wharf::client::Client;
 use wharf::protocol::{
     Acks, ApiKey, ConfigEntry, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest,
     FetchResponse, AVOID_REPLICAS_MAX,
@@ -33,12 +35,6 @@ const ROUNDS_MAX: usize = 150;
 /// being served is one), and only a dead or lagging follower brings them back
 /// (`return_permille = 0`): the moves this test checks are the selector's, not the machine's.
 const SELECTION: &str = "[replica_selection]\nlease_ms = 2000\nbusy_high_permille = 1\nqueue_depth_high = 1\nreturn_permille = 0\nfollower_lag_ms_max = 3000\n";
-
-fn client_config(bootstrap: &str) -> ClientConfig {
-    let mut config = ClientConfig::new(bootstrap);
-    config.request_timeout_ms = 5_000;
-    config
-}
 
 /// Broker `i + 1` is in rack `RACKS[i]`.
 const RACKS: [&str; 3] = ["rack-1", "rack-2", "rack-3"];
@@ -362,26 +358,11 @@ fn a_leader_topic_is_never_redirected_and_followers_refuse_stale_leases() {
     let described = common::describe_partition(&bootstrap, PINNED).expect("described");
     let leader = described.leader;
     let follower = (1..=3).find(|b| *b != leader).expect("a follower");
+    produce_to(&bootstrap, PINNED, "p", 200);
     run(async {
         let client = Client::connect(client_config(&bootstrap))
             .await
             .expect("connect");
-        let producer = Producer::new(
-            Rc::clone(&client),
-            ProducerConfig {
-                acks: Acks::All,
-                ..ProducerConfig::default()
-            },
-        );
-        for i in 0..200 {
-            let delivery = producer
-                .send(PINNED, None, format!("p-{i}").as_bytes())
-                .await
-                .expect("queued");
-            drop(delivery);
-        }
-        producer.flush().await;
-        producer.close().await;
         let mut consumer = Consumer::new(
             Rc::clone(&client),
             PINNED,
@@ -536,32 +517,12 @@ fn the_leader_checks_range_avoided_followers_and_racks_before_redirecting() {
     // record once; one in the leader's rack stays on the leader.
     let racked = common::describe_partition(&bootstrap, RACKED).expect("described");
     let rack_follower = (1..=3).find(|b| *b != racked.leader).expect("a follower");
+    const RACK_RECORDS: u64 = 100;
+    produce_to(&bootstrap, RACKED, "k", RACK_RECORDS as usize);
     run(async {
         let client = Client::connect(client_config(&bootstrap))
             .await
             .expect("connect");
-        let producer = Producer::new(
-            Rc::clone(&client),
-            ProducerConfig {
-                acks: Acks::All,
-                ..ProducerConfig::default()
-            },
-        );
-        const RACK_RECORDS: u64 = 100;
-        let mut deliveries = Vec::new();
-        for i in 0..RACK_RECORDS {
-            deliveries.push(
-                producer
-                    .send(RACKED, None, format!("k-{i}").as_bytes())
-                    .await
-                    .expect("queued"),
-            );
-        }
-        producer.flush().await;
-        for delivery in deliveries {
-            delivery.await.expect("acknowledged");
-        }
-        producer.close().await;
         for (broker, expected) in [(rack_follower, Some(rack_follower)), (racked.leader, None)] {
             let rack = RACKS[(broker - 1) as usize];
             let mut consumer = Consumer::new(
@@ -690,31 +651,28 @@ fn followers_hear_the_high_watermark_at_once_and_stop_serving_when_cut_off() {
     let (leader, epoch) = (described.leader, described.leader_epoch);
     let follower = (1..=3).find(|b| *b != leader).expect("a follower");
     const RECORDS: u64 = 20;
-    let produce = |from: u64, count: u64| {
-        run(async {
-            let client = Client::connect(client_config(&bootstrap))
+    run(async {
+        let client = Client::connect(client_config(&bootstrap))
+            .await
+            .expect("connect");
+        let producer = Producer::new(
+            Rc::clone(&client),
+            ProducerConfig {
+                acks: Acks::All,
+                ..ProducerConfig::default()
+            },
+        );
+        for i in 0..RECORDS {
+            // One at a time: each record is its own batch, acknowledged before the next.
+            let delivery = producer
+                .send(TOPIC, None, format!("h-{i}").as_bytes())
                 .await
-                .expect("connect");
-            let producer = Producer::new(
-                Rc::clone(&client),
-                ProducerConfig {
-                    acks: Acks::All,
-                    ..ProducerConfig::default()
-                },
-            );
-            for i in from..from + count {
-                // One at a time: each record is its own batch, acknowledged before the next.
-                let delivery = producer
-                    .send(TOPIC, None, format!("h-{i}").as_bytes())
-                    .await
-                    .expect("queued");
-                producer.flush().await;
-                delivery.await.expect("acknowledged");
-            }
-            producer.close().await;
-        })
-    };
-    produce(0, RECORDS);
+                .expect("queued");
+            producer.flush().await;
+            delivery.await.expect("acknowledged");
+        }
+        producer.close().await;
+    });
     let mut stream = wire::connect_to(&cluster.bootstrap(follower));
     let at_follower = |offset: u64, max_wait_ms: u32| {
         FetchAsk {

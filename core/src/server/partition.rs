@@ -315,7 +315,8 @@ pub struct Partition {
     /// Leader: where the last replies to each follower ended (batch boundaries).
     served_ends: RefCell<HashMap<BrokerId, VecDeque<Offset>>>,
     /// Follower: when a replica fetch last succeeded (monotonic ms; 0: never). A follower that
-    /// has not heard from its leader for `follower_lag_ms_max` stops serving consumers.
+    /// has not heard from its leader for longer than its fetches may wait plus
+    /// `follower_lag_ms_max` stops serving consumers (`Shard::serve_read`).
     leader_heard_ms: Cell<u64>,
     /// Follower: the fetch offset the leader last reported corrupt (logged once per offset).
     corrupt_fetch_logged: Cell<Option<Offset>>,

@@ -521,3 +521,55 @@ pub fn metric(broker: &Broker, series: &str) -> Option<u64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A client of the test clusters: requests time out after 5 s (a failover takes well under).
+pub fn client_config(bootstrap: &str) -> wharf::client::ClientConfig {
+    let mut config = wharf::client::ClientConfig::new(bootstrap);
+    config.request_timeout_ms = 5_000;
+    config
+}
+
+/// Produces `count` records `PREFIX-i` to `topic` (acks=all, round robin) and returns each
+/// value with its acknowledged offset.
+pub fn produce_to(bootstrap: &str, topic: &str, prefix: &str, count: usize) -> Vec<(String, u64)> {
+    use std::rc::Rc;
+    use wharf::client::producer::{Partitioner, Producer, ProducerConfig};
+    use wharf::client::Client;
+    use wharf::protocol::Acks;
+    run(async {
+        let client = Client::connect(client_config(bootstrap))
+            .await
+            .expect("connect");
+        let producer = Producer::new(
+            Rc::clone(&client),
+            ProducerConfig {
+                acks: Acks::All,
+                linger_ms: 1,
+                batch_bytes: 4 * 1024,
+                partitioner: Partitioner::RoundRobin,
+                delivery_timeout_ms: 20_000,
+                request_timeout_ms: 5_000,
+                ..ProducerConfig::default()
+            },
+        );
+        let mut deliveries = Vec::new();
+        for i in 0..count {
+            let value = format!("{prefix}-{i}");
+            let delivery = producer
+                .send(topic, None, value.as_bytes())
+                .await
+                .expect("queued");
+            deliveries.push((value, delivery));
+        }
+        producer.flush().await;
+        let mut acked = Vec::new();
+        for (value, delivery) in deliveries {
+            let metadata = delivery
+                .await
+                .unwrap_or_else(|e| panic!("{value} was not acknowledged: {e}"));
+            acked.push((value, metadata.offset.expect("acks=all returns the offset")));
+        }
+        producer.close().await;
+        acked
+    })
+}
